@@ -1,9 +1,50 @@
-"""Reading, validating and writing checkpoints (see DESIGN.md, "Models and checkpoints")."""
+"""Reading, validating and writing checkpoints (see DESIGN.md, "Models and checkpoints").
+
+:func:`load_checkpoint` turns a file into a plain ``{key: tensor}`` state dict
+with open_clip key names, whatever it was written as:
+
+- ``.safetensors``: read with safetensors (no code can run). Hugging Face
+  ``CLIPVisionModel`` files (keys ``vision_model.…``) are renamed to open_clip's
+  ``visual.…`` names (:func:`hf_clip_vision_to_open_clip`).
+- ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt``: ``torch.load(weights_only=True)``.
+  Containers such as ``{"state_dict": …}`` are unwrapped and non-tensor entries
+  (a ``model_name`` string, an epoch counter) dropped.
+- task_vectors-style files that pickle a whole module (``src.modeling.ImageEncoder``
+  holding an open_clip CLIP): every class the pickle names is replaced by an
+  inert stub, the pickle is read with the weights-only unpickler, and the
+  stubs' ``_parameters`` / ``_buffers`` / ``_modules`` are walked to rebuild
+  the state dict. Nothing named in the file is imported and no pickle code
+  runs; a pickle that asks to *call* a function is refused.
+
+Leading ``model.`` / ``module.`` prefixes are removed, so task_vectors keys
+``model.visual.*`` become ``visual.*``. With ``base=`` the result is checked
+against the base (keys, shapes, float dtypes, finite values); when the base is
+a visual tower only (all keys ``visual.*``) and the file also carries the text
+tower (task_vectors ``ImageEncoder`` files keep ``token_embedding`` & co.), only
+the ``visual.*`` keys are kept before the check.
+"""
 from __future__ import annotations
 
-from typing import Mapping
+import json
+import os
+import re
+import tempfile
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
+
+MAX_CHECKPOINT_BYTES = 2 * 1024 ** 3     # uploads larger than this are refused (2 GiB)
+
+SAFETENSORS_EXTS = (".safetensors",)
+TORCH_EXTS = (".pt", ".pth", ".bin", ".ckpt")
+
+# Containers unwrapped when the top level holds no tensors itself (first match wins).
+_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "network", "net")
+# Prefixes stripped while every key carries them.
+_STRIP_PREFIXES = ("module.", "model.")
 
 
 class CheckpointError(ValueError):
@@ -38,3 +79,386 @@ def check_compatible(base: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Te
         problems.append(f"non-finite values (NaN/inf) in: {_fmt_keys(nonfinite)}")
     if problems:
         raise CheckpointError(f"checkpoint {name!r} does not fit the base model — " + " | ".join(problems))
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+
+
+def visual_only(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``visual.*`` entries of a CLIP state dict (the image tower)."""
+    return {k: v for k, v in sd.items() if k.startswith("visual.")}
+
+
+def _sniff(path: Path) -> str:
+    """Format from the first bytes: "safetensors", "zip" (torch.save), "pickle" (legacy torch.save) or "unknown"."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{":
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= path.stat().st_size - 8:
+            return "safetensors"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    return "unknown"
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove ``module.`` / ``model.`` while every key starts with one of them."""
+    changed = True
+    while changed and sd:
+        changed = False
+        for p in _STRIP_PREFIXES:
+            if all(k.startswith(p) for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def _tensors_of(obj: Mapping) -> dict[str, torch.Tensor]:
+    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face CLIPVisionModel → open_clip names
+
+_HF_LAYER = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.(.+)$")
+_HF_LAYER_MAP = {
+    "self_attn.out_proj.weight": "attn.out_proj.weight",
+    "self_attn.out_proj.bias": "attn.out_proj.bias",
+    "layer_norm1.weight": "ln_1.weight", "layer_norm1.bias": "ln_1.bias",
+    "layer_norm2.weight": "ln_2.weight", "layer_norm2.bias": "ln_2.bias",
+    "mlp.fc1.weight": "mlp.c_fc.weight", "mlp.fc1.bias": "mlp.c_fc.bias",
+    "mlp.fc2.weight": "mlp.c_proj.weight", "mlp.fc2.bias": "mlp.c_proj.bias",
+}
+_HF_TOP_MAP = {
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+}
+
+
+def is_hf_clip_vision(sd: Mapping[str, Any]) -> bool:
+    """True for Hugging Face CLIP state dicts (keys ``vision_model.…``)."""
+    return any(k.startswith("vision_model.") for k in sd)
+
+
+def hf_clip_vision_to_open_clip(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face ``CLIPVisionModel`` state dict to open_clip's ``visual.*`` keys.
+
+    q/k/v projections are concatenated (in q, k, v order) into
+    ``attn.in_proj_weight`` / ``attn.in_proj_bias``; ``visual_projection.weight``
+    (if present) becomes ``visual.proj`` transposed. ``position_ids`` buffers and
+    the text tower (``text_model.*``, ``text_projection``, ``logit_scale``) are
+    dropped. Anything else unknown is refused.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for k, v in sd.items():
+        if k.endswith("position_ids") or k.startswith("text_model.") or k in ("text_projection.weight", "logit_scale"):
+            continue
+        if k in _HF_TOP_MAP:
+            out[_HF_TOP_MAP[k]] = v
+        elif k == "visual_projection.weight":
+            out["visual.proj"] = v.t().contiguous()
+        elif (m := _HF_LAYER.match(k)) is not None:
+            i, rest = int(m.group(1)), m.group(2)
+            pre = f"visual.transformer.resblocks.{i}."
+            if rest in _HF_LAYER_MAP:
+                out[pre + _HF_LAYER_MAP[rest]] = v
+            elif (q := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)) is not None:
+                qkv.setdefault((i, q.group(2)), {})[q.group(1)] = v
+            else:
+                unknown.append(k)
+        else:
+            unknown.append(k)
+    if unknown:
+        raise CheckpointError(f"{name}: Hugging Face CLIP checkpoint with keys this converter does not know: "
+                              f"{_fmt_keys(unknown)}")
+    for (i, kind), parts in sorted(qkv.items()):
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{name}: layer {i} has only {sorted(parts)} of the q/k/v projection {kind}s")
+        out[f"visual.transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Pickled whole modules, read through inert stubs
+
+# Globals a pickle may *call* although their names are not CapWords: plain data constructors.
+_CALLABLE_DATA_GLOBALS = {
+    "functools.partial", "collections.defaultdict", "collections.deque", "builtins.frozenset",
+    "builtins.slice", "builtins.range",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+}
+# Modules whose globals are refused even when only referenced.
+_DANGEROUS_MODULES = {
+    "os", "posix", "nt", "sys", "subprocess", "builtins", "__builtin__", "shutil", "socket", "importlib",
+    "runpy", "pty", "ctypes", "pickle", "_pickle", "marshal", "code", "codeop", "webbrowser", "multiprocessing",
+    "signal", "pdb", "timeit", "operator", "types", "_thread", "threading", "asyncio",
+}
+_STUB_LOCK = threading.Lock()   # safe_globals is process-wide: one stubbed load at a time
+
+
+def _make_stub(full_name: str, called: list):
+    """An inert class standing in for ``full_name``: records constructor arguments and pickled state."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):     # only reached when the pickle *calls* the global (REDUCE)
+        called.append(full_name)
+        self.__dict__["_stub_args"] = args
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
+            state, slots = state
+            state = {**(state or {}), **(slots or {})}
+        if isinstance(state, dict):
+            self.__dict__.update({str(k): v for k, v in state.items()})
+        else:
+            self.__dict__["_stub_state"] = state
+
+    name = full_name.rpartition(".")[2]
+    return type(name or "Stub", (), {"__new__": __new__, "__init__": __init__, "__setstate__": __setstate__,
+                                     "__module__": "esm_core.checkpoints._stubs", "_stub_of": full_name})
+
+
+def _looks_like_class(full_name: str) -> bool:
+    last = full_name.rpartition(".")[2].lstrip("_")
+    return bool(last) and last[0].isupper()
+
+
+def _refuse_dangerous(globals_: list[str], name: str) -> None:
+    bad = [g for g in globals_ if g.split(".")[0] in _DANGEROUS_MODULES and g not in _CALLABLE_DATA_GLOBALS]
+    if bad:
+        raise CheckpointError(f"{name}: refused — the pickle refers to {', '.join(sorted(bad))}, which could run "
+                              "code when unpickled; ESM Studio never runs code from a checkpoint")
+
+
+def _walk_module(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:
+    """Rebuild ``module.state_dict()`` from a stubbed module's ``_parameters`` / ``_buffers`` / ``_modules``."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    d = getattr(obj, "__dict__", {})
+    skip = d.get("_non_persistent_buffers_set") or set()
+    for field in ("_parameters", "_buffers"):
+        for k, v in (d.get(field) or {}).items():
+            if isinstance(v, torch.Tensor) and not (field == "_buffers" and k in skip):
+                out[prefix + str(k)] = v.detach()
+    for k, sub in (d.get("_modules") or {}).items():
+        if sub is not None:
+            _walk_module(sub, f"{prefix}{k}.", out, seen)
+
+
+def _is_stub_module(obj: Any) -> bool:
+    return hasattr(type(obj), "_stub_of") and isinstance(getattr(obj, "__dict__", {}).get("_modules"), dict)
+
+
+def _torch_load_stubbed(path: Path, name: str) -> Any:
+    """``torch.load(weights_only=True)`` with every non-allowlisted global replaced by an inert stub."""
+    try:
+        unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except ValueError as e:       # TorchScript archive, not a torch.save file
+        raise CheckpointError(f"{name}: not a torch.save checkpoint ({e})") from None
+    except Exception as e:
+        raise CheckpointError(f"{name}: cannot read the file (truncated or corrupt?): {e}") from None
+    _refuse_dangerous(unsafe, name)
+    called: list[str] = []
+    stubs = [(_make_stub(g, called), g) for g in unsafe]
+    with _STUB_LOCK:
+        try:
+            if stubs:
+                with torch.serialization.safe_globals(stubs):
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{name}: cannot be read safely (truncated, corrupt or unsupported pickle): "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    funcs = sorted({g for g in called if not _looks_like_class(g) and g not in _CALLABLE_DATA_GLOBALS})
+    if funcs:
+        raise CheckpointError(f"{name}: refused — the pickle asks to call {', '.join(funcs)} while loading, i.e. to "
+                              "run code; ESM Studio never runs code from a checkpoint (nothing was executed)")
+    return obj
+
+
+def _state_dict_from_object(obj: Any, name: str) -> dict[str, torch.Tensor]:
+    """Tensors out of whatever ``torch.load`` returned: a dict, a container dict, or a stubbed module."""
+    if _is_stub_module(obj):
+        out: dict[str, torch.Tensor] = {}
+        _walk_module(obj, "", out, set())
+        return out
+    if isinstance(obj, Mapping):
+        if not obj:
+            raise CheckpointError(f"{name}: is an empty state dict")
+        top = _tensors_of(obj)
+        if top:
+            return top
+        for key in _CONTAINER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and _tensors_of(inner):
+                return _tensors_of(inner)
+            if _is_stub_module(inner):
+                return _state_dict_from_object(inner, name)
+        raise CheckpointError(f"{name}: holds no tensors (top-level entries: {_fmt_keys(map(str, obj))})")
+    raise CheckpointError(f"{name}: holds a {type(obj).__name__}, not a state dict or a model")
+
+
+# ---------------------------------------------------------------------------
+# Public API
+
+
+def load_checkpoint(path: str | os.PathLike, *, base: Mapping[str, torch.Tensor] | None = None,
+                    max_bytes: int | None = MAX_CHECKPOINT_BYTES) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a ``{key: tensor}`` state dict (CPU, open_clip key names).
+
+    ``base``: if given, the result must fit it (:func:`check_compatible`); a
+    file carrying a whole CLIP is cut down to ``visual.*`` when the base is a
+    visual tower only, and a Hugging Face vision model without a projection
+    gets the base's ``visual.proj``. ``max_bytes``: larger files are refused
+    (``None``: no limit). Raises :class:`CheckpointError` naming the file and
+    the reason.
+    """
+    p = Path(path)
+    name = p.name
+    ext = p.suffix.lower()
+    if ext not in SAFETENSORS_EXTS + TORCH_EXTS:
+        raise CheckpointError(f"{name}: unknown checkpoint extension {ext or '(none)'!r}; "
+                              f"expected one of {', '.join(SAFETENSORS_EXTS + TORCH_EXTS)}")
+    if not p.is_file():
+        raise CheckpointError(f"{name}: no such file ({p})")
+    size = p.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise CheckpointError(f"{name}: file is {size / 1024 ** 3:.2f} GiB, larger than the "
+                              f"{max_bytes / 1024 ** 3:.2f} GiB limit")
+    if size == 0:
+        raise CheckpointError(f"{name}: file is empty")
+    kind = _sniff(p)
+
+    if ext in SAFETENSORS_EXTS:
+        if kind != "safetensors":
+            hint = " (it looks like a torch.save file: use a .pt name)" if kind in ("zip", "pickle") else ""
+            raise CheckpointError(f"{name}: not a valid safetensors file{hint}")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            sd = load_file(str(p), device="cpu")
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{name}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    else:
+        if kind == "zip":
+            try:
+                with zipfile.ZipFile(p):      # reads the central directory only: catches truncation cheaply
+                    pass
+            except zipfile.BadZipFile as e:
+                raise CheckpointError(f"{name}: truncated or corrupt torch.save archive: {e}") from None
+            obj = _torch_load_stubbed(p, name)
+        elif kind == "pickle":     # legacy (pre-1.6) torch.save: weights-only, no stubs
+            try:
+                obj = torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as e:
+                m = re.search(r"GLOBAL ([\w.]+)", str(e))
+                why = f"it refers to {m.group(1)}, which weights-only loading refuses" if m else type(e).__name__
+                raise CheckpointError(f"{name}: cannot be read safely as a legacy torch.save file ({why}); "
+                                      "re-save it as a plain state dict") from None
+        elif kind == "safetensors":
+            raise CheckpointError(f"{name}: this is a safetensors file: give it a .safetensors name")
+        else:
+            raise CheckpointError(f"{name}: not a torch.save checkpoint (unrecognised content)")
+        sd = _state_dict_from_object(obj, name)
+
+    sd = _strip_prefixes(dict(sd))
+    from_hf = is_hf_clip_vision(sd)
+    if from_hf:
+        sd = hf_clip_vision_to_open_clip(sd, name)
+    if not sd:
+        raise CheckpointError(f"{name}: holds no tensors")
+    odd = [k for k, v in sd.items() if v.layout != torch.strided or v.is_quantized]
+    if odd:
+        raise CheckpointError(f"{name}: sparse or quantized tensors are not supported: {_fmt_keys(odd)}")
+    sd = {k: v.detach() for k, v in sd.items()}
+
+    if base is not None:
+        if base and all(k.startswith("visual.") for k in base):
+            if any(k.startswith("visual.") for k in sd):
+                sd = visual_only(sd)
+            elif all(f"visual.{k}" in base for k in sd):     # a bare VisionTransformer state dict
+                sd = {f"visual.{k}": v for k, v in sd.items()}
+        if from_hf and "visual.proj" in base and "visual.proj" not in sd:
+            sd["visual.proj"] = base["visual.proj"].clone()   # CLIPVisionModel has no projection: keep the base's
+        check_compatible(base, sd, name)
+    else:
+        nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if nonfinite:
+            raise CheckpointError(f"{name}: non-finite values (NaN/inf) in: {_fmt_keys(nonfinite)}")
+    return sd
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, config: dict | None = None) -> Path:
+    """Write ``state_dict`` as safetensors, atomically, with ``config`` in the metadata.
+
+    The file is written next to its target and moved into place with
+    :func:`os.replace`, so a failure never leaves a half-written file. Metadata:
+    ``{"format": "pt", "esm_studio_config": json.dumps(config)}`` (read it back
+    with :func:`read_config`).
+    """
+    from safetensors.torch import save_file
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{p.name}: merged models are written as safetensors; give the file a .safetensors name")
+    if not state_dict:
+        raise CheckpointError(f"{p.name}: nothing to save (empty state dict)")
+    tensors, storages = {}, set()
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{p.name}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        t = v.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages and t.numel():        # safetensors refuses shared memory: give each its own copy
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[str(k)] = t
+    metadata = {"format": "pt"}
+    if config is not None:
+        metadata["esm_studio_config"] = json.dumps(config)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return p
+
+
+def read_config(path: str | os.PathLike) -> dict | None:
+    """The config :func:`save_safetensors` stored in a file's metadata (None if there is none)."""
+    from safetensors import SafetensorError, safe_open
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{p.name}: cannot read safetensors metadata: {e}") from None
+    raw = meta.get("esm_studio_config")
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p.name}: esm_studio_config metadata is not valid JSON: {e}") from None
