@@ -1,1 +1,236 @@
-"""(being written)"""
+"""ESM — Essential Subspace Merging (static), SPEC §5–§6.
+
+Per ESD layer (default ``attn.in_proj_weight``, ``mlp.c_fc.weight``,
+``mlp.c_proj.weight``): each task matrix is decomposed by ESD in the basis of
+its essential output directions; the top-k coordinates of every task are
+rescaled by three polarised scalings (task norm, eigenvalue weight, input
+column norm), concatenated, orthogonalised by polar factors and recombined into
+an update with a flat spectrum. Other 2-D keys go the TSV-M way, other float
+keys are averaged; finally each transformer linear layer is rescaled by its
+norm relative to the layers of the same type (inter-layer scaling) and α
+multiplies the ESD keys only.
+
+Activation statistics come from ``ctx.stats`` (``probe_pool``'s ``Stats``) or
+``ctx.inputs`` (``{task: {key: X}}``). ``ctx.cache`` (see :func:`new_cache`)
+keeps the decompositions, the TSV-M keys and each ESD key's recombination, so
+a re-merge with another rank / exponent recomputes only the recombination and
+one with another α only rescales.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import decompose, vit
+from ..decompose import DecompositionCache, fingerprint, polar_and_singular_values
+from ..probe import stats_from_inputs, task_layer_stats
+from .registry import Method, Param, alpha_param, register
+from .svd import tsv_merge_matrix
+
+DEFAULT_ESD_TYPES = ",".join(vit.ESD_TYPES)
+
+
+def new_cache(max_columns: int | None = None) -> DecompositionCache:
+    """A fresh decomposition cache to pass as ``cache=`` to repeated ESM merges (and to the analysis)."""
+    return DecompositionCache(max_columns=max_columns)
+
+
+# ---------------------------------------------------------------------------
+# Rank and key selection
+# ---------------------------------------------------------------------------
+
+
+def esm_rank(d_out: int, T: int, rank: int = 0, rank_fraction: float = 0.0) -> int:
+    """Per-task rank k of one ESD layer (SPEC §5.4).
+
+    ``rank > 0``: that rank; ``rank_fraction > 0``: ``floor(rank_fraction · d_out / T)``
+    (1.0 = the default); neither: ``floor(d_out / T)``. Always clamped to [1, d_out].
+    """
+    if rank > 0 and rank_fraction > 0:
+        raise ValueError("give either rank or rank_fraction, not both (set the other to 0)")
+    if rank > 0:
+        k = int(rank)
+    elif rank_fraction > 0:
+        k = int(rank_fraction * d_out / T)        # floor(fraction · d_out / T)
+    else:
+        k = d_out // T                            # §5.4: floor(d_out / T)
+    return max(1, min(k, d_out))
+
+
+def _esd_keys(ctx, esd_types: str) -> list[str]:
+    """ESD keys: ``ctx.esd_keys`` if given, else the 2-D keys whose layer type is in ``esd_types``."""
+    if ctx.esd_keys is not None:
+        bad = [k for k in ctx.esd_keys if k not in ctx.roles or ctx.roles[k] != vit.MATRIX]
+        if bad:
+            raise ValueError(f"esd_keys must be 2-D weight keys of the base model; not: {bad[:5]}")
+        return [k for k in ctx.keys if k in set(ctx.esd_keys)]
+    types = [t.strip() for t in esd_types.split(",") if t.strip()]
+    if not types:
+        return []
+    known = set(ctx.layer_types.values())
+    bad = [t for t in types if t not in known]
+    if bad:
+        raise ValueError(f"esd_types {bad} are not layer types of this model (it has {sorted(known)}); "
+                         "pass esd_keys= / layer_types= for other architectures")
+    return [k for k in ctx.keys if ctx.roles[k] == vit.MATRIX and ctx.layer_types.get(k) in types]
+
+
+def _stats_of(ctx, esd_keys: list[str]):
+    """The Stats to read Gram matrices from (converted from ``ctx.inputs`` if that is what was given)."""
+    if not esd_keys:
+        return None
+    if ctx.stats is not None:
+        return ctx.stats
+    if ctx.inputs is not None:
+        return stats_from_inputs(ctx.inputs)
+    raise ValueError("ESM needs activation statistics: pass stats= (from esm_core.probe.probe_pool) or "
+                     "inputs={task: {key: X}} with the inputs X of every ESD layer")
+
+
+# ---------------------------------------------------------------------------
+# One ESD key (SPEC §6.1–§6.5)
+# ---------------------------------------------------------------------------
+
+
+def esm_factors(Ps, lams, deltas, k: int, p_task: float = 2.0, p_dim: float = 2.0, eig_exp: float = 0.15
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The concatenated, rescaled factors ``(U, V)`` of one ESD layer before orthogonalisation.
+
+    ``Ps[t]``: eigenvectors (d_out × ≥k), ``lams[t]``: eigenvalues (descending),
+    ``deltas[t]``: ΔWt (d_out × d_in). Float64. ``U``: d_out × Tk, ``V``: Tk × d_in.
+    """
+    T = len(deltas)
+    norms = torch.stack([torch.linalg.vector_norm(d.to(torch.float64)) for d in deltas])  # §6.1 nt = ‖PᵀΔWt‖F = ‖ΔWt‖F
+    mean_norm = norms.mean()
+    us, vs = [], []
+    for t in range(T):
+        W = deltas[t].to(torch.float64)
+        Ph = Ps[t][:, :k].to(W.device, torch.float64)             # §5.3 P̂t = first k columns of Pt
+        A = Ph.mT @ W                                              # §5.3 Ât = P̂tᵀ ΔWt (k × d_in)
+        lk = lams[t][:k].to(W.device, torch.float64)
+        if lk.numel() < k:                                         # (k beyond d_out cannot happen: k ≤ d_out)
+            raise ValueError("ESD has fewer eigenvalues than the rank asked")
+        lm = lk.mean()
+        e = (lk / lm).pow(eig_exp) if lm > 0 else torch.ones_like(lk)   # §6.2 e = (λ[:k] / mean λ[:k])^eig_exp
+        e = e / e.mean()                                           # §6.2 e /= mean e
+        us.append(Ph * e)                                          # §6.2 column i of P̂t × e_i
+        vs.append((e[:, None] * A) * norms[t].pow(p_task))         # §6.2 row i of Ât × e_i; §6.1 rows × nt^p
+    U = torch.cat(us, dim=1)                                       # §6.3 U = [P̂1 … P̂T]  (d_out × Tk)
+    V = torch.cat(vs, dim=0)                                       # §6.3 V = [Â1; …; ÂT] (Tk × d_in)
+    if mean_norm > 0:
+        V = V / mean_norm.pow(p_task)                              # §6.1 ÷ mean_t(nt)^p → factor (nt / mean nt)^p
+    col = torch.linalg.vector_norm(V, dim=0)                       # §6.4 ‖V[:, j]‖
+    cm = col.mean()
+    if cm > 0:
+        c = col / cm                                               # §6.4 cj = ‖V[:, j]‖ / mean_j ‖V[:, j]‖
+        V = V * c.pow(p_dim)                                       # §6.4 column j × cj^p
+    return U, V
+
+
+def esm_combine(U: torch.Tensor, V: torch.Tensor, ortho_factor: float = 2.0) -> torch.Tensor:
+    """``ΔW = f · (polar(U) · mean sv(U)) · (polar(V) · mean sv(V))`` (SPEC §6.5; f = 2 in the reference)."""
+    pu, su = polar_and_singular_values(U)
+    pv, sv = polar_and_singular_values(V)
+    Up = pu * su.mean()                                            # §6.5 U' = polar(U) · mean(sv(U))
+    Vp = pv * sv.mean()                                            # §6.5 V' = polar(V) · mean(sv(V))
+    return ortho_factor * (Up @ Vp)                                # §6.5 ΔW = 2 · U' V'
+
+
+# ---------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------
+
+
+def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_task: float = 2.0,
+        p_dim: float = 2.0, p_layer: float = 2.0, eig_exp: float = 0.15, ortho_factor: float = 2.0,
+        esd_types: str = DEFAULT_ESD_TYPES) -> dict[str, torch.Tensor]:
+    """Essential Subspace Merging (SPEC §6): ESD layers merged in essential subspaces, polarised scalings."""
+    names = ctx.names
+    T = len(names)
+    keys = ctx.keys
+    esd_keys = _esd_keys(ctx, esd_types)
+    esd_set = set(esd_keys)
+    stats = _stats_of(ctx, esd_keys)
+    cache = ctx.cache if ctx.cache is not None else DecompositionCache()
+    if not isinstance(cache, DecompositionCache):
+        raise ValueError(f"cache must come from esm_core.methods.esm.new_cache(), got {type(cache).__name__}")
+    updates: dict[str, torch.Tensor] = {}
+    recipe = ("esm", rank, rank_fraction, p_task, p_dim, eig_exp, ortho_factor)   # everything but α and p_layer
+    for i, key in enumerate(keys):
+        D = ctx.deltas(key)                                        # T × shape, float32 on the merge device
+        dfp = tuple(fingerprint(D[t]) for t in range(T))
+        if key in esd_set:
+            if D.ndim != 3:
+                raise ValueError(f"ESD key {key!r} is not a 2-D matrix")
+            d_out = D.shape[1]
+            k = esm_rank(d_out, T, rank, rank_fraction)
+            grams = []
+            for t, name in enumerate(names):
+                st = task_layer_stats(stats, name, key)
+                gram = st.gram.to(ctx.device)
+                grams.append((gram, int(st.n), fingerprint(gram)))
+            fp = (recipe, k, dfp, tuple(g[2] for g in grams), tuple(g[1] for g in grams))
+            dw = cache.get_result(("esm", key), fp)
+            if dw is None:
+                Ps, lams = [], []
+                for t, name in enumerate(names):
+                    gram, n, gfp = grams[t]
+                    e = cache.esd(name, key, D[t], gram, n, k=k, gram_fp=gfp, delta_fp=dfp[t])   # §5 (cached)
+                    Ps.append(e.P)
+                    lams.append(e.lam)
+                U, V = esm_factors(Ps, lams, list(D), k, p_task, p_dim, eig_exp)      # §6.1–§6.4
+                dw = esm_combine(U, V, ortho_factor).to(torch.float32)              # §6.5
+                cache.put_result(("esm", key), fp, dw)
+        elif ctx.roles[key] == vit.MATRIX and D.ndim == 3:
+            dw = cache.get_result(("tsvm", key), dfp)
+            if dw is None:
+                dw = tsv_merge_matrix(D).to(torch.float32)                           # §6 other 2-D keys: TSV-M (§3)
+                cache.put_result(("tsvm", key), dfp, dw)
+        else:
+            dw = D.mean(0)                                                           # §6 non-matrix keys: mean
+        updates[key] = dw
+        ctx.report((i + 1) / len(keys), f"ESM: {key}")
+
+    # §7 inter-layer: βℓ = (‖ΔWℓ‖F / mean_{same type} ‖ΔW‖F)^p per layer type
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        t = ctx.layer_types.get(key)
+        if t is not None and key in updates and ctx.roles[key] == vit.MATRIX:
+            groups.setdefault(t, []).append(key)
+    betas = {}
+    for t, ks in groups.items():
+        norms = torch.stack([torch.linalg.vector_norm(updates[k].to(torch.float64)) for k in ks])
+        m = norms.mean()
+        for k_, nrm in zip(ks, norms):
+            betas[k_] = float((nrm / m).pow(p_layer)) if m > 0 else 1.0
+
+    out = {}
+    for key, dw in updates.items():
+        coef = betas.get(key, 1.0)                                 # §7 ΔWℓ ← βℓ ΔWℓ
+        if key in esd_set:
+            coef *= alpha                                          # §8 θ = θ0 + α ΔW on ESD keys only
+        out[key] = (dw * coef).to("cpu", torch.float32)           # a new tensor: cached values stay intact
+    ctx.info["esm"] = {"esd_keys": esd_keys, "betas": betas, "esd_calls": cache.esd_calls,
+                       "esd_hits": cache.esd_hits}
+    return out
+
+
+register(Method(
+    "esm", "ESM", esm,
+    (alpha_param(1.0, 3.0),
+     Param("rank", int, 0, "per-task rank k of each ESD layer; 0 = floor(d_out / T)", min=0, max=1_000_000, step=1),
+     Param("rank_fraction", float, 0.0, "alternative to rank: k = floor(rank_fraction · d_out / T) (1.0 = the "
+           "default rank); 0 = unused", min=0.0, max=4.0, step=0.05),
+     Param("p_task", float, 2.0, "inter-task scaling exponent: coordinates × (‖ΔWt‖ / mean ‖ΔW‖)^p",
+           min=-4.0, max=4.0, step=0.5),
+     Param("p_dim", float, 2.0, "inter-dimension (input column) scaling exponent: column j × (cj / mean c)^p",
+           min=-4.0, max=4.0, step=0.5),
+     Param("p_layer", float, 2.0, "inter-layer scaling exponent: layer × (‖ΔWℓ‖ / mean over its type)^p",
+           min=-4.0, max=4.0, step=0.5),
+     Param("eig_exp", float, 0.15, "eigenvalue weight exponent: directions × (λi / mean λ)^eig_exp",
+           min=0.0, max=2.0, step=0.05),
+     Param("ortho_factor", float, 2.0, "factor applied to the orthogonalised product U'V' (2 in the reference)",
+           min=0.0, max=10.0, step=0.1),
+     Param("esd_types", str, DEFAULT_ESD_TYPES, "comma-separated layer types merged by ESD (others: TSV-M)")),
+    help="Essential Subspace Merging: per-task essential output directions from activations (ESD), "
+         "polarised task / eigenvalue / dimension / layer scalings, isotropic recombination",
+    alpha_grid=(0.0, 2.0, 31), needs_stats=True))

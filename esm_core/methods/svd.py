@@ -1,1 +1,211 @@
-"""(being written)"""
+"""SVD-family baselines: TSV-M, Iso-C, Iso-CTS (SPEC §3–§4), and the subspace alignment ratio.
+
+Each method works per 2-D key (role MATRIX) on the stacked task matrices of
+that key only; every other float key (role VECTOR) gets the mean of the task
+vectors. The result is scaled by α for all keys: ``θ = θ0 + α ΔW``.
+
+Precision and speed: the task matrices arrive as float32 on the merge device.
+Top-k singular triplets (:func:`top_svd`) come from the eigendecomposition of
+the small Gram matrix in float64 (``D Dᵀ = U diag(σ²) Uᵀ``, ``Vᵀ = diag(1/σ) Uᵀ D``),
+several times faster than a full float32 SVD on a CPU and at least as accurate
+for the kept triplets; a matrix whose top k includes (near-)zero singular values
+falls back to ``torch.linalg.svd``. Iso-C uses ``svdvals`` and the polar factor.
+Polar factors always come from :func:`esm_core.decompose.polar`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import vit
+from ..decompose import polar
+from .registry import Method, Param, alpha_param, register
+
+
+# ---------------------------------------------------------------------------
+# One 2-D key: stacked task matrices D (T × m × n) → merged ΔW (m × n)
+# ---------------------------------------------------------------------------
+
+
+def top_svd(D: torch.Tensor, k: int, rel_tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` singular triplets of every matrix of a stack ``D`` (T × m × n).
+
+    Returns ``U`` (T × m × k), ``s`` (T × k, descending), ``Vh`` (T × k × n) in
+    ``D``'s dtype. Computed per matrix from the float64 Gram matrix of its short
+    side; a matrix whose k-th singular value is below ``rel_tol`` times its first
+    goes through ``torch.linalg.svd`` instead (its trailing vectors are then an
+    orthonormal completion, as with the SVD).
+    """
+    T, m, n = D.shape
+    k = min(k, m, n)
+    U = torch.empty(T, m, k, dtype=D.dtype, device=D.device)
+    S = torch.empty(T, k, dtype=D.dtype, device=D.device)
+    Vh = torch.empty(T, k, n, dtype=D.dtype, device=D.device)
+    if k == 0:
+        return U, S, Vh
+    for t in range(T):
+        x = D[t].to(torch.float64)
+        wide = m <= n
+        a = x if wide else x.transpose(0, 1)                  # short side first: a is min(m,n) × max(m,n)
+        lam, q = torch.linalg.eigh(a @ a.transpose(0, 1))
+        lam, q = lam.flip(0)[:k].clamp(min=0), q.flip(1)[:, :k]
+        s = lam.sqrt()
+        if s[0] == 0 or s[-1] <= rel_tol * s[0]:
+            u, sv, vh = torch.linalg.svd(D[t], full_matrices=False)
+            U[t], S[t], Vh[t] = u[:, :k], sv[:k], vh[:k]
+            continue
+        w = (q.transpose(0, 1) @ a) / s[:, None]              # k × long side: the other singular vectors
+        if wide:
+            U[t], Vh[t] = q, w
+        else:
+            U[t], Vh[t] = w.transpose(0, 1), q.transpose(0, 1)
+        S[t] = s
+    return U, S, Vh
+
+
+def tsv_rank(m: int, n: int, T: int) -> int:
+    """Triplets kept per task by TSV-M: ``int(min(m, n) / T)``."""
+    return int(min(m, n) / T)
+
+
+def tsv_merge_matrix(D: torch.Tensor) -> torch.Tensor:
+    """TSV-M on one key: top-k SVD triplets of every task, blocks concatenated, factors orthogonalised.
+
+    ``ΔW = polar(U_cat) · diag(s_cat) · polar(V_catᵀ)`` with ``k = int(min(m, n) / T)``.
+    """
+    T, m, n = D.shape
+    k = tsv_rank(m, n, T)
+    if k == 0:
+        return torch.zeros(m, n, dtype=D.dtype, device=D.device)
+    U, S, Vh = top_svd(D, k)                                     # T×m×k, T×k, T×k×n
+    u_cat = U.permute(1, 0, 2).reshape(m, T * k)                # task blocks side by side
+    s_cat = S.reshape(T * k)
+    vt_cat = Vh.reshape(T * k, n)                               # task blocks stacked
+    return (polar(u_cat) * s_cat) @ polar(vt_cat)
+
+
+def iso_c_matrix(D: torch.Tensor) -> torch.Tensor:
+    """Iso-C on one key: SVD of the sum ``Σ = U diag(σ) Vᵀ`` → ``mean(σ) U Vᵀ``."""
+    total = D.sum(0)
+    return polar(total) * torch.linalg.svdvals(total).mean()       # U Vᵀ is the polar factor of Σ
+
+
+def iso_cts_dims(r: int, T: int, f: float) -> tuple[int, int]:
+    """Iso-CTS sizes ``(kc, nt)``: common rank and per-task rank, with ``kc + T·nt = r`` (SPEC §4).
+
+    ``kc = int(r f)``; ``s = round((r − kc)/T)·T``; ``kc = r − s``; ``nt = s/T``.
+    Only when that would make ``kc`` negative (tiny r, many tasks) is ``nt``
+    capped at ``r // T``.
+    """
+    kc = int(r * f)
+    nt = min(round((r - kc) / T), r // T)
+    return r - nt * T, nt
+
+
+def iso_cts_matrix(D: torch.Tensor, f: float = 0.8) -> torch.Tensor:
+    """Iso-CTS on one key: common subspace of the sum + top task-specific directions outside it, flat spectrum."""
+    T, m, n = D.shape
+    kc, nt = iso_cts_dims(min(m, n), T, f)
+    Uc, Sc, Vhc = (x[0] for x in top_svd(D.sum(0)[None], kc))   # common: top-kc of Σt ΔWt
+    us, ss, vs = [], [], []
+    if nt > 0:
+        resid = D - Uc @ (Uc.transpose(0, 1) @ D)                # ΔWt⊥ = ΔWt − Uc Ucᵀ ΔWt
+        Ut, St, Vht = top_svd(resid, nt)
+        us.append(Ut.permute(1, 0, 2).reshape(m, T * nt))
+        ss.append(St.reshape(T * nt))
+        vs.append(Vht.reshape(T * nt, n))
+    U = torch.cat(us + [Uc], dim=1)                              # [task blocks…, common block]
+    S = torch.cat(ss + [Sc])
+    V = torch.cat(vs + [Vhc], dim=0)
+    return (polar(U) * S.mean()) @ polar(V)
+
+
+# ---------------------------------------------------------------------------
+# The methods: walk the keys
+# ---------------------------------------------------------------------------
+
+
+def _per_key(ctx, alpha: float, matrix_fn, label: str) -> dict[str, torch.Tensor]:
+    keys = ctx.keys
+    out = {}
+    for i, key in enumerate(keys):
+        D = ctx.deltas(key)
+        dw = matrix_fn(D) if ctx.roles[key] == vit.MATRIX and D.ndim == 3 else D.mean(0)
+        out[key] = (alpha * dw).to("cpu", torch.float32)
+        ctx.report((i + 1) / len(keys), f"{label}: {key}")
+    return out
+
+
+def tsv_m(ctx, alpha: float = 1.0) -> dict[str, torch.Tensor]:
+    """TSV-M (Gargiulo et al. 2025): per-task singular vectors, decorrelated by polar factors."""
+    return _per_key(ctx, alpha, tsv_merge_matrix, "TSV-M")
+
+
+def iso_c(ctx, alpha: float = 1.3) -> dict[str, torch.Tensor]:
+    """Iso-C (Marczak et al. 2025): the task-arithmetic sum with a flat (isotropic) spectrum."""
+    return _per_key(ctx, alpha, iso_c_matrix, "Iso-C")
+
+
+def iso_cts(ctx, alpha: float = 1.5, common_fraction: float = 0.8) -> dict[str, torch.Tensor]:
+    """Iso-CTS (Marczak et al. 2025): common + task-specific subspaces, flat spectrum."""
+    return _per_key(ctx, alpha, lambda D: iso_cts_matrix(D, common_fraction), "Iso-CTS")
+
+
+# ---------------------------------------------------------------------------
+# Diagnostic: subspace alignment ratio (SPEC §4)
+# ---------------------------------------------------------------------------
+
+
+def energy_rank(merged: torch.Tensor, energy: float = 0.95) -> int:
+    """Smallest k with ``sqrt(Σ_{i≤k} σi² / Σ σi²) > energy`` (0 for a zero matrix)."""
+    s = torch.linalg.svdvals(merged.to(torch.float64))
+    e = s.pow(2)
+    tot = e.sum()
+    if tot <= 0:
+        return 0
+    frac = torch.sqrt(torch.cumsum(e, 0) / tot)
+    hits = (frac > energy).nonzero()
+    return int(hits[0]) + 1 if hits.numel() else int(s.numel())
+
+
+def subspace_alignment_ratio(delta_t: torch.Tensor, merged: torch.Tensor, energy: float = 0.95):
+    """SAR of task matrix(es) against a merged matrix: ``‖U_k U_kᵀ ΔWt‖F / ‖ΔWt‖F``.
+
+    ``U_k``: the top-k left singular vectors of ``merged``, k = :func:`energy_rank`.
+    ``delta_t``: one task matrix (m × n) → a float, or a stack (T × m × n) → a
+    list of floats. A zero task matrix gives NaN (no direction to align); a zero
+    merged matrix gives 0. Computed in float64.
+    """
+    if merged.ndim != 2:
+        raise ValueError(f"merged must be a 2-D matrix, got shape {tuple(merged.shape)}")
+    if delta_t.shape[-2:] != merged.shape or delta_t.ndim not in (2, 3):
+        raise ValueError(f"delta_t must be m×n or T×m×n with m×n = {tuple(merged.shape)}, got {tuple(delta_t.shape)}")
+    M = merged.to(torch.float64)
+    D = delta_t.to(M.device, torch.float64)
+    k = energy_rank(M, energy)
+    U = torch.linalg.svd(M, full_matrices=False)[0][:, :k]
+    proj = U @ (U.transpose(0, 1) @ D)
+    num = torch.linalg.matrix_norm(proj)
+    den = torch.linalg.matrix_norm(D)
+    ratio = torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float64).tiny),
+                        torch.full_like(den, float("nan")))
+    return float(ratio) if D.ndim == 2 else [float(x) for x in ratio]
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+register(Method("tsv_m", "TSV-M", tsv_m, (alpha_param(1.0, 3.0),),
+                help="Task Singular Vectors: keep each task's top 1/T singular triplets per matrix, decorrelate "
+                     "the concatenated factors by polar decomposition (Gargiulo et al. 2025)",
+                alpha_grid=(0.0, 3.0, 31)))
+register(Method("iso_c", "Iso-C", iso_c, (alpha_param(1.3, 3.0),),
+                help="Isotropic merging: the sum of the task matrices with every singular value set to their mean "
+                     "(Marczak et al. 2025)", alpha_grid=(0.0, 3.0, 31)))
+register(Method("iso_cts", "Iso-CTS", iso_cts,
+                (alpha_param(1.5, 3.0),
+                 Param("common_fraction", float, 0.8, "fraction of each matrix's rank given to the common subspace "
+                       "(top singular directions of the sum); the rest is shared equally by the tasks' own "
+                       "directions outside it", min=0.0, max=1.0, step=0.05)),
+                help="Isotropic merging in common and task-specific subspaces (Marczak et al. 2025)",
+                alpha_grid=(0.0, 3.0, 31)))

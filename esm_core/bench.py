@@ -1,0 +1,399 @@
+"""``esm-studio bench``: speed and peak memory of every merging method on ViT-B/32-shaped checkpoints.
+
+    esm-studio bench [--blocks 12] [--tasks 8] [--methods ta,ties] [--device auto] [--repeat 1] [--json]
+
+The checkpoints are random but have the exact shapes of an open_clip ViT-B/32
+visual tower (width 768, patch 32, 224 px → 50 tokens, 12 heads, MLP 3072,
+output 512); ``--blocks`` keeps the first N transformer blocks. Task
+checkpoints are the base plus small, mostly low-rank random updates. Everything
+is seeded, so two runs merge the same numbers.
+
+What is timed is one *job*: by default one job per registered method that needs
+no activation statistics, each running :func:`esm_core.merge_updates` (the
+method itself plus moving its updates to the CPU; no compatibility check). A
+job may have an untimed ``setup`` (e.g. a cold merge that fills a cache, so that
+``run`` measures a re-merge). Other modules add jobs with :func:`register_jobs`.
+
+Peak memory is the extra memory a job needs on top of the loaded checkpoints:
+
+- CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the job
+  (the checkpoints stay on the CPU, as in a real merge; layers travel to the GPU
+  one at a time).
+- CPU: every job runs in a fresh child process (``multiprocessing`` spawn) that
+  builds the checkpoints, returns freed heap to the OS (``malloc_trim``), resets
+  the kernel's peak-RSS mark (``/proc/self/clear_refs``) and reads ``VmHWM``
+  after the job: peak RSS minus the RSS before the job. Numbers are therefore
+  per job and comparable (the result dict the job returns is included).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+import json
+import multiprocessing as mp
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .merge import merge_updates, resolve_device
+
+# open_clip ViT-B/32 visual tower
+WIDTH, PATCH, IMAGE, HEADS, MLP, OUT_DIM = 768, 32, 224, 12, 3072, 512
+TOKENS = (IMAGE // PATCH) ** 2 + 1          # 50 tokens (49 patches + class token)
+FULL_BLOCKS = 12
+
+
+# ---------------------------------------------------------------------------
+# Synthetic checkpoints
+# ---------------------------------------------------------------------------
+
+
+def vit_b32_shapes(blocks: int = FULL_BLOCKS) -> dict[str, tuple[int, ...]]:
+    """Key → shape of an open_clip ViT-B/32 visual tower with ``blocks`` transformer blocks (open_clip order)."""
+    if blocks < 0:
+        raise ValueError(f"blocks must be >= 0, got {blocks}")
+    w = WIDTH
+    shapes: dict[str, tuple[int, ...]] = {
+        "visual.class_embedding": (w,),
+        "visual.positional_embedding": (TOKENS, w),
+        "visual.proj": (w, OUT_DIM),
+        "visual.conv1.weight": (w, 3, PATCH, PATCH),
+        "visual.ln_pre.weight": (w,),
+        "visual.ln_pre.bias": (w,),
+    }
+    for i in range(blocks):
+        p = f"visual.transformer.resblocks.{i}."
+        shapes.update({
+            p + "ln_1.weight": (w,), p + "ln_1.bias": (w,),
+            p + "attn.in_proj_weight": (3 * w, w), p + "attn.in_proj_bias": (3 * w,),
+            p + "attn.out_proj.weight": (w, w), p + "attn.out_proj.bias": (w,),
+            p + "ln_2.weight": (w,), p + "ln_2.bias": (w,),
+            p + "mlp.c_fc.weight": (MLP, w), p + "mlp.c_fc.bias": (MLP,),
+            p + "mlp.c_proj.weight": (w, MLP), p + "mlp.c_proj.bias": (w,),
+        })
+    shapes.update({"visual.ln_post.weight": (w,), "visual.ln_post.bias": (w,)})
+    return shapes
+
+
+def make_checkpoints(blocks: int = FULL_BLOCKS, tasks: int = 8, seed: int = 0, rank: int = 32,
+                     scale: float = 1e-3) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Random ``(base, {task: state dict})`` with ViT-B/32 shapes (float32, CPU), deterministic in ``seed``.
+
+    Base: N(0, 0.02²) weights, LayerNorm weights near 1. Each task adds, per
+    2-D key, a rank-``rank`` update with a decaying spectrum plus a little dense
+    noise, and small dense noise elsewhere (entries of order ``scale``).
+    """
+    if tasks < 1:
+        raise ValueError(f"tasks must be >= 1, got {tasks}")
+    g = torch.Generator().manual_seed(seed)
+    shapes = vit_b32_shapes(blocks)
+    base = {}
+    for k, s in shapes.items():
+        t = torch.randn(s, generator=g) * 0.02
+        if k.endswith(("ln_pre.weight", "ln_1.weight", "ln_2.weight", "ln_post.weight")):
+            t += 1.0
+        base[k] = t
+    out = {}
+    for ti in range(tasks):
+        sd = {}
+        for k, s in shapes.items():
+            noise = torch.randn(s, generator=g)
+            if len(s) == 2:
+                m, n = s
+                r = min(rank, m, n)
+                decay = 1.0 / torch.arange(1, r + 1, dtype=torch.float32)
+                a = torch.randn(m, r, generator=g) * decay
+                low = a @ torch.randn(r, n, generator=g)
+                low *= (m * n) ** 0.5 / low.norm().clamp(min=1e-12)     # entries of order 1
+                delta = low.add_(noise, alpha=0.1)
+            else:
+                delta = noise
+            sd[k] = base[k] + delta.mul_(scale)
+        out[f"task{ti}"] = sd
+    return base, out
+
+
+def params_per_model(base: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in base.values())
+
+
+# ---------------------------------------------------------------------------
+# Jobs: what gets timed
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One benchmark row. ``run(base, tasks, device, state)`` is timed; ``setup(base, tasks, device) -> state`` is not.
+
+    Both must be picklable (module-level functions or ``functools.partial`` of
+    them): on the CPU each job runs in a fresh child process.
+    """
+    name: str
+    title: str
+    run: Callable[[dict, dict, torch.device, Any], Any]
+    setup: Callable[[dict, dict, torch.device], Any] | None = None
+    extra: dict = field(default_factory=dict)       # copied into the row
+
+
+def run_method(method: str, base, tasks, device, state=None, **params):
+    """Job body of a plain method: ``merge_updates`` without the compatibility check."""
+    return merge_updates(method, base, tasks, device=device, check=False, **params)
+
+
+def method_jobs() -> list[Job]:
+    """One job per registered method that needs no activation statistics."""
+    from .methods import METHODS
+    return [Job(m.name, m.title, functools.partial(run_method, m.name))
+            for m in METHODS.values() if not m.needs_stats]
+
+
+JOB_PROVIDERS: list[Callable[[], list[Job]]] = [method_jobs]
+
+
+def register_jobs(provider: Callable[[], list[Job]]) -> None:
+    """Add a function returning more :class:`Job` rows (e.g. ESM cold merge / re-merge)."""
+    if provider not in JOB_PROVIDERS:
+        JOB_PROVIDERS.append(provider)
+
+
+def _esm_jobs() -> list[Job]:
+    from .bench_esm import esm_jobs      # ESM rows: cold merge, warm re-merges (random Gram statistics)
+    return esm_jobs()
+
+
+register_jobs(_esm_jobs)
+
+
+def all_jobs() -> list[Job]:
+    jobs: list[Job] = []
+    for provider in JOB_PROVIDERS:
+        jobs.extend(provider())
+    return jobs
+
+
+def select_jobs(names: list[str] | None) -> list[Job]:
+    """The jobs named in ``names`` (in that order), or every job; unknown names are refused."""
+    jobs = all_jobs()
+    if not names:
+        return jobs
+    by_name = {j.name: j for j in jobs}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        from .methods import METHODS
+        stats = [n for n in unknown if n in METHODS and METHODS[n].needs_stats]
+        hint = f" ({stats} need activation statistics and have no benchmark job)" if stats else ""
+        raise ValueError(f"unknown benchmark method(s) {unknown}{hint}; available: {sorted(by_name)}")
+    return [by_name[n] for n in names]
+
+
+# ---------------------------------------------------------------------------
+# Memory probes
+# ---------------------------------------------------------------------------
+
+MiB = 1024 ** 2
+
+
+def _proc_status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def _trim_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc: nothing to trim
+        pass
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def cpu_peak_supported() -> bool:
+    """True where per-job peak RSS can be measured (Linux with a writable /proc/self/clear_refs)."""
+    try:
+        _reset_peak_rss()
+        _proc_status_kib("VmHWM")
+        return True
+    except OSError:
+        return False
+    except RuntimeError:
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Running jobs
+# ---------------------------------------------------------------------------
+
+
+def _row(job: Job, times: list[float], peak_bytes: int, memory: str) -> dict:
+    return {"name": job.name, "title": job.title, "seconds": min(times), "seconds_all": times,
+            "peak_extra_mib": peak_bytes / MiB, "memory": memory, **job.extra}
+
+
+def _run_cpu_job(job: Job, blocks: int, tasks: int, seed: int, repeat: int) -> dict:
+    """Body of the child process: build checkpoints, then time and measure ``job`` on the CPU."""
+    dev = torch.device("cpu")
+    base, tsk = make_checkpoints(blocks, tasks, seed)
+    state = job.setup(base, tsk, dev) if job.setup is not None else None
+    times, peak = [], 0
+    for _ in range(repeat):
+        _trim_heap()
+        before = _proc_status_kib("VmRSS")
+        _reset_peak_rss()
+        t0 = time.perf_counter()
+        res = job.run(base, tsk, dev, state)
+        times.append(time.perf_counter() - t0)
+        peak = max(peak, (_proc_status_kib("VmHWM") - before) * 1024)
+        del res
+    return _row(job, times, peak, "cpu-rss")
+
+
+def _child_main(conn, job: Job, blocks: int, tasks: int, seed: int, repeat: int) -> None:
+    try:
+        conn.send(("ok", _run_cpu_job(job, blocks, tasks, seed, repeat)))
+    except BaseException as e:  # noqa: BLE001 — report anything to the parent
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def _run_in_child(job: Job, blocks: int, tasks: int, seed: int, repeat: int) -> dict:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(child, job, blocks, tasks, seed, repeat), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        status, payload = parent.recv()
+    except EOFError:
+        proc.join()
+        hint = " (killed: out of memory?)" if proc.exitcode == -9 else " (see its error above)"
+        raise RuntimeError(f"benchmark of {job.name!r} died with exit code {proc.exitcode}{hint}") from None
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"benchmark of {job.name!r} failed: {payload}")
+    return payload
+
+
+def _run_cuda_jobs(jobs: list[Job], dev: torch.device, blocks: int, tasks: int, seed: int, repeat: int,
+                   progress: Callable[[float, str], None] | None = None) -> list[dict]:
+    base, tsk = make_checkpoints(blocks, tasks, seed)
+    # initialise cuBLAS / cuSOLVER once, so the first job does not pay for it
+    x = torch.randn(64, 64, device=dev)
+    torch.linalg.svd(x @ x)
+    torch.linalg.eigh(x @ x.T)
+    torch.cuda.synchronize(dev)
+    rows = []
+    for i, job in enumerate(jobs):
+        if progress is not None:
+            progress(i / len(jobs), f"bench: {job.name}")
+        state = job.setup(base, tsk, dev) if job.setup is not None else None
+        times, peak = [], 0
+        for _ in range(repeat):
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            before = torch.cuda.memory_allocated(dev)
+            t0 = time.perf_counter()
+            res = job.run(base, tsk, dev, state)
+            torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+            peak = max(peak, torch.cuda.max_memory_allocated(dev) - before)
+            del res
+        del state
+        rows.append(_row(job, times, peak, "cuda-allocated"))
+    return rows
+
+
+def bench(blocks: int = FULL_BLOCKS, tasks: int = 8, methods: list[str] | None = None, device: str = "auto",
+          repeat: int = 1, seed: int = 0, progress: Callable[[float, str], None] | None = None) -> dict:
+    """Time every selected job and measure its peak extra memory; returns a JSON-ready dict.
+
+    ``{"device", "blocks", "tasks", "params_per_model", "repeat", "seed", "memory",
+    "rows": [{"name", "title", "seconds" (best of ``repeat``), "seconds_all",
+    "peak_extra_mib", "memory"}, ...]}``.
+    """
+    if blocks < 1 or blocks > 64:
+        raise ValueError(f"blocks must be in [1, 64], got {blocks}")
+    if tasks < 1:
+        raise ValueError(f"tasks must be >= 1, got {tasks}")
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    dev = resolve_device(device)
+    jobs = select_jobs(methods)
+    n_params = sum(torch.Size(s).numel() for s in vit_b32_shapes(blocks).values())
+    result = {"device": str(dev), "blocks": blocks, "tasks": tasks, "params_per_model": n_params,
+              "repeat": repeat, "seed": seed, "torch": torch.__version__, "machine": platform.machine(),
+              "rows": []}
+    if dev.type == "cuda":
+        result["device_name"] = torch.cuda.get_device_name(dev)
+        result["memory"] = "peak torch.cuda allocation during the job, minus the allocation before it"
+        result["rows"] = _run_cuda_jobs(jobs, dev, blocks, tasks, seed, repeat, progress)
+        return result
+    if dev.type != "cpu":
+        raise ValueError(f"bench runs on 'cpu' or 'cuda', not {dev.type!r}")
+    if not cpu_peak_supported():
+        raise ValueError("CPU peak memory needs Linux /proc/self/clear_refs, which is not available here")
+    result["memory"] = "peak RSS of a fresh process during the job, minus its RSS after building the checkpoints"
+    for i, job in enumerate(jobs):
+        if progress is not None:
+            progress(i / len(jobs), f"bench: {job.name}")
+        result["rows"].append(_run_in_child(job, blocks, tasks, seed, repeat))
+    if progress is not None:
+        progress(1.0, "bench: done")
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The bench result as a plain-text table."""
+    head = (f"esm-studio bench: {result['blocks']} block(s), {result['tasks']} tasks, "
+            f"{result['params_per_model'] / 1e6:.2f} M parameters per model, device {result['device']}"
+            + (f" ({result['device_name']})" if result.get("device_name") else ""))
+    lines = [head, f"peak extra memory = {result['memory']}", "",
+             f"{'method':<14}{'title':<26}{'seconds':>10}{'peak extra MiB':>17}"]
+    for r in result["rows"]:
+        lines.append(f"{r['name']:<14}{r['title'][:25]:<26}{r['seconds']:>10.3f}{r['peak_extra_mib']:>17.1f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+
+def cmd_bench(args) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    def progress(frac: float, desc: str) -> None:
+        print(f"[{frac:4.0%}] {desc}", file=sys.stderr, flush=True)
+
+    res = bench(blocks=args.blocks, tasks=args.tasks, methods=methods, device=args.device, repeat=args.repeat,
+                seed=args.seed, progress=None if args.quiet else progress)
+    print(json.dumps(res, indent=2) if args.json else format_table(res))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="time every merging method and measure its peak memory",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--blocks", type=int, default=FULL_BLOCKS, help="transformer blocks of the ViT-B/32 (default 12)")
+    p.add_argument("--tasks", type=int, default=8, help="number of task checkpoints (default 8)")
+    p.add_argument("--methods", default=None, help="comma-separated method names (default: every method that "
+                                                   "needs no activation statistics)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per method; the best time is reported")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoints")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,109 @@
+"""``esm-studio bench`` (esm_core/bench.py) on one block and two tasks: structure, not speed."""
+from __future__ import annotations
+
+import functools
+import io
+import json
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+
+from esm_core import cli, vit
+from esm_core.bench import (JOB_PROVIDERS, Job, _run_cpu_job, bench, format_table, make_checkpoints, register_jobs,
+                            select_jobs, vit_b32_shapes)
+
+MiB = 1024 ** 2
+
+
+@pytest.fixture(scope="module")
+def cli_result():
+    """One real run through the CLI (on the CPU the method runs in its own child process)."""
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = cli.main(["bench", "--blocks", "1", "--tasks", "2", "--methods", "ta", "--json"])
+    assert rc == 0
+    return json.loads(buf.getvalue())
+
+
+def test_bench_json_structure_and_positive_peak_memory(cli_result):
+    r = cli_result
+    assert {"device", "blocks", "tasks", "params_per_model", "rows"} <= set(r)
+    assert r["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert (r["blocks"], r["tasks"]) == (1, 2)
+    assert r["params_per_model"] == sum(torch.Size(s).numel() for s in vit_b32_shapes(1).values())
+    assert [row["name"] for row in r["rows"]] == ["ta"]
+    out_mib = r["params_per_model"] * 4 / MiB        # the returned updates alone (float32)
+    for row in r["rows"]:
+        assert row["seconds"] > 0 and row["seconds"] == min(row["seconds_all"]) and len(row["seconds_all"]) == 1
+        assert row["peak_extra_mib"] > 0
+        assert row["peak_extra_mib"] < 50 * out_mib
+        if row["memory"] == "cpu-rss":
+            # the update dict the job returns is alive at the peak: a real lower bound for a fresh process
+            assert row["peak_extra_mib"] >= 0.9 * out_mib
+        else:
+            assert row["memory"] == "cuda-allocated"
+
+
+def test_table_lists_every_row(cli_result):
+    text = format_table(cli_result)
+    assert "peak extra MiB" in text and "1 block(s), 2 tasks" in text
+    assert any(line.startswith("ta ") for line in text.splitlines())
+
+
+def test_shapes_are_exactly_the_open_clip_vit_b32_visual_tower():
+    open_clip = pytest.importorskip("open_clip")
+    model = open_clip.create_model("ViT-B-32", pretrained=None, device="meta")     # shapes only, no init
+    ref = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("visual.")}
+    assert vit_b32_shapes(12) == ref
+    assert list(vit_b32_shapes(12)) == list(ref)               # same key order
+    assert sum(torch.Size(s).numel() for s in ref.values()) == 87_849_216
+    assert len(vit.layer_types_of(vit_b32_shapes(3))) == 3 * 4
+
+
+def test_checkpoints_are_seeded_and_tasks_are_small_low_rank_ish_updates():
+    b1, t1 = make_checkpoints(blocks=1, tasks=2, seed=3)
+    b2, t2 = make_checkpoints(blocks=1, tasks=2, seed=3)
+    b3, _ = make_checkpoints(blocks=1, tasks=2, seed=4)
+    k = "visual.proj"
+    assert torch.equal(b1[k], b2[k]) and torch.equal(t1["task1"][k], t2["task1"][k])
+    assert not torch.equal(b1[k], b3[k])
+    assert set(t1) == {"task0", "task1"} and all(set(sd) == set(b1) for sd in t1.values())
+    d = (t1["task0"][k] - b1[k]).double()
+    s = torch.linalg.svdvals(d)
+    assert s[:32].pow(2).sum() / s.pow(2).sum() > 0.9        # most energy in the low-rank part
+    assert d.abs().max() < 0.1 * b1[k].abs().max()           # small next to the weights
+
+
+def test_unknown_method_is_refused_and_bad_sizes_too():
+    with pytest.raises(ValueError, match="unknown benchmark method"):
+        select_jobs(["ta", "nope"])
+    with pytest.raises(ValueError, match="blocks"):
+        bench(blocks=0, tasks=2, methods=["ta"])
+    with pytest.raises(ValueError, match="repeat"):
+        bench(blocks=1, tasks=2, methods=["ta"], repeat=0)
+    assert [j.name for j in select_jobs(["tsv_m", "ta"])] == ["tsv_m", "ta"]
+
+
+def _setup_sum(base, tasks, device):
+    return {"n": len(tasks)}
+
+
+def _run_sum(base, tasks, device, state, scale=1.0):
+    return {k: scale * state["n"] * torch.ones_like(v) for k, v in base.items()}
+
+
+def _extra_jobs():
+    return [Job("extra_sum", "an extra row", functools.partial(_run_sum, scale=2.0), _setup_sum, {"kind": "test"})]
+
+
+def test_jobs_can_be_added_and_run_with_setup():
+    register_jobs(_extra_jobs)
+    try:
+        assert "extra_sum" in [j.name for j in select_jobs(None)]
+        job = select_jobs(["extra_sum"])[0]
+        row = _run_cpu_job(job, blocks=1, tasks=1, seed=0, repeat=2)
+        assert row["name"] == "extra_sum" and row["kind"] == "test" and len(row["seconds_all"]) == 2
+        assert row["peak_extra_mib"] > 0
+    finally:
+        JOB_PROVIDERS.remove(_extra_jobs)
