@@ -1,0 +1,231 @@
+"""Analysis tables for the spectra and interference views: plain dicts and lists, no plotting.
+
+Per layer and task (:func:`spectra`):
+  * the ESD energy spectrum λ (SPEC §5) and the SVD spectrum σ² of ΔW;
+  * the share of output-shift energy ``‖X ΔŴᵀ‖² / ‖X ΔWᵀ‖²`` kept by a rank-r
+    truncation, for ESD (``Σ_{i≤r} λi / Σ λi``) and for SVD
+    (``Σ_{i≤r} σi² viᵀ G vi / tr(ΔW G ΔWᵀ)``), both computed from the Gram matrix;
+  * effective ranks at 95 % energy.
+Between tasks:
+  * :func:`subspace_overlap` — ``‖P̂sᵀ P̂t‖F² / k`` of the essential subspaces;
+  * :func:`task_cosines` — cosine of task vectors per layer and over the whole model;
+  * :func:`alignment` — the subspace alignment ratio (SPEC §4) of each task
+    against a merged update, per layer and averaged over layers.
+:func:`interference` bundles the three. Every function takes
+``(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=None)``;
+``stats`` is a ``Stats`` dict (``probe_pool``) or ``{task: {key: X}}`` inputs;
+``cache`` (``esm_core.methods.esm.new_cache()``) shares ESD decompositions with
+ESM merges, so a view after a merge computes no decomposition again.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from . import vit
+from .decompose import DecompositionCache, fingerprint
+from .probe import stats_from_inputs, task_layer_stats
+
+ENERGY = 0.95
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _as_stats(stats):
+    """A ``Stats`` dict, converting raw ``{task: {key: X}}`` inputs if that is what was given."""
+    if stats is None:
+        raise ValueError("this analysis needs activation statistics: pass stats= (probe_pool) or inputs {task: {key: X}}")
+    if isinstance(stats, Mapping) and "tasks" not in stats:
+        first = next((v for layers in stats.values() for v in layers.values()), None)
+        if isinstance(first, torch.Tensor):
+            return stats_from_inputs(stats)
+    return stats
+
+
+def _delta(base, tasks, name: str, key: str) -> torch.Tensor:
+    """ΔW of one task and key, float32 on the CPU (bit-identical to what a CPU merge sees)."""
+    return tasks[name][key].to("cpu", torch.float32) - base[key].to("cpu", torch.float32)
+
+
+def _keys(base, keys, esd_only: bool) -> list[str]:
+    if keys is not None:
+        missing = [k for k in keys if k not in base]
+        if missing:
+            raise ValueError(f"keys not in the base model: {missing[:5]}")
+        return list(keys)
+    found = vit.esd_keys(base) if esd_only else list(vit.layer_types_of(base))
+    if not found:
+        raise ValueError("no transformer linear layers recognised in this model: pass keys=[...] explicitly")
+    return found
+
+
+def _rank(d_out: int, T: int, k: int | None) -> int:
+    return max(1, min(int(k) if k else d_out // T, d_out))
+
+
+def _first_reaching(cum: torch.Tensor, energy: float) -> int:
+    """Smallest r (1-based) with ``cum[r-1] ≥ energy`` (0 when the spectrum is empty or zero)."""
+    if cum.numel() == 0 or not bool(torch.isfinite(cum[-1])):
+        return 0
+    hits = (cum >= energy - 1e-12).nonzero()
+    return int(hits[0]) + 1 if hits.numel() else int(cum.numel())
+
+
+def _share(cum: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    return cum / total if total > 0 else torch.zeros_like(cum)
+
+
+def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: str, k: int):
+    st = task_layer_stats(stats, name, key)
+    d = _delta(base, tasks, name, key)
+    return cache.esd(name, key, d, st.gram, int(st.n), k=k), d, st
+
+
+def _info(key: str) -> dict:
+    return {"key": key, "layer_type": vit.layer_type(key), "block": vit.block_index(key)}
+
+
+# ---------------------------------------------------------------------------
+# Spectra
+# ---------------------------------------------------------------------------
+
+
+def spectra(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=None,
+            energy: float = ENERGY) -> list[dict]:
+    """One row per (layer, task): ESD and SVD spectra, energy kept by rank-r truncation, effective ranks.
+
+    Row fields: ``key, layer_type, block, task, k, esd_lambda, svd_sigma2, esd_energy_kept,
+    svd_energy_kept`` (lists: entry r−1 is the share kept at rank r, r ≤ min(d_out, d_in)),
+    ``esd_kept_at_k, svd_kept_at_k, esd_rank95, svd_rank95`` (ranks reaching ``energy`` of
+    the ESD λ and of the SVD σ² spectrum).
+    """
+    stats = _as_stats(stats)
+    cache = cache if cache is not None else DecompositionCache()
+    names = list(tasks)
+    rows = []
+    for key in _keys(base, keys, esd_only=True):
+        for name in names:
+            d_out, d_in = base[key].shape
+            kk = _rank(d_out, len(names), k)
+            e, d, st = _esd_entry(cache, base, tasks, stats, name, key, 0)
+            G = st.gram.to(torch.float64)
+            r = min(d_out, d_in)
+            fp = (fingerprint(d), fingerprint(st.gram), int(st.n))
+            svd = cache.get_result(("svd-spectrum", name, key), fp)
+            if svd is None:
+                W = d.to(torch.float64)
+                _, s, Vh = torch.linalg.svd(W, full_matrices=False)
+                vgv = ((Vh @ G) * Vh).sum(1)                         # viᵀ G vi
+                svd = (s.square(), s.square() * vgv)                  # σi², output energy of triplet i
+                cache.put_result(("svd-spectrum", name, key), fp, svd)
+            s2, out_e = svd
+            lam = e.lam[:r]
+            total = lam.sum()                                         # = tr(ΔW G ΔWᵀ) / (n − 1)
+            esd_kept = _share(torch.cumsum(lam, 0), total)
+            svd_kept = _share(torch.cumsum(out_e, 0), out_e.sum())    # out_e.sum() = tr(ΔW G ΔWᵀ) too
+            rows.append({**_info(key), "task": name, "k": kk,
+                         "esd_lambda": lam.tolist(), "svd_sigma2": s2.tolist(),
+                         "esd_energy_kept": esd_kept.tolist(), "svd_energy_kept": svd_kept.tolist(),
+                         "esd_kept_at_k": float(esd_kept[min(kk, r) - 1]),
+                         "svd_kept_at_k": float(svd_kept[min(kk, r) - 1]),
+                         "esd_rank95": _first_reaching(esd_kept, energy),
+                         "svd_rank95": _first_reaching(_share(torch.cumsum(s2, 0), s2.sum()), energy)})
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Between tasks
+# ---------------------------------------------------------------------------
+
+
+def subspace_overlap(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=None) -> dict:
+    """Overlap of the tasks' rank-k essential subspaces: ``‖P̂sᵀ P̂t‖F² / k`` (1 = same, 0 = orthogonal).
+
+    Returns ``{"tasks": names, "k": {key: k}, "layers": {key: T×T list}, "mean": T×T list}``.
+    """
+    stats = _as_stats(stats)
+    cache = cache if cache is not None else DecompositionCache()
+    names = list(tasks)
+    T = len(names)
+    out = {"tasks": names, "k": {}, "layers": {}}
+    acc = torch.zeros(T, T, dtype=torch.float64)
+    keys = _keys(base, keys, esd_only=True)
+    for key in keys:
+        kk = _rank(base[key].shape[0], T, k)
+        Ph = [_esd_entry(cache, base, tasks, stats, n, key, kk)[0].P[:, :kk].to(torch.float64) for n in names]
+        M = torch.tensor([[float((Ph[s].mT @ Ph[t]).square().sum()) / kk for t in range(T)] for s in range(T)],
+                         dtype=torch.float64)
+        out["k"][key] = kk
+        out["layers"][key] = M.tolist()
+        acc += M
+    out["mean"] = (acc / len(keys)).tolist()
+    return out
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = a.norm(), b.norm()
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+
+
+def task_cosines(base, tasks, stats=None, merged_updates=None, keys=None, k=None, cache=None) -> dict:
+    """Cosine similarity of task vectors per layer and over the whole model (every merged float key).
+
+    Returns ``{"tasks": names, "layers": {key: T×T list}, "model": T×T list}``.
+    """
+    names = list(tasks)
+    T = len(names)
+    out = {"tasks": names, "layers": {}}
+    for key in _keys(base, keys, esd_only=False):
+        vs = [_delta(base, tasks, n, key).reshape(-1).to(torch.float64) for n in names]
+        out["layers"][key] = [[_cos(vs[s], vs[t]) for t in range(T)] for s in range(T)]
+    dots = torch.zeros(T, T, dtype=torch.float64)
+    for key, v in base.items():
+        if vit.key_role(key, v) == vit.SKIP:
+            continue
+        X = torch.stack([_delta(base, tasks, n, key).reshape(-1).to(torch.float64) for n in names])
+        dots += X @ X.mT
+    nrm = dots.diagonal().sqrt()
+    model = dots / (nrm[:, None] * nrm[None, :])
+    out["model"] = [[float(model[s, t]) if nrm[s] > 0 and nrm[t] > 0 else float("nan") for t in range(T)]
+                    for s in range(T)]
+    return out
+
+
+def alignment(base, tasks, stats=None, merged_updates=None, keys=None, k=None, cache=None) -> dict:
+    """Subspace alignment ratio (SPEC §4) of every task against the merged update, per layer and averaged.
+
+    ``merged_updates``: ``{key: merged ΔW}`` (e.g. :func:`esm_core.merge_updates`). Returns
+    ``{"tasks": names, "layers": {key: {task: sar}}, "mean": {task: mean over layers}}``.
+    """
+    from .methods.svd import subspace_alignment_ratio
+    if merged_updates is None:
+        raise ValueError("the subspace alignment ratio needs merged_updates={key: merged update}")
+    names = list(tasks)
+    if keys is None:
+        keys = [kk for kk in _keys(base, None, esd_only=False) if kk in merged_updates]
+    missing = [kk for kk in keys if kk not in merged_updates]
+    if missing:
+        raise ValueError(f"merged_updates has no entry for {missing[:5]}")
+    out = {"tasks": names, "layers": {}}
+    for key in keys:
+        D = torch.stack([_delta(base, tasks, n, key) for n in names])
+        sar = subspace_alignment_ratio(D, merged_updates[key])
+        out["layers"][key] = dict(zip(names, sar))
+    out["mean"] = {n: (sum(out["layers"][kk][n] for kk in keys) / len(keys) if keys else float("nan"))
+                   for n in names}
+    return out
+
+
+def interference(base, tasks, stats=None, merged_updates=None, keys=None, k=None, cache=None) -> dict:
+    """``{"cosine": task_cosines(...), "overlap": subspace_overlap(...) or None, "alignment": alignment(...) or None}``.
+
+    The overlap needs ``stats``, the alignment ``merged_updates``; each is None without them.
+    """
+    return {"cosine": task_cosines(base, tasks, stats, merged_updates, keys, k, cache),
+            "overlap": subspace_overlap(base, tasks, stats, merged_updates, keys, k, cache) if stats is not None else None,
+            "alignment": alignment(base, tasks, stats, merged_updates, keys, k, cache)
+            if merged_updates is not None else None}

@@ -1,0 +1,196 @@
+"""Activation probe: streaming input statistics of the ESD layers (SPEC §5.1, §7.5).
+
+Forward hooks on an open_clip ``VisionTransformer`` record, for every block and
+every requested layer type, the *input* of that linear layer:
+
+* ``attn.in_proj_weight`` — the query input of ``block.attn`` (the ``ln_1``
+  output; open_clip 3.3 calls ``self.attn(q_x, k_x, v_x, ...)`` positionally,
+  and in a ViT tower ``k_x = v_x = q_x``),
+* ``mlp.c_fc.weight`` — the input of ``block.mlp.c_fc`` (the ``ln_2`` output),
+* ``mlp.c_proj.weight`` — the input of ``block.mlp.c_proj`` (the activation
+  output, 4·width).
+
+Tokens are flattened (rows = batch · tokens, whatever the layout) and folded
+into float64 running sums ``G += XᵀX``, ``n += rows``, ``s += ΣX``: memory does
+not grow with the number of samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from . import vit
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one linear layer: ``gram = XᵀX`` (float64), ``n`` rows, ``mean`` of the rows."""
+    gram: torch.Tensor
+    n: int
+    mean: torch.Tensor
+
+
+class _Accumulator:
+    def __init__(self):
+        self.gram = None
+        self.sum = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if self.gram is None:
+            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            self.sum = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        self.gram += x.mT @ x
+        self.sum += x.sum(0)
+        self.n += x.shape[0]
+
+    def result(self) -> LayerStats:
+        return LayerStats(gram=self.gram.cpu(), n=self.n, mean=(self.sum / self.n).cpu())
+
+
+def _hook_points(visual: torch.nn.Module, key_prefix: str, layer_types) -> list[tuple[str, torch.nn.Module, str]]:
+    """``[(weight key, module to hook, how)]`` for every block and layer type."""
+    try:
+        blocks = visual.transformer.resblocks
+    except AttributeError:
+        raise ValueError("probe expects an open_clip VisionTransformer (visual.transformer.resblocks)") from None
+    known = (vit.IN_PROJ, vit.C_FC, vit.C_PROJ)
+    bad = [t for t in layer_types if t not in known]
+    if bad:
+        raise ValueError(f"probe cannot record the input of layer type(s) {bad}; supported: {list(known)}")
+    points = []
+    for i, blk in enumerate(blocks):
+        for t in layer_types:
+            key = f"{key_prefix}transformer.resblocks.{i}.{t}"
+            if t == vit.IN_PROJ:
+                points.append((key, blk.attn, "query"))
+            elif t == vit.C_FC:
+                points.append((key, blk.mlp.c_fc, "input"))
+            else:
+                points.append((key, blk.mlp.c_proj, "input"))
+    return points
+
+
+def _batches(images, batch_size: int) -> Iterable[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise ValueError(f"images must be a N×C×H×W tensor, got shape {tuple(images.shape)}")
+        for i in range(0, images.shape[0], batch_size):
+            yield images[i:i + batch_size]
+    else:
+        yield from images
+
+
+@torch.no_grad()
+def probe(visual: torch.nn.Module, images, *, key_prefix: str = "visual.", layer_types=vit.ESD_TYPES,
+          batch_size: int = 64, device: str | torch.device = "cpu") -> dict[str, LayerStats]:
+    """Input statistics of the ESD layers of ``visual`` on ``images``.
+
+    ``images``: an N×3×H×W tensor (already normalised) or an iterable of such
+    batches. Returns ``{weight key: LayerStats}``, e.g. key
+    ``"visual.transformer.resblocks.0.mlp.c_fc.weight"``. The module runs in
+    eval mode on ``device`` and is put back on its device and mode afterwards;
+    the hooks are removed even when the forward pass fails.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from .merge import resolve_device   # (merge → methods → esm → probe: import here, not at the top)
+    dev = resolve_device(device)
+    points = _hook_points(visual, key_prefix, tuple(layer_types))
+    acc = {key: _Accumulator() for key, _, _ in points}
+    handles = []
+
+    def query_hook(key):
+        def fn(module, args, kwargs):
+            q = args[0] if args else kwargs["query"]
+            acc[key].add(q)
+        return fn
+
+    def input_hook(key):
+        def fn(module, args):
+            acc[key].add(args[0])
+        return fn
+
+    p0 = next(visual.parameters(), None)
+    old_device = p0.device if p0 is not None else dev
+    was_training = visual.training
+    try:
+        for key, mod, how in points:
+            if how == "query":
+                handles.append(mod.register_forward_pre_hook(query_hook(key), with_kwargs=True))
+            else:
+                handles.append(mod.register_forward_pre_hook(input_hook(key)))
+        visual.to(dev).eval()
+        for x in _batches(images, batch_size):
+            visual(x.to(dev, next(visual.parameters()).dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        visual.train(was_training)
+        visual.to(old_device)
+    empty = [k for k, a in acc.items() if a.n == 0]
+    if empty:
+        raise ValueError(f"no activations were recorded for {empty[:3]} (no images given?)")
+    return {k: a.result() for k, a in acc.items()}
+
+
+def probe_pool(pool, n: int = 32, seed: int = 0, *, device: str | torch.device = "auto",
+               progress: Callable[[float, str], None] | None = None) -> dict:
+    """Probe every task of a TaskPool inside its own fine-tuned model, on its own proxy samples.
+
+    Returns the ``Stats`` dict ``{"tasks": {task: {key: LayerStats}}, "proxy_ids":
+    {task: ids}, "n": n, "seed": seed}``.
+    """
+    if n < 1:
+        raise ValueError(f"the number of proxy samples must be >= 1, got {n}")
+    from .merge import resolve_device
+    dev = resolve_device(device)
+    names = list(pool.task_names)
+    out = {"tasks": {}, "proxy_ids": {}, "n": int(n), "seed": int(seed)}
+    for i, task in enumerate(names):
+        if progress is not None:
+            progress(i / max(len(names), 1), f"probing {task}")
+        x, ids = pool.proxy(task, n, seed)
+        visual = pool.build_visual(pool.tasks[task], device=dev)
+        out["tasks"][task] = probe(visual, x, device=dev)
+        out["proxy_ids"][task] = list(ids)
+        del visual
+    if progress is not None:
+        progress(1.0, "probing done")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Reading statistics (used by the ESM family and the analysis)
+# ---------------------------------------------------------------------------
+
+
+def stats_from_inputs(inputs: Mapping[str, Mapping[str, torch.Tensor]]) -> dict:
+    """``{task: {key: X}}`` (X: rows × d_in, or any shape ending in d_in) → a ``Stats`` dict."""
+    tasks = {}
+    for task, layers in inputs.items():
+        tasks[task] = {}
+        for key, x in layers.items():
+            if not isinstance(x, torch.Tensor) or x.ndim < 2:
+                raise ValueError(f"inputs[{task!r}][{key!r}] must be a tensor of rows × d_in")
+            a = _Accumulator()
+            a.add(x)
+            tasks[task][key] = a.result()
+    return {"tasks": tasks}
+
+
+def task_layer_stats(stats, task: str, key: str) -> LayerStats:
+    """The :class:`LayerStats` of ``key`` for ``task`` from a ``Stats`` dict (or ``{task: {key: LayerStats}}``)."""
+    per_task = stats["tasks"] if isinstance(stats, Mapping) and "tasks" in stats else stats
+    if task not in per_task:
+        raise ValueError(f"activation statistics have no task {task!r} (they have {sorted(per_task)})")
+    layers = per_task[task]
+    if key not in layers:
+        raise ValueError(f"activation statistics of task {task!r} have no layer {key!r}")
+    st = layers[key]
+    if isinstance(st, Mapping):
+        st = LayerStats(gram=st["gram"], n=int(st["n"]), mean=st.get("mean"))
+    return st

@@ -1,0 +1,128 @@
+import math
+
+import pytest
+import torch
+
+import esm_core
+from esm_core import analysis, decompose
+from esm_core.methods.esm import new_cache
+
+KEY = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+OUT = "visual.transformer.resblocks.0.attn.out_proj.weight"
+
+
+def _case(seed=0, d_out=6, d_in=4, N=30):
+    g = torch.Generator().manual_seed(seed)
+    base = {KEY: torch.randn(d_out, d_in, generator=g), OUT: torch.randn(d_in, d_in, generator=g),
+            "visual.ln_post.weight": torch.randn(d_in, generator=g)}
+    tasks = {n: {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for n in ("a", "b")}
+    inputs = {n: {KEY: torch.randn(N, d_in, generator=g, dtype=torch.float64)} for n in tasks}
+    return base, tasks, inputs
+
+
+def test_spectra_rows_are_exact():
+    base, tasks, inputs = _case()
+    rows = analysis.spectra(base, tasks, inputs, k=2)
+    assert [(r["key"], r["task"]) for r in rows] == [(KEY, "a"), (KEY, "b")]
+    for r in rows:
+        W = (tasks[r["task"]][KEY] - base[KEY]).double()
+        X = inputs[r["task"]][KEY]
+        assert r["layer_type"] == "mlp.c_fc.weight" and r["block"] == 0 and r["k"] == 2
+        s_out = torch.linalg.svdvals(X @ W.T)
+        torch.testing.assert_close(torch.tensor(r["esd_lambda"], dtype=torch.float64), s_out[:4].square() / 29)  # rank ≤ d_in
+        torch.testing.assert_close(torch.tensor(r["svd_sigma2"], dtype=torch.float64), torch.linalg.svdvals(W).square(),
+                                   rtol=1e-6, atol=1e-9)
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        tot = (X @ W.T).square().sum()
+        for rr in (1, 2, 4):
+            Wr = (U[:, :rr] * S[:rr]) @ Vh[:rr]
+            assert math.isclose(r["svd_energy_kept"][rr - 1], float((X @ Wr.T).square().sum() / tot), rel_tol=1e-6)
+            P, _ = decompose.esd(W, X.T @ X, 30)
+            We = decompose.esd_truncate(W, P, rr)
+            assert math.isclose(r["esd_energy_kept"][rr - 1], float((X @ We.T).square().sum() / tot), rel_tol=1e-6)
+        # ESD is the best rank-r fit of the output shift: it keeps at least as much energy as SVD
+        assert all(e >= s - 1e-12 for e, s in zip(r["esd_energy_kept"], r["svd_energy_kept"]))
+        assert r["esd_energy_kept"][-1] == pytest.approx(1.0) and r["svd_energy_kept"][-1] == pytest.approx(1.0)
+        assert r["esd_kept_at_k"] == r["esd_energy_kept"][1]
+        assert r["esd_rank95"] <= r["svd_energy_kept"].index(next(x for x in r["svd_energy_kept"] if x >= .95)) + 1
+
+
+def test_effective_rank_by_hand():
+    # ΔW = diag(3, 1) with white inputs (G = I·N): λ ∝ (9, 1) → 90 % at rank 1, 100 % at rank 2
+    base = {KEY: torch.zeros(2, 2)}
+    tasks = {"a": {KEY: torch.diag(torch.tensor([3.0, 1.0]))}}
+    X = torch.cat([torch.eye(2), -torch.eye(2)]).double()
+    row = analysis.spectra(base, tasks, {"a": {KEY: X}}, k=1)[0]
+    assert row["esd_energy_kept"] == pytest.approx([0.9, 1.0])
+    assert row["esd_rank95"] == 2 and row["svd_rank95"] == 2
+    assert row["esd_lambda"] == pytest.approx([18 / 3, 2 / 3])
+    row = analysis.spectra(base, tasks, {"a": {KEY: X}}, energy=0.85)[0]
+    assert row["esd_rank95"] == 1 and row["k"] == 2          # default k = floor(d_out / T)
+
+
+def test_overlap_self_one_orthogonal_zero():
+    e = torch.eye(4)
+    base = {KEY: torch.zeros(4, 4)}
+    tasks = {"a": {KEY: e[:, :2] @ e[:2]}, "b": {KEY: e[:, 2:] @ e[2:]}, "c": {KEY: e[:, :2] @ e[:2] * 2}}
+    X = torch.randn(20, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    inputs = {n: {KEY: X} for n in tasks}
+    ov = analysis.subspace_overlap(base, tasks, inputs, k=2)
+    M = torch.tensor(ov["layers"][KEY], dtype=torch.float64)
+    torch.testing.assert_close(M.diagonal(), torch.ones(3, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    assert abs(M[0, 1]) < 1e-6 and abs(M[1, 2]) < 1e-6 and M[0, 2] == pytest.approx(1.0, abs=1e-6)
+    assert ov["k"][KEY] == 2 and ov["mean"] == ov["layers"][KEY]
+
+
+def test_cosines_by_hand():
+    base = {KEY: torch.zeros(2, 2), "visual.ln_post.weight": torch.zeros(2)}
+    tasks = {"a": {KEY: torch.tensor([[1.0, 0], [0, 0]]), "visual.ln_post.weight": torch.tensor([0.0, 1.0])},
+             "b": {KEY: torch.tensor([[1.0, 1.0], [0, 0]]), "visual.ln_post.weight": torch.tensor([0.0, -1.0])}}
+    cs = analysis.task_cosines(base, tasks)
+    assert cs["layers"][KEY][0][1] == pytest.approx(1 / math.sqrt(2))
+    assert cs["layers"][KEY][0][0] == pytest.approx(1.0)
+    # whole model: a = (1,0,0,0 | 0,1), b = (1,1,0,0 | 0,-1): dot 0
+    assert cs["model"][0][1] == pytest.approx(0.0) and cs["model"][1][1] == pytest.approx(1.0)
+
+
+def test_alignment_and_interference_reuse_the_cache(monkeypatch):
+    base, tasks, inputs = _case()
+    cache = new_cache()
+    ups = esm_core.merge_updates("esm", base, tasks, inputs=inputs, cache=cache, esd_keys=[KEY],
+                                 layer_types={KEY: "mlp.c_fc.weight", OUT: "attn.out_proj.weight"})
+    calls = []
+    real = decompose.esd
+    monkeypatch.setattr(decompose, "esd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    res = analysis.interference(base, tasks, inputs, merged_updates=ups, cache=cache)
+    analysis.spectra(base, tasks, inputs, cache=cache)
+    assert calls == []                                    # every ESD came from the merge's cache
+    sar = res["alignment"]
+    assert set(sar["layers"]) == {KEY, OUT}
+    for n in tasks:
+        assert 0.0 <= sar["layers"][KEY][n] <= 1.0 + 1e-9
+        assert sar["mean"][n] == pytest.approx((sar["layers"][KEY][n] + sar["layers"][OUT][n]) / 2)
+    # a rank-1 task against its own scaled copy: SAR 1; against an orthogonal direction: 0
+    u, v = torch.zeros(6), torch.zeros(4)
+    u[0], v[1] = 1.0, 1.0
+    t1 = {KEY: base[KEY] + torch.outer(u, v)}
+    one = analysis.alignment(base, {"a": t1}, merged_updates={KEY: 3 * torch.outer(u, v)}, keys=[KEY])
+    assert one["layers"][KEY]["a"] == pytest.approx(1.0) and one["mean"]["a"] == pytest.approx(1.0)
+    u2 = torch.zeros(6)
+    u2[3] = 1.0
+    zero = analysis.alignment(base, {"a": t1}, merged_updates={KEY: torch.outer(u2, v)}, keys=[KEY])
+    assert zero["layers"][KEY]["a"] == pytest.approx(0.0, abs=1e-6)
+    assert res["overlap"]["layers"][KEY][0][0] == pytest.approx(1.0, abs=1e-6)
+    assert analysis.interference(base, tasks)["overlap"] is None
+
+
+def test_errors():
+    base, tasks, inputs = _case()
+    with pytest.raises(ValueError, match="activation statistics"):
+        analysis.spectra(base, tasks, None)
+    with pytest.raises(ValueError, match="merged_updates"):
+        analysis.alignment(base, tasks)
+    with pytest.raises(ValueError, match="no entry"):
+        analysis.alignment(base, tasks, merged_updates={}, keys=[KEY])
+    with pytest.raises(ValueError, match="not in the base"):
+        analysis.task_cosines(base, tasks, keys=["nope"])
+    with pytest.raises(ValueError, match="pass keys"):
+        analysis.spectra({"w": torch.zeros(2, 2)}, {"a": {"w": torch.ones(2, 2)}}, {"a": {"w": torch.ones(3, 2)}})

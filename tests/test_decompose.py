@@ -1,0 +1,142 @@
+import pytest
+import torch
+
+from esm_core import decompose
+from esm_core.decompose import DecompositionCache, esd, esd_truncate, fingerprint, polar, polar_and_singular_values, polar_svd
+
+
+def _rand(*shape, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (12, 5), (5, 12), (30, 1)])
+def test_polar_matches_svd_route(shape):
+    x = _rand(*shape, seed=1)
+    f = polar(x)
+    torch.testing.assert_close(f, polar_svd(x), rtol=0, atol=1e-10)
+    m, n = shape
+    eye = torch.eye(min(m, n), dtype=x.dtype)
+    gram = f.mT @ f if m >= n else f @ f.mT
+    torch.testing.assert_close(gram, eye, rtol=0, atol=1e-12)
+
+
+def test_polar_singular_values_and_float32():
+    x = _rand(9, 4, seed=2)
+    _, s = polar_and_singular_values(x)
+    torch.testing.assert_close(s, torch.linalg.svdvals(x), rtol=1e-12, atol=0)
+    x32 = x.float()
+    f32 = polar(x32)
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32, polar_svd(x).float(), rtol=0, atol=1e-5)
+
+
+def test_polar_ill_conditioned_and_rank_deficient_fall_back(monkeypatch):
+    # condition number 1e7: the Gram route would lose ~half the digits; the fall-back must be exact
+    u = torch.linalg.qr(_rand(10, 4, seed=3))[0]
+    v = torch.linalg.qr(_rand(4, 4, seed=4))[0]
+    x = u @ torch.diag(torch.tensor([1.0, 1e-2, 1e-4, 1e-7], dtype=torch.float64)) @ v.mT
+    torch.testing.assert_close(polar(x), u @ v.mT, rtol=0, atol=1e-9)
+    # rank deficient (a zero column): the polar factor is the SVD's (reference) one
+    y = _rand(8, 3, seed=5)
+    y[:, 1] = 0
+    torch.testing.assert_close(polar(y), polar_svd(y), rtol=0, atol=1e-12)
+    _, s = polar_and_singular_values(y)
+    assert s[-1].abs() < 1e-12 and s.shape == (3,)
+
+
+def test_polar_refuses_non_matrix():
+    with pytest.raises(ValueError, match="2-D"):
+        polar(torch.ones(3))
+
+
+def _esd_case(d_out=6, d_in=4, N=20, seed=0):
+    X = _rand(N, d_in, seed=seed)
+    W = _rand(d_out, d_in, seed=seed + 1)
+    return X, W, X.mT @ X
+
+
+@pytest.mark.parametrize("d_out,d_in,N", [(4, 6, 20), (6, 4, 20), (9, 3, 2), (5, 5, 3)])
+def test_esd_eigenvalues_are_output_shift_singular_values(d_out, d_in, N):
+    X, W, G = _esd_case(d_out, d_in, N, seed=d_out)
+    P, lam = esd(W, G, N)
+    s = torch.linalg.svdvals(X @ W.mT)                      # ΔO = X ΔWᵀ
+    expect = torch.zeros(d_out, dtype=torch.float64)
+    expect[: s.numel()] = s.square() / (N - 1)
+    torch.testing.assert_close(lam, expect, rtol=1e-9, atol=1e-12)
+    assert P.shape == (d_out, d_out)
+    torch.testing.assert_close(P.mT @ P, torch.eye(d_out, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert bool((lam[:-1] >= lam[1:]).all()) and bool((lam >= 0).all())
+    # P's columns are eigenvectors of ΔW G ΔWᵀ with eigenvalues λ (N − 1)
+    C = W @ G @ W.mT
+    torch.testing.assert_close(C @ P, P * (lam * (N - 1)), rtol=0, atol=1e-8 * float(C.norm()))
+
+
+def test_esd_columns_option_returns_leading_columns():
+    X, W, G = _esd_case(7, 3, 10)
+    P, lam = esd(W, G, 10)
+    for c in (2, 3, 5):
+        Pc, lc = esd(W, G, 10, columns=c)
+        assert Pc.shape == (7, c)
+        torch.testing.assert_close(lc, lam)
+        torch.testing.assert_close(Pc @ Pc.mT @ W, P[:, :c] @ P[:, :c].mT @ W, rtol=0, atol=1e-10)
+
+
+def test_esd_truncation_is_the_best_output_fit():
+    X, W, G = _esd_case(8, 6, 30, seed=7)
+    P, _ = esd(W, G, 30)
+    U, S, Vh = torch.linalg.svd(W)
+    for k in (1, 2, 4):
+        e_esd = torch.linalg.matrix_norm(X @ (W - esd_truncate(W, P, k)).mT)
+        w_svd = (U[:, :k] * S[:k]) @ Vh[:k]
+        e_svd = torch.linalg.matrix_norm(X @ (W - w_svd).mT)
+        assert e_esd < e_svd * (1 - 1e-6)             # strictly better on a generic case
+        # and it equals the optimum: the tail singular values of ΔO
+        s = torch.linalg.svdvals(X @ W.mT)
+        torch.testing.assert_close(e_esd, s[k:].square().sum().sqrt(), rtol=1e-9, atol=0)
+
+
+def test_esd_refuses_bad_inputs():
+    W = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="Gram matrix must be 4×4"):
+        esd(W, torch.eye(3), 10)
+    with pytest.raises(ValueError, match="at least 2"):
+        esd(W, torch.eye(4), 1)
+    with pytest.raises(ValueError, match="2-D"):
+        esd(torch.zeros(3), torch.eye(3), 5)
+
+
+def test_fingerprint_sees_changes():
+    x = _rand(5, 5)
+    assert fingerprint(x) == fingerprint(x.clone())
+    y = x.clone()
+    y[4, 4] += 1e-3
+    assert fingerprint(x) != fingerprint(y)
+    assert fingerprint(x) != fingerprint(x.reshape(25))
+
+
+def test_cache_reuses_and_refreshes(monkeypatch):
+    calls = []
+    real = decompose.esd
+
+    def counting(*a, **kw):
+        calls.append(kw.get("columns"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(decompose, "esd", counting)
+    X, W, G = _esd_case(9, 3, 10)
+    c = DecompositionCache()
+    e1 = c.esd("a", "w", W, G, 10, k=2)
+    assert e1.P.shape == (9, 3) and not e1.complete     # structural rank min(d_in, n) = 3 columns kept
+    assert c.esd("a", "w", W, G, 10, k=3) is e1 and len(calls) == 1 and c.esd_hits == 1
+    e2 = c.esd("a", "w", W, G, 10, k=5)                  # more columns than stored: recomputed
+    assert e2.P.shape == (9, 5) and len(calls) == 2
+    torch.testing.assert_close(e2.P[:, :3], e1.P)
+    W2 = W.clone()
+    W2[0, 0] += 1.0                                      # changed task matrix: never silently reused
+    c.esd("a", "w", W2, G, 10, k=2)
+    assert len(calls) == 3
+    c.esd("a", "w", W2, G * 2, 10, k=2)                  # changed statistics
+    assert len(calls) == 4 and c.esd_calls == 4
+    capped = DecompositionCache(max_columns=1)
+    assert capped.esd("a", "w", W, G, 10, k=2).P.shape == (9, 2)

@@ -1,0 +1,311 @@
+import pytest
+import torch
+
+import esm_core
+from esm_core import decompose, vit
+from esm_core.methods import get_method
+from esm_core.methods.esm import esm_combine, esm_factors, esm_rank, new_cache
+from esm_core.probe import stats_from_inputs
+
+D = 8                 # width
+H = 12                # MLP hidden width (keeps every default rank within the structural rank with 3 tasks)
+BLOCKS = 2
+
+
+def _sd(g, scale=1.0):
+    sd = {"visual.class_embedding": torch.randn(D, generator=g), "visual.proj": torch.randn(D, 6, generator=g),
+          "visual.ln_post.weight": torch.randn(D, generator=g)}
+    for i in range(BLOCKS):
+        p = f"visual.transformer.resblocks.{i}."
+        sd[p + "ln_1.weight"] = torch.randn(D, generator=g)
+        sd[p + "attn.in_proj_weight"] = torch.randn(3 * D, D, generator=g)
+        sd[p + "attn.in_proj_bias"] = torch.randn(3 * D, generator=g)
+        sd[p + "attn.out_proj.weight"] = torch.randn(D, D, generator=g)
+        sd[p + "mlp.c_fc.weight"] = torch.randn(H, D, generator=g)
+        sd[p + "mlp.c_proj.weight"] = torch.randn(D, H, generator=g)
+    return {k: v * scale for k, v in sd.items()}
+
+
+def _case(T=3, N=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = _sd(g)
+    tasks = {}
+    for t in range(T):
+        d = _sd(g, scale=0.05 * (t + 1))       # tasks of different strength
+        tasks[f"task{t}"] = {k: base[k] + d[k] for k in base}
+    inputs = {name: {k: torch.randn(N, base[k].shape[1], generator=g, dtype=torch.float64)
+                     for k in vit.esd_keys(base)} for name in tasks}
+    return base, tasks, inputs
+
+
+ESD_KEYS = [f"visual.transformer.resblocks.{i}.{t}" for i in range(BLOCKS) for t in vit.ESD_TYPES]
+OUT_KEYS = [f"visual.transformer.resblocks.{i}.attn.out_proj.weight" for i in range(BLOCKS)]
+
+
+def _upd(merged, base):
+    return {k: merged[k].double() - base[k].double() for k in base}
+
+
+# ---------------------------------------------------------------------------
+# An independent, straightforward reimplementation of SPEC §5–§6 (SVD everywhere)
+# ---------------------------------------------------------------------------
+
+
+def _polar_svd(x):
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+def _ref_esm(base, tasks, inputs, alpha=1.0, rank=0, p_task=2.0, p_dim=2.0, p_layer=2.0, eig=0.15, f=2.0):
+    names = list(tasks)
+    T = len(names)
+    ups, esd_keys = {}, vit.esd_keys(base)
+    for key, b in base.items():
+        Ds = [tasks[n][key].double() - b.double() for n in names]
+        if key in esd_keys:
+            m, n_in = Ds[0].shape
+            k = rank or m // T
+            norms = [float(d.norm()) for d in Ds]
+            mean_n = sum(norms) / T
+            us, vs = [], []
+            for t, name in enumerate(names):
+                X = inputs[name][key]
+                dO = X @ Ds[t].T                                   # output shift
+                _, s, Vh = torch.linalg.svd(dO, full_matrices=True)
+                P = Vh.T                                           # principal directions (no centring)
+                lam = torch.zeros(m, dtype=torch.float64)
+                lam[: s.numel()] = s ** 2 / (X.shape[0] - 1)
+                Ph, A = P[:, :k], P[:, :k].T @ Ds[t]
+                e = (lam[:k] / lam[:k].mean()) ** eig
+                e = e / e.mean()
+                us.append(Ph * e)
+                vs.append(e[:, None] * A * norms[t] ** p_task)
+            U, V = torch.cat(us, 1), torch.cat(vs, 0) / mean_n ** p_task
+            c = V.norm(dim=0) / V.norm(dim=0).mean()
+            V = V * c ** p_dim
+            ups[key] = f * (_polar_svd(U) * torch.linalg.svdvals(U).mean()) @ (_polar_svd(V) * torch.linalg.svdvals(V).mean())
+        elif b.ndim == 2:                                          # TSV-M, written out
+            m, n_in = b.shape
+            k = int(min(m, n_in) / T)
+            svs = [torch.linalg.svd(d, full_matrices=False) for d in Ds]
+            Uc = torch.cat([u[:, :k] for u, _, _ in svs], 1)
+            sc = torch.cat([s[:k] for _, s, _ in svs])
+            Vc = torch.cat([vh[:k] for _, _, vh in svs], 0)
+            ups[key] = (_polar_svd(Uc) * sc) @ _polar_svd(Vc)
+        else:
+            ups[key] = sum(Ds) / T
+    for typ in vit.LAYER_TYPES:                                    # inter-layer, per type
+        ks = [k for k in ups if vit.layer_type(k) == typ]
+        nrm = {k: float(ups[k].norm()) for k in ks}
+        mean = sum(nrm.values()) / len(ks)
+        for k in ks:
+            ups[k] = ups[k] * (nrm[k] / mean) ** p_layer
+    return {k: (alpha * v if k in esd_keys else v) for k, v in ups.items()}
+
+
+@pytest.mark.parametrize("params", [{}, {"rank": 3, "alpha": 0.7},
+                                    {"p_task": 1.0, "p_dim": 3.0, "eig_exp": 0.4, "p_layer": 0.5, "ortho_factor": 1.5}])
+def test_matches_independent_reimplementation(params):
+    base, tasks, inputs = _case(T=3)
+    got = _upd(esm_core.merge("esm", base, tasks, inputs=inputs, **params), base)
+    ref = _ref_esm(base, tasks, inputs, alpha=params.get("alpha", 1.0), rank=params.get("rank", 0),
+                   p_task=params.get("p_task", 2.0), p_dim=params.get("p_dim", 2.0),
+                   p_layer=params.get("p_layer", 2.0), eig=params.get("eig_exp", 0.15),
+                   f=params.get("ortho_factor", 2.0))
+    assert set(got) == set(ref)
+    for k in ref:
+        err = float((got[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30))
+        assert err < 1e-5, (k, err)
+
+
+# ---------------------------------------------------------------------------
+# Each polarised scaling by hand
+# ---------------------------------------------------------------------------
+
+I2 = torch.eye(2, dtype=torch.float64)
+FLAT = torch.ones(2, dtype=torch.float64)
+
+
+def test_inter_task_factor_by_hand():
+    d1 = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)      # ‖·‖ = 5
+    d2 = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)      # ‖·‖ = 1; mean = 3
+    U, V = esm_factors([I2, I2], [FLAT, FLAT], [d1, d2], k=2, p_task=2, p_dim=0, eig_exp=0.15)
+    torch.testing.assert_close(U, torch.cat([I2, I2], 1))
+    torch.testing.assert_close(V, torch.cat([d1 * 25 / 9, d2 / 9]))         # (5/3)², (1/3)²
+    U0, V0 = esm_factors([I2, I2], [FLAT, FLAT], [d1, d2], k=2, p_task=0, p_dim=0, eig_exp=0.15)
+    torch.testing.assert_close(V0, torch.cat([d1, d2]))                     # exponent 0: off
+
+
+def test_eigenvalue_weight_by_hand():
+    P = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)
+    d = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    lam = torch.tensor([4.0, 1.0], dtype=torch.float64)
+    # eig_exp 0.5: (λ / 2.5)^½ = (√1.6, √0.4) ∝ (2, 1) → normalised to mean 1: (4/3, 2/3)
+    U, V = esm_factors([P], [lam], [d], k=2, p_task=2, p_dim=0, eig_exp=0.5)
+    e = torch.tensor([4 / 3, 2 / 3], dtype=torch.float64)
+    torch.testing.assert_close(U, P * e)                      # columns of P̂ × e
+    torch.testing.assert_close(V, e[:, None] * (P.T @ d))     # rows of Â × e (T = 1: task factor 1)
+    # the reference exponent 0.15
+    e15 = torch.tensor([1.6 ** 0.15, 0.4 ** 0.15], dtype=torch.float64)
+    e15 = e15 / e15.mean()
+    U, _ = esm_factors([P], [lam], [d], k=2, p_task=2, p_dim=0, eig_exp=0.15)
+    torch.testing.assert_close(U, P * e15)
+    U, V = esm_factors([P], [lam], [d], k=2, p_task=2, p_dim=0, eig_exp=0.0)
+    torch.testing.assert_close(U, P)
+    torch.testing.assert_close(V, P.T @ d)
+    # truncation: k = 1 keeps the top direction only, e = 1
+    U, V = esm_factors([P], [lam], [d], k=1, p_task=2, p_dim=0, eig_exp=0.5)
+    torch.testing.assert_close(U, P[:, :1])
+    torch.testing.assert_close(V, P[:, :1].T @ d)
+
+
+def test_inter_dimension_factor_by_hand():
+    d = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)        # column norms 1, 3; mean 2
+    _, V = esm_factors([I2], [FLAT], [d], k=2, p_task=2, p_dim=2, eig_exp=0.15)
+    torch.testing.assert_close(V, torch.tensor([[0.25, 0.0], [0.0, 6.75]], dtype=torch.float64))  # × (½)², (3/2)²
+    _, V1 = esm_factors([I2], [FLAT], [d], k=2, p_task=2, p_dim=1, eig_exp=0.15)
+    torch.testing.assert_close(V1, torch.tensor([[0.5, 0.0], [0.0, 4.5]], dtype=torch.float64))
+
+
+def test_combine_by_hand():
+    # U = diag(1, 3), V = diag(2, 2): polar factors are I, mean sv 2 and 2 → 2 · (2 I)(2 I) = 8 I
+    U = torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64))
+    V = 2 * I2
+    torch.testing.assert_close(esm_combine(U, V, 2.0), 8 * I2)
+    torch.testing.assert_close(esm_combine(U, V, 1.0), 4 * I2)
+
+
+def test_inter_layer_factor_by_hand():
+    base, tasks, inputs = _case(T=3)
+    raw = _upd(esm_core.merge("esm", base, tasks, inputs=inputs, p_layer=0.0, alpha=1.0), base)
+    scaled = _upd(esm_core.merge("esm", base, tasks, inputs=inputs, p_layer=2.0, alpha=0.5), base)
+    for typ in vit.LAYER_TYPES:
+        ks = [f"visual.transformer.resblocks.{i}.{typ}" for i in range(BLOCKS)]
+        n0, n1 = (float(raw[k].norm()) for k in ks)
+        mean = (n0 + n1) / 2
+        a = 0.5 if typ in vit.ESD_TYPES else 1.0               # α on ESD keys only; out_proj is scaled by β only
+        for k, n in zip(ks, (n0, n1)):
+            torch.testing.assert_close(scaled[k], raw[k] * a * (n / mean) ** 2, rtol=1e-5, atol=1e-7)
+    for k in ("visual.proj", "visual.class_embedding", "visual.transformer.resblocks.0.attn.in_proj_bias"):
+        torch.testing.assert_close(scaled[k], raw[k])          # no layer type: coefficient 1, no α
+    torch.testing.assert_close(raw["visual.class_embedding"],
+                               sum(tasks[t]["visual.class_embedding"] - base["visual.class_embedding"]
+                                   for t in tasks).double() / 3, rtol=1e-5, atol=1e-6)
+
+
+def test_flat_spectrum_per_esd_key():
+    base, tasks, inputs = _case(T=3)
+    for p_layer in (0.0, 2.0):
+        up = _upd(esm_core.merge("esm", base, tasks, inputs=inputs, p_layer=p_layer), base)
+        for k in ESD_KEYS:
+            s = torch.linalg.svdvals(up[k])
+            m, n = up[k].shape
+            r = min(m, n, 3 * esm_rank(m, 3))
+            assert float(s[:r].max() - s[:r].min()) < 1e-5 * float(s[0]), (k, s)
+            assert r == s.numel() or float(s[r:].max()) < 1e-5 * float(s[0])
+
+
+def test_rank_rules():
+    assert esm_rank(24, 3) == 8 and esm_rank(10, 3) == 3
+    assert esm_rank(24, 3, rank=5) == 5 and esm_rank(24, 3, rank=99) == 24
+    assert esm_rank(24, 3, rank_fraction=0.5) == 4 and esm_rank(24, 3, rank_fraction=0.01) == 1
+    with pytest.raises(ValueError, match="either rank or rank_fraction"):
+        esm_rank(24, 3, rank=2, rank_fraction=0.5)
+
+
+def test_schema_defaults():
+    m = get_method("esm")
+    assert m.needs_stats and m.alpha_grid == (0.0, 2.0, 31)
+    p = m.resolve({})
+    assert p == {"alpha": 1.0, "rank": 0, "rank_fraction": 0.0, "p_task": 2.0, "p_dim": 2.0, "p_layer": 2.0,
+                 "eig_exp": 0.15, "ortho_factor": 2.0,
+                 "esd_types": "attn.in_proj_weight,mlp.c_fc.weight,mlp.c_proj.weight"}
+
+
+# ---------------------------------------------------------------------------
+# Inputs, errors, reproducibility, cache
+# ---------------------------------------------------------------------------
+
+
+def test_stats_and_inputs_give_the_same_merge_and_it_is_reproducible():
+    base, tasks, inputs = _case(T=2, seed=3)
+    a = esm_core.merge("esm", base, tasks, inputs=inputs, rank=3)
+    b = esm_core.merge("esm", base, tasks, stats=stats_from_inputs(inputs), rank=3)
+    c = esm_core.merge("esm", base, tasks, inputs=inputs, rank=3)
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k])
+
+
+def test_errors():
+    base, tasks, inputs = _case(T=2)
+    with pytest.raises(ValueError, match="activation statistics"):
+        esm_core.merge("esm", base, tasks)
+    bad = {t: {k: v for k, v in d.items() if "resblocks.1.mlp.c_fc" not in k} for t, d in inputs.items()}
+    with pytest.raises(ValueError, match="no layer 'visual.transformer.resblocks.1.mlp.c_fc.weight'"):
+        esm_core.merge("esm", base, tasks, inputs=bad)
+    with pytest.raises(ValueError, match="not layer types"):
+        esm_core.merge("esm", base, tasks, inputs=inputs, esd_types="mlp.fc1.weight")
+    with pytest.raises(ValueError, match="either rank or rank_fraction"):
+        esm_core.merge("esm", base, tasks, inputs=inputs, rank=2, rank_fraction=0.5)
+    with pytest.raises(ValueError, match="new_cache"):
+        esm_core.merge("esm", base, tasks, inputs=inputs, cache={})
+
+
+def test_explicit_esd_keys_and_no_esd():
+    base, tasks, inputs = _case(T=2)
+    only = ["visual.transformer.resblocks.0.mlp.c_fc.weight"]
+    info = {}
+    got = esm_core.merge_updates("esm", base, tasks, inputs={t: {only[0]: x[only[0]]} for t, x in inputs.items()},
+                                 esd_keys=only, info=info)
+    assert info["esm"]["esd_keys"] == only
+    # every other c_fc key went the TSV-M way
+    from esm_core.methods.svd import tsv_merge_matrix
+    k = "visual.transformer.resblocks.1.mlp.c_fc.weight"
+    D = torch.stack([tasks[t][k] - base[k] for t in tasks])
+    assert not torch.allclose(got[k], tsv_merge_matrix(D))   # scaled by β …
+    n0, n1 = float(got[only[0]].norm()), float(got[k].norm())
+    # … with β of that pair: ‖β1 X1‖ / ‖β0 X0‖ = (‖X1‖/‖X0‖)³
+    esd_only = esm_core.merge_updates("esm", base, tasks, inputs=inputs, esd_keys=only, p_layer=0.0)
+    r = float(esd_only[k].norm()) / float(esd_only[only[0]].norm())
+    assert abs(n1 / n0 - r ** 3) < 1e-4 * r ** 3
+    none = esm_core.merge_updates("esm", base, tasks, esd_types="", p_layer=0.0)     # no ESD keys: no stats needed
+    torch.testing.assert_close(none[k], tsv_merge_matrix(D), rtol=1e-5, atol=1e-7)
+
+
+def test_cache_skips_decompositions_on_re_merge(monkeypatch):
+    calls = []
+    real = decompose.esd
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(decompose, "esd", counting)
+    base, tasks, inputs = _case(T=3)
+    cache = new_cache()
+    esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache)
+    cold = len(calls)
+    assert cold == 3 * len(ESD_KEYS) and cache.esd_calls == cold
+    for params in ({"rank": 2}, {"p_task": 1.0, "eig_exp": 0.3}, {"alpha": 0.4}, {"rank_fraction": 0.5}):
+        before = len(calls)
+        warm = esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache, **params)
+        assert len(calls) == before, params             # no decomposition recomputed
+        fresh = esm_core.merge("esm", base, tasks, inputs=inputs, cache=new_cache(), **params)
+        for k in warm:
+            torch.testing.assert_close(warm[k], fresh[k], rtol=1e-6, atol=1e-7)
+    n_fresh = len(calls)
+    # a changed checkpoint: only that task's decompositions of the changed key are recomputed
+    k = ESD_KEYS[0]
+    tasks2 = dict(tasks)
+    tasks2["task1"] = dict(tasks["task1"])
+    tasks2["task1"][k] = tasks["task1"][k] + 0.01
+    esm_core.merge("esm", base, tasks2, inputs=inputs, cache=cache)
+    assert len(calls) == n_fresh + 1
+    # changed statistics of one task and layer: recomputed too
+    inputs2 = {t: dict(v) for t, v in inputs.items()}
+    inputs2["task2"][k] = inputs["task2"][k] * 1.5
+    out = esm_core.merge("esm", base, tasks2, inputs=inputs2, cache=cache)
+    assert len(calls) == n_fresh + 2
+    ref = esm_core.merge("esm", base, tasks2, inputs=inputs2)
+    for kk in out:
+        torch.testing.assert_close(out[kk], ref[kk], rtol=1e-6, atol=1e-7)
