@@ -1,0 +1,292 @@
+"""Plotly figures for the ESM Studio views: pure functions, data in, figure out.
+
+This is the only module that imports plotly. Every function takes plain
+Python / numpy data (the tables of :mod:`esm_core.analysis`, the summaries of
+:mod:`esm_core.evaluate`, the routing log) and returns a ``plotly.graph_objects.Figure``;
+nothing here computes a merge or touches a model.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+# One colour per task, in task order (Plotly's qualitative "D3" + "Set2" palettes, repeated if needed).
+TASK_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                "#bcbd22", "#17becf", "#66c2a5", "#fc8d62", "#8da0cb", "#e78ac3", "#a6d854", "#ffd92f"]
+REF_COLOURS = {"zero-shot": "#bdbdbd", "fine-tuned": "#636363", "merged": "#e6550d"}
+_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), font=dict(size=12))
+
+
+def task_colour(i: int) -> str:
+    return TASK_COLOURS[i % len(TASK_COLOURS)]
+
+
+def _pct(v) -> float:
+    return float("nan") if v is None else 100.0 * float(v)
+
+
+def empty_figure(message: str) -> go.Figure:
+    """A blank figure carrying one centred message (e.g. "merge first")."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=14, color="#666"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(**_LAYOUT, height=300)
+    return fig
+
+
+# ---------------------------------------------------------------- merge view
+
+def accuracy_figure(summary: Mapping, refs: Mapping[str, Mapping[str, float]], title: str = "") -> go.Figure:
+    """Per-task accuracy bars of a merge: absolute (with zero-shot and fine-tuned) and normalised.
+
+    ``summary``: ``{"tasks": {task: {"abs": a, "norm": n}}, "mean_abs", "mean_norm"}``
+    (:func:`esm_core.evaluate.summarize`); ``refs``: ``{"zeroshot": {task: a}, "finetuned": {task: a}}``.
+    Traces: zero-shot, merged, fine-tuned (top, %), zero-shot and merged normalised (bottom, %).
+    """
+    tasks = list(summary["tasks"])
+    zs, ft = refs["zeroshot"], refs["finetuned"]
+    xs = tasks + ["mean"]
+
+    def with_mean(vals):
+        return vals + [float(np.mean(vals))] if vals else vals
+
+    merged_abs = with_mean([_pct(summary["tasks"][t]["abs"]) for t in tasks])
+    merged_norm = with_mean([_pct(summary["tasks"][t]["norm"]) for t in tasks])
+    zs_abs = with_mean([_pct(zs.get(t)) for t in tasks])
+    ft_abs = with_mean([_pct(ft.get(t)) for t in tasks])
+    zs_norm = with_mean([_pct(zs[t] / ft[t]) if ft.get(t) else float("nan") for t in tasks])
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
+                        subplot_titles=("absolute top-1 accuracy (%)", "normalised: merged / fine-tuned (%)"))
+    for name, vals, col in (("zero-shot", zs_abs, REF_COLOURS["zero-shot"]),
+                            ("merged", merged_abs, REF_COLOURS["merged"]),
+                            ("fine-tuned", ft_abs, REF_COLOURS["fine-tuned"])):
+        fig.add_trace(go.Bar(name=name, x=xs, y=vals, marker_color=col, legendgroup=name,
+                             text=[f"{v:.1f}" for v in vals], textposition="outside", cliponaxis=False), row=1, col=1)
+    for name, vals, col in (("zero-shot", zs_norm, REF_COLOURS["zero-shot"]),
+                            ("merged", merged_norm, REF_COLOURS["merged"])):
+        fig.add_trace(go.Bar(name=f"{name} (normalised)", x=xs, y=vals, marker_color=col, legendgroup=name,
+                             showlegend=False, text=[f"{v:.1f}" for v in vals], textposition="outside",
+                             cliponaxis=False), row=2, col=1)
+    fig.add_hline(y=100, line_dash="dot", line_color=REF_COLOURS["fine-tuned"], row=2, col=1)
+    fig.update_yaxes(range=[0, 105], row=1, col=1)
+    fig.update_yaxes(range=[0, max(110.0, np.nanmax(merged_norm + [0.0]) + 8)], row=2, col=1)
+    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=110, b=40)}, barmode="group", height=560,
+                      title=dict(text=title, y=0.98) if title else None,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0))
+    return fig
+
+
+def alpha_curve_figure(curve: Sequence[tuple[float, float]], best: float | None = None,
+                       current: float | None = None, title: str = "") -> go.Figure:
+    """Mean normalised validation accuracy against α, with the best and the current α marked."""
+    a = [float(x) for x, _ in curve]
+    s = [_pct(y) for _, y in curve]
+    fig = go.Figure(go.Scatter(x=a, y=s, mode="lines+markers", name="mean normalised accuracy (val)",
+                               line=dict(color=REF_COLOURS["merged"])))
+    if best is not None:
+        fig.add_vline(x=best, line_dash="dash", line_color="#31a354", annotation_text=f"best α = {best:.2f}")
+    if current is not None:
+        fig.add_vline(x=current, line_dash="dot", line_color="#636363", annotation_text=f"current α = {current:.2f}",
+                      annotation_position="bottom right")
+    fig.update_layout(**_LAYOUT, height=340, title=title or "α curve", xaxis_title="α",
+                      yaxis_title="mean normalised accuracy (%)")
+    return fig
+
+
+# ---------------------------------------------------------------- spectra view
+
+def spectrum_figure(row: Mapping, k: int | None = None, title: str = "") -> go.Figure:
+    """One layer and task: ESD energy spectrum against the SVD spectrum of ΔW.
+
+    ``row``: a row of :func:`esm_core.analysis.spectra`. Left: both spectra,
+    each divided by its sum (log scale). Right: share of the output-shift energy
+    kept by a rank-r truncation (ESD vs SVD), with the chosen rank ``k`` marked.
+    """
+    lam = np.asarray(row["esd_lambda"], dtype=float)
+    s2 = np.asarray(row["svd_sigma2"], dtype=float)
+    r = np.arange(1, max(len(lam), len(s2)) + 1)
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("spectrum (share of total, log)", "output-shift energy kept at rank r"))
+    for name, v, col in (("ESD λ (activations)", lam, "#e6550d"), ("SVD σ² (weights)", s2, "#3182bd")):
+        tot = v.sum()
+        share = v / tot if tot > 0 else np.zeros_like(v)
+        share = np.where(share > 1e-10, share, np.nan)     # numerical zeros would stretch the log axis
+        fig.add_trace(go.Scatter(x=r[:len(v)], y=share, mode="lines", name=name, line=dict(color=col),
+                                 legendgroup=name), row=1, col=1)
+    for name, v, col in (("ESD", row["esd_energy_kept"], "#e6550d"), ("SVD", row["svd_energy_kept"], "#3182bd")):
+        v = [_pct(x) for x in v]
+        fig.add_trace(go.Scatter(x=r[:len(v)], y=v, mode="lines", name=f"{name} energy kept", line=dict(color=col,
+                                 dash="solid" if name == "ESD" else "dash"), legendgroup=name), row=1, col=2)
+    k = row.get("k") if k is None else k
+    if k:
+        fig.add_vline(x=k, line_dash="dot", line_color="#636363", row=1, col=2,
+                      annotation_text=f"k = {k}", annotation_position="bottom right")
+        fig.add_vline(x=k, line_dash="dot", line_color="#636363", row=1, col=1)
+    fig.update_yaxes(type="log", exponentformat="power", row=1, col=1)
+    fig.update_yaxes(range=[0, 102], row=1, col=2)
+    if k:                                             # zoom on the ranks around k, where ESD and SVD differ
+        fig.update_xaxes(range=[0.5, min(len(r), max(4 * int(k), 10)) + 0.5], row=1, col=2)
+    fig.update_xaxes(title_text="rank r", row=1, col=1)
+    fig.update_xaxes(title_text="rank r", row=1, col=2)
+    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=95, b=50)}, height=420,
+                      legend=dict(orientation="h", y=-0.2),
+                      title=title or f"{row.get('key', '')} · {row.get('task', '')}")
+    return fig
+
+
+def layer_task_heatmap(rows: Sequence[Mapping], field: str = "esd_kept_at_k", title: str = "",
+                       percent: bool = True) -> go.Figure:
+    """Layer × task overview of one field of the spectra rows (default: ESD energy kept at rank k)."""
+    layers = list(dict.fromkeys(r["key"] for r in rows))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    z = np.full((len(layers), len(tasks)), np.nan)
+    for r in rows:
+        v = r[field]
+        z[layers.index(r["key"]), tasks.index(r["task"])] = _pct(v) if percent else float(v)
+    labels = [short_key(k) for k in layers]
+    fig = go.Figure(go.Heatmap(z=z, x=tasks, y=labels, colorscale="Viridis",
+                               text=np.vectorize(lambda v: f"{v:.0f}" if np.isfinite(v) else "")(z),
+                               texttemplate="%{text}", colorbar=dict(title="%" if percent else "")))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(**_LAYOUT, height=max(300, 28 * len(layers) + 120), title=title or field)
+    return fig
+
+
+def short_key(key: str) -> str:
+    """``visual.transformer.resblocks.3.mlp.c_fc.weight`` → ``3 · mlp.c_fc``."""
+    parts = key.split(".")
+    if "resblocks" in parts:
+        i = parts.index("resblocks")
+        rest = ".".join(parts[i + 2:])
+        for suf in (".weight", "_weight"):
+            if rest.endswith(suf):
+                rest = rest[: -len(suf)]
+        return f"{parts[i + 1]} · {rest}"
+    return key[len("visual."):] if key.startswith("visual.") else key
+
+
+# ---------------------------------------------------------------- interference view
+
+def task_matrix_figure(matrix: Sequence[Sequence[float]], tasks: Sequence[str], title: str = "",
+                       zmin: float | None = None, zmax: float | None = None, colorscale: str = "Blues") -> go.Figure:
+    """A task × task heatmap (subspace overlap, task-vector cosines), values written in the cells."""
+    z = np.asarray(matrix, dtype=float)
+    fig = go.Figure(go.Heatmap(z=z, x=list(tasks), y=list(tasks), zmin=zmin, zmax=zmax, colorscale=colorscale,
+                               text=np.vectorize(lambda v: f"{v:.2f}" if np.isfinite(v) else "")(z),
+                               texttemplate="%{text}"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(**_LAYOUT, height=380, title=title)
+    return fig
+
+
+def sar_figure(alignment: Mapping, key: str | None = None, title: str = "") -> go.Figure:
+    """Subspace alignment ratio of each task against the merge: mean over layers, and one layer if ``key``."""
+    tasks = list(alignment["tasks"])
+    fig = go.Figure()
+    fig.add_trace(go.Bar(name="mean over layers", x=tasks, y=[_pct(alignment["mean"][t]) for t in tasks],
+                         marker_color=[task_colour(i) for i in range(len(tasks))]))
+    if key is not None and key in alignment["layers"]:
+        fig.add_trace(go.Scatter(name=f"layer {short_key(key)}", x=tasks,
+                                 y=[_pct(alignment["layers"][key][t]) for t in tasks], mode="markers",
+                                 marker=dict(symbol="diamond", size=12, color="#252525")))
+    fig.update_layout(**_LAYOUT, height=340, title=title or "subspace alignment ratio with the current merge",
+                      yaxis=dict(title="SAR (%)", range=[0, 105]), legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+# ---------------------------------------------------------------- routing view
+
+def routing_heatmap(choices: np.ndarray, tasks: Sequence[str], sample_labels: Sequence[str],
+                    layer_labels: Sequence[str], title: str = "") -> go.Figure:
+    """Samples × routed layers, each cell coloured by the task whose expert was chosen.
+
+    ``choices``: int array (samples × layers) of task indices.
+    """
+    c = np.asarray(choices, dtype=float)
+    T = max(len(tasks), 1)
+    scale = []
+    for i in range(T):   # a discrete colour scale: band i of [0, 1] has task i's colour
+        scale += [[i / T, task_colour(i)], [(i + 1) / T, task_colour(i)]]
+    names = np.vectorize(lambda v: tasks[int(v)] if np.isfinite(v) and 0 <= int(v) < len(tasks) else "")(c) \
+        if c.size else c
+    fig = go.Figure(go.Heatmap(z=c, x=list(layer_labels), y=list(sample_labels), zmin=-0.5, zmax=T - 0.5,
+                               colorscale=scale, customdata=names, xgap=1, ygap=1,
+                               hovertemplate="sample %{y}<br>layer %{x}<br>expert: %{customdata}<extra></extra>",
+                               colorbar=dict(tickvals=list(range(T)), ticktext=list(tasks), title="expert")))
+    fig.update_yaxes(autorange="reversed", title="sample (true task)")
+    fig.update_xaxes(title="routed layer")
+    fig.update_layout(**_LAYOUT, height=max(320, 16 * len(sample_labels) + 140),
+                      title=title or "which task's expert each sample chose, per layer")
+    return fig
+
+
+def cosine_figure(cosines: np.ndarray, tasks: Sequence[str], layer_labels: Sequence[str], title: str = "") -> go.Figure:
+    """One sample: cosine of its mean hidden state with every task prototype, per routed layer (layers × tasks)."""
+    z = np.asarray(cosines, dtype=float)
+    fig = go.Figure(go.Heatmap(z=z, x=list(tasks), y=list(layer_labels), colorscale="RdBu", zmid=0,
+                               text=np.vectorize(lambda v: f"{v:.2f}")(z) if z.size else z, texttemplate="%{text}"))
+    if z.size:
+        best = z.argmax(1)
+        fig.add_trace(go.Scatter(x=[tasks[b] for b in best], y=list(layer_labels), mode="markers",
+                                 marker=dict(symbol="square-open", size=22, color="#000", line=dict(width=2)),
+                                 name="chosen", hoverinfo="skip"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(**_LAYOUT, height=max(340, 34 * len(layer_labels) + 160),
+                      title=title or "cosine with each task prototype", showlegend=False)
+    return fig
+
+
+def routing_accuracy_figure(layer_labels: Sequence[str], accuracy: Sequence[float], title: str = "") -> go.Figure:
+    """Share of samples routed to their own task's expert, per routed layer."""
+    fig = go.Figure(go.Bar(x=list(layer_labels), y=[_pct(a) for a in accuracy], marker_color="#756bb1",
+                           text=[f"{_pct(a):.0f}" for a in accuracy], textposition="outside", cliponaxis=False))
+    fig.update_layout(**_LAYOUT, height=320, title=title or "routing accuracy per layer",
+                      yaxis=dict(title="routed to the true task (%)", range=[0, 108]))
+    return fig
+
+
+def oracle_figure(tasks: Sequence[str], routed: Mapping[str, float], oracle: Mapping[str, float],
+                  merged: Mapping[str, float] | None = None, title: str = "") -> go.Figure:
+    """Per-task accuracy of ESM++ with its own routing against the oracle (true task forced), and the static merge."""
+    fig = go.Figure()
+    series = [("static ESM", merged, REF_COLOURS["zero-shot"])] if merged else []
+    series += [("ESM++ (routed)", routed, "#756bb1"), ("ESM++ (oracle routing)", oracle, REF_COLOURS["fine-tuned"])]
+    for name, vals, col in series:
+        fig.add_trace(go.Bar(name=name, x=list(tasks), y=[_pct(vals.get(t)) for t in tasks], marker_color=col))
+    fig.update_layout(**_LAYOUT, barmode="group", height=340, title=title or "routed vs oracle accuracy",
+                      yaxis=dict(title="accuracy (%)", range=[0, 105]), legend=dict(orientation="h", y=1.15))
+    return fig
+
+
+def embedding_figure(points: np.ndarray, labels: Sequence[str], proto_points: np.ndarray | None = None,
+                     proto_labels: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
+                     title: str = "") -> go.Figure:
+    """2-D map (UMAP or PCA) of the samples' hidden states, coloured by true task, with task prototypes as stars."""
+    pts = np.asarray(points, dtype=float)
+    tasks = list(tasks) if tasks is not None else list(dict.fromkeys(list(labels) + list(proto_labels or [])))
+    fig = go.Figure()
+    labels = list(labels)
+    for i, t in enumerate(tasks):
+        idx = [j for j, lab in enumerate(labels) if lab == t]
+        if idx:
+            fig.add_trace(go.Scatter(x=pts[idx, 0], y=pts[idx, 1], mode="markers", name=t, legendgroup=t,
+                                     marker=dict(color=task_colour(i), size=8, opacity=0.8)))
+    if proto_points is not None and proto_labels is not None:
+        pp = np.asarray(proto_points, dtype=float)
+        for i, t in enumerate(tasks):
+            idx = [j for j, lab in enumerate(proto_labels) if lab == t]
+            if idx:
+                fig.add_trace(go.Scatter(x=pp[idx, 0], y=pp[idx, 1], mode="markers", name=f"{t} prototype",
+                                         legendgroup=t, showlegend=False,
+                                         marker=dict(color=task_colour(i), size=18, symbol="star",
+                                                     line=dict(color="#000", width=1))))
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False)
+    fig.update_layout(**_LAYOUT, height=420, title=title or "samples and task prototypes (★)")
+    return fig

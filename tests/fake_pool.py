@@ -1,0 +1,39 @@
+"""A tiny random TaskPool for the app tests (tiny open_clip ViT, random weights, random images).
+
+Used by tests/test_session.py, test_app_http.py and test_browser.py; it behaves
+like :func:`esm_core.demo.load_demo_pool`'s pool but builds in well under a second.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from esm_core.pool import TaskPool, build_visual_tower, cosine_head, register_model_config
+
+FAKE_MODEL = "esm-test-fake-vit"
+FAKE_CONFIG = {"embed_dim": 16, "quick_gelu": True,
+               "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+FAKE_TASKS = ("alpha", "beta", "gamma")
+
+
+def make_fake_pool(seed: int = 0, n_val: int = 24, n_test: int = 24, n_classes: int = 4, tasks=FAKE_TASKS) -> TaskPool:
+    register_model_config(FAKE_MODEL, FAKE_CONFIG)
+    torch.manual_seed(seed)
+    visual = build_visual_tower(FAKE_MODEL)
+    base = {f"visual.{k}": v.detach().clone().float() for k, v in visual.state_dict().items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    rng = np.random.default_rng(seed)
+    sds, heads, names, data = {}, {}, {}, {}
+    for i, t in enumerate(tasks):
+        sds[t] = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+                  for k, v in base.items()}
+        heads[t] = cosine_head(torch.randn(n_classes, FAKE_CONFIG["embed_dim"], generator=g))
+        names[t] = [f"{t}-class{c}" for c in range(n_classes)]
+        split = {}
+        for sp, n in (("val", n_val), ("test", n_test), ("samples", 8)):
+            split[sp] = (rng.integers(0, 256, size=(n, 16, 16), dtype=np.uint8),
+                         rng.integers(0, n_classes, size=n).astype(np.int64))
+        data[t] = split
+    return TaskPool(name="fake", model_name=FAKE_MODEL, base=base, tasks=sds, heads=heads, class_names=names,
+                    data=data)

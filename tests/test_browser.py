@@ -1,0 +1,149 @@
+"""A real browser walks through every tab of the app (Debian chromium driven by Playwright).
+
+Opens the app, waits for the starting pool and its first merge, visits every
+tab, moves the α slider and checks that the accuracy plot changed, runs ESM++
+routing on samples, exports the merged model, and saves a screenshot of each
+view into ``$ESM_SCREENSHOT_DIR`` (default: the test's tmp_path). Uses the
+tiny random pool of tests/fake_pool.py (fast); with ``ESM_SCREENSHOT_DIR`` or
+``ESM_BROWSER_DEMO=1`` set it uses the built-in demo pool (for README screenshots).
+Skipped (with the reason) when chromium or playwright is missing; never runs
+``playwright install``.
+"""
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+DEMO = Path(__file__).resolve().parent.parent / "assets" / "demo" / "config.json"
+TIMEOUT_MS = 90_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    pytest.importorskip("gradio")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # app.py lives at the repository root
+    import app
+    if DEMO.is_file() and (os.environ.get("ESM_SCREENSHOT_DIR") or os.environ.get("ESM_BROWSER_DEMO") == "1"):
+        loader = None                                   # the real built-in demo pool
+    else:
+        from fake_pool import make_fake_pool
+        pool = make_fake_pool()
+        loader = lambda: pool                           # noqa: E731
+    demo = app.make_demo(loader)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True,
+                            **app.launch_kwargs())
+    yield url
+    demo.close()
+
+
+@pytest.fixture
+def page(tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (PyPI) is not installed")
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(str(tmp_path / "chromium-profile"), executable_path=CHROMIUM,
+                                                   headless=True, args=ARGS, viewport={"width": 1400, "height": 1000},
+                                                   accept_downloads=True)
+        pg = ctx.new_page()
+        pg.set_default_timeout(TIMEOUT_MS)
+        try:
+            yield pg
+        finally:
+            ctx.close()
+
+
+def _shots(tmp_path) -> Path:
+    d = Path(os.environ.get("ESM_SCREENSHOT_DIR") or tmp_path / "screenshots")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _plot_ready(page, elem_id: str) -> None:
+    page.wait_for_selector(f"#{elem_id} .js-plotly-plot", state="attached")
+
+
+def _trace_y(page, elem_id: str, name: str):
+    return page.evaluate(
+        """([id, name]) => { const g = document.querySelector('#' + id + ' .js-plotly-plot');
+                             if (!g || !g.data) return null;
+                             const t = g.data.find(t => t.name === name); return t ? Array.from(t.y) : null; }""",
+        [elem_id, name])
+
+
+def _tab(page, label: str) -> None:
+    page.get_by_role("tab", name=label).click()
+
+
+def test_walk_through_every_tab(app_url, page, tmp_path):
+    shots = _shots(tmp_path)
+    page.goto(app_url)
+    # 1 pool: the starting pool is described
+    page.wait_for_function("() => document.querySelector('#pool-summary')?.innerText.includes('parameters')")
+    page.wait_for_selector("#pool-tasks table")
+    page.wait_for_selector("#pool-gallery img")
+    page.screenshot(path=str(shots / "1-pool.png"), full_page=True)
+
+    # 2 spectra: probe + decompositions on first visit
+    _tab(page, "2 · Spectra")
+    _plot_ready(page, "spec-heat")
+    _plot_ready(page, "spec-plot")
+    page.wait_for_function("() => document.querySelector('#spec-plot .js-plotly-plot')?.data?.length >= 4")
+    page.screenshot(path=str(shots / "2-spectra.png"), full_page=True)
+
+    # 3 interference
+    _tab(page, "3 · Interference")
+    _plot_ready(page, "int-overlap")
+    _plot_ready(page, "int-sar")
+    page.wait_for_function("() => document.querySelector('#int-sar .js-plotly-plot')?.data?.length >= 1")
+    page.screenshot(path=str(shots / "3-interference.png"), full_page=True)
+
+    # 4 merge: move the α slider; the accuracy plot must change
+    _tab(page, "4 · Merge")
+    # the first merge (Task Arithmetic) ran right after the pool loaded
+    _plot_ready(page, "acc-plot")
+    page.wait_for_function("() => document.querySelector('#acc-plot .js-plotly-plot')?.data?.length > 0")
+    title = "() => document.querySelector('#acc-plot .js-plotly-plot')?.layout?.title?.text || ''"
+    before = page.evaluate(title)
+    assert "α = 0.30" in before and _trace_y(page, "acc-plot", "merged")
+    rng = page.locator("#ctl-ta-alpha input[type=range]")
+    rng.fill("1.5")                                     # far from the default 0.3
+    page.wait_for_function(f"() => ({title})().includes('α = 1.50')")
+    assert _trace_y(page, "acc-plot", "merged")        # the plot was redrawn for the new merge
+    # the comparison table keeps both merges
+    page.wait_for_function("() => document.querySelector('#cmp-table').innerText.split('Task Arithmetic').length >= 3")
+    page.get_by_role("button", name="α curve on validation").click()
+    _plot_ready(page, "curve-plot")
+    page.wait_for_function("() => document.querySelector('#curve-plot .js-plotly-plot')?.data?.length >= 1")
+    page.screenshot(path=str(shots / "4-merge.png"), full_page=True)
+
+    # 5 routing on the pool's samples
+    _tab(page, "5 · Routing (ESM++)")
+    page.get_by_role("button", name="Route!").click()
+    _plot_ready(page, "route-heat")
+    page.wait_for_function("() => document.querySelector('#route-heat .js-plotly-plot')?.data?.[0]?.type === 'heatmap'")
+    _plot_ready(page, "route-map")
+    assert "routed layers" in page.locator("#route-note").inner_text()
+    page.screenshot(path=str(shots / "5-routing.png"), full_page=True)
+
+    # 6 export the merged model
+    _tab(page, "6 · Export")
+    page.get_by_role("button", name="Merged model (.safetensors)").click()
+    page.wait_for_function("() => document.querySelector('#export-file')?.innerText.includes('.safetensors')")
+    page.screenshot(path=str(shots / "6-export.png"), full_page=True)
+    assert len(list(shots.glob("*.png"))) >= 6

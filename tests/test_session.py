@@ -1,0 +1,284 @@
+"""esm_core.session: the logic behind one browser session, driven directly (no gradio)."""
+import io
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import esm_core
+from esm_core import session as S
+from esm_core.checkpoints import CheckpointError, read_config, save_safetensors
+from fake_pool import FAKE_TASKS, make_fake_pool
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return make_fake_pool()
+
+
+@pytest.fixture(scope="module")
+def esm_sess(pool):
+    """One session shared by the ESM tests (its decompositions are reused, as in the app)."""
+    s = S.new_session("cpu", live_per_task=16)
+    S.load_demo(s, loader=lambda: pool)
+    S.merge(s, "esm", {"alpha": 0.8})
+    yield s
+    S.close(s)
+
+
+@pytest.fixture
+def sess(pool):
+    s = S.new_session("cpu", live_per_task=16, alpha_per_task=12)
+    S.load_demo(s, loader=lambda: pool)
+    yield s
+    S.close(s)
+
+
+def test_pool_info(sess, pool):
+    info = S.pool_info(sess)
+    assert info["parameters"] == sum(v.numel() for v in pool.base.values())
+    assert info["blocks"] == 2 and info["width"] == 32
+    assert [t["task"] for t in info["tasks"]] == list(FAKE_TASKS)
+    assert info["tasks"][0]["classes"] == 4 and info["tasks"][0]["test images"] == 24
+    imgs = S.sample_images(sess, 2, size=48)
+    assert len(imgs) == 2 * len(FAKE_TASKS) and imgs[0][0].shape[:2] == (48, 48)
+
+
+def test_merge_two_methods_and_comparison(sess, pool):
+    r1 = S.merge(sess, "ta", {"alpha": 0.4})
+    r2 = S.merge(sess, "ties", {})
+    rows = S.comparison_rows(sess)
+    assert [r["#"] for r in rows] == [1, 2] and [r["method"] for r in rows] == ["Task Arithmetic", "TIES-Merging"]
+    assert rows[0]["α"] == 0.4 and rows[1]["α"] == 0.3
+    # the current merge is the method's own update at that α
+    want = esm_core.merge_updates("ties", pool.base, pool.tasks, alpha=0.3)
+    for k, v in want.items():
+        torch.testing.assert_close(sess.current["updates"][k], v, rtol=1e-5, atol=1e-6)
+    # normalised accuracy = merged / fine-tuned on the same subset
+    ft = S.references(sess)["finetuned"]
+    for t in FAKE_TASKS:
+        assert r1["summary"]["tasks"][t]["norm"] == pytest.approx(r1["accs"][t] / ft[t])
+    # accuracies are those of the merged model, evaluated independently
+    sd = esm_core.apply_updates(pool.base, want)
+    assert S.accuracies(sess, sd, "test", 16) == r2["accs"]
+    # an α-only change recombines from the cache (no new parameter set) and matches a direct merge
+    S.merge(sess, "ta", {"alpha": 0.9})
+    assert len([k for k in sess.affine if k[0] == "ta"]) == 1
+    direct = esm_core.merge_updates("ta", pool.base, pool.tasks, alpha=0.9)
+    for k, v in direct.items():
+        torch.testing.assert_close(sess.current["updates"][k], v, rtol=1e-5, atol=1e-6)
+    assert len(S.comparison_rows(sess)) == 3
+    assert r1["config"]["method"] == "ta" and r1["config"]["params"]["alpha"] == 0.4
+
+
+def test_bad_parameters_refused(sess):
+    with pytest.raises(ValueError, match="alpha"):
+        S.merge(sess, "ta", {"alpha": 99})
+    with pytest.raises(ValueError, match="unknown method"):
+        S.merge(sess, "nope", {})
+    with pytest.raises(ValueError, match="merge first"):
+        S.export_merged(sess)
+
+
+def test_export_has_config_metadata(sess, pool):
+    S.merge(sess, "ties", {"alpha": 0.5, "k": 30})
+    p = S.export_merged(sess)
+    cfg = read_config(p)
+    assert cfg["method"] == "ties" and cfg["params"]["k"] == 30 and cfg["params"]["alpha"] == 0.5
+    assert cfg["tasks"] == list(FAKE_TASKS) and "summary" in cfg
+    sd = esm_core.load_checkpoint(p, base=pool.base)
+    want = esm_core.merge("ties", pool.base, pool.tasks, alpha=0.5, k=30)
+    for k in want:
+        torch.testing.assert_close(sd[k], want[k], rtol=1e-5, atol=1e-6)
+    cj = S.export_config(sess)
+    assert '"method": "ties"' in cj.read_text()
+
+
+def test_alpha_curve(sess, monkeypatch):
+    monkeypatch.setattr(S, "ALPHA_POINTS", 5)
+    best, curve = S.alpha_curve(sess, "ta", {})
+    lo, hi, n = esm_core.get_method("ta").alpha_grid
+    grid = np.linspace(lo, hi, n)[1:]                         # 30 values thinned to 5: every 6th
+    np.testing.assert_allclose([a for a, _ in curve], grid[5::6])
+    assert best == max(curve, key=lambda e: e[1])[0]
+    assert all(0 < a <= 2 for a, _ in curve)
+
+
+def test_esm_spectra_interference(esm_sess, pool):
+    sess = esm_sess
+    rec = sess.merges[0]
+    assert rec["config"]["proxy"]["n"] == 32 and set(rec["config"]["proxy"]["ids"]) == set(FAKE_TASKS)
+    calls = sess.cache.esd_calls
+    rows = S.spectra_at(sess, 1.0)
+    assert sess.cache.esd_calls == calls                      # the merge's decompositions are reused
+    keys = S.esd_keys(sess)
+    assert len(rows) == len(keys) * len(FAKE_TASKS) == 6 * 3
+    half = S.spectra_at(sess, 0.5)
+    r0, h0 = rows[0], half[0]
+    d_out = pool.base[r0["key"]].shape[0]
+    assert r0["k"] == d_out // 3 and h0["k"] == int(0.5 * d_out / 3)
+    assert h0["esd_kept_at_k"] == r0["esd_energy_kept"][h0["k"] - 1] <= r0["esd_kept_at_k"]
+    ov = S.overlap(sess, keys[0])
+    m = np.asarray(ov["layers"][keys[0]])
+    np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-6)
+    assert m.shape == (3, 3) and np.allclose(m, m.T)
+    al = S.alignment(sess)
+    assert set(al["mean"]) == set(FAKE_TASKS) and all(0 <= v <= 1 + 1e-9 for v in al["mean"].values())
+
+
+def test_sessions_are_isolated(pool):
+    a, b = S.new_session("cpu", live_per_task=8), S.new_session("cpu", live_per_task=8)
+    try:
+        S.load_demo(a, loader=lambda: pool)
+        S.load_demo(b, loader=lambda: pool)
+        S.merge(a, "ta", {})
+        assert len(a.merges) == 1 and b.merges == [] and b.current is None
+        assert a.workdir != b.workdir
+        p = S.export_merged(a)
+        assert p.parent == a.workdir and not any(b.workdir.iterdir())
+        with pytest.raises(ValueError, match="merge first"):
+            S.export_merged(b)
+        b2 = pickle.loads(pickle.dumps(b))                     # sessions pickle (ZeroGPU workers)
+        assert b2.pool.task_names == pool.task_names and b2.lock is not b.lock
+    finally:
+        S.close(a)
+        S.close(b)
+    assert not a.workdir.exists()
+    with pytest.raises(ValueError, match="session has ended"):
+        S.merge(a, "ta", {})
+
+
+# ---------------------------------------------------------------- uploads
+
+def _png(value: int, size: int = 16) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _zip(path, classes=("cat", "dog"), per_class=3, extra=None):
+    with zipfile.ZipFile(path, "w") as z:
+        for ci, c in enumerate(classes):
+            for i in range(per_class):
+                z.writestr(f"data/{c}/{i}.png", _png(40 * ci + i))
+        for name, data in (extra or {}).items():
+            z.writestr(name, data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(pool, tmp_path_factory):
+    d = tmp_path_factory.mktemp("upload")
+    save_safetensors(pool.base, d / "base.safetensors")
+    for t in FAKE_TASKS[:2]:
+        save_safetensors(pool.tasks[t], d / f"{t}.safetensors")
+    bad = dict(pool.tasks["alpha"])
+    k = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    bad[k] = torch.zeros(bad[k].shape[0] + 1, bad[k].shape[1])
+    save_safetensors(bad, d / "wrong.safetensors")
+    (d / "junk.safetensors").write_bytes(b"this is not a checkpoint")
+    return d
+
+
+def test_upload_with_image_zips(files, tmp_path):
+    s = S.new_session("cpu", live_per_task=8)
+    try:
+        zips = {t: _zip(tmp_path / f"{t}.zip") for t in FAKE_TASKS[:2]}
+        info = S.load_uploaded(s, files / "base.safetensors",
+                               {t: files / f"{t}.safetensors" for t in FAKE_TASKS[:2]}, zips,
+                               demo_loader=lambda: (_ for _ in ()).throw(FileNotFoundError("no demo")))
+        assert info["origin"] == "upload" and [t["task"] for t in info["tasks"]] == list(FAKE_TASKS[:2])
+        assert info["tasks"][0]["classes"] == 2 and s.pool.class_names["alpha"] == ["cat", "dog"]
+        assert any("inferred" in n for n in info["notes"])
+        x, y = s.pool.images("alpha", "test")
+        assert x.shape[1:] == (3, 16, 16) and sorted(set(y.tolist())) == [0, 1]
+        rec = S.merge(s, "ta", {})
+        assert set(rec["accs"]) == set(FAKE_TASKS[:2])
+    finally:
+        S.close(s)
+
+
+def test_upload_keeps_demo_data(files, pool):
+    s = S.new_session("cpu", live_per_task=8)
+    try:
+        info = S.load_uploaded(s, files / "base.safetensors",
+                               {t: files / f"{t}.safetensors" for t in FAKE_TASKS[:2]}, {}, demo_loader=lambda: pool)
+        assert any("demo's images" in n for n in info["notes"])
+        assert s.pool.model_name == pool.model_name
+        torch.testing.assert_close(s.pool.heads["beta"], pool.heads["beta"])
+    finally:
+        S.close(s)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("shape", r"wrong.safetensors.*does not fit the base.*c_fc"),
+    ("junk", r"junk.safetensors: not a valid safetensors"),
+    ("one_task", r"at least two task"),
+    ("no_images", r"no images for task\(s\) \['gamma'\]"),
+    ("zip_one_class", r"found 1 class folder"),
+    ("zip_not_image", r"'data/readme.txt' is not an image"),
+    ("zip_broken_png", r"'data/cat/bad.png' cannot be decoded"),
+    ("not_zip", r"not a readable zip"),
+    ("bad_name", r"task names must be"),
+])
+def test_bad_uploads_refused(files, tmp_path, pool, case, match):
+    s = S.new_session("cpu")
+    base = files / "base.safetensors"
+    good = {t: files / f"{t}.safetensors" for t in FAKE_TASKS[:2]}
+    no_demo = lambda: (_ for _ in ()).throw(FileNotFoundError("no demo"))  # noqa: E731
+    zips = {t: _zip(tmp_path / f"{t}.zip") for t in FAKE_TASKS[:2]}
+    args = {"shape": (base, {"alpha": files / "wrong.safetensors", "beta": good["beta"]}, zips),
+            "junk": (base, {"alpha": files / "junk.safetensors", "beta": good["beta"]}, zips),
+            "one_task": (base, {"alpha": good["alpha"]}, zips),
+            "no_images": (base, {**good, "gamma": good["beta"]}, zips),
+            "zip_one_class": (base, good, {**zips, "beta": _zip(tmp_path / "one.zip", classes=("x",))}),
+            "zip_not_image": (base, good, {**zips, "beta": _zip(tmp_path / "txt.zip", extra={"data/readme.txt": b"hi"})}),
+            "zip_broken_png": (base, good, {**zips, "beta": _zip(tmp_path / "bp.zip",
+                                                                 extra={"data/cat/bad.png": b"\x89PNG broken"})}),
+            "not_zip": (base, good, {**zips, "beta": files / "junk.safetensors"}),
+            "bad_name": (base, {"al pha!": good["alpha"], "beta": good["beta"]}, {}),
+            }[case]
+    try:
+        with pytest.raises((ValueError, CheckpointError), match=match):
+            S.load_uploaded(s, *args, demo_loader=no_demo)
+        assert s.pool is None                                 # nothing half-loaded stays behind
+    finally:
+        S.close(s)
+
+
+def test_infer_vit_config(pool):
+    cfg = S.infer_vit_config(pool.base, head_width=16)
+    v = cfg["vision_cfg"]
+    assert (v["width"], v["layers"], v["patch_size"], v["image_size"], v["head_width"]) == (32, 2, 8, 16, 16)
+    assert cfg["embed_dim"] == 16 and v["mlp_ratio"] == 4.0
+    with pytest.raises(ValueError, match="visual.conv1.weight"):
+        S.infer_vit_config({"visual.positional_embedding": torch.zeros(5, 4)})
+
+
+# ---------------------------------------------------------------- ESM++ routing
+
+def test_routing_run_and_export(esm_sess, pool):
+    pytest.importorskip("esm_core.routing", reason="esm_core.routing (ESM++) is not there yet")
+    from esm_core import routing
+    sess = esm_sess
+    img = np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)
+    run = S.run_routing(sess, rank=4, per_task=3, image=img)
+    T, L = len(FAKE_TASKS), len(run["layers"])
+    assert L == 4 and run["tasks"] == list(FAKE_TASKS)          # in_proj and c_fc of 2 blocks
+    assert run["choices"].shape == (3 * T + 1, L) and run["cosines"].shape == (3 * T + 1, L, T)
+    assert run["sample_labels"][-1] == "your image" and run["true"][-1] == -1
+    # hard top-1 routing: the chosen expert is the argmax of the cosines
+    np.testing.assert_array_equal(run["choices"], run["cosines"].argmax(-1))
+    true = np.asarray(run["true"][:-1])
+    np.testing.assert_allclose(run["layer_accuracy"], (run["choices"][:-1] == true[:, None]).mean(0))
+    assert sess.esmpp["alpha"] == 0.8                          # the static part is the session's ESM merge
+    assert run["embedding"]["points"].shape == (3 * T + 1, 2) and run["embedding"]["proto_points"].shape == (T, 2)
+    assert set(run["oracle_accuracy"]) == set(FAKE_TASKS)
+    p = S.export_esmpp(sess, rank=4)
+    merged, experts, cfg = routing.load_esmpp(p, base=pool.base)
+    assert experts.rank == 4 and cfg["alpha"] == 0.8 and experts.tasks == list(FAKE_TASKS)
+    with pytest.raises(ValueError, match="samples per task"):
+        S.run_routing(sess, rank=4, per_task=0)
