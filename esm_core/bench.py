@@ -389,8 +389,8 @@ def add_cli(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--blocks", type=int, default=FULL_BLOCKS, help="transformer blocks of the ViT-B/32 (default 12)")
     p.add_argument("--tasks", type=int, default=8, help="number of task checkpoints (default 8)")
-    p.add_argument("--methods", default=None, help="comma-separated method names (default: every method that "
-                                                   "needs no activation statistics)")
+    p.add_argument("--methods", default=None, help="comma-separated job names (default: every method that "
+                                                   "needs no activation statistics, plus esm, esm_remerge, esm_exponent, esm_alpha)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--repeat", type=int, default=1, help="runs per method; the best time is reported")
     p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoints")

@@ -8,6 +8,8 @@ since its task matrix differs). Rows:
 * ``esm`` — cold merge: every ESD decomposition is computed;
 * ``esm_remerge`` — the cache is warm (filled by an untimed cold merge) and the
   rank changes (``rank_fraction=0.5``): only the recombination runs;
+* ``esm_exponent`` — the cache is warm and an exponent changes (``p_dim=1``) at the
+  default rank: the recombination (polar factors of the full-rank factors) runs;
 * ``esm_alpha`` — the cache is warm and only α changes: the memoised per-key
   updates are rescaled.
 """
@@ -58,6 +60,8 @@ def esm_jobs() -> list[Job]:
     return [
         Job("esm", "ESM (cold: decompositions)", _run_esm, _setup_stats, {"cache": "cold"}),
         Job("esm_remerge", "ESM re-merge (rank changed)", functools.partial(_run_esm, rank_fraction=0.5),
+            _setup_warm, {"cache": "warm"}),
+        Job("esm_exponent", "ESM re-merge (exponent changed)", functools.partial(_run_esm, p_dim=1.0),
             _setup_warm, {"cache": "warm"}),
         Job("esm_alpha", "ESM re-merge (alpha changed)", functools.partial(_run_esm, alpha=0.7),
             _setup_warm, {"cache": "warm"}),

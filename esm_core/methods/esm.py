@@ -178,16 +178,16 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
                     Ps.append(e.P)
                     lams.append(e.lam)
                 U, V = esm_factors(Ps, lams, list(D), k, p_task, p_dim, eig_exp)      # §6.1–§6.4
-                dw = esm_combine(U, V, ortho_factor).to(torch.float32)              # §6.5
+                dw = esm_combine(U, V, ortho_factor).to("cpu", torch.float32)       # §6.5
                 cache.put_result(("esm", key), fp, dw)
         elif ctx.roles[key] == vit.MATRIX and D.ndim == 3:
             dw = cache.get_result(("tsvm", key), dfp)
             if dw is None:
-                dw = tsv_merge_matrix(D).to(torch.float32)                           # §6 other 2-D keys: TSV-M (§3)
+                dw = tsv_merge_matrix(D).to("cpu", torch.float32)                    # §6 other 2-D keys: TSV-M (§3)
                 cache.put_result(("tsvm", key), dfp, dw)
         else:
-            dw = D.mean(0)                                                           # §6 non-matrix keys: mean
-        updates[key] = dw
+            dw = D.mean(0).to("cpu")                                                # §6 non-matrix keys: mean
+        updates[key] = dw                                          # kept on the CPU (one model's worth)
         ctx.report((i + 1) / len(keys), f"ESM: {key}")
 
     # §7 inter-layer: βℓ = (‖ΔWℓ‖F / mean_{same type} ‖ΔW‖F)^p per layer type
