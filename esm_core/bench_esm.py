@@ -8,8 +8,9 @@ since its task matrix differs). Rows:
 * ``esm`` — cold merge: every ESD decomposition is computed;
 * ``esm_remerge`` — the cache is warm (filled by an untimed cold merge) and the
   rank changes (``rank_fraction=0.5``): only the recombination runs;
-* ``esm_exponent`` — the cache is warm and an exponent changes (``p_dim=1``) at the
-  default rank: the recombination (polar factors of the full-rank factors) runs;
+* ``esm_exponent`` — the cache is warm and the dimension exponent changes
+  (``p_dim=1``) at the default rank: the input-side factors ``V'`` and the
+  products ``U'V'`` are recomputed (the output-side ``U'`` is cached);
 * ``esm_alpha`` — the cache is warm and only α changes: the memoised per-key
   updates are rescaled.
 """

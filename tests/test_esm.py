@@ -286,7 +286,8 @@ def test_cache_skips_decompositions_on_re_merge(monkeypatch):
     esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache)
     cold = len(calls)
     assert cold == 3 * len(ESD_KEYS) and cache.esd_calls == cold
-    for params in ({"rank": 2}, {"p_task": 1.0, "eig_exp": 0.3}, {"alpha": 0.4}, {"rank_fraction": 0.5}):
+    for params in ({"rank": 2}, {"p_task": 1.0, "eig_exp": 0.3}, {"alpha": 0.4}, {"rank_fraction": 0.5},
+                   {"p_dim": 1.0}, {"ortho_factor": 1.5, "p_layer": 1.0}):
         before = len(calls)
         warm = esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache, **params)
         assert len(calls) == before, params             # no decomposition recomputed
@@ -309,3 +310,23 @@ def test_cache_skips_decompositions_on_re_merge(monkeypatch):
     ref = esm_core.merge("esm", base, tasks2, inputs=inputs2)
     for kk in out:
         torch.testing.assert_close(out[kk], ref[kk], rtol=1e-6, atol=1e-7)
+
+
+def test_re_merge_reuses_the_output_factor(monkeypatch):
+    """A task / dimension exponent change orthogonalises only V; α, p_layer, ortho_factor none at all."""
+    import esm_core.methods.esm as esm_mod
+    base, tasks, inputs = _case(T=3)
+    cache = new_cache()
+    esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache)
+    shapes = []
+    real = esm_mod.polar_and_singular_values
+    monkeypatch.setattr(esm_mod, "polar_and_singular_values", lambda x: (shapes.append(tuple(x.shape)), real(x))[1])
+    esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache, p_dim=1.0, p_task=0.5)
+    assert len(shapes) == len(ESD_KEYS)                          # one polar per ESD key: V (Tk × d_in) only
+    assert all(s[1] == base[k].shape[1] for s, k in zip(shapes, ESD_KEYS))
+    shapes.clear()
+    esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache, p_dim=1.0, p_task=0.5, alpha=0.3,
+                   ortho_factor=1.0, p_layer=0.0)
+    assert shapes == []
+    esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache, eig_exp=0.5)
+    assert len(shapes) == 2 * len(ESD_KEYS)                      # eig_exp changes U too

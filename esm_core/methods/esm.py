@@ -12,9 +12,11 @@ multiplies the ESD keys only.
 
 Activation statistics come from ``ctx.stats`` (``probe_pool``'s ``Stats``) or
 ``ctx.inputs`` (``{task: {key: X}}``). ``ctx.cache`` (see :func:`new_cache`)
-keeps the decompositions, the TSV-M keys and each ESD key's recombination, so
-a re-merge with another rank / exponent recomputes only the recombination and
-one with another α only rescales.
+keeps the decompositions, the TSV-M keys, each ESD key's isotropic output
+factor ``U'`` and its recombination ``U'V'``, so a re-merge with another rank
+or ``eig_exp`` recomputes only the recombination, one with another task or
+dimension exponent only the input side ``V'`` and the product, and one with
+another α, ``p_layer`` or ``ortho_factor`` only rescales.
 """
 from __future__ import annotations
 
@@ -91,6 +93,51 @@ def _stats_of(ctx, esd_keys: list[str]):
 # ---------------------------------------------------------------------------
 
 
+def _eig_weights(lam: torch.Tensor, k: int, eig_exp: float) -> torch.Tensor:
+    """§6.2 ``e = (λ[:k] / mean λ[:k])^eig_exp``, then ``e /= mean e`` (float64)."""
+    lk = lam[:k].to(torch.float64)
+    if lk.numel() < k:                                             # (k beyond d_out cannot happen: k ≤ d_out)
+        raise ValueError("ESD has fewer eigenvalues than the rank asked")
+    lm = lk.mean()
+    e = (lk / lm).pow(eig_exp) if lm > 0 else torch.ones_like(lk)
+    return e / e.mean()
+
+
+def esm_u(Ps, lams, k: int, eig_exp: float = 0.15) -> torch.Tensor:
+    """``U = [P̂1·e1 … P̂T·eT]`` (d_out × Tk, float64): the output-side factor of SPEC §6.2–§6.3.
+
+    It depends on the essential bases, the rank and ``eig_exp`` only — not on
+    the task or dimension exponents — so ESM caches its polar factor.
+    """
+    us = []
+    for P, lam in zip(Ps, lams):
+        Ph = P[:, :k].to(torch.float64)                            # §5.3 P̂t = first k columns of Pt
+        us.append(Ph * _eig_weights(lam, k, eig_exp).to(Ph.device))   # §6.2 column i of P̂t × e_i
+    return torch.cat(us, dim=1)                                    # §6.3 U = [P̂1 … P̂T]
+
+
+def esm_v(Ps, lams, deltas, k: int, p_task: float = 2.0, p_dim: float = 2.0, eig_exp: float = 0.15
+          ) -> torch.Tensor:
+    """``V = [Â1; …; ÂT]`` (Tk × d_in, float64) with the eigenvalue, task and dimension scalings (§6.1–§6.4)."""
+    norms = torch.stack([torch.linalg.vector_norm(d.to(torch.float64)) for d in deltas])  # §6.1 nt = ‖PᵀΔWt‖F = ‖ΔWt‖F
+    mean_norm = norms.mean()
+    vs = []
+    for t, W in enumerate(deltas):
+        W = W.to(torch.float64)
+        Ph = Ps[t][:, :k].to(W.device, torch.float64)
+        A = Ph.mT @ W                                              # §5.3 Ât = P̂tᵀ ΔWt (k × d_in)
+        e = _eig_weights(lams[t], k, eig_exp).to(W.device)
+        vs.append((e[:, None] * A) * norms[t].pow(p_task))         # §6.2 row i of Ât × e_i; §6.1 rows × nt^p
+    V = torch.cat(vs, dim=0)                                       # §6.3 V = [Â1; …; ÂT] (Tk × d_in)
+    if mean_norm > 0:
+        V = V / mean_norm.pow(p_task)                              # §6.1 ÷ mean_t(nt)^p → factor (nt / mean nt)^p
+    col = torch.linalg.vector_norm(V, dim=0)                       # §6.4 ‖V[:, j]‖
+    cm = col.mean()
+    if cm > 0:
+        V = V * (col / cm).pow(p_dim)                              # §6.4 column j × (cj / mean c)^p
+    return V
+
+
 def esm_factors(Ps, lams, deltas, k: int, p_task: float = 2.0, p_dim: float = 2.0, eig_exp: float = 0.15
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The concatenated, rescaled factors ``(U, V)`` of one ESD layer before orthogonalisation.
@@ -98,41 +145,20 @@ def esm_factors(Ps, lams, deltas, k: int, p_task: float = 2.0, p_dim: float = 2.
     ``Ps[t]``: eigenvectors (d_out × ≥k), ``lams[t]``: eigenvalues (descending),
     ``deltas[t]``: ΔWt (d_out × d_in). Float64. ``U``: d_out × Tk, ``V``: Tk × d_in.
     """
-    T = len(deltas)
-    norms = torch.stack([torch.linalg.vector_norm(d.to(torch.float64)) for d in deltas])  # §6.1 nt = ‖PᵀΔWt‖F = ‖ΔWt‖F
-    mean_norm = norms.mean()
-    us, vs = [], []
-    for t in range(T):
-        W = deltas[t].to(torch.float64)
-        Ph = Ps[t][:, :k].to(W.device, torch.float64)             # §5.3 P̂t = first k columns of Pt
-        A = Ph.mT @ W                                              # §5.3 Ât = P̂tᵀ ΔWt (k × d_in)
-        lk = lams[t][:k].to(W.device, torch.float64)
-        if lk.numel() < k:                                         # (k beyond d_out cannot happen: k ≤ d_out)
-            raise ValueError("ESD has fewer eigenvalues than the rank asked")
-        lm = lk.mean()
-        e = (lk / lm).pow(eig_exp) if lm > 0 else torch.ones_like(lk)   # §6.2 e = (λ[:k] / mean λ[:k])^eig_exp
-        e = e / e.mean()                                           # §6.2 e /= mean e
-        us.append(Ph * e)                                          # §6.2 column i of P̂t × e_i
-        vs.append((e[:, None] * A) * norms[t].pow(p_task))         # §6.2 row i of Ât × e_i; §6.1 rows × nt^p
-    U = torch.cat(us, dim=1)                                       # §6.3 U = [P̂1 … P̂T]  (d_out × Tk)
-    V = torch.cat(vs, dim=0)                                       # §6.3 V = [Â1; …; ÂT] (Tk × d_in)
-    if mean_norm > 0:
-        V = V / mean_norm.pow(p_task)                              # §6.1 ÷ mean_t(nt)^p → factor (nt / mean nt)^p
-    col = torch.linalg.vector_norm(V, dim=0)                       # §6.4 ‖V[:, j]‖
-    cm = col.mean()
-    if cm > 0:
-        c = col / cm                                               # §6.4 cj = ‖V[:, j]‖ / mean_j ‖V[:, j]‖
-        V = V * c.pow(p_dim)                                       # §6.4 column j × cj^p
-    return U, V
+    device = deltas[0].device
+    U = esm_u([P.to(device) for P in Ps], lams, k, eig_exp)
+    return U, esm_v(Ps, lams, deltas, k, p_task, p_dim, eig_exp)
+
+
+def isotropic(x: torch.Tensor) -> torch.Tensor:
+    """``polar(x) · mean(sv(x))`` (SPEC §6.5): the factor with all singular values set to their mean."""
+    f, s = polar_and_singular_values(x)
+    return f * s.mean()
 
 
 def esm_combine(U: torch.Tensor, V: torch.Tensor, ortho_factor: float = 2.0) -> torch.Tensor:
     """``ΔW = f · (polar(U) · mean sv(U)) · (polar(V) · mean sv(V))`` (SPEC §6.5; f = 2 in the reference)."""
-    pu, su = polar_and_singular_values(U)
-    pv, sv = polar_and_singular_values(V)
-    Up = pu * su.mean()                                            # §6.5 U' = polar(U) · mean(sv(U))
-    Vp = pv * sv.mean()                                            # §6.5 V' = polar(V) · mean(sv(V))
-    return ortho_factor * (Up @ Vp)                                # §6.5 ΔW = 2 · U' V'
+    return ortho_factor * (isotropic(U) @ isotropic(V))            # §6.5 ΔW = 2 · U' V'
 
 
 # ---------------------------------------------------------------------------
@@ -154,7 +180,8 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
     if not isinstance(cache, DecompositionCache):
         raise ValueError(f"cache must come from esm_core.methods.esm.new_cache(), got {type(cache).__name__}")
     updates: dict[str, torch.Tensor] = {}
-    recipe = ("esm", rank, rank_fraction, p_task, p_dim, eig_exp, ortho_factor)   # everything but α and p_layer
+    pre: dict[str, float] = {}                                     # per-key factor not yet applied to updates[key]
+    recipe = ("esm", rank, rank_fraction, p_task, p_dim, eig_exp)   # everything but α, p_layer and ortho_factor
     for i, key in enumerate(keys):
         D = ctx.deltas(key)                                        # T × shape, float32 on the merge device
         dfp = tuple(fingerprint(D[t]) for t in range(T))
@@ -169,17 +196,21 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
                 gram = st.gram.to(ctx.device)
                 grams.append((gram, int(st.n), fingerprint(gram)))
             fp = (recipe, k, dfp, tuple(g[2] for g in grams), tuple(g[1] for g in grams))
-            dw = cache.get_result(("esm", key), fp)
+            dw = cache.get_result(("esm", key), fp)                # U'V' before the factor f (§6.5)
             if dw is None:
-                Ps, lams = [], []
-                for t, name in enumerate(names):
-                    gram, n, gfp = grams[t]
-                    e = cache.esd(name, key, D[t], gram, n, k=k, gram_fp=gfp, delta_fp=dfp[t])   # §5 (cached)
-                    Ps.append(e.P)
-                    lams.append(e.lam)
-                U, V = esm_factors(Ps, lams, list(D), k, p_task, p_dim, eig_exp)      # §6.1–§6.4
-                dw = esm_combine(U, V, ortho_factor).to("cpu", torch.float32)       # §6.5
+                entries = [cache.esd(name, key, D[t], grams[t][0], grams[t][1], k=k, gram_fp=grams[t][2],
+                                     delta_fp=dfp[t]) for t, name in enumerate(names)]      # §5 (cached)
+                Ps = [e.P.to(ctx.device) for e in entries]
+                lams = [e.lam for e in entries]
+                fp_u = (k, eig_exp, tuple(e.fp for e in entries))
+                Up = cache.get_result(("esm-U", key), fp_u)        # U' depends on the bases, k and eig_exp only
+                if Up is None:
+                    Up = isotropic(esm_u(Ps, lams, k, eig_exp)).to(torch.float32)            # §6.2–§6.3, §6.5
+                    cache.put_result(("esm-U", key), fp_u, Up)
+                V = esm_v(Ps, lams, list(D), k, p_task, p_dim, eig_exp)                       # §6.1–§6.4
+                dw = (Up.to(V.device, torch.float64) @ isotropic(V)).to("cpu", torch.float32)   # §6.5 U'V'
                 cache.put_result(("esm", key), fp, dw)
+            pre[key] = ortho_factor                                # §6.5 ΔW = f · U'V'
         elif ctx.roles[key] == vit.MATRIX and D.ndim == 3:
             dw = cache.get_result(("tsvm", key), dfp)
             if dw is None:
@@ -198,14 +229,14 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
             groups.setdefault(t, []).append(key)
     betas = {}
     for t, ks in groups.items():
-        norms = torch.stack([torch.linalg.vector_norm(updates[k].to(torch.float64)) for k in ks])
+        norms = torch.stack([torch.linalg.vector_norm(updates[k].to(torch.float64)) * pre.get(k, 1.0) for k in ks])
         m = norms.mean()
         for k_, nrm in zip(ks, norms):
             betas[k_] = float((nrm / m).pow(p_layer)) if m > 0 else 1.0
 
     out = {}
     for key, dw in updates.items():
-        coef = betas.get(key, 1.0)                                 # §7 ΔWℓ ← βℓ ΔWℓ
+        coef = pre.get(key, 1.0) * betas.get(key, 1.0)             # §7 ΔWℓ ← βℓ ΔWℓ
         if key in esd_set:
             coef *= alpha                                          # §8 θ = θ0 + α ΔW on ESD keys only
         out[key] = (dw * coef).to("cpu", torch.float32)           # a new tensor: cached values stay intact
