@@ -132,6 +132,17 @@ def test_walk_through_every_tab(app_url, page, tmp_path):
     page.wait_for_function("() => document.querySelector('#curve-plot .js-plotly-plot')?.data?.length >= 1")
     page.screenshot(path=str(shots / "4-merge.png"), full_page=True)
 
+    # switching the method to ESM shows its own controls and merges with it; a rank change re-merges
+    page.locator("#method input").click()
+    page.get_by_role("option", name="ESM (esm)").click()
+    page.wait_for_function(f"() => ({title})().includes('ESM (α =')")
+    assert page.locator("#ctl-esm-p_task").is_visible() and not page.locator("#ctl-ta-alpha").is_visible()
+    esm_title = page.evaluate(title)
+    page.locator("#ctl-esm-rank_fraction input[type=range]").fill("0.25")
+    page.wait_for_function(f"() => {{ const t = ({title})(); return t.includes('ESM (α =') && t !== {esm_title!r}; }}")
+    page.wait_for_function("() => document.querySelector('#cmp-table').innerText.split('ESM').length >= 3")
+    page.screenshot(path=str(shots / "4-merge-esm.png"), full_page=True)
+
     # 5 routing on the pool's samples
     _tab(page, "5 · Routing (ESM++)")
     page.get_by_role("button", name="Route!").click()
