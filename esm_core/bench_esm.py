@@ -52,8 +52,10 @@ def _setup_warm(base, tasks, device):
 
 
 def _run_esm(base, tasks, device, state, **params):
-    return merge_updates("esm", base, tasks, device=device, check=False, stats=state["stats"],
-                         cache=state.get("cache"), **params)
+    # every repeat starts from the cache as the set-up left it (a repeat must not hit the previous run's result)
+    cache = state["cache"].snapshot() if "cache" in state else None
+    return merge_updates("esm", base, tasks, device=device, check=False, stats=state["stats"], cache=cache,
+                         **params)
 
 
 def esm_jobs() -> list[Job]:

@@ -192,6 +192,11 @@ class DecompositionCache:
     esd_calls: int = 0
     esd_hits: int = 0
 
+    def snapshot(self) -> "DecompositionCache":
+        """A copy whose later additions leave this cache as it is (entries are shared: they are never mutated)."""
+        return DecompositionCache(self.max_columns, dict(self.esd_entries), dict(self.results),
+                                  self.esd_calls, self.esd_hits)
+
     def clear(self) -> None:
         self.esd_entries.clear()
         self.results.clear()

@@ -107,3 +107,16 @@ def test_jobs_can_be_added_and_run_with_setup():
         assert row["peak_extra_mib"] > 0
     finally:
         JOB_PROVIDERS.remove(_extra_jobs)
+
+
+def test_warm_esm_rows_repeat_from_the_same_cache_state():
+    """Each repeat of a warm ESM row recombines again instead of hitting the previous repeat's result."""
+    from esm_core.bench_esm import _run_esm, _setup_warm
+    base, tasks = make_checkpoints(blocks=1, tasks=2)
+    state = _setup_warm(base, tasks, torch.device("cpu"))
+    before = {tag: fp for tag, (fp, _) in state["cache"].results.items()}
+    a = _run_esm(base, tasks, torch.device("cpu"), state, rank_fraction=0.5)
+    assert {tag: fp for tag, (fp, _) in state["cache"].results.items()} == before
+    b = _run_esm(base, tasks, torch.device("cpu"), state, rank_fraction=0.5)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
