@@ -323,7 +323,8 @@ def bench(blocks: int = FULL_BLOCKS, tasks: int = 8, methods: list[str] | None =
 
     ``{"device", "blocks", "tasks", "params_per_model", "repeat", "seed", "memory",
     "rows": [{"name", "title", "seconds" (best of ``repeat``), "seconds_all",
-    "peak_extra_mib", "memory"}, ...]}``.
+    "peak_extra_mib", "memory"[, "cache", "speedup_vs_cold"]}, ...]}``; warm-cache ESM rows
+    carry their speed-up over the cold ESM row of the same run.
     """
     if blocks < 1 or blocks > 64:
         raise ValueError(f"blocks must be in [1, 64], got {blocks}")
@@ -341,7 +342,7 @@ def bench(blocks: int = FULL_BLOCKS, tasks: int = 8, methods: list[str] | None =
         result["device_name"] = torch.cuda.get_device_name(dev)
         result["memory"] = "peak torch.cuda allocation during the job, minus the allocation before it"
         result["rows"] = _run_cuda_jobs(jobs, dev, blocks, tasks, seed, repeat, progress)
-        return result
+        return _add_speedups(result)
     if dev.type != "cpu":
         raise ValueError(f"bench runs on 'cpu' or 'cuda', not {dev.type!r}")
     if not cpu_peak_supported():
@@ -353,6 +354,15 @@ def bench(blocks: int = FULL_BLOCKS, tasks: int = 8, methods: list[str] | None =
         result["rows"].append(_run_in_child(job, blocks, tasks, seed, repeat))
     if progress is not None:
         progress(1.0, "bench: done")
+    return _add_speedups(result)
+
+
+def _add_speedups(result: dict) -> dict:
+    """Warm-cache rows get ``speedup_vs_cold``: the cold ``esm`` row's seconds over theirs (same run)."""
+    cold = next((r["seconds"] for r in result["rows"] if r.get("cache") == "cold"), None)
+    for r in result["rows"]:
+        if r.get("cache") == "warm" and cold is not None and r["seconds"] > 0:
+            r["speedup_vs_cold"] = cold / r["seconds"]
     return result
 
 
@@ -362,9 +372,10 @@ def format_table(result: dict) -> str:
             f"{result['params_per_model'] / 1e6:.2f} M parameters per model, device {result['device']}"
             + (f" ({result['device_name']})" if result.get("device_name") else ""))
     lines = [head, f"peak extra memory = {result['memory']}", "",
-             f"{'method':<14}{'title':<26}{'seconds':>10}{'peak extra MiB':>17}"]
+             f"{'method':<14}{'title':<34}{'seconds':>10}{'peak extra MiB':>17}{'vs cold':>10}"]
     for r in result["rows"]:
-        lines.append(f"{r['name']:<14}{r['title'][:25]:<26}{r['seconds']:>10.3f}{r['peak_extra_mib']:>17.1f}")
+        ratio = f"{r['speedup_vs_cold']:>9.1f}×" if "speedup_vs_cold" in r else ""
+        lines.append(f"{r['name']:<14}{r['title'][:33]:<34}{r['seconds']:>10.3f}{r['peak_extra_mib']:>17.1f}{ratio}")
     return "\n".join(lines)
 
 

@@ -120,3 +120,14 @@ def test_warm_esm_rows_repeat_from_the_same_cache_state():
     b = _run_esm(base, tasks, torch.device("cpu"), state, rank_fraction=0.5)
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+
+
+def test_warm_rows_get_their_speedup_over_the_cold_row():
+    from esm_core.bench import _add_speedups
+    rows = [{"name": "ta", "title": "TA", "seconds": 1.0, "peak_extra_mib": 1.0},
+            {"name": "esm", "title": "cold", "seconds": 12.0, "peak_extra_mib": 1.0, "cache": "cold"},
+            {"name": "esm_alpha", "title": "warm", "seconds": 0.5, "peak_extra_mib": 1.0, "cache": "warm"}]
+    res = _add_speedups({"blocks": 1, "tasks": 2, "params_per_model": 1e6, "device": "cpu", "memory": "m",
+                         "rows": rows})
+    assert res["rows"][2]["speedup_vs_cold"] == 24.0 and "speedup_vs_cold" not in res["rows"][0]
+    assert "24.0×" in format_table(res).splitlines()[-1]
