@@ -368,9 +368,13 @@ def build_app(pool_loader: Callable[[], Any] | None = None) -> gr.Blocks:
 
         # merge: method switch shows its controls; any control change re-merges (the last change wins)
         def show_method(method):
-            return [gr.update(visible=(n == method)) for n in method_names] + [f"*{METHODS[method].help}*"]
+            """Show the method's controls; the α curve and best α of the previous method no longer apply."""
+            return ([gr.update(visible=(n == method)) for n in method_names]
+                    + [f"*{METHODS[method].help}*", None, None,
+                       gr.update(interactive=False, value="use the best α")])
 
-        method_dd.change(show_method, [method_dd], [*groups.values(), method_help], queue=False,
+        method_dd.change(show_method, [method_dd], [*groups.values(), method_help, curve_plot, best_alpha, best_btn],
+                         queue=False,
                          api_visibility="private").then(
             do_merge, merge_inputs, merge_outs, **HEAVY, trigger_mode="always_last", api_name="merge")
         for c in controls:

@@ -132,16 +132,26 @@ def test_walk_through_every_tab(app_url, page, tmp_path):
     page.wait_for_function("() => document.querySelector('#curve-plot .js-plotly-plot')?.data?.length >= 1")
     page.screenshot(path=str(shots / "4-merge.png"), full_page=True)
 
-    # switching the method to ESM shows its own controls and merges with it; a rank change re-merges
+    # switching the method to ESM shows its own controls, clears the α curve of the previous method and merges
     page.locator("#method input").click()
     page.get_by_role("option", name="ESM (esm)").click()
-    page.wait_for_function(f"() => ({title})().includes('ESM (α =')")
+    page.wait_for_function(f"() => ({title})().includes('ESM (α = 1.00)')")
     assert page.locator("#ctl-esm-p_task").is_visible() and not page.locator("#ctl-ta-alpha").is_visible()
+    page.wait_for_function("() => !document.querySelector('#curve-plot .js-plotly-plot')?.data?.length")
+    # its α curve on validation, then "use the best α": the merge follows
+    page.get_by_role("button", name="α curve on validation").click()
+    curve_title = "() => document.querySelector('#curve-plot .js-plotly-plot')?.layout?.title?.text || ''"
+    page.wait_for_function(f"() => ({curve_title})().startsWith('ESM')")
+    best = page.get_by_role("button", name="use the best α (")
+    best_alpha = float(best.inner_text().split("(")[1].rstrip(")"))
+    best.click()
+    page.wait_for_function(f"() => ({title})().includes('ESM (α = {best_alpha:.2f})')")
+    page.screenshot(path=str(shots / "4-merge-esm.png"), full_page=True)
+    # a rank change re-merges
     esm_title = page.evaluate(title)
     page.locator("#ctl-esm-rank_fraction input[type=range]").fill("0.25")
     page.wait_for_function(f"() => {{ const t = ({title})(); return t.includes('ESM (α =') && t !== {esm_title!r}; }}")
-    page.wait_for_function("() => document.querySelector('#cmp-table').innerText.split('ESM').length >= 3")
-    page.screenshot(path=str(shots / "4-merge-esm.png"), full_page=True)
+    page.wait_for_function("() => document.querySelector('#cmp-table').innerText.split('ESM').length >= 4")
 
     # 5 routing on the pool's samples
     _tab(page, "5 · Routing (ESM++)")
