@@ -2,8 +2,14 @@
 
 Used by tests/test_session.py, test_app_http.py and test_browser.py; it behaves
 like :func:`esm_core.demo.load_demo_pool`'s pool but builds in well under a second.
+:func:`launch_app` starts the app (``app.py``) on a free local port for the
+HTTP and browser tests.
 """
 from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,3 +43,17 @@ def make_fake_pool(seed: int = 0, n_val: int = 24, n_test: int = 24, n_classes: 
         data[t] = split
     return TaskPool(name="fake", model_name=FAKE_MODEL, base=base, tasks=sds, heads=heads, class_names=names,
                     data=data)
+
+
+def launch_app(pool_loader=None):
+    """Launch ``app.py``'s app (``pool_loader``: the starting pool; None = the built-in demo) on a free
+    local port without blocking; returns ``(demo, url)`` — call ``demo.close()`` when done."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # app.py lives at the repository root
+    import app
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = app.make_demo(pool_loader)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                            **app.launch_kwargs())
+    return demo, url

@@ -5,9 +5,6 @@ wiring is what is tested here; the numbers are tested in test_session.py).
 """
 import json
 import os
-import socket
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,13 +14,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from esm_core.checkpoints import read_config, save_safetensors  # noqa: E402
 from esm_core.methods import METHODS  # noqa: E402
-from fake_pool import FAKE_TASKS, make_fake_pool  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fake_pool import FAKE_TASKS, launch_app, make_fake_pool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +24,7 @@ def pool():
 
 @pytest.fixture(scope="module")
 def url(pool):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # app.py lives at the repository root
-    import app
-    demo = app.make_demo(lambda: pool)
-    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(),
-                                  quiet=True, **app.launch_kwargs())
+    demo, local_url = launch_app(lambda: pool)
     yield local_url
     demo.close()
 

@@ -11,8 +11,6 @@ Skipped (with the reason) when chromium or playwright is missing; never runs
 """
 import os
 import shutil
-import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,27 +24,17 @@ DEMO = Path(__file__).resolve().parent.parent / "assets" / "demo" / "config.json
 TIMEOUT_MS = 90_000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url():
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     pytest.importorskip("gradio")
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # app.py lives at the repository root
-    import app
+    from fake_pool import launch_app, make_fake_pool
     if DEMO.is_file() and (os.environ.get("ESM_SCREENSHOT_DIR") or os.environ.get("ESM_BROWSER_DEMO") == "1"):
         loader = None                                   # the real built-in demo pool
     else:
-        from fake_pool import make_fake_pool
         pool = make_fake_pool()
         loader = lambda: pool                           # noqa: E731
-    demo = app.make_demo(loader)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True,
-                            **app.launch_kwargs())
+    demo, url = launch_app(loader)
     yield url
     demo.close()
 
