@@ -40,6 +40,8 @@ import torch
 from . import __version__, vit
 from .merge import apply_updates, resolve_device
 from .methods import METHODS, get_method
+from .methods.esm import esm_rank
+from .pool import cosine_head
 
 Progress = Callable[[float, str], None]
 
@@ -306,8 +308,7 @@ def _centroid_head(visual, x: torch.Tensor, y: np.ndarray, n_classes: int, scale
     feats = torch.cat([visual(x[i:i + 128]).float() for i in range(0, len(x), 128)])
     feats = torch.nn.functional.normalize(feats, dim=-1)
     yt = torch.from_numpy(y)
-    W = torch.stack([feats[yt == c].mean(0) for c in range(n_classes)])
-    return scale * torch.nn.functional.normalize(W, dim=-1)
+    return cosine_head(torch.stack([feats[yt == c].mean(0) for c in range(n_classes)]), scale)
 
 
 def load_uploaded(s: Session, base_path: str | Path, task_paths: Mapping[str, str | Path],
@@ -683,11 +684,6 @@ def spectra(s: Session, progress: Progress | None = None) -> list[dict]:
         return s.spectra_rows
 
 
-def rank_for(d_out: int, n_tasks: int, rank_fraction: float = 1.0) -> int:
-    """Per-task rank ``floor(rank_fraction · d_out / T)`` clamped to [1, d_out] (1.0 = ESM's default)."""
-    return max(1, min(int(rank_fraction * d_out / n_tasks), d_out))
-
-
 def spectra_at(s: Session, rank_fraction: float = 1.0, progress: Progress | None = None) -> list[dict]:
     """Spectra rows with ``k``, ``esd_kept_at_k`` and ``svd_kept_at_k`` re-read at ``rank_fraction`` of the default rank."""
     rows = spectra(s, progress)
@@ -695,7 +691,7 @@ def spectra_at(s: Session, rank_fraction: float = 1.0, progress: Progress | None
     out = []
     for r in rows:
         d_out = int(s.pool.base[r["key"]].shape[0])
-        k = rank_for(d_out, T, rank_fraction)
+        k = esm_rank(d_out, T, rank_fraction=rank_fraction)
         kk = min(k, len(r["esd_energy_kept"])) - 1
         out.append({**r, "k": k, "esd_kept_at_k": r["esd_energy_kept"][kk], "svd_kept_at_k": r["svd_energy_kept"][kk]})
     return out
@@ -709,7 +705,7 @@ def overlap(s: Session, key: str, rank_fraction: float = 1.0, progress: Progress
         raise ValueError(f"no layer {key!r} in this model")
     with s.lock:
         stats = ensure_stats(s, progress=progress)
-        k = rank_for(int(pool.base[key].shape[0]), len(pool.task_names), rank_fraction)
+        k = esm_rank(int(pool.base[key].shape[0]), len(pool.task_names), rank_fraction=rank_fraction)
         return analysis.subspace_overlap(pool.base, pool.tasks, stats, keys=[key], k=k, cache=ensure_cache(s))
 
 
