@@ -808,7 +808,8 @@ def _pca2(z: torch.Tensor) -> torch.Tensor:
 
 def routing_embedding(log_or_inputs: DecisionLog | torch.Tensor, layer: int | str,
                       prototypes: Experts | torch.Tensor, *, seed: int = 0, tasks: Sequence[str] | None = None,
-                      true: torch.Tensor | Sequence[int] | None = None, routed: torch.Tensor | None = None) -> dict:
+                      true: torch.Tensor | Sequence[int] | None = None, routed: torch.Tensor | None = None,
+                      method: str = "umap") -> dict:
     """2-D map of per-sample mean-pooled inputs at one routed layer, together with the prototypes.
 
     ``log_or_inputs``: a :class:`DecisionLog` recorded with pooled inputs
@@ -819,12 +820,16 @@ def routing_embedding(log_or_inputs: DecisionLog | torch.Tensor, layer: int | st
     Points are L2-normalised (routing is by cosine) and embedded with UMAP
     (umap-learn, ``random_state=seed``: deterministic); with fewer than
     :data:`EMBED_MIN_POINTS` points in all, PCA is used and ``note`` says so.
+    ``method="pca"``: the first two principal coordinates instead (instant;
+    UMAP compiles on its first use in a process).
 
     Returns ``{"layer", "method" ("umap" | "pca"), "note", "seed", "tasks",
     "points" (N × 2 numpy), "prototype_points" (T × 2), "true" (task name or
     None per point), "routed" (task name per point)}``.
     """
     import numpy as np
+    if method not in ("umap", "pca"):
+        raise ValueError(f"method must be 'umap' or 'pca', got {method!r}")
     if isinstance(log_or_inputs, DecisionLog):
         log = log_or_inputs
         li = log.layer_index(layer)
@@ -860,7 +865,10 @@ def routing_embedding(log_or_inputs: DecisionLog | torch.Tensor, layer: int | st
     if routed is None:
         routed = (xn @ pn.mT).argmax(-1)
     z = torch.cat([xn, pn])
-    if z.shape[0] < EMBED_MIN_POINTS:
+    if method == "pca":
+        note = "PCA of L2-normalised inputs"
+        coords = _pca2(z).numpy()
+    elif z.shape[0] < EMBED_MIN_POINTS:
         method, note = "pca", f"PCA: only {z.shape[0]} points (UMAP needs at least {EMBED_MIN_POINTS})"
         coords = _pca2(z).numpy()
     else:

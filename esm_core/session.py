@@ -844,19 +844,6 @@ def _routed_accuracies(s: Session, model) -> dict:
     return out
 
 
-def _pca_map(pooled: torch.Tensor, protos: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """First two principal coordinates of the L2-normalised samples and prototypes (instant, deterministic)."""
-    z = torch.cat([torch.nn.functional.normalize(pooled.double(), dim=-1),
-                   torch.nn.functional.normalize(protos.double(), dim=-1)])
-    zc = z - z.mean(0)
-    _, _, vh = torch.linalg.svd(zc, full_matrices=False)
-    v = vh[:2].mT
-    if v.shape[1] < 2:
-        v = torch.cat([v, v.new_zeros(v.shape[0], 2 - v.shape[1])], 1)
-    c = (zc @ v).numpy()
-    return c[:pooled.shape[0]], c[pooled.shape[0]:]
-
-
 def run_routing(s: Session, rank: int = 32, per_task: int = 6, image=None, umap: bool = False,
                 progress: Progress | None = None) -> dict:
     """Route ``per_task`` sample images of every task (and the uploaded ``image``, if any) through ESM++.
@@ -894,12 +881,7 @@ def run_routing(s: Session, rank: int = 32, per_task: int = 6, image=None, umap:
         li = len(log.keys) - 1                      # the deepest routed layer: tasks are most separated there
         if umap:
             report(0.85, "UMAP of the samples (the first use compiles UMAP: this can take a minute)")
-            emb = routing.routing_embedding(log, li, model.experts, seed=0)
-        else:
-            pts, pp = _pca_map(log.pooled[li], model.experts.prototypes[log.keys[li]])
-            emb = {"points": pts, "prototype_points": pp, "tasks": list(log.tasks), "layer": log.keys[li],
-                   "note": "PCA of L2-normalised inputs",
-                   "true": [log.tasks[int(t)] if int(t) >= 0 else None for t in log.true]}
+        emb = routing.routing_embedding(log, li, model.experts, seed=0, method="umap" if umap else "pca")
         known = log.true >= 0
         layer_acc = routing.routing_accuracy(log).tolist() if bool(known.any()) else None
         T = len(log.tasks)

@@ -5,6 +5,7 @@ import json
 import logging
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -456,6 +457,23 @@ def test_routing_embedding_from_plain_tensors_routes_by_cosine():
     assert emb["routed"] == ["b", "c"] and emb["true"] == [None, None]
     with pytest.raises(ValueError, match="do not fit"):
         routing_embedding(pts, 0, torch.eye(3, 5), tasks=TASKS)
+    with pytest.raises(ValueError, match="'umap' or 'pca'"):
+        routing_embedding(pts, 0, protos, tasks=TASKS, method="tsne")
+
+
+def test_routing_embedding_pca_on_request_with_many_points():
+    g = torch.Generator().manual_seed(0)
+    protos = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    pts = torch.cat([protos[i] + 0.1 * torch.randn(10, 8, generator=g) for i in range(3)])
+    emb = routing_embedding(pts, "l", protos, tasks=TASKS, method="pca")
+    assert emb["method"] == "pca" and emb["points"].shape == (30, 2) and emb["prototype_points"].shape == (3, 2)
+    z = torch.cat([F.normalize(pts.double(), dim=-1), F.normalize(protos.double(), dim=-1)])
+    zc = (z - z.mean(0)).numpy()
+    coords = np.concatenate([emb["points"], emb["prototype_points"]])
+    # orthonormal projection onto the top-2 principal plane: the variance kept equals the top-2 singular values²
+    s = np.linalg.svd(zc, compute_uv=False)
+    assert np.allclose((coords ** 2).sum(), (s[:2] ** 2).sum())
+    assert np.allclose(coords.mean(0), 0, atol=1e-12)
 
 
 @pytest.mark.slow
