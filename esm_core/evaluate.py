@@ -39,13 +39,25 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def subset_ids(n_total: int, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded subset of ``n`` out of ``n_total`` (all of them when ``n_total ≤ n``)."""
+    if n_total <= n:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False))
+
+
 @torch.inference_mode()
 def _accuracies(pool, visual: torch.nn.Module, split: str, tasks: list[str], batch_size: int,
-                progress: Progress | None, prefix: str = "") -> dict[str, float]:
+                progress: Progress | None, prefix: str = "", per_task: int | None = None,
+                seed: int = 0) -> dict[str, float]:
+    """Top-1 per task; ``per_task``: only a fixed seeded subset of that many images of each task."""
     dev = _module_device(visual)
     out = {}
     for i, t in enumerate(tasks):
         x, y = pool.images(t, split)
+        if per_task:
+            ids = subset_ids(len(y), per_task, seed)
+            x, y = x[ids], y[ids]
         if len(y) == 0:
             raise ValueError(f"task {t!r} has no {split!r} images")
         correct = 0
@@ -175,16 +187,18 @@ def _interpolated(base, u0, diff, alpha: float) -> dict[str, torch.Tensor]:
 
 
 def affine_updates(pool, method: str, params: Mapping[str, Any] | None = None, *, stats=None, cache=None,
-                   device: str | torch.device = "auto", progress: Progress | None = None) -> tuple[dict, dict, float]:
+                   device: str | torch.device = "auto", check: bool = True,
+                   progress: Progress | None = None) -> tuple[dict, dict, float]:
     """(U0, U1 − U0 scaled to α = 1, a1): the method's update at α = 0 and its slope in α.
 
-    The slope is measured at ``a1 = min(1, max α)`` of the method's schema."""
+    The slope is measured at ``a1 = min(1, max α)`` of the method's schema.
+    ``check=False`` skips validating the checkpoints (a pool already checked)."""
     m = get_method(method)
     p = {k: v for k, v in dict(params or {}).items() if k != "alpha"}
     amax = next(q.max for q in m.params if q.name == "alpha")
     a1 = 1.0 if amax is None else min(1.0, float(amax))
     kw = dict(stats=stats, cache=cache, device=device)
-    u0 = merge_updates(method, pool.base, pool.tasks, alpha=0.0, **kw, **p,
+    u0 = merge_updates(method, pool.base, pool.tasks, alpha=0.0, check=check, **kw, **p,
                        progress=None if progress is None else (lambda f, d: progress(0.5 * f, d)))
     u1 = merge_updates(method, pool.base, pool.tasks, alpha=a1, check=False, **kw, **p,
                        progress=None if progress is None else (lambda f, d: progress(0.5 + 0.5 * f, d)))

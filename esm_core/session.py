@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from . import __version__, vit
+from .evaluate import _accuracies, affine_updates
 from .merge import apply_updates, resolve_device
 from .methods import METHODS, get_method
 from .methods.esm import esm_rank
@@ -422,12 +423,6 @@ def _default_demo_loader():
 
 # ---------------------------------------------------------------- evaluation on capped subsets
 
-def _subset_ids(n_total: int, n: int, seed: int = EVAL_SEED) -> np.ndarray:
-    if n_total <= n:
-        return np.arange(n_total)
-    return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False))
-
-
 def _visual(s: Session, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     """The session's image tower with ``state_dict`` loaded (built once)."""
     dev = s.device
@@ -438,7 +433,6 @@ def _visual(s: Session, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Modu
     return s._visual
 
 
-@torch.inference_mode()
 def accuracies(s: Session, model, split: str = "test", per_task: int | None = None,
                tasks: list[str] | None = None, progress: Progress | None = None) -> dict[str, float]:
     """Top-1 accuracy per task on a fixed seeded subset (``per_task`` images; None: the whole split).
@@ -447,21 +441,8 @@ def accuracies(s: Session, model, split: str = "test", per_task: int | None = No
     """
     pool = _need_pool(s)
     visual = model if isinstance(model, torch.nn.Module) else _visual(s, model)
-    dev = next(visual.parameters()).device
     tasks = list(pool.task_names) if tasks is None else tasks
-    out = {}
-    for i, t in enumerate(tasks):
-        x, y = pool.images(t, split)
-        ids = _subset_ids(len(y), per_task) if per_task else np.arange(len(y))
-        xs, ys = x[ids], y[ids]
-        correct = 0
-        for b in range(0, len(ys), 256):
-            f = visual(xs[b:b + 256].to(dev)).float()
-            correct += int((pool.logits(t, f).argmax(-1).cpu() == ys[b:b + 256]).sum())
-        out[t] = correct / max(len(ys), 1)
-        if progress is not None:
-            progress((i + 1) / len(tasks), f"evaluating {t}")
-    return out
+    return _accuracies(pool, visual, split, tasks, 256, progress, per_task=per_task, seed=EVAL_SEED)
 
 
 def references(s: Session, split: str = "test", progress: Progress | None = None) -> dict:
@@ -524,28 +505,17 @@ def _affine(s: Session, method: str, params: Mapping[str, Any], progress: Progre
     from two merges (α = 0 and α = a1). The pool's checkpoints were checked
     when it was loaded, so the merges skip that check.
     """
-    from .merge import merge_updates
     key = (method, _frozen(params))
     if key in s.affine:
         s.affine.move_to_end(key)
         return s.affine[key]
-    m = get_method(method)
     report = progress or _noop
-    kw = {"device": s.device, "check": False}
-    if m.needs_stats:
-        kw["stats"] = ensure_stats(s, progress=lambda f, d: report(0.4 * f, d))
-        kw["cache"] = ensure_cache(s)
-    p = {k: v for k, v in params.items() if k != "alpha"}
-    amax = next(q.max for q in m.params if q.name == "alpha")
-    a1 = 1.0 if amax is None else min(1.0, float(amax))
-    u0 = merge_updates(method, s.pool.base, s.pool.tasks, alpha=0.0, **kw, **p,
-                       progress=lambda f, d: report(0.4 + 0.3 * f, d))
-    u1 = merge_updates(method, s.pool.base, s.pool.tasks, alpha=a1, **kw, **p,
-                       progress=lambda f, d: report(0.7 + 0.3 * f, d))
-    keys = set(u0) | set(u1)
-    zero = {k: torch.zeros_like(s.pool.base[k], dtype=torch.float32) for k in keys}
-    u0 = {k: u0.get(k, zero[k]) for k in keys}
-    slope = {k: (u1.get(k, zero[k]) - u0[k]) / a1 for k in keys}
+    stats = cache = None
+    if get_method(method).needs_stats:
+        stats = ensure_stats(s, progress=lambda f, d: report(0.4 * f, d))
+        cache = ensure_cache(s)
+    u0, slope, _ = affine_updates(s.pool, method, params, stats=stats, cache=cache, device=s.device, check=False,
+                                  progress=lambda f, d: report(0.4 + 0.6 * f, d))
     s.affine[key] = (u0, slope)
     while len(s.affine) > AFFINE_CACHE:
         s.affine.popitem(last=False)

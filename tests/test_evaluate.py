@@ -164,3 +164,10 @@ def test_demo_affine_trick_matches_ta(demo):
     direct = merge("ta", demo.base, demo.tasks, alpha=0.43)
     for k in direct:
         assert torch.allclose(demo.base[k] + u0.get(k, 0) + 0.43 * diff.get(k, 0), direct[k], atol=1e-6), k
+
+
+def test_subset_ids_are_a_seeded_sorted_subset():
+    a = E.subset_ids(1000, 100, seed=0)
+    assert len(a) == 100 == len(set(a.tolist())) and (np.diff(a) > 0).all() and a.max() < 1000
+    assert (a == E.subset_ids(1000, 100, seed=0)).all() and not (a == E.subset_ids(1000, 100, seed=1)).all()
+    assert (E.subset_ids(50, 100) == np.arange(50)).all()
