@@ -881,7 +881,8 @@ def run_routing(s: Session, rank: int = 32, per_task: int = 6, image=None, umap:
                "static_accuracy": accs["base"],
                "embedding": {"points": emb["points"], "labels": true_names, "proto_points": emb["prototype_points"],
                              "proto_labels": list(emb["tasks"]),
-                             "title": f"{emb['note']}, layer {_short(emb['layer'])}; ★ = task prototypes"},
+                             "title": f"{emb['note']}, layer {vit.short_key(str(emb['layer']))}; "
+                                      "★ = task prototypes"},
                "summary_md": "\n\n".join(lines), "n_tasks": T}
         s.routing = run
         report(1.0, "routing done")
@@ -895,11 +896,6 @@ def read_export_config(path: str | Path) -> dict | None:
         return json.loads(p.read_text())
     from .checkpoints import read_config
     return read_config(p)
-
-
-def _short(key) -> str:
-    k = str(key)
-    return k.replace("visual.transformer.resblocks.", "block ").replace(".weight", "").replace("_weight", "")
 
 
 def export_esmpp(s: Session, rank: int = 32, progress: Progress | None = None) -> Path:

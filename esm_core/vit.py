@@ -70,3 +70,16 @@ def layer_types_of(keys) -> dict[str, str]:
 def esd_keys(keys, types=ESD_TYPES) -> list[str]:
     """Keys whose layer type is in ``types`` (default: the reference ESD layers)."""
     return [k for k in keys if layer_type(k) in types]
+
+
+def short_key(key: str) -> str:
+    """``visual.transformer.resblocks.3.mlp.c_fc.weight`` → ``3 · mlp.c_fc``."""
+    parts = key.split(".")
+    if "resblocks" in parts:
+        i = parts.index("resblocks")
+        rest = ".".join(parts[i + 2:])
+        for suf in (".weight", "_weight"):
+            if rest.endswith(suf):
+                rest = rest[: -len(suf)]
+        return f"{parts[i + 1]} · {rest}"
+    return key[len("visual."):] if key.startswith("visual.") else key

@@ -13,6 +13,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .vit import short_key  # noqa: F401  (re-exported: the app labels layers with viz.short_key)
+
 # One colour per task, in task order (Plotly's qualitative "D3" + "Set2" palettes, repeated if needed).
 TASK_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                 "#bcbd22", "#17becf", "#66c2a5", "#fc8d62", "#8da0cb", "#e78ac3", "#a6d854", "#ffd92f"]
@@ -156,19 +158,6 @@ def layer_task_heatmap(rows: Sequence[Mapping], field: str = "esd_kept_at_k", ti
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(**_LAYOUT, height=max(300, 28 * len(layers) + 120), title=title or field)
     return fig
-
-
-def short_key(key: str) -> str:
-    """``visual.transformer.resblocks.3.mlp.c_fc.weight`` → ``3 · mlp.c_fc``."""
-    parts = key.split(".")
-    if "resblocks" in parts:
-        i = parts.index("resblocks")
-        rest = ".".join(parts[i + 2:])
-        for suf in (".weight", "_weight"):
-            if rest.endswith(suf):
-                rest = rest[: -len(suf)]
-        return f"{parts[i + 1]} · {rest}"
-    return key[len("visual."):] if key.startswith("visual.") else key
 
 
 # ---------------------------------------------------------------- interference view
