@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from . import __version__, vit
-from .evaluate import _accuracies, affine_updates
+from .evaluate import _accuracies, affine_updates, normalised
 from .merge import apply_updates, resolve_device
 from .methods import METHODS, get_method
 from .methods.esm import esm_rank
@@ -461,12 +461,6 @@ def references(s: Session, split: str = "test", progress: Progress | None = None
         return s.refs[split]
 
 
-def summarize(accs: Mapping[str, float], finetuned: Mapping[str, float]) -> dict:
-    """``{"tasks": {t: {"abs", "norm"}}, "mean_abs", "mean_norm"}`` (normalised = acc / fine-tuned acc)."""
-    from .evaluate import normalised
-    return normalised(accs, finetuned)
-
-
 # ---------------------------------------------------------------- statistics and caches
 
 def ensure_stats(s: Session, n: int = 32, seed: int = 0, progress: Progress | None = None):
@@ -546,7 +540,7 @@ def merge(s: Session, method: str, params: Mapping[str, Any] | None = None, prog
         report(0.9, "evaluating the merged model")
         sd = apply_updates(pool.base, ups)
         accs = accuracies(s, sd, "test", s.live_per_task)
-        summary = summarize(accs, refs["finetuned"])
+        summary = normalised(accs, refs["finetuned"])
         rec = {"id": len(s.merges) + 1, "method": method, "title": m.title, "params": p, "accs": accs,
                "summary": summary, "seconds": round(time.perf_counter() - t0, 3),
                "config": merge_config(s, method, p)}
@@ -598,7 +592,7 @@ def full_evaluation(s: Session, progress: Progress | None = None) -> dict:
         for i, t in enumerate(pool.task_names):
             ft[t] = accuracies(s, pool.tasks[t], "test", None, [t])[t]
             report(0.7 + 0.3 * (i + 1) / len(pool.task_names), f"fine-tuned {t}")
-        return {"summary": summarize(accs, ft), "refs": {"zeroshot": zs, "finetuned": ft}}
+        return {"summary": normalised(accs, ft), "refs": {"zeroshot": zs, "finetuned": ft}}
 
 
 def alpha_curve(s: Session, method: str, params: Mapping[str, Any] | None = None,
@@ -623,7 +617,7 @@ def alpha_curve(s: Session, method: str, params: Mapping[str, Any] | None = None
         for i, a in enumerate(grid):
             sd = apply_updates(pool.base, updates_at(u0, slope, float(a)))
             accs = accuracies(s, sd, "val", s.alpha_per_task)
-            curve.append((float(a), summarize(accs, refs["finetuned"])["mean_norm"]))
+            curve.append((float(a), normalised(accs, refs["finetuned"])["mean_norm"]))
             report(0.3 + 0.7 * (i + 1) / len(grid), f"α = {a:.2f}: {100 * curve[-1][1]:.1f} % normalised (val)")
         best = max(curve, key=lambda e: e[1])[0]
         s.curves[(method, _frozen(p))] = (best, curve)
