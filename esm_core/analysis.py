@@ -25,6 +25,7 @@ import torch
 
 from . import vit
 from .decompose import DecompositionCache, fingerprint
+from .methods.esm import esm_rank
 from .probe import stats_from_inputs, task_layer_stats
 
 ENERGY = 0.95
@@ -61,10 +62,6 @@ def _keys(base, keys, esd_only: bool) -> list[str]:
     if not found:
         raise ValueError("no transformer linear layers recognised in this model: pass keys=[...] explicitly")
     return found
-
-
-def _rank(d_out: int, T: int, k: int | None) -> int:
-    return max(1, min(int(k) if k else d_out // T, d_out))
 
 
 def _first_reaching(cum: torch.Tensor, energy: float) -> int:
@@ -110,7 +107,7 @@ def spectra(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=No
     for key in _keys(base, keys, esd_only=True):
         for name in names:
             d_out, d_in = base[key].shape
-            kk = _rank(d_out, len(names), k)
+            kk = esm_rank(d_out, len(names), rank=int(k or 0))
             e, d, st = _esd_entry(cache, base, tasks, stats, name, key, 0)
             G = st.gram.to(torch.float64)
             r = min(d_out, d_in)
@@ -155,7 +152,7 @@ def subspace_overlap(base, tasks, stats, merged_updates=None, keys=None, k=None,
     acc = torch.zeros(T, T, dtype=torch.float64)
     keys = _keys(base, keys, esd_only=True)
     for key in keys:
-        kk = _rank(base[key].shape[0], T, k)
+        kk = esm_rank(base[key].shape[0], T, rank=int(k or 0))
         Ph = [_esd_entry(cache, base, tasks, stats, n, key, kk)[0].P[:, :kk].to(torch.float64) for n in names]
         M = torch.tensor([[float((Ph[s].mT @ Ph[t]).square().sum()) / kk for t in range(T)] for s in range(T)],
                          dtype=torch.float64)

@@ -33,8 +33,8 @@ calls ``self.attn(q_x, k_x, v_x, need_weights=False, attn_mask=mask)[0]`` with
 with the same heads and ``out_proj``. With zero experts both are numerically
 equal to the original modules.
 
-Using it (this is also how ``esm_core.evaluate`` should call it for an
-``esmpp`` method)::
+Using it (this is how ``esm_core.evaluate.evaluate_esmpp`` calls it for the
+``esmpp`` rows)::
 
     routed = build_esmpp(pool, stats, rank=32)            # alpha=None: chosen on validation
     accs, log = evaluate_routed(pool, routed, "test")     # per-task accuracy + every decision
