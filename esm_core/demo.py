@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import data as D
-from .pool import TaskPool, cosine_head, register_model_config
+from .pool import TaskPool, cosine_head, normalise_images, register_model_config
 
 Progress = Callable[[float, str], None]
 
@@ -193,8 +193,7 @@ def _samples(x: np.ndarray, y: np.ndarray, k: int, n_classes: int) -> tuple[np.n
 # ---------------------------------------------------------------- training
 
 def _to_input(raw: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(raw)).float().div_(255.0).sub_(MEAN[0]).div_(STD[0])
-    return x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    return normalise_images(raw, MEAN, STD)
 
 
 def _augment(x: torch.Tensor, shift: int, flip: bool, gen: torch.Generator) -> torch.Tensor:

@@ -129,16 +129,7 @@ class TaskPool:
 
     def normalise(self, raw: np.ndarray) -> torch.Tensor:
         """uint8 images (N×H×W grey or N×H×W×3) → float N×3×H×W, normalised with the pool's mean/std."""
-        x = torch.from_numpy(np.ascontiguousarray(raw)).float().div_(255.0)
-        if x.ndim == 3:
-            x = x.unsqueeze(1).expand(-1, 3, -1, -1)
-        elif x.ndim == 4 and x.shape[-1] == 3:
-            x = x.permute(0, 3, 1, 2)
-        else:
-            raise ValueError(f"images must be N×H×W or N×H×W×3, got shape {tuple(raw.shape)}")
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous()
+        return normalise_images(raw, self.mean, self.std)
 
     def images(self, task: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
         """(x float N×3×H×W normalised, y LongTensor N) of one task's split; cached."""
@@ -180,6 +171,20 @@ class TaskPool:
                         class_names={t: self.class_names[t] for t in tasks},
                         data={t: self.data[t] for t in tasks if t in self.data}, mean=self.mean, std=self.std,
                         quick_gelu=self.quick_gelu, meta=dict(self.meta))
+
+
+def normalise_images(raw: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 images (N×H×W grey or N×H×W×3) → float N×3×H×W, ``(x / 255 − mean) / std`` per channel."""
+    x = torch.from_numpy(np.ascontiguousarray(raw)).float().div_(255.0)
+    if x.ndim == 3:
+        x = x.unsqueeze(1).expand(-1, 3, -1, -1)
+    elif x.ndim == 4 and x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    else:
+        raise ValueError(f"images must be N×H×W or N×H×W×3, got shape {tuple(raw.shape)}")
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x - m) / sd).contiguous()
 
 
 def cosine_head(weight: torch.Tensor, scale: float = 30.0) -> torch.Tensor:
