@@ -67,6 +67,12 @@ def polar_and_singular_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return (u @ vh).to(x.dtype), s.to(x.dtype)
 
 
+def isotropic(x: torch.Tensor) -> torch.Tensor:
+    """``polar(x) · mean(sv(x))``: ``x`` with all its singular values set to their mean (Iso-C, ESM §6.5)."""
+    f, s = polar_and_singular_values(x)
+    return f * s.mean()
+
+
 def polar(x: torch.Tensor) -> torch.Tensor:
     """Orthogonal polar factor ``P Qᵀ`` of ``x`` (m × n): orthonormal columns if m ≥ n, rows otherwise."""
     return polar_and_singular_values(x)[0]

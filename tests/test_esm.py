@@ -319,8 +319,8 @@ def test_re_merge_reuses_the_output_factor(monkeypatch):
     cache = new_cache()
     esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache)
     shapes = []
-    real = esm_mod.polar_and_singular_values
-    monkeypatch.setattr(esm_mod, "polar_and_singular_values", lambda x: (shapes.append(tuple(x.shape)), real(x))[1])
+    real = esm_mod.isotropic
+    monkeypatch.setattr(esm_mod, "isotropic", lambda x: (shapes.append(tuple(x.shape)), real(x))[1])
     esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache, p_dim=1.0, p_task=0.5)
     assert len(shapes) == len(ESD_KEYS)                          # one polar per ESD key: V (Tk × d_in) only
     assert all(s[1] == base[k].shape[1] for s, k in zip(shapes, ESD_KEYS))

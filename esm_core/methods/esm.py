@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import decompose, vit
-from ..decompose import DecompositionCache, fingerprint, polar_and_singular_values
+from ..decompose import DecompositionCache, fingerprint, isotropic
 from ..probe import stats_from_inputs, task_layer_stats
 from .registry import Method, Param, alpha_param, register
 from .svd import tsv_merge_matrix
@@ -148,12 +148,6 @@ def esm_factors(Ps, lams, deltas, k: int, p_task: float = 2.0, p_dim: float = 2.
     device = deltas[0].device
     U = esm_u([P.to(device) for P in Ps], lams, k, eig_exp)
     return U, esm_v(Ps, lams, deltas, k, p_task, p_dim, eig_exp)
-
-
-def isotropic(x: torch.Tensor) -> torch.Tensor:
-    """``polar(x) · mean(sv(x))`` (SPEC §6.5): the factor with all singular values set to their mean."""
-    f, s = polar_and_singular_values(x)
-    return f * s.mean()
 
 
 def esm_combine(U: torch.Tensor, V: torch.Tensor, ortho_factor: float = 2.0) -> torch.Tensor:

@@ -9,8 +9,8 @@ Top-k singular triplets (:func:`top_svd`) come from the eigendecomposition of
 the small Gram matrix in float64 (``D Dᵀ = U diag(σ²) Uᵀ``, ``Vᵀ = diag(1/σ) Uᵀ D``),
 several times faster than a full float32 SVD on a CPU and at least as accurate
 for the kept triplets; a matrix whose top k includes (near-)zero singular values
-falls back to ``torch.linalg.svd``. Iso-C takes the polar factor and the singular
-values of the sum from one :func:`esm_core.decompose.polar_and_singular_values`.
+falls back to ``torch.linalg.svd``. Iso-C is :func:`esm_core.decompose.isotropic`
+of the sum (polar factor and singular values from one decomposition).
 Polar factors always come from :func:`esm_core.decompose.polar`.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import vit
-from ..decompose import polar, polar_and_singular_values
+from ..decompose import isotropic, polar
 from .registry import Method, Param, alpha_param, register
 
 
@@ -86,8 +86,7 @@ def tsv_merge_matrix(D: torch.Tensor) -> torch.Tensor:
 
 def iso_c_matrix(D: torch.Tensor) -> torch.Tensor:
     """Iso-C on one key: SVD of the sum ``Σ = U diag(σ) Vᵀ`` → ``mean(σ) U Vᵀ``."""
-    factor, sigma = polar_and_singular_values(D.sum(0))         # U Vᵀ is the polar factor of Σ
-    return factor * sigma.mean()
+    return isotropic(D.sum(0))                                   # U Vᵀ (the polar factor of Σ) · mean σ
 
 
 def iso_cts_dims(r: int, T: int, f: float) -> tuple[int, int]:
