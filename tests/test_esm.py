@@ -4,7 +4,8 @@ import torch
 import esm_core
 from esm_core import decompose, vit
 from esm_core.methods import get_method
-from esm_core.methods.esm import esm_combine, esm_factors, esm_rank, new_cache
+from esm_core.decompose import isotropic
+from esm_core.methods.esm import esm_rank, esm_u, esm_v, new_cache
 from esm_core.probe import stats_from_inputs
 
 D = 8                 # width
@@ -122,6 +123,11 @@ def test_matches_independent_reimplementation(params):
 # Each polarised scaling by hand
 # ---------------------------------------------------------------------------
 
+def esm_factors(Ps, lams, deltas, k, p_task=2.0, p_dim=2.0, eig_exp=0.15):
+    """ESM's concatenated factors (U, V) of one layer before orthogonalisation (SPEC §6.1–§6.4)."""
+    return esm_u(Ps, lams, k, eig_exp), esm_v(Ps, lams, deltas, k, p_task, p_dim, eig_exp)
+
+
 I2 = torch.eye(2, dtype=torch.float64)
 FLAT = torch.ones(2, dtype=torch.float64)
 
@@ -171,8 +177,18 @@ def test_combine_by_hand():
     # U = diag(1, 3), V = diag(2, 2): polar factors are I, mean sv 2 and 2 → 2 · (2 I)(2 I) = 8 I
     U = torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64))
     V = 2 * I2
-    torch.testing.assert_close(esm_combine(U, V, 2.0), 8 * I2)
-    torch.testing.assert_close(esm_combine(U, V, 1.0), 4 * I2)
+    torch.testing.assert_close(isotropic(U), 2 * I2)
+    torch.testing.assert_close(isotropic(V), 2 * I2)
+    torch.testing.assert_close(isotropic(U) @ isotropic(V), 4 * I2)
+    torch.testing.assert_close(2.0 * isotropic(U) @ isotropic(V), 8 * I2)    # §6.5 ΔW = f · U'V', f = 2
+
+
+def test_ortho_factor_scales_the_esd_keys_only():
+    base, tasks, inputs = _case(T=3)
+    two = esm_core.merge_updates("esm", base, tasks, inputs=inputs, p_layer=0.0)
+    one = esm_core.merge_updates("esm", base, tasks, inputs=inputs, p_layer=0.0, ortho_factor=1.0)
+    for k in two:
+        torch.testing.assert_close(one[k] * (2.0 if k in ESD_KEYS else 1.0), two[k], rtol=1e-5, atol=1e-8)
 
 
 def test_inter_layer_factor_by_hand():

@@ -138,23 +138,6 @@ def esm_v(Ps, lams, deltas, k: int, p_task: float = 2.0, p_dim: float = 2.0, eig
     return V
 
 
-def esm_factors(Ps, lams, deltas, k: int, p_task: float = 2.0, p_dim: float = 2.0, eig_exp: float = 0.15
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The concatenated, rescaled factors ``(U, V)`` of one ESD layer before orthogonalisation.
-
-    ``Ps[t]``: eigenvectors (d_out × ≥k), ``lams[t]``: eigenvalues (descending),
-    ``deltas[t]``: ΔWt (d_out × d_in). Float64. ``U``: d_out × Tk, ``V``: Tk × d_in.
-    """
-    device = deltas[0].device
-    U = esm_u([P.to(device) for P in Ps], lams, k, eig_exp)
-    return U, esm_v(Ps, lams, deltas, k, p_task, p_dim, eig_exp)
-
-
-def esm_combine(U: torch.Tensor, V: torch.Tensor, ortho_factor: float = 2.0) -> torch.Tensor:
-    """``ΔW = f · (polar(U) · mean sv(U)) · (polar(V) · mean sv(V))`` (SPEC §6.5; f = 2 in the reference)."""
-    return ortho_factor * (isotropic(U) @ isotropic(V))            # §6.5 ΔW = 2 · U' V'
-
-
 # ---------------------------------------------------------------------------
 # The method
 # ---------------------------------------------------------------------------
