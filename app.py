@@ -15,10 +15,10 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from esm_core import session as S
-from esm_core import viz
+from esm_core import studio as S
+from esm_core.studio import viz
 from esm_core.checkpoints import CheckpointError
-from esm_core.methods import METHODS
+from esm_core.merging import METHODS
 
 SESSION_TTL_S = 2 * 3600          # a session's tensors are dropped this long after its last event
 MAX_FILE_SIZE = "2gb"             # uploads above this are refused by Gradio before they reach us

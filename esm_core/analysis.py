@@ -23,10 +23,11 @@ from typing import Mapping
 
 import torch
 
-from . import vit
-from .decompose import DecompositionCache, fingerprint
-from .methods.esm import esm_rank
-from .probe import stats_from_inputs, task_layer_stats
+from .merging.decompose import DecompositionCache, fingerprint
+from .merging.esm import esm_rank
+from .merging.stats import stats_from_inputs, task_layer_stats
+from .merging.svd import subspace_alignment_ratio
+from .models import openclip_vit as vit
 
 ENERGY = 0.95
 
@@ -198,7 +199,6 @@ def alignment(base, tasks, stats=None, merged_updates=None, keys=None, k=None, c
     ``merged_updates``: ``{key: merged ΔW}`` (e.g. :func:`esm_core.merge_updates`). Returns
     ``{"tasks": names, "layers": {key: {task: sar}}, "mean": {task: mean over layers}}``.
     """
-    from .methods.svd import subspace_alignment_ratio
     if merged_updates is None:
         raise ValueError("the subspace alignment ratio needs merged_updates={key: merged update}")
     names = list(tasks)

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 MAX_CHECKPOINT_BYTES = 2 * 1024 ** 3     # uploads larger than this are refused (2 GiB)
 
@@ -349,8 +351,6 @@ def load_checkpoint(path: str | os.PathLike, *, base: Mapping[str, torch.Tensor]
         if kind != "safetensors":
             hint = " (it looks like a torch.save file: use a .pt name)" if kind in ("zip", "pickle") else ""
             raise CheckpointError(f"{name}: not a valid safetensors file{hint}")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
             sd = load_file(str(p), device="cpu")
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
@@ -412,7 +412,6 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
     ``{"format": "pt", "esm_studio_config": json.dumps(config)}`` (read it back
     with :func:`read_config`).
     """
-    from safetensors.torch import save_file
     p = Path(path)
     if p.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{p.name}: merged models are written as safetensors; give the file a .safetensors name")
@@ -448,7 +447,6 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
 
 def read_config(path: str | os.PathLike) -> dict | None:
     """The config :func:`save_safetensors` stored in a file's metadata (None if there is none)."""
-    from safetensors import SafetensorError, safe_open
     p = Path(path)
     try:
         with safe_open(str(p), framework="pt") as f:

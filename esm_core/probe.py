@@ -16,62 +16,13 @@ not grow with the number of samples.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 import torch
 
-from . import vit
-
-
-@dataclass
-class LayerStats:
-    """Input statistics of one linear layer: ``gram = XᵀX`` (float64), ``n`` rows, ``mean`` of the rows."""
-    gram: torch.Tensor
-    n: int
-    mean: torch.Tensor
-
-
-class _Accumulator:
-    def __init__(self):
-        self.gram = None
-        self.sum = None
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        if self.gram is None:
-            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            self.sum = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-        self.gram += x.mT @ x
-        self.sum += x.sum(0)
-        self.n += x.shape[0]
-
-    def result(self) -> LayerStats:
-        return LayerStats(gram=self.gram.cpu(), n=self.n, mean=(self.sum / self.n).cpu())
-
-
-def _hook_points(visual: torch.nn.Module, key_prefix: str, layer_types) -> list[tuple[str, torch.nn.Module, str]]:
-    """``[(weight key, module to hook, how)]`` for every block and layer type."""
-    try:
-        blocks = visual.transformer.resblocks
-    except AttributeError:
-        raise ValueError("probe expects an open_clip VisionTransformer (visual.transformer.resblocks)") from None
-    known = (vit.IN_PROJ, vit.C_FC, vit.C_PROJ)
-    bad = [t for t in layer_types if t not in known]
-    if bad:
-        raise ValueError(f"probe cannot record the input of layer type(s) {bad}; supported: {list(known)}")
-    points = []
-    for i, blk in enumerate(blocks):
-        for t in layer_types:
-            key = f"{key_prefix}transformer.resblocks.{i}.{t}"
-            if t == vit.IN_PROJ:
-                points.append((key, blk.attn, "query"))
-            elif t == vit.C_FC:
-                points.append((key, blk.mlp.c_fc, "input"))
-            else:
-                points.append((key, blk.mlp.c_proj, "input"))
-    return points
+from .device import resolve_device
+from .merging.stats import LayerStats, _Accumulator, stats_from_inputs, task_layer_stats  # noqa: F401 (re-exported)
+from .models import openclip_vit as vit
 
 
 def _batches(images, batch_size: int) -> Iterable[torch.Tensor]:
@@ -97,9 +48,8 @@ def probe(visual: torch.nn.Module, images, *, key_prefix: str = "visual.", layer
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    from .merge import resolve_device   # (merge → methods → esm → probe: import here, not at the top)
     dev = resolve_device(device)
-    points = _hook_points(visual, key_prefix, tuple(layer_types))
+    points = vit.hook_points(visual, key_prefix, tuple(layer_types))
     acc = {key: _Accumulator() for key, _, _ in points}
     handles = []
 
@@ -146,7 +96,6 @@ def probe_pool(pool, n: int = 32, seed: int = 0, *, device: str | torch.device =
     """
     if n < 1:
         raise ValueError(f"the number of proxy samples must be >= 1, got {n}")
-    from .merge import resolve_device
     dev = resolve_device(device)
     names = list(pool.task_names)
     out = {"tasks": {}, "proxy_ids": {}, "n": int(n), "seed": int(seed)}
@@ -161,36 +110,3 @@ def probe_pool(pool, n: int = 32, seed: int = 0, *, device: str | torch.device =
     if progress is not None:
         progress(1.0, "probing done")
     return out
-
-
-# ---------------------------------------------------------------------------
-# Reading statistics (used by the ESM family and the analysis)
-# ---------------------------------------------------------------------------
-
-
-def stats_from_inputs(inputs: Mapping[str, Mapping[str, torch.Tensor]]) -> dict:
-    """``{task: {key: X}}`` (X: rows × d_in, or any shape ending in d_in) → a ``Stats`` dict."""
-    tasks = {}
-    for task, layers in inputs.items():
-        tasks[task] = {}
-        for key, x in layers.items():
-            if not isinstance(x, torch.Tensor) or x.ndim < 2:
-                raise ValueError(f"inputs[{task!r}][{key!r}] must be a tensor of rows × d_in")
-            a = _Accumulator()
-            a.add(x)
-            tasks[task][key] = a.result()
-    return {"tasks": tasks}
-
-
-def task_layer_stats(stats, task: str, key: str) -> LayerStats:
-    """The :class:`LayerStats` of ``key`` for ``task`` from a ``Stats`` dict (or ``{task: {key: LayerStats}}``)."""
-    per_task = stats["tasks"] if isinstance(stats, Mapping) and "tasks" in stats else stats
-    if task not in per_task:
-        raise ValueError(f"activation statistics have no task {task!r} (they have {sorted(per_task)})")
-    layers = per_task[task]
-    if key not in layers:
-        raise ValueError(f"activation statistics of task {task!r} have no layer {key!r}")
-    st = layers[key]
-    if isinstance(st, Mapping):
-        st = LayerStats(gram=st["gram"], n=int(st["n"]), mean=st.get("mean"))
-    return st

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esm_core.pool import TaskPool, build_visual_tower, cosine_head, register_model_config
+from esm_core.models.openclip_vit import build_visual_tower, register_model_config
+from esm_core.pools.taskpool import TaskPool, cosine_head
 
 FAKE_MODEL = "esm-test-fake-vit"
 FAKE_CONFIG = {"embed_dim": 16, "quick_gelu": True,

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import esm_core
-from esm_core import analysis, decompose
-from esm_core.methods.esm import new_cache
+from esm_core import analysis
+from esm_core.merging import decompose
+from esm_core.merging.esm import new_cache
 
 KEY = "visual.transformer.resblocks.0.mlp.c_fc.weight"
 OUT = "visual.transformer.resblocks.0.attn.out_proj.weight"

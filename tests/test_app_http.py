@@ -13,7 +13,7 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from esm_core.checkpoints import read_config, save_safetensors  # noqa: E402
-from esm_core.methods import METHODS  # noqa: E402
+from esm_core.merging import METHODS  # noqa: E402
 from fake_pool import FAKE_TASKS, launch_app, make_fake_pool  # noqa: E402
 
 

@@ -9,8 +9,9 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
-from esm_core import cli, vit
-from esm_core.bench import (JOB_PROVIDERS, Job, _run_cpu_job, bench, format_table, make_checkpoints, register_jobs,
+from esm_core import cli
+from esm_core.models import openclip_vit as vit
+from esm_core.bench.core import (JOB_PROVIDERS, Job, _run_cpu_job, bench, format_table, make_checkpoints, register_jobs,
                             select_jobs, vit_b32_shapes)
 
 MiB = 1024 ** 2
@@ -111,7 +112,7 @@ def test_jobs_can_be_added_and_run_with_setup():
 
 def test_warm_esm_rows_repeat_from_the_same_cache_state():
     """Each repeat of a warm ESM row recombines again instead of hitting the previous repeat's result."""
-    from esm_core.bench_esm import _run_esm, _setup_warm
+    from esm_core.bench.esm_rows import _run_esm, _setup_warm
     base, tasks = make_checkpoints(blocks=1, tasks=2)
     state = _setup_warm(base, tasks, torch.device("cpu"))
     before = {tag: fp for tag, (fp, _) in state["cache"].results.items()}
@@ -123,7 +124,7 @@ def test_warm_esm_rows_repeat_from_the_same_cache_state():
 
 
 def test_warm_rows_get_their_speedup_over_the_cold_row():
-    from esm_core.bench import _add_speedups
+    from esm_core.bench.core import _add_speedups
     rows = [{"name": "ta", "title": "TA", "seconds": 1.0, "peak_extra_mib": 1.0},
             {"name": "esm", "title": "cold", "seconds": 12.0, "peak_extra_mib": 1.0, "cache": "cold"},
             {"name": "esm_alpha", "title": "warm", "seconds": 0.5, "peak_extra_mib": 1.0, "cache": "warm"}]

@@ -11,8 +11,8 @@ import torch
 
 from esm_core import cli
 from esm_core.checkpoints import load_checkpoint, read_config, save_safetensors
-from esm_core.cli_merge import parse_tasks, progress_bar
-from esm_core.methods import METHODS, Method, Param, alpha_param, register
+from esm_core.cli.merge import parse_tasks, progress_bar
+from esm_core.merging import METHODS, Method, Param, alpha_param, register
 
 
 def tiny(seed: int) -> dict[str, torch.Tensor]:

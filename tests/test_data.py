@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from esm_core import data as D
+from esm_core.pools import image_data as D
 
 
 def _write_idx(path, arr: np.ndarray, code=0x08, compress=True):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from esm_core import decompose
-from esm_core.decompose import DecompositionCache, esd, esd_truncate, fingerprint, polar, polar_and_singular_values, polar_svd
+from esm_core.merging import decompose
+from esm_core.merging.decompose import DecompositionCache, esd, esd_truncate, fingerprint, polar, polar_and_singular_values, polar_svd
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):

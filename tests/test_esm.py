@@ -2,11 +2,12 @@ import pytest
 import torch
 
 import esm_core
-from esm_core import decompose, vit
-from esm_core.methods import get_method
-from esm_core.decompose import isotropic
-from esm_core.methods.esm import esm_rank, esm_u, esm_v, new_cache
-from esm_core.probe import stats_from_inputs
+from esm_core.merging import decompose
+from esm_core.models import openclip_vit as vit
+from esm_core.merging import get_method
+from esm_core.merging.decompose import isotropic
+from esm_core.merging.esm import esm_rank, esm_u, esm_v, new_cache
+from esm_core.merging.stats import stats_from_inputs
 
 D = 8                 # width
 H = 12                # MLP hidden width (keeps every default rank within the structural rank with 3 tasks)
@@ -235,7 +236,13 @@ def test_schema_defaults():
     p = m.resolve({})
     assert p == {"alpha": 1.0, "rank": 0, "rank_fraction": 0.0, "p_task": 2.0, "p_dim": 2.0, "p_layer": 2.0,
                  "eig_exp": 0.15, "ortho_factor": 2.0,
-                 "esd_types": "attn.in_proj_weight,mlp.c_fc.weight,mlp.c_proj.weight"}
+                 "esd_types": "auto"}                   # the model family's ESD types: checked next
+    base, tasks, inputs = _case(T=2)
+    info_auto, info_listed = {}, {}
+    esm_core.merge("esm", base, tasks, inputs=inputs, info=info_auto)
+    esm_core.merge("esm", base, tasks, inputs=inputs, info=info_listed,
+                   esd_types="attn.in_proj_weight,mlp.c_fc.weight,mlp.c_proj.weight")
+    assert info_auto["esm"]["esd_keys"] == info_listed["esm"]["esd_keys"] == ESD_KEYS
 
 
 # ---------------------------------------------------------------------------
@@ -275,7 +282,7 @@ def test_explicit_esd_keys_and_no_esd():
                                  esd_keys=only, info=info)
     assert info["esm"]["esd_keys"] == only
     # every other c_fc key went the TSV-M way
-    from esm_core.methods.svd import tsv_merge_matrix
+    from esm_core.merging.svd import tsv_merge_matrix
     k = "visual.transformer.resblocks.1.mlp.c_fc.weight"
     D = torch.stack([tasks[t][k] - base[k] for t in tasks])
     assert not torch.allclose(got[k], tsv_merge_matrix(D))   # scaled by β …
@@ -330,7 +337,7 @@ def test_cache_skips_decompositions_on_re_merge(monkeypatch):
 
 def test_re_merge_reuses_the_output_factor(monkeypatch):
     """A task / dimension exponent change orthogonalises only V; α, p_layer, ortho_factor none at all."""
-    import esm_core.methods.esm as esm_mod
+    import esm_core.merging.esm as esm_mod
     base, tasks, inputs = _case(T=3)
     cache = new_cache()
     esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache)

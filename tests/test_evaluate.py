@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from esm_core import evaluate as E
-from esm_core.merge import merge
-from esm_core.methods import METHODS, Method, alpha_param
-from esm_core.pool import TaskPool, cosine_head
+from esm_core.evaluation import accuracy, runs
+from esm_core.evaluation import alpha as A
+from esm_core.merging import merge
+from esm_core.merging import METHODS, Method, alpha_param
+from esm_core.pools.taskpool import TaskPool, cosine_head
 
 
 class ScalarTower(torch.nn.Module):
@@ -59,33 +60,33 @@ def _values():
 def test_evaluate_counts_hits_exactly():
     values = [0.1, 0.2, 0.6, 1.9]          # with w = 0.3: |s − w| < 0.25 for the first two only
     pool = FakePool(values, [1, 1, 1, 0], task_w=0.3)
-    accs = E.evaluate(pool, pool.tasks["t"], "test")
+    accs = accuracy.evaluate(pool, pool.tasks["t"], "test")
     assert accs == {"t": 0.75}            # 0.1, 0.2 → near (right); 0.6 → far (wrong); 1.9 → far (right)
     m = pool.build_visual(pool.tasks["t"])
-    assert E.evaluate(pool, m, "test", batch_size=1) == accs
+    assert accuracy.evaluate(pool, m, "test", batch_size=1) == accs
     with pytest.raises(ValueError, match="state dict or an nn.Module"):
-        E.evaluate(pool, [1, 2], "test")
+        accuracy.evaluate(pool, [1, 2], "test")
     with pytest.raises(ValueError, match="no task 'x'"):
-        E.evaluate(pool, m, "test", tasks=["x"])
+        accuracy.evaluate(pool, m, "test", tasks=["x"])
 
 
 def test_summarize_normalises_by_finetuned():
     pool = FakePool([0.5], [1], task_w=0.5)
     pool.task_names = ["a", "b"]
     pool.cache[("reference_accuracies", "test")] = {"zeroshot": {}, "finetuned": {"a": 0.8, "b": 0.5}}
-    s = E.summarize(pool, {"a": 0.4, "b": 0.5})
+    s = accuracy.summarize(pool, {"a": 0.4, "b": 0.5})
     assert s["tasks"]["a"] == {"abs": 0.4, "norm": 0.5} and s["tasks"]["b"]["norm"] == 1.0
     assert s["mean_abs"] == pytest.approx(0.45) and s["mean_norm"] == pytest.approx(0.75)
     with pytest.raises(ValueError, match="no fine-tuned accuracy for task 'c'"):
-        E.summarize(pool, {"c": 0.1})
+        accuracy.summarize(pool, {"c": 0.1})
 
 
 def test_reference_accuracies_cached():
     pool = FakePool(_values(), np.ones(201, np.int64), task_w=0.7)
-    r = E.reference_accuracies(pool, "val")
+    r = accuracy.reference_accuracies(pool, "val")
     assert r["zeroshot"]["t"] < r["finetuned"]["t"]
     n = pool.builds
-    assert E.reference_accuracies(pool, "val") is r and pool.builds == n
+    assert accuracy.reference_accuracies(pool, "val") is r and pool.builds == n
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def fake_ta(monkeypatch):
 def test_search_alpha_grid_finds_known_best(fake_ta):
     pool = FakePool(_values(), np.ones(201, np.int64), task_w=1.0)   # α = w; the best w is 0.7
     seen = []
-    best, curve = E.search_alpha(pool, "fake_ta", progress=lambda f, d: seen.append(f))
+    best, curve = runs.search_alpha(pool, "fake_ta", progress=lambda f, d: seen.append(f))
     assert best == pytest.approx(0.7)
     assert [a for a, _ in curve] == pytest.approx(list(np.linspace(0, 2, 21)[1:]))
     assert max(curve, key=lambda e: e[1])[0] == best
@@ -109,11 +110,11 @@ def test_search_alpha_grid_finds_known_best(fake_ta):
 
 def test_search_alpha_golden(fake_ta):
     pool = FakePool(_values(), np.ones(201, np.int64), task_w=1.0)
-    best, curve = E.search_alpha(pool, "fake_ta", strategy="golden")
+    best, curve = runs.search_alpha(pool, "fake_ta", strategy="golden")
     assert len(curve) <= 15 and abs(best - 0.7) < 0.06
     assert curve == sorted(curve)
     with pytest.raises(ValueError, match="strategy"):
-        E.search_alpha(pool, "fake_ta", strategy="random")
+        runs.search_alpha(pool, "fake_ta", strategy="random")
 
 
 def test_golden_section_converges_on_unimodal():
@@ -122,17 +123,17 @@ def test_golden_section_converges_on_unimodal():
     def f(x):
         calls.append(x)
         return -(x - 0.737) ** 2
-    best, evals = E.golden_section_max(f, 0.0, 2.0)
+    best, evals = A.golden_section_max(f, 0.0, 2.0)
     assert abs(best - 0.737) < 0.01 and len(evals) <= 15 and len(calls) == len(evals)
-    best, evals = E.golden_section_max(lambda x: -abs(x - 1.9), 0.0, 2.0, max_evals=6)
+    best, evals = A.golden_section_max(lambda x: -abs(x - 1.9), 0.0, 2.0, max_evals=6)
     assert len(evals) == 6 and best > 1.5
     with pytest.raises(ValueError):
-        E.golden_section_max(f, 1.0, 1.0)
+        A.golden_section_max(f, 1.0, 1.0)
 
 
 def test_affine_trick_equals_direct_merge(fake_ta):
     pool = FakePool(_values(), np.ones(201, np.int64), task_w=1.0)
-    u0, diff, a1 = E.affine_updates(pool, "fake_ta")
+    u0, diff, a1 = A.affine_updates(pool.base, pool.tasks, "fake_ta")
     direct = merge("fake_ta", pool.base, pool.tasks, alpha=0.37)
     assert torch.allclose(pool.base["visual.w"] + u0["visual.w"] + 0.37 * diff["visual.w"], direct["visual.w"])
 
@@ -141,7 +142,7 @@ def test_affine_trick_equals_direct_merge(fake_ta):
 
 @pytest.fixture(scope="module")
 def demo():
-    from esm_core.demo import DEMO_DIR, load_demo_pool
+    from esm_core.pools.demo import DEMO_DIR, load_demo_pool
     if not (DEMO_DIR / "config.json").is_file():
         pytest.skip("demo pool not built")
     return load_demo_pool().subset(["cvdigits", "skdigits"])
@@ -151,7 +152,7 @@ def test_demo_pool_shapes_and_references(demo):
     x, y = demo.images("skdigits", "val")
     assert x.shape[1:] == (3, 28, 28) and len(x) == len(y) > 50
     assert set(demo.base) == set(demo.tasks["cvdigits"]) and all(k.startswith("visual.") for k in demo.base)
-    r = E.reference_accuracies(demo, "val")
+    r = accuracy.reference_accuracies(demo, "val")
     for t in demo.task_names:
         assert r["finetuned"][t] > r["zeroshot"][t] + 0.05      # fine-tuning helps every task
         assert 1.0 / len(demo.class_names[t]) < r["zeroshot"][t]   # the heads are better than chance
@@ -160,14 +161,14 @@ def test_demo_pool_shapes_and_references(demo):
 def test_demo_affine_trick_matches_ta(demo):
     if "ta" not in METHODS:
         pytest.skip("task arithmetic not registered yet")
-    u0, diff, _ = E.affine_updates(demo, "ta")
+    u0, diff, _ = A.affine_updates(demo.base, demo.tasks, "ta")
     direct = merge("ta", demo.base, demo.tasks, alpha=0.43)
     for k in direct:
         assert torch.allclose(demo.base[k] + u0.get(k, 0) + 0.43 * diff.get(k, 0), direct[k], atol=1e-6), k
 
 
 def test_subset_ids_are_a_seeded_sorted_subset():
-    a = E.subset_ids(1000, 100, seed=0)
+    a = accuracy.subset_ids(1000, 100, seed=0)
     assert len(a) == 100 == len(set(a.tolist())) and (np.diff(a) > 0).all() and a.max() < 1000
-    assert (a == E.subset_ids(1000, 100, seed=0)).all() and not (a == E.subset_ids(1000, 100, seed=1)).all()
-    assert (E.subset_ids(50, 100) == np.arange(50)).all()
+    assert (a == accuracy.subset_ids(1000, 100, seed=0)).all() and not (a == accuracy.subset_ids(1000, 100, seed=1)).all()
+    assert (accuracy.subset_ids(50, 100) == np.arange(50)).all()

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esm_core import CheckpointError, METHODS, merge, merge_updates, vit
+from esm_core import CheckpointError, METHODS, merge, merge_updates
+from esm_core.models import openclip_vit as vit
 
 PLAIN = sorted(n for n, m in METHODS.items() if not m.needs_stats and n in
                ("average", "ta", "ties", "dare_ta", "dare_ties", "tsv_m", "iso_c", "iso_cts"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from esm_core import merge, merge_updates
-from esm_core.methods.basic import ties_kept_count
+from esm_core.merging.basic import ties_kept_count
 
 W, B = "visual.transformer.resblocks.0.mlp.c_fc.weight", "visual.transformer.resblocks.0.mlp.c_fc.bias"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from esm_core import merge_updates
-from esm_core.methods.svd import (energy_rank, iso_c_matrix, iso_cts_dims, iso_cts_matrix, subspace_alignment_ratio,
+from esm_core.merging.svd import (energy_rank, iso_c_matrix, iso_cts_dims, iso_cts_matrix, subspace_alignment_ratio,
                                   top_svd, tsv_merge_matrix)
 
 M, V = "enc.layer.weight", "enc.layer.bias"

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from esm_core import pool as P
+from esm_core.models.openclip_vit import build_visual_tower, register_model_config
+from esm_core.pools import poolfile as P
+from esm_core.pools.taskpool import TaskPool, cosine_head
 
 TINY = "esm-test-tiny"
 TINY_CFG = {"embed_dim": 4, "quick_gelu": True,
@@ -15,16 +17,16 @@ POOL_FILE = Path(__file__).resolve().parent.parent / "assets" / "pools" / "clip-
 
 
 def _tiny_sd(seed):
-    P.register_model_config(TINY, TINY_CFG)
+    register_model_config(TINY, TINY_CFG)
     torch.manual_seed(seed)
-    v = P.build_visual_tower(TINY)
+    v = build_visual_tower(TINY)
     return {f"visual.{k}": t.detach().clone() for k, t in v.state_dict().items()}
 
 
 def _pool(data=None):
     base = _tiny_sd(0)
-    heads = {"a": P.cosine_head(torch.randn(3, 4)), "b": P.cosine_head(torch.randn(2, 4))}
-    return P.TaskPool(name="t", model_name=TINY, base=base, tasks={"a": _tiny_sd(1), "b": _tiny_sd(2)}, heads=heads,
+    heads = {"a": cosine_head(torch.randn(3, 4)), "b": cosine_head(torch.randn(2, 4))}
+    return TaskPool(name="t", model_name=TINY, base=base, tasks={"a": _tiny_sd(1), "b": _tiny_sd(2)}, heads=heads,
                       class_names={"a": ["x", "y", "z"], "b": ["p", "q"]}, data=data or {})
 
 
@@ -87,7 +89,7 @@ def test_samples_and_subset():
 
 def test_head_class_mismatch_is_refused():
     with pytest.raises(ValueError, match="2 rows but 3 class names"):
-        P.TaskPool(name="t", model_name=TINY, base={}, tasks={"a": {}}, heads={"a": torch.ones(2, 4)},
+        TaskPool(name="t", model_name=TINY, base={}, tasks={"a": {}}, heads={"a": torch.ones(2, 4)},
                    class_names={"a": ["x", "y", "z"]})
 
 
@@ -138,7 +140,7 @@ def _local_pool(tmp_path, hub_task=False):
     """A pool file whose base and tasks are local files standing in for the hub."""
     import open_clip
     from safetensors.torch import save_file
-    P.register_model_config(TINY, TINY_CFG)
+    register_model_config(TINY, TINY_CFG)
     torch.manual_seed(0)
     clip = open_clip.create_model(TINY, pretrained=None)
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "base.safetensors"))

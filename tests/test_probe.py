@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from esm_core import vit
+from esm_core.models import openclip_vit as vit
 from esm_core.probe import LayerStats, probe, probe_pool, stats_from_inputs, task_layer_stats
 
 TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,

@@ -1,6 +1,6 @@
 import pytest
 
-from esm_core.methods.registry import Method, Param, alpha_param
+from esm_core.merging.registry import Method, Param, alpha_param
 
 
 def _m():

@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from esm_core import vit
+from esm_core.models import openclip_vit as vit
 from esm_core.checkpoints import CheckpointError, save_safetensors
-from esm_core.decompose import esd, esd_truncate
-from esm_core.routing import (DecisionLog, Experts, RoutedAttention, RoutedLinear, _Router, build_esmpp,
-                              build_experts, build_routed, confusion, evaluate_routed, expert_scores, load_esmpp,
-                              majority_task, routed_keys_of, routing_accuracy, routing_embedding, save_esmpp)
+from esm_core.merging.decompose import esd, esd_truncate
+from esm_core.esmpp import (DecisionLog, Experts, RoutedAttention, RoutedLinear, build_experts, build_routed,
+                            confusion, load_esmpp, majority_task, routed_keys_of, routing_accuracy, routing_embedding,
+                            save_esmpp)
+from esm_core.esmpp.model import _Router
+from esm_core.evaluation.esmpp import build_esmpp, evaluate_routed, expert_scores
 
 MODEL = "esmpp-test-tiny"
 CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
@@ -515,13 +517,13 @@ class FakePool:
 
 
 def test_build_esmpp_and_evaluate_routed_on_a_pool(tmp_path, model_name, base_sd):
-    from esm_core.evaluate import evaluate, merged_state
+    from esm_core.evaluation import evaluate, merged_state
     from esm_core.probe import probe
     build = make_build_visual(model_name)
     pool = FakePool("fake", base_sd, task_sds(base_sd, rank=3), build)
     stats = {"tasks": {t: probe(build(pool.tasks[t]), pool.images(t)[0][:4]) for t in TASKS}, "n": 4, "seed": 0,
              "proxy_ids": {t: [0, 1, 2, 3] for t in TASKS}}
-    from esm_core.decompose import DecompositionCache
+    from esm_core.merging.decompose import DecompositionCache
     cache = DecompositionCache()                    # the second ESM merge below reuses the decompositions
     seen = []
     routed = build_esmpp(pool, stats, rank=4, alpha=0.5, device="cpu", cache=cache,

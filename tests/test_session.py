@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import esm_core
-from esm_core import session as S
+from esm_core import studio as S
 from esm_core.checkpoints import CheckpointError, read_config, save_safetensors
+from esm_core.esmpp import load_esmpp
+from esm_core.pools.upload import infer_vit_config
 from fake_pool import FAKE_TASKS, make_fake_pool
 
 
@@ -97,7 +99,7 @@ def test_export_has_config_metadata(sess, pool):
 
 
 def test_alpha_curve(sess, monkeypatch):
-    monkeypatch.setattr(S, "ALPHA_POINTS", 5)
+    monkeypatch.setattr(S.live, "ALPHA_POINTS", 5)
     best, curve = S.alpha_curve(sess, "ta", {})
     lo, hi, n = esm_core.get_method("ta").alpha_grid
     grid = np.linspace(lo, hi, n)[1:]                         # 30 values thinned to 5: every 6th
@@ -250,19 +252,17 @@ def test_bad_uploads_refused(files, tmp_path, pool, case, match):
 
 
 def test_infer_vit_config(pool):
-    cfg = S.infer_vit_config(pool.base, head_width=16)
+    cfg = infer_vit_config(pool.base, head_width=16)
     v = cfg["vision_cfg"]
     assert (v["width"], v["layers"], v["patch_size"], v["image_size"], v["head_width"]) == (32, 2, 8, 16, 16)
     assert cfg["embed_dim"] == 16 and v["mlp_ratio"] == 4.0
     with pytest.raises(ValueError, match="visual.conv1.weight"):
-        S.infer_vit_config({"visual.positional_embedding": torch.zeros(5, 4)})
+        infer_vit_config({"visual.positional_embedding": torch.zeros(5, 4)})
 
 
 # ---------------------------------------------------------------- ESM++ routing
 
 def test_routing_run_and_export(esm_sess, pool):
-    pytest.importorskip("esm_core.routing", reason="esm_core.routing (ESM++) is not there yet")
-    from esm_core import routing
     sess = esm_sess
     img = np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)
     run = S.run_routing(sess, rank=4, per_task=3, image=img)
@@ -278,7 +278,7 @@ def test_routing_run_and_export(esm_sess, pool):
     assert run["embedding"]["points"].shape == (3 * T + 1, 2) and run["embedding"]["proto_points"].shape == (T, 2)
     assert set(run["oracle_accuracy"]) == set(FAKE_TASKS)
     p = S.export_esmpp(sess, rank=4)
-    merged, experts, cfg = routing.load_esmpp(p, base=pool.base)
+    merged, experts, cfg = load_esmpp(p, base=pool.base)
     assert experts.rank == 4 and cfg["alpha"] == 0.8 and experts.tasks == list(FAKE_TASKS)
     with pytest.raises(ValueError, match="samples per task"):
         S.run_routing(sess, rank=4, per_task=0)

@@ -3,7 +3,7 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from esm_core import viz
+from esm_core.studio import viz
 
 TASKS = ["a", "b", "c"]
 

@@ -35,17 +35,14 @@ import multiprocessing as mp
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from .merge import merge_updates, resolve_device
-
-# open_clip ViT-B/32 visual tower
-WIDTH, PATCH, IMAGE, HEADS, MLP, OUT_DIM = 768, 32, 224, 12, 3072, 512
-TOKENS = (IMAGE // PATCH) ** 2 + 1          # 50 tokens (49 patches + class token)
-FULL_BLOCKS = 12
+from ..device import resolve_device
+from ..merging import METHODS, merge_updates
+from .esm_rows import esm_jobs
+from .jobs import FULL_BLOCKS, HEADS, IMAGE, MLP, OUT_DIM, PATCH, TOKENS, WIDTH, Job  # noqa: F401
 
 
 # ---------------------------------------------------------------------------
@@ -127,20 +124,6 @@ def params_per_model(base: dict[str, torch.Tensor]) -> int:
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class Job:
-    """One benchmark row. ``run(base, tasks, device, state)`` is timed; ``setup(base, tasks, device) -> state`` is not.
-
-    Both must be picklable (module-level functions or ``functools.partial`` of
-    them): on the CPU each job runs in a fresh child process.
-    """
-    name: str
-    title: str
-    run: Callable[[dict, dict, torch.device, Any], Any]
-    setup: Callable[[dict, dict, torch.device], Any] | None = None
-    extra: dict = field(default_factory=dict)       # copied into the row
-
-
 def run_method(method: str, base, tasks, device, state=None, **params):
     """Job body of a plain method: ``merge_updates`` without the compatibility check."""
     return merge_updates(method, base, tasks, device=device, check=False, **params)
@@ -148,7 +131,6 @@ def run_method(method: str, base, tasks, device, state=None, **params):
 
 def method_jobs() -> list[Job]:
     """One job per registered method that needs no activation statistics."""
-    from .methods import METHODS
     return [Job(m.name, m.title, functools.partial(run_method, m.name))
             for m in METHODS.values() if not m.needs_stats]
 
@@ -162,12 +144,7 @@ def register_jobs(provider: Callable[[], list[Job]]) -> None:
         JOB_PROVIDERS.append(provider)
 
 
-def _esm_jobs() -> list[Job]:
-    from .bench_esm import esm_jobs      # ESM rows: cold merge, warm re-merges (random Gram statistics)
-    return esm_jobs()
-
-
-register_jobs(_esm_jobs)
+register_jobs(esm_jobs)      # ESM rows: cold merge, warm re-merges (random Gram statistics)
 
 
 def all_jobs() -> list[Job]:
@@ -185,7 +162,6 @@ def select_jobs(names: list[str] | None) -> list[Job]:
     by_name = {j.name: j for j in jobs}
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        from .methods import METHODS
         stats = [n for n in unknown if n in METHODS and METHODS[n].needs_stats]
         hint = f" ({stats} need activation statistics and have no benchmark job)" if stats else ""
         raise ValueError(f"unknown benchmark method(s) {unknown}{hint}; available: {sorted(by_name)}")
@@ -382,29 +358,3 @@ def format_table(result: dict) -> str:
 # ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
-
-
-def cmd_bench(args) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    def progress(frac: float, desc: str) -> None:
-        print(f"[{frac:4.0%}] {desc}", file=sys.stderr, flush=True)
-
-    res = bench(blocks=args.blocks, tasks=args.tasks, methods=methods, device=args.device, repeat=args.repeat,
-                seed=args.seed, progress=None if args.quiet else progress)
-    print(json.dumps(res, indent=2) if args.json else format_table(res))
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="time every merging method and measure its peak memory",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--blocks", type=int, default=FULL_BLOCKS, help="transformer blocks of the ViT-B/32 (default 12)")
-    p.add_argument("--tasks", type=int, default=8, help="number of task checkpoints (default 8)")
-    p.add_argument("--methods", default=None, help="comma-separated job names (default: every method that "
-                                                   "needs no activation statistics, plus esm, esm_remerge, esm_exponent, esm_alpha)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--repeat", type=int, default=1, help="runs per method; the best time is reported")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoints")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.set_defaults(func=cmd_bench)

@@ -20,10 +20,11 @@ import functools
 
 import torch
 
-from . import vit
-from .bench import Job, TOKENS
-from .merge import merge_updates
-from .probe import LayerStats
+from ..merging import merge_updates
+from ..merging.esm import new_cache
+from ..merging.stats import LayerStats
+from ..models import openclip_vit as vit
+from .jobs import TOKENS, Job
 
 PROXY_IMAGES = 32
 
@@ -44,7 +45,6 @@ def _setup_stats(base, tasks, device):
 
 
 def _setup_warm(base, tasks, device):
-    from .methods.esm import new_cache
     state = _setup_stats(base, tasks, device)
     state["cache"] = new_cache()
     merge_updates("esm", base, tasks, device=device, check=False, stats=state["stats"], cache=state["cache"])

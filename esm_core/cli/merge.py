@@ -16,6 +16,11 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+from .. import __version__
+from ..checkpoints import load_checkpoint, save_safetensors, visual_only
+from ..merging import apply_updates, get_method, merge_updates
+from .common import parse_sets
+
 
 def parse_tasks(items: list[str]) -> dict[str, str]:
     """``["name=path", "path", ...]`` → ``{name: path}``; a bare path is named after its file stem."""
@@ -58,10 +63,6 @@ def run_merge(base_path: str, tasks: dict[str, str], method: str, params: dict, 
               visual: bool = False, progress: Callable[[float, str], None] | None = None,
               log: Callable[[str], None] | None = None) -> dict:
     """Load, merge, save. Returns the summary printed by ``--json``."""
-    from . import __version__
-    from .checkpoints import load_checkpoint, save_safetensors, visual_only
-    from .merge import apply_updates, merge_updates
-    from .methods import get_method
 
     log = log or (lambda msg: None)
     m = get_method(method)
@@ -97,7 +98,6 @@ def run_merge(base_path: str, tasks: dict[str, str], method: str, params: dict, 
 
 
 def cmd_merge(args) -> int:
-    from .cli import parse_sets
     quiet = args.json or args.quiet
     summary = run_merge(args.base, parse_tasks(args.task), args.method, parse_sets(args.set), out=args.out,
                         device=args.device, visual=args.visual_only,

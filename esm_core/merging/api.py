@@ -12,25 +12,13 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from . import vit
-from .checkpoints import check_compatible
-from .methods.registry import get_method
+from .. import models
+from ..checkpoints import check_compatible
+from ..device import resolve_device
+from ..models.roles import SKIP
+from .registry import get_method
 
 Progress = Callable[[float, str], None]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
-    return dev
 
 
 @dataclass
@@ -45,6 +33,7 @@ class MergeContext:
     inputs: Any = None         # or plain per-layer input matrices {task: {key: X}}
     cache: Any = None          # decomposition cache (ESM family), reused across re-merges
     esd_keys: list[str] | None = None   # explicit ESD keys (non-open_clip models)
+    family_esd_types: tuple = ()        # the model family's default ESD layer types (ESM's esd_types="auto")
     info: dict = field(default_factory=dict)   # methods may report diagnostics here
 
     @property
@@ -54,7 +43,7 @@ class MergeContext:
     @property
     def keys(self) -> list[str]:
         """Merged keys (everything but SKIP), in the base's order."""
-        return [k for k in self.base if self.roles.get(k) != vit.SKIP]
+        return [k for k in self.base if self.roles.get(k) != SKIP]
 
     def keys_with_role(self, role: str) -> list[str]:
         return [k for k in self.keys if self.roles[k] == role]
@@ -72,8 +61,9 @@ class MergeContext:
             self.progress(min(max(frac, 0.0), 1.0), desc)
 
 
-def merge_updates(method: str, base, tasks, *, device="auto", roles=None, layer_types=None, progress=None,
-                  stats=None, inputs=None, cache=None, esd_keys=None, check=True, info=None, **params) -> dict:
+def merge_updates(method: str, base, tasks, *, device="auto", family=None, roles=None, layer_types=None,
+                  progress=None, stats=None, inputs=None, cache=None, esd_keys=None, check=True, info=None,
+                  **params) -> dict:
     """Like :func:`merge` but returns only ``{key: update}`` (float32, CPU) for the merged keys."""
     m = get_method(method)
     p = m.resolve(params)
@@ -82,14 +72,17 @@ def merge_updates(method: str, base, tasks, *, device="auto", roles=None, layer_
     if check:
         for name, sd in tasks.items():
             check_compatible(base, sd, name)
-    roles = dict(roles) if roles is not None else vit.roles_of(base)
+    fam = models.get_family(family) if family else models.family_of(base)
+    roles = dict(roles) if roles is not None else models.roles_of(base, fam.NAME if fam else None)
     missing = [k for k in base if k not in roles]
     if missing:
         raise ValueError(f"roles given for some keys but not for {missing[:5]}{' …' if len(missing) > 5 else ''}")
-    ctx = MergeContext(base=base, tasks=tasks, roles=roles,
-                       layer_types=dict(layer_types) if layer_types is not None else vit.layer_types_of(base),
-                       device=resolve_device(device), progress=progress, stats=stats, inputs=inputs,
-                       cache=cache, esd_keys=esd_keys)
+    types = dict(layer_types) if layer_types is not None else models.layer_types_of(base, fam.NAME if fam else None)
+    # ESM's esd_types="auto": the family's ESD types; for an unknown family every layer type given (SPEC §8)
+    auto_esd = tuple(fam.ESD_TYPES) if fam is not None else tuple(sorted(set(types.values())))
+    ctx = MergeContext(base=base, tasks=tasks, roles=roles, layer_types=types, device=resolve_device(device),
+                       progress=progress, stats=stats, inputs=inputs, cache=cache, esd_keys=esd_keys,
+                       family_esd_types=auto_esd)
     ups = m.fn(ctx, **p)
     if info is not None:
         info.update(ctx.info)
@@ -113,7 +106,8 @@ def merge(method: str, base, tasks, **kwargs) -> dict[str, torch.Tensor]:
     ``base``: state dict of the pre-trained model; ``tasks``: ``{name: state dict}``
     of models fine-tuned from it. Keyword arguments are the method's parameters
     (see ``esm-studio methods``; ``alpha`` for every method) plus ``device``
-    ("auto", "cpu", "cuda"), ``roles`` / ``layer_types`` (for non-open_clip
+    ("auto", "cpu", "cuda"), ``family`` (a name of :data:`esm_core.models.FAMILIES`;
+    default: found from the key names), ``roles`` / ``layer_types`` (for other
     state dicts), ``progress`` (``fn(fraction, description)``), and for the ESM
     family ``stats`` / ``inputs`` / ``cache``. Returns the full merged state dict.
     """

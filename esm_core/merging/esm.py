@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import decompose, vit
-from ..decompose import DecompositionCache, fingerprint, isotropic
-from ..probe import stats_from_inputs, task_layer_stats
+from ..models.roles import MATRIX
+from . import decompose
+from .decompose import DecompositionCache, fingerprint, isotropic
+from .stats import stats_from_inputs, task_layer_stats
 from .registry import Method, Param, alpha_param, register
 from .svd import tsv_merge_matrix
 
-DEFAULT_ESD_TYPES = ",".join(vit.ESD_TYPES)
+AUTO = "auto"                 # esd_types: the model family's ESD layer types (ctx.family_esd_types)
 
 
 def new_cache(max_columns: int | None = None) -> DecompositionCache:
@@ -61,10 +62,12 @@ def esm_rank(d_out: int, T: int, rank: int = 0, rank_fraction: float = 0.0) -> i
 def _esd_keys(ctx, esd_types: str) -> list[str]:
     """ESD keys: ``ctx.esd_keys`` if given, else the 2-D keys whose layer type is in ``esd_types``."""
     if ctx.esd_keys is not None:
-        bad = [k for k in ctx.esd_keys if k not in ctx.roles or ctx.roles[k] != vit.MATRIX]
+        bad = [k for k in ctx.esd_keys if k not in ctx.roles or ctx.roles[k] != MATRIX]
         if bad:
             raise ValueError(f"esd_keys must be 2-D weight keys of the base model; not: {bad[:5]}")
         return [k for k in ctx.keys if k in set(ctx.esd_keys)]
+    if esd_types.strip() == AUTO:
+        return [k for k in ctx.keys if ctx.roles[k] == MATRIX and ctx.layer_types.get(k) in ctx.family_esd_types]
     types = [t.strip() for t in esd_types.split(",") if t.strip()]
     if not types:
         return []
@@ -73,7 +76,7 @@ def _esd_keys(ctx, esd_types: str) -> list[str]:
     if bad:
         raise ValueError(f"esd_types {bad} are not layer types of this model (it has {sorted(known)}); "
                          "pass esd_keys= / layer_types= for other architectures")
-    return [k for k in ctx.keys if ctx.roles[k] == vit.MATRIX and ctx.layer_types.get(k) in types]
+    return [k for k in ctx.keys if ctx.roles[k] == MATRIX and ctx.layer_types.get(k) in types]
 
 
 def _stats_of(ctx, esd_keys: list[str]):
@@ -145,7 +148,7 @@ def esm_v(Ps, lams, deltas, k: int, p_task: float = 2.0, p_dim: float = 2.0, eig
 
 def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_task: float = 2.0,
         p_dim: float = 2.0, p_layer: float = 2.0, eig_exp: float = 0.15, ortho_factor: float = 2.0,
-        esd_types: str = DEFAULT_ESD_TYPES) -> dict[str, torch.Tensor]:
+        esd_types: str = AUTO) -> dict[str, torch.Tensor]:
     """Essential Subspace Merging (SPEC §6): ESD layers merged in essential subspaces, polarised scalings."""
     names = ctx.names
     T = len(names)
@@ -155,7 +158,7 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
     stats = _stats_of(ctx, esd_keys)
     cache = ctx.cache if ctx.cache is not None else DecompositionCache()
     if not isinstance(cache, DecompositionCache):
-        raise ValueError(f"cache must come from esm_core.methods.esm.new_cache(), got {type(cache).__name__}")
+        raise ValueError(f"cache must come from esm_core.merging.esm.new_cache(), got {type(cache).__name__}")
     updates: dict[str, torch.Tensor] = {}
     pre: dict[str, float] = {}                                     # per-key factor not yet applied to updates[key]
     recipe = ("esm", rank, rank_fraction, p_task, p_dim, eig_exp)   # everything but α, p_layer and ortho_factor
@@ -188,7 +191,7 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
                 dw = (Up.to(V.device, torch.float64) @ isotropic(V)).to("cpu", torch.float32)   # §6.5 U'V'
                 cache.put_result(("esm", key), fp, dw)
             pre[key] = ortho_factor                                # §6.5 ΔW = f · U'V'
-        elif ctx.roles[key] == vit.MATRIX and D.ndim == 3:
+        elif ctx.roles[key] == MATRIX and D.ndim == 3:
             dw = cache.get_result(("tsvm", key), dfp)
             if dw is None:
                 dw = tsv_merge_matrix(D).to("cpu", torch.float32)                    # §6 other 2-D keys: TSV-M (§3)
@@ -202,7 +205,7 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
     groups: dict[str, list[str]] = {}
     for key in keys:
         t = ctx.layer_types.get(key)
-        if t is not None and key in updates and ctx.roles[key] == vit.MATRIX:
+        if t is not None and key in updates and ctx.roles[key] == MATRIX:
             groups.setdefault(t, []).append(key)
     betas = {}
     for t, ks in groups.items():
@@ -238,7 +241,7 @@ register(Method(
            min=0.0, max=2.0, step=0.05),
      Param("ortho_factor", float, 2.0, "factor applied to the orthogonalised product U'V' (2 in the reference)",
            min=0.0, max=10.0, step=0.1),
-     Param("esd_types", str, DEFAULT_ESD_TYPES, "comma-separated layer types merged by ESD (others: TSV-M)")),
+     Param("esd_types", str, AUTO, "layer types merged by ESD (others: TSV-M): 'auto' = the model family's ESD types (open_clip ViT: attn.in_proj_weight, mlp.c_fc.weight, mlp.c_proj.weight), or a comma-separated list; empty = none")),
     help="Essential Subspace Merging: per-task essential output directions from activations (ESD), "
          "polarised task / eigenvalue / dimension / layer scalings, isotropic recombination",
     alpha_grid=(0.0, 2.0, 31), needs_stats=True))

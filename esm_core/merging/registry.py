@@ -111,3 +111,27 @@ ALPHA_HELP = "global scaling coefficient of the merged update (chosen on validat
 
 def alpha_param(default: float, hi: float) -> Param:
     return Param("alpha", float, default, ALPHA_HELP, min=0.0, max=hi, step=0.01)
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A typed parameter schema of something that is not a merging method (e.g. ESM++'s own knobs)."""
+    name: str
+    title: str
+    params: tuple[Param, ...]
+    help: str
+
+    def resolve(self, params: dict) -> dict:
+        """Defaults filled in, every value checked; unknown names refused."""
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(f"{self.name!r} has no parameter(s) {unknown}; its parameters are {sorted(known)}")
+        return {name: p.check(params[name]) if name in params else p.default for name, p in known.items()}
+
+    def default(self, name: str) -> Any:
+        return next(p.default for p in self.params if p.name == name)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "title": self.title, "help": self.help,
+                "params": [p.to_dict() for p in self.params]}

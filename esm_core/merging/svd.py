@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import vit
-from ..decompose import isotropic, polar
+from ..models.roles import MATRIX
+from .decompose import isotropic, polar
 from .registry import Method, Param, alpha_param, register
 
 
@@ -129,7 +129,7 @@ def _per_key(ctx, alpha: float, matrix_fn, label: str) -> dict[str, torch.Tensor
     out = {}
     for i, key in enumerate(keys):
         D = ctx.deltas(key)
-        dw = matrix_fn(D) if ctx.roles[key] == vit.MATRIX and D.ndim == 3 else D.mean(0)
+        dw = matrix_fn(D) if ctx.roles[key] == MATRIX and D.ndim == 3 else D.mean(0)
         out[key] = (alpha * dw).to("cpu", torch.float32)
         ctx.report((i + 1) / len(keys), f"{label}: {key}")
     return out

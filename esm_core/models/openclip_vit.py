@@ -1,23 +1,33 @@
-"""What esm_core knows about open_clip ViT image towers.
+"""The open_clip ViT family: everything esm_core knows about open_clip image towers.
 
-Only key names live here: which tensors are 2-D weight matrices, which are
-"non-matrix" (biases, LayerNorm, embeddings, conv patch embedding), which are
-never merged (integer/bool buffers), and the layer *type* of each transformer
-linear layer (for ESM's inter-layer scaling and for ESD / routing).
+- key knowledge: which tensors are 2-D weight matrices, which are "non-matrix"
+  (biases, LayerNorm, embeddings, conv patch embedding), which are never merged
+  (integer/bool buffers), and the layer *type* of each transformer linear layer
+  (for ESM's inter-layer scaling and for ESD / routing);
+- building the image tower (from an open_clip model name or a config dict —
+  no global registry write is needed for a config dict);
+- the probe's hook points (which module's input is each weight's input);
+- input preparation (uint8 images → normalised tensors).
 
 Any other architecture can be merged by passing ``roles`` and ``layer_types``
 explicitly to :func:`esm_core.merge`.
 """
 from __future__ import annotations
 
+import json
 import re
-from typing import Mapping
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
 
+import numpy as np
+import open_clip
 import torch
 
-MATRIX = "matrix"   # 2-D weight: SVD / ESD methods act on it
-VECTOR = "vector"   # every other float tensor: averaged by the SVD-family methods
-SKIP = "skip"       # integer / bool buffers: never merged, copied from the base
+from ..device import resolve_device
+from .roles import MATRIX, SKIP, VECTOR
+
+NAME = "openclip_vit"
 
 # Layer types of an open_clip ViT transformer block (SPEC §5-§7).
 IN_PROJ = "attn.in_proj_weight"
@@ -83,3 +93,126 @@ def short_key(key: str) -> str:
                 rest = rest[: -len(suf)]
         return f"{parts[i + 1]} · {rest}"
     return key[len("visual."):] if key.startswith("visual.") else key
+
+
+def matches(keys) -> bool:
+    """True when ``keys`` hold open_clip transformer blocks (``resblocks.N.attn.in_proj_weight``, ...)."""
+    return any(_BLOCK.search(k) for k in keys)
+
+
+# ---------------------------------------------------------------- building the tower
+
+_REGISTERED: dict[str, str] = {}
+
+
+def register_model_config(name: str, config: Mapping[str, Any]) -> str:
+    """Register an open_clip model config under ``name`` (``open_clip.add_model_config``); idempotent.
+
+    For configs this project ships (the demo, tests). An uploaded architecture is
+    never registered: pass its config dict to :func:`build_visual_tower` instead,
+    so one session's upload cannot change what another session's name means."""
+    text = json.dumps(dict(config), sort_keys=True)
+    if _REGISTERED.get(name) == text and name in open_clip.list_models():
+        return name
+    with tempfile.TemporaryDirectory(prefix="esm-studio-cfg-") as d:
+        (Path(d) / f"{name}.json").write_text(text)
+        open_clip.add_model_config(Path(d) / f"{name}.json")
+    _REGISTERED[name] = text
+    return name
+
+
+def model_config(model: str | Mapping[str, Any]) -> dict:
+    """The open_clip config of ``model``: a registered model name, or a config dict (returned as is)."""
+    if isinstance(model, Mapping):
+        if "vision_cfg" not in model or "embed_dim" not in model:
+            raise ValueError("an open_clip model config needs 'embed_dim' and 'vision_cfg'")
+        return dict(model)
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {model!r}")
+    return cfg
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {(k[len("visual."):] if k.startswith("visual.") else k): v for k, v in state_dict.items()}
+
+
+def build_visual_tower(model: str | Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None, *,
+                       quick_gelu: bool | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The open_clip image tower of ``model`` (a model name or a config dict; random init, no download),
+    with ``state_dict`` loaded.
+
+    ``state_dict`` keys may carry the ``visual.`` prefix (it is stripped). The
+    module is returned in eval mode on ``device``. ``quick_gelu`` overrides the
+    config's activation (OpenAI-derived weights need QuickGELU).
+    """
+    cfg = model_config(model)
+    label = model if isinstance(model, str) else "uploaded"
+    qg = bool(cfg.get("quick_gelu", False)) if quick_gelu is None else bool(quick_gelu)
+    try:
+        from open_clip.model import _build_vision_tower
+        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=qg)
+    except ImportError:  # pragma: no cover  (older/newer open_clip without the helper)
+        visual = open_clip.create_model(label, pretrained=None, force_quick_gelu=qg).visual
+    if state_dict is not None:
+        sd = strip_prefix(state_dict)
+        own = visual.state_dict()
+        missing = sorted(set(own) - set(sd))
+        extra = sorted(set(sd) - set(own))
+        if missing or extra:
+            raise ValueError(f"state dict does not fit the {label} image tower: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}")
+        visual.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+    return visual.to(resolve_device(device)).eval()
+
+
+# ---------------------------------------------------------------- probe hook points
+
+PROBED_TYPES = (IN_PROJ, C_FC, C_PROJ)   # layer types whose input the probe can record
+
+
+def hook_points(visual: torch.nn.Module, key_prefix: str, layer_types) -> list[tuple[str, torch.nn.Module, str]]:
+    """``[(weight key, module to hook, how)]`` for every block and layer type.
+
+    ``how`` is "query" for ``attn.in_proj_weight`` (the first positional input of
+    ``block.attn``: open_clip calls ``self.attn(q_x, k_x, v_x, ...)`` and in a ViT
+    tower ``k_x = v_x = q_x``) and "input" for the MLP linears (their input).
+    """
+    try:
+        blocks = visual.transformer.resblocks
+    except AttributeError:
+        raise ValueError("probe expects an open_clip VisionTransformer (visual.transformer.resblocks)") from None
+    bad = [t for t in layer_types if t not in PROBED_TYPES]
+    if bad:
+        raise ValueError(f"probe cannot record the input of layer type(s) {bad}; supported: {list(PROBED_TYPES)}")
+    points = []
+    for i, blk in enumerate(blocks):
+        for t in layer_types:
+            key = f"{key_prefix}transformer.resblocks.{i}.{t}"
+            if t == IN_PROJ:
+                points.append((key, blk.attn, "query"))
+            elif t == C_FC:
+                points.append((key, blk.mlp.c_fc, "input"))
+            else:
+                points.append((key, blk.mlp.c_proj, "input"))
+    return points
+
+
+# ---------------------------------------------------------------- inputs
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalise_images(raw: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 images (N×H×W grey or N×H×W×3) → float N×3×H×W, ``(x / 255 − mean) / std`` per channel."""
+    x = torch.from_numpy(np.ascontiguousarray(raw)).float().div_(255.0)
+    if x.ndim == 3:
+        x = x.unsqueeze(1).expand(-1, 3, -1, -1)
+    elif x.ndim == 4 and x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    else:
+        raise ValueError(f"images must be N×H×W or N×H×W×3, got shape {tuple(raw.shape)}")
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x - m) / sd).contiguous()

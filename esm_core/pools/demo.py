@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
@@ -25,12 +26,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import data as D
-from .pool import TaskPool, cosine_head, normalise_images, register_model_config
+from safetensors.torch import load_file
+
+from ..checkpoints import save_safetensors
+from ..models.openclip_vit import build_visual_tower, normalise_images, register_model_config
+from . import image_data as D
+from .taskpool import TaskPool, cosine_head
 
 Progress = Callable[[float, str], None]
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo"
 CACHE_DIR = Path(os.environ.get("ESM_STUDIO_CACHE", "~/.cache/esm-studio")).expanduser()
 MODEL_NAME = "esm-demo-vit"
 
@@ -280,7 +285,6 @@ def _package_info(dist: str) -> tuple[str, str]:
 
 
 def _deb_version(pkg: str) -> str:
-    import subprocess
     try:
         v = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True,
                            timeout=10).stdout.strip()
@@ -319,7 +323,6 @@ def build_demo(out: str | os.PathLike = DEMO_DIR, *, recipe: dict | None = None,
     """Build the demo pool into ``out`` with fixed seeds; returns the config written to ``out/config.json``.
 
     ``reuse_base``: a folder holding a ``base.safetensors`` (e.g. an earlier build) to skip pre-training."""
-    from .checkpoints import save_safetensors
     recipe = copy.deepcopy(recipe or RECIPE)
     out = Path(out)
     (out / "tasks").mkdir(parents=True, exist_ok=True)
@@ -345,13 +348,11 @@ def build_demo(out: str | os.PathLike = DEMO_DIR, *, recipe: dict | None = None,
         px, py = np.concatenate(xs), np.concatenate(ys)
 
     register_model_config(MODEL_NAME, MODEL_CONFIG)
-    from .pool import build_visual_tower
     torch.manual_seed(seed)
     visual = build_visual_tower(MODEL_NAME, device=dev)
     pre_head = torch.nn.Linear(MODEL_CONFIG["embed_dim"], len(pnames)).to(dev)
     pr = recipe["pretrain"]
     if reuse_base is not None:
-        from safetensors.torch import load_file
         base = {k: v.float() for k, v in load_file(str(Path(reuse_base) / "base.safetensors")).items()}
         visual = build_visual_tower(MODEL_NAME, base, device=dev)
     else:
@@ -414,7 +415,6 @@ _LOADED: dict[str, TaskPool] = {}
 
 def load_demo_pool(path: str | os.PathLike = DEMO_DIR, *, fresh: bool = False) -> TaskPool:
     """The committed demo pool (``assets/demo``), loaded once per process (``fresh=True`` reloads)."""
-    from safetensors.torch import load_file
     path = Path(path)
     key = str(path.resolve())
     if key in _LOADED and not fresh:
@@ -435,35 +435,3 @@ def load_demo_pool(path: str | os.PathLike = DEMO_DIR, *, fresh: bool = False) -
                     mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), meta={"path": str(path), "config": cfg})
     _LOADED[key] = pool
     return pool
-
-
-# ---------------------------------------------------------------- CLI
-
-def cmd_build_demo(args) -> int:
-    import sys
-    recipe = copy.deepcopy(RECIPE)
-    if args.steps is not None:
-        recipe["pretrain"]["steps"] = args.steps
-    if args.ft_steps is not None:
-        recipe["finetune"]["steps"] = args.ft_steps
-    last = [0.0]
-
-    def progress(frac, desc):
-        now = time.time()
-        if now - last[0] > 2 or frac >= 1.0:
-            print(f"[{frac * 100:5.1f} %] {desc}", file=sys.stderr, flush=True)
-            last[0] = now
-    cfg = build_demo(args.out, recipe=recipe, device=args.device, cache_dir=Path(args.cache), progress=progress)
-    print(json.dumps(cfg["build_accuracy"], indent=2))
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("build-demo", help="rebuild the demo pool (tiny ViT, real image tasks) from scratch")
-    p.add_argument("--out", default=str(DEMO_DIR), help="output folder (default: assets/demo)")
-    p.add_argument("--steps", type=int, default=None, help=f"pre-training steps (default {RECIPE['pretrain']['steps']})")
-    p.add_argument("--ft-steps", type=int, default=None,
-                   help=f"fine-tuning steps per task (default {RECIPE['finetune']['steps']})")
-    p.add_argument("--device", default="cpu", help="cpu (reference) or cuda")
-    p.add_argument("--cache", default=str(CACHE_DIR), help="raw-data cache folder (default ~/.cache/esm-studio)")
-    p.set_defaults(func=cmd_build_demo)

@@ -10,11 +10,13 @@ clip art of Debian ``openclipart-svg`` (rasterised with cairosvg).
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import io
 import pickle
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 OPENCLIPART_DIR = "/usr/share/openclipart/svg"
@@ -92,7 +94,6 @@ def load_array_pickle(path: str | Path) -> np.ndarray:
 
 def animal_mnist_dir() -> Path:
     """Folder of the data files of the installed ``animal-mnist`` package (found without importing it)."""
-    import importlib.util
     spec = importlib.util.find_spec("animal_mnist")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("package 'animal-mnist' is not installed (pip install --no-deps animal-mnist; its data files are read directly)")
@@ -111,7 +112,6 @@ def load_animal_mnist(data_dir: str | Path | None = None) -> tuple[np.ndarray, n
 
 # ---------------------------------------------------------------- OpenCV digits.png and sklearn digits
 def read_grey_png(path: str | Path) -> np.ndarray:
-    from PIL import Image
     with Image.open(path) as im:
         return np.asarray(im.convert("L"), dtype=np.uint8)
 
@@ -142,7 +142,6 @@ def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 def fit_to_canvas(img: np.ndarray, box: int = 20, size: int = 28) -> np.ndarray:
     """Resize a grey image so that its longer side is ``box`` pixels (aspect kept) and centre it on a
     black ``size``×``size`` canvas (MNIST's layout: 20-pixel box in 28 pixels)."""
-    from PIL import Image
     if img.ndim != 2:
         raise ValueError(f"expected a 2-D grey image, got shape {img.shape}")
     h, w = img.shape
@@ -173,7 +172,6 @@ def rasterise_svg(path: str | Path, box: int = 24, size: int = 28, render: int =
 
     Raises on files cairosvg refuses (e.g. XML entities, which stay forbidden)."""
     import cairosvg
-    from PIL import Image
     png = cairosvg.svg2png(url=str(path), output_width=render, background_color="white")
     with Image.open(io.BytesIO(png)) as im:
         g = 255 - np.asarray(im.convert("L"), dtype=np.uint8)

@@ -1,0 +1,36 @@
+"""``esm-studio bench``: speed and peak memory of every merging method (see :mod:`esm_core.bench`)."""
+from __future__ import annotations
+
+import json
+import sys
+
+from ..bench import FULL_BLOCKS, bench, format_table
+from ..bench import core as _core
+
+__doc__ = _core.__doc__
+
+
+def cmd_bench(args) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    def progress(frac: float, desc: str) -> None:
+        print(f"[{frac:4.0%}] {desc}", file=sys.stderr, flush=True)
+
+    res = bench(blocks=args.blocks, tasks=args.tasks, methods=methods, device=args.device, repeat=args.repeat,
+                seed=args.seed, progress=None if args.quiet else progress)
+    print(json.dumps(res, indent=2) if args.json else format_table(res))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="time every merging method and measure its peak memory",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--blocks", type=int, default=FULL_BLOCKS, help="transformer blocks of the ViT-B/32 (default 12)")
+    p.add_argument("--tasks", type=int, default=8, help="number of task checkpoints (default 8)")
+    p.add_argument("--methods", default=None, help="comma-separated job names (default: every method that "
+                                                   "needs no activation statistics, plus esm, esm_remerge, esm_exponent, esm_alpha)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per method; the best time is reported")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoints")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=cmd_bench)

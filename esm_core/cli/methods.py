@@ -1,0 +1,32 @@
+"""``esm-studio methods``: every merging method with its typed parameters (the app's schema too)."""
+from __future__ import annotations
+
+import json
+
+from ..esmpp import ESMPP
+from ..merging import METHODS
+
+
+def cmd_methods(args) -> int:
+    if args.json:
+        print(json.dumps([m.to_dict() for m in METHODS.values()] + [{**ESMPP.to_dict(), "esm_params": "every ESM "
+                                                                       "parameter, for the static merge"}], indent=2))
+        return 0
+    for m in METHODS.values():
+        print(f"{m.name:12s} {m.title}\n{'':12s} {m.help}")
+        for p in m.params:
+            rng = f" choices={list(p.choices)}" if p.choices else (
+                f" range=[{p.min}, {p.max}]" if p.min is not None or p.max is not None else "")
+            print(f"{'':14s}{p.name} ({p.type.__name__}, default {p.default}{rng}): {p.help}")
+        print()
+    print(f"{ESMPP.name:12s} {ESMPP.title} (`esm-studio eval --method esmpp`; ESM's parameters set the static merge)"
+          f"\n{'':12s} {ESMPP.help}")
+    for p in ESMPP.params:
+        print(f"{'':14s}{p.name} ({p.type.__name__}, default {p.default}): {p.help}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("methods", help="list merging methods and their parameters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)

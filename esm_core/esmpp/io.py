@@ -1,0 +1,82 @@
+"""Saving and loading an ESM++ bundle: the static merge + expert factors + prototypes in one .safetensors."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file
+
+from ..checkpoints import CheckpointError, check_compatible, read_config, save_safetensors
+from .experts import Experts
+
+FACTOR_PREFIX = "esmpp."          # tensor names of the factors in a saved ESM++ file
+
+
+def save_esmpp(path: str | Path, merged_sd: Mapping[str, torch.Tensor], experts: Experts,
+               config: dict | None = None) -> Path:
+    """Write merged weights + expert factors + prototypes as one ``.safetensors`` (atomic).
+
+    Factor tensors are named ``esmpp.A.<key>``, ``esmpp.B.<key>``,
+    ``esmpp.proto.<key>``; the metadata holds ``config`` plus
+    ``config["esmpp"] = {"tasks", "keys", "rank", "base_params"}``.
+    """
+    if merged_sd is None:
+        raise ValueError("save_esmpp needs the merged state dict")
+    clash = [k for k in merged_sd if k.startswith(FACTOR_PREFIX)]
+    if clash:
+        raise ValueError(f"merged state dict keys may not start with {FACTOR_PREFIX!r}: {clash[:3]}")
+    tensors = dict(merged_sd)
+    for k in experts.keys:
+        tensors[f"{FACTOR_PREFIX}A.{k}"] = experts.A[k]
+        tensors[f"{FACTOR_PREFIX}B.{k}"] = experts.B[k]
+        tensors[f"{FACTOR_PREFIX}proto.{k}"] = experts.prototypes[k]
+    cfg = dict(config or {})
+    cfg["esmpp"] = {"tasks": list(experts.tasks), "keys": list(experts.keys), "rank": int(experts.rank),
+                    "base_params": experts.base_params}
+    return save_safetensors(tensors, path, cfg)
+
+
+def load_esmpp(path: str | Path, base: Mapping[str, torch.Tensor] | None = None
+               ) -> tuple[dict[str, torch.Tensor], Experts, dict]:
+    """Read a file written by :func:`save_esmpp`: ``(merged state dict, Experts, config)``.
+
+    Refuses (:class:`CheckpointError`, naming the key) a file that is not an
+    ESM++ file, whose factors or prototypes do not fit their layer or the task
+    count, or whose merged weights do not fit ``base`` (keys, shapes, dtypes).
+    """
+    p = Path(path)
+    cfg = read_config(p)
+    meta = (cfg or {}).get("esmpp")
+    if not isinstance(meta, Mapping) or not {"tasks", "keys", "rank"} <= set(meta):
+        raise CheckpointError(f"{p.name}: not an ESM++ file (no 'esmpp' entry in its metadata)")
+    tensors = load_file(str(p))
+    merged = {k: v for k, v in tensors.items() if not k.startswith(FACTOR_PREFIX)}
+    tasks, keys, T = list(meta["tasks"]), list(meta["keys"]), len(meta["tasks"])
+    A, B, protos = {}, {}, {}
+    for k in keys:
+        if k not in merged or merged[k].ndim != 2:
+            raise CheckpointError(f"{p.name}: routed layer {k!r} has no 2-D merged weight")
+        d_out, d_in = merged[k].shape
+        parts = {}
+        for part in ("A", "B", "proto"):
+            name = f"{FACTOR_PREFIX}{part}.{k}"
+            if name not in tensors:
+                raise CheckpointError(f"{p.name}: missing {name!r}")
+            parts[part] = tensors[name]
+        a, b, pr = parts["A"], parts["B"], parts["proto"]
+        r = a.shape[1] if a.ndim == 3 else -1
+        if a.ndim != 3 or tuple(a.shape) != (T, r, d_in) or tuple(b.shape) != (T, d_out, r) \
+                or tuple(pr.shape) != (T, d_in):
+            raise CheckpointError(f"{p.name}: expert of {k!r} does not fit the {d_out}×{d_in} layer and {T} tasks: "
+                                  f"A {tuple(a.shape)}, B {tuple(b.shape)}, prototypes {tuple(pr.shape)}")
+        A[k], B[k], protos[k] = a, b, pr
+    extra = sorted(k for k in tensors if k.startswith(FACTOR_PREFIX)
+                   and k.split(".", 2)[-1] not in A)
+    if extra:
+        raise CheckpointError(f"{p.name}: factors of layers not listed in the metadata: {extra[:3]}")
+    if base is not None:
+        check_compatible(base, merged, p.name)
+    experts = Experts(tasks=tasks, keys=keys, rank=int(meta["rank"]), A=A, B=B, prototypes=protos,
+                      base_params=meta.get("base_params"))
+    return merged, experts, cfg

@@ -1,0 +1,175 @@
+"""The α policy: one place that says how α is searched, for the CLI, the app and ESM++ (SPEC §0).
+
+- α is the parameter named ``alpha`` of a method's schema (never "the first
+  parameter"); its range is that Param's [min, max].
+- Every method's update is affine in α, so the updates at α = 0 and α = a1 are
+  computed once (:func:`affine_updates`) and each candidate is
+  ``θ0 + U0 + α · slope`` (:func:`state_at`): a search costs two merges.
+- Selection is by the best mean normalised *validation* accuracy, on the grid
+  ``linspace(lo, hi, n)[1:]`` of the method (:func:`alpha_grid`; "grid") or by
+  golden-section search on [0, 2] ∩ the α range (methods that need activation
+  statistics, the ESM family; "golden"): :func:`default_strategy`.
+- The app's α curve uses at most ``max_points`` values of the same grid
+  (:func:`curve_grid`), extended past either end while the best point sits on
+  it (:func:`extend_grid`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..merging import get_method, merge_updates
+from ..merging.registry import Param
+
+Progress = Callable[[float, str], None]
+GOLDEN_RANGE = (0.0, 2.0)
+GOLDEN_TOL = 0.01
+GOLDEN_MAX_EVALS = 15
+
+
+def alpha_param(method: str) -> Param:
+    """The ``alpha`` Param of ``method``'s schema."""
+    m = get_method(method)
+    for p in m.params:
+        if p.name == "alpha":
+            return p
+    raise ValueError(f"method {method!r} has no 'alpha' parameter")
+
+
+def alpha_grid(method: str) -> list[float]:
+    """The method's grid ``linspace(lo, hi, n)[1:]`` (SPEC §0)."""
+    lo, hi, n = get_method(method).alpha_grid
+    return [float(a) for a in np.linspace(lo, hi, n)[1:]]
+
+
+def default_strategy(method: str) -> str:
+    """"golden" for methods that need activation statistics (ESM family), else "grid"."""
+    return "golden" if get_method(method).needs_stats else "grid"
+
+
+def curve_grid(method: str, max_points: int) -> list[float]:
+    """At most ``max_points`` evenly spaced values of :func:`alpha_grid` (every ⌈n / max_points⌉-th)."""
+    grid = alpha_grid(method)
+    if len(grid) > max_points:
+        step = math.ceil(len(grid) / max_points)
+        grid = grid[step - 1::step]
+    return grid
+
+
+def extend_grid(method: str, curve: list[tuple[float, float]], step: float | None = None) -> list[float]:
+    """New α values to try when the best point of ``curve`` is its first or last one (the optimum is not
+    interior yet): one step further out, within the α Param's [min, max]; [] when the optimum is interior
+    or the range is exhausted."""
+    if len(curve) < 2:
+        return []
+    pts = sorted(curve)
+    best = max(range(len(pts)), key=lambda i: pts[i][1])
+    step = step or (pts[1][0] - pts[0][0])
+    p = alpha_param(method)
+    lo = p.min if p.min is not None else -math.inf
+    hi = p.max if p.max is not None else math.inf
+    if best == 0:
+        a = pts[0][0] - step
+        if a <= lo:                            # α = lo (0) is the base model itself: try halfway instead
+            a = (pts[0][0] + max(lo, 0.0)) / 2 if pts[0][0] - max(lo, 0.0) > 1e-3 else None
+        return [round(a, 6)] if a is not None else []
+    if best == len(pts) - 1:
+        a = pts[-1][0] + step
+        return [round(a, 6)] if a <= hi + 1e-12 else []
+    return []
+
+
+def golden_section_max(f: Callable[[float], float], lo: float = GOLDEN_RANGE[0], hi: float = GOLDEN_RANGE[1], *,
+                       tol: float = GOLDEN_TOL, max_evals: int = GOLDEN_MAX_EVALS) -> tuple[float, list[tuple[float, float]]]:
+    """Golden-section search for the maximum of a unimodal ``f`` on [lo, hi].
+
+    Stops when the bracket is narrower than ``tol`` or after ``max_evals``
+    evaluations. Returns (best evaluated x, [(x, f(x)) in evaluation order]).
+    """
+    if not hi > lo:
+        raise ValueError(f"golden-section search needs lo < hi, got [{lo}, {hi}]")
+    if max_evals < 2:
+        raise ValueError("golden-section search needs at least 2 evaluations")
+    r = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - r * (b - a), a + r * (b - a)
+    evals = [(c, f(c)), (d, f(d))]
+    fc, fd = evals[0][1], evals[1][1]
+    while b - a > tol and len(evals) < max_evals:
+        if fc >= fd:          # maximum in [a, d]
+            b, d, fd = d, c, fc
+            c = b - r * (b - a)
+            fc = f(c)
+            evals.append((c, fc))
+        else:                 # maximum in [c, b]
+            a, c, fc = c, d, fd
+            d = a + r * (b - a)
+            fd = f(d)
+            evals.append((d, fd))
+    best = max(evals, key=lambda e: e[1])
+    return best[0], evals
+
+
+def golden_range(method: str) -> tuple[float, float]:
+    """[0, 2] clipped to the α Param's maximum."""
+    lo, hi = GOLDEN_RANGE
+    amax = alpha_param(method).max
+    return lo, (min(hi, float(amax)) if amax is not None else hi)
+
+
+def affine_updates(base, tasks, method: str, params: Mapping[str, Any] | None = None, *, stats=None, cache=None,
+                   device: str | torch.device = "auto", check: bool = True,
+                   progress: Progress | None = None) -> tuple[dict, dict, float]:
+    """(U0, slope, a1): the method's update at α = 0 and its slope in α, ``U(α) = U0 + α · slope``.
+
+    The slope is measured at ``a1 = min(1, max α)`` of the method's schema.
+    ``check=False`` skips validating the checkpoints (a pool already checked)."""
+    p = {k: v for k, v in dict(params or {}).items() if k != "alpha"}
+    amax = alpha_param(method).max
+    a1 = 1.0 if amax is None else min(1.0, float(amax))
+    kw = dict(stats=stats, cache=cache, device=device)
+    u0 = merge_updates(method, base, tasks, alpha=0.0, check=check, **kw, **p,
+                       progress=None if progress is None else (lambda f, d: progress(0.5 * f, d)))
+    u1 = merge_updates(method, base, tasks, alpha=a1, check=False, **kw, **p,
+                       progress=None if progress is None else (lambda f, d: progress(0.5 + 0.5 * f, d)))
+    keys = set(u0) | set(u1)
+    zero = {k: torch.zeros_like(base[k], dtype=torch.float32) for k in keys}
+    u0 = {k: u0.get(k, zero[k]) for k in keys}
+    diff = {k: (u1.get(k, zero[k]) - u0[k]) / a1 for k in keys}
+    return u0, diff, a1
+
+
+def updates_at(u0: Mapping[str, torch.Tensor], slope: Mapping[str, torch.Tensor], alpha: float) -> dict:
+    """The method's update at α: ``U0 + α · slope``."""
+    return {k: u0[k] + alpha * slope[k] for k in u0}
+
+
+def state_at(base: Mapping[str, torch.Tensor], u0: Mapping[str, torch.Tensor], slope: Mapping[str, torch.Tensor],
+             alpha: float) -> dict[str, torch.Tensor]:
+    """The merged state dict at α, ``θ0 + U0 + α · slope`` (float32) for the updated keys; others are the base's."""
+    return {k: (v.float() + u0[k] + alpha * slope[k]) if k in u0 else v for k, v in base.items()}
+
+
+def search(score: Callable[[float], float], method: str, strategy: str | None = None
+           ) -> tuple[float, list[tuple[float, float]]]:
+    """Run the α policy of ``method`` on ``score(α)`` (higher is better).
+
+    Returns ``(best α, [(α, score)] sorted by α)``; on the grid the first maximum in grid order wins."""
+    strategy = strategy or default_strategy(method)
+    if strategy not in ("grid", "golden"):
+        raise ValueError(f"strategy must be 'grid' or 'golden', got {strategy!r}")
+    if strategy == "grid":
+        curve = [(a, score(a)) for a in alpha_grid(method)]
+        best = max(curve, key=lambda e: e[1])[0]
+    else:
+        best, evals = golden_section_max(score, *golden_range(method))
+        curve = sorted(evals)
+    return float(best), [(float(a), float(s)) for a, s in curve]
+
+
+def evaluations(method: str, strategy: str | None = None) -> int:
+    """How many α values :func:`search` scores (for progress bars)."""
+    return len(alpha_grid(method)) if (strategy or default_strategy(method)) == "grid" else GOLDEN_MAX_EVALS

@@ -1,0 +1,16 @@
+"""The merging layer: pure tensor maths, no model running, no pools, no UI.
+
+- :mod:`.api` — ``merge`` / ``merge_updates`` / ``apply_updates`` and the per-key
+  :class:`~.api.MergeContext` every method walks;
+- :mod:`.registry` — each method is one function plus a typed parameter schema;
+- :mod:`.basic` (average, TA, TIES, DARE), :mod:`.svd` (TSV-M, Iso-C, Iso-CTS),
+  :mod:`.esm` (ESM) — the methods, registered on import;
+- :mod:`.decompose` (SVD, polar factor, ESD, the decomposition cache) and
+  :mod:`.stats` (activation statistics as data).
+
+Add a method: one function ``fn(ctx, alpha, ...) -> {key: update}`` and one
+``register(Method(...))`` call in a module here (imported below).
+"""
+from .registry import METHODS, Method, Param, alpha_param, get_method, register  # noqa: F401
+from . import basic, esm, svd  # noqa: F401,E402  (registration side effect)
+from .api import MergeContext, apply_updates, merge, merge_updates  # noqa: F401,E402

@@ -1,0 +1,50 @@
+"""Model families: everything that depends on the kind of model lives below this package.
+
+One module per family (today: :mod:`.openclip_vit`). A family module answers,
+as plain constants and functions: ``matches(keys)``, ``key_role``/``roles_of``,
+``layer_type``/``layer_types_of``, ``LAYER_TYPES``/``ESD_TYPES``/``ROUTED_TYPES``,
+``block_index``, ``short_key``, how to build the module, where the probe hooks
+(``hook_points``) and how raw inputs become model inputs. Nothing above this
+package matches key names. Adding a family = one module here + its tests +
+one line in :data:`FAMILIES`.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Mapping
+
+import torch
+
+from . import openclip_vit
+from .roles import MATRIX, SKIP, VECTOR, generic_role, generic_roles  # noqa: F401
+
+FAMILIES: dict[str, ModuleType] = {openclip_vit.NAME: openclip_vit}
+
+
+def get_family(name: str) -> ModuleType:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}") from None
+
+
+def family_of(keys) -> ModuleType | None:
+    """The family whose key names ``keys`` (a state dict or its keys) have, or None."""
+    keys = list(keys)
+    for fam in FAMILIES.values():
+        if fam.matches(keys):
+            return fam
+    return None
+
+
+def roles_of(state_dict: Mapping[str, torch.Tensor], family: str | None = None) -> dict[str, str]:
+    """Role of every key: the family's rules when the family is known (or found), else the generic rule."""
+    fam = get_family(family) if family else family_of(state_dict)
+    return fam.roles_of(state_dict) if fam is not None else generic_roles(state_dict)
+
+
+def layer_types_of(keys, family: str | None = None) -> dict[str, str]:
+    """``{key: layer type}`` of the family's transformer linear weights (empty for an unknown family)."""
+    keys = list(keys)
+    fam = get_family(family) if family else family_of(keys)
+    return fam.layer_types_of(keys) if fam is not None else {}

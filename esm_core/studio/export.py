@@ -1,0 +1,59 @@
+"""The Export view's operations: the merged model, the ESM++ bundle and the merge config as files."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..checkpoints import read_config, save_safetensors
+from ..esmpp import ESMPP, save_esmpp
+from ..merging import apply_updates
+from .live import comparison_rows
+from .routing import esmpp_model
+from .session import Progress, Session, _need_pool
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "merge"
+
+
+def export_merged(s: Session) -> Path:
+    """The current merged model as .safetensors, its merge config in the metadata."""
+    pool = _need_pool(s)
+    if s.current is None:
+        raise ValueError("merge first: there is no merged model to export")
+    with s.lock:
+        cur = s.current
+        sd = apply_updates(pool.base, cur["updates"])
+        name = _safe_name(f"{pool.name}-{cur['method']}-alpha{float(cur['params']['alpha']):.2f}-{cur['id']}")
+        return save_safetensors(sd, s.workdir / f"{name}.safetensors", {**cur["config"], "summary": cur["summary"]})
+
+
+def export_config(s: Session) -> Path:
+    """The current merge's config (and its live accuracies) as JSON."""
+    _need_pool(s)
+    if s.current is None:
+        raise ValueError("merge first: there is no merge config to export")
+    cur = s.current
+    p = s.workdir / f"{_safe_name(cur['method'])}-{cur['id']}-config.json"
+    p.write_text(json.dumps({**cur["config"], "summary": cur["summary"], "comparison": comparison_rows(s)}, indent=2,
+                            default=str) + "\n")
+    return p
+
+
+def read_export_config(path: str | Path) -> dict | None:
+    """The recipe stored with an exported file (safetensors metadata, or the JSON file itself)."""
+    p = Path(path)
+    if p.suffix == ".json":
+        return json.loads(p.read_text())
+    return read_config(p)
+
+
+def export_esmpp(s: Session, rank: int = ESMPP.default("rank"), progress: Progress | None = None) -> Path:
+    """The ESM++ bundle (static ESM merge + expert factors + prototypes) as one .safetensors."""
+    pool = _need_pool(s)
+    with s.lock:
+        built = esmpp_model(s, rank, progress)
+        m = built["model"]
+        name = _safe_name(f"{pool.name}-esmpp-r{built['rank']}-alpha{built['alpha']:.2f}")
+        return save_esmpp(s.workdir / f"{name}.safetensors", m.merged_sd, m.experts, m.config)

@@ -1,0 +1,189 @@
+"""The Merge view's operations: live merging from cached affine updates, evaluation on capped subsets, α curve."""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+import torch
+
+from .. import __version__
+from ..evaluation import alpha as A
+from ..evaluation.accuracy import accuracies_of, normalised
+from ..merging import METHODS, apply_updates, get_method
+from .inspect import ensure_cache, ensure_stats
+from .session import Progress, Session, _need_pool, _noop
+
+ALPHA_POINTS = 12            # at most this many α values on the curve
+EVAL_SEED = 0
+AFFINE_CACHE = 3             # parameter sets whose α=0 / α=1 updates are kept
+
+
+def _visual(s: Session, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """The session's image tower with ``state_dict`` loaded (built once)."""
+    dev = s.device
+    if s._visual is None or next(s._visual.parameters()).device.type != dev.type:
+        s._visual = s.pool.build_visual(s.pool.base, device=dev)
+    s._visual.load_state_dict({k[len("visual."):] if k.startswith("visual.") else k: v
+                               for k, v in state_dict.items()})
+    return s._visual
+
+
+def accuracies(s: Session, model, split: str = "test", per_task: int | None = None,
+               tasks: list[str] | None = None, progress: Progress | None = None) -> dict[str, float]:
+    """Top-1 accuracy per task on a fixed seeded subset (``per_task`` images; None: the whole split).
+
+    ``model``: a state dict (loaded into the session's image tower) or an nn.Module.
+    """
+    pool = _need_pool(s)
+    visual = model if isinstance(model, torch.nn.Module) else _visual(s, model)
+    tasks = list(pool.task_names) if tasks is None else tasks
+    return accuracies_of(pool, visual, split, tasks, 256, progress, per_task=per_task, seed=EVAL_SEED)
+
+
+def references(s: Session, split: str = "test", progress: Progress | None = None) -> dict:
+    """Zero-shot (base) and fine-tuned accuracies on the same capped subset as the live view; cached."""
+    pool = _need_pool(s)
+    with s.lock:
+        if split not in s.refs:
+            n = s.live_per_task if split == "test" else s.alpha_per_task
+            report = progress or _noop
+            zs = accuracies(s, pool.base, split, n, progress=lambda f, d: report(0.5 * f, f"zero-shot: {d}"))
+            ft = {}
+            for i, t in enumerate(pool.task_names):
+                ft[t] = accuracies(s, pool.tasks[t], split, n, [t])[t]
+                report(0.5 + 0.5 * (i + 1) / len(pool.task_names), f"fine-tuned model of {t}")
+            s.refs[split] = {"zeroshot": zs, "finetuned": ft}
+        return s.refs[split]
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """(label, name) of every registered method, for a dropdown."""
+    return [(f"{m.title} ({m.name})", m.name) for m in METHODS.values()]
+
+
+def _frozen(params: Mapping[str, Any]) -> tuple:
+    return tuple(sorted((k, v) for k, v in params.items() if k != "alpha"))
+
+
+def _affine(s: Session, method: str, params: Mapping[str, Any], progress: Progress | None):
+    """(U0, slope) of ``method`` with ``params`` (α excluded), from the per-session cache or computed.
+
+    Every method's update is affine in α: ``U(α) = U0 + α · slope``, measured
+    from two merges (α = 0 and α = a1). The pool's checkpoints were checked
+    when it was loaded, so the merges skip that check.
+    """
+    key = (method, _frozen(params))
+    if key in s.affine:
+        s.affine.move_to_end(key)
+        return s.affine[key]
+    report = progress or _noop
+    stats = cache = None
+    if get_method(method).needs_stats:
+        stats = ensure_stats(s, progress=lambda f, d: report(0.4 * f, d))
+        cache = ensure_cache(s)
+    u0, slope, _ = A.affine_updates(s.pool.base, s.pool.tasks, method, params, stats=stats, cache=cache,
+                                    device=s.device, check=False,
+                                  progress=lambda f, d: report(0.4 + 0.6 * f, d))
+    s.affine[key] = (u0, slope)
+    while len(s.affine) > AFFINE_CACHE:
+        s.affine.popitem(last=False)
+    return u0, slope
+
+
+def merge(s: Session, method: str, params: Mapping[str, Any] | None = None, progress: Progress | None = None) -> dict:
+    """Merge the session's pool with ``method`` and evaluate it on the live subset.
+
+    Adds a row to the comparison table and makes this the current merge.
+    Returns the record: ``{"id", "method", "title", "params", "accs", "summary",
+    "seconds", "config"}`` (the update itself is kept in ``s.current``).
+    """
+    pool = _need_pool(s)
+    m = get_method(method)
+    p = m.resolve(dict(params or {}))            # ValueError naming a bad parameter
+    report = progress or _noop
+    with s.lock:
+        t0 = time.perf_counter()
+        refs = references(s, "test", progress=(lambda f, d: report(0.1 * f, d)) if progress else None)
+        u0, slope = _affine(s, method, p, (lambda f, d: report(0.1 + 0.8 * f, d)) if progress else None)
+        ups = A.updates_at(u0, slope, float(p["alpha"]))
+        report(0.9, "evaluating the merged model")
+        sd = apply_updates(pool.base, ups)
+        accs = accuracies(s, sd, "test", s.live_per_task)
+        summary = normalised(accs, refs["finetuned"])
+        rec = {"id": len(s.merges) + 1, "method": method, "title": m.title, "params": p, "accs": accs,
+               "summary": summary, "seconds": round(time.perf_counter() - t0, 3),
+               "config": merge_config(s, method, p)}
+        s.merges.append(rec)
+        s.current = {**rec, "updates": ups}
+        report(1.0, f"{m.title}: mean normalised accuracy {100 * summary['mean_norm']:.1f} %")
+        return rec
+
+
+def merge_config(s: Session, method: str, params: Mapping[str, Any]) -> dict:
+    """Everything needed to reproduce a merge: method, parameters, pool, proxy sample ids, versions."""
+    pool = s.pool
+    cfg = {"esm_studio": __version__, "method": method, "params": dict(params), "pool": pool.name,
+           "origin": s.origin, "model": getattr(pool, "model_name", None), "tasks": list(pool.task_names),
+           "evaluation": {"split": "test", "images_per_task": s.live_per_task, "subset_seed": EVAL_SEED}}
+    if get_method(method).needs_stats and s.stats is not None:
+        cfg["proxy"] = {"n": s.stats.get("n"), "seed": s.stats.get("seed"), "ids": s.stats.get("proxy_ids")}
+    return cfg
+
+
+def comparison_rows(s: Session) -> list[dict]:
+    """One row per merge of the session: id, method, α, other parameters changed, means, per-task accuracy (%)."""
+    rows = []
+    for r in s.merges:
+        m = get_method(r["method"])
+        changed = {p.name: r["params"][p.name] for p in m.params
+                   if p.name != "alpha" and r["params"][p.name] != p.default}
+        row = {"#": r["id"], "method": r["title"], "α": round(float(r["params"]["alpha"]), 3),
+               "changed parameters": ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults",
+               "mean abs %": round(100 * r["summary"]["mean_abs"], 2),
+               "mean norm %": round(100 * r["summary"]["mean_norm"], 2)}
+        for t, v in r["summary"]["tasks"].items():
+            row[f"{t} %"] = round(100 * v["abs"], 1)
+        rows.append(row)
+    return rows
+
+
+def full_evaluation(s: Session, progress: Progress | None = None) -> dict:
+    """The current merge on the whole test split (not the capped live subset), with full-split references."""
+    pool = _need_pool(s)
+    if s.current is None:
+        raise ValueError("merge first: there is no current merge to evaluate")
+    report = progress or _noop
+    with s.lock:
+        sd = apply_updates(pool.base, s.current["updates"])
+        accs = accuracies(s, sd, "test", None, progress=lambda f, d: report(0.4 * f, d))
+        zs = accuracies(s, pool.base, "test", None, progress=lambda f, d: report(0.4 + 0.3 * f, f"zero-shot {d}"))
+        ft = {}
+        for i, t in enumerate(pool.task_names):
+            ft[t] = accuracies(s, pool.tasks[t], "test", None, [t])[t]
+            report(0.7 + 0.3 * (i + 1) / len(pool.task_names), f"fine-tuned {t}")
+        return {"summary": normalised(accs, ft), "refs": {"zeroshot": zs, "finetuned": ft}}
+
+
+def alpha_curve(s: Session, method: str, params: Mapping[str, Any] | None = None,
+                progress: Progress | None = None) -> tuple[float, list[tuple[float, float]]]:
+    """Mean normalised accuracy on the validation subset over the method's α grid (≤ ALPHA_POINTS values).
+
+    Returns ``(best α, [(α, mean normalised accuracy)])``.
+    """
+    pool = _need_pool(s)
+    m = get_method(method)
+    p = m.resolve(dict(params or {}))
+    report = progress or _noop
+    with s.lock:
+        refs = references(s, "val", progress=lambda f, d: report(0.1 * f, f"references (val): {d}"))
+        u0, slope = _affine(s, method, p, lambda f, d: report(0.1 + 0.2 * f, d))
+        grid = A.curve_grid(method, ALPHA_POINTS)
+        curve = []
+        for i, a in enumerate(grid):
+            sd = apply_updates(pool.base, A.updates_at(u0, slope, float(a)))
+            accs = accuracies(s, sd, "val", s.alpha_per_task)
+            curve.append((float(a), normalised(accs, refs["finetuned"])["mean_norm"]))
+            report(0.3 + 0.7 * (i + 1) / len(grid), f"α = {a:.2f}: {100 * curve[-1][1]:.1f} % normalised (val)")
+        best = max(curve, key=lambda e: e[1])[0]
+        s.curves[(method, _frozen(p))] = (best, curve)
+        return best, curve

@@ -1,0 +1,137 @@
+"""The Routing view's operations: the session's ESM++ model, routing sample inputs, the decision summary."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..esmpp import ESMPP, majority_task, routing_accuracy, routing_embedding
+from ..evaluation.esmpp import build_esmpp
+from ..merging import get_method
+from ..models import openclip_vit as vit
+from .inspect import ensure_cache, ensure_stats
+from .live import _frozen, accuracies
+from .session import Progress, Session, _need_pool, _noop
+
+
+def esmpp_model(s: Session, rank: int = ESMPP.default("rank"), progress: Progress | None = None):
+    """The ESM++ routed model of the session's pool (built on first use, rebuilt when the recipe changes).
+
+    Its static part is the session's latest ESM merge (α and parameters), or
+    ESM with its defaults when the session has not merged with ESM yet.
+    """
+    pool = _need_pool(s)
+    last = next((r for r in reversed(s.merges) if r["method"] == "esm"), None)
+    params = dict(last["params"]) if last else get_method("esm").resolve({})
+    alpha = float(params.pop("alpha"))
+    recipe = (int(rank), alpha, _frozen(params))
+    with s.lock:
+        if s.esmpp is None or s.esmpp["recipe"] != recipe:
+            report = progress or _noop
+            stats = ensure_stats(s, progress=lambda f, d: report(0.3 * f, d))
+            model = build_esmpp(pool, stats, rank=int(rank), alpha=alpha, esm_params=params,
+                                        cache=ensure_cache(s), device=s.device,
+                                        progress=lambda f, d: report(0.3 + 0.7 * f, d))
+            s.esmpp = {"recipe": recipe, "model": model, "rank": int(rank), "alpha": alpha,
+                       "from_merge": last["id"] if last else None, "accs": None}
+        return s.esmpp
+
+
+def _image_to_input(pool, image) -> torch.Tensor:
+    """An uploaded image (H×W, H×W×3 or H×W×4 uint8) → one normalised input for the pool's model."""
+    arr = np.asarray(image)
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise ValueError(f"the uploaded image has an unexpected shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    x_ref, _ = pool.images(pool.task_names[0], "val")
+    size = int(x_ref.shape[-1])
+    grey = pool.data[pool.task_names[0]]["val"][0].ndim == 3      # the pool's own images are grey
+    im = Image.fromarray(arr).convert("L" if grey else "RGB").resize((size, size), Image.BILINEAR)
+    return pool.normalise(np.asarray(im, dtype=np.uint8)[None])
+
+
+@torch.inference_mode()
+def _routed_accuracies(s: Session, model) -> dict:
+    """Static ESM ("base"), routed and oracle accuracy on the live test subset (cached per ESM++ build)."""
+    out = {}
+    for mode in ("base", "route", "oracle"):
+        out[mode] = {}
+        for t in s.pool.task_names:
+            with model.using(mode=mode, true_task=t):
+                out[mode][t] = accuracies(s, model, "test", s.live_per_task, [t])[t]
+    return out
+
+
+def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6, image=None, umap: bool = False,
+                progress: Progress | None = None) -> dict:
+    """Route ``per_task`` sample images of every task (and the uploaded ``image``, if any) through ESM++.
+
+    Returns ``{"tasks", "layers", "sample_labels", "true" (task index or −1), "choices" (N × L expert index),
+    "cosines" (N × L × T), "layer_accuracy" (L), "routed_accuracy" / "oracle_accuracy" / "static_accuracy"
+    ({task: acc} on the live test subset), "embedding", "summary_md"}``; also kept in ``s.routing``.
+    The map of the samples is PCA unless ``umap`` (UMAP compiles on its first use in a process: tens of seconds).
+    """
+    pool = _need_pool(s)
+    if not 1 <= int(per_task) <= 64:
+        raise ValueError(f"samples per task must be between 1 and 64, got {per_task}")
+    report = progress or _noop
+    with s.lock:
+        built = esmpp_model(s, rank, progress=lambda f, d: report(0.6 * f, d))
+        model = built["model"]
+        labels, xs, trues = [], [], []
+        for t in pool.task_names:
+            x, y, _ = pool.samples(t, int(per_task))
+            xs.append((x, t))
+            labels += [f"{t} #{i} ({pool.class_names[t][int(c)]})" for i, c in enumerate(y.tolist())]
+        if image is not None:
+            xs.append((_image_to_input(pool, image), None))
+            labels.append("your image")
+        dev = next(model.parameters()).device
+        report(0.65, "routing the samples")
+        with torch.inference_mode(), model.logging(keep_inputs=True) as log:
+            for x, t in xs:
+                model(x.to(dev), true_task=t)
+        if built["accs"] is None:
+            report(0.75, "routed vs oracle accuracy")
+            built["accs"] = _routed_accuracies(s, model)
+        accs = built["accs"]
+        li = len(log.keys) - 1                      # the deepest routed layer: tasks are most separated there
+        if umap:
+            report(0.85, "UMAP of the samples (the first use compiles UMAP: this can take a minute)")
+        emb = routing_embedding(log, li, model.experts, seed=0, method="umap" if umap else "pca")
+        known = log.true >= 0
+        layer_acc = routing_accuracy(log).tolist() if bool(known.any()) else None
+        T = len(log.tasks)
+        mean_norm = {m: float(np.mean([accs[m][t] / max(s.refs["test"]["finetuned"][t], 1e-12)
+                                       for t in log.tasks])) for m in accs} if "test" in s.refs else None
+        lines = [f"**ESM++** with rank-{built['rank']} experts on {len(log.keys)} routed layers, static part: ESM at "
+                 f"α = {built['alpha']:.2f}" + (f" (merge #{built['from_merge']})" if built["from_merge"] else
+                                                " (defaults; merge with ESM in tab 4 to change it)") + "."]
+        if layer_acc is not None:
+            lines.append(f"Routing picked the sample's own task in **{100 * float(np.mean(layer_acc)):.0f} %** of "
+                         f"the decisions ({int(known.sum())} samples × {len(log.keys)} layers).")
+        if mean_norm:
+            lines.append(f"Mean normalised accuracy on ≤ {s.live_per_task} test images per task: static ESM "
+                         f"{100 * mean_norm['base']:.1f} %, ESM++ routed {100 * mean_norm['route']:.1f} %, "
+                         f"oracle routing {100 * mean_norm['oracle']:.1f} %.")
+        if image is not None:
+            top, share = majority_task(log)
+            lines.append(f"**Your image** went to the **{log.tasks[int(top[-1])]}** expert in "
+                         f"{100 * float(share[-1]):.0f} % of the layers.")
+        storage = model.experts.storage()
+        lines.append(f"The experts add {storage['per_task']:,} parameters per task "
+                     f"({100 * (storage['share_per_task'] or 0):.1f} % of the model).")
+        true_names = [n if n is not None else "your image" for n in emb["true"]]
+        run = {"tasks": list(log.tasks), "layers": list(log.keys), "sample_labels": labels,
+               "true": log.true.tolist(), "choices": log.chosen.numpy(), "cosines": log.cos.numpy(),
+               "layer_accuracy": layer_acc, "routed_accuracy": accs["route"], "oracle_accuracy": accs["oracle"],
+               "static_accuracy": accs["base"],
+               "embedding": {"points": emb["points"], "labels": true_names, "proto_points": emb["prototype_points"],
+                             "proto_labels": list(emb["tasks"]),
+                             "title": f"{emb['note']}, layer {vit.short_key(str(emb['layer']))}; "
+                                      "★ = task prototypes"},
+               "summary_md": "\n\n".join(lines), "n_tasks": T}
+        s.routing = run
+        report(1.0, "routing done")
+        return run
