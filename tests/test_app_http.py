@@ -9,17 +9,12 @@ import os
 import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-gr = pytest.importorskip("gradio")
-gradio_client = pytest.importorskip("gradio_client")
+import gradio as gr  # noqa: E402
+import gradio_client  # noqa: E402
 
 from esm_core.checkpoints import read_config, save_safetensors  # noqa: E402
 from esm_core.merging import METHODS  # noqa: E402
-from fake_pool import FAKE_TASKS, launch_app, make_fake_pool  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def pool():
-    return make_fake_pool()
+from fake_pool import FAKE_TASKS, launch_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

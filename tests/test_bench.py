@@ -7,6 +7,7 @@ import json
 from contextlib import redirect_stdout
 
 import pytest
+import open_clip
 import torch
 
 from esm_core import cli
@@ -53,7 +54,6 @@ def test_table_lists_every_row(cli_result):
 
 
 def test_shapes_are_exactly_the_open_clip_vit_b32_visual_tower():
-    open_clip = pytest.importorskip("open_clip")
     model = open_clip.create_model("ViT-B-32", pretrained=None, device="meta")     # shapes only, no init
     ref = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("visual.")}
     assert vit_b32_shapes(12) == ref

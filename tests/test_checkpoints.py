@@ -9,6 +9,7 @@ import sys
 import types
 
 import pytest
+import open_clip
 import torch
 
 from esm_core.checkpoints import (CheckpointError, hf_clip_vision_to_open_clip, load_checkpoint, read_config,
@@ -247,7 +248,6 @@ def test_open_clip_image_encoder(tmp_path, open_clip_tiny):
 
 @pytest.fixture(scope="module")
 def open_clip_tiny(tmp_path_factory):
-    open_clip = pytest.importorskip("open_clip")
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8,
                                            "head_width": 16},
            "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1}}

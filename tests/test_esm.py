@@ -5,7 +5,6 @@ import esm_core
 from esm_core.merging import decompose
 from esm_core.models import openclip_vit as vit
 from esm_core.merging import get_method
-from esm_core.merging.decompose import isotropic
 from esm_core.merging.esm import esm_rank, esm_u, esm_v, new_cache
 from esm_core.merging.stats import stats_from_inputs
 
@@ -172,16 +171,6 @@ def test_inter_dimension_factor_by_hand():
     torch.testing.assert_close(V, torch.tensor([[0.25, 0.0], [0.0, 6.75]], dtype=torch.float64))  # × (½)², (3/2)²
     _, V1 = esm_factors([I2], [FLAT], [d], k=2, p_task=2, p_dim=1, eig_exp=0.15)
     torch.testing.assert_close(V1, torch.tensor([[0.5, 0.0], [0.0, 4.5]], dtype=torch.float64))
-
-
-def test_combine_by_hand():
-    # U = diag(1, 3), V = diag(2, 2): polar factors are I, mean sv 2 and 2 → 2 · (2 I)(2 I) = 8 I
-    U = torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64))
-    V = 2 * I2
-    torch.testing.assert_close(isotropic(U), 2 * I2)
-    torch.testing.assert_close(isotropic(V), 2 * I2)
-    torch.testing.assert_close(isotropic(U) @ isotropic(V), 4 * I2)
-    torch.testing.assert_close(2.0 * isotropic(U) @ isotropic(V), 8 * I2)    # §6.5 ΔW = f · U'V', f = 2
 
 
 def test_ortho_factor_scales_the_esd_keys_only():

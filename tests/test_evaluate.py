@@ -141,11 +141,8 @@ def test_affine_trick_equals_direct_merge(fake_ta):
 # ---------------------------------------------------------------- on the committed demo pool
 
 @pytest.fixture(scope="module")
-def demo():
-    from esm_core.pools.demo import DEMO_DIR, load_demo_pool
-    if not (DEMO_DIR / "config.json").is_file():
-        pytest.skip("demo pool not built")
-    return load_demo_pool().subset(["cvdigits", "skdigits"])
+def demo(demo_pool):
+    return demo_pool.subset(["cvdigits", "skdigits"])
 
 
 def test_demo_pool_shapes_and_references(demo):
@@ -159,8 +156,6 @@ def test_demo_pool_shapes_and_references(demo):
 
 
 def test_demo_affine_trick_matches_ta(demo):
-    if "ta" not in METHODS:
-        pytest.skip("task arithmetic not registered yet")
     u0, diff, _ = A.affine_updates(demo.base, demo.tasks, "ta")
     direct = merge("ta", demo.base, demo.tasks, alpha=0.43)
     for k in direct:

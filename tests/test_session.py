@@ -12,12 +12,7 @@ from esm_core import studio as S
 from esm_core.checkpoints import CheckpointError, read_config, save_safetensors
 from esm_core.esmpp import load_esmpp
 from esm_core.pools.upload import infer_vit_config
-from fake_pool import FAKE_TASKS, make_fake_pool
-
-
-@pytest.fixture(scope="module")
-def pool():
-    return make_fake_pool()
+from fake_pool import FAKE_TASKS
 
 
 @pytest.fixture(scope="module")
@@ -191,10 +186,11 @@ def test_upload_with_image_zips(files, tmp_path):
         zips = {t: _zip(tmp_path / f"{t}.zip") for t in FAKE_TASKS[:2]}
         info = S.load_uploaded(s, files / "base.safetensors",
                                {t: files / f"{t}.safetensors" for t in FAKE_TASKS[:2]}, zips,
+                               arch="infer", head_width=16, normalisation="half",
                                demo_loader=lambda: (_ for _ in ()).throw(FileNotFoundError("no demo")))
         assert info["origin"] == "upload" and [t["task"] for t in info["tasks"]] == list(FAKE_TASKS[:2])
         assert info["tasks"][0]["classes"] == 2 and s.pool.class_names["alpha"] == ["cat", "dog"]
-        assert any("inferred" in n for n in info["notes"])
+        assert any("inferred" in n and "head width 16" in n and "std (0.5, 0.5, 0.5)" in n for n in info["notes"])
         x, y = s.pool.images("alpha", "test")
         assert x.shape[1:] == (3, 16, 16) and sorted(set(y.tolist())) == [0, 1]
         rec = S.merge(s, "ta", {})
@@ -207,9 +203,10 @@ def test_upload_keeps_demo_data(files, pool):
     s = S.new_session("cpu", live_per_task=8)
     try:
         info = S.load_uploaded(s, files / "base.safetensors",
-                               {t: files / f"{t}.safetensors" for t in FAKE_TASKS[:2]}, {}, demo_loader=lambda: pool)
+                               {t: files / f"{t}.safetensors" for t in FAKE_TASKS[:2]}, {}, arch="infer",
+                               head_width=16, normalisation="half", demo_loader=lambda: pool)
         assert any("demo's images" in n for n in info["notes"])
-        assert s.pool.model_name == pool.model_name
+        assert s.pool.model_name["vision_cfg"]["head_width"] == 16         # a config dict: nothing registered
         torch.testing.assert_close(s.pool.heads["beta"], pool.heads["beta"])
     finally:
         S.close(s)
@@ -245,19 +242,19 @@ def test_bad_uploads_refused(files, tmp_path, pool, case, match):
             }[case]
     try:
         with pytest.raises((ValueError, CheckpointError), match=match):
-            S.load_uploaded(s, *args, demo_loader=no_demo)
+            S.load_uploaded(s, *args, arch="infer", head_width=16, normalisation="half", demo_loader=no_demo)
         assert s.pool is None                                 # nothing half-loaded stays behind
     finally:
         S.close(s)
 
 
 def test_infer_vit_config(pool):
-    cfg = infer_vit_config(pool.base, head_width=16)
+    cfg = infer_vit_config(pool.base, 16)
     v = cfg["vision_cfg"]
     assert (v["width"], v["layers"], v["patch_size"], v["image_size"], v["head_width"]) == (32, 2, 8, 16, 16)
     assert cfg["embed_dim"] == 16 and v["mlp_ratio"] == 4.0
     with pytest.raises(ValueError, match="visual.conv1.weight"):
-        infer_vit_config({"visual.positional_embedding": torch.zeros(5, 4)})
+        infer_vit_config({"visual.positional_embedding": torch.zeros(5, 4)}, 64)
 
 
 # ---------------------------------------------------------------- ESM++ routing

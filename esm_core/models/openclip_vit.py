@@ -24,6 +24,11 @@ import numpy as np
 import open_clip
 import torch
 
+try:  # private helper of open_clip 3.x: builds only the image tower
+    from open_clip.model import _build_vision_tower
+except ImportError:  # pragma: no cover
+    _build_vision_tower = None
+
 from ..device import resolve_device
 from .roles import MATRIX, SKIP, VECTOR
 
@@ -149,10 +154,9 @@ def build_visual_tower(model: str | Mapping[str, Any], state_dict: Mapping[str, 
     cfg = model_config(model)
     label = model if isinstance(model, str) else "uploaded"
     qg = bool(cfg.get("quick_gelu", False)) if quick_gelu is None else bool(quick_gelu)
-    try:
-        from open_clip.model import _build_vision_tower
+    if _build_vision_tower is not None:
         visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=qg)
-    except ImportError:  # pragma: no cover  (older/newer open_clip without the helper)
+    else:  # pragma: no cover  (older/newer open_clip without the helper)
         visual = open_clip.create_model(label, pretrained=None, force_quick_gelu=qg).visual
     if state_dict is not None:
         sd = strip_prefix(state_dict)
@@ -164,6 +168,61 @@ def build_visual_tower(model: str | Mapping[str, Any], state_dict: Mapping[str, 
                              f"unexpected {extra[:5]}")
         visual.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
     return visual.to(resolve_device(device)).eval()
+
+
+_CFG_BOUNDS = {"image_size": (8, 1024), "layers": (1, 64), "width": (8, 4096), "patch_size": (1, 64),
+               "head_width": (1, 4096)}
+
+
+def check_config(cfg: Mapping[str, Any]) -> dict:
+    """A bounded copy of an open_clip model config (uploaded JSON is hostile): numbers in range, head width
+    dividing the width; raises ValueError naming the field. Only the image tower's fields are read."""
+    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("vision_cfg"), Mapping):
+        raise ValueError("an open_clip model config needs a 'vision_cfg' object")
+    v = dict(cfg["vision_cfg"])
+    for name, (lo, hi) in _CFG_BOUNDS.items():
+        val = v.get(name)
+        if name == "head_width" and val is None:
+            continue
+        if isinstance(val, (list, tuple)) and name == "image_size" and len(val) == 2 and val[0] == val[1]:
+            val = v[name] = val[0]
+        if isinstance(val, bool) or not isinstance(val, int) or not lo <= val <= hi:
+            raise ValueError(f"vision_cfg.{name} must be an integer in [{lo}, {hi}], got {val!r}")
+    if v["width"] % v.get("head_width", 64):
+        raise ValueError(f"vision_cfg.head_width {v.get('head_width', 64)} does not divide the width {v['width']}")
+    ratio = v.get("mlp_ratio", 4.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.25 <= float(ratio) <= 16:
+        raise ValueError(f"vision_cfg.mlp_ratio must be a number in [0.25, 16], got {ratio!r}")
+    embed = cfg.get("embed_dim")
+    if isinstance(embed, bool) or not isinstance(embed, int) or not 1 <= embed <= 8192:
+        raise ValueError(f"embed_dim must be an integer in [1, 8192], got {embed!r}")
+    out = {"embed_dim": embed, "vision_cfg": v, "quick_gelu": bool(cfg.get("quick_gelu", False))}
+    pre = cfg.get("preprocess_cfg")
+    if isinstance(pre, Mapping) and "mean" in pre and "std" in pre:
+        out["preprocess_cfg"] = {"mean": check_norm(pre["mean"], "mean"), "std": check_norm(pre["std"], "std")}
+    return out
+
+
+def check_norm(vals, what: str) -> tuple[float, float, float]:
+    """Three finite per-channel numbers (a std strictly positive)."""
+    if not isinstance(vals, (list, tuple)) or len(vals) != 3 or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in vals):
+        raise ValueError(f"{what} must be three finite numbers, got {vals!r}")
+    if what == "std" and min(vals) <= 0:
+        raise ValueError(f"std must be positive, got {vals!r}")
+    return tuple(float(x) for x in vals)
+
+
+def expected_shapes(model: str | Mapping[str, Any], quick_gelu: bool | None = None) -> dict[str, tuple[int, ...]]:
+    """``{"visual.<key>": shape}`` of the image tower of ``model``, built on the meta device (no memory)."""
+    cfg = model_config(model)
+    qg = bool(cfg.get("quick_gelu", False)) if quick_gelu is None else bool(quick_gelu)
+    try:
+        with torch.device("meta"):
+            visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=qg)
+    except Exception as e:  # noqa: BLE001  (a hostile config can fail anywhere inside open_clip)
+        raise ValueError(f"open_clip cannot build this image tower: {type(e).__name__}: {e}") from None
+    return {f"visual.{k}": tuple(v.shape) for k, v in visual.state_dict().items()}
 
 
 # ---------------------------------------------------------------- probe hook points

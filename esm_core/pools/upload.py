@@ -7,7 +7,9 @@ running pickle code and refused when they do not fit the base.
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -20,14 +22,16 @@ from PIL import Image, UnidentifiedImageError
 
 from ..checkpoints import load_checkpoint
 from ..models import openclip_vit as vit
-from ..models.openclip_vit import CLIP_MEAN, CLIP_STD, register_model_config
-from .demo import load_demo_pool
+from ..models.openclip_vit import CLIP_MEAN, CLIP_STD
+from .demo import DEMO_DIR, load_demo_pool
 from .taskpool import TaskPool, cosine_head
 
 Progress = Callable[[float, str], None]
 
 MAX_ZIP_FILES = 20_000
-MAX_ZIP_BYTES = 512 * 1024 ** 2
+MAX_ZIP_BYTES = 512 * 1024 ** 2          # bytes actually inflated from one zip, all members together
+MAX_ENTRY_BYTES = 32 * 1024 ** 2         # bytes actually inflated from one zip member
+MAX_MODEL_PARAMS = int(os.environ.get("ESM_MAX_MODEL_PARAMS", 320_000_000))   # ViT-L/14's tower fits (304 M)
 MAX_IMAGE_PIXELS = 4096 * 4096
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -43,32 +47,34 @@ def _visual_keys(sd: dict, name: str) -> dict:
                      f"'transformer.resblocks.*' keys; found e.g. {sorted(sd)[:4]})")
 
 
-def infer_vit_config(sd: Mapping[str, torch.Tensor], head_width: int = 64) -> dict:
+def infer_vit_config(sd: Mapping[str, torch.Tensor], head_width: int) -> dict:
     """An open_clip model config whose image tower fits the ``visual.*`` state dict ``sd``.
 
     Width, patch size, image size, depth, MLP ratio and output dimension are read
-    from the shapes; the attention head width cannot be (default 64, as in CLIP).
+    from the shapes; the attention head width cannot be, so it must be given.
     """
     try:
         conv = sd["visual.conv1.weight"]
         pos = sd["visual.positional_embedding"]
     except KeyError as e:
         raise ValueError(f"cannot infer the architecture: the checkpoint has no {e.args[0]!r}") from None
+    if conv.ndim != 4 or pos.ndim != 2:
+        raise ValueError("cannot infer the architecture: conv1.weight must be 4-D and positional_embedding 2-D")
     width, patch = int(conv.shape[0]), int(conv.shape[-1])
-    grid = int(round(math.sqrt(pos.shape[0] - 1)))
-    if grid * grid != pos.shape[0] - 1:
+    grid = int(round(math.sqrt(max(pos.shape[0] - 1, 0))))
+    if grid < 1 or grid * grid != pos.shape[0] - 1:
         raise ValueError(f"cannot infer the image size: {pos.shape[0]} positional embeddings is not 1 + a square")
     layers = len({vit.block_index(k) for k in sd if vit.block_index(k) is not None})
     if layers == 0:
         raise ValueError("cannot infer the architecture: no transformer blocks (visual.transformer.resblocks.*)")
+    if head_width < 1 or width % head_width:
+        raise ValueError(f"attention head width {head_width} does not divide the width {width}")
     fc = sd.get("visual.transformer.resblocks.0.mlp.c_fc.weight")
-    mlp_ratio = float(fc.shape[0]) / width if fc is not None else 4.0
-    embed = int(sd["visual.proj"].shape[1]) if "visual.proj" in sd else width
-    hw = head_width if width % head_width == 0 else math.gcd(width, head_width)
+    mlp_ratio = float(fc.shape[0]) / width if fc is not None and width else 4.0
+    embed = int(sd["visual.proj"].shape[1]) if "visual.proj" in sd and sd["visual.proj"].ndim == 2 else width
     return {"embed_dim": embed, "quick_gelu": True,
             "vision_cfg": {"image_size": grid * patch, "layers": layers, "width": width, "patch_size": patch,
-                           "head_width": hw, "mlp_ratio": mlp_ratio},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}}
+                           "head_width": int(head_width), "mlp_ratio": mlp_ratio}}
 
 
 def _same_shapes(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
@@ -93,10 +99,11 @@ def read_image_zip(path: str | Path, image_size: int, task: str = "task") -> tup
                                                  for part in m.filename.split("/"))]
         if len(members) > MAX_ZIP_FILES:
             raise ValueError(f"images of task {task!r}: {len(members)} files, more than the {MAX_ZIP_FILES} allowed")
-        total = sum(m.file_size for m in members)
-        if total > MAX_ZIP_BYTES:
-            raise ValueError(f"images of task {task!r}: {total / 1024 ** 2:.0f} MiB uncompressed, more than "
+        declared = sum(m.file_size for m in members)     # what the headers claim: a first, cheap refusal
+        if declared > MAX_ZIP_BYTES:
+            raise ValueError(f"images of task {task!r}: {declared / 1024 ** 2:.0f} MiB uncompressed, more than "
                              f"{MAX_ZIP_BYTES / 1024 ** 2:.0f} MiB")
+        budget = [MAX_ZIP_BYTES]                          # what is really inflated is bounded too (headers can lie)
         by_class: dict[str, list] = {}
         for m in members:
             parts = [q for q in m.filename.split("/") if q]
@@ -118,7 +125,7 @@ def read_image_zip(path: str | Path, image_size: int, task: str = "task") -> tup
                                  "each class needs at least 2 (one for validation, one for test)")
             for m in by_class[c]:
                 try:
-                    with Image.open(io.BytesIO(zf.read(m))) as im:
+                    with Image.open(io.BytesIO(_read_member(zf, m, task, budget))) as im:
                         if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
                             raise ValueError(f"images of task {task!r}: {m.filename!r} is too large "
                                              f"({im.size[0]}×{im.size[1]} pixels)")
@@ -129,6 +136,23 @@ def read_image_zip(path: str | Path, image_size: int, task: str = "task") -> tup
                                      f"({type(e).__name__})") from None
                 ys.append(ci)
     return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
+
+
+def _read_member(zf: zipfile.ZipFile, m: zipfile.ZipInfo, task: str, budget: list[int]) -> bytes:
+    """The bytes of one member, inflating at most MAX_ENTRY_BYTES of it and the zip's remaining budget."""
+    limit = min(MAX_ENTRY_BYTES, budget[0])
+    try:
+        with zf.open(m) as f:
+            data = f.read(limit + 1)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as e:
+        raise ValueError(f"images of task {task!r}: {m.filename!r} cannot be read from the zip "
+                         f"({type(e).__name__})") from None
+    if len(data) > limit:
+        raise ValueError(f"images of task {task!r}: {m.filename!r} inflates to more than "
+                         f"{limit / 1024 ** 2:.0f} MiB (per image at most {MAX_ENTRY_BYTES / 1024 ** 2:.0f} MiB, "
+                         f"per zip {MAX_ZIP_BYTES / 1024 ** 2:.0f} MiB)")
+    budget[0] -= len(data)
+    return data
 
 
 def _split_val_test(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -152,28 +176,127 @@ def _centroid_head(visual, x: torch.Tensor, y: np.ndarray, n_classes: int, scale
     return cosine_head(torch.stack([feats[yt == c].mean(0) for c in range(n_classes)]), scale)
 
 
-def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path],
-                     image_zips: Mapping[str, str | Path] | None = None, *, arch: str = "auto",
-                     demo_loader: Callable[[], Any] | None = None,
-                     progress: Progress | None = None) -> tuple[TaskPool, list[str]]:
-    """Build a pool from uploaded checkpoints: ``(TaskPool, notes for the user)``.
+class ArchitectureChoice(ValueError):
+    """The architecture or the input normalisation cannot be read from the upload: the user must choose.
 
-    ``task_paths``: ``{task name: checkpoint file}`` (at least two);
-    ``image_zips``: ``{task name: zip of class folders}``. A task without a zip
-    keeps the demo's images and head when the base has the demo's shapes and
-    the task is one of the demo's tasks; otherwise it is refused. Heads of
-    uploaded image sets are the class means of the task's fine-tuned features
-    on its validation half. ``arch``: "auto" (infer from the shapes) or an
-    open_clip model name. Raises ValueError / CheckpointError naming the problem.
+    ``candidates``: ``[(arch value, what it implies)]`` for the Pool view's choice."""
+
+    def __init__(self, message: str, candidates: list[tuple[str, str]]):
+        super().__init__(message + " Choose: " + "; ".join(f"{v!r} = {d}" for v, d in candidates))
+        self.candidates = candidates
+
+
+NORMALISATIONS = {"clip": (CLIP_MEAN, CLIP_STD), "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def _demo_config() -> dict | None:
+    """The demo's recorded model config and normalisation (assets/demo/config.json), or None."""
+    f = DEMO_DIR / "config.json"
+    if not f.is_file():
+        return None
+    c = json.loads(f.read_text())
+    return {**c["model_config"], "preprocess_cfg": {"mean": c["mean"], "std": c["std"]}, "_name": c["model_name"]}
+
+
+def _shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _check_fits(base: Mapping[str, torch.Tensor], cfg: dict, label: str) -> None:
+    """Refuse (before anything is built) a config whose image tower is too large or whose shapes differ from
+    the uploaded base's; the comparison runs on the meta device, so it costs no memory."""
+    want = vit.expected_shapes(cfg, cfg.get("quick_gelu"))
+    n = sum(math.prod(s) for s in want.values())
+    if n > MAX_MODEL_PARAMS:
+        raise ValueError(f"the {label} image tower has {n / 1e6:.0f} M parameters, more than the "
+                         f"{MAX_MODEL_PARAMS / 1e6:.0f} M this server builds for an upload")
+    got = _shapes(base)
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = [f"{k} {got[k]} (expected {want[k]})" for k in want if k in got and got[k] != want[k]]
+    if missing or extra or wrong:
+        raise ValueError(f"the base checkpoint does not fit the {label} architecture: "
+                         + "; ".join(x for x in (f"missing {missing[:4]}" if missing else "",
+                                                  f"unexpected {extra[:4]}" if extra else "",
+                                                  f"other shapes: {wrong[:3]}" if wrong else "") if x))
+
+
+def resolve_architecture(base: Mapping[str, torch.Tensor], *, arch: str = "auto", config: Mapping | None = None,
+                         head_width: int | None = None, normalisation: str | None = None) -> tuple[dict, tuple, tuple, str]:
+    """``(model config, mean, std, note)`` of an uploaded open_clip image tower — read, never guessed.
+
+    ``config`` (an uploaded open_clip model config JSON, its ``preprocess_cfg`` giving mean/std) wins;
+    else ``arch``: ``"demo"`` (this project's demo architecture and normalisation), an open_clip model name
+    (its config; OpenAI CLIP normalisation unless the config says otherwise), or ``"infer"`` (shapes plus an
+    explicit ``head_width``). ``normalisation`` ("clip" or "half") overrides or supplies mean/std. With
+    ``arch="auto"`` and no config the choice is the user's: :class:`ArchitectureChoice` lists the candidates.
+    Every config is bounded and compared with the base's shapes on the meta device before anything is built.
     """
-    report = progress or (lambda f, d: None)
-    image_zips = dict(image_zips or {})
-    if base_path is None:
-        raise ValueError("no base (pre-trained) checkpoint uploaded")
-    names = list(task_paths)
+    demo = _demo_config()
+    if config is not None:
+        cfg, label = vit.check_config(config), "uploaded config's"
+    elif arch == "demo":
+        if demo is None:
+            raise ValueError("the demo pool's config is not available in this installation")
+        cfg, label = vit.check_config(demo), f"demo ({demo['_name']})"
+    elif arch == "infer":
+        if head_width is None or normalisation is None:
+            raise ValueError("arch 'infer' reads the shapes but needs the attention head width (head_width=) "
+                             "and the input normalisation (normalisation='clip' or 'half') from you")
+        cfg, label = vit.check_config(infer_vit_config(base, int(head_width))), "inferred"
+    elif arch and arch != "auto":
+        if open_clip.get_model_config(arch) is None:
+            raise ValueError(f"unknown open_clip model {arch!r}; choose 'demo', 'infer' or upload its config JSON")
+        cfg, label = vit.check_config(open_clip.get_model_config(arch)), f"open_clip {arch}"
+        cfg["quick_gelu"] = cfg["quick_gelu"] or arch.endswith("quickgelu")
+        cfg.setdefault("preprocess_cfg", {"mean": CLIP_MEAN, "std": CLIP_STD})
+    else:
+        cands = []
+        if demo is not None and _shapes(base) == vit.expected_shapes(demo, True):
+            cands.append(("demo", f"the demo's {demo['_name']} (head width {demo['vision_cfg']['head_width']}, "
+                                  f"mean/std {demo['preprocess_cfg']['mean'][0]}/{demo['preprocess_cfg']['std'][0]})"))
+        cands += [("infer", "shapes from the weights, with the head width and normalisation you give "
+                            "(CLIP: head width 64, normalisation 'clip')"),
+                  ("<open_clip name>", "e.g. ViT-B-32-quickgelu: that model's config"),
+                  ("config JSON", "upload the model's open_clip config (with preprocess_cfg mean/std)")]
+        raise ArchitectureChoice("The attention head width and the input normalisation cannot be read from the "
+                                 "weights alone.", cands)
+    _check_fits(base, cfg, label)
+    if normalisation is not None:
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {sorted(NORMALISATIONS)}, got {normalisation!r}")
+        mean, std = NORMALISATIONS[normalisation]
+    elif "preprocess_cfg" in cfg:
+        mean, std = tuple(cfg["preprocess_cfg"]["mean"]), tuple(cfg["preprocess_cfg"]["std"])
+    else:
+        raise ArchitectureChoice("The config does not say how images are normalised.",
+                                 [("clip", f"OpenAI CLIP mean/std {CLIP_MEAN}"), ("half", "mean 0.5, std 0.5")])
+    v = cfg["vision_cfg"]
+    note = (f"architecture: {label} — ViT width {v['width']}, {v['layers']} blocks, patch {v['patch_size']}, "
+            f"{v['image_size']} px, head width {v.get('head_width', 64)}, "
+            f"{'QuickGELU' if cfg['quick_gelu'] else 'GELU'}; normalisation mean {mean}, std {std}")
+    return cfg, mean, std, note
+
+
+def _read_checkpoints(base_path, task_paths, names, report) -> tuple[dict, dict]:
+    report(0.02, "reading the base checkpoint")
+    base = _visual_keys(load_checkpoint(base_path), Path(base_path).name)
+    n = sum(v.numel() for v in base.values())
+    if n > MAX_MODEL_PARAMS:
+        raise ValueError(f"the base checkpoint holds {n / 1e6:.0f} M parameters, more than the "
+                         f"{MAX_MODEL_PARAMS / 1e6:.0f} M this server merges")
+    base = {k: v.float() for k, v in base.items()}
+    tasks = {}
+    for i, t in enumerate(names):
+        report(0.05 + 0.3 * i / len(names), f"reading task checkpoint {t}")
+        sd = load_checkpoint(task_paths[t], base=base)          # refuses a mismatch, naming what differs
+        tasks[t] = {k: sd[k].float() for k in base}
+    return base, tasks
+
+
+def _check_names(names: list[str], image_zips: Mapping) -> None:
     if len(names) < 2:
         raise ValueError(f"merging needs at least two task checkpoints; got {len(names)}")
-    bad = [n for n in names if not NAME_OK.match(n)]
+    bad = [n for n in names if not isinstance(n, str) or not NAME_OK.fullmatch(n)]
     if bad:
         raise ValueError(f"task names must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit; "
                          f"not {bad}")
@@ -181,15 +304,32 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     if unknown:
         raise ValueError(f"image zip(s) for {unknown}, which are not among the task names {names} "
                          "(name each zip <task>.zip)")
-    report(0.02, "reading the base checkpoint")
-    base = _visual_keys(load_checkpoint(base_path), Path(base_path).name)
-    base = {k: v.float() for k, v in base.items()}
-    tasks = {}
-    for i, n in enumerate(names):
-        report(0.05 + 0.35 * i / len(names), f"reading task checkpoint {n}")
-        sd = load_checkpoint(task_paths[n], base=base)          # refuses a mismatch, naming what differs
-        tasks[n] = {k: sd[k].float() for k in base}
 
+
+def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path],
+                     image_zips: Mapping[str, str | Path] | None = None, *, arch: str = "auto",
+                     config: Mapping | None = None, head_width: int | None = None, normalisation: str | None = None,
+                     demo_loader: Callable[[], Any] | None = None,
+                     progress: Progress | None = None) -> tuple[TaskPool, list[str]]:
+    """Build a pool from uploaded checkpoints: ``(TaskPool, notes for the user)``.
+
+    ``task_paths``: ``{task name: checkpoint file}`` (at least two); ``image_zips``: ``{task name: zip of
+    class folders}``. A task without a zip keeps the demo's images and head when the architecture is the
+    demo's and the task is one of the demo's tasks; otherwise it is refused. Heads of uploaded image sets are
+    the class means of the task's fine-tuned features on its validation half. The architecture and the
+    input normalisation come from :func:`resolve_architecture` (never guessed). Raises ValueError /
+    CheckpointError naming the problem; nothing is built before the shapes are checked.
+    """
+    report = progress or (lambda f, d: None)
+    image_zips = dict(image_zips or {})
+    if base_path is None:
+        raise ValueError("no base (pre-trained) checkpoint uploaded")
+    names = list(task_paths)
+    _check_names(names, image_zips)
+    base, tasks = _read_checkpoints(base_path, task_paths, names, report)
+    cfg, mean, std, note = resolve_architecture(base, arch=arch, config=config, head_width=head_width,
+                                                normalisation=normalisation)
+    notes = [note]
     demo = None
     missing_data = [n for n in names if n not in image_zips]
     if missing_data:
@@ -202,53 +342,23 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
         if no_data:
             why = ("" if demo_ok else " (the demo's images only fit checkpoints with the demo's architecture)")
             raise ValueError(f"no images for task(s) {no_data}: upload <task>.zip with one folder per class{why}")
-    notes = []
-    if arch and arch != "auto":
-        if open_clip.get_model_config(arch) is None:
-            raise ValueError(f"unknown open_clip model {arch!r}; use 'auto' to infer the architecture")
-        model_name, quick = arch, None
-    elif demo is not None and _same_shapes(demo.base, base):
-        model_name, quick = demo.model_name, demo.quick_gelu
-        notes.append(f"architecture: the demo's ({model_name})")
-    else:
-        cfg = infer_vit_config(base)
-        v = cfg["vision_cfg"]
-        model_name = register_model_config(
-            f"esm-upload-w{v['width']}-l{v['layers']}-p{v['patch_size']}-i{v['image_size']}-e{cfg['embed_dim']}", cfg)
-        quick = True
-        notes.append(f"architecture inferred from the weights: ViT width {v['width']}, {v['layers']} blocks, patch "
-                     f"{v['patch_size']}, {v['image_size']} px, head width {v['head_width']}, QuickGELU")
-    use_demo_norm = demo is not None and _same_shapes(demo.base, base)
-    mean, std = (demo.mean, demo.std) if use_demo_norm else (CLIP_MEAN, CLIP_STD)
-    probe_pool_ = TaskPool(name="upload", model_name=model_name, base=base, tasks={}, heads={}, class_names={},
-                           mean=mean, std=std, quick_gelu=quick)
-    try:
-        ref = probe_pool_.build_visual(base)
-    except (ValueError, RuntimeError) as e:
-        raise ValueError(f"the base checkpoint does not fit the {model_name} architecture: {e}") from None
-    size = getattr(ref, "image_size", None)
-    if size is None:
-        raise ValueError(f"{model_name} is not an open_clip ViT image tower (no image_size)")
-    image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-
+    shell = TaskPool(name="upload", model_name=cfg, base=base, tasks={}, heads={}, class_names={},
+                     mean=mean, std=std, quick_gelu=cfg["quick_gelu"])
     heads, class_names, data = {}, {}, {}
     for i, n in enumerate(names):
-        report(0.45 + 0.5 * i / len(names), f"images and head of {n}")
+        report(0.4 + 0.55 * i / len(names), f"images and head of {n}")
         if n in image_zips:
-            x, y, classes = read_image_zip(image_zips[n], image_size, n)
+            x, y, classes = read_image_zip(image_zips[n], cfg["vision_cfg"]["image_size"], n)
             val, test = _split_val_test(y)
             data[n] = {"val": (x[val], y[val]), "test": (x[test], y[test]), "samples": (x[test][:16], y[test][:16])}
-            visual = probe_pool_.build_visual(tasks[n])
-            heads[n] = _centroid_head(visual, probe_pool_.normalise(x[val]), y[val], len(classes))
+            heads[n] = _centroid_head(shell.build_visual(tasks[n]), shell.normalise(x[val]), y[val], len(classes))
             class_names[n] = classes
             notes.append(f"{n}: {len(y)} images in {len(classes)} classes, split half validation / half test; "
                          "head = class means of the fine-tuned model's features")
         else:
-            data[n] = demo.data[n]
-            heads[n] = demo.heads[n]
-            class_names[n] = demo.class_names[n]
+            data[n], heads[n], class_names[n] = demo.data[n], demo.heads[n], demo.class_names[n]
             notes.append(f"{n}: the demo's images and head")
-    pool = TaskPool(name="upload", model_name=model_name, base=base, tasks=tasks, heads=heads,
-                    class_names=class_names, data=data, mean=mean, std=std, quick_gelu=quick)
+    pool = TaskPool(name="upload", model_name=cfg, base=base, tasks=tasks, heads=heads,
+                    class_names=class_names, data=data, mean=mean, std=std, quick_gelu=cfg["quick_gelu"])
     report(1.0, "pool ready")
     return pool, notes

@@ -1,0 +1,155 @@
+"""The house rules of esm_core, checked on the source: layers, no import cycles, imports at the top.
+
+A module's imports are read with ``ast`` (no import runs), resolved to
+``esm_core.*`` module names; a package's ``__init__`` counts as the package.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "esm_core"
+# Imports allowed inside function bodies: optional dependencies that are heavy or not installed by default.
+OPTIONAL = {"umap", "cairosvg", "sklearn.datasets", "yaml", "open_clip.model", "gradio", "spaces"}
+# What each layer must never import (the data flow points one way).
+FORBIDDEN = {
+    "esm_core.merging": ("esm_core.probe", "esm_core.pools", "esm_core.evaluation", "esm_core.esmpp",
+                         "esm_core.studio", "esm_core.app", "esm_core.cli", "esm_core.bench", "esm_core.analysis"),
+    "esm_core.models": ("esm_core.merging", "esm_core.pools", "esm_core.probe", "esm_core.evaluation",
+                        "esm_core.esmpp", "esm_core.studio", "esm_core.app", "esm_core.cli"),
+    "esm_core.pools": ("esm_core.merging", "esm_core.evaluation", "esm_core.esmpp", "esm_core.studio",
+                       "esm_core.app", "esm_core.cli"),
+    "esm_core.evaluation": ("esm_core.studio", "esm_core.app", "esm_core.cli"),
+    "esm_core.esmpp": ("esm_core.evaluation", "esm_core.studio", "esm_core.app", "esm_core.cli"),
+    "esm_core.studio": ("esm_core.app", "esm_core.cli"),
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in ROOT.rglob("*.py"):
+        parts = list(p.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def _resolve(mod: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(mods: dict[str, Path]) -> dict[str, list[tuple[str, bool]]]:
+    """{module: [(imported esm_core module or external name, at module top?)]}."""
+    out = {}
+    for mod, path in mods.items():
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in tree.body}
+        for n in tree.body:                     # `try:` / `if TYPE_CHECKING:` blocks at the top count as top
+            if isinstance(n, (ast.Try, ast.If)):
+                top |= {id(c) for c in ast.walk(n)}
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                target = _resolve(mod, path.name == "__init__.py", node)
+                names = [target]
+                for a in node.names:             # `from . import x` may name a submodule
+                    if f"{target}.{a.name}" in mods:
+                        names.append(f"{target}.{a.name}")
+            else:
+                continue
+            found += [(n, id(node) in top) for n in names if n != "__future__"]
+        out[mod] = found
+    return out
+
+
+MODS = _modules()
+IMPORTS = _imports(MODS)
+
+
+def _graph() -> dict[str, set[str]]:
+    g = {}
+    for mod, found in IMPORTS.items():
+        deps = set()
+        for name, _ in found:
+            while name and name not in MODS:
+                name = name.rpartition(".")[0]
+            if name and name != mod and not mod.startswith(name + "."):   # a package importing its parents' names
+                deps.add(name)
+        g[mod] = deps
+    return g
+
+
+def _cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in g[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+    for v in g:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_reader_finds_a_planted_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    g = _graph()
+    assert "esm_core.merging.stats" in g["esm_core.merging.esm"]          # the reader sees real imports
+    # a package's __init__ re-exports its own submodules: that is not a cycle between layers
+    g = {m: {d for d in deps if not d.startswith(m + ".")} for m, deps in g.items()}
+    assert _cycles(g) == []
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layers_import_only_downwards(layer):
+    bad = [(mod, name) for mod, found in IMPORTS.items() if mod == layer or mod.startswith(layer + ".")
+           for name, _ in found if any(name == f or name.startswith(f + ".") for f in FORBIDDEN[layer])]
+    assert bad == []
+
+
+def test_ui_libraries_stay_in_the_ui():
+    for mod, found in IMPORTS.items():
+        for name, _ in found:
+            root = name.split(".")[0]
+            if root == "gradio":
+                assert mod.startswith("esm_core.app"), mod
+            if root == "plotly":
+                assert mod in ("esm_core.studio.viz",) or mod.startswith("esm_core.app"), mod
+
+
+def test_imports_at_module_top():
+    inner = [(mod, name) for mod, found in IMPORTS.items() for name, top in found
+             if not top and name not in OPTIONAL]
+    assert inner == []
