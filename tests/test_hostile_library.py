@@ -1,0 +1,143 @@
+"""Hostile inputs at the library level (issue 12, items 6-8 and 13).
+
+Each test here failed before its fix: non-finite numbers that passed, integers
+that were rounded or unbounded, a name check fooled by a trailing newline, a
+pickle deep enough to blow Python's recursion limit, method names the
+ecosystem uses that were unknown, and swapped checkpoints that gave > 100 %
+normalised accuracy without a word.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from esm_core import cli
+from esm_core.methods import METHODS, Method, Param, alpha_param, get_method, register
+from esm_core.methods import registry
+
+
+# --------------------------------------------------------------------------- (7) parameters
+
+
+@pytest.mark.parametrize("value", [float("nan"), "nan", "NaN", float("inf"), "-inf", np.float64("nan")])
+@pytest.mark.parametrize("method", ["ta", "ties", "dare_ta", "esm", "iso_cts"])
+def test_non_finite_alpha_refused_naming_the_parameter(method, value):
+    with pytest.raises(ValueError, match=r"parameter 'alpha' must be a finite number"):
+        get_method(method).resolve({"alpha": value})
+
+
+def test_non_finite_refused_even_without_bounds():
+    p = Param("shift", float, 0.0, "no bounds at all")
+    for v in (float("nan"), float("inf"), float("-inf"), "inf"):
+        with pytest.raises(ValueError, match="'shift' must be a finite number"):
+            p.check(v)
+    assert p.check("1e300") == 1e300                       # large but finite is a number
+
+
+@pytest.mark.parametrize("param", ["k", "p"])
+def test_every_float_parameter_of_dare_ties_refuses_nan(param):
+    with pytest.raises(ValueError, match=f"'{param}' must be a finite number"):
+        get_method("dare_ties").resolve({param: float("nan")})
+
+
+@pytest.mark.parametrize("value", [1.5, "1.5", np.float32(1.5), np.float64(2.5), True, False, float("nan"),
+                                   float("inf"), "1e3", "seven"])
+def test_dare_seed_must_be_an_exact_integer(value):
+    with pytest.raises(ValueError, match="parameter 'seed' must be of type int"):
+        get_method("dare_ta").resolve({"seed": value})
+
+
+@pytest.mark.parametrize("value,expected", [(7, 7), ("7", 7), (" 7 ", 7), (7.0, 7), (np.int64(7), 7),
+                                            (np.float32(7.0), 7), (2 ** 63 - 1, 2 ** 63 - 1)])
+def test_dare_seed_accepts_integers(value, expected):
+    got = get_method("dare_ta").resolve({"seed": value})["seed"]
+    assert got == expected and type(got) is int
+
+
+@pytest.mark.parametrize("value", [2 ** 63, 2 ** 70, str(2 ** 70)])
+def test_dare_seed_bounded(value):
+    with pytest.raises(ValueError, match="parameter 'seed' must (be <=|fit in 64 bits)"):
+        get_method("dare_ta").resolve({"seed": value})
+
+
+def test_any_int_parameter_must_fit_in_64_bits():
+    p = Param("n", int, 0, "no declared max")
+    assert p.check(2 ** 63 - 1) == 2 ** 63 - 1
+    with pytest.raises(ValueError, match="'n' must fit in 64 bits"):
+        p.check(2 ** 70)
+
+
+def test_bool_parameters_refuse_numbers_that_are_not_truth_values():
+    p = Param("flag", bool, False, "a flag")
+    assert p.check(1) is True and p.check(0) is False and p.check("off") is False
+    for v in (float("nan"), 2, 0.5):
+        with pytest.raises(ValueError, match="'flag' must be of type bool"):
+            p.check(v)
+
+
+def test_every_int_parameter_of_every_method_has_a_max():
+    import esm_core.methods  # noqa: F401  (registers the methods)
+    unbounded = [(m.name, p.name) for m in METHODS.values() for p in m.params if p.type is int and p.max is None]
+    assert not unbounded
+
+
+# --------------------------------------------------------------------------- (13) aliases
+
+
+@pytest.mark.parametrize("alias,name", [("task_arithmetic", "ta"), ("dare_linear", "dare_ta"),
+                                        ("dare_ties", "dare_ties"), ("ties_merging", "ties"),
+                                        ("simple_average", "average"), ("tsvm", "tsv_m"),
+                                        ("task_singular_vector", "tsv_m"), ("dare/task_arithmetic", "dare_ta"),
+                                        ("dare/ties_merging", "dare_ties")])
+def test_ecosystem_names_resolve(alias, name):
+    assert get_method(alias) is METHODS[name]
+
+
+def test_aliases_are_not_methods_of_their_own():
+    assert "task_arithmetic" not in METHODS and "dare_linear" not in METHODS
+    assert set(registry.ALIASES.values()) <= set(METHODS)
+
+
+def test_merge_accepts_an_alias():
+    from esm_core.merge import merge_updates
+    base = {"w": torch.zeros(3, 2)}
+    tasks = {"a": {"w": torch.ones(3, 2)}, "b": {"w": 2 * torch.ones(3, 2)}}
+    roles = {"w": "matrix"}
+    by_alias = merge_updates("task_arithmetic", base, tasks, alpha=0.5, roles=roles, layer_types={}, device="cpu")
+    by_name = merge_updates("ta", base, tasks, alpha=0.5, roles=roles, layer_types={}, device="cpu")
+    assert torch.equal(by_alias["w"], by_name["w"]) and torch.allclose(by_name["w"], torch.full((3, 2), 1.5))
+
+
+def _throwaway(name, aliases):
+    return Method(name, "t", lambda ctx, alpha: {}, (alpha_param(1.0, 2.0),), "t", aliases=aliases)
+
+
+@pytest.mark.parametrize("name,aliases", [("_hostile_x", ("ta",)),                # alias = a method's name
+                                          ("_hostile_x", ("task_arithmetic",)),   # alias = another's alias
+                                          ("task_arithmetic", ()),                # name = another's alias
+                                          ("_hostile_x", ("_y", "_y")),           # repeated
+                                          ("_hostile_x", ("_hostile_x",))])       # alias = own name
+def test_alias_collisions_refused(name, aliases):
+    before = (dict(METHODS), dict(registry.ALIASES))
+    with pytest.raises(ValueError, match="registered twice|alias"):
+        register(_throwaway(name, aliases))
+    assert (dict(METHODS), dict(registry.ALIASES)) == before          # nothing half-registered
+
+
+def test_methods_listing_shows_aliases(capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "also accepted as: dare_linear" in out and "task_arithmetic" in out
+    assert cli.main(["methods", "--json"]) == 0
+    rows = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert "task_arithmetic" in rows["ta"]["aliases"] and "dare_linear" in rows["dare_ta"]["aliases"]
+    assert rows["esm"]["aliases"] == []
+
+
+def test_unknown_method_message_lists_aliases():
+    with pytest.raises(ValueError, match="unknown method 'dare_lineer'.*dare_linear"):
+        get_method("dare_lineer")
