@@ -47,6 +47,9 @@ _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "network
 _STRIP_PREFIXES = ("module.", "model.")
 
 
+_F32_MAX = torch.finfo(torch.float32).max
+
+
 class CheckpointError(ValueError):
     """A checkpoint could not be read, or does not fit the base model."""
 
@@ -57,8 +60,45 @@ def _fmt_keys(keys, n=8) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def _finite_problems(sd: Mapping[str, torch.Tensor], keys=None) -> list[str]:
+    """What is not finite in ``sd`` once in float32, the dtype the merge maths uses ([] if all is well).
+
+    A float64 value such as 1e300 is finite where it is but becomes inf in
+    float32, so every float tensor wider than float32 is checked *after* the
+    conversion; narrower ones convert exactly and are checked as they are.
+    """
+    nonfinite, overflow = [], []
+    for k in (sd if keys is None else keys):
+        v = sd[k]
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.numel() == 0:
+            continue
+        if not bool(torch.isfinite(v).all()):
+            nonfinite.append(k)
+        elif torch.finfo(v.dtype).max > _F32_MAX:
+            lo, hi = torch.aminmax(v.detach())               # rounding is monotonic: the extremes decide
+            if not bool(torch.isfinite(torch.stack([lo, hi]).to(torch.float32)).all()):
+                overflow.append(k)
+    problems = []
+    if nonfinite:
+        problems.append(f"non-finite values (NaN/inf) in: {_fmt_keys(nonfinite)}")
+    if overflow:
+        problems.append(f"values too large for float32 (|x| > {_F32_MAX:.3g}, they would become inf) in: "
+                        f"{_fmt_keys(overflow)}")
+    return problems
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> None:
+    """Refuse ``sd`` if a float tensor holds NaN / ±inf, or values that overflow float32 (naming the keys)."""
+    problems = _finite_problems(sd)
+    if problems:
+        raise CheckpointError(f"checkpoint {name!r}: " + " | ".join(problems))
+
+
 def check_compatible(base: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], name: str = "task") -> None:
-    """Refuse ``sd`` unless it has exactly the base's keys, shapes, float dtypes and finite values."""
+    """Refuse ``sd`` unless it has exactly the base's keys, shapes, float dtypes and finite values.
+
+    "Finite" is judged in float32, the dtype the merge maths uses: a float64
+    1e300 is refused although it is finite as stored."""
     missing = set(base) - set(sd)
     extra = set(sd) - set(base)
     problems = []
@@ -74,9 +114,7 @@ def check_compatible(base: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Te
              if k in sd and base[k].is_floating_point() != sd[k].is_floating_point()]
     if kinds:
         problems.append("dtype mismatch (float vs non-float): " + "; ".join(kinds[:8]))
-    nonfinite = [k for k in base if k in sd and sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all())]
-    if nonfinite:
-        problems.append(f"non-finite values (NaN/inf) in: {_fmt_keys(nonfinite)}")
+    problems += _finite_problems(sd, [k for k in base if k in sd])
     if problems:
         raise CheckpointError(f"checkpoint {name!r} does not fit the base model — " + " | ".join(problems))
 
@@ -398,9 +436,9 @@ def load_checkpoint(path: str | os.PathLike, *, base: Mapping[str, torch.Tensor]
             sd["visual.proj"] = base["visual.proj"].clone()   # CLIPVisionModel has no projection: keep the base's
         check_compatible(base, sd, name)
     else:
-        nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if nonfinite:
-            raise CheckpointError(f"{name}: non-finite values (NaN/inf) in: {_fmt_keys(nonfinite)}")
+        problems = _finite_problems(sd)
+        if problems:
+            raise CheckpointError(f"{name}: " + " | ".join(problems))
     return sd
 
 

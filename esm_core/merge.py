@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import vit
-from .checkpoints import check_compatible
+from .checkpoints import check_compatible, check_finite
 from .methods.registry import get_method
 
 Progress = Callable[[float, str], None]
@@ -80,6 +80,7 @@ def merge_updates(method: str, base, tasks, *, device="auto", roles=None, layer_
     if not tasks:
         raise ValueError("no task checkpoints given: merging needs at least one task")
     if check:
+        check_finite(base, "base")                 # judged in float32, the dtype of the maths below
         for name, sd in tasks.items():
             check_compatible(base, sd, name)
     roles = dict(roles) if roles is not None else vit.roles_of(base)
@@ -93,7 +94,13 @@ def merge_updates(method: str, base, tasks, *, device="auto", roles=None, layer_
     ups = m.fn(ctx, **p)
     if info is not None:
         info.update(ctx.info)
-    return {k: v.detach().to("cpu", torch.float32) for k, v in ups.items()}
+    out = {k: v.detach().to("cpu", torch.float32) for k, v in ups.items()}
+    bad = [k for k, v in out.items() if not bool(torch.isfinite(v).all())]
+    if bad:     # finite inputs can still overflow float32 (θt − θ0 near ±3.4e38): never hand back inf / NaN weights
+        raise ValueError(f"{m.title}: the merge produced non-finite values (NaN/inf) in "
+                         f"{', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; the checkpoints' values are too "
+                         "large for float32 arithmetic")
+    return out
 
 
 def apply_updates(base: Mapping[str, torch.Tensor], updates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

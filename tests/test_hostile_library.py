@@ -141,3 +141,71 @@ def test_methods_listing_shows_aliases(capsys):
 def test_unknown_method_message_lists_aliases():
     with pytest.raises(ValueError, match="unknown method 'dare_lineer'.*dare_linear"):
         get_method("dare_lineer")
+
+
+# --------------------------------------------------------------------------- (6) finite in float32
+
+
+def _tiny64(seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"visual.transformer.resblocks.0.mlp.c_fc.weight": torch.randn(6, 4, generator=g, dtype=torch.float64),
+            "visual.transformer.resblocks.0.mlp.c_fc.bias": torch.randn(6, generator=g, dtype=torch.float64),
+            "visual.proj": torch.randn(4, 3, generator=g, dtype=torch.float64)}
+
+
+KEY = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+
+
+def test_float64_value_that_overflows_float32_refused_on_load(tmp_path):
+    from esm_core.checkpoints import CheckpointError, load_checkpoint
+    sd = _tiny64(1)
+    sd[KEY][2, 1] = 1e300                         # finite as float64, inf as float32
+    assert torch.isfinite(sd[KEY]).all() and not torch.isfinite(sd[KEY].float()).all()
+    torch.save(sd, tmp_path / "huge.pt")
+    for kw in ({}, {"base": _tiny64(0)}):
+        with pytest.raises(CheckpointError, match=rf"too large for float32.*{KEY}"):
+            load_checkpoint(tmp_path / "huge.pt", **kw)
+    from safetensors.torch import save_file
+    save_file(sd, str(tmp_path / "huge.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"huge.safetensors.*too large for float32.*{KEY}"):
+        load_checkpoint(tmp_path / "huge.safetensors")
+
+
+def test_largest_float32_value_still_accepted(tmp_path):
+    from esm_core.checkpoints import check_compatible, load_checkpoint
+    sd = _tiny64(1)
+    sd[KEY][0, 0] = float(torch.finfo(torch.float32).max)
+    sd[KEY][0, 1] = -float(torch.finfo(torch.float32).max)
+    check_compatible(_tiny64(0), sd, "edge")
+    torch.save(sd, tmp_path / "edge.pt")
+    assert load_checkpoint(tmp_path / "edge.pt")[KEY][0, 0] == sd[KEY][0, 0]
+
+
+def test_check_compatible_names_the_overflowing_key():
+    from esm_core.checkpoints import CheckpointError, check_compatible
+    sd = _tiny64(1)
+    sd["visual.proj"][0, 0] = -1e300
+    with pytest.raises(CheckpointError, match=r"checkpoint 'cars'.*too large for float32.*visual\.proj"):
+        check_compatible(_tiny64(0), sd, "cars")
+
+
+@pytest.mark.parametrize("where", ["base", "task"])
+@pytest.mark.parametrize("method", ["ta", "esm"])
+def test_merge_refuses_state_dicts_that_overflow_float32(where, method):
+    from esm_core.checkpoints import CheckpointError
+    from esm_core.merge import merge
+    base, tasks = _tiny64(0), {"a": _tiny64(1), "b": _tiny64(2)}
+    (base if where == "base" else tasks["b"])[KEY][1, 1] = 1e300
+    with pytest.raises(CheckpointError, match=rf"'{'base' if where == 'base' else 'b'}'.*too large for float32.*{KEY}"):
+        merge(method, base, tasks, device="cpu", inputs={})
+
+
+def test_merge_never_returns_non_finite_weights():
+    """Finite float32 inputs whose difference overflows: θt − θ0 = 3e38 − (−3e38) = inf."""
+    from esm_core.merge import merge
+    base = {k: v.float() for k, v in _tiny64(0).items()}
+    tasks = {"a": {k: v.clone() for k, v in base.items()}, "b": {k: v.clone() for k, v in base.items()}}
+    base["visual.proj"][0, 0] = -3e38
+    tasks["a"]["visual.proj"][0, 0] = 3e38
+    with pytest.raises(ValueError, match=r"non-finite values.*visual\.proj"):
+        merge("ta", base, tasks, device="cpu", alpha=1.0)
