@@ -26,6 +26,7 @@ the ``visual.*`` keys are kept before the check.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -162,7 +163,7 @@ def _tensors_of(obj: Mapping) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------
 # Hugging Face CLIPVisionModel → open_clip names
 
-_HF_LAYER = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.(.+)\Z")   # \Z: "$" matches before a final "\n"
 _HF_LAYER_MAP = {
     "self_attn.out_proj.weight": "attn.out_proj.weight",
     "self_attn.out_proj.bias": "attn.out_proj.bias",
@@ -442,13 +443,46 @@ def load_checkpoint(path: str | os.PathLike, *, base: Mapping[str, torch.Tensor]
     return sd
 
 
+def _non_finite_path(obj: Any, path: str = "") -> str | None:
+    """Where in a JSON-like ``obj`` the first NaN / ±inf float sits (``['params']['alpha']``), or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return path or "the value"
+    if isinstance(obj, Mapping):
+        items = ((f"{path}[{k!r}]", v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for sub_path, v in items:
+        found = _non_finite_path(v, sub_path)
+        if found is not None:
+            return found
+    return None
+
+
+def strict_json_dumps(obj: Any, what: str = "config", **kwargs) -> str:
+    """``json.dumps(obj, allow_nan=False, **kwargs)``: strict JSON, which has no NaN or Infinity.
+
+    Raises ValueError naming where the non-finite number is, instead of writing
+    ``NaN``, which is not JSON and which most parsers outside Python refuse)."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError as e:
+        where = _non_finite_path(obj)
+        if where is None:
+            raise
+        raise ValueError(f"{what}: {where} is not a finite number (NaN/inf), which strict JSON cannot hold; "
+                         "nothing was written") from None
+
+
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, config: dict | None = None) -> Path:
     """Write ``state_dict`` as safetensors, atomically, with ``config`` in the metadata.
 
     The file is written next to its target and moved into place with
     :func:`os.replace`, so a failure never leaves a half-written file. Metadata:
     ``{"format": "pt", "esm_studio_config": json.dumps(config)}`` (read it back
-    with :func:`read_config`).
+    with :func:`read_config`); the JSON is strict, so a config holding NaN or
+    ±inf is refused (naming the entry) before anything is written.
     """
     from safetensors.torch import save_file
     p = Path(path)
@@ -468,7 +502,10 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
         tensors[str(k)] = t
     metadata = {"format": "pt"}
     if config is not None:
-        metadata["esm_studio_config"] = json.dumps(config)
+        try:
+            metadata["esm_studio_config"] = strict_json_dumps(config, "merge config")
+        except ValueError as e:
+            raise CheckpointError(f"{p.name}: {e}") from None
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     os.close(fd)

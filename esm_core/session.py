@@ -57,7 +57,7 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")   # \Z: "$" would also match before a final "\n"
 
 
 def _noop(frac: float, desc: str) -> None:
@@ -721,8 +721,10 @@ def export_config(s: Session) -> Path:
         raise ValueError("merge first: there is no merge config to export")
     cur = s.current
     p = s.workdir / f"{_safe_name(cur['method'])}-{cur['id']}-config.json"
-    p.write_text(json.dumps({**cur["config"], "summary": cur["summary"], "comparison": comparison_rows(s)}, indent=2,
-                            default=str) + "\n")
+    from .checkpoints import strict_json_dumps
+    text = strict_json_dumps({**cur["config"], "summary": cur["summary"], "comparison": comparison_rows(s)},
+                             "merge config", indent=2, default=str)      # strict JSON: NaN refused, not written
+    p.write_text(text + "\n")
     return p
 
 

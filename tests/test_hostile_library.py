@@ -209,3 +209,75 @@ def test_merge_never_returns_non_finite_weights():
     tasks["a"]["visual.proj"][0, 0] = 3e38
     with pytest.raises(ValueError, match=r"non-finite values.*visual\.proj"):
         merge("ta", base, tasks, device="cpu", alpha=1.0)
+
+
+# --------------------------------------------------------------------------- (7) strict JSON
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_safetensors_metadata_is_strict_json(tmp_path, bad):
+    from esm_core.checkpoints import CheckpointError, save_safetensors
+    sd = {"w": torch.ones(2)}
+    with pytest.raises(CheckpointError, match=r"out\.safetensors: merge config: \['params'\]\['alpha'\] is not a "
+                                              r"finite number"):
+        save_safetensors(sd, tmp_path / "out.safetensors", {"method": "ta", "params": {"alpha": bad}})
+    assert list(tmp_path.iterdir()) == []                     # nothing written, not even a temp file
+    save_safetensors(sd, tmp_path / "ok.safetensors", {"params": {"alpha": 0.5}})
+    from esm_core.checkpoints import read_config
+    assert read_config(tmp_path / "ok.safetensors") == {"params": {"alpha": 0.5}}
+
+
+def test_strict_json_dumps_names_the_entry():
+    from esm_core.checkpoints import strict_json_dumps
+    assert json.loads(strict_json_dumps({"a": [1, 2.5]})) == {"a": [1, 2.5]}
+    with pytest.raises(ValueError, match=r"x: \['rows'\]\[1\]\['norm'\] is not a finite number"):
+        strict_json_dumps({"rows": [{"norm": 1.0}, {"norm": float("nan")}]}, "x")
+
+
+@pytest.fixture
+def sess():
+    from fake_pool import make_fake_pool
+    from esm_core import session as S
+    pool = make_fake_pool()
+    s = S.new_session("cpu", live_per_task=8, alpha_per_task=8)
+    S.load_demo(s, loader=lambda: pool)
+    yield s
+    S.close(s)
+
+
+def test_session_refuses_nan_alpha_and_exports_strict_json(sess):
+    from esm_core import session as S
+    from esm_core.checkpoints import CheckpointError
+    for bad in (float("nan"), "nan", float("inf")):
+        with pytest.raises(ValueError, match="'alpha' must be a finite number"):
+            S.merge(sess, "ta", {"alpha": bad})
+    S.merge(sess, "task_arithmetic", {"alpha": 0.4})                  # the alias works in a session too
+    json.loads(S.export_config(sess).read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    before = sorted(p.name for p in sess.workdir.iterdir())
+    sess.current["summary"]["mean_norm"] = float("nan")                # e.g. a fine-tuned accuracy of 0
+    with pytest.raises(ValueError, match=r"\['summary'\]\['mean_norm'\] is not a finite number"):
+        S.export_config(sess)
+    with pytest.raises(CheckpointError, match=r"\['summary'\]\['mean_norm'\] is not a finite number"):
+        S.export_merged(sess)
+    assert sorted(p.name for p in sess.workdir.iterdir()) == before    # nothing half-written
+
+
+# --------------------------------------------------------------------------- (8) names
+
+
+@pytest.mark.parametrize("name", ["cars\n", "cars\r\n", "cars\nx", "\ncars", "", "-cars", "a" * 65, "ca rs"])
+def test_task_names_with_a_trailing_newline_refused(name, tmp_path):
+    from esm_core import session as S
+    s = S.new_session("cpu")
+    try:
+        with pytest.raises(ValueError, match="task names must be"):
+            S.load_uploaded(s, tmp_path / "base.pt", {name: tmp_path / "a.pt", "dtd": tmp_path / "b.pt"})
+    finally:
+        S.close(s)
+
+
+def test_hf_layer_keys_with_a_trailing_newline_are_not_renamed():
+    from esm_core.checkpoints import CheckpointError, hf_clip_vision_to_open_clip
+    sd = {"vision_model.encoder.layers.0.mlp.fc1.weight\n": torch.ones(2, 2)}
+    with pytest.raises(CheckpointError, match="does not know"):
+        hf_clip_vision_to_open_clip(sd)
