@@ -38,6 +38,7 @@ from typing import Any, Mapping
 import torch
 
 MAX_CHECKPOINT_BYTES = 2 * 1024 ** 3     # uploads larger than this are refused (2 GiB)
+MAX_MODULE_DEPTH = 100                   # pickled whole modules nested deeper are refused (real models: < 15)
 
 SAFETENSORS_EXTS = (".safetensors",)
 TORCH_EXTS = (".pt", ".pth", ".bin", ".ckpt")
@@ -283,20 +284,37 @@ def _refuse_dangerous(globals_: list[str], name: str) -> None:
                               "code when unpickled; ESM Studio never runs code from a checkpoint")
 
 
-def _walk_module(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:
-    """Rebuild ``module.state_dict()`` from a stubbed module's ``_parameters`` / ``_buffers`` / ``_modules``."""
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    d = getattr(obj, "__dict__", {})
-    skip = d.get("_non_persistent_buffers_set") or set()
-    for field in ("_parameters", "_buffers"):
-        for k, v in (d.get(field) or {}).items():
-            if isinstance(v, torch.Tensor) and not (field == "_buffers" and k in skip):
-                out[prefix + str(k)] = v.detach()
-    for k, sub in (d.get("_modules") or {}).items():
-        if sub is not None:
-            _walk_module(sub, f"{prefix}{k}.", out, seen)
+def _walk_module(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int],
+                 max_depth: int | None = None) -> None:
+    """Rebuild ``module.state_dict()`` from a stubbed module's ``_parameters`` / ``_buffers`` / ``_modules``.
+
+    Iterative (a hostile pickle can nest modules deeper than Python's recursion
+    limit) and bounded: nesting deeper than ``max_depth`` (default
+    :data:`MAX_MODULE_DEPTH`) is refused with a :class:`CheckpointError`. Keys
+    come out in ``state_dict()`` order (each module's own entries, then its
+    children, depth first).
+    """
+    max_depth = MAX_MODULE_DEPTH if max_depth is None else max_depth
+    stack = [(obj, prefix, 0)]
+    while stack:
+        node, pre, depth = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        d = getattr(node, "__dict__", {})
+        skip = d.get("_non_persistent_buffers_set") or set()
+        for field in ("_parameters", "_buffers"):
+            for k, v in (d.get(field) or {}).items():
+                if isinstance(v, torch.Tensor) and not (field == "_buffers" and k in skip):
+                    out[pre + str(k)] = v.detach()
+        children = [(k, sub) for k, sub in (d.get("_modules") or {}).items() if sub is not None]
+        if children and depth >= max_depth:
+            where = f"{pre}{children[0][0]}"
+            where = where if len(where) <= 60 else f"{where[:28]}…{where[-28:]}"
+            raise CheckpointError(f"modules nested more than {max_depth} levels deep (at {where}); no real model "
+                                  "is built like this, so the file is refused")
+        for k, sub in reversed(children):
+            stack.append((sub, f"{pre}{k}.", depth + 1))
 
 
 def _is_stub_module(obj: Any) -> bool:
@@ -335,7 +353,10 @@ def _state_dict_from_object(obj: Any, name: str) -> dict[str, torch.Tensor]:
     """Tensors out of whatever ``torch.load`` returned: a dict, a container dict, or a stubbed module."""
     if _is_stub_module(obj):
         out: dict[str, torch.Tensor] = {}
-        _walk_module(obj, "", out, set())
+        try:
+            _walk_module(obj, "", out, set())
+        except CheckpointError as e:
+            raise CheckpointError(f"{name}: {e}") from None
         return out
     if isinstance(obj, Mapping):
         if not obj:
@@ -414,7 +435,10 @@ def load_checkpoint(path: str | os.PathLike, *, base: Mapping[str, torch.Tensor]
             raise CheckpointError(f"{name}: this is a safetensors file: give it a .safetensors name")
         else:
             raise CheckpointError(f"{name}: not a torch.save checkpoint (unrecognised content)")
-        sd = _state_dict_from_object(obj, name)
+        try:
+            sd = _state_dict_from_object(obj, name)
+        except RecursionError:      # the walk is iterative; this guards whatever else a hostile pickle nests
+            raise CheckpointError(f"{name}: nested too deeply to be read safely") from None
 
     sd = _strip_prefixes(dict(sd))
     from_hf = is_hf_clip_vision(sd)

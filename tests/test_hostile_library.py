@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -281,3 +282,80 @@ def test_hf_layer_keys_with_a_trailing_newline_are_not_renamed():
     sd = {"vision_model.encoder.layers.0.mlp.fc1.weight\n": torch.ones(2, 2)}
     with pytest.raises(CheckpointError, match="does not know"):
         hf_clip_vision_to_open_clip(sd)
+
+
+# --------------------------------------------------------------------------- (8) deep pickles
+
+
+def _save_chain(path, depth: int) -> list[str]:
+    """torch.save a chain of ``depth`` nested modules of a class from a fake package (so the loader stubs it)."""
+    import threading
+    from test_checkpoints import _fake_module, _place
+    mod, cleanup = _fake_module("hostile.deep")
+    try:
+        class Node(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.randn(2))
+                self.register_buffer("b", torch.zeros(1))
+        _place(mod, Node, "Node")
+        root = cur = Node()
+        for _ in range(depth):
+            cur._modules["c"] = Node()
+            cur = cur._modules["c"]
+        cur._modules["z"] = Node()                       # a second child at the bottom: order is depth first
+        expected, err = [], []
+
+        def save():                                      # pickling (and state_dict) recurse: give them room
+            old = sys.getrecursionlimit()
+            sys.setrecursionlimit(max(old, 20 * depth + 1000))
+            try:
+                expected.extend(root.state_dict())
+                torch.save(root, path)
+            except BaseException as e:                   # pragma: no cover
+                err.append(e)
+            finally:
+                sys.setrecursionlimit(old)
+        old_stack = threading.stack_size(256 * 1024 * 1024)
+        try:
+            t = threading.Thread(target=save)
+            t.start()
+            t.join()
+        finally:
+            threading.stack_size(old_stack)
+        assert not err, err
+        return expected
+    finally:
+        cleanup()
+
+
+def test_5000_deep_pickled_module_refused_clearly(tmp_path):
+    from esm_core.checkpoints import CheckpointError, load_checkpoint
+    _save_chain(tmp_path / "deep.pt", 5000)
+    assert "hostile" not in sys.modules
+    with pytest.raises(CheckpointError, match=r"deep\.pt: modules nested more than 100 levels deep"):
+        load_checkpoint(tmp_path / "deep.pt")
+
+
+def test_nested_module_within_the_bound_read_in_state_dict_order(tmp_path):
+    from esm_core.checkpoints import load_checkpoint
+    expected = _save_chain(tmp_path / "ok.pt", 60)
+    sd = load_checkpoint(tmp_path / "ok.pt")
+    assert list(sd) == expected and len(sd) == 2 * 62
+
+
+def test_walk_bound_is_a_parameter():
+    from esm_core.checkpoints import CheckpointError, _walk_module
+
+    class Stub:
+        pass
+    root = cur = Stub()
+    for _ in range(3):
+        nxt = Stub()
+        cur._modules, cur._parameters = {"c": nxt}, {"w": torch.ones(1)}
+        cur = nxt
+    out = {}
+    _walk_module(root, "", out, set(), max_depth=3)
+    assert list(out) == ["w", "c.w", "c.c.w"]
+    with pytest.raises(CheckpointError, match="more than 2 levels"):
+        _walk_module(root, "", {}, set(), max_depth=2)
