@@ -359,3 +359,39 @@ def test_walk_bound_is_a_parameter():
     assert list(out) == ["w", "c.w", "c.c.w"]
     with pytest.raises(CheckpointError, match="more than 2 levels"):
         _walk_module(root, "", {}, set(), max_depth=2)
+
+
+# --------------------------------------------------------------------------- (8) ESM rank
+
+
+def test_esm_rank_has_a_documented_max():
+    p = next(q for q in get_method("esm").params if q.name == "rank")
+    assert p.max == 65_536 and "65536" in p.help and "clamped" in p.help
+    with pytest.raises(ValueError, match="parameter 'rank' must be <= 65536"):
+        get_method("esm").resolve({"rank": 1_000_000})
+    assert get_method("esm").resolve({"rank": 65_536})["rank"] == 65_536
+
+
+def test_esm_rank_clamp_is_noted():
+    from esm_core.methods.esm import esm_rank
+    info = {}
+    assert esm_rank(24, 3, rank=99, info=info) == 24 and esm_rank(12, 3, rank=99, info=info) == 12
+    assert esm_rank(12, 3, rank=99, info=info) == 12
+    assert info["notes"] == ["ESM: rank 99 is more than a layer's 24 output dimensions; k = 24 (all of them) used there",
+                             "ESM: rank 99 is more than a layer's 12 output dimensions; k = 12 (all of them) used there"]
+    quiet = {}
+    assert esm_rank(24, 3, rank=5, info=quiet) == 5 and esm_rank(24, 3, info=quiet) == 8 and quiet == {}
+    assert esm_rank(24, 3, rank_fraction=0.01, info=quiet) == 1 and "k = 1 used" in quiet["notes"][0]
+    assert esm_rank(24, 1, rank_fraction=4.0, info=quiet) == 24 and "rank_fraction 4 (k = 96)" in quiet["notes"][1]
+
+
+def test_esm_merge_with_a_rank_above_d_out_reports_the_clamp():
+    from test_esm import _case
+    from esm_core.merge import merge_updates
+    base, tasks, inputs = _case(T=2)
+    info = {}
+    big = merge_updates("esm", base, tasks, inputs=inputs, rank=5000, info=info)
+    assert any("rank 5000 is more than a layer's 24 output dimensions" in n for n in info["notes"])
+    assert any("12 output dimensions" in n for n in info["notes"])
+    full = merge_updates("esm", base, tasks, inputs=inputs, rank=24)      # ≥ every d_out here: the same merge
+    assert set(big) == set(full) and all(torch.equal(big[k], full[k]) for k in full)
