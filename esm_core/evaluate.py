@@ -132,6 +132,33 @@ def normalised(accs: Mapping[str, float], finetuned: Mapping[str, float]) -> dic
             "mean_norm": float(np.mean([v["norm"] for v in out.values()]))}
 
 
+def suspicious_references(finetuned: Mapping[str, float], zero_shot: Mapping[str, float], *,
+                          margin: float = 0.0) -> list[str]:
+    """Warnings for tasks whose fine-tuned model scores below the zero-shot base on its own task.
+
+    Normalised accuracy divides by the fine-tuned accuracy, so it only means
+    something when the fine-tuned model is the better one on its task. A
+    fine-tuned model more than ``margin`` (in accuracy, 0.05 = 5 points) below
+    the zero-shot base almost always means the checkpoints are attached to the
+    wrong task names (swapped files) or broken; merges then show "254 %
+    normalised". Returns one message per such task, in ``finetuned``'s order
+    ([] when all is well); tasks missing from either mapping are skipped.
+    """
+    margin = float(margin)
+    if not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    out = []
+    for t, ft in finetuned.items():
+        zs = zero_shot.get(t)
+        if zs is None or not (math.isfinite(ft) and math.isfinite(zs)):
+            continue
+        if ft < zs - margin:
+            out.append(f"task {t!r}: its fine-tuned model scores {100 * ft:.1f} % on its own task, below the "
+                       f"zero-shot base ({100 * zs:.1f} %): the checkpoint probably belongs to another task (swapped "
+                       f"files?) or is broken, so normalised accuracies on {t!r} are not meaningful")
+    return out
+
+
 def summarize(pool, accs: Mapping[str, float], split: str = "test") -> dict:
     """``{"tasks": {task: {"abs": a, "norm": a / finetuned}}, "mean_abs", "mean_norm"}`` (SPEC §0)."""
     return normalised(accs, reference_accuracies(pool, split)["finetuned"])
@@ -371,6 +398,7 @@ def cmd_eval(args) -> int:
     pool = _load_pool_arg(args.pool)
     params = parse_sets(args.set)
     refs = reference_accuracies(pool, args.split, device=args.device)
+    warnings = suspicious_references(refs["finetuned"], refs["zeroshot"])
     rows = {"zeroshot": _row(summarize(pool, refs["zeroshot"], args.split)),
             "finetuned": _row(summarize(pool, refs["finetuned"], args.split))}
     if args.method in ("zeroshot", "finetuned"):
@@ -406,9 +434,12 @@ def cmd_eval(args) -> int:
     if not quiet:
         print("", file=sys.stderr)
     if args.json:
-        print(json.dumps({"pool": pool.name, "split": args.split, "tasks": pool.task_names, "results": rows}, indent=2))
+        print(json.dumps({"pool": pool.name, "split": args.split, "tasks": pool.task_names, "results": rows,
+                          "warnings": warnings}, indent=2))
     else:
         print(_table(pool, rows, args.split))
+        for w in warnings:                # they qualify the table's normalised numbers: printed with it
+            print(f"warning: {w}")
     return 0
 
 

@@ -395,3 +395,42 @@ def test_esm_merge_with_a_rank_above_d_out_reports_the_clamp():
     assert any("12 output dimensions" in n for n in info["notes"])
     full = merge_updates("esm", base, tasks, inputs=inputs, rank=24)      # ≥ every d_out here: the same merge
     assert set(big) == set(full) and all(torch.equal(big[k], full[k]) for k in full)
+
+
+# --------------------------------------------------------------------------- (8) swapped checkpoints
+
+
+def test_suspicious_references_flags_a_finetuned_model_below_zero_shot():
+    from esm_core.evaluate import suspicious_references
+    zs = {"cars": 0.60, "dtd": 0.45, "svhn": 0.30}
+    ft = {"cars": 0.20, "dtd": 0.44, "svhn": 0.95}          # cars swapped; dtd one point under zero-shot
+    w = suspicious_references(ft, zs)
+    assert len(w) == 2 and w[0].startswith("task 'cars': its fine-tuned model scores 20.0 %") and "60.0 %" in w[0]
+    assert "swapped" in w[0] and w[1].startswith("task 'dtd'")
+    assert [x.split("'")[1] for x in suspicious_references(ft, zs, margin=0.05)] == ["cars"]   # dtd within noise
+    assert suspicious_references({"a": 0.9}, {"a": 0.9}) == []                                 # equal: fine
+    assert suspicious_references({"a": 0.1}, {}) == []                                         # no reference
+    with pytest.raises(ValueError, match="margin"):
+        suspicious_references(ft, zs, margin=float("nan"))
+
+
+def _fake_eval_pool(monkeypatch):
+    from test_evaluate import FakePool
+    from esm_core import evaluate as E
+    pool = FakePool([0.5], [1], task_w=0.5)
+    pool.task_names = ["cars", "dtd"]
+    pool.cache[("reference_accuracies", "test")] = {"zeroshot": {"cars": 0.5, "dtd": 0.4},
+                                                    "finetuned": {"cars": 0.9, "dtd": 0.157}}   # dtd: swapped
+    monkeypatch.setattr(E, "_load_pool_arg", lambda spec: pool)
+    return pool
+
+
+def test_eval_cli_prints_the_warning(monkeypatch, capsys):
+    _fake_eval_pool(monkeypatch)
+    assert cli.main(["eval", "--method", "zeroshot", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "155.17" in out           # mean normalised zero-shot: (0.5/0.9 + 0.4/0.157) / 2, i.e. 254.8 % on dtd
+    assert "warning: task 'dtd': its fine-tuned model scores 15.7 %" in out and "cars" not in out.split("warning")[1]
+    assert cli.main(["eval", "--method", "zeroshot", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["warnings"]) == 1 and res["warnings"][0].startswith("task 'dtd'")
