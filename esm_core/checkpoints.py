@@ -42,6 +42,7 @@ MAX_MODULE_DEPTH = 100                   # pickled whole modules nested deeper a
 
 SAFETENSORS_EXTS = (".safetensors",)
 TORCH_EXTS = (".pt", ".pth", ".bin", ".ckpt")
+CHECKPOINT_EXTS = SAFETENSORS_EXTS + TORCH_EXTS   # every extension load_checkpoint reads (upload boxes: accept these)
 
 # Containers unwrapped when the top level holds no tensors itself (first match wins).
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "network", "net")
@@ -392,9 +393,9 @@ def load_checkpoint(path: str | os.PathLike, *, base: Mapping[str, torch.Tensor]
     p = Path(path)
     name = p.name
     ext = p.suffix.lower()
-    if ext not in SAFETENSORS_EXTS + TORCH_EXTS:
+    if ext not in CHECKPOINT_EXTS:
         raise CheckpointError(f"{name}: unknown checkpoint extension {ext or '(none)'!r}; "
-                              f"expected one of {', '.join(SAFETENSORS_EXTS + TORCH_EXTS)}")
+                              f"expected one of {', '.join(CHECKPOINT_EXTS)}")
     if not p.is_file():
         raise CheckpointError(f"{name}: no such file ({p})")
     size = p.stat().st_size

@@ -434,3 +434,21 @@ def test_eval_cli_prints_the_warning(monkeypatch, capsys):
     assert cli.main(["eval", "--method", "zeroshot", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert len(res["warnings"]) == 1 and res["warnings"][0].startswith("task 'dtd'")
+
+
+# --------------------------------------------------------------------------- (8) .ckpt
+
+
+def test_every_listed_extension_is_read(tmp_path):
+    """CHECKPOINT_EXTS is what an upload box should accept: each one really loads (.ckpt included)."""
+    from esm_core.checkpoints import CHECKPOINT_EXTS, CheckpointError, load_checkpoint
+    from safetensors.torch import save_file
+    assert ".ckpt" in CHECKPOINT_EXTS
+    sd = {k: v.float() for k, v in _tiny64().items()}
+    for ext in CHECKPOINT_EXTS:
+        p = tmp_path / f"m{ext}"
+        save_file(sd, str(p)) if ext == ".safetensors" else torch.save({"state_dict": sd, "epoch": 3}, p)
+        got = load_checkpoint(p)
+        assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd), ext
+    with pytest.raises(CheckpointError, match=r"expected one of \.safetensors, \.pt, \.pth, \.bin, \.ckpt"):
+        load_checkpoint(tmp_path / "m.onnx")
