@@ -104,13 +104,22 @@ def merge_updates(method: str, base, tasks, *, device="auto", roles=None, layer_
 
 
 def apply_updates(base: Mapping[str, torch.Tensor], updates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """θ0 + update for every updated key (computed in float32, stored in the base's dtype); others copied."""
-    out = {}
+    """θ0 + update for every updated key (computed in float32, stored in the base's dtype); others copied.
+
+    Refuses (ValueError naming the keys) a result that is not finite once stored
+    in the base's dtype, e.g. a float16 base whose merged values pass 65504."""
+    out, bad = {}, []
     for k, v in base.items():
         if k in updates:
             out[k] = (v.to(torch.float32) + updates[k].to(v.device, torch.float32)).to(v.dtype)
+            if out[k].is_floating_point() and not bool(torch.isfinite(out[k]).all()):
+                bad.append(k)
         else:
             out[k] = v.clone()
+    if bad:
+        raise ValueError(f"the merged weights are not finite once stored in the base's dtype "
+                         f"({', '.join(sorted({str(base[k].dtype) for k in bad}))}) in {', '.join(bad[:5])}"
+                         f"{' …' if len(bad) > 5 else ''}: the update is too large for it (lower α?)")
     return out
 
 

@@ -452,3 +452,16 @@ def test_every_listed_extension_is_read(tmp_path):
         assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd), ext
     with pytest.raises(CheckpointError, match=r"expected one of \.safetensors, \.pt, \.pth, \.bin, \.ckpt"):
         load_checkpoint(tmp_path / "m.onnx")
+
+
+def test_merged_weights_that_overflow_the_base_dtype_refused():
+    """A float16 base: θ0 + update is computed in float32 but stored as float16, whose max is 65504."""
+    from esm_core.merge import apply_updates, merge
+    base = {"w": torch.full((2, 2), 60000.0, dtype=torch.float16), "b": torch.zeros(2, dtype=torch.float16)}
+    tasks = {"a": {"w": torch.full((2, 2), 65000.0, dtype=torch.float16), "b": torch.ones(2, dtype=torch.float16)}}
+    ok = merge("ta", base, tasks, alpha=0.5, roles={"w": "matrix", "b": "vector"}, layer_types={}, device="cpu")
+    assert ok["w"].dtype == torch.float16 and torch.isfinite(ok["w"]).all()
+    with pytest.raises(ValueError, match=r"not finite once stored in the base's dtype \(torch.float16\) in w"):
+        merge("ta", base, tasks, alpha=2.0, roles={"w": "matrix", "b": "vector"}, layer_types={}, device="cpu")
+    with pytest.raises(ValueError, match="in w"):
+        apply_updates(base, {"w": torch.full((2, 2), 1e5)})
