@@ -26,6 +26,7 @@ the ``visual.*`` keys are kept before the check.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -39,14 +40,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 MAX_CHECKPOINT_BYTES = 2 * 1024 ** 3     # uploads larger than this are refused (2 GiB)
+MAX_MODULE_DEPTH = 100                   # pickled whole modules nested deeper are refused (real models: < 15)
 
 SAFETENSORS_EXTS = (".safetensors",)
 TORCH_EXTS = (".pt", ".pth", ".bin", ".ckpt")
+CHECKPOINT_EXTS = SAFETENSORS_EXTS + TORCH_EXTS   # every extension load_checkpoint reads (upload boxes: accept these)
 
 # Containers unwrapped when the top level holds no tensors itself (first match wins).
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "network", "net")
 # Prefixes stripped while every key carries them.
 _STRIP_PREFIXES = ("module.", "model.")
+
+
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 class CheckpointError(ValueError):
@@ -59,8 +65,45 @@ def _fmt_keys(keys, n=8) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def _finite_problems(sd: Mapping[str, torch.Tensor], keys=None) -> list[str]:
+    """What is not finite in ``sd`` once in float32, the dtype the merge maths uses ([] if all is well).
+
+    A float64 value such as 1e300 is finite where it is but becomes inf in
+    float32, so every float tensor wider than float32 is checked *after* the
+    conversion; narrower ones convert exactly and are checked as they are.
+    """
+    nonfinite, overflow = [], []
+    for k in (sd if keys is None else keys):
+        v = sd[k]
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.numel() == 0:
+            continue
+        if not bool(torch.isfinite(v).all()):
+            nonfinite.append(k)
+        elif torch.finfo(v.dtype).max > _F32_MAX:
+            lo, hi = torch.aminmax(v.detach())               # rounding is monotonic: the extremes decide
+            if not bool(torch.isfinite(torch.stack([lo, hi]).to(torch.float32)).all()):
+                overflow.append(k)
+    problems = []
+    if nonfinite:
+        problems.append(f"non-finite values (NaN/inf) in: {_fmt_keys(nonfinite)}")
+    if overflow:
+        problems.append(f"values too large for float32 (|x| > {_F32_MAX:.3g}, they would become inf) in: "
+                        f"{_fmt_keys(overflow)}")
+    return problems
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> None:
+    """Refuse ``sd`` if a float tensor holds NaN / ±inf, or values that overflow float32 (naming the keys)."""
+    problems = _finite_problems(sd)
+    if problems:
+        raise CheckpointError(f"checkpoint {name!r}: " + " | ".join(problems))
+
+
 def check_compatible(base: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], name: str = "task") -> None:
-    """Refuse ``sd`` unless it has exactly the base's keys, shapes, float dtypes and finite values."""
+    """Refuse ``sd`` unless it has exactly the base's keys, shapes, float dtypes and finite values.
+
+    "Finite" is judged in float32, the dtype the merge maths uses: a float64
+    1e300 is refused although it is finite as stored."""
     missing = set(base) - set(sd)
     extra = set(sd) - set(base)
     problems = []
@@ -76,9 +119,7 @@ def check_compatible(base: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Te
              if k in sd and base[k].is_floating_point() != sd[k].is_floating_point()]
     if kinds:
         problems.append("dtype mismatch (float vs non-float): " + "; ".join(kinds[:8]))
-    nonfinite = [k for k in base if k in sd and sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all())]
-    if nonfinite:
-        problems.append(f"non-finite values (NaN/inf) in: {_fmt_keys(nonfinite)}")
+    problems += _finite_problems(sd, [k for k in base if k in sd])
     if problems:
         raise CheckpointError(f"checkpoint {name!r} does not fit the base model — " + " | ".join(problems))
 
@@ -126,7 +167,7 @@ def _tensors_of(obj: Mapping) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------
 # Hugging Face CLIPVisionModel → open_clip names
 
-_HF_LAYER = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.(.+)\Z")   # \Z: "$" matches before a final "\n"
 _HF_LAYER_MAP = {
     "self_attn.out_proj.weight": "attn.out_proj.weight",
     "self_attn.out_proj.bias": "attn.out_proj.bias",
@@ -246,20 +287,37 @@ def _refuse_dangerous(globals_: list[str], name: str) -> None:
                               "code when unpickled; ESM Studio never runs code from a checkpoint")
 
 
-def _walk_module(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:
-    """Rebuild ``module.state_dict()`` from a stubbed module's ``_parameters`` / ``_buffers`` / ``_modules``."""
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    d = getattr(obj, "__dict__", {})
-    skip = d.get("_non_persistent_buffers_set") or set()
-    for field in ("_parameters", "_buffers"):
-        for k, v in (d.get(field) or {}).items():
-            if isinstance(v, torch.Tensor) and not (field == "_buffers" and k in skip):
-                out[prefix + str(k)] = v.detach()
-    for k, sub in (d.get("_modules") or {}).items():
-        if sub is not None:
-            _walk_module(sub, f"{prefix}{k}.", out, seen)
+def _walk_module(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int],
+                 max_depth: int | None = None) -> None:
+    """Rebuild ``module.state_dict()`` from a stubbed module's ``_parameters`` / ``_buffers`` / ``_modules``.
+
+    Iterative (a hostile pickle can nest modules deeper than Python's recursion
+    limit) and bounded: nesting deeper than ``max_depth`` (default
+    :data:`MAX_MODULE_DEPTH`) is refused with a :class:`CheckpointError`. Keys
+    come out in ``state_dict()`` order (each module's own entries, then its
+    children, depth first).
+    """
+    max_depth = MAX_MODULE_DEPTH if max_depth is None else max_depth
+    stack = [(obj, prefix, 0)]
+    while stack:
+        node, pre, depth = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        d = getattr(node, "__dict__", {})
+        skip = d.get("_non_persistent_buffers_set") or set()
+        for field in ("_parameters", "_buffers"):
+            for k, v in (d.get(field) or {}).items():
+                if isinstance(v, torch.Tensor) and not (field == "_buffers" and k in skip):
+                    out[pre + str(k)] = v.detach()
+        children = [(k, sub) for k, sub in (d.get("_modules") or {}).items() if sub is not None]
+        if children and depth >= max_depth:
+            where = f"{pre}{children[0][0]}"
+            where = where if len(where) <= 60 else f"{where[:28]}…{where[-28:]}"
+            raise CheckpointError(f"modules nested more than {max_depth} levels deep (at {where}); no real model "
+                                  "is built like this, so the file is refused")
+        for k, sub in reversed(children):
+            stack.append((sub, f"{pre}{k}.", depth + 1))
 
 
 def _is_stub_module(obj: Any) -> bool:
@@ -298,7 +356,10 @@ def _state_dict_from_object(obj: Any, name: str) -> dict[str, torch.Tensor]:
     """Tensors out of whatever ``torch.load`` returned: a dict, a container dict, or a stubbed module."""
     if _is_stub_module(obj):
         out: dict[str, torch.Tensor] = {}
-        _walk_module(obj, "", out, set())
+        try:
+            _walk_module(obj, "", out, set())
+        except CheckpointError as e:
+            raise CheckpointError(f"{name}: {e}") from None
         return out
     if isinstance(obj, Mapping):
         if not obj:
@@ -334,9 +395,9 @@ def load_checkpoint(path: str | os.PathLike, *, base: Mapping[str, torch.Tensor]
     p = Path(path)
     name = p.name
     ext = p.suffix.lower()
-    if ext not in SAFETENSORS_EXTS + TORCH_EXTS:
+    if ext not in CHECKPOINT_EXTS:
         raise CheckpointError(f"{name}: unknown checkpoint extension {ext or '(none)'!r}; "
-                              f"expected one of {', '.join(SAFETENSORS_EXTS + TORCH_EXTS)}")
+                              f"expected one of {', '.join(CHECKPOINT_EXTS)}")
     if not p.is_file():
         raise CheckpointError(f"{name}: no such file ({p})")
     size = p.stat().st_size
@@ -375,7 +436,10 @@ def load_checkpoint(path: str | os.PathLike, *, base: Mapping[str, torch.Tensor]
             raise CheckpointError(f"{name}: this is a safetensors file: give it a .safetensors name")
         else:
             raise CheckpointError(f"{name}: not a torch.save checkpoint (unrecognised content)")
-        sd = _state_dict_from_object(obj, name)
+        try:
+            sd = _state_dict_from_object(obj, name)
+        except RecursionError:      # the walk is iterative; this guards whatever else a hostile pickle nests
+            raise CheckpointError(f"{name}: nested too deeply to be read safely") from None
 
     sd = _strip_prefixes(dict(sd))
     from_hf = is_hf_clip_vision(sd)
@@ -398,10 +462,42 @@ def load_checkpoint(path: str | os.PathLike, *, base: Mapping[str, torch.Tensor]
             sd["visual.proj"] = base["visual.proj"].clone()   # CLIPVisionModel has no projection: keep the base's
         check_compatible(base, sd, name)
     else:
-        nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if nonfinite:
-            raise CheckpointError(f"{name}: non-finite values (NaN/inf) in: {_fmt_keys(nonfinite)}")
+        problems = _finite_problems(sd)
+        if problems:
+            raise CheckpointError(f"{name}: " + " | ".join(problems))
     return sd
+
+
+def _non_finite_path(obj: Any, path: str = "") -> str | None:
+    """Where in a JSON-like ``obj`` the first NaN / ±inf float sits (``['params']['alpha']``), or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return path or "the value"
+    if isinstance(obj, Mapping):
+        items = ((f"{path}[{k!r}]", v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for sub_path, v in items:
+        found = _non_finite_path(v, sub_path)
+        if found is not None:
+            return found
+    return None
+
+
+def strict_json_dumps(obj: Any, what: str = "config", **kwargs) -> str:
+    """``json.dumps(obj, allow_nan=False, **kwargs)``: strict JSON, which has no NaN or Infinity.
+
+    Raises ValueError naming where the non-finite number is, instead of writing
+    ``NaN``, which is not JSON and which most parsers outside Python refuse)."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError as e:
+        where = _non_finite_path(obj)
+        if where is None:
+            raise
+        raise ValueError(f"{what}: {where} is not a finite number (NaN/inf), which strict JSON cannot hold; "
+                         "nothing was written") from None
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, config: dict | None = None) -> Path:
@@ -410,7 +506,8 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
     The file is written next to its target and moved into place with
     :func:`os.replace`, so a failure never leaves a half-written file. Metadata:
     ``{"format": "pt", "esm_studio_config": json.dumps(config)}`` (read it back
-    with :func:`read_config`).
+    with :func:`read_config`); the JSON is strict, so a config holding NaN or
+    ±inf is refused (naming the entry) before anything is written.
     """
     p = Path(path)
     if p.suffix.lower() != ".safetensors":
@@ -429,7 +526,10 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
         tensors[str(k)] = t
     metadata = {"format": "pt"}
     if config is not None:
-        metadata["esm_studio_config"] = json.dumps(config)
+        try:
+            metadata["esm_studio_config"] = strict_json_dumps(config, "merge config")
+        except ValueError as e:
+            raise CheckpointError(f"{p.name}: {e}") from None
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     os.close(fd)

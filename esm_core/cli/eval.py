@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..esmpp import ESMPP
 from ..evaluation import evaluate_esmpp, evaluate_method, reference_accuracies, summarize
+from ..evaluation.accuracy import suspicious_references
 from ..merging import METHODS, get_method
 from ..pools.demo import load_demo_pool
 from ..pools.poolfile import load_pool
@@ -76,6 +77,7 @@ def cmd_eval(args) -> int:
     pool = load_pool_arg(args.pool)
     params = parse_sets(args.set)
     refs = reference_accuracies(pool, args.split, device=args.device)
+    warnings = suspicious_references(refs["finetuned"], refs["zeroshot"])
     rows = {"zeroshot": _row(summarize(pool, refs["zeroshot"], args.split)),
             "finetuned": _row(summarize(pool, refs["finetuned"], args.split))}
     if args.method in ("zeroshot", "finetuned"):
@@ -101,9 +103,12 @@ def cmd_eval(args) -> int:
     if not quiet:
         print("", file=sys.stderr)
     if args.json:
-        print(json.dumps({"pool": pool.name, "split": args.split, "tasks": pool.task_names, "results": rows}, indent=2))
+        print(json.dumps({"pool": pool.name, "split": args.split, "tasks": pool.task_names, "results": rows,
+                          "warnings": warnings}, indent=2))
     else:
         print(table(pool, rows, args.split))
+        for w in warnings:                # they qualify the table's normalised numbers: printed with it
+            print(f"warning: {w}")
     return 0
 
 

@@ -14,6 +14,8 @@ def cmd_methods(args) -> int:
         return 0
     for m in METHODS.values():
         print(f"{m.name:12s} {m.title}\n{'':12s} {m.help}")
+        if m.aliases:
+            print(f"{'':12s} also accepted as: {', '.join(m.aliases)}")
         for p in m.params:
             rng = f" choices={list(p.choices)}" if p.choices else (
                 f" range=[{p.min}, {p.max}]" if p.min is not None or p.max is not None else "")

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import numpy as np
@@ -118,6 +119,33 @@ def normalised(accs: Mapping[str, float], finetuned: Mapping[str, float]) -> dic
         raise ValueError("no accuracies to summarise")
     return {"tasks": out, "mean_abs": float(np.mean([v["abs"] for v in out.values()])),
             "mean_norm": float(np.mean([v["norm"] for v in out.values()]))}
+
+
+def suspicious_references(finetuned: Mapping[str, float], zero_shot: Mapping[str, float], *,
+                          margin: float = 0.0) -> list[str]:
+    """Warnings for tasks whose fine-tuned model scores below the zero-shot base on its own task.
+
+    Normalised accuracy divides by the fine-tuned accuracy, so it only means
+    something when the fine-tuned model is the better one on its task. A
+    fine-tuned model more than ``margin`` (in accuracy, 0.05 = 5 points) below
+    the zero-shot base almost always means the checkpoints are attached to the
+    wrong task names (swapped files) or broken; merges then show "254 %
+    normalised". Returns one message per such task, in ``finetuned``'s order
+    ([] when all is well); tasks missing from either mapping are skipped.
+    """
+    margin = float(margin)
+    if not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    out = []
+    for t, ft in finetuned.items():
+        zs = zero_shot.get(t)
+        if zs is None or not (math.isfinite(ft) and math.isfinite(zs)):
+            continue
+        if ft < zs - margin:
+            out.append(f"task {t!r}: its fine-tuned model scores {100 * ft:.1f} % on its own task, below the "
+                       f"zero-shot base ({100 * zs:.1f} %): the checkpoint probably belongs to another task (swapped "
+                       f"files?) or is broken, so normalised accuracies on {t!r} are not meaningful")
+    return out
 
 
 def summarize(pool, accs: Mapping[str, float], split: str = "test") -> dict:

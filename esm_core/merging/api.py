@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .. import models
-from ..checkpoints import check_compatible
+from ..checkpoints import check_compatible, check_finite
 from ..device import resolve_device
 from ..models.roles import SKIP
 from .registry import get_method
@@ -70,6 +70,7 @@ def merge_updates(method: str, base, tasks, *, device="auto", family=None, roles
     if not tasks:
         raise ValueError("no task checkpoints given: merging needs at least one task")
     if check:
+        check_finite(base, "base")                 # judged in float32, the dtype of the maths below
         for name, sd in tasks.items():
             check_compatible(base, sd, name)
     fam = models.get_family(family) if family else models.family_of(base)
@@ -86,17 +87,32 @@ def merge_updates(method: str, base, tasks, *, device="auto", family=None, roles
     ups = m.fn(ctx, **p)
     if info is not None:
         info.update(ctx.info)
-    return {k: v.detach().to("cpu", torch.float32) for k, v in ups.items()}
+    out = {k: v.detach().to("cpu", torch.float32) for k, v in ups.items()}
+    bad = [k for k, v in out.items() if not bool(torch.isfinite(v).all())]
+    if bad:     # finite inputs can still overflow float32 (θt − θ0 near ±3.4e38): never hand back inf / NaN weights
+        raise ValueError(f"{m.title}: the merge produced non-finite values (NaN/inf) in "
+                         f"{', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; the checkpoints' values are too "
+                         "large for float32 arithmetic")
+    return out
 
 
 def apply_updates(base: Mapping[str, torch.Tensor], updates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """θ0 + update for every updated key (computed in float32, stored in the base's dtype); others copied."""
-    out = {}
+    """θ0 + update for every updated key (computed in float32, stored in the base's dtype); others copied.
+
+    Refuses (ValueError naming the keys) a result that is not finite once stored
+    in the base's dtype, e.g. a float16 base whose merged values pass 65504."""
+    out, bad = {}, []
     for k, v in base.items():
         if k in updates:
             out[k] = (v.to(torch.float32) + updates[k].to(v.device, torch.float32)).to(v.dtype)
+            if out[k].is_floating_point() and not bool(torch.isfinite(out[k]).all()):
+                bad.append(k)
         else:
             out[k] = v.clone()
+    if bad:
+        raise ValueError(f"the merged weights are not finite once stored in the base's dtype "
+                         f"({', '.join(sorted({str(base[k].dtype) for k in bad}))}) in {', '.join(bad[:5])}"
+                         f"{' …' if len(bad) > 5 else ''}: the update is too large for it (lower α?)")
     return out
 
 

@@ -208,19 +208,23 @@ _K = Param("k", float, 20.0, "TIES trim: keep the top-k % of each task vector's 
            "(over the whole model; ties at the threshold are kept)", min=0.0, max=100.0, step=1.0)
 _P = Param("p", float, 0.9, "DARE drop rate: each entry of each task vector is dropped with probability p, "
            "survivors are rescaled by 1/(1-p)", min=0.0, max=0.99, step=0.01)
-_SEED = Param("seed", int, 0, "random seed of DARE's drop masks (same seed and device: same merge)", min=0)
+_SEED = Param("seed", int, 0, "random seed of DARE's drop masks (same seed and device: same merge); an integer "
+              "in [0, 2**63 - 1]", min=0, max=2 ** 63 - 1, step=1)
 
 register(Method("average", "Weight averaging", average, (alpha_param(1.0, 2.0),),
                 help="θ0 + α · mean of the task vectors (α = 1: plain average of the fine-tuned weights)",
-                alpha_grid=(0.0, 2.0, 31)))
+                alpha_grid=(0.0, 2.0, 31), aliases=("simple_average",)))   # FusionBench
 register(Method("ta", "Task Arithmetic", task_arithmetic, (alpha_param(0.3, 2.0),),
-                help="θ0 + α · sum of the task vectors (Ilharco et al. 2023)", alpha_grid=(0.0, 1.0, 31)))
+                help="θ0 + α · sum of the task vectors (Ilharco et al. 2023)", alpha_grid=(0.0, 1.0, 31),
+                aliases=("task_arithmetic",)))                            # mergekit, FusionBench
 register(Method("ties", "TIES-Merging", ties, (alpha_param(0.3, 2.0), _K),
                 help="trim each task vector to its top-k % entries, elect a sign per entry, average the agreeing "
-                     "entries (Yadav et al. 2023)", alpha_grid=(0.0, 1.0, 31)))
+                     "entries (Yadav et al. 2023)", alpha_grid=(0.0, 1.0, 31),
+                aliases=("ties_merging",)))                               # FusionBench (mergekit: ties)
 register(Method("dare_ta", "DARE + Task Arithmetic", dare_ta, (alpha_param(0.3, 2.0), _P, _SEED),
                 help="randomly drop a fraction p of every task vector, rescale the rest, then Task Arithmetic "
-                     "(Yu et al. 2024)", alpha_grid=(0.0, 1.0, 31)))
+                     "(Yu et al. 2024)", alpha_grid=(0.0, 1.0, 31),
+                aliases=("dare_linear", "dare/task_arithmetic")))         # mergekit, FusionBench
 register(Method("dare_ties", "DARE + TIES", dare_ties, (alpha_param(0.3, 2.0), _P, _SEED, _K),
                 help="randomly drop a fraction p of every task vector, rescale the rest, then TIES",
-                alpha_grid=(0.0, 1.0, 31)))
+                alpha_grid=(0.0, 1.0, 31), aliases=("dare/ties_merging",)))   # FusionBench (mergekit: dare_ties)

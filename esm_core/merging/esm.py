@@ -42,11 +42,13 @@ def new_cache(max_columns: int | None = None) -> DecompositionCache:
 # ---------------------------------------------------------------------------
 
 
-def esm_rank(d_out: int, T: int, rank: int = 0, rank_fraction: float = 0.0) -> int:
+def esm_rank(d_out: int, T: int, rank: int = 0, rank_fraction: float = 0.0, info: dict | None = None) -> int:
     """Per-task rank k of one ESD layer (SPEC §5.4).
 
     ``rank > 0``: that rank; ``rank_fraction > 0``: ``floor(rank_fraction · d_out / T)``
-    (1.0 = the default); neither: ``floor(d_out / T)``. Always clamped to [1, d_out].
+    (1.0 = the default); neither: ``floor(d_out / T)``. Always clamped to [1, d_out];
+    when a clamp changes the asked rank and ``info`` is given (the merge's
+    ``ctx.info``), a note saying so is added to ``info["notes"]`` (once per distinct note).
     """
     if rank > 0 and rank_fraction > 0:
         raise ValueError("give either rank or rank_fraction, not both (set the other to 0)")
@@ -56,7 +58,15 @@ def esm_rank(d_out: int, T: int, rank: int = 0, rank_fraction: float = 0.0) -> i
         k = int(rank_fraction * d_out / T)        # floor(fraction · d_out / T)
     else:
         k = d_out // T                            # §5.4: floor(d_out / T)
-    return max(1, min(k, d_out))
+    used = max(1, min(k, d_out))
+    if used != k and info is not None:
+        asked = f"rank {rank}" if rank > 0 else f"rank_fraction {rank_fraction:g} (k = {k})"
+        note = (f"ESM: {asked} is more than a layer's {d_out} output dimensions; k = {d_out} (all of them) used there"
+                if k > d_out else f"ESM: {asked} rounds to k = {k}; k = 1 used")
+        notes = info.setdefault("notes", [])
+        if note not in notes:
+            notes.append(note)
+    return used
 
 
 def _esd_keys(ctx, esd_types: str) -> list[str]:
@@ -169,7 +179,7 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
             if D.ndim != 3:
                 raise ValueError(f"ESD key {key!r} is not a 2-D matrix")
             d_out = D.shape[1]
-            k = esm_rank(d_out, T, rank, rank_fraction)
+            k = esm_rank(d_out, T, rank, rank_fraction, ctx.info)   # a clamp is noted in ctx.info
             grams = []
             for t, name in enumerate(names):
                 st = task_layer_stats(stats, name, key)
@@ -228,7 +238,9 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
 register(Method(
     "esm", "ESM", esm,
     (alpha_param(1.0, 3.0),
-     Param("rank", int, 0, "per-task rank k of each ESD layer; 0 = floor(d_out / T)", min=0, max=1_000_000, step=1),
+     Param("rank", int, 0, "per-task rank k of each ESD layer; 0 = floor(d_out / T); at most 65536, and a rank "
+           "above a layer's output size d_out is clamped to d_out (noted in the merge's info['notes'])",
+           min=0, max=65_536, step=1),
      Param("rank_fraction", float, 0.0, "alternative to rank: k = floor(rank_fraction · d_out / T) (1.0 = the "
            "default rank); 0 = unused", min=0.0, max=4.0, step=0.05),
      Param("p_task", float, 2.0, "inter-task scaling exponent: coordinates × (‖ΔWt‖ / mean ‖ΔW‖)^p",

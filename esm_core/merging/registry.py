@@ -7,8 +7,28 @@ the parameter and the allowed values.
 """
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+INT_LIMIT = 2 ** 63          # int parameters must satisfy -2**63 <= value < 2**63 (torch's int64)
+
+
+def _as_int(value: Any) -> int:
+    """``value`` as an int if it is one exactly; ValueError otherwise (bools, 1.5, "1.5", NaN, inf)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        raise ValueError
+    if isinstance(value, str):
+        return int(value.strip())                # "7" → 7; "1.5", "1e3", "nan" refused
+    try:
+        return operator.index(value)             # int, numpy / torch integer scalars
+    except TypeError:
+        pass
+    f = float(value)                             # float, numpy float32 / float64, …
+    if not math.isfinite(f) or not f.is_integer():
+        raise ValueError
+    return int(f)
 
 
 @dataclass(frozen=True)
@@ -23,7 +43,12 @@ class Param:
     step: float | None = None       # UI slider step (None: derived)
 
     def check(self, value: Any) -> Any:
-        """Coerce ``value`` to the declared type and check its range; raise ValueError naming the parameter."""
+        """Coerce ``value`` to the declared type and check its range; raise ValueError naming the parameter.
+
+        Floats must be finite (NaN and ±inf are refused, whatever the bounds).
+        Ints must be integral: ``1.5`` or ``"1.5"`` is refused rather than rounded,
+        and a bool is not an int; every int must also fit in 64 bits.
+        """
         try:
             if self.type is bool:
                 if isinstance(value, str):
@@ -31,18 +56,24 @@ class Param:
                     if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                         raise ValueError
                     value = low in ("1", "true", "yes", "on")
-                else:
+                elif isinstance(value, bool) or value in (0, 1):   # a NaN or a 2 is not a truth value
                     value = bool(value)
-            elif self.type is int:
-                if isinstance(value, float) and not value.is_integer():
+                else:
                     raise ValueError
-                value = int(value)
+            elif self.type is int:
+                value = _as_int(value)
             elif self.type is float:
+                if isinstance(value, bool):
+                    raise ValueError
                 value = float(value)
             else:
                 value = self.type(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError, RuntimeError):
             raise ValueError(f"parameter {self.name!r} must be of type {self.type.__name__}, got {value!r}") from None
+        if self.type is float and not math.isfinite(value):
+            raise ValueError(f"parameter {self.name!r} must be a finite number, got {value!r}")
+        if self.type is int and not -INT_LIMIT <= value < INT_LIMIT:
+            raise ValueError(f"parameter {self.name!r} must fit in 64 bits (|value| < 2**63), got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"parameter {self.name!r} must be one of {list(self.choices)}, got {value!r}")
         if self.min is not None and value < self.min:
@@ -73,6 +104,7 @@ class Method:
     alpha_grid: tuple[float, float, int] = (0.0, 1.0, 31)   # linspace(lo, hi, n)[1:] for the α search (SPEC §0)
     needs_stats: bool = False                                 # needs activation statistics (ESM family)
     extra: dict = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()     # other names it is known by (mergekit, FusionBench); get_method accepts them
 
     def resolve(self, params: dict) -> dict:
         """Defaults filled in, every value checked; unknown names refused."""
@@ -83,27 +115,37 @@ class Method:
         return {name: p.check(params[name]) if name in params else p.default for name, p in known.items()}
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "title": self.title, "help": self.help,
+        return {"name": self.name, "title": self.title, "help": self.help, "aliases": list(self.aliases),
                 "params": [p.to_dict() for p in self.params]}
 
 
-METHODS: dict[str, Method] = {}
+METHODS: dict[str, Method] = {}      # canonical names only
+ALIASES: dict[str, str] = {}         # alias → canonical name
 
 
 def register(method: Method) -> Method:
-    if method.name in METHODS:
+    """Add ``method`` to :data:`METHODS` (and its aliases to :data:`ALIASES`); a name used twice is refused."""
+    if method.name in METHODS or method.name in ALIASES:
         raise ValueError(f"method {method.name!r} registered twice")
     if not any(p.name == "alpha" for p in method.params):
         raise ValueError(f"method {method.name!r} must declare an 'alpha' parameter")
+    clash = [a for a in method.aliases if a in METHODS or a in ALIASES or a == method.name]
+    if clash or len(set(method.aliases)) != len(method.aliases):
+        taken = {a: ALIASES.get(a, a) for a in clash}
+        raise ValueError(f"method {method.name!r}: alias(es) {sorted(set(clash)) or list(method.aliases)} already "
+                         f"name a method ({taken}) or are repeated")
     METHODS[method.name] = method
+    ALIASES.update({a: method.name for a in method.aliases})
     return method
 
 
 def get_method(name: str) -> Method:
+    """The method registered as ``name`` or under the alias ``name`` (e.g. ``task_arithmetic`` → ``ta``)."""
     try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}") from None
+        return METHODS[ALIASES.get(name, name)]
+    except (KeyError, TypeError):
+        aka = f" (or an alias: {sorted(ALIASES)})" if ALIASES else ""
+        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}{aka}") from None
 
 
 ALPHA_HELP = "global scaling coefficient of the merged update (chosen on validation by the α search)"

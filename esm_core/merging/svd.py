@@ -198,7 +198,7 @@ def subspace_alignment_ratio(delta_t: torch.Tensor, merged: torch.Tensor, energy
 register(Method("tsv_m", "TSV-M", tsv_m, (alpha_param(1.0, 3.0),),
                 help="Task Singular Vectors: keep each task's top 1/T singular triplets per matrix, decorrelate "
                      "the concatenated factors by polar decomposition (Gargiulo et al. 2025)",
-                alpha_grid=(0.0, 3.0, 31)))
+                alpha_grid=(0.0, 3.0, 31), aliases=("tsvm", "task_singular_vector")))   # paper, FusionBench
 register(Method("iso_c", "Iso-C", iso_c, (alpha_param(1.3, 3.0),),
                 help="Isotropic merging: the sum of the task matrices with every singular value set to their mean "
                      "(Marczak et al. 2025)", alpha_grid=(0.0, 3.0, 31)))

@@ -34,7 +34,7 @@ MAX_ENTRY_BYTES = 32 * 1024 ** 2         # bytes actually inflated from one zip 
 MAX_MODEL_PARAMS = int(os.environ.get("ESM_MAX_MODEL_PARAMS", 320_000_000))   # ViT-L/14's tower fits (304 M)
 MAX_IMAGE_PIXELS = 4096 * 4096
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")   # \Z: "$" would also match before a final "\n"
 
 
 def _visual_keys(sd: dict, name: str) -> dict:

@@ -5,7 +5,7 @@ import json
 import re
 from pathlib import Path
 
-from ..checkpoints import read_config, save_safetensors
+from ..checkpoints import read_config, save_safetensors, strict_json_dumps
 from ..esmpp import ESMPP, save_esmpp
 from ..merging import apply_updates
 from .live import comparison_rows
@@ -36,8 +36,9 @@ def export_config(s: Session) -> Path:
         raise ValueError("merge first: there is no merge config to export")
     cur = s.current
     p = s.workdir / f"{_safe_name(cur['method'])}-{cur['id']}-config.json"
-    p.write_text(json.dumps({**cur["config"], "summary": cur["summary"], "comparison": comparison_rows(s)}, indent=2,
-                            default=str) + "\n")
+    text = strict_json_dumps({**cur["config"], "summary": cur["summary"], "comparison": comparison_rows(s)},
+                             "merge config", indent=2, default=str)      # strict JSON: NaN refused, not written
+    p.write_text(text + "\n")
     return p
 
 
