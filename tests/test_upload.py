@@ -148,3 +148,15 @@ def test_a_zip_whose_headers_lie_is_not_inflated(tmp_path, monkeypatch):
 def test_shapes_are_checked_on_the_meta_device():
     shapes = vit.expected_shapes("ViT-L-14")
     assert shapes["visual.conv1.weight"] == (1024, 3, 14, 14) and len(shapes) > 100
+
+
+def test_a_hugging_face_config_gives_the_exact_architecture():
+    hf = {"model_type": "clip_vision_model", "hidden_size": 128, "num_attention_heads": 4, "num_hidden_layers": 4,
+          "patch_size": 7, "image_size": 28, "intermediate_size": 512, "projection_dim": 64, "hidden_act": "quick_gelu"}
+    base = {k: torch.zeros(s) for k, s in vit.expected_shapes(U._demo_config(), True).items()}
+    cfg, mean, std, note = U.resolve_architecture(base, config=hf, preprocessor={"image_mean": [0.5] * 3,
+                                                                                 "image_std": [0.25] * 3})
+    assert cfg["vision_cfg"]["head_width"] == 32 and cfg["quick_gelu"] and std == (0.25,) * 3
+    assert "Hugging Face" in note
+    with pytest.raises(ValueError, match="heads do not divide"):
+        U.resolve_architecture(base, config={**hf, "num_attention_heads": 3})

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..checkpoints import load_checkpoint
+from ..models import hf_clip_vision
 from ..models import openclip_vit as vit
 from ..models.openclip_vit import CLIP_MEAN, CLIP_STD
 from .demo import DEMO_DIR, load_demo_pool
@@ -221,10 +222,12 @@ def _check_fits(base: Mapping[str, torch.Tensor], cfg: dict, label: str) -> None
 
 
 def resolve_architecture(base: Mapping[str, torch.Tensor], *, arch: str = "auto", config: Mapping | None = None,
-                         head_width: int | None = None, normalisation: str | None = None) -> tuple[dict, tuple, tuple, str]:
+                         head_width: int | None = None, normalisation: str | None = None,
+                         preprocessor: Mapping | None = None) -> tuple[dict, tuple, tuple, str]:
     """``(model config, mean, std, note)`` of an uploaded open_clip image tower — read, never guessed.
 
-    ``config`` (an uploaded open_clip model config JSON, its ``preprocess_cfg`` giving mean/std) wins;
+    ``config`` (an uploaded open_clip model config JSON, its ``preprocess_cfg`` giving mean/std, or a Hugging
+    Face CLIP ``config.json`` with its ``preprocessor_config.json`` as ``preprocessor``) wins;
     else ``arch``: ``"demo"`` (this project's demo architecture and normalisation), an open_clip model name
     (its config; OpenAI CLIP normalisation unless the config says otherwise), or ``"infer"`` (shapes plus an
     explicit ``head_width``). ``normalisation`` ("clip" or "half") overrides or supplies mean/std. With
@@ -232,7 +235,9 @@ def resolve_architecture(base: Mapping[str, torch.Tensor], *, arch: str = "auto"
     Every config is bounded and compared with the base's shapes on the meta device before anything is built.
     """
     demo = _demo_config()
-    if config is not None:
+    if config is not None and hf_clip_vision.is_config(config):
+        cfg, label = hf_clip_vision.open_clip_config(config, preprocessor), "Hugging Face config's"
+    elif config is not None:
         cfg, label = vit.check_config(config), "uploaded config's"
     elif arch == "demo":
         if demo is None:
@@ -308,8 +313,8 @@ def _check_names(names: list[str], image_zips: Mapping) -> None:
 
 def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path],
                      image_zips: Mapping[str, str | Path] | None = None, *, arch: str = "auto",
-                     config: Mapping | None = None, head_width: int | None = None, normalisation: str | None = None,
-                     demo_loader: Callable[[], Any] | None = None,
+                     config: Mapping | None = None, preprocessor: Mapping | None = None,
+                     head_width: int | None = None, normalisation: str | None = None, demo_loader: Callable[[], Any] | None = None,
                      progress: Progress | None = None) -> tuple[TaskPool, list[str]]:
     """Build a pool from uploaded checkpoints: ``(TaskPool, notes for the user)``.
 
@@ -328,7 +333,7 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     _check_names(names, image_zips)
     base, tasks = _read_checkpoints(base_path, task_paths, names, report)
     cfg, mean, std, note = resolve_architecture(base, arch=arch, config=config, head_width=head_width,
-                                                normalisation=normalisation)
+                                                normalisation=normalisation, preprocessor=preprocessor)
     notes = [note]
     demo = None
     missing_data = [n for n in names if n not in image_zips]

@@ -191,12 +191,12 @@ def sample_images(s: Session, k: int = 4, size: int = 96) -> list[tuple[np.ndarr
 
 
 def load_uploaded(s: Session, base_path, task_paths, image_zips=None, *, arch: str = "auto", config=None,
-                  head_width: int | None = None, normalisation: str | None = None,
+                  preprocessor=None, head_width: int | None = None, normalisation: str | None = None,
                   demo_loader: Callable[[], Any] | None = None, progress: Progress | None = None) -> dict:
     """Build a pool from uploaded files (:func:`esm_core.pools.upload.pool_from_upload`: the architecture
     and normalisation are read from ``config`` / chosen by ``arch``, never guessed) and make it the session's.
     The previous pool stays loaded when anything is refused."""
     pool, notes = pool_from_upload(base_path, task_paths, image_zips, arch=arch, config=config,
-                                   head_width=head_width, normalisation=normalisation, demo_loader=demo_loader,
+                                   preprocessor=preprocessor, head_width=head_width, normalisation=normalisation, demo_loader=demo_loader,
                                    progress=progress)
     return load_pool(s, pool, "upload", notes)
