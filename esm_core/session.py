@@ -49,6 +49,7 @@ Progress = Callable[[float, str], None]
 LIVE_PER_TASK = 100          # test images per task behind the live accuracy bars
 ALPHA_PER_TASK = 50          # validation images per task behind the α curve
 ALPHA_POINTS = 12            # at most this many α values on the curve
+ALPHA_EXTRA = 6              # at most this many points added when the best α is at an end of the grid
 EVAL_SEED = 0
 AFFINE_CACHE = 3             # parameter sets whose α=0 / α=1 updates are kept
 MAX_ZIP_FILES = 20_000
@@ -304,6 +305,17 @@ def _split_val_test(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarra
 
 
 @torch.inference_mode()
+def _one_per_class_first(y: np.ndarray, k: int) -> np.ndarray:
+    """Indices of ``k`` items of ``y`` taken round-robin over the classes (for display samples)."""
+    by_class = [list(np.flatnonzero(y == c)) for c in np.unique(y)]
+    out = []
+    while len(out) < min(k, len(y)):
+        for ids in by_class:
+            if ids and len(out) < k:
+                out.append(ids.pop(0))
+    return np.asarray(sorted(out), dtype=np.int64)
+
+
 def _centroid_head(visual, x: torch.Tensor, y: np.ndarray, n_classes: int, scale: float = 30.0) -> torch.Tensor:
     """A frozen cosine head: the normalised class means of the fine-tuned model's features (× scale)."""
     feats = torch.cat([visual(x[i:i + 128]).float() for i in range(0, len(x), 128)])
@@ -399,7 +411,8 @@ def load_uploaded(s: Session, base_path: str | Path, task_paths: Mapping[str, st
         if n in image_zips:
             x, y, classes = read_image_zip(image_zips[n], image_size, n)
             val, test = _split_val_test(y)
-            data[n] = {"val": (x[val], y[val]), "test": (x[test], y[test]), "samples": (x[test][:16], y[test][:16])}
+            few = _one_per_class_first(y[test], 16)
+            data[n] = {"val": (x[val], y[val]), "test": (x[test], y[test]), "samples": (x[test][few], y[test][few])}
             visual = probe_pool_.build_visual(tasks[n])
             heads[n] = _centroid_head(visual, probe_pool_.normalise(x[val]), y[val], len(classes))
             class_names[n] = classes
@@ -597,9 +610,11 @@ def full_evaluation(s: Session, progress: Progress | None = None) -> dict:
 
 def alpha_curve(s: Session, method: str, params: Mapping[str, Any] | None = None,
                 progress: Progress | None = None) -> tuple[float, list[tuple[float, float]]]:
-    """Mean normalised accuracy on the validation subset over the method's α grid (≤ ALPHA_POINTS values).
+    """Mean normalised accuracy on the validation subset over the method's α grid (≤ ALPHA_POINTS values),
+    extended below / above while the best α is the grid's first / last point (within α's bounds), so that the
+    optimum is interior or at a bound of α.
 
-    Returns ``(best α, [(α, mean normalised accuracy)])``.
+    Returns ``(best α, [(α, mean normalised accuracy)])`` sorted by α.
     """
     pool = _need_pool(s)
     m = get_method(method)
@@ -613,15 +628,71 @@ def alpha_curve(s: Session, method: str, params: Mapping[str, Any] | None = None
         if len(grid) > ALPHA_POINTS:
             step = math.ceil(len(grid) / ALPHA_POINTS)
             grid = grid[step - 1::step]
+
+        def score(a: float) -> float:
+            sd = apply_updates(pool.base, updates_at(u0, slope, a))
+            return normalised(accuracies(s, sd, "val", s.alpha_per_task), refs["finetuned"])["mean_norm"]
+
         curve = []
         for i, a in enumerate(grid):
-            sd = apply_updates(pool.base, updates_at(u0, slope, float(a)))
-            accs = accuracies(s, sd, "val", s.alpha_per_task)
-            curve.append((float(a), normalised(accs, refs["finetuned"])["mean_norm"]))
-            report(0.3 + 0.7 * (i + 1) / len(grid), f"α = {a:.2f}: {100 * curve[-1][1]:.1f} % normalised (val)")
+            curve.append((float(a), score(float(a))))
+            report(0.3 + 0.6 * (i + 1) / len(grid), f"α = {a:.2f}: {100 * curve[-1][1]:.1f} % normalised (val)")
+        a_param = next(q for q in m.params if q.name == "alpha")
+        for a in _extend_alpha(curve, score, a_param.min, a_param.max):
+            report(0.95, f"α = {a:.2f}: extending the grid (the best α was at its end)")
         best = max(curve, key=lambda e: e[1])[0]
         s.curves[(method, _frozen(p))] = (best, curve)
         return best, curve
+
+
+def _extend_alpha(curve: list, score: Callable[[float], float], a_min: float | None, a_max: float | None,
+                  max_extra: int = ALPHA_EXTRA) -> list[float]:
+    """Add points to ``curve`` (in place, kept sorted) while its best α is its first / last point: halfway to α's
+    lower bound below (the bound itself once close), one grid step above (up to α's upper bound)."""
+    added = []
+    step = (curve[-1][0] - curve[0][0]) / max(len(curve) - 1, 1) if len(curve) > 1 else 0.1
+    a_min = 0.0 if a_min is None else float(a_min)
+    a_max = math.inf if a_max is None else float(a_max)
+    while len(added) < max_extra:
+        curve.sort()
+        i = max(range(len(curve)), key=lambda j: curve[j][1])
+        if i == 0 and curve[0][0] > a_min + 1e-9:
+            a0 = curve[0][0]
+            a = a_min if a0 - a_min <= step / 4 else a_min + (a0 - a_min) / 2
+        elif i == len(curve) - 1 and curve[-1][0] < a_max - 1e-9:
+            a = min(a_max, curve[-1][0] + step)
+        else:
+            break
+        curve.append((float(a), score(float(a))))
+        added.append(float(a))
+    curve.sort()
+    return added
+
+
+def sample_sizes(s: Session, split: str = "test", per_task: int | None = None) -> dict[str, int]:
+    """Images per task behind a capped accuracy (``per_task``, default: the live subset of ``split``)."""
+    pool = _need_pool(s)
+    if per_task is None:
+        per_task = s.live_per_task if split == "test" else s.alpha_per_task
+    return {t: min(int(per_task), len(pool.images(t, split)[1])) for t in pool.task_names}
+
+
+def binomial_halfwidth(p: float, n: int, z: float = 1.96) -> float:
+    """Half-width of the 95 % Wilson interval of an accuracy ``p`` measured on ``n`` images."""
+    if n <= 0:
+        return float("nan")
+    return z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+
+
+def accuracy_interval(summary: Mapping, sizes: Mapping[str, int], finetuned: Mapping[str, float]) -> dict:
+    """95 % half-widths of a merge's live accuracies (binomial, tasks independent): per task, of the mean absolute
+    and of the mean normalised accuracy (fine-tuned references taken as exact)."""
+    tasks = list(summary["tasks"])
+    hw = {t: binomial_halfwidth(float(summary["tasks"][t]["abs"]), int(sizes[t])) for t in tasks}
+    T = max(len(tasks), 1)
+    mean_abs = math.sqrt(sum(h * h for h in hw.values())) / T
+    mean_norm = math.sqrt(sum((hw[t] / finetuned[t]) ** 2 for t in tasks if finetuned.get(t))) / T
+    return {"n": {t: int(sizes[t]) for t in tasks}, "tasks": hw, "mean_abs": mean_abs, "mean_norm": mean_norm}
 
 
 # ---------------------------------------------------------------- spectra and interference
@@ -729,19 +800,24 @@ def export_config(s: Session) -> Path:
 # ---------------------------------------------------------------- pool display
 
 def sample_images(s: Session, k: int = 4, size: int = 96) -> list[tuple[np.ndarray, str]]:
-    """A few images of every task for display, upscaled (nearest) to about ``size`` pixels, with captions."""
+    """``k`` images of every task for display, of as many different classes as the task's samples have,
+    upscaled (nearest) to about ``size`` pixels, captioned with the task and class."""
     pool = _need_pool(s)
     out = []
     for t in pool.task_names:
         try:
-            _, y, raw = pool.samples(t, k)
+            _, y, raw = pool.samples(t, max(64, k))
         except ValueError:
             continue
-        for img, label in zip(raw, y.tolist()):
-            img = np.asarray(img)
+        y = y.tolist()
+        first = list(dict.fromkeys(y))                      # classes in order of first appearance
+        picks = [y.index(c) for c in first[:k]]
+        picks += [i for i in range(len(y)) if i not in picks][:k - len(picks)]
+        for i in picks:
+            img = np.asarray(raw[i])
             f = max(1, size // max(img.shape[0], 1))
             img = np.repeat(np.repeat(img, f, axis=0), f, axis=1)
-            out.append((img, f"{t}: {pool.class_names[t][int(label)]}"))
+            out.append((img, f"{t}: {pool.class_names[t][int(y[i])]}"))
     return out
 
 
@@ -874,6 +950,7 @@ def run_routing(s: Session, rank: int = 32, per_task: int = 6, image=None, umap:
                "layer_accuracy": layer_acc, "routed_accuracy": accs["route"], "oracle_accuracy": accs["oracle"],
                "static_accuracy": accs["base"],
                "embedding": {"points": emb["points"], "labels": true_names, "proto_points": emb["prototype_points"],
+                             "method": emb["method"],
                              "proto_labels": list(emb["tasks"]),
                              "title": f"{emb['note']}, layer {vit.short_key(str(emb['layer']))}; "
                                       "★ = task prototypes"},
