@@ -38,7 +38,10 @@ def _values(method: str, **changes):
     vals = []
     for m in METHODS.values():
         for p in m.params:
-            vals.append(changes.get(p.name, p.default) if m.name == method else p.default)
+            v = changes.get(p.name, p.default) if m.name == method else p.default
+            if m.name == "esm" and p.name == "esd_types" and isinstance(v, str):   # a multi-select in the app
+                v = [t for t in v.split(",") if t]
+            vals.append(v)
     return vals
 
 
@@ -83,12 +86,12 @@ def test_views_and_errors(url, pool, tmp_path):
     c.predict(api_name="/init")
     with pytest.raises(Exception, match="less than minimum"):          # gradio checks the slider range
         c.predict("ta", *_values("ta", alpha=-1.0), api_name="/merge")
-    with pytest.raises(Exception, match=r"esd_types \['bogus'\] are not layer types"):   # the method's own check
-        c.predict("esm", *_values("esm", esd_types="bogus"), api_name="/merge")
+    with pytest.raises(Exception, match=r"'bogus'.* is not in the list of choices"):   # esd_types is a multi-select
+        c.predict("esm", *_values("esm", esd_types=["bogus"]), api_name="/merge")
     key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     heat, spec = c.predict(1.0, "SVD energy kept at k", key, "beta", api_name="/spectra")
     assert heat is not None and spec is not None
-    ov, cos, cos_model, sar = c.predict(key, api_name="/interference")
+    note, ov, cos, cos_model, sar = c.predict(key, api_name="/interference")
     assert ov is not None and cos_model is not None
 
     # a bad upload is refused with a message naming the file and the problem

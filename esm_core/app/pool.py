@@ -1,0 +1,128 @@
+"""View 1 · Pool: what is loaded (summary, task table, a few images of each task); reload the demo or upload a pool."""
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from .common import (CKPT_TYPES, HEAVY, MAX_ARCH_CHARS, bounded_text, file_path, friendly, need_session,
+                     progress_fn, short_name, studio)
+
+TEXT = """A **pool** is one pre-trained model plus several copies of it, each fine-tuned on one task.
+Merging combines the task copies into a single model that should solve all tasks at once. The difference between a
+fine-tuned weight matrix and the pre-trained one, ΔW, is that task's *update*; every method here only combines updates.
+**Zero-shot** is the pre-trained model used as it is, with each task's classifier head but none of the task
+updates: the score a merge must beat to be worth anything. **Fine-tuned** is each task's own model, the ceiling."""
+
+UPLOAD_HELP = ("Give the pre-trained checkpoint, two or more task checkpoints fine-tuned from it "
+               "(`.safetensors`, `.pt`, `.pth`, `.bin`, `.ckpt`; read without running any pickled code), and "
+               "for each task a zip of class folders named `<task>.zip` (`<class>/<image>.png`). "
+               "Half of each task's images become validation (proxy samples, heads, α), half test. "
+               "Tasks named like the demo's keep the demo's images when the checkpoints have "
+               "the demo's architecture.")
+IMAGES_PER_TASK = 6               # gallery: one row per task, each image of another class where the task has them
+
+
+def layout(ui) -> None:
+    with gr.Tab("1 · Pool", id="pool"):
+        gr.Markdown(TEXT, elem_classes="esm-intro")
+        ui.pool_md = gr.Markdown("Loading the demo pool …", elem_id="pool-summary")
+        ui.pool_df = gr.Dataframe(label="tasks", interactive=False, elem_id="pool-tasks")
+        ui.pool_gallery = gr.Gallery(label="a few images of each task (one row per task, one image per class)",
+                                     columns=IMAGES_PER_TASK, height="auto", object_fit="contain",
+                                     allow_preview=False, elem_id="pool-gallery")
+        ui.demo_btn = gr.Button("Reload the built-in demo pool", size="sm")
+        with gr.Accordion("Upload your own pool (open_clip ViT image towers)", open=False):
+            gr.Markdown(UPLOAD_HELP)
+            with gr.Row():
+                ui.base_file = gr.File(label="base checkpoint", file_types=CKPT_TYPES, elem_id="up-base")
+                ui.task_files = gr.File(label="task checkpoints", file_count="multiple", file_types=CKPT_TYPES,
+                                        elem_id="up-tasks")
+                ui.zip_files = gr.File(label="images: <task>.zip per task", file_count="multiple",
+                                       file_types=[".zip"], elem_id="up-zips")
+            with gr.Row():
+                ui.names_box = gr.Textbox(label="task names (comma separated, upload order; empty: file names)",
+                                          elem_id="up-names")
+                ui.arch_box = gr.Textbox("auto", label="architecture: 'auto' or an open_clip model name",
+                                         elem_id="up-arch")
+            ui.upload_btn = gr.Button("Load the uploaded pool", variant="primary", elem_id="upload-btn")
+
+
+def pool_outputs(s) -> tuple:
+    """Summary markdown, task table and gallery of the session's pool."""
+    info = studio.pool_info(s)
+    md = (f"**Pool:** `{info['name']}` ({info['origin']}) · **model:** `{info['model']}` · "
+          f"**{info['parameters']:,} parameters** · {info['blocks']} transformer blocks of width {info['width']} · "
+          f"{info['matrices']} weight matrices · {len(info['tasks'])} tasks · device: `{info['device']}`")
+    if info["notes"]:
+        md += "\n\n" + "\n".join(f"- {n}" for n in info["notes"])
+    return md, pd.DataFrame(info["tasks"]), studio.sample_images(s, IMAGES_PER_TASK)
+
+
+def task_names(names_text: str | None, files: list[str]) -> list[str]:
+    """The task names of an upload: the box's (one per file, upload order) or the files' names."""
+    text = bounded_text(names_text, "task names")
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names and len(names) != len(files):
+        raise ValueError(f"{len(names)} task names for {len(files)} task checkpoints: give one name per file, "
+                         "in upload order (or leave the names empty to use the file names)")
+    names = names or [short_name(f) for f in files]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    return names
+
+
+def make_handlers(ui):
+    """init (first visit), reload_demo and load_upload, closed over the app's pool loader and session gate."""
+    loader, gate = ui.pool_loader, ui.gate
+
+    @friendly
+    def init(s, progress=gr.Progress()):
+        if s is None or s.closed:
+            s = gate.open()
+        if s.pool is None:
+            studio.load_demo(s, loader=loader, progress=progress_fn(progress))
+        return (s, *pool_outputs(s))
+
+    @friendly
+    def reload_demo(s, progress=gr.Progress()):
+        s = need_session(s)
+        studio.load_demo(s, loader=loader, progress=progress_fn(progress))
+        return s
+
+    @friendly
+    def load_upload(s, base_file, task_files, names_text, zip_files, arch, progress=gr.Progress()):
+        s = need_session(s)
+        arch = bounded_text(arch, "architecture", MAX_ARCH_CHARS).strip() or "auto"
+        if base_file is None:
+            raise ValueError("upload the base (pre-trained) checkpoint first")
+        files = [file_path(f) for f in (task_files or [])]
+        if len(files) < 2:
+            raise ValueError(f"upload at least two task checkpoints (got {len(files)})")
+        names = task_names(names_text, files)
+        zips = {short_name(file_path(z)): file_path(z) for z in (zip_files or [])}
+        studio.load_uploaded(s, file_path(base_file), dict(zip(names, files)), zips, arch=arch,
+                             demo_loader=loader, progress=progress_fn(progress))
+        return s
+
+    return init, reload_demo, load_upload
+
+
+def wire(ui) -> None:
+    """Loading a pool resets the other views and runs the first merge. A refused upload changes nothing on screen:
+    the load step's only output is the session, the pool view is redrawn only after a success."""
+    init, reload_demo, load_upload = make_handlers(ui)
+    shown = [ui.pool_md, ui.pool_df, ui.pool_gallery]
+
+    def show_pool(s):
+        return pool_outputs(need_session(s))
+
+    ui.demo.load(init, [ui.state], [ui.state, *shown], api_name="init", **HEAVY).success(
+        ui.after_pool, [ui.state], ui.after_pool_outs, api_visibility="private").then(
+        ui.do_merge, ui.merge_inputs, ui.merge_outs, **HEAVY, trigger_mode="always_last", api_visibility="private")
+    for btn, fn, inputs, api in ((ui.demo_btn, reload_demo, [ui.state], "load_demo"),
+                                 (ui.upload_btn, load_upload, [ui.state, ui.base_file, ui.task_files, ui.names_box,
+                                                               ui.zip_files, ui.arch_box], "load_upload")):
+        btn.click(fn, inputs, [ui.state], api_name=api, **HEAVY).success(
+            friendly(show_pool), [ui.state], shown, api_name=f"{api}_view").success(
+            ui.after_pool, [ui.state], ui.after_pool_outs, api_visibility="private").then(
+            ui.do_merge, ui.merge_inputs, ui.merge_outs, api_visibility="private", **HEAVY)
