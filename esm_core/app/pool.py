@@ -28,7 +28,7 @@ def layout(ui) -> None:
         ui.pool_md = gr.Markdown("Loading the demo pool …", elem_id="pool-summary")
         ui.pool_df = gr.Dataframe(label="tasks", interactive=False, elem_id="pool-tasks")
         ui.pool_gallery = gr.Gallery(label="a few images of each task (one row per task, one image per class)",
-                                     columns=IMAGES_PER_TASK, height="auto", object_fit="contain",
+                                     columns=IMAGES_PER_TASK, height="fit-content", object_fit="contain",
                                      allow_preview=False, elem_id="pool-gallery")
         ui.demo_btn = gr.Button("Reload the built-in demo pool", size="sm")
         with gr.Accordion("Upload your own pool (open_clip ViT image towers)", open=False):
