@@ -90,8 +90,8 @@ def accuracy_figure(summary: Mapping, refs: Mapping[str, Mapping[str, float]], t
     fig.add_hline(y=100, line_dash="dot", line_color=REF_COLOURS["fine-tuned"], row=2, col=1)
     fig.update_yaxes(range=[0, 105], row=1, col=1)
     fig.update_yaxes(range=[0, max(110.0, np.nanmax(merged_norm + [0.0]) + 8)], row=2, col=1)
-    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=110, b=40)}, barmode="group", height=560,
-                      title=dict(text=title, y=0.98) if title else None,
+    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=130, b=40)}, barmode="group", height=560,
+                      title=dict(text=title, y=0.985, yanchor="top") if title else None,
                       legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0))
     return fig
 

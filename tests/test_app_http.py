@@ -134,6 +134,9 @@ def test_live_numbers_carry_n_and_interval(url):
     assert "n = 24 test images per task" in note and "95 %" in note
     merged = _merged_trace(plot)
     assert len(merged["error_y"]["array"]) == len(FAKE_TASKS) + 1 and all(e > 0 for e in merged["error_y"]["array"])
+    _, _, table = c.predict("ta", *_values("ta", alpha=0.5), api_name="/merge")
+    row = dict(zip(table["headers"], table["data"][-1]))
+    assert row["n / task"] == 24 and 0 < row["± (95 %)"] < 50
     curve = c.predict("ta", *_values("ta", alpha=0.5), api_name="/alpha_curve")
     assert "n = " in _fig(curve)["layout"]["title"]["text"]
 

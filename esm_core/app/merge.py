@@ -93,7 +93,7 @@ def merge_outputs(s, rec) -> tuple:
     n_txt = f"n = {lo if lo == hi else f'{lo}–{hi}'} test images per task"
     title = (f"#{rec['id']} {rec['title']} (α = {alpha:.2f}): mean {100 * sm['mean_abs']:.1f} ± "
              f"{100 * ci['mean_abs']:.1f} % absolute · {100 * sm['mean_norm']:.1f} ± {100 * ci['mean_norm']:.1f} % "
-             f"normalised ({n_txt})")
+             f"normalised<br><sub>{n_txt}; ± = 95 % interval (error bars: each task's)</sub>")
     fig = viz.accuracy_figure(sm, refs, title=title, interval=ci)
     md = (f"Merged and evaluated in **{rec['seconds']:.2f} s**. Live accuracy is measured on a fixed subset "
           f"({n_txt}, the same images for every merge and for the references), so it is noisy: **± "
@@ -105,7 +105,16 @@ def merge_outputs(s, rec) -> tuple:
                f"{100 * zs:.1f} % for the pre-trained model alone): at α = {alpha:.2f} the task updates, added "
                "together, interfere — each pushes the shared weights away from what the other tasks need. A "
                "smaller α usually helps: run the **α curve on validation** and **use the best α**.")
-    return fig, md, pd.DataFrame(studio.comparison_rows(s))
+    return fig, md, comparison_table(s, sizes, refs["finetuned"])
+
+
+def comparison_table(s, sizes: dict, finetuned: dict) -> pd.DataFrame:
+    """Every merge of the session, with the 95 % interval of its mean and the sample size behind it."""
+    df = pd.DataFrame(studio.comparison_rows(s))
+    ci = [studio.accuracy_interval(r["summary"], sizes, finetuned)["mean_abs"] for r in s.merges]
+    df.insert(df.columns.get_loc("mean abs %") + 1, "± (95 %)", [round(100 * h, 1) for h in ci])
+    df.insert(df.columns.get_loc("± (95 %)") + 1, "n / task", min(sizes.values()))
+    return df
 
 
 def curve_figure(data, current: float | None):

@@ -44,8 +44,8 @@ def figures(run: dict, idx: int) -> dict:
     idx = min(max(idx, 0), len(run["sample_labels"]) - 1)
     out = {"heat": viz.routing_heatmap(run["choices"], tasks, run["sample_labels"], layers),
            "cos": viz.cosine_figure(run["cosines"][idx], tasks, layers,
-                                    title=f"sample {run['sample_labels'][idx]}: cosine with each task prototype "
-                                          "(□ = the expert chosen)")}
+                                    title=f"sample {run['sample_labels'][idx]}: cosine with each task prototype"
+                                          "<br><sub>□ = the expert chosen in each layer</sub>")}
     if run.get("layer_accuracy") is not None:
         out["acc"] = viz.routing_accuracy_figure(layers, run["layer_accuracy"])
     else:
