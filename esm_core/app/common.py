@@ -112,10 +112,10 @@ _GATES: "weakref.WeakSet[SessionGate]" = weakref.WeakSet()
 
 class SessionGate:
     """At most ``limit`` live sessions per app. A session is counted from its creation until the studio closes it
-    (gr.State's delete callback: tab closed or idle for the time to live) or until it has been idle for ``ttl_s``
-    (a safety net for sessions gradio drops without the callback)."""
+    (gr.State's delete callback: tab closed or idle for the time to live) or until no event has used it for
+    ``ttl_s`` (a safety net for sessions gradio drops without the callback, e.g. its LRU of session states)."""
 
-    def __init__(self, limit: int, ttl_s: float = SESSION_TTL_S):
+    def __init__(self, limit: int, ttl_s: float = 2 * SESSION_TTL_S):
         self.limit, self.ttl_s = int(limit), float(ttl_s)
         self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -134,7 +134,7 @@ class SessionGate:
                 log.warning("session refused: %d sessions open (cap %d)", len(self._seen), self.limit)
                 raise user_error(f"ESM Studio is busy: {self.limit} people are using it right now, which is its "
                                  f"limit. Please try again in a few minutes (idle sessions close after "
-                                 f"{self.ttl_s / 60:.0f} minutes).")
+                                 f"{SESSION_TTL_S / 60:.0f} minutes).")
             s = studio.new_session()
             self._seen[s.id] = time.monotonic()
             return s
