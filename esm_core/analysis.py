@@ -14,7 +14,7 @@ Between tasks:
 :func:`interference` bundles the three. Every function takes
 ``(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=None)``;
 ``stats`` is a ``Stats`` dict (``probe_pool``) or ``{task: {key: X}}`` inputs;
-``cache`` (``esm_core.methods.esm.new_cache()``) shares ESD decompositions with
+``cache`` (``esm_core.merging.esm.new_cache()``) shares ESD decompositions with
 ESM merges, so a view after a merge computes no decomposition again.
 """
 from __future__ import annotations

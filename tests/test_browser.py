@@ -133,6 +133,13 @@ def test_walk_through_every_tab(app_url, page, tmp_path):
     best_alpha = float(best.inner_text().split("(")[1].rstrip(")"))
     best.click()
     page.wait_for_function(f"() => ({title})().includes('ESM (α = {best_alpha:.2f})')")
+    # the curve now marks the α in use (issue 12 item 11: it kept marking the old one)
+    marks = ("() => (document.querySelector('#curve-plot .js-plotly-plot')?.layout?.annotations || [])"
+             ".map(a => a.text)")
+    page.wait_for_function(f"() => ({marks})().includes('current α = {best_alpha:.2f}')")
+    # the best α is interior, or at a bound of α: the grid was extended past its first / last point
+    xs = page.evaluate("() => Array.from(document.querySelector('#curve-plot .js-plotly-plot').data[0].x)")
+    assert xs.index(best_alpha) not in (0, len(xs) - 1) or best_alpha in (0.0, 3.0), (best_alpha, xs)
     page.screenshot(path=str(shots / "4-merge-esm.png"), full_page=True)
     # a rank change re-merges
     esm_title = page.evaluate(title)
@@ -155,3 +162,77 @@ def test_walk_through_every_tab(app_url, page, tmp_path):
     page.wait_for_function("() => document.querySelector('#export-file')?.innerText.includes('.safetensors')")
     page.screenshot(path=str(shots / "6-export.png"), full_page=True)
     assert len(list(shots.glob("*.png"))) >= 6
+
+
+def _write_upload(tmp_path) -> dict:
+    """A base and two task checkpoints of the fake pool's shapes, under names no pool has images for."""
+    from esm_core.checkpoints import save_safetensors
+    from fake_pool import make_fake_pool
+    pool = make_fake_pool(seed=3)
+    files = {"base": tmp_path / "base.safetensors", "x1": tmp_path / "x1.safetensors",
+             "x2": tmp_path / "x2.safetensors"}
+    save_safetensors(pool.base, files["base"])
+    save_safetensors(pool.tasks["alpha"], files["x1"])
+    save_safetensors(pool.tasks["beta"], files["x2"])
+    return files
+
+
+POOL_VIEW_OK = """() => {
+    const ids = ['pool-summary', 'pool-tasks', 'pool-gallery'];
+    const els = ids.map(i => document.getElementById(i));
+    if (els.some(e => !e)) return 'missing';
+    if (!els[0].innerText.includes('parameters')) return 'summary: ' + els[0].innerText.slice(0, 80);
+    if (!els[1].querySelector('table')) return 'no table';
+    if (els[2].querySelectorAll('img').length === 0) return 'no images';
+    for (const e of els) {
+        if (e.querySelector('.error') || /\bError\b/.test(e.innerText)) return 'error badge in ' + e.id;
+    }
+    return 'ok';
+}"""
+
+
+def test_pool_view_survives_a_failed_upload(app_url, page, tmp_path):
+    """Issue 12 items 9, 10 and the gallery: a refused upload leaves the last good pool view on screen, its
+    message is shown whole (not cut at '<task>') and closes by itself; the gallery shows every column and
+    several classes per task."""
+    from esm_core.app.common import TOAST_S
+    shots = _shots(tmp_path)
+    page.goto(app_url)
+    page.wait_for_function("() => document.querySelector('#pool-summary')?.innerText.includes('parameters')")
+    page.wait_for_selector("#pool-gallery img")
+    page.wait_for_function("() => document.querySelectorAll('#pool-gallery img').length >= 6")
+    # the gallery: no image cut at its right or bottom edge (it scrolled), one row per task with several classes
+    cut = page.evaluate("""() => { const g = document.querySelector('#pool-gallery').getBoundingClientRect();
+        return Array.from(document.querySelectorAll('#pool-gallery img'))
+                    .filter(i => { const r = i.getBoundingClientRect();
+                                   return r.right > g.right + 1 || r.bottom > g.bottom + 1; }).length; }""")
+    assert cut == 0
+    text = page.locator("#pool-gallery").inner_text()
+    tasks = [r.split("\t")[0] for r in page.locator("#pool-tasks tbody").inner_text().splitlines() if r.strip()]
+    for t in tasks:
+        classes = {line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(f"{t}:")}
+        assert len(classes) >= 2, (t, classes)
+    n_images = page.locator("#pool-gallery img").count()
+
+    files = _write_upload(tmp_path)
+    page.get_by_text("Upload your own pool").click()
+    page.locator("#up-base input[type=file]").set_input_files(str(files["base"]))
+    page.locator("#up-tasks input[type=file]").set_input_files([str(files["x1"]), str(files["x2"])])
+    for box, name in (("up-tasks", "x2"), ("up-base", "base")):      # the name shows as 'x2' + '.safetensors'
+        page.wait_for_function(f"() => /{name}\\s*\\.safetensors/.test(document.querySelector('#{box}')?.innerText)")
+    page.locator("#upload-btn").click()
+    toast = page.locator('[data-testid="toast-text"]').first
+    toast.wait_for()
+    msg = toast.inner_text()
+    assert "no images for task(s)" in msg and "upload <task>.zip with one folder per class" in msg, msg
+    page.wait_for_timeout(500)
+    assert page.evaluate(POOL_VIEW_OK) == "ok"
+    assert page.locator("#pool-gallery img").count() == n_images
+    page.screenshot(path=str(shots / "1-pool-failed-upload.png"), full_page=True)
+    # the message closes by itself; reloading the demo pool shows the pool with nothing covering it
+    page.wait_for_selector('[data-testid="toast-body"]', state="detached", timeout=(TOAST_S + 10) * 1000)
+    page.get_by_role("button", name="Reload the built-in demo pool").click()
+    page.wait_for_timeout(1000)
+    page.wait_for_function(f"() => ({POOL_VIEW_OK})() === 'ok'")
+    assert page.locator('[data-testid="toast-body"]').count() == 0
+    page.screenshot(path=str(shots / "1-pool-reloaded.png"), full_page=True)

@@ -1,4 +1,4 @@
-"""esm_core.session: the logic behind one browser session, driven directly (no gradio)."""
+"""esm_core.studio: the logic behind one browser session, driven directly (no gradio)."""
 import io
 import pickle
 import zipfile
@@ -11,7 +11,8 @@ import esm_core
 from esm_core import studio as S
 from esm_core.checkpoints import CheckpointError, read_config, save_safetensors
 from esm_core.esmpp import load_esmpp
-from esm_core.pools.upload import infer_vit_config
+from esm_core.evaluation.alpha import extend_curve
+from esm_core.pools.upload import _one_per_class_first, infer_vit_config
 from fake_pool import FAKE_TASKS
 
 
@@ -98,9 +99,65 @@ def test_alpha_curve(sess, monkeypatch):
     best, curve = S.alpha_curve(sess, "ta", {})
     lo, hi, n = esm_core.get_method("ta").alpha_grid
     grid = np.linspace(lo, hi, n)[1:]                         # 30 values thinned to 5: every 6th
-    np.testing.assert_allclose([a for a, _ in curve], grid[5::6])
+    alphas = [a for a, _ in curve]
+    assert set(np.round(grid[5::6], 9)) <= set(np.round(alphas, 9)) and alphas == sorted(alphas)
     assert best == max(curve, key=lambda e: e[1])[0]
-    assert all(0 < a <= 2 for a, _ in curve)
+    assert all(0 <= a <= 2 for a in alphas)
+    # the optimum is interior, or at a bound of α (it cannot be extended further)
+    i = alphas.index(best)
+    assert 0 < i < len(curve) - 1 or best in (0.0, 2.0)
+
+
+def test_alpha_grid_extends_until_the_optimum_is_interior():
+    """Issue 12 item 11: when the best α is the grid's first (last) point, points are added below (above),
+    within α's bounds, until it is interior."""
+    calls = []
+
+    def score(a):
+        calls.append(a)
+        return -(a - 0.03) ** 2                              # optimum at α = 0.03, below the grid's first point
+
+    curve = [(a, score(a)) for a in (0.2, 0.4, 0.6, 0.8, 1.0)]
+    added = extend_curve(curve, score, 0.0, 2.0, 6)
+    alphas = [a for a, _ in curve]
+    best_i = max(range(len(curve)), key=lambda j: curve[j][1])
+    assert added and alphas == sorted(alphas) and all(0.0 <= a < 0.2 for a in added)
+    assert 0 < best_i < len(curve) - 1 and abs(alphas[best_i] - 0.03) < 0.05
+    # optimum above the grid: extended one step at a time, never past α's maximum
+    curve = [(a, -(a - 5.0) ** 2) for a in (0.2, 0.4, 0.6, 0.8, 1.0)]
+    added = extend_curve(curve, lambda a: -(a - 5.0) ** 2, 0.0, 1.5, 6)
+    assert added == pytest.approx([1.2, 1.4, 1.5]) and curve[-1][0] == 1.5
+    # already interior: nothing added
+    curve = [(a, -(a - 0.5) ** 2) for a in (0.2, 0.4, 0.6, 0.8)]
+    assert extend_curve(curve, lambda a: -(a - 0.5) ** 2, 0.0, 2.0, 6) == []
+
+
+def test_live_accuracy_interval(sess):
+    """Issue 12 item 11: every live accuracy comes with its sample size and a 95 % binomial interval."""
+    assert S.sample_sizes(sess) == {t: 16 for t in FAKE_TASKS}          # live_per_task = 16 ≤ 24 test images
+    assert S.sample_sizes(sess, "val") == {t: 12 for t in FAKE_TASKS}
+    hw = S.binomial_halfwidth(0.5, 100)
+    assert 0.09 < hw < 0.1                                  # ≈ 1.96 · sqrt(.25 / 100) = 0.098
+    assert S.binomial_halfwidth(0.5, 400) < hw / 1.9       # shrinks like 1 / sqrt(n)
+    assert 0 < S.binomial_halfwidth(1.0, 16) < 0.25         # Wilson: not 0 at a perfect score
+    rec = S.merge(sess, "ta", {"alpha": 0.3})
+    ci = S.accuracy_interval(rec["summary"], S.sample_sizes(sess), S.references(sess)["finetuned"])
+    assert ci["n"] == {t: 16 for t in FAKE_TASKS}
+    assert ci["mean_abs"] < max(ci["tasks"].values())       # the mean over 3 tasks is less noisy than one task
+    assert ci["mean_abs"] == pytest.approx(np.sqrt(sum(h * h for h in ci["tasks"].values())) / 3)
+
+
+def test_sample_images_show_several_classes(sess, pool):
+    """Issue 12 item 12: the gallery shows several classes of each task, not the first class only."""
+    imgs = S.sample_images(sess, 4)
+    for t in FAKE_TASKS:
+        caps = [c for _, c in imgs if c.startswith(f"{t}:")]
+        assert len(caps) == 4
+        _, y, _ = pool.samples(t, 64)
+        assert len(set(caps)) == min(4, len(set(y.tolist())))
+    sorted_y = np.repeat(np.arange(4), 10)                  # an upload's test split sorted by class
+    picks = _one_per_class_first(sorted_y, 8)
+    assert len(picks) == 8 and len(set(sorted_y[picks].tolist())) == 4
 
 
 def test_esm_spectra_interference(esm_sess, pool):

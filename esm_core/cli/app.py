@@ -1,32 +1,16 @@
-"""``esm-studio app``: start the ESM Studio web app (``app.py`` at the repository root).
+"""``esm-studio app``: start the ESM Studio web app (:mod:`esm_core.app`, the ``[app]`` extra).
 
-The app itself is not part of the library (gradio is imported only by
-``app.py``); this module finds ``app.py`` next to the package and launches its
-``main()``.
+gradio is imported only when the command runs, so the rest of the CLI works without the extra.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-APP_FILE = Path(__file__).resolve().parents[2] / "app.py"
-
-
-def load_app_module(path: str | Path = APP_FILE):
-    """Import ``app.py`` from ``path`` as a module (it holds ``build_app`` / ``make_demo`` / ``main``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"app.py not found at {p}: run `esm-studio app` from a source checkout "
-                                "(pip install -e .), or `python app.py` in the repository")
-    spec = importlib.util.spec_from_file_location("esm_studio_app", p)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def cmd_app(args) -> int:
-    mod = load_app_module()
-    mod.main(port=args.port, share=(args.share == "yes"), server_name=args.host)
+    try:
+        from esm_core.app import main
+    except ImportError as e:           # gradio / plotly missing: say how to get them
+        raise SystemExit(f"the web app needs the [app] extra ({e}): pip install \"esm-studio[app]\"") from None
+    main(port=args.port, share=(args.share == "yes"), server_name=args.host)
     return 0
 
 

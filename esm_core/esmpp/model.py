@@ -212,7 +212,7 @@ class RoutedModel(nn.Module):
     of that call (with pooled inputs); inside ``with routed.logging() as log:``
     every call is also appended to ``log``. ``with routed.using(mode=...,
     true_task=...):`` sets the defaults for calls that do not pass them (for
-    code such as :func:`esm_core.evaluate.evaluate` that calls ``routed(x)``).
+    code such as :func:`esm_core.evaluation.evaluate` that calls ``routed(x)``).
     Attributes kept for saving: ``merged_sd``, ``experts``, ``config``.
     """
 

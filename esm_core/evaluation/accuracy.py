@@ -148,6 +148,24 @@ def suspicious_references(finetuned: Mapping[str, float], zero_shot: Mapping[str
     return out
 
 
+def binomial_halfwidth(p: float, n: int, z: float = 1.96) -> float:
+    """Half-width of the 95 % Wilson interval of an accuracy ``p`` measured on ``n`` images."""
+    if n <= 0:
+        return float("nan")
+    return z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+
+
+def accuracy_interval(summary: Mapping, sizes: Mapping[str, int], finetuned: Mapping[str, float]) -> dict:
+    """95 % half-widths of a merge's accuracies (binomial, tasks independent): per task, of the mean absolute
+    and of the mean normalised accuracy (fine-tuned references taken as exact)."""
+    tasks = list(summary["tasks"])
+    hw = {t: binomial_halfwidth(float(summary["tasks"][t]["abs"]), int(sizes[t])) for t in tasks}
+    T = max(len(tasks), 1)
+    mean_abs = math.sqrt(sum(h * h for h in hw.values())) / T
+    mean_norm = math.sqrt(sum((hw[t] / finetuned[t]) ** 2 for t in tasks if finetuned.get(t))) / T
+    return {"n": {t: int(sizes[t]) for t in tasks}, "tasks": hw, "mean_abs": mean_abs, "mean_norm": mean_norm}
+
+
 def summarize(pool, accs: Mapping[str, float], split: str = "test") -> dict:
     """``{"tasks": {task: {"abs": a, "norm": a / finetuned}}, "mean_abs", "mean_norm"}`` (SPEC §0)."""
     return normalised(accs, reference_accuracies(pool, split)["finetuned"])

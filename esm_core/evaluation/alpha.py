@@ -11,7 +11,7 @@
   statistics, the ESM family; "golden"): :func:`default_strategy`.
 - The app's α curve uses at most ``max_points`` values of the same grid
   (:func:`curve_grid`), extended past either end while the best point sits on
-  it (:func:`extend_grid`).
+  it (:func:`extend_curve`).
 """
 from __future__ import annotations
 
@@ -59,27 +59,29 @@ def curve_grid(method: str, max_points: int) -> list[float]:
     return grid
 
 
-def extend_grid(method: str, curve: list[tuple[float, float]], step: float | None = None) -> list[float]:
-    """New α values to try when the best point of ``curve`` is its first or last one (the optimum is not
-    interior yet): one step further out, within the α Param's [min, max]; [] when the optimum is interior
-    or the range is exhausted."""
-    if len(curve) < 2:
-        return []
-    pts = sorted(curve)
-    best = max(range(len(pts)), key=lambda i: pts[i][1])
-    step = step or (pts[1][0] - pts[0][0])
-    p = alpha_param(method)
-    lo = p.min if p.min is not None else -math.inf
-    hi = p.max if p.max is not None else math.inf
-    if best == 0:
-        a = pts[0][0] - step
-        if a <= lo:                            # α = lo (0) is the base model itself: try halfway instead
-            a = (pts[0][0] + max(lo, 0.0)) / 2 if pts[0][0] - max(lo, 0.0) > 1e-3 else None
-        return [round(a, 6)] if a is not None else []
-    if best == len(pts) - 1:
-        a = pts[-1][0] + step
-        return [round(a, 6)] if a <= hi + 1e-12 else []
-    return []
+def extend_curve(curve: list, score: Callable[[float], float], a_min: float | None, a_max: float | None,
+                 max_extra: int) -> list[float]:
+    """Add points to ``curve`` (in place, kept sorted) while its best α is its first / last point: halfway to α's
+    lower bound below (the bound itself once close), one grid step above (up to α's upper bound). Returns the
+    α values added; afterwards the optimum is interior or at a bound of α (or ``max_extra`` points were added)."""
+    added = []
+    step = (curve[-1][0] - curve[0][0]) / max(len(curve) - 1, 1) if len(curve) > 1 else 0.1
+    a_min = 0.0 if a_min is None else float(a_min)
+    a_max = math.inf if a_max is None else float(a_max)
+    while len(added) < max_extra:
+        curve.sort()
+        i = max(range(len(curve)), key=lambda j: curve[j][1])
+        if i == 0 and curve[0][0] > a_min + 1e-9:
+            a0 = curve[0][0]
+            a = a_min if a0 - a_min <= step / 4 else a_min + (a0 - a_min) / 2
+        elif i == len(curve) - 1 and curve[-1][0] < a_max - 1e-9:
+            a = min(a_max, curve[-1][0] + step)
+        else:
+            break
+        curve.append((float(a), score(float(a))))
+        added.append(float(a))
+    curve.sort()
+    return added
 
 
 def golden_section_max(f: Callable[[float], float], lo: float = GOLDEN_RANGE[0], hi: float = GOLDEN_RANGE[1], *,

@@ -76,9 +76,9 @@ def _esd_keys(ctx, esd_types: str) -> list[str]:
         if bad:
             raise ValueError(f"esd_keys must be 2-D weight keys of the base model; not: {bad[:5]}")
         return [k for k in ctx.keys if k in set(ctx.esd_keys)]
-    if esd_types.strip() == AUTO:
-        return [k for k in ctx.keys if ctx.roles[k] == MATRIX and ctx.layer_types.get(k) in ctx.family_esd_types]
     types = [t.strip() for t in esd_types.split(",") if t.strip()]
+    if AUTO in types:                                  # the family's ESD types (plus any listed beside "auto")
+        types = list(ctx.family_esd_types) + [t for t in types if t != AUTO]
     if not types:
         return []
     known = set(ctx.layer_types.values())

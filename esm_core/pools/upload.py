@@ -168,6 +168,17 @@ def _split_val_test(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     return np.sort(np.asarray(val)), np.sort(np.asarray(test))
 
 
+def _one_per_class_first(y: np.ndarray, k: int) -> np.ndarray:
+    """Indices of ``k`` items of ``y`` taken round-robin over the classes (for display samples)."""
+    by_class = [list(np.flatnonzero(y == c)) for c in np.unique(y)]
+    out = []
+    while len(out) < min(k, len(y)):
+        for ids in by_class:
+            if ids and len(out) < k:
+                out.append(ids.pop(0))
+    return np.asarray(sorted(out), dtype=np.int64)
+
+
 @torch.inference_mode()
 def _centroid_head(visual, x: torch.Tensor, y: np.ndarray, n_classes: int, scale: float = 30.0) -> torch.Tensor:
     """A frozen cosine head: the normalised class means of the fine-tuned model's features (× scale)."""
@@ -355,7 +366,8 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
         if n in image_zips:
             x, y, classes = read_image_zip(image_zips[n], cfg["vision_cfg"]["image_size"], n)
             val, test = _split_val_test(y)
-            data[n] = {"val": (x[val], y[val]), "test": (x[test], y[test]), "samples": (x[test][:16], y[test][:16])}
+            few = _one_per_class_first(y[test], 16)
+            data[n] = {"val": (x[val], y[val]), "test": (x[test], y[test]), "samples": (x[test][few], y[test][few])}
             heads[n] = _centroid_head(shell.build_visual(tasks[n]), shell.normalise(x[val]), y[val], len(classes))
             class_names[n] = classes
             notes.append(f"{n}: {len(y)} images in {len(classes)} classes, split half validation / half test; "

@@ -8,7 +8,9 @@ The app calls every operation as ``studio.<name>(session, ...)``; they live in
 from .session import (ALPHA_PER_TASK, LIVE_PER_TASK, Session, close, load_demo, load_pool,  # noqa: F401
                       load_uploaded, new_session, pool_info, sample_images)
 from .inspect import alignment, cosines, ensure_cache, ensure_stats, esd_keys, overlap, spectra, spectra_at  # noqa: F401
+from ..evaluation.accuracy import accuracy_interval, binomial_halfwidth  # noqa: F401
 from .live import (ALPHA_POINTS, EVAL_SEED, accuracies, alpha_curve, comparison_rows, full_evaluation,  # noqa: F401
-                   merge, merge_config, method_choices, references)
+                   merge, merge_config, method_choices, references, sample_sizes)
+from . import live  # noqa: F401  (tests patch live.ALPHA_POINTS)
 from .routing import esmpp_model, run_routing  # noqa: F401
 from .export import export_config, export_esmpp, export_merged, read_export_config  # noqa: F401

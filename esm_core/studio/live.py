@@ -14,6 +14,7 @@ from .inspect import ensure_cache, ensure_stats
 from .session import Progress, Session, _need_pool, _noop
 
 ALPHA_POINTS = 12            # at most this many α values on the curve
+ALPHA_EXTRA = 6              # at most this many points added when the best α is at an end of the grid
 EVAL_SEED = 0
 AFFINE_CACHE = 3             # parameter sets whose α=0 / α=1 updates are kept
 
@@ -166,9 +167,11 @@ def full_evaluation(s: Session, progress: Progress | None = None) -> dict:
 
 def alpha_curve(s: Session, method: str, params: Mapping[str, Any] | None = None,
                 progress: Progress | None = None) -> tuple[float, list[tuple[float, float]]]:
-    """Mean normalised accuracy on the validation subset over the method's α grid (≤ ALPHA_POINTS values).
+    """Mean normalised accuracy on the validation subset over the method's α grid (≤ ALPHA_POINTS values),
+    extended below / above while the best α is the grid's first / last point (within α's bounds), so that the
+    optimum is interior or at a bound of α (:func:`esm_core.evaluation.alpha.extend_curve`).
 
-    Returns ``(best α, [(α, mean normalised accuracy)])``.
+    Returns ``(best α, [(α, mean normalised accuracy)])`` sorted by α.
     """
     pool = _need_pool(s)
     m = get_method(method)
@@ -178,12 +181,26 @@ def alpha_curve(s: Session, method: str, params: Mapping[str, Any] | None = None
         refs = references(s, "val", progress=lambda f, d: report(0.1 * f, f"references (val): {d}"))
         u0, slope = _affine(s, method, p, lambda f, d: report(0.1 + 0.2 * f, d))
         grid = A.curve_grid(method, ALPHA_POINTS)
+
+        def score(a: float) -> float:
+            sd = apply_updates(pool.base, A.updates_at(u0, slope, a))
+            return normalised(accuracies(s, sd, "val", s.alpha_per_task), refs["finetuned"])["mean_norm"]
+
         curve = []
         for i, a in enumerate(grid):
-            sd = apply_updates(pool.base, A.updates_at(u0, slope, float(a)))
-            accs = accuracies(s, sd, "val", s.alpha_per_task)
-            curve.append((float(a), normalised(accs, refs["finetuned"])["mean_norm"]))
-            report(0.3 + 0.7 * (i + 1) / len(grid), f"α = {a:.2f}: {100 * curve[-1][1]:.1f} % normalised (val)")
+            curve.append((float(a), score(float(a))))
+            report(0.3 + 0.6 * (i + 1) / len(grid), f"α = {a:.2f}: {100 * curve[-1][1]:.1f} % normalised (val)")
+        a_param = A.alpha_param(method)
+        for a in A.extend_curve(curve, score, a_param.min, a_param.max, ALPHA_EXTRA):
+            report(0.95, f"α = {a:.2f}: extending the grid (the best α was at its end)")
         best = max(curve, key=lambda e: e[1])[0]
         s.curves[(method, _frozen(p))] = (best, curve)
         return best, curve
+
+
+def sample_sizes(s: Session, split: str = "test", per_task: int | None = None) -> dict[str, int]:
+    """Images per task behind a capped accuracy (``per_task``, default: the live subset of ``split``)."""
+    pool = _need_pool(s)
+    if per_task is None:
+        per_task = s.live_per_task if split == "test" else s.alpha_per_task
+    return {t: min(int(per_task), len(pool.images(t, split)[1])) for t in pool.task_names}

@@ -128,6 +128,7 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
                "layer_accuracy": layer_acc, "routed_accuracy": accs["route"], "oracle_accuracy": accs["oracle"],
                "static_accuracy": accs["base"],
                "embedding": {"points": emb["points"], "labels": true_names, "proto_points": emb["prototype_points"],
+                             "method": emb["method"],
                              "proto_labels": list(emb["tasks"]),
                              "title": f"{emb['note']}, layer {vit.short_key(str(emb['layer']))}; "
                                       "★ = task prototypes"},

@@ -174,19 +174,24 @@ def pool_info(s: Session) -> dict:
 
 
 def sample_images(s: Session, k: int = 4, size: int = 96) -> list[tuple[np.ndarray, str]]:
-    """A few images of every task for display, upscaled (nearest) to about ``size`` pixels, with captions."""
+    """``k`` images of every task for display, of as many different classes as the task's samples have,
+    upscaled (nearest) to about ``size`` pixels, captioned with the task and class."""
     pool = _need_pool(s)
     out = []
     for t in pool.task_names:
         try:
-            _, y, raw = pool.samples(t, k)
+            _, y, raw = pool.samples(t, max(64, k))
         except ValueError:
             continue
-        for img, label in zip(raw, y.tolist()):
-            img = np.asarray(img)
+        y = y.tolist()
+        first = list(dict.fromkeys(y))                      # classes in order of first appearance
+        picks = [y.index(c) for c in first[:k]]
+        picks += [i for i in range(len(y)) if i not in picks][:k - len(picks)]
+        for i in picks:
+            img = np.asarray(raw[i])
             f = max(1, size // max(img.shape[0], 1))
             img = np.repeat(np.repeat(img, f, axis=0), f, axis=1)
-            out.append((img, f"{t}: {pool.class_names[t][int(label)]}"))
+            out.append((img, f"{t}: {pool.class_names[t][int(y[i])]}"))
     return out
 
 

@@ -2,7 +2,7 @@
 
 This is the only module that imports plotly. Every function takes plain
 Python / numpy data (the tables of :mod:`esm_core.analysis`, the summaries of
-:mod:`esm_core.evaluate`, the routing log) and returns a ``plotly.graph_objects.Figure``;
+:mod:`esm_core.evaluation`, the routing log) and returns a ``plotly.graph_objects.Figure``;
 nothing here computes a merge or touches a model.
 """
 from __future__ import annotations
@@ -43,11 +43,14 @@ def empty_figure(message: str) -> go.Figure:
 
 # ---------------------------------------------------------------- merge view
 
-def accuracy_figure(summary: Mapping, refs: Mapping[str, Mapping[str, float]], title: str = "") -> go.Figure:
+def accuracy_figure(summary: Mapping, refs: Mapping[str, Mapping[str, float]], title: str = "",
+                    interval: Mapping | None = None) -> go.Figure:
     """Per-task accuracy bars of a merge: absolute (with zero-shot and fine-tuned) and normalised.
 
     ``summary``: ``{"tasks": {task: {"abs": a, "norm": n}}, "mean_abs", "mean_norm"}``
-    (:func:`esm_core.evaluate.summarize`); ``refs``: ``{"zeroshot": {task: a}, "finetuned": {task: a}}``.
+    (:func:`esm_core.evaluation.summarize`); ``refs``: ``{"zeroshot": {task: a}, "finetuned": {task: a}}``;
+    ``interval``: 95 % half-widths of the merged accuracies (``session.accuracy_interval``), drawn as error bars
+    with the sample size in the hover text.
     Traces: zero-shot, merged, fine-tuned (top, %), zero-shot and merged normalised (bottom, %).
     """
     tasks = list(summary["tasks"])
@@ -63,13 +66,22 @@ def accuracy_figure(summary: Mapping, refs: Mapping[str, Mapping[str, float]], t
     ft_abs = with_mean([_pct(ft.get(t)) for t in tasks])
     zs_norm = with_mean([_pct(zs[t] / ft[t]) if ft.get(t) else float("nan") for t in tasks])
 
+    err = None
+    if interval is not None:
+        err = dict(type="data", array=[_pct(interval["tasks"][t]) for t in tasks] + [_pct(interval["mean_abs"])],
+                   color="#7f2704", thickness=1.5, width=4)
+        n = interval["n"]
+        hover = [f"{t}: n = {n[t]} images, ± {_pct(interval['tasks'][t]):.1f} (95 %)" for t in tasks]
+        hover.append(f"mean: n = {sum(n.values())} images, ± {_pct(interval['mean_abs']):.1f} (95 %)")
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
                         subplot_titles=("absolute top-1 accuracy (%)", "normalised: merged / fine-tuned (%)"))
     for name, vals, col in (("zero-shot", zs_abs, REF_COLOURS["zero-shot"]),
                             ("merged", merged_abs, REF_COLOURS["merged"]),
                             ("fine-tuned", ft_abs, REF_COLOURS["fine-tuned"])):
+        extra = ({"error_y": err, "hovertext": hover} if err is not None and name == "merged" else {})
         fig.add_trace(go.Bar(name=name, x=xs, y=vals, marker_color=col, legendgroup=name,
-                             text=[f"{v:.1f}" for v in vals], textposition="outside", cliponaxis=False), row=1, col=1)
+                             text=[f"{v:.1f}" for v in vals], textposition="outside", cliponaxis=False, **extra),
+                      row=1, col=1)
     for name, vals, col in (("zero-shot", zs_norm, REF_COLOURS["zero-shot"]),
                             ("merged", merged_norm, REF_COLOURS["merged"])):
         fig.add_trace(go.Bar(name=f"{name} (normalised)", x=xs, y=vals, marker_color=col, legendgroup=name,
@@ -78,8 +90,8 @@ def accuracy_figure(summary: Mapping, refs: Mapping[str, Mapping[str, float]], t
     fig.add_hline(y=100, line_dash="dot", line_color=REF_COLOURS["fine-tuned"], row=2, col=1)
     fig.update_yaxes(range=[0, 105], row=1, col=1)
     fig.update_yaxes(range=[0, max(110.0, np.nanmax(merged_norm + [0.0]) + 8)], row=2, col=1)
-    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=110, b=40)}, barmode="group", height=560,
-                      title=dict(text=title, y=0.98) if title else None,
+    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=130, b=40)}, barmode="group", height=560,
+                      title=dict(text=title, y=0.985, yanchor="top") if title else None,
                       legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0))
     return fig
 
@@ -121,7 +133,7 @@ def spectrum_figure(row: Mapping, k: int | None = None, title: str = "") -> go.F
         share = np.where(share > 1e-10, share, np.nan)     # numerical zeros would stretch the log axis
         fig.add_trace(go.Scatter(x=r[:len(v)], y=share, mode="lines", name=name, line=dict(color=col),
                                  legendgroup=name), row=1, col=1)
-    for name, v, col in (("ESD", row["esd_energy_kept"], "#e6550d"), ("SVD", row["svd_energy_kept"], "#3182bd")):
+    for name, v, col in (("ESD", row["esd_energy_kept"], "#31a354"), ("SVD", row["svd_energy_kept"], "#756bb1")):
         v = [_pct(x) for x in v]
         fig.add_trace(go.Scatter(x=r[:len(v)], y=v, mode="lines", name=f"{name} energy kept", line=dict(color=col,
                                  dash="solid" if name == "ESD" else "dash"), legendgroup=name), row=1, col=2)
@@ -178,8 +190,9 @@ def sar_figure(alignment: Mapping, key: str | None = None, title: str = "") -> g
     """Subspace alignment ratio of each task against the merge: mean over layers, and one layer if ``key``."""
     tasks = list(alignment["tasks"])
     fig = go.Figure()
-    fig.add_trace(go.Bar(name="mean over layers", x=tasks, y=[_pct(alignment["mean"][t]) for t in tasks],
-                         marker_color=[task_colour(i) for i in range(len(tasks))]))
+    for i, t in enumerate(tasks):          # one trace per task: the legend shows each task's colour
+        fig.add_trace(go.Bar(name=f"{t} (mean over layers)", x=[t], y=[_pct(alignment["mean"][t])],
+                             marker_color=task_colour(i)))
     if key is not None and key in alignment["layers"]:
         fig.add_trace(go.Scatter(name=f"layer {short_key(key)}", x=tasks,
                                  y=[_pct(alignment["layers"][key][t]) for t in tasks], mode="markers",
@@ -220,11 +233,10 @@ def cosine_figure(cosines: np.ndarray, tasks: Sequence[str], layer_labels: Seque
     z = np.asarray(cosines, dtype=float)
     fig = go.Figure(go.Heatmap(z=z, x=list(tasks), y=list(layer_labels), colorscale="RdBu", zmid=0,
                                text=np.vectorize(lambda v: f"{v:.2f}")(z) if z.size else z, texttemplate="%{text}"))
-    if z.size:
-        best = z.argmax(1)
-        fig.add_trace(go.Scatter(x=[tasks[b] for b in best], y=list(layer_labels), mode="markers",
-                                 marker=dict(symbol="square-open", size=22, color="#000", line=dict(width=2)),
-                                 name="chosen", hoverinfo="skip"))
+    if z.size:                     # the chosen task of each layer: its cell outlined along the cell's border
+        for row, b in enumerate(z.argmax(1)):
+            fig.add_shape(type="rect", x0=b - 0.48, x1=b + 0.48, y0=row - 0.45, y1=row + 0.45, xref="x", yref="y",
+                          line=dict(color="#000", width=2), fillcolor="rgba(0,0,0,0)", name="chosen")
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(**_LAYOUT, height=max(340, 34 * len(layer_labels) + 160),
                       title=title or "cosine with each task prototype", showlegend=False)
@@ -255,7 +267,7 @@ def oracle_figure(tasks: Sequence[str], routed: Mapping[str, float], oracle: Map
 
 def embedding_figure(points: np.ndarray, labels: Sequence[str], proto_points: np.ndarray | None = None,
                      proto_labels: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
-                     title: str = "") -> go.Figure:
+                     title: str = "", method: str = "pca") -> go.Figure:
     """2-D map (UMAP or PCA) of the samples' hidden states, coloured by true task, with task prototypes as stars."""
     pts = np.asarray(points, dtype=float)
     tasks = list(tasks) if tasks is not None else list(dict.fromkeys(list(labels) + list(proto_labels or [])))
@@ -275,7 +287,8 @@ def embedding_figure(points: np.ndarray, labels: Sequence[str], proto_points: np
                                          legendgroup=t, showlegend=False,
                                          marker=dict(color=task_colour(i), size=18, symbol="star",
                                                      line=dict(color="#000", width=1))))
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False)
+    axis = ("principal component 1", "principal component 2") if method == "pca" else ("UMAP 1", "UMAP 2")
+    fig.update_xaxes(showticklabels=False, title=f"{axis[0]} (of the hidden states)")
+    fig.update_yaxes(showticklabels=False, title=axis[1])
     fig.update_layout(**_LAYOUT, height=420, title=title or "samples and task prototypes (★)")
     return fig

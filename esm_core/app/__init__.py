@@ -1,0 +1,81 @@
+"""ESM Studio, the Gradio web app: one module per view, each with its layout (``layout(ui)``) and its event
+wiring (``wire(ui)``); :mod:`.common` holds what they share. The only part of ``esm_core`` that imports gradio
+(``pip install "esm-studio[app]"``).
+
+Every computation lives in the studio back end (``common.studio``: the state and logic of one browser session)
+and every figure in ``common.viz``. ``ui`` is a namespace of the components, filled by the views' ``layout`` in tab
+order and read by every ``wire`` (the pool view's load events, for instance, reset the other views and merge).
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import gradio as gr
+
+from . import export, interference, merge, pool, routing, spectra
+from .common import (CONCURRENCY, DELETE_CACHE, MAX_FILE_SIZE, SESSION_TTL_S, SessionGate, max_sessions, studio,
+                     viz)
+
+VIEWS = (pool, spectra, interference, merge, routing, export)
+
+INTRO = """# ESM Studio
+Merge models fine-tuned from one pre-trained checkpoint into one model — and see *why* a merge works.
+**Essential Subspace Merging (ESM)**, its routed extension **ESM++**, and the strongest baselines, side by side.
+The app starts on a small built-in demo (a tiny vision transformer fine-tuned on six image tasks); it runs on a CPU."""
+
+CSS = """
+.esm-intro p {font-size: 0.95em; color: #444;}
+footer {display: none !important;}
+"""
+
+
+def _after_pool(ui) -> Callable:
+    def after_pool(s):
+        """Reset the views that depend on the pool: layer and task choices, the α curve, the routing samples."""
+        if s is None or s.pool is None:
+            return [gr.update()] * 6
+        keys = studio.esd_keys(s)
+        choices = [(viz.short_key(k), k) for k in keys]
+        tasks = list(s.pool.task_names)
+        return (gr.update(choices=choices, value=keys[0]), gr.update(choices=tasks, value=tasks[0]),
+                gr.update(choices=choices, value=keys[0]), None, None, gr.update(choices=[], value=None))
+    ui.after_pool = after_pool
+    ui.after_pool_outs = [ui.spec_layer, ui.spec_task, ui.int_layer, ui.curve_plot, ui.curve_state, ui.r_sample]
+
+
+def build_app(pool_loader: Callable[[], Any] | None = None, max_open: int | None = None) -> gr.Blocks:
+    """The ESM Studio Blocks. ``pool_loader``: returns the starting pool (default: the built-in demo pool);
+    ``max_open``: sessions at once (default: ``ESM_MAX_SESSIONS`` or 8)."""
+    gate = SessionGate(max_open or max_sessions())
+    with gr.Blocks(title="ESM Studio", delete_cache=DELETE_CACHE) as demo:
+        ui = SimpleNamespace(demo=demo, pool_loader=pool_loader, gate=gate)
+        ui.state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=gate.close)
+        gr.Markdown(INTRO, elem_classes="esm-intro")
+        with gr.Tabs():
+            for view in VIEWS:
+                view.layout(ui)
+        _after_pool(ui)
+        merge.register(ui)                     # the pool view's load events chain into the merge
+        for view in VIEWS:
+            view.wire(ui)
+    demo.esm_gate = gate
+    return demo
+
+
+def launch_kwargs() -> dict:
+    """What ``launch()`` needs besides the address (Gradio 6: theme and css go here, not to Blocks)."""
+    return {"max_file_size": MAX_FILE_SIZE, "theme": gr.themes.Soft(), "css": CSS, "show_error": True}
+
+
+def make_demo(pool_loader: Callable[[], Any] | None = None, max_open: int | None = None) -> gr.Blocks:
+    """The app with its queue configured (one heavy merge does not freeze the other sessions)."""
+    demo = build_app(pool_loader, max_open)
+    demo.queue(default_concurrency_limit=CONCURRENCY)
+    return demo
+
+
+def main(port: int | None = None, share: bool = False, **kwargs) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    make_demo().launch(server_port=port, share=share, **launch_kwargs(), **kwargs)

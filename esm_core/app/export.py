@@ -1,0 +1,75 @@
+"""View 6 · Export: the current merge (.safetensors), its recipe (.json), or the ESM++ bundle at a chosen rank."""
+from __future__ import annotations
+
+import gradio as gr
+
+from .common import HEAVY, LIGHT, friendly, gpu, need_session, progress_fn, studio
+
+TEXT = """Download the merged model as `.safetensors`. The merge's recipe (method, every parameter, the proxy sample ids,
+the versions) is stored in the file's metadata, so anyone can reproduce it. The ESM++ bundle stores the static merge
+plus the low-rank expert factors and prototypes — never a dense copy per task."""
+
+
+def layout(ui) -> None:
+    with gr.Tab("6 · Export", id="export") as ui.tab_export:
+        gr.Markdown(TEXT, elem_classes="esm-intro")
+        ui.export_what = gr.Markdown("Merge first (tab 4): there is nothing to export yet.", elem_id="export-what")
+        ui.ex_rank = gr.Slider(2, 64, value=32, step=2, label="ESM++ bundle: expert rank r", elem_id="export-rank",
+                               info="rank of each task's low-rank expert in the bundle (reference: 32, also 8)")
+        with gr.Row():
+            ui.ex_model_btn = gr.Button("Merged model (.safetensors)")
+            ui.ex_esmpp_btn = gr.Button("ESM++ bundle")
+            ui.ex_cfg_btn = gr.Button("Merge config (.json)")
+        ui.export_md = gr.Markdown()
+        ui.ex_file = gr.File(label="download", elem_id="export-file")
+        ui.ex_json = gr.JSON(label="the recipe stored with the export", open=False)
+
+
+def _merge_name(rec) -> str:
+    return f"merge #{rec['id']} · {rec['title']} (α = {float(rec['params']['alpha']):.2f})"
+
+
+@friendly
+def describe(s, rank):
+    """Which merge each button exports."""
+    s = need_session(s)
+    if s.current is None:
+        return "Merge first (tab 4): there is nothing to export yet."
+    last_esm = next((r for r in reversed(s.merges) if r["method"] == "esm"), None)
+    static = (f"your latest ESM merge, {_merge_name(last_esm)}" if last_esm else
+              "ESM with its default parameters (you have not merged with ESM yet)")
+    return (f"**Merged model** and **merge config**: the current merge, **{_merge_name(s.current)}** (tab 4).  \n"
+            f"**ESM++ bundle**: static part = {static}; experts of rank **r = {int(rank)}** (the slider below).")
+
+
+@friendly
+def ex_model(s, progress=gr.Progress()):
+    s = need_session(s)
+    progress(0.2, desc="writing safetensors")
+    p = studio.export_merged(s)
+    return str(p), f"Merged model of merge #{s.current['id']} ({s.current['title']}) written: `{p.name}`.", \
+        studio.read_export_config(p)
+
+
+@gpu
+@friendly
+def ex_esmpp(s, rank, progress=gr.Progress()):
+    s = need_session(s)
+    p = studio.export_esmpp(s, rank=int(rank), progress=progress_fn(progress))
+    return str(p), f"ESM++ bundle (expert rank {int(rank)}) written: `{p.name}`.", studio.read_export_config(p)
+
+
+@friendly
+def ex_cfg(s):
+    s = need_session(s)
+    p = studio.export_config(s)
+    return str(p), f"Config of merge #{s.current['id']} written: `{p.name}`.", studio.read_export_config(p)
+
+
+def wire(ui) -> None:
+    outs = [ui.ex_file, ui.export_md, ui.ex_json]
+    ui.tab_export.select(describe, [ui.state, ui.ex_rank], [ui.export_what], api_name="export_info", **LIGHT)
+    ui.ex_rank.input(describe, [ui.state, ui.ex_rank], [ui.export_what], api_visibility="private", **LIGHT)
+    ui.ex_model_btn.click(ex_model, [ui.state], outs, api_name="export_model")
+    ui.ex_esmpp_btn.click(ex_esmpp, [ui.state, ui.ex_rank], outs, api_name="export_esmpp", **HEAVY)
+    ui.ex_cfg_btn.click(ex_cfg, [ui.state], outs, api_name="export_config")

@@ -1,0 +1,205 @@
+"""View 4 · Merge: pick a method, move its knobs, see the live accuracy (with its noise), the α curve, full eval."""
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from esm_core.models import openclip_vit as vit
+
+from .common import HEAVY, LIGHT, METHODS, friendly, gpu, need_session, progress_fn, studio, viz
+
+TEXT = """Pick a method and move its knobs: the model is re-merged from cached decompositions and re-evaluated at once.
+ESM ends with a **flat spectrum** — every direction of the merged update gets the same strength — so the large
+directions of one task cannot drown the small but essential directions of another. α scales the whole merged update."""
+DEFAULT_METHOD = "ta"
+
+# One plain line per control (the label); the schema's technical help stays below it.
+PLAIN = {
+    "alpha": "strength of the merged update (0 = the pre-trained model)",
+    "rank": "directions each task keeps per layer (0 = automatic: d_out / number of tasks)",
+    "rank_fraction": "the same, as a share of the automatic number (0 = use rank instead)",
+    "p_task": "how much more say tasks with larger updates get",
+    "p_dim": "how much more say the busiest input features get",
+    "p_layer": "how much more say layers with larger updates get",
+    "eig_exp": "how much more say each task's strongest directions get",
+    "ortho_factor": "overall scale after the tasks' directions are made independent",
+    "esd_types": "which kinds of layers ESM merges (the others: TSV-M)",
+}
+
+
+def control(method: str, p) -> gr.components.Component:
+    """The input control of one method parameter, built from its schema."""
+    plain = PLAIN.get(p.name) if (method == "esm" or p.name == "alpha") else None
+    kw = dict(label=f"{p.name}: {plain}" if plain else p.name, info=p.help, elem_id=f"ctl-{method}-{p.name}")
+    if method == "esm" and p.name == "esd_types":         # a choice of layer types, not free text
+        return gr.Dropdown(choices=["auto", *vit.LAYER_TYPES], value=[t for t in str(p.default).split(",") if t],
+                           multiselect=True, **kw)
+    if p.choices:
+        return gr.Dropdown(choices=list(p.choices), value=p.default, **kw)
+    if p.type is bool:
+        return gr.Checkbox(value=bool(p.default), **kw)
+    if p.type in (int, float) and p.min is not None and p.max is not None:
+        step = p.step if p.step else (1 if p.type is int else (p.max - p.min) / 100)
+        if p.type is int and (p.max - p.min) / step > 1000:
+            return gr.Number(value=p.default, precision=0, minimum=p.min, maximum=p.max, **kw)
+        return gr.Slider(p.min, p.max, value=p.default, step=step, **kw)
+    if p.type in (int, float):
+        return gr.Number(value=p.default, precision=0 if p.type is int else None, minimum=p.min, maximum=p.max, **kw)
+    return gr.Textbox(value=str(p.default), **kw)
+
+
+def layout(ui) -> None:
+    with gr.Tab("4 · Merge", id="merge"):
+        gr.Markdown(TEXT, elem_classes="esm-intro")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                ui.method_dd = gr.Dropdown(choices=studio.method_choices(), value=DEFAULT_METHOD, label="method",
+                                           elem_id="method")
+                ui.method_help = gr.Markdown(f"*{METHODS[DEFAULT_METHOD].help}*")
+                ui.groups, ui.controls, ui.slices = {}, [], {}
+                for name, m in METHODS.items():
+                    with gr.Group(visible=(name == DEFAULT_METHOD)) as ui.groups[name]:
+                        lo = len(ui.controls)
+                        ui.controls += [control(name, p) for p in m.params]
+                        ui.slices[name] = (lo, len(ui.controls))
+                with gr.Row():
+                    ui.curve_btn = gr.Button("α curve on validation", size="sm", elem_id="curve-btn")
+                    ui.best_btn = gr.Button("use the best α", size="sm", interactive=False, elem_id="best-btn")
+                ui.full_btn = gr.Button("Evaluate on the full test split", size="sm")
+            with gr.Column(scale=2):
+                ui.acc_plot = gr.Plot(label="per-task accuracy", show_label=False, elem_id="acc-plot")
+                ui.merge_md = gr.Markdown(elem_id="merge-note")
+        ui.curve_plot = gr.Plot(label="α curve", show_label=False, visible=True, elem_id="curve-plot")
+        ui.full_md = gr.Markdown()
+        ui.cmp_df = gr.Dataframe(label="every merge of this session", interactive=False, elem_id="cmp-table",
+                                 wrap=True)
+        ui.curve_state = gr.State(None)      # (method, best α, curve, title) of the last α curve
+
+
+def params_of(method: str, values: tuple, slices: dict) -> dict:
+    """The method's parameters from the values of every control (a multi-select becomes a comma list)."""
+    lo, hi = slices[method]
+    vals = [",".join(v) if isinstance(v, (list, tuple)) else v for v in values[lo:hi]]
+    return dict(zip([p.name for p in METHODS[method].params], vals))
+
+
+def merge_outputs(s, rec) -> tuple:
+    """Accuracy figure (with 95 % intervals), the note under it, the comparison table."""
+    refs = studio.references(s)
+    sizes = studio.sample_sizes(s)
+    ci = studio.accuracy_interval(rec["summary"], sizes, refs["finetuned"])
+    sm, alpha = rec["summary"], float(rec["params"]["alpha"])
+    lo, hi = min(sizes.values()), max(sizes.values())
+    n_txt = f"n = {lo if lo == hi else f'{lo}–{hi}'} test images per task"
+    title = (f"#{rec['id']} {rec['title']} (α = {alpha:.2f}): mean {100 * sm['mean_abs']:.1f} ± "
+             f"{100 * ci['mean_abs']:.1f} % absolute · {100 * sm['mean_norm']:.1f} ± {100 * ci['mean_norm']:.1f} % "
+             f"normalised<br><sub>{n_txt}; ± = 95 % interval (error bars: each task's)</sub>")
+    fig = viz.accuracy_figure(sm, refs, title=title, interval=ci)
+    md = (f"Merged and evaluated in **{rec['seconds']:.2f} s**. Live accuracy is measured on a fixed subset "
+          f"({n_txt}, the same images for every merge and for the references), so it is noisy: **± "
+          f"{100 * ci['mean_abs']:.1f} points** on the mean (95 % binomial interval; the error bars show each "
+          "task's). **Evaluate on the full test split** below measures the whole split.")
+    zs = sum(refs["zeroshot"].values()) / len(refs["zeroshot"])
+    if sm["mean_abs"] < zs:
+        md += (f"\n\n**This merge is worse than zero-shot** ({100 * sm['mean_abs']:.1f} % against "
+               f"{100 * zs:.1f} % for the pre-trained model alone): at α = {alpha:.2f} the task updates, added "
+               "together, interfere — each pushes the shared weights away from what the other tasks need. A "
+               "smaller α usually helps: run the **α curve on validation** and **use the best α**.")
+    return fig, md, comparison_table(s, sizes, refs["finetuned"])
+
+
+def comparison_table(s, sizes: dict, finetuned: dict) -> pd.DataFrame:
+    """Every merge of the session, with the 95 % interval of its mean and the sample size behind it."""
+    df = pd.DataFrame(studio.comparison_rows(s))
+    ci = [studio.accuracy_interval(r["summary"], sizes, finetuned)["mean_abs"] for r in s.merges]
+    df.insert(df.columns.get_loc("mean abs %") + 1, "± (95 %)", [round(100 * h, 1) for h in ci])
+    df.insert(df.columns.get_loc("± (95 %)") + 1, "n / task", min(sizes.values()))
+    return df
+
+
+def curve_figure(data, current: float | None):
+    method, best, curve, title = data
+    return viz.alpha_curve_figure(curve, best, current, title)
+
+
+def make_handlers(ui):
+    slices = ui.slices
+
+    @gpu
+    @friendly
+    def do_merge(s, method, *values, progress=gr.Progress()):
+        s = need_session(s)
+        rec = studio.merge(s, method, params_of(method, values, slices), progress=progress_fn(progress))
+        return (s, *merge_outputs(s, rec))
+
+    def show_method(method):
+        """Show the method's controls; the α curve and best α of the previous method no longer apply."""
+        return ([gr.update(visible=(n == method)) for n in METHODS]
+                + [f"*{METHODS[method].help}*", None, None, gr.update(interactive=False, value="use the best α")])
+
+    @gpu
+    @friendly
+    def do_curve(s, method, *values, progress=gr.Progress()):
+        s = need_session(s)
+        params = params_of(method, values, slices)
+        best, curve = studio.alpha_curve(s, method, params, progress=progress_fn(progress))
+        n = studio.sample_sizes(s, "val")
+        title = (f"{METHODS[method].title}: mean normalised accuracy on ≤ {max(n.values())} validation images "
+                 f"per task (n = {sum(n.values())} in all)")
+        data = (method, best, curve, title)
+        return s, curve_figure(data, float(params["alpha"])), data, gr.update(
+            interactive=True, value=f"use the best α ({best:.2f})")
+
+    def use_best(method, data):
+        """Set the method's α to the curve's best (which re-merges) and mark it on the curve."""
+        out = [gr.update() for _ in ui.controls]
+        if data is None or data[0] != method:
+            return [*out, gr.update()]
+        lo, hi = slices[method]
+        names = [p.name for p in METHODS[method].params]
+        out[lo + names.index("alpha")] = gr.update(value=data[1])
+        return [*out, curve_figure(data, data[1])]
+
+    @gpu
+    @friendly
+    def do_full(s, progress=gr.Progress()):
+        s = need_session(s)
+        res = studio.full_evaluation(s, progress=progress_fn(progress))
+        sm = res["summary"]
+        lines = [f"**Full test split** (current merge #{s.current['id']}): mean {100 * sm['mean_abs']:.2f} % "
+                 f"absolute, {100 * sm['mean_norm']:.2f} % normalised.", "",
+                 "| task | merged | fine-tuned | zero-shot |", "|---|---|---|---|"]
+        for t, v in sm["tasks"].items():
+            lines.append(f"| {t} | {100 * v['abs']:.1f} | {100 * res['refs']['finetuned'][t]:.1f} | "
+                         f"{100 * res['refs']['zeroshot'][t]:.1f} |")
+        return s, "\n".join(lines)
+
+    return do_merge, show_method, do_curve, use_best, do_full
+
+
+def register(ui) -> None:
+    """Define the merge handler before the other views wire events that chain into it (the pool view)."""
+    ui.do_merge, ui.show_method, ui.do_curve, ui.use_best, ui.do_full = make_handlers(ui)
+    ui.merge_inputs = [ui.state, ui.method_dd, *ui.controls]
+    ui.merge_outs = [ui.state, ui.acc_plot, ui.merge_md, ui.cmp_df]
+
+
+def wire(ui) -> None:
+    """A method switch shows its controls (light) and merges; α moves recombine from the cache (light queue);
+    other knobs re-merge (heavy queue); the last change wins."""
+    ins, outs = ui.merge_inputs, ui.merge_outs
+    ui.method_dd.change(ui.show_method, [ui.method_dd], [*ui.groups.values(), ui.method_help, ui.curve_plot,
+                                                          ui.curve_state, ui.best_btn],
+                        queue=False, api_visibility="private").then(
+        ui.do_merge, ins, outs, **HEAVY, trigger_mode="always_last", api_name="merge")
+    alpha_ids = {id(ui.controls[ui.slices[m][0] + [p.name for p in METHODS[m].params].index("alpha")])
+                 for m in METHODS}
+    for c in ui.controls:
+        queue = LIGHT if id(c) in alpha_ids else HEAVY
+        c.change(ui.do_merge, ins, outs, **queue, trigger_mode="always_last", show_progress="minimal",
+                 api_visibility="private")
+    ui.curve_btn.click(ui.do_curve, ins, [ui.state, ui.curve_plot, ui.curve_state, ui.best_btn],
+                       api_name="alpha_curve", **HEAVY)
+    ui.best_btn.click(ui.use_best, [ui.method_dd, ui.curve_state], [*ui.controls, ui.curve_plot],
+                      api_visibility="private", **LIGHT)
+    ui.full_btn.click(ui.do_full, [ui.state], [ui.state, ui.full_md], api_name="full_evaluation", **HEAVY)
