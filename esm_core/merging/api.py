@@ -15,7 +15,7 @@ import torch
 from .. import models
 from ..checkpoints import check_compatible, check_finite
 from ..device import resolve_device
-from ..models.roles import SKIP
+from ..models.roles import OWN, SKIP
 from .registry import get_method
 
 Progress = Callable[[float, str], None]
@@ -34,6 +34,7 @@ class MergeContext:
     cache: Any = None          # decomposition cache (ESM family), reused across re-merges
     esd_keys: list[str] | None = None   # explicit ESD keys (non-open_clip models)
     family_esd_types: tuple = ()        # the model family's default ESD layer types (ESM's esd_types="auto")
+    alpha_all: bool = False             # α scales every merged key (text encoders, SPEC §8), not ESM's ESD keys only
     info: dict = field(default_factory=dict)   # methods may report diagnostics here
 
     @property
@@ -42,8 +43,8 @@ class MergeContext:
 
     @property
     def keys(self) -> list[str]:
-        """Merged keys (everything but SKIP), in the base's order."""
-        return [k for k in self.base if self.roles.get(k) != SKIP]
+        """Merged keys (everything but SKIP and OWN), in the base's order."""
+        return [k for k in self.base if self.roles.get(k) not in (SKIP, OWN)]
 
     def keys_with_role(self, role: str) -> list[str]:
         return [k for k in self.keys if self.roles[k] == role]
@@ -83,7 +84,7 @@ def merge_updates(method: str, base, tasks, *, device="auto", family=None, roles
     auto_esd = tuple(fam.ESD_TYPES) if fam is not None else tuple(sorted(set(types.values())))
     ctx = MergeContext(base=base, tasks=tasks, roles=roles, layer_types=types, device=resolve_device(device),
                        progress=progress, stats=stats, inputs=inputs, cache=cache, esd_keys=esd_keys,
-                       family_esd_types=auto_esd)
+                       family_esd_types=auto_esd, alpha_all=bool(getattr(fam, "ALPHA_ON_ALL", False)))
     ups = m.fn(ctx, **p)
     if info is not None:
         info.update(ctx.info)

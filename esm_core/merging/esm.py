@@ -227,8 +227,8 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
     out = {}
     for key, dw in updates.items():
         coef = pre.get(key, 1.0) * betas.get(key, 1.0)             # §7 ΔWℓ ← βℓ ΔWℓ
-        if key in esd_set:
-            coef *= alpha                                          # §8 θ = θ0 + α ΔW on ESD keys only
+        if key in esd_set or ctx.alpha_all:
+            coef *= alpha                                          # θ = θ0 + α ΔW on ESD keys only (§6.8; §8: all)
         out[key] = (dw * coef).to("cpu", torch.float32)           # a new tensor: cached values stay intact
     ctx.info["esm"] = {"esd_keys": esd_keys, "betas": betas, "esd_calls": cache.esd_calls,
                        "esd_hits": cache.esd_hits}
