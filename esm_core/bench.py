@@ -139,6 +139,19 @@ class Job:
     run: Callable[[dict, dict, torch.device, Any], Any]
     setup: Callable[[dict, dict, torch.device], Any] | None = None
     extra: dict = field(default_factory=dict)       # copied into the row
+    # untimed, after the timed runs: ``check(base, tasks, device, state, last result) -> dict`` merged into the row
+    check: Callable[[dict, dict, torch.device, Any, Any], dict] | None = None
+
+
+def _finish_row(job: Job, row: dict, base, tasks, device, state, res) -> dict:
+    """Add the set-up's ``state["extra"]`` (e.g. bytes of statistics and caches) and the job's check to the row."""
+    if isinstance(state, dict):
+        row.update(state.get("extra", {}))
+    if job.check is not None:
+        if isinstance(state, dict):
+            state["_ref_seconds"] = row["seconds"]
+        row.update(job.check(base, tasks, device, state, res))
+    return row
 
 
 def run_method(method: str, base, tasks, device, state=None, **params):
@@ -247,8 +260,9 @@ def _run_cpu_job(job: Job, blocks: int, tasks: int, seed: int, repeat: int) -> d
     dev = torch.device("cpu")
     base, tsk = make_checkpoints(blocks, tasks, seed)
     state = job.setup(base, tsk, dev) if job.setup is not None else None
-    times, peak = [], 0
+    times, peak, res = [], 0, None
     for _ in range(repeat):
+        res = None
         _trim_heap()
         before = _proc_status_kib("VmRSS")
         _reset_peak_rss()
@@ -256,8 +270,7 @@ def _run_cpu_job(job: Job, blocks: int, tasks: int, seed: int, repeat: int) -> d
         res = job.run(base, tsk, dev, state)
         times.append(time.perf_counter() - t0)
         peak = max(peak, (_proc_status_kib("VmHWM") - before) * 1024)
-        del res
-    return _row(job, times, peak, "cpu-rss")
+    return _finish_row(job, _row(job, times, peak, "cpu-rss"), base, tsk, dev, state, res)
 
 
 def _child_main(conn, job: Job, blocks: int, tasks: int, seed: int, repeat: int) -> None:
@@ -300,8 +313,9 @@ def _run_cuda_jobs(jobs: list[Job], dev: torch.device, blocks: int, tasks: int, 
         if progress is not None:
             progress(i / len(jobs), f"bench: {job.name}")
         state = job.setup(base, tsk, dev) if job.setup is not None else None
-        times, peak = [], 0
+        times, peak, res = [], 0, None
         for _ in range(repeat):
+            res = None
             torch.cuda.synchronize(dev)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
@@ -311,9 +325,8 @@ def _run_cuda_jobs(jobs: list[Job], dev: torch.device, blocks: int, tasks: int, 
             torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t0)
             peak = max(peak, torch.cuda.max_memory_allocated(dev) - before)
-            del res
-        del state
-        rows.append(_row(job, times, peak, "cuda-allocated"))
+        rows.append(_finish_row(job, _row(job, times, peak, "cuda-allocated"), base, tsk, dev, state, res))
+        del state, res
     return rows
 
 
@@ -358,12 +371,29 @@ def bench(blocks: int = FULL_BLOCKS, tasks: int = 8, methods: list[str] | None =
 
 
 def _add_speedups(result: dict) -> dict:
-    """Warm-cache rows get ``speedup_vs_cold``: the cold ``esm`` row's seconds over theirs (same run)."""
+    """Warm-cache rows get ``speedup_vs_cold``: the cold ``esm`` row's seconds over theirs (same run); the
+    reference row (fd9a028's route) gets ``cold_speedup``: its seconds over the cold ``esm`` row's."""
     cold = next((r["seconds"] for r in result["rows"] if r.get("cache") == "cold"), None)
     for r in result["rows"]:
         if r.get("cache") == "warm" and cold is not None and r["seconds"] > 0:
             r["speedup_vs_cold"] = cold / r["seconds"]
+        if r.get("cache") == "reference" and cold:
+            r["cold_speedup"] = r["seconds"] / cold
     return result
+
+
+def _notes(r: dict) -> str:
+    out = []
+    if "cold_speedup" in r:
+        out.append(f"new cold {r['cold_speedup']:.1f}× faster")
+    if "new_seconds" in r:
+        out.append(f"in-process: new {r['new_seconds']:.2f} s ({r['speedup_new_vs_reference']:.1f}×), "
+                   f"max rel diff {r['max_rel_diff']:.1e}")
+    if "stats_bytes" in r:
+        out.append(f"stats {r['stats_bytes'] / MiB:.0f} MiB")
+    if "cache_bytes" in r:
+        out.append(f"cache {r['cache_bytes'] / MiB:.0f} MiB")
+    return "  " + "; ".join(out) if out else ""
 
 
 def format_table(result: dict) -> str:
@@ -372,10 +402,11 @@ def format_table(result: dict) -> str:
             f"{result['params_per_model'] / 1e6:.2f} M parameters per model, device {result['device']}"
             + (f" ({result['device_name']})" if result.get("device_name") else ""))
     lines = [head, f"peak extra memory = {result['memory']}", "",
-             f"{'method':<14}{'title':<34}{'seconds':>10}{'peak extra MiB':>17}{'vs cold':>10}"]
+             f"{'method':<15}{'title':<38}{'seconds':>10}{'peak extra MiB':>17}{'vs cold':>10}"]
     for r in result["rows"]:
-        ratio = f"{r['speedup_vs_cold']:>9.1f}×" if "speedup_vs_cold" in r else ""
-        lines.append(f"{r['name']:<14}{r['title'][:33]:<34}{r['seconds']:>10.3f}{r['peak_extra_mib']:>17.1f}{ratio}")
+        ratio = f"{r['speedup_vs_cold']:>9.1f}×" if "speedup_vs_cold" in r else " " * 10
+        lines.append(f"{r['name']:<15}{r['title'][:37]:<38}{r['seconds']:>10.3f}{r['peak_extra_mib']:>17.1f}{ratio}"
+                     f"{_notes(r)}".rstrip())
     return "\n".join(lines)
 
 
@@ -401,7 +432,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--blocks", type=int, default=FULL_BLOCKS, help="transformer blocks of the ViT-B/32 (default 12)")
     p.add_argument("--tasks", type=int, default=8, help="number of task checkpoints (default 8)")
     p.add_argument("--methods", default=None, help="comma-separated job names (default: every method that "
-                                                   "needs no activation statistics, plus esm, esm_remerge, esm_exponent, esm_alpha)")
+                                                   "needs no activation statistics, plus the ESM rows: esm, esm_reference, esm_remerge, esm_p_task, "
+                                                   "esm_exponent, esm_p_layer, esm_eig_exp, esm_ortho, esm_alpha)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--repeat", type=int, default=1, help="runs per method; the best time is reported")
     p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoints")

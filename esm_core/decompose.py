@@ -22,11 +22,16 @@ from typing import Any, Hashable
 
 import torch
 
-# Singular-value ratio below which the Gram route of the polar factor is not trusted: its
-# error grows like eps64 · cond², so 1e-5 keeps it below ~1e-6 (in the weakest directions
-# only). ESM's concatenated factors often have cond ~1e4–1e5; the SVD fall-back of a
-# 3072 × 3072 matrix costs minutes on a laptop CPU.
-POLAR_RCOND = 1e-5
+# Acceptance of the Gram route of the polar factor. Its error in direction i grows like
+# eps64 · μ_max / μ_i (μ = eigenvalues of the Gram xᵀx); the route is taken when the estimate
+# eps64 · sqrt(mean_i (μ_max/μ_i)²) of the relative Frobenius error of the factor is at most
+# POLAR_TOL, else the SVD (exact, minutes for a 3072² matrix on a laptop CPU) runs. The estimate
+# overshoots: on ESM's 3072 × 3072 output factor of a ViT-B/32 c_fc layer (cond 2.5e5) it says
+# 2.4e-7 where the measured error against the SVD is 1.6e-9. Until fd9a028 the test was
+# σ_min/σ_max ≥ 1e-5 (POLAR_RCOND), which sent that factor to the SVD (33 s instead of ~5 s).
+POLAR_TOL = 1e-6
+POLAR_RCOND = 1e-5          # kept for callers that read it; no longer the criterion
+_EPS64 = float(torch.finfo(torch.float64).eps)
 
 
 # ---------------------------------------------------------------------------
@@ -40,36 +45,58 @@ def polar_svd(x: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-def polar_and_singular_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gram_route_ok(mu: torch.Tensor) -> bool:
+    """True when eigenvalues ``mu`` (ascending) of a Gram matrix let the Gram route meet :data:`POLAR_TOL`."""
+    if mu.numel() == 0 or not bool(torch.isfinite(mu).all()):
+        return False
+    top = mu[-1]
+    if not top > 0 or not mu[0] > 0:
+        return False
+    est = _EPS64 * float((top / mu).square().mean().sqrt())
+    return est <= POLAR_TOL
+
+
+def polar_and_singular_values(x: torch.Tensor, dtype: torch.dtype | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(polar factor of x, singular values of x)``; singular values descending, ``min(m, n)`` of them.
 
     Route: for ``m ≥ n``, ``xᵀx = Q diag(μ) Qᵀ`` (n × n, float64) and
     ``polar(x) = x Q diag(μ^-½) Qᵀ``, ``σ = sqrt(μ)``; for ``m < n`` the same on
-    ``xᵀ``. Falls back to the SVD (float64) when ``σ_min / σ_max`` is below
-    :data:`POLAR_RCOND` or anything is not finite. Results in ``x``'s dtype.
+    ``xᵀ``. Falls back to the SVD (float64) when the estimated error of that
+    route exceeds :data:`POLAR_TOL` (ill-conditioned or rank-deficient ``x``:
+    there the factor is not unique and the SVD's choice is the reference's) or
+    anything is not finite. Results in ``dtype`` (default: ``x``'s dtype).
+
+    ``x Q diag(μ^-½)`` (= polar(x)·Q, orthonormal columns) is formed in float64;
+    its product with ``Qᵀ`` — two orthogonal factors, no error amplification —
+    runs in float32 when the result is float32 (relative error ~1e-7).
     """
+    dtype = x.dtype if dtype is None else dtype
     if x.ndim != 2:
         raise ValueError(f"polar factor needs a 2-D matrix, got shape {tuple(x.shape)}")
     m, n = x.shape
     if m < n:
-        f, s = polar_and_singular_values(x.mT)
+        f, s = polar_and_singular_values(x.mT, dtype)
         return f.mT, s
     if n == 0:
         return x.clone(), x.new_zeros(0)
     x64 = x.to(torch.float64)
     mu, q = torch.linalg.eigh(x64.mT @ x64)            # xᵀx = Q diag(μ) Qᵀ, μ ascending
-    top = mu[-1]
-    if bool(torch.isfinite(mu).all()) and top > 0 and mu[0] > (POLAR_RCOND ** 2) * top:
+    if _gram_route_ok(mu):
         s = mu.sqrt()
-        f = (x64 @ (q / s)) @ q.mT                     # x (xᵀx)^-½
-        return f.to(x.dtype), s.flip(0).to(x.dtype)
+        z = x64 @ (q / s)                              # = polar(x) Q: orthonormal columns
+        if dtype == torch.float32:
+            f = z.to(torch.float32) @ q.to(torch.float32).mT
+        else:
+            f = (z @ q.mT).to(dtype)
+        return f, s.flip(0).to(dtype)
     u, s, vh = torch.linalg.svd(x64, full_matrices=False)
-    return (u @ vh).to(x.dtype), s.to(x.dtype)
+    return (u @ vh).to(dtype), s.to(dtype)
 
 
-def isotropic(x: torch.Tensor) -> torch.Tensor:
+def isotropic(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``polar(x) · mean(sv(x))``: ``x`` with all its singular values set to their mean (Iso-C, ESM §6.5)."""
-    f, s = polar_and_singular_values(x)
+    f, s = polar_and_singular_values(x, dtype)
     return f * s.mean()
 
 
@@ -83,32 +110,98 @@ def polar(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-def _check_esd_inputs(delta: torch.Tensor, gram: torch.Tensor, n: int) -> None:
+def _check_esd_inputs(delta: torch.Tensor, gram: torch.Tensor | None, n: int, factor=None) -> None:
     if delta.ndim != 2:
         raise ValueError(f"ESD needs a 2-D task matrix, got shape {tuple(delta.shape)}")
     d_in = delta.shape[1]
-    if gram.shape != (d_in, d_in):
+    if gram is not None and gram.shape != (d_in, d_in):
         raise ValueError(f"Gram matrix must be {d_in}×{d_in} to match the task matrix "
                          f"{tuple(delta.shape)}, got {tuple(gram.shape)}")
+    if factor is not None and (factor.ndim != 2 or factor.shape[0] != d_in):
+        raise ValueError(f"Gram factor must be {d_in} × r to match the task matrix {tuple(delta.shape)}, "
+                         f"got {tuple(factor.shape)}")
+    if gram is None and factor is None:
+        raise ValueError("ESD needs the Gram matrix or a factor of it")
     if int(n) < 2:
         raise ValueError(f"ESD needs statistics over at least 2 input rows, got n={n}")
 
 
-def esd(delta: torch.Tensor, gram: torch.Tensor, n: int, *, columns: int | None = None
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+# Relative eigenvalue (μ_i / μ_max of MᵀM) below which the Gram route of the ESD does not trust a
+# column it is asked for: the column's error grows like eps64 · μ_max / μ_i (≤ 1e-8 here); the
+# exact route (thin SVD of M) runs instead.
+ESD_GRAM_RCOND = 1e-8
+
+
+def gram_factor(gram: torch.Tensor) -> torch.Tensor:
+    """``L`` (d_in × d_in, float64) with ``L Lᵀ = G``: Cholesky, or ``Q diag(√g)`` when G is singular."""
+    G = gram.to(torch.float64)
+    G = (G + G.mT) / 2
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) == 0 and bool(torch.isfinite(L).all()):
+        return L
+    g, Q = torch.linalg.eigh(G)
+    return Q * g.clamp_min(0).sqrt()
+
+
+def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int | None = None,
+        factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Essential Subspace Decomposition of one task matrix (SPEC §5).
 
     ``delta``: ΔW (d_out × d_in); ``gram``: ``G = XᵀX`` (d_in × d_in) of the
-    layer's inputs over ``n`` rows. Returns ``(P, λ)``: ``P`` (d_out × d_out,
-    float64) orthonormal eigenvectors of ``ΔW G ΔWᵀ`` ordered by the
+    layer's inputs over ``n`` rows — or ``factor``: any ``L`` (d_in × r) with
+    ``L Lᵀ = G``, e.g. the rows ``Xᵀ`` themselves when there are fewer rows than
+    inputs. Returns ``(P, λ)``: ``P`` (d_out × c, float64, c = ``columns`` or
+    d_out) orthonormal leading eigenvectors of ``ΔW G ΔWᵀ`` ordered by the
     eigenvalues ``λ`` (d_out, float64, descending, ``λ = s²/(n − 1)`` with s the
-    singular values of ``ΔO = XΔWᵀ``; tiny negatives clamped to 0; orthonormal
-    completion with λ = 0 beyond the rank). ``columns`` keeps only the first
-    columns of ``P`` (λ is always complete).
+    singular values of ``ΔO = XΔWᵀ``; tiny negatives clamped to 0).
 
-    Route (both exact in float64): for ``d_out ≤ d_in`` the eigh of the
-    d_out × d_out matrix ``ΔW G ΔWᵀ``; otherwise ``G = Q diag(g) Qᵀ``,
-    ``M = ΔW Q diag(√g)`` (so ``M Mᵀ = ΔW G ΔWᵀ``) and the thin SVD of M
+    Route: without a factor and with ``d_out ≤ d_in``, the eigh of ``ΔW G ΔWᵀ``
+    (d_out × d_out, as :func:`esd_exact`). Else ``M = ΔW L`` (d_out × r, so
+    ``M Mᵀ = ΔW G ΔWᵀ``; L from a Cholesky of G if no factor is given); for ``r ≤ d_out`` the
+    eigh of ``MᵀM`` (r × r) gives ``λ`` and ``P = M Q diag(μ^-½)`` for the
+    columns asked — no orthonormal completion is formed unless more columns than
+    the rank are asked; otherwise the eigh of ``MMᵀ`` (d_out × d_out). When a
+    column asked has ``μ_i < ESD_GRAM_RCOND · μ_max`` (error of the Gram route
+    above ~1e-8) the exact route :func:`esd_exact` runs instead.
+    """
+    _check_esd_inputs(delta, gram, n, factor)
+    d_out, d_in = delta.shape
+    want = d_out if columns is None else max(0, min(int(columns), d_out))
+    W = delta.to(torch.float64)
+    if factor is None and d_out <= d_in:                   # no factor of G needed: eigh of ΔW G ΔWᵀ
+        return esd_exact(delta, gram, n, columns=columns)
+    L = gram_factor(gram.to(W.device)) if factor is None else factor.to(W.device, torch.float64)
+    M = W @ L                                              # M Mᵀ = ΔW G ΔWᵀ (d_out × r)
+    r = M.shape[1]
+    if r > d_out:
+        C = M @ M.mT
+        C = (C + C.mT) / 2
+        ev, P = torch.linalg.eigh(C)
+        ev, P = ev.flip(0), P.flip(1)[:, :want]
+    else:
+        K = M.mT @ M
+        K = (K + K.mT) / 2
+        mu, Q = torch.linalg.eigh(K)                       # ascending
+        mu, Q = mu.flip(0), Q.flip(1)
+        top = float(mu[0]) if r > 0 else 0.0
+        c = min(want, r)
+        if c > 0 and not (top > 0 and float(mu[c - 1]) > ESD_GRAM_RCOND * top):
+            return esd_exact(delta, gram if gram is not None else L @ L.mT, n, columns=columns)
+        P = (M @ Q[:, :c]) / mu[:c].sqrt()
+        if want > c:                                       # orthonormal completion, only when asked
+            Qc = torch.linalg.qr(P, mode="complete")[0]
+            P = torch.cat([P, Qc[:, c:want]], dim=1)
+        ev = torch.cat([mu, mu.new_zeros(d_out - r)])
+    lam = ev.clamp_min(0) / (int(n) - 1)                   # λ = s²/(n − 1)
+    return P.contiguous(), lam
+
+
+def esd_exact(delta: torch.Tensor, gram: torch.Tensor, n: int, *, columns: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference ESD route (fd9a028's :func:`esd`; both branches exact in float64), same contract as :func:`esd`.
+
+    For ``d_out ≤ d_in`` the eigh of the d_out × d_out matrix ``ΔW G ΔWᵀ``;
+    otherwise ``G = Q diag(g) Qᵀ``, ``M = ΔW Q diag(√g)`` and the thin SVD of M
     (d_out × d_in), completed by a QR only when more than d_in columns are asked.
     """
     _check_esd_inputs(delta, gram, n)
@@ -172,13 +265,32 @@ def fingerprint(x: torch.Tensor) -> tuple:
 
 @dataclass
 class EsdEntry:
-    """One cached ESD: the first ``P.shape[1]`` eigenvectors, all eigenvalues, ‖ΔW‖F, and its fingerprint."""
+    """One cached ESD: the first ``P.shape[1]`` eigenvectors, all eigenvalues, ‖ΔW‖F, and its fingerprint.
+
+    ``A`` (optional) holds the coordinates ``P[:, :c]ᵀ ΔW`` (c × d_in, float32) of
+    the same columns, so a re-merge needs neither the task matrix nor a product with it.
+    """
     fp: tuple                  # fingerprint of (ΔW, G, n) it was computed from
     P: torch.Tensor            # d_out × c (float32)
     lam: torch.Tensor          # d_out (float64), descending
     norm: float                # ‖ΔW‖F
     rows: int                  # n
     complete: bool             # True when P holds all d_out columns
+    A: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(t.numel() * t.element_size() for t in (self.P, self.lam, self.A) if t is not None))
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
 
 
 @dataclass
@@ -189,7 +301,8 @@ class DecompositionCache:
     holds ``(fingerprint, value)`` for per-key results a method memoises (e.g.
     ESM's TSV-M keys and its per-key update before α). ``max_columns`` caps the
     eigenvector columns stored per entry (memory); by default every column up
-    to the structural rank ``min(d_in, n)`` (or the rank asked, if larger) is kept.
+    to the structural rank ``min(d_in, n)`` (or the rank asked, if larger) is
+    kept, or fewer when the caller says how many it can ever use (``keep=``).
     Counters: ``esd_calls`` (decompositions computed), ``esd_hits`` (reused).
     """
     max_columns: int | None = None
@@ -207,30 +320,53 @@ class DecompositionCache:
         self.esd_entries.clear()
         self.results.clear()
 
-    def esd(self, task: str, key: str, delta: torch.Tensor, gram: torch.Tensor, n: int, k: int = 0,
-            gram_fp: tuple | None = None, delta_fp: tuple | None = None) -> EsdEntry:
-        """The ESD of ``delta`` (task ``task``, key ``key``) with at least ``k`` eigenvector columns.
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensors held (ESD entries and memoised results)."""
+        return (sum(e.nbytes for e in self.esd_entries.values())
+                + sum(_nbytes(v) for _, v in self.results.values()))
 
-        Reused when the fingerprints of ``delta`` and ``gram`` and ``n`` match the
-        stored entry and it has enough columns; computed (and stored) otherwise.
-        """
-        fp = (delta_fp if delta_fp is not None else fingerprint(delta),
-              gram_fp if gram_fp is not None else fingerprint(gram), int(n))
-        d_out, d_in = delta.shape
-        k = max(0, min(int(k), d_out))
+    def lookup(self, task: str, key: str, fp: tuple, k: int = 0) -> EsdEntry | None:
+        """The stored entry of ``(task, key)`` if its fingerprint is ``fp`` and it has ≥ ``k`` columns (a hit), else None."""
         e = self.esd_entries.get((task, key))
         if e is not None and e.fp == fp and (e.complete or e.P.shape[1] >= k):
             self.esd_hits += 1
             return e
-        keep = min(d_in, int(n))
+        return None
+
+    def esd(self, task: str, key: str, delta: torch.Tensor, gram: torch.Tensor | None, n: int, k: int = 0,
+            gram_fp: tuple | None = None, delta_fp: tuple | None = None, *, factor: torch.Tensor | None = None,
+            keep: int | None = None, coords: bool = False) -> EsdEntry:
+        """The ESD of ``delta`` (task ``task``, key ``key``) with at least ``k`` eigenvector columns.
+
+        Reused when the fingerprints of ``delta`` and ``gram`` and ``n`` match the
+        stored entry and it has enough columns; computed (and stored) otherwise.
+        ``factor`` (``L Lᵀ = G``) may stand in for ``gram`` (then give ``gram_fp``);
+        ``keep`` caps the columns stored (never below ``k``); ``coords`` also
+        stores the coordinates ``A = P̂ᵀ ΔW``.
+        """
+        if gram is None and gram_fp is None:
+            raise ValueError("give gram_fp with a factor instead of the Gram matrix")
+        fp = (delta_fp if delta_fp is not None else fingerprint(delta),
+              gram_fp if gram_fp is not None else fingerprint(gram), int(n))
+        d_out, d_in = delta.shape
+        k = max(0, min(int(k), d_out))
+        e = self.lookup(task, key, fp, k)
+        if e is not None and (e.A is not None or not coords):
+            return e
+        c = min(d_in, int(n))
+        if keep is not None:
+            c = min(c, int(keep))
         if self.max_columns is not None:
-            keep = min(keep, int(self.max_columns))
-        c = min(d_out, max(k, keep))
-        _check_esd_inputs(delta, gram, n)
-        P, lam = esd(delta, gram, n, columns=c)
+            c = min(c, int(self.max_columns))
+        c = min(d_out, max(k, c))
+        _check_esd_inputs(delta, gram, n, factor)
+        P, lam = esd(delta, gram, n, columns=c, factor=factor)
         self.esd_calls += 1
+        W64 = delta.to(torch.float64)
+        A = (P.mT @ W64).to(torch.float32) if coords else None
         e = EsdEntry(fp=fp, P=P.to(torch.float32), lam=lam, rows=int(n), complete=(c == d_out),
-                     norm=float(torch.linalg.vector_norm(delta.to(torch.float64))))
+                     norm=float(torch.linalg.vector_norm(W64)), A=A)
         self.esd_entries[(task, key)] = e
         return e
 

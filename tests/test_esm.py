@@ -336,7 +336,7 @@ def test_re_merge_reuses_the_output_factor(monkeypatch):
     esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache)
     shapes = []
     real = esm_mod.isotropic
-    monkeypatch.setattr(esm_mod, "isotropic", lambda x: (shapes.append(tuple(x.shape)), real(x))[1])
+    monkeypatch.setattr(esm_mod, "isotropic", lambda x, *a: (shapes.append(tuple(x.shape)), real(x, *a))[1])
     esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache, p_dim=1.0, p_task=0.5)
     assert len(shapes) == len(ESD_KEYS)                          # one polar per ESD key: V (Tk × d_in) only
     assert all(s[1] == base[k].shape[1] for s, k in zip(shapes, ESD_KEYS))
