@@ -4,6 +4,10 @@ A method only sees a :class:`MergeContext`; it walks the merged keys one at a
 time (``ctx.deltas(key)`` gives the stacked task updates of one key, upcast to
 float32 on the merge device), so peak memory beyond the base model stays at
 about one layer times the number of tasks.
+
+``base`` and each task may also be a path to a ``.safetensors`` file or an
+:class:`esm_core.lazy.LazyCheckpoint`: the base is then read whole, the tasks
+key by key as the method asks for them (see :mod:`esm_core.lazy`).
 """
 from __future__ import annotations
 
@@ -72,16 +76,35 @@ class MergeContext:
             self.progress(min(max(frac, 0.0), 1.0), desc)
 
 
+def _inputs(base, tasks):
+    """Paths and lazy checkpoints → (base dict read whole, {name: mapping}, tasks read lazily)."""
+    from .lazy import LazyCheckpoint, as_state
+    base = as_state(base, name="base")
+    if isinstance(base, LazyCheckpoint):
+        base = base.load()
+    if isinstance(tasks, (list, tuple)):          # a list of paths: named by their file stems
+        from pathlib import Path
+        tasks = {Path(t).stem if isinstance(t, (str, Path)) else f"task{i}": t for i, t in enumerate(tasks)}
+    if not isinstance(tasks, Mapping):
+        raise ValueError(f"tasks must be {{name: state dict or path}}, got {type(tasks).__name__}")
+    return base, {name: as_state(sd, name=f"task {name!r}") for name, sd in tasks.items()}
+
+
 def merge_updates(method: str, base, tasks, *, device="auto", roles=None, layer_types=None, progress=None,
                   stats=None, inputs=None, cache=None, esd_keys=None, check=True, info=None, **params) -> dict:
     """Like :func:`merge` but returns only ``{key: update}`` (float32, CPU) for the merged keys."""
+    from .lazy import LazyCheckpoint, check_compatible_lazy
     m = get_method(method)
     p = m.resolve(params)
     if not tasks:
         raise ValueError("no task checkpoints given: merging needs at least one task")
+    base, tasks = _inputs(base, tasks)
     if check:
         for name, sd in tasks.items():
-            check_compatible(base, sd, name)
+            if isinstance(sd, LazyCheckpoint):
+                check_compatible_lazy(base, sd, name)
+            else:
+                check_compatible(base, sd, name)
     roles = dict(roles) if roles is not None else vit.roles_of(base)
     missing = [k for k in base if k not in roles]
     if missing:
@@ -111,10 +134,12 @@ def merge(method: str, base, tasks, **kwargs) -> dict[str, torch.Tensor]:
     """Merge task checkpoints into the base with a registered method.
 
     ``base``: state dict of the pre-trained model; ``tasks``: ``{name: state dict}``
-    of models fine-tuned from it. Keyword arguments are the method's parameters
+    of models fine-tuned from it (a state dict may also be a path to a
+    ``.safetensors`` file or a :class:`esm_core.lazy.LazyCheckpoint`, read lazily). Keyword arguments are the method's parameters
     (see ``esm-studio methods``; ``alpha`` for every method) plus ``device``
     ("auto", "cpu", "cuda"), ``roles`` / ``layer_types`` (for non-open_clip
     state dicts), ``progress`` (``fn(fraction, description)``), and for the ESM
     family ``stats`` / ``inputs`` / ``cache``. Returns the full merged state dict.
     """
+    base, tasks = _inputs(base, tasks)
     return apply_updates(base, merge_updates(method, base, tasks, **kwargs))

@@ -193,6 +193,14 @@ def _tensor_fp(t: torch.Tensor) -> tuple:
     return fp
 
 
+def _source_fp(sd, key: str) -> tuple:
+    """Fingerprint of ``sd[key]``: a lazy checkpoint's file identity (nothing read), else :func:`_tensor_fp`."""
+    fp = getattr(sd, "fingerprint", None)
+    if callable(fp):
+        return fp(key)
+    return _tensor_fp(sd[key])
+
+
 def _stats_fp(st) -> tuple:
     return st.fingerprint() if hasattr(st, "fingerprint") else fingerprint(st.gram)
 
@@ -221,7 +229,7 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
     tvals = list(ctx.tasks.values())
     for i, key in enumerate(keys):
         # fingerprints of the task updates, without forming them when the source tensors are known
-        src = (tuple(_tensor_fp(sd[key]) for sd in tvals), _tensor_fp(ctx.base[key]), str(ctx.device))
+        src = (tuple(_source_fp(sd, key) for sd in tvals), _source_fp(ctx.base, key), str(ctx.device))
         dfp = cache.get_result(("dfp", key), src)
         D = None
         if dfp is None:
