@@ -38,10 +38,12 @@ PROXY_IMAGES = 32
 
 def random_stats(base: dict, tasks: dict, seed: int = 0, rows: int = PROXY_IMAGES * TOKENS) -> dict:
     """A ``Stats`` dict from random token rows (held as the probe holds them) for every ESD key of ``base``."""
+    from .lazy import LazyCheckpoint, as_state
+    base = as_state(base, name="base")
     g = torch.Generator().manual_seed(seed)
     layers = {}
     for key in vit.esd_keys(base):
-        d_in = base[key].shape[1]
+        d_in = base.shape(key)[1] if isinstance(base, LazyCheckpoint) else base[key].shape[1]
         a = _Accumulator()
         a.add(torch.randn(rows, d_in, generator=g))
         layers[key] = a.result()
@@ -117,7 +119,8 @@ def esm_reference(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float =
 
 def reference_updates(base, tasks, *, stats, device="cpu", **params) -> dict[str, torch.Tensor]:
     """:func:`esm_reference` through the same context ``merge_updates`` builds (no compatibility check)."""
-    from .merge import MergeContext, resolve_device
+    from .merge import MergeContext, _inputs, resolve_device
+    base, tasks = _inputs(base, tasks)
     ctx = MergeContext(base=base, tasks=tasks, roles=vit.roles_of(base), layer_types=vit.layer_types_of(base),
                        device=resolve_device(device), stats=stats)
     return {k: v.to("cpu", torch.float32) for k, v in esm_reference(ctx, **params).items()}
