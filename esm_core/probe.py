@@ -71,10 +71,9 @@ class LayerStats:
 
     def fingerprint(self) -> tuple:
         """Content checksum of the statistics (memoised: statistics are not modified in place)."""
-        if self._fp is None:
+        if self._fp is None:                # a held Gram: exactly fingerprint(gram), as callers without this method use
             from .decompose import fingerprint
-            src = self._gram if self._gram is not None else self.rows
-            self._fp = ("gram" if self._gram is not None else "rows", fingerprint(src), self.n)
+            self._fp = fingerprint(self._gram) if self._gram is not None else ("rows", fingerprint(self.rows))
         return self._fp
 
     @property
