@@ -155,7 +155,7 @@ def _with_spectrum(m, n, svals, seed):
     return u @ torch.diag(torch.tensor(svals, dtype=torch.float64)) @ v.mT
 
 
-@pytest.mark.parametrize("cond", [1e3, 1e5, 3e5])
+@pytest.mark.parametrize("cond", [1e3, 1e5, 3e5, 1e6, 3e6, 1e7])
 def test_polar_gram_route_within_its_tolerance_when_ill_conditioned(cond):
     # cond 1e5 / 3e5: below fd9a028's σ-ratio test (1e-5) the SVD ran; now the Gram route is accepted when its
     # estimated relative Frobenius error ≤ POLAR_TOL (1e-6) and must then be that close to the SVD's factor
@@ -240,3 +240,14 @@ def test_cache_keeps_coordinates_and_at_most_keep_columns():
     # the rows as the factor give the same decomposition
     e2 = DecompositionCache().esd("a", "w", W, None, 30, k=3, gram_fp=("rows",), factor=X.mT, coords=True)
     assert _subspace_gap(e2.P[:, :3].double(), e.P.double()) < 1e-6
+
+
+def test_polar_measured_defect_decides_between_the_routes():
+    # a priori estimate above POLAR_TOL: the probed orthogonality defect decides; the result meets POLAR_TOL
+    x = _with_spectrum(80, 50, torch.logspace(0, -6, 50).tolist(), seed=31)
+    mu = torch.linalg.eigvalsh(x.mT @ x)
+    assert decompose.POLAR_TOL < decompose._gram_route_estimate(mu) <= decompose.POLAR_GIVE_UP
+    f = polar(x)
+    ref = polar_svd(x)
+    assert float((f - ref).norm() / ref.norm()) < POLAR_TOL
+    assert decompose.orthogonality_defect(polar_svd(x)) < 1e-13 and decompose.orthogonality_defect(x) > 0.1
