@@ -168,7 +168,7 @@ def gram_factor(gram: torch.Tensor) -> torch.Tensor:
 
 
 def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int | None = None,
-        factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        factor: torch.Tensor | None = None, coords: bool = False):
     """Essential Subspace Decomposition of one task matrix (SPEC §5).
 
     ``delta``: ΔW (d_out × d_in); ``gram``: ``G = XᵀX`` (d_in × d_in) of the
@@ -177,47 +177,58 @@ def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int 
     inputs. Returns ``(P, λ)``: ``P`` (d_out × c, float64, c = ``columns`` or
     d_out) orthonormal leading eigenvectors of ``ΔW G ΔWᵀ`` ordered by the
     eigenvalues ``λ`` (d_out, float64, descending, ``λ = s²/(n − 1)`` with s the
-    singular values of ``ΔO = XΔWᵀ``; tiny negatives clamped to 0).
+    singular values of ``ΔO = XΔWᵀ``; tiny negatives clamped to 0). With
+    ``coords=True``, ``(P, λ, A)`` with the coordinates ``A = PᵀΔW`` (c × d_in, float64).
 
     Route: without a factor and with ``d_out ≤ d_in``, the eigh of ``ΔW G ΔWᵀ``
-    (d_out × d_out, as :func:`esd_exact`). Else ``M = ΔW L`` (d_out × r, so
-    ``M Mᵀ = ΔW G ΔWᵀ``; L from a Cholesky of G if no factor is given); for ``r ≤ d_out`` the
-    eigh of ``MᵀM`` (r × r) gives ``λ`` and ``P = M Q diag(μ^-½)`` for the
-    columns asked — no orthonormal completion is formed unless more columns than
-    the rank are asked; otherwise the eigh of ``MMᵀ`` (d_out × d_out). When a
-    column asked has ``μ_i < ESD_GRAM_RCOND · μ_max`` (error of the Gram route
-    above ~1e-8) the exact route :func:`esd_exact` runs instead.
+    (d_out × d_out, as :func:`esd_exact`). Else, with ``M = ΔW L`` (d_out × r,
+    ``M Mᵀ = ΔW G ΔWᵀ``; L from a Cholesky of G if no factor is given): for
+    ``r ≤ d_out`` the eigh of ``MᵀM = Lᵀ(ΔWᵀΔW)L`` (r × r) gives ``λ``, and
+    ``P = ΔW B`` with ``B = L Q diag(μ^-½)`` for the columns asked (``A = Bᵀ(ΔWᵀΔW)``)
+    — M itself is never formed and no orthonormal completion is, unless more
+    columns than the rank are asked; for ``r > d_out`` the eigh of ``MMᵀ``
+    (d_out × d_out). When a column asked has ``μ_i < ESD_GRAM_RCOND · μ_max``
+    (error of the Gram route above ~1e-8) the exact route :func:`esd_exact` runs.
     """
     _check_esd_inputs(delta, gram, n, factor)
     d_out, d_in = delta.shape
     want = d_out if columns is None else max(0, min(int(columns), d_out))
     W = delta.to(torch.float64)
+
+    def done(P, lam, WtW=None, B=None):
+        if not coords:
+            return P, lam
+        if WtW is not None and B is not None and B.shape[1] == P.shape[1]:
+            return P, lam, B.mT @ WtW                      # PᵀΔW = Bᵀ ΔWᵀΔW
+        return P, lam, P.mT @ W
+
     if factor is None and d_out <= d_in:                   # no factor of G needed: eigh of ΔW G ΔWᵀ
-        return esd_exact(delta, gram, n, columns=columns)
+        return done(*esd_exact(delta, gram, n, columns=columns))
     L = gram_factor(gram.to(W.device)) if factor is None else factor.to(W.device, torch.float64)
-    M = W @ L                                              # M Mᵀ = ΔW G ΔWᵀ (d_out × r)
-    r = M.shape[1]
+    r = L.shape[1]
     if r > d_out:
+        M = W @ L                                          # M Mᵀ = ΔW G ΔWᵀ (d_out × r)
         C = M @ M.mT
         C = (C + C.mT) / 2
         ev, P = torch.linalg.eigh(C)
         ev, P = ev.flip(0), P.flip(1)[:, :want]
-    else:
-        K = M.mT @ M
-        K = (K + K.mT) / 2
-        mu, Q = torch.linalg.eigh(K)                       # ascending
-        mu, Q = mu.flip(0), Q.flip(1)
-        top = float(mu[0]) if r > 0 else 0.0
-        c = min(want, r)
-        if c > 0 and not (top > 0 and float(mu[c - 1]) > ESD_GRAM_RCOND * top):
-            return esd_exact(delta, gram if gram is not None else L @ L.mT, n, columns=columns)
-        P = (M @ Q[:, :c]) / mu[:c].sqrt()
-        if want > c:                                       # orthonormal completion, only when asked
-            Qc = torch.linalg.qr(P, mode="complete")[0]
-            P = torch.cat([P, Qc[:, c:want]], dim=1)
-        ev = torch.cat([mu, mu.new_zeros(d_out - r)])
-    lam = ev.clamp_min(0) / (int(n) - 1)                   # λ = s²/(n − 1)
-    return P.contiguous(), lam
+        return done(P.contiguous(), ev.clamp_min(0) / (int(n) - 1))
+    WtW = W.mT @ W                                         # d_in × d_in
+    K = L.mT @ WtW @ L                                     # = MᵀM (r × r)
+    K = (K + K.mT) / 2
+    mu, Q = torch.linalg.eigh(K)                           # ascending
+    mu, Q = mu.flip(0), Q.flip(1)
+    top = float(mu[0]) if r > 0 else 0.0
+    c = min(want, r)
+    if c > 0 and not (top > 0 and float(mu[c - 1]) > ESD_GRAM_RCOND * top):
+        return done(*esd_exact(delta, gram if gram is not None else L @ L.mT, n, columns=columns))
+    B = (L @ Q[:, :c]) / mu[:c].sqrt()                     # P = M Q μ^-½ = ΔW B
+    P = W @ B
+    if want > c:                                           # orthonormal completion, only when asked
+        Qc = torch.linalg.qr(P, mode="complete")[0]
+        P = torch.cat([P, Qc[:, c:want]], dim=1)
+    ev = torch.cat([mu, mu.new_zeros(d_out - r)])
+    return done(P.contiguous(), ev.clamp_min(0) / (int(n) - 1), WtW, B)
 
 
 def esd_exact(delta: torch.Tensor, gram: torch.Tensor, n: int, *, columns: int | None = None
@@ -385,12 +396,12 @@ class DecompositionCache:
             c = min(c, int(self.max_columns))
         c = min(d_out, max(k, c))
         _check_esd_inputs(delta, gram, n, factor)
-        P, lam = esd(delta, gram, n, columns=c, factor=factor)
+        out = esd(delta, gram, n, columns=c, factor=factor, coords=coords)
+        P, lam = out[0], out[1]
+        A = out[2].to(torch.float32) if coords else None
         self.esd_calls += 1
-        W64 = delta.to(torch.float64)
-        A = (P.mT @ W64).to(torch.float32) if coords else None
         e = EsdEntry(fp=fp, P=P.to(torch.float32), lam=lam, rows=int(n), complete=(c == d_out),
-                     norm=float(torch.linalg.vector_norm(W64)), A=A)
+                     norm=float(torch.linalg.vector_norm(delta, dtype=torch.float64)), A=A)
         self.esd_entries[(task, key)] = e
         return e
 

@@ -200,6 +200,8 @@ def test_fast_esd_equals_exact_route(d_out, d_in, N, form):
         torch.testing.assert_close(P.mT @ P, torch.eye(c, dtype=torch.float64), rtol=0, atol=1e-7)
         for j in range(1, c + 1):                  # every leading span (gaps are generic here)
             assert _subspace_gap(P[:, :j], Pe[:, :j]) < 1e-7, (c, j)
+        _, _, A = esd(W, G if form == "gram" else None, N, columns=c, coords=True, **kw)
+        torch.testing.assert_close(A, P.mT @ W, rtol=0, atol=1e-9 * float(W.norm()))
 
 
 def test_fast_esd_ill_conditioned_and_rank_deficient():
