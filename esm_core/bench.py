@@ -192,6 +192,7 @@ def _finish_row(job: Job, row: dict, base, tasks, device, state, res) -> dict:
     if job.check is not None:
         if isinstance(state, dict):
             state["_ref_seconds"] = row["seconds"]
+            state["_ref_cpu_seconds"] = row.get("cpu_seconds")
         row.update(job.check(base, tasks, device, state, res))
     return row
 
@@ -303,17 +304,20 @@ def _run_cpu_job(job: Job, blocks: int, tasks: int, seed: int, repeat: int, path
     dev = torch.device("cpu")
     base, tsk = paths if paths is not None else make_checkpoints(blocks, tasks, seed)
     state = job.setup(base, tsk, dev) if job.setup is not None else None
-    times, peak, res = [], 0, None
+    times, cpu, peak, res = [], [], 0, None
     for _ in range(repeat):
         res = None
         _trim_heap()
         before = _proc_status_kib("VmRSS")
         _reset_peak_rss()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = job.run(base, tsk, dev, state)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         peak = max(peak, (_proc_status_kib("VmHWM") - before) * 1024)
-    return _finish_row(job, _row(job, times, peak, "cpu-rss"), base, tsk, dev, state, res)
+    row = _row(job, times, peak, "cpu-rss")
+    row["cpu_seconds"], row["cpu_seconds_all"] = min(cpu), cpu
+    return _finish_row(job, row, base, tsk, dev, state, res)
 
 
 def _child_main(conn, job: Job, blocks: int, tasks: int, seed: int, repeat: int, paths=None) -> None:
@@ -444,22 +448,33 @@ def _bench(result: dict, jobs: list[Job], dev, blocks, tasks, seed, repeat, prog
 def _add_speedups(result: dict) -> dict:
     """Warm-cache rows get ``speedup_vs_cold``: the cold ``esm`` row's seconds over theirs (same run); the
     reference row (fd9a028's route) gets ``cold_speedup``: its seconds over the cold ``esm`` row's."""
-    cold = next((r["seconds"] for r in result["rows"] if r.get("cache") == "cold"), None)
+    cold_row = next((r for r in result["rows"] if r.get("cache") == "cold"), None)
+    cold = cold_row["seconds"] if cold_row else None
+    cold_cpu = cold_row.get("cpu_seconds") if cold_row else None
     for r in result["rows"]:
         if r.get("cache") == "warm" and cold is not None and r["seconds"] > 0:
             r["speedup_vs_cold"] = cold / r["seconds"]
+            if cold_cpu and r.get("cpu_seconds"):
+                r["cpu_speedup_vs_cold"] = cold_cpu / r["cpu_seconds"]
         if r.get("cache") == "reference" and cold:
             r["cold_speedup"] = r["seconds"] / cold
+            if cold_cpu and r.get("cpu_seconds"):
+                r["cold_cpu_speedup"] = r["cpu_seconds"] / cold_cpu
     return result
 
 
 def _notes(r: dict) -> str:
     out = []
+    if "cpu_seconds" in r:
+        out.append(f"cpu {r['cpu_seconds']:.2f} s" + (f" ({r['cpu_speedup_vs_cold']:.1f}×)"
+                                                      if "cpu_speedup_vs_cold" in r else ""))
     if "cold_speedup" in r:
-        out.append(f"new cold {r['cold_speedup']:.1f}× faster")
+        out.append(f"new cold {r['cold_speedup']:.1f}× faster" + (f" ({r['cold_cpu_speedup']:.1f}× in cpu s)"
+                                                                 if "cold_cpu_speedup" in r else ""))
     if "new_seconds" in r:
-        out.append(f"in-process: new {r['new_seconds']:.2f} s ({r['speedup_new_vs_reference']:.1f}×), "
-                   f"max rel diff {r['max_rel_diff']:.1e}")
+        out.append(f"in-process: new {r['new_seconds']:.2f} s ({r['speedup_new_vs_reference']:.1f}×"
+                   + (f", {r['cpu_speedup_new_vs_reference']:.1f}× in cpu s" if "cpu_speedup_new_vs_reference" in r
+                      else "") + f"), max rel diff {r['max_rel_diff']:.1e}")
     if "stats_bytes" in r:
         out.append(f"stats {r['stats_bytes'] / MiB:.0f} MiB")
     if "cache_bytes" in r:

@@ -168,11 +168,14 @@ def _run_reference(base, tasks, device, state, **params):
 
 def _check_reference(base, tasks, device, state, result) -> dict:
     """After the timed reference merge: time the new route once and compare its updates with the reference's."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     new = _run_esm(base, tasks, device, {"stats": state["stats"]})
-    secs = time.perf_counter() - t0
-    return {"new_seconds": secs, "speedup_new_vs_reference": (state.get("_ref_seconds") or 0) / secs,
-            "max_rel_diff": max_rel_diff(new, result)}
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    out = {"new_seconds": secs, "speedup_new_vs_reference": (state.get("_ref_seconds") or 0) / secs,
+           "new_cpu_seconds": cpu, "max_rel_diff": max_rel_diff(new, result)}
+    if state.get("_ref_cpu_seconds"):
+        out["cpu_speedup_new_vs_reference"] = state["_ref_cpu_seconds"] / cpu
+    return out
 
 
 REMERGES = [
