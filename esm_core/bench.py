@@ -15,6 +15,10 @@ method itself plus moving its updates to the CPU; no compatibility check). A
 job may have an untimed ``setup`` (e.g. a cold merge that fills a cache, so that
 ``run`` measures a re-merge). Other modules add jobs with :func:`register_jobs`.
 
+Rows give wall-clock ``seconds`` and, on the CPU, ``cpu_seconds`` (process
+time of the job): on a machine shared with other work the wall clock of
+identical runs varied 1.5×, CPU time far less, so speed-ups are printed for both.
+
 Peak memory is the extra memory a job needs on top of the loaded checkpoints:
 
 - CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the job
