@@ -80,6 +80,10 @@ def _share(cum: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
 def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: str, k: int):
     st = task_layer_stats(stats, name, key)
     d = _delta(base, tasks, name, key)
+    if hasattr(st, "fingerprint"):      # probe statistics: the same fingerprint and factor ESM uses (shared entries)
+        f = st.factor()
+        return cache.esd(name, key, d, None if f is not None else st.gram, int(st.n), k=k,
+                         gram_fp=st.fingerprint(), factor=f), d, st
     return cache.esd(name, key, d, st.gram, int(st.n), k=k), d, st
 
 

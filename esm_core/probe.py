@@ -10,9 +10,14 @@ every requested layer type, the *input* of that linear layer:
 * ``mlp.c_proj.weight`` — the input of ``block.mlp.c_proj`` (the activation
   output, 4·width).
 
-Tokens are flattened (rows = batch · tokens, whatever the layout) and folded
-into float64 running sums ``G += XᵀX``, ``n += rows``, ``s += ΣX``: memory does
-not grow with the number of samples.
+Tokens are flattened (rows = batch · tokens, whatever the layout). Per layer
+the cheaper of two exact forms is kept: the rows themselves (float32, or
+float64 when the inputs are) while they take no more memory than the Gram
+matrix, i.e. ``n ≤ 2 · d_in`` for float32 rows, and from there on float64
+running sums ``G += XᵀX`` (memory does not grow with the number of samples).
+``n`` and the float64 sum of the rows are always kept. For a ViT-B/32
+``mlp.c_proj`` input (d_in 3072) probed on 32 images (1,600 rows) that is 20 MB
+of rows instead of a 75 MB Gram matrix.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from typing import Callable, Iterable
 import torch
 
 from .device import resolve_device
-from .merging.stats import LayerStats, _Accumulator, stats_from_inputs, task_layer_stats  # noqa: F401 (re-exported)
+from .merging.stats import (LayerStats, _Accumulator, stats_from_inputs, stats_nbytes,  # noqa: F401 (re-exported)
+                            task_layer_stats)
 from .models import openclip_vit as vit
 
 

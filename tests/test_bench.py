@@ -132,3 +132,27 @@ def test_warm_rows_get_their_speedup_over_the_cold_row():
                          "rows": rows})
     assert res["rows"][2]["speedup_vs_cold"] == 24.0 and "speedup_vs_cold" not in res["rows"][0]
     assert "24.0×" in format_table(res).splitlines()[-1]
+
+
+def test_lazy_bench_merges_from_files_and_removes_them(tmp_path, monkeypatch):
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    res = bench(blocks=1, tasks=2, methods=["ta"], device="cpu", model="ViT-B-32", lazy=True)
+    assert res["lazy"] is True and res["model"] == "ViT-B-32" and [r["name"] for r in res["rows"]] == ["ta"]
+    assert res["rows"][0]["peak_extra_mib"] > 0
+    assert list(tmp_path.iterdir()) == []                  # the checkpoints were deleted
+
+
+def test_model_shapes_and_written_checkpoints(tmp_path):
+    from esm_core.bench.core import vit_shapes, write_checkpoints
+    from esm_core.lazy import LazyCheckpoint
+    l14 = vit_shapes("ViT-L-14")
+    assert l14["visual.positional_embedding"] == (257, 1024) and l14["visual.proj"] == (1024, 768)
+    assert l14["visual.transformer.resblocks.23.mlp.c_fc.weight"] == (4096, 1024)
+    assert "visual.transformer.resblocks.24.ln_1.weight" not in l14
+    assert sum(torch.Size(s).numel() for s in l14.values()) == 303_966_208
+    base_path, paths = write_checkpoints(tmp_path, 1, 2, seed=3)
+    base, tasks = make_checkpoints(blocks=1, tasks=2, seed=3)
+    ck = LazyCheckpoint(paths["task1"])
+    k = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    assert torch.equal(ck[k], tasks["task1"][k]) and torch.equal(LazyCheckpoint(base_path)[k], base[k])

@@ -140,3 +140,116 @@ def test_cache_reuses_and_refreshes(monkeypatch):
     assert len(calls) == 4 and c.esd_calls == 4
     capped = DecompositionCache(max_columns=1)
     assert capped.esd("a", "w", W, G, 10, k=2).P.shape == (9, 2)
+
+
+# ---------------------------------------------------------------------------
+# Fast routes against the exact ones (issue 13): stated tolerances, ill-conditioned and rank-deficient cases
+# ---------------------------------------------------------------------------
+
+from esm_core.merging.decompose import POLAR_TOL, esd_exact, gram_factor  # noqa: E402
+
+
+def _with_spectrum(m, n, svals, seed):
+    u = torch.linalg.qr(_rand(m, len(svals), seed=seed))[0]
+    v = torch.linalg.qr(_rand(n, len(svals), seed=seed + 1))[0]
+    return u @ torch.diag(torch.tensor(svals, dtype=torch.float64)) @ v.mT
+
+
+@pytest.mark.parametrize("cond", [1e3, 1e5, 3e5, 1e6, 3e6, 1e7])
+def test_polar_gram_route_within_its_tolerance_when_ill_conditioned(cond):
+    # cond 1e5 / 3e5: below fd9a028's σ-ratio test (1e-5) the SVD ran; now the Gram route is accepted when its
+    # estimated relative Frobenius error ≤ POLAR_TOL (1e-6) and must then be that close to the SVD's factor
+    n = 40
+    svals = torch.logspace(0, -float(torch.log10(torch.tensor(cond))), n).tolist()
+    x = _with_spectrum(60, n, svals, seed=11)
+    f, s = polar_and_singular_values(x)
+    ref = polar_svd(x)
+    assert float((f - ref).norm() / ref.norm()) < POLAR_TOL
+    torch.testing.assert_close(s, torch.linalg.svdvals(x), rtol=0, atol=1e-10)     # absolute: eps · σ_max
+    x32 = x.float()                              # float32 out: z Qᵀ in float32, still close (to the rounded input's)
+    ref32 = polar_svd(x32.double())
+    assert float((polar(x32).double() - ref32).norm() / ref32.norm()) < 1e-6
+
+
+def test_polar_float32_output_of_a_float64_input():
+    x = _rand(30, 12, seed=12)
+    f, s = polar_and_singular_values(x, torch.float32)
+    assert f.dtype == torch.float32 and s.dtype == torch.float32
+    assert float((f.double() - polar_svd(x)).norm() / polar_svd(x).norm()) < 1e-6
+
+
+def _subspace_gap(P, Q):
+    """‖P Pᵀ − Q Qᵀ‖F / √k: 0 for the same span (sign and degenerate-rotation free)."""
+    return float((P @ P.mT - Q @ Q.mT).norm()) / max(P.shape[1], 1) ** 0.5
+
+
+@pytest.mark.parametrize("d_out,d_in,N", [(12, 5, 30), (12, 5, 4), (5, 12, 30), (5, 12, 8), (9, 9, 9)])
+@pytest.mark.parametrize("form", ["gram", "rows"])
+def test_fast_esd_equals_exact_route(d_out, d_in, N, form):
+    X, W, G = _esd_case(d_out, d_in, N, seed=d_out + d_in + N)
+    r = min(d_out, d_in, N)
+    kw = {"factor": X.mT} if form == "rows" else {}
+    for c in sorted({1, r // 2, r}):
+        if c < 1:
+            continue
+        P, lam = esd(W, G if form == "gram" else None, N, columns=c, **kw)
+        Pe, le = esd_exact(W, G, N, columns=c)
+        assert P.shape == (d_out, c)
+        torch.testing.assert_close(lam, le, rtol=1e-9, atol=1e-9 * float(le[0]))
+        # stated bound: a column's error ≲ eps64 / ESD_GRAM_RCOND ≈ 2e-8 (else the exact route runs)
+        torch.testing.assert_close(P.mT @ P, torch.eye(c, dtype=torch.float64), rtol=0, atol=1e-7)
+        for j in range(1, c + 1):                  # every leading span (gaps are generic here)
+            assert _subspace_gap(P[:, :j], Pe[:, :j]) < 1e-7, (c, j)
+        _, _, A = esd(W, G if form == "gram" else None, N, columns=c, coords=True, **kw)
+        torch.testing.assert_close(A, P.mT @ W, rtol=0, atol=1e-9 * float(W.norm()))
+
+
+def test_fast_esd_ill_conditioned_and_rank_deficient():
+    # output shift with singular values spanning 1e6 (λ spans 1e12): the asked columns are still exact
+    X = _with_spectrum(50, 10, torch.logspace(0, -3, 10).tolist(), seed=21)
+    W = _with_spectrum(14, 10, torch.logspace(0, -3, 10).tolist(), seed=23)
+    G = X.mT @ X
+    for c in (3, 6):
+        P, lam = esd(W, G, 50, columns=c)
+        Pe, le = esd_exact(W, G, 50, columns=c)
+        torch.testing.assert_close(lam, le, rtol=1e-6, atol=1e-12 * float(le[0]))
+        assert _subspace_gap(P, Pe) < 1e-6
+    # rank-deficient task matrix (rank 3 < d_in): columns beyond the rank fall back to the exact route
+    Wd = _rand(14, 3, seed=24) @ _rand(3, 10, seed=25)
+    P, lam = esd(Wd, G, 50, columns=6)
+    Pe, le = esd_exact(Wd, G, 50, columns=6)
+    assert P.shape == (14, 6)
+    torch.testing.assert_close(P.mT @ P, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert _subspace_gap(P[:, :3], Pe[:, :3]) < 1e-8
+    assert float(lam[3:].abs().max()) < 1e-9 * float(lam[0])
+    # singular Gram (fewer rows than inputs): the factor falls back from Cholesky to eigh
+    Xs = _rand(4, 10, seed=26)
+    L = gram_factor(Xs.mT @ Xs)
+    torch.testing.assert_close(L @ L.mT, Xs.mT @ Xs, rtol=0, atol=1e-10)
+    P, lam = esd(W, Xs.mT @ Xs, 4, columns=3)
+    Pe, le = esd_exact(W, Xs.mT @ Xs, 4, columns=3)
+    assert _subspace_gap(P, Pe) < 1e-8
+
+
+def test_cache_keeps_coordinates_and_at_most_keep_columns():
+    X, W, G = _esd_case(9, 6, 30)
+    c = DecompositionCache()
+    e = c.esd("a", "w", W, G, 30, k=2, keep=3, coords=True)
+    assert e.P.shape == (9, 3) and e.A.shape == (3, 6) and e.A.dtype == torch.float32
+    torch.testing.assert_close(e.A.double(), e.P.double().mT @ W, rtol=1e-5, atol=1e-6)
+    assert c.nbytes == e.nbytes > 0
+    assert c.lookup("a", "w", e.fp, 3) is e and c.lookup("a", "w", e.fp, 4) is None
+    # the rows as the factor give the same decomposition
+    e2 = DecompositionCache().esd("a", "w", W, None, 30, k=3, gram_fp=("rows",), factor=X.mT, coords=True)
+    assert _subspace_gap(e2.P[:, :3].double(), e.P.double()) < 1e-6
+
+
+def test_polar_measured_defect_decides_between_the_routes():
+    # a priori estimate above POLAR_TOL: the probed orthogonality defect decides; the result meets POLAR_TOL
+    x = _with_spectrum(80, 50, torch.logspace(0, -6, 50).tolist(), seed=31)
+    mu = torch.linalg.eigvalsh(x.mT @ x)
+    assert decompose.POLAR_TOL < decompose._gram_route_estimate(mu) <= decompose.POLAR_GIVE_UP
+    f = polar(x)
+    ref = polar_svd(x)
+    assert float((f - ref).norm() / ref.norm()) < POLAR_TOL
+    assert decompose.orthogonality_defect(polar_svd(x)) < 1e-13 and decompose.orthogonality_defect(x) > 0.1

@@ -138,3 +138,32 @@ def test_stats_from_inputs():
     torch.testing.assert_close(st.mean, Xf.mean(0))
     with pytest.raises(ValueError, match="rows × d_in"):
         stats_from_inputs({"t": {"w": torch.ones(3)}})
+
+
+def test_stats_keep_the_cheaper_of_rows_and_gram():
+    """Rows (float32 for float32 inputs) while they take no more memory than the float64 Gram, then the Gram."""
+    g = torch.Generator().manual_seed(3)
+    few = torch.randn(30, 16, generator=g)                   # 30 · 4 B ≤ 16 · 8 B per column: rows
+    many = torch.randn(40, 16, generator=g)                  # 40 · 4 B > 128 B: Gram
+    stats = stats_from_inputs({"t": {"few": few, "many": many, "f64": few.double()[:12]}})["tasks"]["t"]
+    st = stats["few"]
+    assert st.rows is not None and st.rows.dtype == torch.float32 and st.n == 30
+    assert st.nbytes < 16 * 16 * 8 + 16 * 8
+    torch.testing.assert_close(st.gram, few.double().T @ few.double(), rtol=1e-12, atol=1e-12)
+    assert st.gram.dtype == torch.float64
+    assert st.factor() is None                                # 30 rows > 16 inputs: no cheaper factor than G's
+    st64 = stats["f64"]
+    assert st64.rows is not None and st64.rows.dtype == torch.float64 and st64.factor().shape == (16, 12)
+    sm = stats["many"]
+    assert sm.rows is None and sm.gram.dtype == torch.float64 and sm.n == 40
+    torch.testing.assert_close(sm.gram, many.double().T @ many.double(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sm.mean, many.double().mean(0), rtol=1e-12, atol=1e-12)
+    # streaming: rows first, switching to the Gram when they grow past it, same statistics
+    from esm_core.probe import _Accumulator
+    a = _Accumulator()
+    for chunk in many.split(7):
+        a.add(chunk)
+    r = a.result()
+    assert r.rows is None
+    torch.testing.assert_close(r.gram, sm.gram, rtol=1e-12, atol=1e-12)
+    assert st.fingerprint() == st.fingerprint() and st.fingerprint() != sm.fingerprint()

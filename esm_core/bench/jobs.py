@@ -24,3 +24,5 @@ class Job:
     run: Callable[[dict, dict, torch.device, Any], Any]
     setup: Callable[[dict, dict, torch.device], Any] | None = None
     extra: dict = field(default_factory=dict)       # copied into the row
+    # untimed, after the timed runs: ``check(base, tasks, device, state, last result) -> dict`` merged into the row
+    check: Callable[[dict, dict, torch.device, Any, Any], dict] | None = None

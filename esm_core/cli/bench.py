@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from ..bench import FULL_BLOCKS, bench, format_table
+from ..bench import bench, format_table
+from ..bench.core import MODELS
 from ..bench import core as _core
 
 __doc__ = _core.__doc__
@@ -16,7 +17,8 @@ def cmd_bench(args) -> int:
         print(f"[{frac:4.0%}] {desc}", file=sys.stderr, flush=True)
 
     res = bench(blocks=args.blocks, tasks=args.tasks, methods=methods, device=args.device, repeat=args.repeat,
-                seed=args.seed, progress=None if args.quiet else progress)
+                seed=args.seed, progress=None if args.quiet else progress, model=args.model,
+                lazy=True if args.lazy else None)
     print(json.dumps(res, indent=2) if args.json else format_table(res))
     return 0
 
@@ -24,10 +26,15 @@ def cmd_bench(args) -> int:
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("bench", help="time every merging method and measure its peak memory",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--blocks", type=int, default=FULL_BLOCKS, help="transformer blocks of the ViT-B/32 (default 12)")
+    p.add_argument("--blocks", type=int, default=None, help="transformer blocks kept (default: all of the model's)")
+    p.add_argument("--model", default="ViT-B-32", choices=sorted(MODELS),
+                   help="tower shapes (default ViT-B-32); other models are written to disk and merged lazily")
+    p.add_argument("--lazy", action="store_true", help="write the checkpoints to a temporary folder as safetensors "
+                                                       "and merge from the paths (key by key)")
     p.add_argument("--tasks", type=int, default=8, help="number of task checkpoints (default 8)")
     p.add_argument("--methods", default=None, help="comma-separated job names (default: every method that "
-                                                   "needs no activation statistics, plus esm, esm_remerge, esm_exponent, esm_alpha)")
+                                                   "needs no activation statistics, plus the ESM rows: esm, esm_reference, esm_remerge, esm_p_task, "
+                                                   "esm_exponent, esm_p_layer, esm_eig_exp, esm_ortho, esm_alpha)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--repeat", type=int, default=1, help="runs per method; the best time is reported")
     p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoints")

@@ -4,16 +4,22 @@ A method only sees a :class:`MergeContext`; it walks the merged keys one at a
 time (``ctx.deltas(key)`` gives the stacked task updates of one key, upcast to
 float32 on the merge device), so peak memory beyond the base model stays at
 about one layer times the number of tasks.
+
+``base`` and each task may also be a path to a ``.safetensors`` file or an
+:class:`esm_core.lazy.LazyCheckpoint`: the base is then read whole, the tasks
+key by key as the method asks for them (see :mod:`esm_core.lazy`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from .. import models
 from ..checkpoints import check_compatible, check_finite
+from ..lazy import LazyCheckpoint, as_state, check_compatible_lazy
 from ..device import resolve_device
 from ..models.roles import OWN, SKIP
 from .registry import get_method
@@ -62,6 +68,18 @@ class MergeContext:
             self.progress(min(max(frac, 0.0), 1.0), desc)
 
 
+def _inputs(base, tasks):
+    """Paths and lazy checkpoints → (base dict read whole, {name: mapping}, tasks read lazily)."""
+    base = as_state(base, name="base")
+    if isinstance(base, LazyCheckpoint):
+        base = base.load()
+    if isinstance(tasks, (list, tuple)):          # a list of paths: named by their file stems
+        tasks = {Path(t).stem if isinstance(t, (str, Path)) else f"task{i}": t for i, t in enumerate(tasks)}
+    if not isinstance(tasks, Mapping):
+        raise ValueError(f"tasks must be {{name: state dict or path}}, got {type(tasks).__name__}")
+    return base, {name: as_state(sd, name=f"task {name!r}") for name, sd in tasks.items()}
+
+
 def merge_updates(method: str, base, tasks, *, device="auto", family=None, roles=None, layer_types=None,
                   progress=None, stats=None, inputs=None, cache=None, esd_keys=None, check=True, info=None,
                   **params) -> dict:
@@ -70,10 +88,14 @@ def merge_updates(method: str, base, tasks, *, device="auto", family=None, roles
     p = m.resolve(params)
     if not tasks:
         raise ValueError("no task checkpoints given: merging needs at least one task")
+    base, tasks = _inputs(base, tasks)
     if check:
         check_finite(base, "base")                 # judged in float32, the dtype of the maths below
         for name, sd in tasks.items():
-            check_compatible(base, sd, name)
+            if isinstance(sd, LazyCheckpoint):
+                check_compatible_lazy(base, sd, name)
+            else:
+                check_compatible(base, sd, name)
     fam = models.get_family(family) if family else models.family_of(base)
     roles = dict(roles) if roles is not None else models.roles_of(base, fam.NAME if fam else None)
     missing = [k for k in base if k not in roles]
@@ -121,11 +143,13 @@ def merge(method: str, base, tasks, **kwargs) -> dict[str, torch.Tensor]:
     """Merge task checkpoints into the base with a registered method.
 
     ``base``: state dict of the pre-trained model; ``tasks``: ``{name: state dict}``
-    of models fine-tuned from it. Keyword arguments are the method's parameters
+    of models fine-tuned from it (a state dict may also be a path to a
+    ``.safetensors`` file or a :class:`esm_core.lazy.LazyCheckpoint`, read lazily). Keyword arguments are the method's parameters
     (see ``esm-studio methods``; ``alpha`` for every method) plus ``device``
     ("auto", "cpu", "cuda"), ``family`` (a name of :data:`esm_core.models.FAMILIES`;
     default: found from the key names), ``roles`` / ``layer_types`` (for other
     state dicts), ``progress`` (``fn(fraction, description)``), and for the ESM
     family ``stats`` / ``inputs`` / ``cache``. Returns the full merged state dict.
     """
+    base, tasks = _inputs(base, tasks)
     return apply_updates(base, merge_updates(method, base, tasks, **kwargs))

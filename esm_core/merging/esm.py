@@ -12,13 +12,24 @@ multiplies the ESD keys only.
 
 Activation statistics come from ``ctx.stats`` (``probe_pool``'s ``Stats``) or
 ``ctx.inputs`` (``{task: {key: X}}``). ``ctx.cache`` (see :func:`new_cache`)
-keeps the decompositions, the TSV-M keys, each ESD key's isotropic output
-factor ``U'`` and its recombination ``U'V'``, so a re-merge with another rank
-or ``eig_exp`` recomputes only the recombination, one with another task or
-dimension exponent only the input side ``V'`` and the product, and one with
-another α, ``p_layer`` or ``ortho_factor`` only rescales.
+keeps the decompositions (with the coordinates ``P̂ᵀΔW``), the TSV-M keys,
+each ESD key's isotropic output factor ``U'`` and its recombination ``U'V'``,
+so a re-merge with another rank or ``eig_exp`` recomputes only the
+recombination, one with another task or dimension exponent only the input side
+``V'`` and the product, and one with another α, ``p_layer`` or
+``ortho_factor`` only rescales; none of them reads the task matrices again
+(their fingerprints are memoised per tensor object and version).
+
+Precision: decompositions and the polar factors' Gram eigen-decompositions run
+in float64; the products of well-conditioned factors (``polar(x)·Q``'s product
+with ``Qᵀ``, ``U'V'``) run in float32 and the cached ``U'``, ``P`` and
+coordinates are float32. Against fd9a028's all-float64 route (kept in
+``esm_core.bench_esm.esm_reference``) the merged updates differ by < 1e-6
+relative (Frobenius) on the benchmark's ViT-B/32 block.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -30,6 +41,10 @@ from .registry import Method, Param, alpha_param, register
 from .svd import tsv_merge_matrix
 
 AUTO = "auto"                 # esd_types: the model family's ESD layer types (ctx.family_esd_types)
+
+
+# The largest rank_fraction the method offers (its Param's max): ESD entries keep the columns this can use.
+OFFERED_RANK_FRACTION = 4.0
 
 
 def new_cache(max_columns: int | None = None) -> DecompositionCache:
@@ -132,23 +147,75 @@ def esm_u(Ps, lams, k: int, eig_exp: float = 0.15) -> torch.Tensor:
 def esm_v(Ps, lams, deltas, k: int, p_task: float = 2.0, p_dim: float = 2.0, eig_exp: float = 0.15
           ) -> torch.Tensor:
     """``V = [Â1; …; ÂT]`` (Tk × d_in, float64) with the eigenvalue, task and dimension scalings (§6.1–§6.4)."""
-    norms = torch.stack([torch.linalg.vector_norm(d.to(torch.float64)) for d in deltas])  # §6.1 nt = ‖PᵀΔWt‖F = ‖ΔWt‖F
-    mean_norm = norms.mean()
-    vs = []
+    norms = [torch.linalg.vector_norm(d.to(torch.float64)) for d in deltas]   # §6.1 nt = ‖PᵀΔWt‖F = ‖ΔWt‖F
+    coords = []
     for t, W in enumerate(deltas):
         W = W.to(torch.float64)
         Ph = Ps[t][:, :k].to(W.device, torch.float64)
-        A = Ph.mT @ W                                              # §5.3 Ât = P̂tᵀ ΔWt (k × d_in)
-        e = _eig_weights(lams[t], k, eig_exp).to(W.device)
-        vs.append((e[:, None] * A) * norms[t].pow(p_task))         # §6.2 row i of Ât × e_i; §6.1 rows × nt^p
+        coords.append(Ph.mT @ W)                                   # §5.3 Ât = P̂tᵀ ΔWt (k × d_in)
+    return esm_v_from_coords(coords, lams, norms, k, p_task, p_dim, eig_exp)
+
+
+def esm_v_from_coords(coords, lams, norms, k: int, p_task: float = 2.0, p_dim: float = 2.0,
+                      eig_exp: float = 0.15) -> torch.Tensor:
+    """:func:`esm_v` from the coordinates ``Ât`` (≥ k rows each, first k used) and the norms ‖ΔWt‖F."""
+    norms = torch.as_tensor([float(x) for x in norms], dtype=torch.float64)
+    mean_norm = norms.mean()
+    vs = []
+    for t, A in enumerate(coords):
+        A = A[:k].to(torch.float64)
+        e = _eig_weights(lams[t], k, eig_exp).to(A.device)
+        vs.append((e[:, None] * A) * float(norms[t].pow(p_task)))  # §6.2 row i of Ât × e_i; §6.1 rows × nt^p
     V = torch.cat(vs, dim=0)                                       # §6.3 V = [Â1; …; ÂT] (Tk × d_in)
     if mean_norm > 0:
-        V = V / mean_norm.pow(p_task)                              # §6.1 ÷ mean_t(nt)^p → factor (nt / mean nt)^p
+        V = V / float(mean_norm.pow(p_task))                       # §6.1 ÷ mean_t(nt)^p → factor (nt / mean nt)^p
     col = torch.linalg.vector_norm(V, dim=0)                       # §6.4 ‖V[:, j]‖
     cm = col.mean()
     if cm > 0:
         V = V * (col / cm).pow(p_dim)                              # §6.4 column j × (cj / mean c)^p
     return V
+
+
+# ---------------------------------------------------------------------------
+# Fingerprints of the inputs, memoised per tensor object
+# ---------------------------------------------------------------------------
+
+_FP_MEMO: dict[int, tuple] = {}
+
+
+def _tensor_fp(t: torch.Tensor) -> tuple:
+    """:func:`fingerprint` of ``t``, memoised while the same tensor object lives at the same version.
+
+    In-place changes bump the tensor's version counter, so they are seen; a new
+    tensor (e.g. each read of a lazy checkpoint) is fingerprinted afresh.
+    """
+    try:
+        ver = t._version
+    except (RuntimeError, AttributeError):          # inference tensors have no version counter
+        return fingerprint(t)
+    key = id(t)
+    hit = _FP_MEMO.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == ver:
+        return hit[2]
+    fp = fingerprint(t)
+    try:
+        ref = weakref.ref(t, lambda _r, key=key: _FP_MEMO.pop(key, None))
+    except TypeError:
+        return fp
+    _FP_MEMO[key] = (ref, ver, fp)
+    return fp
+
+
+def _source_fp(sd, key: str) -> tuple:
+    """Fingerprint of ``sd[key]``: a lazy checkpoint's file identity (nothing read), else :func:`_tensor_fp`."""
+    fp = getattr(sd, "fingerprint", None)
+    if callable(fp):
+        return fp(key)
+    return _tensor_fp(sd[key])
+
+
+def _stats_fp(st) -> tuple:
+    return st.fingerprint() if hasattr(st, "fingerprint") else fingerprint(st.gram)
 
 
 # ---------------------------------------------------------------------------
@@ -172,43 +239,70 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
     updates: dict[str, torch.Tensor] = {}
     pre: dict[str, float] = {}                                     # per-key factor not yet applied to updates[key]
     recipe = ("esm", rank, rank_fraction, p_task, p_dim, eig_exp)   # everything but α, p_layer and ortho_factor
+    tvals = list(ctx.tasks.values())
     for i, key in enumerate(keys):
-        D = ctx.deltas(key)                                        # T × shape, float32 on the merge device
-        dfp = tuple(fingerprint(D[t]) for t in range(T))
+        # fingerprints of the task updates, without forming them when the source tensors are known
+        src = (tuple(_source_fp(sd, key) for sd in tvals), _source_fp(ctx.base, key), str(ctx.device))
+        dfp = cache.get_result(("dfp", key), src)
+        D = None
+        if dfp is None:
+            D = ctx.deltas(key)                                    # T × shape, float32 on the merge device
+            dfp = tuple(fingerprint(D[t]) for t in range(T))
+            cache.put_result(("dfp", key), src, dfp)
+
+        def deltas():
+            nonlocal D
+            if D is None:
+                D = ctx.deltas(key)
+            return D
+
+        shape = ctx.base[key].shape
         if key in esd_set:
-            if D.ndim != 3:
+            if len(shape) != 2:
                 raise ValueError(f"ESD key {key!r} is not a 2-D matrix")
-            d_out = D.shape[1]
+            d_out = shape[0]
             k = esm_rank(d_out, T, rank, rank_fraction, ctx.info)   # a clamp is noted in ctx.info
-            grams = []
-            for t, name in enumerate(names):
-                st = task_layer_stats(stats, name, key)
-                gram = st.gram.to(ctx.device)
-                grams.append((gram, int(st.n), fingerprint(gram)))
-            fp = (recipe, k, dfp, tuple(g[2] for g in grams), tuple(g[1] for g in grams))
+            keep = max(k, esm_rank(d_out, T, rank_fraction=OFFERED_RANK_FRACTION))
+            sts = [task_layer_stats(stats, name, key) for name in names]
+            gfps = tuple(_stats_fp(st) for st in sts)
+            ns = tuple(int(st.n) for st in sts)
+            fp = (recipe, k, dfp, gfps, ns)
             dw = cache.get_result(("esm", key), fp)                # U'V' before the factor f (§6.5)
             if dw is None:
-                entries = [cache.esd(name, key, D[t], grams[t][0], grams[t][1], k=k, gram_fp=grams[t][2],
-                                     delta_fp=dfp[t]) for t, name in enumerate(names)]      # §5 (cached)
-                Ps = [e.P.to(ctx.device) for e in entries]
+                entries = []
+                for t, name in enumerate(names):                   # §5 (cached)
+                    e = cache.lookup(name, key, (dfp[t], gfps[t], ns[t]), k)
+                    if e is None or e.A is None:
+                        st = sts[t]
+                        factor = st.factor() if hasattr(st, "factor") else None
+                        gram = None if factor is not None else st.gram
+                        e = cache.esd(name, key, deltas()[t], gram, ns[t], k=k, gram_fp=gfps[t],
+                                      delta_fp=dfp[t], factor=factor, keep=keep, coords=True)
+                    entries.append(e)
                 lams = [e.lam for e in entries]
                 fp_u = (k, eig_exp, tuple(e.fp for e in entries))
                 Up = cache.get_result(("esm-U", key), fp_u)        # U' depends on the bases, k and eig_exp only
                 if Up is None:
-                    Up = isotropic(esm_u(Ps, lams, k, eig_exp)).to(torch.float32)            # §6.2–§6.3, §6.5
+                    Ps = [e.P.to(ctx.device) for e in entries]
+                    Up = isotropic(esm_u(Ps, lams, k, eig_exp), torch.float32)             # §6.2–§6.3, §6.5
                     cache.put_result(("esm-U", key), fp_u, Up)
-                V = esm_v(Ps, lams, list(D), k, p_task, p_dim, eig_exp)                       # §6.1–§6.4
-                dw = (Up.to(V.device, torch.float64) @ isotropic(V)).to("cpu", torch.float32)   # §6.5 U'V'
+                V = esm_v_from_coords([e.A.to(ctx.device) for e in entries], lams, [e.norm for e in entries],
+                                      k, p_task, p_dim, eig_exp)                             # §6.1–§6.4
+                dw = (Up.to(V.device) @ isotropic(V, torch.float32)).to("cpu")              # §6.5 U'V'
                 cache.put_result(("esm", key), fp, dw)
             pre[key] = ortho_factor                                # §6.5 ΔW = f · U'V'
-        elif ctx.roles[key] == MATRIX and D.ndim == 3:
+        elif ctx.roles[key] == MATRIX and len(shape) == 2:
             dw = cache.get_result(("tsvm", key), dfp)
             if dw is None:
-                dw = tsv_merge_matrix(D).to("cpu", torch.float32)                    # §6 other 2-D keys: TSV-M (§3)
+                dw = tsv_merge_matrix(deltas()).to("cpu", torch.float32)               # §6 other 2-D keys: TSV-M (§3)
                 cache.put_result(("tsvm", key), dfp, dw)
         else:
-            dw = D.mean(0).to("cpu")                                                # §6 non-matrix keys: mean
+            dw = cache.get_result(("mean", key), dfp)
+            if dw is None:
+                dw = deltas().mean(0).to("cpu")                                         # §6 non-matrix keys: mean
+                cache.put_result(("mean", key), dfp, dw)
         updates[key] = dw                                          # kept on the CPU (one model's worth)
+        D = None
         ctx.report((i + 1) / len(keys), f"ESM: {key}")
 
     # §7 inter-layer: βℓ = (‖ΔWℓ‖F / mean_{same type} ‖ΔW‖F)^p per layer type

@@ -1,49 +1,113 @@
 """Activation statistics as data: what the ESM family reads (SPEC §5.1).
 
-:class:`LayerStats` holds the input statistics of one linear layer; a
-``Stats`` dict is ``{"tasks": {task: {weight key: LayerStats}}, ...}``.
-:mod:`esm_core.probe` fills them from forward hooks; here they can also be
-made from plain input matrices (:func:`stats_from_inputs`). The merging layer
-never runs a model: statistics come in as data.
+:class:`LayerStats` holds the input statistics of one linear layer — the rows
+``X`` while they take less memory than the float64 Gram matrix ``XᵀX``, else
+the Gram matrix; a ``Stats`` dict is ``{"tasks": {task: {weight key:
+LayerStats}}, ...}``. :mod:`esm_core.probe` fills them from forward hooks;
+here they can also be made from plain input matrices (:func:`stats_from_inputs`).
+The merging layer never runs a model: statistics come in as data.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
+from .decompose import fingerprint
 
-@dataclass
+
 class LayerStats:
-    """Input statistics of one linear layer: ``gram = XᵀX`` (float64), ``n`` rows, ``mean`` of the rows."""
-    gram: torch.Tensor
-    n: int
-    mean: torch.Tensor
+    """Input statistics of one linear layer: ``gram = XᵀX`` (float64), ``n`` rows, ``mean`` of the rows.
+
+    Holds either the Gram matrix or the rows ``X`` (``rows``, n × d_in); ``gram``
+    is then computed on access (float64, not stored). :meth:`factor` gives an
+    ``L`` with ``L Lᵀ = G`` without forming G when that is cheaper (the rows,
+    when there are no more of them than inputs), for :func:`esm_core.decompose.esd`.
+    """
+    __slots__ = ("_gram", "rows", "n", "mean", "_fp")
+
+    def __init__(self, gram: torch.Tensor | None = None, n: int = 0, mean: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None):
+        if gram is None and rows is None:
+            raise ValueError("LayerStats needs the Gram matrix or the rows")
+        self._gram = gram
+        self.rows = rows
+        self.n = int(n)
+        self.mean = mean
+        self._fp = None
+
+    @property
+    def gram(self) -> torch.Tensor:
+        if self._gram is not None:
+            return self._gram
+        x = self.rows.to(torch.float64)
+        return x.mT @ x
+
+    @gram.setter
+    def gram(self, value: torch.Tensor) -> None:
+        self._gram, self.rows, self._fp = value, None, None
+
+    @property
+    def d_in(self) -> int:
+        return int((self._gram if self._gram is not None else self.rows).shape[-1])
+
+    def factor(self) -> torch.Tensor | None:
+        """``Xᵀ`` (d_in × n) when rows are held and ``n ≤ d_in`` (a cheaper factor of G than its Cholesky), else None."""
+        if self.rows is not None and self.rows.shape[0] <= self.rows.shape[1]:
+            return self.rows.mT
+        return None
+
+    def fingerprint(self) -> tuple:
+        """Content checksum of the statistics (memoised: statistics are not modified in place)."""
+        if self._fp is None:                # a held Gram: exactly fingerprint(gram), as callers without this method use
+            self._fp = fingerprint(self._gram) if self._gram is not None else ("rows", fingerprint(self.rows))
+        return self._fp
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (Gram or rows, and the mean)."""
+        b = sum(t.numel() * t.element_size() for t in (self._gram, self.rows, self.mean) if t is not None)
+        return int(b)
+
+    def __repr__(self) -> str:
+        form = f"gram {tuple(self._gram.shape)}" if self._gram is not None else f"rows {tuple(self.rows.shape)}"
+        return f"LayerStats({form}, n={self.n})"
 
 
 class _Accumulator:
     def __init__(self):
         self.gram = None
+        self.chunks: list[torch.Tensor] = []
         self.sum = None
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        if self.gram is None:
-            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            self.sum = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-        self.gram += x.mT @ x
-        self.sum += x.sum(0)
+        x = x.detach().reshape(-1, x.shape[-1])
+        keep = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.to(keep)
+        d = x.shape[1]
+        if self.sum is None:
+            self.sum = torch.zeros(d, dtype=torch.float64, device=x.device)
+        self.sum += x.sum(0, dtype=torch.float64)
         self.n += x.shape[0]
+        if self.gram is None:
+            self.chunks.append(x.clone())
+            # rows while they take no more memory than the float64 Gram matrix
+            if self.n * x.element_size() > d * 8:
+                self.gram = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+                for c in self.chunks:
+                    c64 = c.to(torch.float64)
+                    self.gram += c64.mT @ c64
+                self.chunks = []
+        else:
+            x64 = x.to(torch.float64)
+            self.gram += x64.mT @ x64
 
     def result(self) -> LayerStats:
-        return LayerStats(gram=self.gram.cpu(), n=self.n, mean=(self.sum / self.n).cpu())
-
-
-# ---------------------------------------------------------------------------
-# Reading statistics (used by the ESM family and the analysis)
-# ---------------------------------------------------------------------------
+        mean = (self.sum / self.n).cpu()
+        if self.gram is not None:
+            return LayerStats(gram=self.gram.cpu(), n=self.n, mean=mean)
+        return LayerStats(rows=torch.cat(self.chunks).cpu(), n=self.n, mean=mean)
 
 
 def stats_from_inputs(inputs: Mapping[str, Mapping[str, torch.Tensor]]) -> dict:
@@ -70,5 +134,19 @@ def task_layer_stats(stats, task: str, key: str) -> LayerStats:
         raise ValueError(f"activation statistics of task {task!r} have no layer {key!r}")
     st = layers[key]
     if isinstance(st, Mapping):
-        st = LayerStats(gram=st["gram"], n=int(st["n"]), mean=st.get("mean"))
+        st = LayerStats(gram=st.get("gram"), n=int(st["n"]), mean=st.get("mean"), rows=st.get("rows"))
     return st
+
+
+def stats_nbytes(stats) -> int:
+    """Bytes held by a ``Stats`` dict's layer statistics (Gram matrices or rows, means)."""
+    per_task = stats["tasks"] if isinstance(stats, Mapping) and "tasks" in stats else stats
+    total = 0
+    for layers in per_task.values():
+        for st in layers.values():
+            if isinstance(st, LayerStats):
+                total += st.nbytes
+            else:
+                total += sum(t.numel() * t.element_size() for t in (getattr(st, "gram", None),
+                             getattr(st, "mean", None)) if isinstance(t, torch.Tensor))
+    return total
