@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from .. import __version__
-from ..checkpoints import load_checkpoint, save_safetensors, visual_only
+from ..checkpoints import CheckpointError, is_hf_clip_vision, load_checkpoint, save_safetensors, visual_only
+from ..lazy import LazyCheckpoint
 from ..merging import apply_updates, get_method, merge_updates
 from .common import parse_sets
 
@@ -59,6 +60,18 @@ def progress_bar(stream: TextIO = sys.stderr, width: int = 30) -> Callable[[floa
     return draw
 
 
+def _lazy(path: str) -> LazyCheckpoint | None:
+    """A lazy reader for a plain safetensors checkpoint with open_clip names; None for anything that needs
+    converting on load (other formats, Hugging Face CLIP names)."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return None
+    try:
+        lazy = LazyCheckpoint(path)
+    except (CheckpointError, OSError, ValueError):
+        return None                               # load_checkpoint gives the precise error
+    return None if is_hf_clip_vision(dict.fromkeys(lazy.keys())) else lazy
+
+
 def run_merge(base_path: str, tasks: dict[str, str], method: str, params: dict, *, out: str, device: str = "auto",
               visual: bool = False, progress: Callable[[float, str], None] | None = None,
               log: Callable[[str], None] | None = None) -> dict:
@@ -82,10 +95,16 @@ def run_merge(base_path: str, tasks: dict[str, str], method: str, params: dict, 
             raise ValueError(f"--visual-only: base {base_path} has no visual.* keys")
     task_sds = {}
     for name, path in tasks.items():
+        lazy = _lazy(path) if not visual else None
+        if lazy is not None:                      # read key by key during the merge: peak ≈ base + one layer × T
+            log(f"task {name!r}: {path} (read lazily)")
+            task_sds[name] = lazy
+            continue
         log(f"loading task {name!r} from {path}")
         task_sds[name] = load_checkpoint(path, base=base, max_bytes=None)
     log(f"merging {len(task_sds)} task(s) with {method!r} {resolved}")
-    ups = merge_updates(method, base, task_sds, device=device, progress=progress, check=False, **resolved)
+    ups = merge_updates(method, base, task_sds, device=device, progress=progress,
+                        check=any(isinstance(sd, LazyCheckpoint) for sd in task_sds.values()), **resolved)
     if progress is not None:
         progress(1.0, "merged")
     merged = apply_updates(base, ups)
