@@ -223,12 +223,69 @@ def _stats_fp(st) -> tuple:
 # ---------------------------------------------------------------------------
 
 
+def _esd_update(ctx, cache, key: str, stats, dfp: tuple, deltas, rank: int, rank_fraction: float, p_task: float,
+                p_dim: float, eig_exp: float) -> torch.Tensor:
+    """``U'V'`` of one ESD key (§5, §6.1–§6.5 before the factor f), from the cache where its inputs are unchanged:
+    the decompositions and coordinates per task, the output factor ``U'`` (bases, k, eig_exp) and the product."""
+    names, T = ctx.names, len(ctx.names)
+    shape = ctx.base[key].shape
+    if len(shape) != 2:
+        raise ValueError(f"ESD key {key!r} is not a 2-D matrix")
+    d_out = shape[0]
+    k = esm_rank(d_out, T, rank, rank_fraction, ctx.info)          # a clamp is noted in ctx.info
+    keep = max(k, esm_rank(d_out, T, rank_fraction=OFFERED_RANK_FRACTION))
+    sts = [task_layer_stats(stats, name, key) for name in names]
+    gfps = tuple(_stats_fp(st) for st in sts)
+    ns = tuple(int(st.n) for st in sts)
+    fp = (("esm", rank, rank_fraction, p_task, p_dim, eig_exp), k, dfp, gfps, ns)
+    dw = cache.get_result(("esm", key), fp)
+    if dw is not None:
+        return dw
+    entries = []
+    for t, name in enumerate(names):                               # §5 (cached)
+        e = cache.lookup(name, key, (dfp[t], gfps[t], ns[t]), k)
+        if e is None or e.A is None:
+            st = sts[t]
+            factor = st.factor() if hasattr(st, "factor") else None
+            gram = None if factor is not None else st.gram
+            e = cache.esd(name, key, deltas()[t], gram, ns[t], k=k, gram_fp=gfps[t], delta_fp=dfp[t],
+                          factor=factor, keep=keep, coords=True)
+        entries.append(e)
+    lams = [e.lam for e in entries]
+    fp_u = (k, eig_exp, tuple(e.fp for e in entries))
+    Up = cache.get_result(("esm-U", key), fp_u)                    # U' depends on the bases, k and eig_exp only
+    if Up is None:
+        Ps = [e.P.to(ctx.device) for e in entries]
+        Up = isotropic(esm_u(Ps, lams, k, eig_exp), torch.float32)                         # §6.2–§6.3, §6.5
+        cache.put_result(("esm-U", key), fp_u, Up)
+    V = esm_v_from_coords([e.A.to(ctx.device) for e in entries], lams, [e.norm for e in entries],
+                          k, p_task, p_dim, eig_exp)                                         # §6.1–§6.4
+    dw = (Up.to(V.device) @ isotropic(V, torch.float32)).to("cpu")                          # §6.5 U'V'
+    cache.put_result(("esm", key), fp, dw)
+    return dw
+
+
+def _inter_layer_betas(ctx, updates: dict, pre: dict, p_layer: float) -> dict[str, float]:
+    """§6.7 inter-layer: ``βℓ = (‖ΔWℓ‖F / mean_{same type} ‖ΔW‖F)^p`` per layer type (norms with the factor f)."""
+    groups: dict[str, list[str]] = {}
+    for key in ctx.keys:
+        t = ctx.layer_types.get(key)
+        if t is not None and key in updates and ctx.roles[key] == MATRIX:
+            groups.setdefault(t, []).append(key)
+    betas = {}
+    for ks in groups.values():
+        norms = torch.stack([torch.linalg.vector_norm(updates[k].to(torch.float64)) * pre.get(k, 1.0) for k in ks])
+        m = norms.mean()
+        for k_, nrm in zip(ks, norms):
+            betas[k_] = float((nrm / m).pow(p_layer)) if m > 0 else 1.0
+    return betas
+
+
 def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_task: float = 2.0,
         p_dim: float = 2.0, p_layer: float = 2.0, eig_exp: float = 0.15, ortho_factor: float = 2.0,
         esd_types: str = AUTO) -> dict[str, torch.Tensor]:
     """Essential Subspace Merging (SPEC §6): ESD layers merged in essential subspaces, polarised scalings."""
-    names = ctx.names
-    T = len(names)
+    T = len(ctx.names)
     keys = ctx.keys
     esd_keys = _esd_keys(ctx, esd_types)
     esd_set = set(esd_keys)
@@ -238,60 +295,26 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
         raise ValueError(f"cache must come from esm_core.merging.esm.new_cache(), got {type(cache).__name__}")
     updates: dict[str, torch.Tensor] = {}
     pre: dict[str, float] = {}                                     # per-key factor not yet applied to updates[key]
-    recipe = ("esm", rank, rank_fraction, p_task, p_dim, eig_exp)   # everything but α, p_layer and ortho_factor
     tvals = list(ctx.tasks.values())
     for i, key in enumerate(keys):
         # fingerprints of the task updates, without forming them when the source tensors are known
         src = (tuple(_source_fp(sd, key) for sd in tvals), _source_fp(ctx.base, key), str(ctx.device))
         dfp = cache.get_result(("dfp", key), src)
-        D = None
+        D = [None]
         if dfp is None:
-            D = ctx.deltas(key)                                    # T × shape, float32 on the merge device
-            dfp = tuple(fingerprint(D[t]) for t in range(T))
+            D[0] = ctx.deltas(key)                                 # T × shape, float32 on the merge device
+            dfp = tuple(fingerprint(D[0][t]) for t in range(T))
             cache.put_result(("dfp", key), src, dfp)
 
-        def deltas():
-            nonlocal D
-            if D is None:
-                D = ctx.deltas(key)
-            return D
+        def deltas(key=key, D=D):
+            if D[0] is None:
+                D[0] = ctx.deltas(key)
+            return D[0]
 
-        shape = ctx.base[key].shape
         if key in esd_set:
-            if len(shape) != 2:
-                raise ValueError(f"ESD key {key!r} is not a 2-D matrix")
-            d_out = shape[0]
-            k = esm_rank(d_out, T, rank, rank_fraction, ctx.info)   # a clamp is noted in ctx.info
-            keep = max(k, esm_rank(d_out, T, rank_fraction=OFFERED_RANK_FRACTION))
-            sts = [task_layer_stats(stats, name, key) for name in names]
-            gfps = tuple(_stats_fp(st) for st in sts)
-            ns = tuple(int(st.n) for st in sts)
-            fp = (recipe, k, dfp, gfps, ns)
-            dw = cache.get_result(("esm", key), fp)                # U'V' before the factor f (§6.5)
-            if dw is None:
-                entries = []
-                for t, name in enumerate(names):                   # §5 (cached)
-                    e = cache.lookup(name, key, (dfp[t], gfps[t], ns[t]), k)
-                    if e is None or e.A is None:
-                        st = sts[t]
-                        factor = st.factor() if hasattr(st, "factor") else None
-                        gram = None if factor is not None else st.gram
-                        e = cache.esd(name, key, deltas()[t], gram, ns[t], k=k, gram_fp=gfps[t],
-                                      delta_fp=dfp[t], factor=factor, keep=keep, coords=True)
-                    entries.append(e)
-                lams = [e.lam for e in entries]
-                fp_u = (k, eig_exp, tuple(e.fp for e in entries))
-                Up = cache.get_result(("esm-U", key), fp_u)        # U' depends on the bases, k and eig_exp only
-                if Up is None:
-                    Ps = [e.P.to(ctx.device) for e in entries]
-                    Up = isotropic(esm_u(Ps, lams, k, eig_exp), torch.float32)             # §6.2–§6.3, §6.5
-                    cache.put_result(("esm-U", key), fp_u, Up)
-                V = esm_v_from_coords([e.A.to(ctx.device) for e in entries], lams, [e.norm for e in entries],
-                                      k, p_task, p_dim, eig_exp)                             # §6.1–§6.4
-                dw = (Up.to(V.device) @ isotropic(V, torch.float32)).to("cpu")              # §6.5 U'V'
-                cache.put_result(("esm", key), fp, dw)
+            dw = _esd_update(ctx, cache, key, stats, dfp, deltas, rank, rank_fraction, p_task, p_dim, eig_exp)
             pre[key] = ortho_factor                                # §6.5 ΔW = f · U'V'
-        elif ctx.roles[key] == MATRIX and len(shape) == 2:
+        elif ctx.roles[key] == MATRIX and len(ctx.base[key].shape) == 2:
             dw = cache.get_result(("tsvm", key), dfp)
             if dw is None:
                 dw = tsv_merge_matrix(deltas()).to("cpu", torch.float32)               # §6 other 2-D keys: TSV-M (§3)
@@ -302,25 +325,12 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
                 dw = deltas().mean(0).to("cpu")                                         # §6 non-matrix keys: mean
                 cache.put_result(("mean", key), dfp, dw)
         updates[key] = dw                                          # kept on the CPU (one model's worth)
-        D = None
         ctx.report((i + 1) / len(keys), f"ESM: {key}")
 
-    # §7 inter-layer: βℓ = (‖ΔWℓ‖F / mean_{same type} ‖ΔW‖F)^p per layer type
-    groups: dict[str, list[str]] = {}
-    for key in keys:
-        t = ctx.layer_types.get(key)
-        if t is not None and key in updates and ctx.roles[key] == MATRIX:
-            groups.setdefault(t, []).append(key)
-    betas = {}
-    for t, ks in groups.items():
-        norms = torch.stack([torch.linalg.vector_norm(updates[k].to(torch.float64)) * pre.get(k, 1.0) for k in ks])
-        m = norms.mean()
-        for k_, nrm in zip(ks, norms):
-            betas[k_] = float((nrm / m).pow(p_layer)) if m > 0 else 1.0
-
+    betas = _inter_layer_betas(ctx, updates, pre, p_layer)
     out = {}
     for key, dw in updates.items():
-        coef = pre.get(key, 1.0) * betas.get(key, 1.0)             # §7 ΔWℓ ← βℓ ΔWℓ
+        coef = pre.get(key, 1.0) * betas.get(key, 1.0)             # §6.7 ΔWℓ ← βℓ ΔWℓ
         if key in esd_set or ctx.alpha_all:
             coef *= alpha                                          # θ = θ0 + α ΔW on ESD keys only (§6.8; §8: all)
         out[key] = (dw * coef).to("cpu", torch.float32)           # a new tensor: cached values stay intact
