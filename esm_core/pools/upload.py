@@ -343,9 +343,6 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     names = list(task_paths)
     _check_names(names, image_zips)
     base, tasks = _read_checkpoints(base_path, task_paths, names, report)
-    cfg, mean, std, note = resolve_architecture(base, arch=arch, config=config, head_width=head_width,
-                                                normalisation=normalisation, preprocessor=preprocessor)
-    notes = [note]
     demo = None
     missing_data = [n for n in names if n not in image_zips]
     if missing_data:
@@ -358,6 +355,9 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
         if no_data:
             why = ("" if demo_ok else " (the demo's images only fit checkpoints with the demo's architecture)")
             raise ValueError(f"no images for task(s) {no_data}: upload <task>.zip with one folder per class{why}")
+    cfg, mean, std, note = resolve_architecture(base, arch=arch, config=config, head_width=head_width,
+                                                normalisation=normalisation, preprocessor=preprocessor)
+    notes = [note]
     shell = TaskPool(name="upload", model_name=cfg, base=base, tasks={}, heads={}, class_names={},
                      mean=mean, std=std, quick_gelu=cfg["quick_gelu"])
     heads, class_names, data = {}, {}, {}
