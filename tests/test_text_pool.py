@@ -106,6 +106,20 @@ def test_build_and_load_round_trip(tmp_path):
         assert tb.accuracy(m0, heads[t], tok, *pool["data"][t]["val"], max_length=16) == \
             pytest.approx(cfg["accuracy"][t]["zeroshot_val"])
 
+    # merging on the pool: §8 roles, ESD on all six types with padding-free proxy statistics
+    from esm_core.pools import text_eval
+    st = text_eval.proxy_stats(pool, m, tok, bert.esd_keys(base), 16)
+    texts = [pool["data"]["animals"]["val"][0][i] for i in pool["data"]["animals"]["proxy_ids"]]
+    n_real = int(bert.token_mask(bert.tokenize(tok, texts, 16)).sum())
+    qk = "encoder.layer.0.attention.self.query.weight"
+    assert st["tasks"]["animals"][qk].n == n_real
+    assert st["tasks"]["animals"][qk] is st["tasks"]["animals"][qk.replace("query", "value")]
+    res = text_eval.run(out, methods=("ta", "esm"), alphas={"ta": (0.3, 1.0), "esm": (1.0,)}, n_val=10, n_test=None,
+                        log=lambda *_: None)
+    assert res["ta"]["alpha"] in (0.3, 1.0) and set(res["esm"]["test"]) == {"colours", "animals"}
+    assert all(0.0 <= a <= 1.0 for r in ("ta", "esm") for a in res[r]["test"].values())
+    assert "| esm | 1.0 |" in text_eval.table(res, ["colours", "animals"])
+
     # a rebuild replaces the pool in place (atomic rename), with another seed giving other splits
     cfg2 = tb.build_text_pool(out, recipe=recipe, tasks=["animals"], readers=readers, seed=5)
     assert tb.load_text_pool(out)["config"]["tasks"] == ["animals"] == cfg2["tasks"]
