@@ -65,6 +65,7 @@ def test_build_and_load_round_trip(tmp_path):
     recipe["finetune"].update(epochs=2, batch=16, lr=1e-3, max_train=40)
     readers = {"colours": _reader(["red", "green", "blue"]), "animals": _reader(["cat", "dog"])}
     out = tmp_path / "pool"
+    (tmp_path / ".pool.tmp-99999999" / "tasks").mkdir(parents=True)      # left by a killed build: removed
     seen = []
     cfg = tb.build_text_pool(out, recipe=recipe, tasks=list(readers), readers=readers,
                              progress=lambda f, d: seen.append((f, d)))
