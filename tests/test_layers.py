@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "esm_core"
 # Imports allowed inside function bodies: optional dependencies that are heavy or not installed by default.
 OPTIONAL = {"umap", "cairosvg", "sklearn.datasets", "yaml", "open_clip.model", "gradio", "spaces",
-            "esm_core.app"}      # the web app (the app extra), started by `esm-studio app`
+            "esm_core.app",      # the web app (the app extra), started by `esm-studio app`
+            "transformers"}      # a dependency, but seconds to import: only where a text model is built
 # What each layer must never import (the data flow points one way).
 FORBIDDEN = {
     "esm_core.merging": ("esm_core.probe", "esm_core.pools", "esm_core.evaluation", "esm_core.esmpp",

@@ -3,16 +3,16 @@
 Sub-commands: ``methods`` (list methods and their parameters), ``merge``
 (merge checkpoint files), ``eval`` (evaluate a method on a pool), ``bench``
 (speed and memory of every method), ``build-demo`` (rebuild the demo pool),
-``app`` (start the web app).
+``build-pool text`` / ``eval-text`` (the text pool), ``app`` (start the web app).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import app, bench, demo, eval, merge, methods
+from . import app, bench, demo, eval, merge, methods, pools
 
-SUBCOMMANDS = (methods, merge, eval, bench, demo, app)     # each module: add_cli(subparsers) + its cmd_*
+SUBCOMMANDS = (methods, merge, eval, bench, demo, pools, app)     # each module: add_cli(subparsers) + its cmd_*
 
 
 def main(argv: list[str] | None = None) -> int:

