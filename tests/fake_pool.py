@@ -1,7 +1,7 @@
 """A tiny random TaskPool for the app tests (tiny open_clip ViT, random weights, random images).
 
 Used by tests/test_session.py, test_app_http.py and test_browser.py; it behaves
-like :func:`esm_core.demo.load_demo_pool`'s pool but builds in well under a second.
+like :func:`esm_core.pools.demo.load_demo_pool`'s pool but builds in well under a second.
 :func:`launch_app` starts the app (``app.py``) on a free local port for the
 HTTP and browser tests.
 """

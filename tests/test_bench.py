@@ -1,4 +1,4 @@
-"""``esm-studio bench`` (esm_core/bench.py) on one block and two tasks: structure, not speed."""
+"""``esm-studio bench`` (esm_core/bench/) on one block and two tasks: structure, not speed."""
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,4 @@
-"""``esm-studio merge`` end to end on tiny checkpoints (esm_core/cli_merge.py)."""
+"""``esm-studio merge`` end to end on tiny checkpoints (esm_core/cli/merge.py)."""
 from __future__ import annotations
 
 import io

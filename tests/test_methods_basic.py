@@ -1,4 +1,4 @@
-"""Weight averaging, Task Arithmetic, TIES, DARE (esm_core/methods/basic.py) on hand-made tensors."""
+"""Weight averaging, Task Arithmetic, TIES, DARE (esm_core/merging/basic.py) on hand-made tensors."""
 from __future__ import annotations
 
 import pytest

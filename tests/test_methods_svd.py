@@ -1,4 +1,4 @@
-"""TSV-M, Iso-C, Iso-CTS and the subspace alignment ratio (esm_core/methods/svd.py)."""
+"""TSV-M, Iso-C, Iso-CTS and the subspace alignment ratio (esm_core/merging/svd.py)."""
 from __future__ import annotations
 
 import math

@@ -24,7 +24,7 @@ Precision: decompositions and the polar factors' Gram eigen-decompositions run
 in float64; the products of well-conditioned factors (``polar(x)·Q``'s product
 with ``Qᵀ``, ``U'V'``) run in float32 and the cached ``U'``, ``P`` and
 coordinates are float32. Against fd9a028's all-float64 route (kept in
-``esm_core.bench_esm.esm_reference``) the merged updates differ by < 1e-6
+``esm_core.bench.esm_rows.esm_reference``) the merged updates differ by < 1e-6
 relative (Frobenius) on the benchmark's ViT-B/32 block.
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ class LayerStats:
     Holds either the Gram matrix or the rows ``X`` (``rows``, n × d_in); ``gram``
     is then computed on access (float64, not stored). :meth:`factor` gives an
     ``L`` with ``L Lᵀ = G`` without forming G when that is cheaper (the rows,
-    when there are no more of them than inputs), for :func:`esm_core.decompose.esd`.
+    when there are no more of them than inputs), for :func:`esm_core.merging.decompose.esd`.
     """
     __slots__ = ("_gram", "rows", "n", "mean", "_fp")
 

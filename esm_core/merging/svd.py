@@ -9,9 +9,9 @@ Top-k singular triplets (:func:`top_svd`) come from the eigendecomposition of
 the small Gram matrix in float64 (``D Dᵀ = U diag(σ²) Uᵀ``, ``Vᵀ = diag(1/σ) Uᵀ D``),
 several times faster than a full float32 SVD on a CPU and at least as accurate
 for the kept triplets; a matrix whose top k includes (near-)zero singular values
-falls back to ``torch.linalg.svd``. Iso-C is :func:`esm_core.decompose.isotropic`
+falls back to ``torch.linalg.svd``. Iso-C is :func:`esm_core.merging.decompose.isotropic`
 of the sum (polar factor and singular values from one decomposition).
-Polar factors always come from :func:`esm_core.decompose.polar`.
+Polar factors always come from :func:`esm_core.merging.decompose.polar`.
 """
 from __future__ import annotations
 

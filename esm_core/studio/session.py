@@ -145,7 +145,7 @@ def load_pool(s: Session, pool, origin: str, notes: list[str] | None = None) -> 
 
 
 def load_demo(s: Session, loader: Callable[[], Any] | None = None, progress: Progress | None = None) -> dict:
-    """Load the built-in demo pool (``loader`` overrides :func:`esm_core.demo.load_demo_pool`)."""
+    """Load the built-in demo pool (``loader`` overrides :func:`esm_core.pools.demo.load_demo_pool`)."""
     report = progress or _noop
     report(0.1, "loading the demo pool")
     pool = (loader or load_demo_pool)()
