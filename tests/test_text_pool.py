@@ -117,9 +117,11 @@ def test_build_and_load_round_trip(tmp_path):
     assert st["tasks"]["animals"][qk] is st["tasks"]["animals"][qk.replace("query", "value")]
     res = text_eval.run(out, methods=("ta", "esm"), alphas={"ta": (0.3, 1.0), "esm": (1.0,)}, n_val=10, n_test=None,
                         log=lambda *_: None)
-    assert res["ta"]["alpha"] in (0.3, 1.0) and set(res["esm"]["test"]) == {"colours", "animals"}
+    # α is one of the evaluated values; the grid grows past an end while the best α sits on it (the α policy)
+    assert f"{res['ta']['alpha']:g}" in res["ta"]["val_mean"] and {"0.3", "1"} <= set(res["ta"]["val_mean"])
+    assert set(res["esm"]["test"]) == {"colours", "animals"}
     assert all(0.0 <= a <= 1.0 for r in ("ta", "esm") for a in res[r]["test"].values())
-    assert "| esm | 1.0 |" in text_eval.table(res, ["colours", "animals"])
+    assert f"| esm | {res['esm']['alpha']:g} |" in text_eval.table(res, ["colours", "animals"])
 
     # a rebuild replaces the pool in place (atomic rename), with another seed giving other splits
     cfg2 = tb.build_text_pool(out, recipe=recipe, tasks=["animals"], readers=readers, seed=5)

@@ -5,8 +5,11 @@ on **every** merged key (§8; TA / TIES / TSV-M are linear in α anyway, ESM
 applies α to its ESD keys only, so α = 1 then × α gives §8's rule). Biases and
 heads are each task's own (``bert.with_own``); ESD runs on all six linear
 types with inputs recorded inside each fine-tuned model on its 32 proxy
-validation sentences, padding tokens excluded. α is chosen on (a subset of)
-validation, the table reports test accuracy at that α.
+validation sentences, padding tokens excluded. α is chosen by the best mean
+normalised accuracy on (a subset of) validation — a short grid per method,
+extended past an end while the best α sits on it (the α policy,
+:func:`esm_core.evaluation.alpha.extend_curve`); the table reports test
+accuracy at that α.
 
 ``python -m esm_core.evaluation.text_runs [pool_dir] --alphas 0.3,0.6,1.0 --n-val 100``
 """
@@ -24,6 +27,7 @@ from ..merging import apply_updates, merge_updates
 from ..merging.stats import stats_from_inputs
 from ..models import bert
 from ..pools import text_build as tb
+from . import alpha as A
 
 DEFAULT_ALPHAS = {"ta": (0.2, 0.3, 0.5), "ties": (0.5, 0.8, 1.0), "tsv_m": (0.5, 0.8, 1.0), "esm": (0.3, 0.6, 1.0)}
 
@@ -68,8 +72,6 @@ def run(pool_dir=tb.TEXT_POOL_DIR, methods=("ta", "ties", "tsv_m", "esm"), alpha
     tok = tb.load_tokenizer(pool_dir)
     base, tasks = pool["base"], pool["tasks"]
     roles = bert.roles_of(base)
-    mroles = bert.merge_roles(roles)
-    lt = bert.layer_types_of(base)
     ek = bert.esd_keys(base)
     model = bert.build(base, pool["model_config"])
     alphas = {**DEFAULT_ALPHAS, **(alphas or {})}
@@ -78,18 +80,28 @@ def run(pool_dir=tb.TEXT_POOL_DIR, methods=("ta", "ties", "tsv_m", "esm"), alpha
     ft = {t: cfg["accuracy"][t]["finetuned_test"] for t in pool["tasks"]}
     results = {"zero-shot": {"test": {t: cfg["accuracy"][t]["zeroshot_test"] for t in tasks}},
                "fine-tuned": {"test": ft}}
+    ft_val = {t: cfg["accuracy"][t]["finetuned_val"] for t in pool["tasks"]}
     for m in methods:
-        kw = {"stats": stats, "esd_keys": ek} if m == "esm" else {}
-        ups = merge_updates(m, base, tasks, roles=mroles, layer_types=lt, alpha=1.0, **kw)
+        kw = {"stats": stats} if m == "esm" else {}
+        # the BERT family is found from the key names: §8's roles, ESD on the six types, α on every key
+        ups = merge_updates(m, base, tasks, alpha=1.0, **kw)
         val = {}
-        for a in alphas[m]:
+
+        def score(a: float, m=m, ups=ups, val=val) -> float:
             merged = apply_updates(base, bert.scale_updates(ups, a))
             val[a] = evaluate(model, tok, pool, merged, roles, "val", n_val, ml)
-            log(f"{m} α={a}: val {100 * np.mean(list(val[a].values())):.1f}  ({time.time() - t0:.0f} s)")
-        best = max(val, key=lambda a: (np.mean(list(val[a].values())), -a))
+            s = float(np.mean([val[a][t] / ft_val[t] for t in val[a]]))
+            log(f"{m} α={a:g}: val {100 * np.mean(list(val[a].values())):.1f} (norm {100 * s:.1f})  "
+                f"({time.time() - t0:.0f} s)")
+            return s
+
+        curve = [(a, score(a)) for a in alphas[m]]
+        a_param = A.alpha_param(m)                   # the α policy: extend while the best α is at an end
+        A.extend_curve(curve, score, a_param.min, a_param.max, max_extra=3)
+        best = max(curve, key=lambda e: (e[1], -e[0]))[0]
         merged = apply_updates(base, bert.scale_updates(ups, best))
         test = evaluate(model, tok, pool, merged, roles, "test", n_test, ml)
-        results[m] = {"alpha": best, "val_mean": {str(a): float(np.mean(list(v.values()))) for a, v in val.items()},
+        results[m] = {"alpha": best, "val_mean": {f"{a:g}": float(np.mean(list(v.values()))) for a, v in val.items()},
                       "test": test}
         log(f"{m}: α={best} test {100 * np.mean(list(test.values())):.1f}  ({time.time() - t0:.0f} s)")
     results["_meta"] = {"seconds": round(time.time() - t0, 1), "n_val": n_val, "n_test": n_test,
@@ -106,7 +118,7 @@ def table(results: dict, tasks: list[str]) -> str:
             continue
         accs = [r["test"][t] for t in tasks]
         norm = np.mean([r["test"][t] / ft[t] for t in tasks])
-        lines.append(f"| {m} | {r.get('alpha', '')} | " + " | ".join(f"{100 * a:.1f}" for a in accs)
+        lines.append(f"| {m} | {r.get('alpha', ''):{'g' if 'alpha' in r else ''}} | " + " | ".join(f"{100 * a:.1f}" for a in accs)
                      + f" | {100 * np.mean(accs):.1f} | {100 * norm:.1f} |")
     return "\n".join(lines)
 
