@@ -223,6 +223,63 @@ def _remove_stale(out_dir: Path) -> None:
         except (ValueError, PermissionError, OSError):
             continue
 
+def _build_task(i: int, t: str, recipe: dict, readers: dict, base_model, tok, tmp: Path,
+                progress: Progress | None, T: int) -> tuple[dict, dict, list[str], dict, dict]:
+    """One task of the pool: read and split its data, train its head on frozen base features, fine-tune the
+    encoder through the frozen head, write its checkpoint into ``tmp``. Returns (data record, head, class
+    names, split sizes, accuracies)."""
+    seed, ml, eb = recipe["seed"], recipe["max_length"], recipe["eval_batch"]
+    frac0 = 0.02 + 0.96 * i / T
+    _report(progress, frac0, f"{t}: reading the data")
+    reader = readers.get(t) or text_data.READERS[t]
+    texts, labels, names = reader(max_examples=recipe["max_examples"], seed=seed)
+    sp = stratified_split(labels, min(recipe["split"]["val"], len(labels) // 5),
+                          min(recipe["split"]["test"], len(labels) // 4), seed + 300 + i)
+    rng = np.random.default_rng(seed + 400 + i)
+    proxy = np.sort(rng.choice(len(sp["val"]), min(recipe["proxy"], len(sp["val"])), replace=False))
+    tr = sp["train"]
+    if len(tr) > recipe["finetune"]["max_train"]:
+        tr = np.sort(np.random.default_rng(seed + 500 + i).choice(tr, recipe["finetune"]["max_train"],
+                                                                  replace=False))
+    tr_x, tr_y = [texts[j] for j in tr], labels[tr]
+    split = {s: ([texts[j] for j in sp[s]], labels[sp[s]]) for s in ("val", "test")}
+
+    # head on frozen base features of a few examples per class
+    hrng = np.random.default_rng(seed + 100 + i)
+    shots = np.sort(np.concatenate([hrng.choice(np.nonzero(tr_y == c)[0],
+                                                min(recipe["head"]["shots"], int((tr_y == c).sum())),
+                                                replace=False) for c in range(len(names))]))
+    _report(progress, frac0 + 0.01, f"{t}: head on base features ({len(shots)} examples)")
+    hf = encode(base_model, tok, [tr_x[j] for j in shots], ml, eb)
+    head = train_head(hf, tr_y[shots], len(names), recipe["head"], seed + 100 + i)
+    zs = {s: accuracy(base_model, head, tok, *split[s], ml, eb) for s in ("val", "test")}
+
+    # full fine-tuning through the frozen head
+    ft = copy.deepcopy(base_model)
+    t1 = time.time()
+    losses = finetune(ft, head, tok, tr_x, tr_y, recipe["finetune"], ml, seed + 200 + i,
+                      progress=lambda f, d: _report(progress, frac0 + 0.96 / T * (0.05 + 0.85 * f), d),
+                      desc=f"{t}: fine-tuning")
+    sd = _half(ft)
+    bert.load_state(ft, sd)
+    _report(progress, frac0 + 0.96 / T * 0.92, f"{t}: evaluating")
+    fa = {s: accuracy(ft, head, tok, *split[s], ml, eb) for s in ("val", "test")}
+    save_file(sd, str(tmp / "tasks" / f"{t}.safetensors"))
+    sizes = {"examples": len(labels), "train": len(tr), "train_available": len(sp["train"]),
+                "val": len(sp["val"]), "test": len(sp["test"]), "head_shots": len(shots),
+                "classes": len(names)}
+    info = {"zeroshot_val": zs["val"], "zeroshot_test": zs["test"], "finetuned_val": fa["val"],
+               "finetuned_test": fa["test"], "finetune_seconds": round(time.time() - t1, 1),
+               "losses": losses}
+    data = {"val": {"texts": split["val"][0], "labels": split["val"][1].tolist()},
+               "test": {"texts": split["test"][0], "labels": split["test"][1].tolist()},
+               "proxy_ids": proxy.tolist(),
+               "split_ids": {s: sp[s].tolist() for s in ("train", "val", "test")},
+               "train_ids": tr.tolist()}
+    del ft
+    return data, head, names, sizes, info
+
+
 def build_text_pool(out_dir: str | os.PathLike = TEXT_POOL_DIR, *, device: str = "cpu",
                     progress: Progress | None = None, seed: int | None = None, tasks: list[str] | None = None,
                     recipe: dict | None = None, readers: dict | None = None) -> dict:
@@ -258,61 +315,13 @@ def build_text_pool(out_dir: str | os.PathLike = TEXT_POOL_DIR, *, device: str =
         bert.load_state(base_model, base_sd)                       # evaluate what is stored (fp16-rounded)
         model_config = base_model.config.to_diff_dict()
         model_config["model_type"] = base_model.config.model_type
-        ml, eb = recipe["max_length"], recipe["eval_batch"]
         T = len(recipe["tasks"])
 
         data, heads, info, classes, sizes = {}, {}, {}, {}, {}
         for i, t in enumerate(recipe["tasks"]):
-            frac0 = 0.02 + 0.96 * i / T
-            _report(progress, frac0, f"{t}: reading the data")
-            reader = readers.get(t) or text_data.READERS[t]
-            texts, labels, names = reader(max_examples=recipe["max_examples"], seed=seed)
-            sp = stratified_split(labels, min(recipe["split"]["val"], len(labels) // 5),
-                                  min(recipe["split"]["test"], len(labels) // 4), seed + 300 + i)
-            rng = np.random.default_rng(seed + 400 + i)
-            proxy = np.sort(rng.choice(len(sp["val"]), min(recipe["proxy"], len(sp["val"])), replace=False))
-            tr = sp["train"]
-            if len(tr) > recipe["finetune"]["max_train"]:
-                tr = np.sort(np.random.default_rng(seed + 500 + i).choice(tr, recipe["finetune"]["max_train"],
-                                                                          replace=False))
-            tr_x, tr_y = [texts[j] for j in tr], labels[tr]
-            split = {s: ([texts[j] for j in sp[s]], labels[sp[s]]) for s in ("val", "test")}
-
-            # head on frozen base features of a few examples per class
-            hrng = np.random.default_rng(seed + 100 + i)
-            shots = np.sort(np.concatenate([hrng.choice(np.nonzero(tr_y == c)[0],
-                                                        min(recipe["head"]["shots"], int((tr_y == c).sum())),
-                                                        replace=False) for c in range(len(names))]))
-            _report(progress, frac0 + 0.01, f"{t}: head on base features ({len(shots)} examples)")
-            hf = encode(base_model, tok, [tr_x[j] for j in shots], ml, eb)
-            head = train_head(hf, tr_y[shots], len(names), recipe["head"], seed + 100 + i)
-            zs = {s: accuracy(base_model, head, tok, *split[s], ml, eb) for s in ("val", "test")}
-
-            # full fine-tuning through the frozen head
-            ft = copy.deepcopy(base_model)
-            t1 = time.time()
-            losses = finetune(ft, head, tok, tr_x, tr_y, recipe["finetune"], ml, seed + 200 + i,
-                              progress=lambda f, d: _report(progress, frac0 + 0.96 / T * (0.05 + 0.85 * f), d),
-                              desc=f"{t}: fine-tuning")
-            sd = _half(ft)
-            bert.load_state(ft, sd)
-            _report(progress, frac0 + 0.96 / T * 0.92, f"{t}: evaluating")
-            fa = {s: accuracy(ft, head, tok, *split[s], ml, eb) for s in ("val", "test")}
-            save_file(sd, str(tmp / "tasks" / f"{t}.safetensors"))
+            data[t], head, classes[t], sizes[t], info[t] = _build_task(
+                i, t, recipe, readers, base_model, tok, tmp, progress, T)
             heads[f"{t}.weight"], heads[f"{t}.bias"] = head["weight"].float(), head["bias"].float()
-            classes[t] = names
-            sizes[t] = {"examples": len(labels), "train": len(tr), "train_available": len(sp["train"]),
-                        "val": len(sp["val"]), "test": len(sp["test"]), "head_shots": len(shots),
-                        "classes": len(names)}
-            info[t] = {"zeroshot_val": zs["val"], "zeroshot_test": zs["test"], "finetuned_val": fa["val"],
-                       "finetuned_test": fa["test"], "finetune_seconds": round(time.time() - t1, 1),
-                       "losses": losses}
-            data[t] = {"val": {"texts": split["val"][0], "labels": split["val"][1].tolist()},
-                       "test": {"texts": split["test"][0], "labels": split["test"][1].tolist()},
-                       "proxy_ids": proxy.tolist(),
-                       "split_ids": {s: sp[s].tolist() for s in ("train", "val", "test")},
-                       "train_ids": tr.tolist()}
-            del ft
 
         save_file(base_sd, str(tmp / "base.safetensors"))
         save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / "heads.safetensors"))
