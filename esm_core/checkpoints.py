@@ -99,11 +99,9 @@ def check_finite(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> No
         raise CheckpointError(f"checkpoint {name!r}: " + " | ".join(problems))
 
 
-def check_compatible(base: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], name: str = "task") -> None:
-    """Refuse ``sd`` unless it has exactly the base's keys, shapes, float dtypes and finite values.
-
-    "Finite" is judged in float32, the dtype the merge maths uses: a float64
-    1e300 is refused although it is finite as stored."""
+def structure_problems(base: Mapping[str, Any], sd: Mapping[str, Any]) -> list[str]:
+    """What differs between two checkpoints' keys, shapes and float-ness (values are not read: the entries
+    only need ``.shape``, ``.dtype`` and ``.is_floating_point()``, as lazy header entries have)."""
     missing = set(base) - set(sd)
     extra = set(sd) - set(base)
     problems = []
@@ -119,7 +117,15 @@ def check_compatible(base: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Te
              if k in sd and base[k].is_floating_point() != sd[k].is_floating_point()]
     if kinds:
         problems.append("dtype mismatch (float vs non-float): " + "; ".join(kinds[:8]))
-    problems += _finite_problems(sd, [k for k in base if k in sd])
+    return problems
+
+
+def check_compatible(base: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], name: str = "task") -> None:
+    """Refuse ``sd`` unless it has exactly the base's keys, shapes, float dtypes and finite values.
+
+    "Finite" is judged in float32, the dtype the merge maths uses: a float64
+    1e300 is refused although it is finite as stored."""
+    problems = structure_problems(base, sd) + _finite_problems(sd, [k for k in base if k in sd])
     if problems:
         raise CheckpointError(f"checkpoint {name!r} does not fit the base model — " + " | ".join(problems))
 

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .checkpoints import CheckpointError, _fmt_keys, check_compatible
+from .checkpoints import CheckpointError, check_compatible, structure_problems
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -126,20 +126,6 @@ def check_compatible_lazy(base: Mapping[str, torch.Tensor], sd: LazyCheckpoint, 
 
 
 def _check_structure(base_meta: dict, meta: dict, name: str) -> None:
-    missing = set(base_meta) - set(meta)
-    extra = set(meta) - set(base_meta)
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_fmt_keys(missing)}")
-    if extra:
-        problems.append(f"unexpected keys: {_fmt_keys(extra)}")
-    shapes = [f"{k}: {tuple(meta[k].shape)} vs base {tuple(base_meta[k].shape)}"
-              for k in base_meta if k in meta and tuple(meta[k].shape) != tuple(base_meta[k].shape)]
-    if shapes:
-        problems.append("shape mismatch: " + "; ".join(shapes[:8]) + (f" … and {len(shapes) - 8} more" if len(shapes) > 8 else ""))
-    kinds = [f"{k}: {meta[k].dtype} vs base {base_meta[k].dtype}" for k in base_meta
-             if k in meta and base_meta[k].is_floating_point() != meta[k].is_floating_point()]
-    if kinds:
-        problems.append("dtype mismatch (float vs non-float): " + "; ".join(kinds[:8]))
+    problems = structure_problems(base_meta, meta)
     if problems:
         raise CheckpointError(f"checkpoint {name!r} does not fit the base model — " + " | ".join(problems))

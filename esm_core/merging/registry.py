@@ -87,6 +87,15 @@ class Param:
                 "max": self.max, "choices": list(self.choices) if self.choices else None, "help": self.help}
 
 
+def resolve_params(schema: tuple[Param, ...], params: dict, owner: str) -> dict:
+    """``params`` checked against ``schema``: defaults filled in, every value checked, unknown names refused."""
+    known = {p.name: p for p in schema}
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ValueError(f"{owner} has no parameter(s) {unknown}; its parameters are {sorted(known)}")
+    return {name: p.check(params[name]) if name in params else p.default for name, p in known.items()}
+
+
 @dataclass(frozen=True)
 class Method:
     """A merging method.
@@ -108,11 +117,7 @@ class Method:
 
     def resolve(self, params: dict) -> dict:
         """Defaults filled in, every value checked; unknown names refused."""
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise ValueError(f"method {self.name!r} has no parameter(s) {unknown}; its parameters are {sorted(known)}")
-        return {name: p.check(params[name]) if name in params else p.default for name, p in known.items()}
+        return resolve_params(self.params, params, f"method {self.name!r}")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "title": self.title, "help": self.help, "aliases": list(self.aliases),
@@ -165,11 +170,7 @@ class Schema:
 
     def resolve(self, params: dict) -> dict:
         """Defaults filled in, every value checked; unknown names refused."""
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise ValueError(f"{self.name!r} has no parameter(s) {unknown}; its parameters are {sorted(known)}")
-        return {name: p.check(params[name]) if name in params else p.default for name, p in known.items()}
+        return resolve_params(self.params, params, repr(self.name))
 
     def default(self, name: str) -> Any:
         return next(p.default for p in self.params if p.name == name)

@@ -154,12 +154,7 @@ def block_index(key: str) -> int | None:
 
 def layer_types_of(keys) -> dict[str, str]:
     """{key: layer type} for every encoder linear weight among ``keys``."""
-    out = {}
-    for k in keys:
-        t = layer_type(k)
-        if t is not None:
-            out[k] = t
-    return out
+    return {k: t for k in keys if (t := layer_type(k)) is not None}
 
 
 def esd_keys(keys, types=ESD_TYPES) -> list[str]:
