@@ -1,0 +1,139 @@
+"""Issue 12: hostile inputs posted to the running app over HTTP (gradio_client), one session attacking while
+another works. Each attack must get a clear refusal, leave the server's memory bounded (resident size of this
+process, which serves the app), write no files, and leave the other session's pool and merges working."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+import gradio_client  # noqa: E402
+
+from esm_core.checkpoints import save_safetensors  # noqa: E402
+from fake_pool import launch_app  # noqa: E402
+from test_app_http import _client, _values  # noqa: E402
+from test_hostile_library import _save_chain  # noqa: E402
+
+h = gradio_client.handle_file
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _cfg_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("esm-studio-cfg-*")}
+
+
+@pytest.fixture(scope="module")
+def app(pool):
+    demo, url = launch_app(lambda: pool)
+    victim = _client(url)
+    victim.predict(api_name="/init")
+    victim.predict("ta", *_values("ta", alpha=0.4), api_name="/merge")
+    attacker = _client(url)              # one attacking session for every case (the app caps sessions at 8)
+    attacker.predict(api_name="/init")
+    yield url, victim, attacker
+    demo.close()
+
+
+def _tiny_zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for c in ("cat", "dog"):
+            for i in range(2):
+                b = io.BytesIO()
+                Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(b, "PNG")
+                z.writestr(f"{c}/{i}.png", b.getvalue())
+    return path
+
+
+def _lying_zip(path: Path) -> Path:
+    big = b"\0" * (64 * 1024 ** 2)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("cat/a.png", big)
+        for n in ("cat/b.png", "dog/c.png", "dog/d.png"):
+            z.writestr(n, b"x")
+    raw = bytearray(path.read_bytes())
+    for sig, off in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        i = raw.find(sig)
+        raw[i + off:i + off + 4] = (100).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _upload(c, base, tasks, zips=(), names="", arch="auto", head=0, norm=""):
+    return lambda: c.predict(h(str(base)), [h(str(t)) for t in tasks], names, [h(str(z)) for z in zips], arch,
+                                [], head, norm, api_name="/load_upload")
+
+
+def _cases(pool, d: Path) -> dict:
+    """name → (files to upload, upload kwargs, the refusal expected)."""
+    W, L = 2048, 16                                                 # (1) a 1.9 KB file describing a huge tower
+    huge = {"visual.conv1.weight": torch.zeros(W, 0, 32, 32), "visual.positional_embedding": torch.zeros(50, 0)}
+    for i in range(L):
+        huge[f"visual.transformer.resblocks.{i}.mlp.c_fc.weight"] = torch.zeros(4 * W, 0)
+    save_safetensors(huge, d / "huge.safetensors")
+    base64 = {k: v.double() for k, v in pool.base.items()}          # (6) finite in float64, inf in float32
+    task64 = dict(base64)
+    k = next(k for k in base64 if k.endswith("mlp.c_fc.weight"))
+    task64[k] = task64[k].clone()
+    task64[k][0, 0] = 1e300
+    save_safetensors(base64, d / "base64.safetensors")
+    save_safetensors(task64, d / "overflow.safetensors")
+    save_safetensors(pool.base, d / "base.safetensors")
+    for t in ("alpha", "beta"):
+        save_safetensors(pool.tasks[t], d / f"{t}.safetensors")
+    _save_chain(d / "deep.pt", 5000)                                  # (8) a 5,000-deep pickled module
+    zips = [_tiny_zip(d / "alpha.zip"), _tiny_zip(d / "beta.zip")]
+    good = [d / "alpha.safetensors", d / "beta.safetensors"]
+    return {
+        "huge": ((d / "huge.safetensors", [d / "huge.safetensors"] * 2, [_tiny_zip(d / "a.zip"), _tiny_zip(d / "b.zip")]),
+                 dict(names="a,b", arch="infer", head=64, norm="clip"), r"M parameters, more than|does not fit"),
+        "named_giant": ((d / "base.safetensors", good, zips), dict(names="alpha,beta", arch="ViT-bigG-14"),
+                        r"does not fit the open_clip ViT-bigG-14|M parameters"),
+        "lying_zip": ((d / "base.safetensors", good, [d / "alpha.zip", _lying_zip(d / "beta.zip")]),
+                      dict(names="alpha,beta", arch="infer", head=16, norm="half"), r"beta.*a\.png"),
+        "overflow": ((d / "base64.safetensors", [d / "overflow.safetensors", d / "base64.safetensors"], zips),
+                     dict(names="alpha,beta", arch="infer", head=16, norm="half"), r"float32"),
+        "path_name": ((d / "base.safetensors", good, zips), dict(names="../alpha,beta"), r"task names must be"),
+        "deep_pickle": ((d / "base.safetensors", [d / "deep.pt", good[1]], zips),
+                        dict(names="alpha,beta", arch="infer", head=16, norm="half"),
+                        r"deep\.pt: modules nested more than 100 levels deep"),
+    }
+
+
+@pytest.mark.parametrize("case", ["huge", "named_giant", "lying_zip", "overflow", "path_name", "deep_pickle"])
+def test_hostile_upload_refused_bounded_and_isolated(app, pool, tmp_path, case):
+    _, victim, attacker = app
+    (base, tasks, zips), kw, match = _cases(pool, tmp_path)[case]
+    dirs = _cfg_dirs()
+    go = _upload(attacker, base, tasks, zips, **kw)
+    before = _rss_mib()
+    with pytest.raises(Exception, match=match):
+        go()
+    assert _rss_mib() - before < 300                              # resident size bounded (MiB)
+    assert _cfg_dirs() <= dirs                                     # no temporary config folders left
+    # the other session still merges with its own pool (nothing global changed)
+    plot, note, table = victim.predict("esm", *_values("esm", alpha=0.5), api_name="/merge")
+    assert table["data"][-1][1] == "ESM"
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "NaN"])
+def test_non_finite_parameters_refused(app, bad):
+    # JSON has no NaN, so gradio_client posts it as a string; the server must refuse it, not merge with it (a raw
+    # JSON NaN number reaches Param.check, which refuses it: test_hostile_library.py, session level)
+    _, _, c = app
+    with pytest.raises(Exception, match="finite|Expected a `float`"):
+        c.predict("ta", *_values("ta", alpha=bad), api_name="/merge")
