@@ -345,7 +345,8 @@ def test_nested_module_within_the_bound_read_in_state_dict_order(tmp_path):
 
 
 def test_walk_bound_is_a_parameter():
-    from esm_core.checkpoints import CheckpointError, _walk_module
+    from esm_core.checkpoints import CheckpointError
+    from esm_core.pickled import _walk_module
 
     class Stub:
         pass

@@ -35,11 +35,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
-import json
 import multiprocessing as mp
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path

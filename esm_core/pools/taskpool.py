@@ -12,7 +12,7 @@ Heads are stored with their scale included: ``logits = normalise(f) @ W.T``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch

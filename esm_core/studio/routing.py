@@ -79,7 +79,7 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
     with s.lock:
         built = esmpp_model(s, rank, progress=lambda f, d: report(0.6 * f, d))
         model = built["model"]
-        labels, xs, trues = [], [], []
+        labels, xs = [], []
         for t in pool.task_names:
             x, y, _ = pool.samples(t, int(per_task))
             xs.append((x, t))
