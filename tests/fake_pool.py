@@ -58,3 +58,18 @@ def launch_app(pool_loader=None):
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
                             **app.launch_kwargs())
     return demo, url
+
+
+def tiny_image_zip(path, classes=("cat", "dog"), per_class: int = 2, size: int = 8):
+    """A zip of class folders with ``per_class`` small PNGs each (the smallest valid task upload)."""
+    import io
+    import zipfile
+
+    from PIL import Image
+    with zipfile.ZipFile(path, "w") as z:
+        for c in classes:
+            for i in range(per_class):
+                b = io.BytesIO()
+                Image.fromarray(np.full((size, size, 3), 60 * i, np.uint8)).save(b, "PNG")
+                z.writestr(f"{c}/{i}.png", b.getvalue())
+    return path

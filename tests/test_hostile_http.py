@@ -3,22 +3,19 @@ another works. Each attack must get a clear refusal, leave the server's memory b
 process, which serves the app), write no files, and leave the other session's pool and merges working."""
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio_client  # noqa: E402
 
 from esm_core.checkpoints import save_safetensors  # noqa: E402
-from fake_pool import launch_app  # noqa: E402
+from fake_pool import launch_app, tiny_image_zip  # noqa: E402
 from test_app_http import _client, _values  # noqa: E402
 from test_hostile_library import _save_chain  # noqa: E402
 
@@ -47,16 +44,6 @@ def app(pool):
     attacker.predict(api_name="/init")
     yield url, victim, attacker
     demo.close()
-
-
-def _tiny_zip(path: Path) -> Path:
-    with zipfile.ZipFile(path, "w") as z:
-        for c in ("cat", "dog"):
-            for i in range(2):
-                b = io.BytesIO()
-                Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(b, "PNG")
-                z.writestr(f"{c}/{i}.png", b.getvalue())
-    return path
 
 
 def _lying_zip(path: Path) -> Path:
@@ -96,10 +83,10 @@ def _cases(pool, d: Path) -> dict:
     for t in ("alpha", "beta"):
         save_safetensors(pool.tasks[t], d / f"{t}.safetensors")
     _save_chain(d / "deep.pt", 5000)                                  # (8) a 5,000-deep pickled module
-    zips = [_tiny_zip(d / "alpha.zip"), _tiny_zip(d / "beta.zip")]
+    zips = [tiny_image_zip(d / "alpha.zip"), tiny_image_zip(d / "beta.zip")]
     good = [d / "alpha.safetensors", d / "beta.safetensors"]
     return {
-        "huge": ((d / "huge.safetensors", [d / "huge.safetensors"] * 2, [_tiny_zip(d / "a.zip"), _tiny_zip(d / "b.zip")]),
+        "huge": ((d / "huge.safetensors", [d / "huge.safetensors"] * 2, [tiny_image_zip(d / "a.zip"), tiny_image_zip(d / "b.zip")]),
                  dict(names="a,b", arch="infer", head=64, norm="clip"), r"M parameters, more than|does not fit"),
         "named_giant": ((d / "base.safetensors", good, zips), dict(names="alpha,beta", arch="ViT-bigG-14"),
                         r"does not fit the open_clip ViT-bigG-14|M parameters"),

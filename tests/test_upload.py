@@ -5,7 +5,6 @@ import io
 import resource
 import zipfile
 
-import numpy as np
 import open_clip
 import pytest
 import torch
@@ -16,6 +15,7 @@ from esm_core.checkpoints import save_safetensors
 from esm_core.models import openclip_vit as vit
 from esm_core.pools import upload as U
 from esm_core.pools.demo import DEMO_DIR
+from fake_pool import tiny_image_zip
 
 DEMO_TASKS = ("cvdigits", "skdigits")
 N_IMAGES = 120
@@ -70,16 +70,6 @@ def _acc(visual, head, x, y) -> float:
     return float(((f @ head.T).argmax(-1) == y).float().mean())
 
 
-def _tiny_zip(path):
-    with zipfile.ZipFile(path, "w") as z:
-        for c in ("cat", "dog"):
-            for i in range(2):
-                b = io.BytesIO()
-                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(b, "PNG")
-                z.writestr(f"{c}/{i}.png", b.getvalue())
-    return path
-
-
 def _rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -93,7 +83,7 @@ def test_zero_element_tensors_cannot_make_the_server_build_a_huge_model(tmp_path
     save_safetensors(sd, tmp_path / "base.safetensors")
     for t in ("a", "b"):
         save_safetensors(sd, tmp_path / f"{t}.safetensors")
-    zips = {t: _tiny_zip(tmp_path / f"{t}.zip") for t in "ab"}
+    zips = {t: tiny_image_zip(tmp_path / f"{t}.zip") for t in "ab"}
     before = _rss_kib()
     with pytest.raises(ValueError, match="M parameters, more than|does not fit"):
         U.pool_from_upload(tmp_path / "base.safetensors", {t: tmp_path / f"{t}.safetensors" for t in "ab"}, zips,
