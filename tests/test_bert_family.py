@@ -200,9 +200,8 @@ def test_merges_run_with_adapter_roles(tmp_path):
         tasks[name] = {k: (v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
                        for k, v in base.items()}
     roles = bert.roles_of(base)
-    mroles = bert.merge_roles(roles)
     lt = bert.layer_types_of(base)
-    ta = merge("ta", base, tasks, alpha=0.3, roles=mroles, layer_types=lt)
+    ta = merge("ta", base, tasks, alpha=0.3, roles=roles, layer_types=lt)
     own = [k for k, r in roles.items() if r == bert.OWN]
     assert own and all(torch.equal(ta[k], base[k]) for k in own)          # the export keeps the base's biases
     k = "encoder.layer.0.intermediate.dense.weight"
@@ -221,7 +220,7 @@ def test_merges_run_with_adapter_roles(tmp_path):
         m = bert.build(sd, CONFIGS["bert"])
         inputs[name] = bert.layer_inputs(m, batch, ek)
     info = {}
-    ups = merge_updates("esm", base, tasks, roles=mroles, layer_types=lt, inputs=inputs, esd_keys=ek, alpha=1.0,
+    ups = merge_updates("esm", base, tasks, roles=roles, layer_types=lt, inputs=inputs, esd_keys=ek, alpha=1.0,
                         info=info)
     assert set(info["esm"]["esd_keys"]) == set(ek) and len(ek) == 12
     assert set(info["esm"]["betas"]) == set(ek)                           # inter-layer scaling over the six types

@@ -18,9 +18,8 @@ come from each task's own model"):
 * ``OWN`` — every bias (linear and LayerNorm) and every head (``pooler``,
   ``classifier``, ``pre_classifier``, ``lm_head``, ``cls``): never merged;
   evaluating task t uses task t's own values (:func:`with_own`). A single
-  exported merged model holds the **base's** values for these keys (what
-  :func:`merge_roles` gives: OWN becomes SKIP, which the merge copies from
-  the base).
+  exported merged model holds the **base's** values for these keys (the merge
+  leaves OWN keys out, so they are copied from the base).
 * ``SKIP`` — integer / bool buffers (``position_ids``): copied from the base.
 
 Layer types (six, independent of the layer index and of the family's
@@ -119,11 +118,6 @@ def key_role(key: str, tensor: torch.Tensor) -> str:
 
 def roles_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return {k: key_role(k, v) for k, v in state_dict.items()}
-
-
-def merge_roles(roles: Mapping[str, str]) -> dict[str, str]:
-    """Roles to pass to ``esm_core.merge``: OWN keys become SKIP (the merged model keeps the base's values)."""
-    return {k: (SKIP if r == OWN else r) for k, r in roles.items()}
 
 
 def with_own(merged: Mapping[str, torch.Tensor], task: Mapping[str, torch.Tensor],

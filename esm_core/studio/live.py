@@ -183,7 +183,7 @@ def alpha_curve(s: Session, method: str, params: Mapping[str, Any] | None = None
         grid = A.curve_grid(method, ALPHA_POINTS)
 
         def score(a: float) -> float:
-            sd = apply_updates(pool.base, A.updates_at(u0, slope, a))
+            sd = A.state_at(pool.base, u0, slope, a)         # the α policy's candidate state, as in the CLI search
             return normalised(accuracies(s, sd, "val", s.alpha_per_task), refs["finetuned"])["mean_norm"]
 
         curve = []
