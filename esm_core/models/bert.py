@@ -382,3 +382,60 @@ def layer_inputs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], keys
     with recording(model, keys, token_mask(batch), per_sample=per_sample) as rec:
         _forward(model, batch)
     return {k: torch.cat(rec[k]) for k in keys}
+
+
+# ---------------------------------------------------------------- packed inputs and the encoder module
+#
+# A text pool hands its inputs around as one LongTensor ``x`` of shape (N, 2, L): ``x[:, 0]`` the token ids,
+# ``x[:, 1]`` the attention mask (1 on real tokens, 0 on padding). One tensor (not a dict) so that the code
+# written for image pools (batching by slicing ``x[s:s + b]``, ``.to(device)``, caching) runs unchanged.
+
+def pack(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``{"input_ids", "attention_mask"}`` (B, L) each → (B, 2, L) int64."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if ids.shape != mask.shape or ids.ndim != 2:
+        raise ValueError(f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must be equal (B, L)")
+    return torch.stack([ids.long(), mask.long()], dim=1)
+
+
+def unpack(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(B, 2, L) packed inputs → ``{"input_ids", "attention_mask"}``."""
+    if x.ndim != 3 or x.shape[1] != 2 or x.is_floating_point():
+        raise ValueError(f"text inputs must be an integer (N, 2, L) tensor of token ids and mask, got "
+                         f"{tuple(x.shape)} {x.dtype}")
+    return {"input_ids": x[:, 0], "attention_mask": x[:, 1]}
+
+
+def encode_texts(tokenizer, texts, max_length: int = 64) -> torch.Tensor:
+    """Texts → packed (N, 2, L) inputs (padded to the longest, truncated to ``max_length``)."""
+    return pack(tokenize(tokenizer, texts, max_length))
+
+
+class TextEncoder(torch.nn.Module):
+    """A built BERT-family model as a feature extractor on packed inputs: ``encoder(x) -> (B, hidden)``,
+    the mean of the last hidden state over non-padding tokens (what the task heads read). ``.model`` is the
+    Hugging Face module; its parameter names are the state dict's (without a prefix)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return features(self.model, unpack(x))
+
+
+def load_own(model: torch.nn.Module, task: Mapping[str, torch.Tensor]) -> None:
+    """Put task ``task``'s own values (OWN keys: every bias; heads are not in the encoder) into a built model,
+    in place (§8: evaluating task t uses t's biases). Works on a model whose linear layers were replaced by
+    modules that keep the parameter names (``weight``, ``bias``), as ESM++'s routed layers do."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in encoder_state(task).items():
+            if key_role(k, v) != OWN:
+                continue
+            p = params.get(k)
+            if p is None:
+                continue                       # a pooler the built model does not have
+            if tuple(p.shape) != tuple(v.shape):
+                raise ValueError(f"{k!r}: task value {tuple(v.shape)} does not fit the model's {tuple(p.shape)}")
+            p.copy_(v.to(p.device, p.dtype))
