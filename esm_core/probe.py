@@ -28,6 +28,7 @@ import torch
 from .device import resolve_device
 from .merging.stats import (LayerStats, _Accumulator, stats_from_inputs, stats_nbytes,  # noqa: F401 (re-exported)
                             task_layer_stats)
+from .models import bert
 from .models import openclip_vit as vit
 
 
@@ -54,6 +55,8 @@ def probe(visual: torch.nn.Module, images, *, key_prefix: str = "visual.", layer
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(visual, bert.TextEncoder):
+        return probe_text(visual, images, batch_size=batch_size, device=device)
     dev = resolve_device(device)
     points = vit.hook_points(visual, key_prefix, tuple(layer_types))
     acc = {key: _Accumulator() for key, _, _ in points}
@@ -91,6 +94,39 @@ def probe(visual: torch.nn.Module, images, *, key_prefix: str = "visual.", layer
     if empty:
         raise ValueError(f"no activations were recorded for {empty[:3]} (no images given?)")
     return {k: a.result() for k, a in acc.items()}
+
+
+@torch.no_grad()
+def probe_text(encoder: "bert.TextEncoder", inputs: torch.Tensor, *, keys=None, batch_size: int = 64,
+               device: str | torch.device = "cpu") -> dict[str, LayerStats]:
+    """Input statistics of a text encoder's ESD layers (§8: all six linear types) on packed (N, 2, L)
+    inputs, padding tokens excluded. Q, K and V of a layer read the same input: they share one
+    :class:`LayerStats` object (recorded once)."""
+    if not isinstance(inputs, torch.Tensor):
+        raise ValueError("text inputs must be one packed (N, 2, L) tensor")
+    bert.unpack(inputs)                                       # checks the layout
+    model = encoder.model
+    keys = list(keys) if keys is not None else bert.esd_keys([k for k, _ in model.named_parameters()])
+    groups = {k: bert.input_group(k) for k in keys}
+    heads = list(dict.fromkeys(groups.values()))              # one recorded key per input group
+    acc = {g: _Accumulator() for g in heads}
+    dev = resolve_device(device)
+    p0 = next(model.parameters())
+    old_device, was_training = p0.device, model.training
+    try:
+        model.to(dev).eval()
+        for s in range(0, inputs.shape[0], batch_size):
+            batch = bert.unpack(inputs[s:s + batch_size].to(dev))
+            for g, x in bert.layer_inputs(model, batch, heads).items():
+                acc[g].add(x)
+    finally:
+        model.train(was_training)
+        model.to(old_device)
+    empty = [g for g, a in acc.items() if a.n == 0]
+    if empty:
+        raise ValueError(f"no activations were recorded for {empty[:3]} (no sentences given?)")
+    res = {g: a.result() for g, a in acc.items()}
+    return {k: res[g] for k, g in groups.items()}
 
 
 def probe_pool(pool, n: int = 32, seed: int = 0, *, device: str | torch.device = "auto",

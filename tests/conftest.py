@@ -22,3 +22,10 @@ def demo_pool():
     """The committed demo pool (assets/demo). It is part of the repository: a missing one fails, never skips."""
     assert (DEMO_DIR / "config.json").is_file(), f"the demo pool is missing from {DEMO_DIR}"
     return load_demo_pool()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_pool_dir(tmp_path_factory):
+    """A tiny built text pool (random 2-layer BERT, two fabricated tasks, the real build): (folder, pool.json)."""
+    from fake_text_pool import build_tiny_text_pool
+    return build_tiny_text_pool(tmp_path_factory.mktemp("text"))

@@ -1,20 +1,15 @@
 """The text pool build (esm_core.pools.text_build) end to end on a tiny random BERT and fabricated tasks."""
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-from esm_core.models import bert  # noqa: E402
-from esm_core.pools import text_build as tb  # noqa: E402
-
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "green", "blue", "cat", "dog", "bird", "one", "two",
-         "three", "happy", "sad", "the", "a", "is", "very"]
+from esm_core.models import bert
+from esm_core.pools import text_build as tb
+from fake_text_pool import READERS, tiny_model_dir, tiny_recipe
 
 
 def test_stratified_split_sizes_disjoint_and_stratified():
@@ -31,39 +26,9 @@ def test_stratified_split_sizes_disjoint_and_stratified():
         tb.stratified_split(y, n_val=50, n_test=50, seed=0)
 
 
-def _tiny_model_dir(tmp_path):
-    d = tmp_path / "tiny-minilm"
-    d.mkdir()
-    (d / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-    tok = transformers.BertTokenizerFast(str(d / "vocab.txt"))
-    tok.save_pretrained(str(d))
-    torch.manual_seed(0)
-    cfg = bert.config_of({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                          "intermediate_size": 48, "vocab_size": len(WORDS), "max_position_embeddings": 32})
-    transformers.AutoModel.from_config(cfg).save_pretrained(str(d))
-    return d
-
-
-def _reader(class_words):
-    def read(max_examples=1500, seed=0):
-        rng = np.random.default_rng(seed)
-        texts, labels = [], []
-        for i in range(90):
-            c = i % len(class_words)
-            filler = " ".join(rng.choice(["the", "a", "is", "very"], size=rng.integers(1, 6)))
-            texts.append(f"{filler} {class_words[c]} {filler}")
-            labels.append(c)
-        return texts, np.array(labels), [f"c{c}" for c in range(len(class_words))]
-    return read
-
-
 def test_build_and_load_round_trip(tmp_path):
-    recipe = copy.deepcopy(tb.RECIPE)
-    recipe.update(model_dir=str(_tiny_model_dir(tmp_path)), max_examples=90, max_length=16, proxy=8,
-                  split={"val": 15, "test": 20}, eval_batch=16)
-    recipe["head"].update(shots=4, steps=50)
-    recipe["finetune"].update(epochs=2, batch=16, lr=1e-3, max_train=40)
-    readers = {"colours": _reader(["red", "green", "blue"]), "animals": _reader(["cat", "dog"])}
+    recipe = tiny_recipe(tiny_model_dir(tmp_path))
+    readers = READERS
     out = tmp_path / "pool"
     (tmp_path / ".pool.tmp-99999999" / "tasks").mkdir(parents=True)      # left by a killed build: removed
     seen = []

@@ -38,11 +38,17 @@ def subset_ids(n_total: int, n: int, seed: int = 0) -> np.ndarray:
 @torch.inference_mode()
 def accuracies_of(pool, visual: torch.nn.Module, split: str, tasks: list[str], batch_size: int,
                 progress: Progress | None, prefix: str = "", per_task: int | None = None,
-                seed: int = 0) -> dict[str, float]:
-    """Top-1 per task; ``per_task``: only a fixed seeded subset of that many images of each task."""
+                seed: int = 0, own: bool = True) -> dict[str, float]:
+    """Top-1 per task; ``per_task``: only a fixed seeded subset of that many images of each task.
+
+    ``own``: for pools whose tasks keep their own biases (text, SPEC §8: ``pool.prepare``), put task t's
+    into ``visual`` before scoring t (in place); False for the zero-shot reference (the base's own)."""
     dev = _module_device(visual)
+    prepare = getattr(pool, "prepare", None) if own else None
     out = {}
     for i, t in enumerate(tasks):
+        if prepare is not None:
+            prepare(visual, t)
         x, y = pool.images(t, split)
         if per_task:
             ids = subset_ids(len(y), per_task, seed)
@@ -71,11 +77,12 @@ def _task_list(pool, tasks) -> list[str]:
 
 
 def evaluate(pool, model, split: str = "test", tasks: list[str] | None = None, *, batch_size: int = 256,
-             device: str | torch.device = "auto", progress: Progress | None = None) -> dict[str, float]:
+             device: str | torch.device = "auto", progress: Progress | None = None, own: bool = True
+             ) -> dict[str, float]:
     """Top-1 accuracy in [0, 1] of ``model`` on each task's ``split``, with the task's frozen head.
 
     ``model``: a state dict with the pool's keys (built with ``pool.build_visual``
-    on ``device``) or an ``nn.Module`` image tower (used where it is).
+    on ``device``) or an ``nn.Module`` image tower (used where it is). ``own``: see :func:`accuracies_of`.
     """
     tasks = _task_list(pool, tasks)
     if isinstance(model, torch.nn.Module):
@@ -84,7 +91,7 @@ def evaluate(pool, model, split: str = "test", tasks: list[str] | None = None, *
         visual = pool.build_visual(model, device=resolve_device(device))
     else:
         raise ValueError(f"model must be a state dict or an nn.Module, got {type(model).__name__}")
-    return accuracies_of(pool, visual, split, tasks, batch_size, progress)
+    return accuracies_of(pool, visual, split, tasks, batch_size, progress, own=own)
 
 
 def reference_accuracies(pool, split: str = "test", *, device: str | torch.device = "auto",
@@ -96,7 +103,7 @@ def reference_accuracies(pool, split: str = "test", *, device: str | torch.devic
     if key not in pool.cache:
         dev = resolve_device(device)
         tasks = pool.task_names
-        zs = evaluate(pool, pool.base, split, device=dev,
+        zs = evaluate(pool, pool.base, split, device=dev, own=False,
                       progress=None if progress is None else (lambda f, d: progress(0.5 * f, f"zero-shot {d}")))
         ft = {}
         for i, t in enumerate(tasks):

@@ -423,6 +423,12 @@ class TextEncoder(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return features(self.model, unpack(x))
 
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """Load a checkpoint of the encoder's shapes: the state dict's own keys (a prefix and heads are
+        ignored, as in :func:`build`), not ``model.``-prefixed ones."""
+        sd = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in encoder_state(state_dict).items()}
+        return self.model.load_state_dict(sd, strict=strict, assign=assign)
+
 
 def load_own(model: torch.nn.Module, task: Mapping[str, torch.Tensor]) -> None:
     """Put task ``task``'s own values (OWN keys: every bias; heads are not in the encoder) into a built model,

@@ -30,7 +30,8 @@ def _visual(s: Session, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Modu
 
 
 def accuracies(s: Session, model, split: str = "test", per_task: int | None = None,
-               tasks: list[str] | None = None, progress: Progress | None = None) -> dict[str, float]:
+               tasks: list[str] | None = None, progress: Progress | None = None, own: bool = True
+               ) -> dict[str, float]:
     """Top-1 accuracy per task on a fixed seeded subset (``per_task`` images; None: the whole split).
 
     ``model``: a state dict (loaded into the session's image tower) or an nn.Module.
@@ -38,7 +39,7 @@ def accuracies(s: Session, model, split: str = "test", per_task: int | None = No
     pool = _need_pool(s)
     visual = model if isinstance(model, torch.nn.Module) else _visual(s, model)
     tasks = list(pool.task_names) if tasks is None else tasks
-    return accuracies_of(pool, visual, split, tasks, 256, progress, per_task=per_task, seed=EVAL_SEED)
+    return accuracies_of(pool, visual, split, tasks, 256, progress, per_task=per_task, seed=EVAL_SEED, own=own)
 
 
 def references(s: Session, split: str = "test", progress: Progress | None = None) -> dict:
@@ -48,7 +49,7 @@ def references(s: Session, split: str = "test", progress: Progress | None = None
         if split not in s.refs:
             n = s.live_per_task if split == "test" else s.alpha_per_task
             report = progress or _noop
-            zs = accuracies(s, pool.base, split, n, progress=lambda f, d: report(0.5 * f, f"zero-shot: {d}"))
+            zs = accuracies(s, pool.base, split, n, progress=lambda f, d: report(0.5 * f, f"zero-shot: {d}"), own=False)
             ft = {}
             for i, t in enumerate(pool.task_names):
                 ft[t] = accuracies(s, pool.tasks[t], split, n, [t])[t]

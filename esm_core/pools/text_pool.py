@@ -1,0 +1,158 @@
+"""TextTaskPool: the TaskPool of a BERT-family text encoder (the built ``text`` pool, SPEC §8).
+
+It answers the same questions as :class:`esm_core.pools.taskpool.TaskPool`, so
+evaluation, the probe, the α policy, ESM++, the studio and the app run on it
+unchanged:
+
+* inputs are packed token tensors (N, 2, L) — ids and attention mask
+  (:func:`esm_core.models.bert.pack`); :meth:`images` returns them (the name is
+  the protocol's), :meth:`texts` the sentences;
+* :meth:`build_visual` builds a :class:`esm_core.models.bert.TextEncoder`
+  (features = mean of the last hidden state over real tokens);
+* heads are linear with a bias: ``logits = f @ W.T + b``;
+* §8: biases are each task's own. :meth:`prepare` puts task t's biases into a
+  built model before t is evaluated (evaluation calls it for every task), so a
+  merged state dict — which holds the base's biases — is scored as §8 says;
+* the proxy set is the 32 validation sentences recorded when the pool was built.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..models import bert
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class TextTaskPool:
+    """Base + fine-tuned BERT-family encoders with frozen linear heads and labelled sentences.
+
+    ``heads[task] = {"weight": C×d, "bias": C}``; ``data[task] = {"val": (texts, labels), "test": (texts,
+    labels), "proxy_ids": ids into val}``.
+    """
+    name: str
+    model_config: dict
+    base: dict[str, torch.Tensor]
+    tasks: dict[str, dict[str, torch.Tensor]]
+    heads: dict[str, dict[str, torch.Tensor]]
+    class_names: dict[str, list[str]]
+    data: dict[str, dict]
+    tokenizer: object
+    max_length: int = 64
+    meta: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict, repr=False)
+    family: str = bert.NAME
+
+    def __post_init__(self):
+        for t in self.tasks:
+            for what, table in (("head", self.heads), ("class names", self.class_names), ("sentences", self.data)):
+                if t not in table:
+                    raise ValueError(f"pool {self.name!r}: task {t!r} has no {what}")
+            w = self.heads[t]["weight"]
+            if w.shape[0] != len(self.class_names[t]):
+                raise ValueError(f"pool {self.name!r}: head of {t!r} has {w.shape[0]} rows but "
+                                 f"{len(self.class_names[t])} class names")
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    @property
+    def model_name(self) -> str:
+        return self.meta.get("model", f"{self.model_config.get('model_type', 'bert')} encoder")
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise ValueError(f"pool {self.name!r} has no task {task!r}; tasks: {self.task_names}")
+
+    # -- models --------------------------------------------------------------
+
+    def build_visual(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu"
+                     ) -> bert.TextEncoder:
+        """The encoder holding ``state_dict`` (shapes checked against the pool's config first), eval mode."""
+        return bert.TextEncoder(bert.build(state_dict, self.model_config, device=device)).eval()
+
+    def prepare(self, module: torch.nn.Module, task: str) -> None:
+        """Before scoring ``task``: its own biases into ``module`` (a TextEncoder or a routed one; §8)."""
+        self._check_task(task)
+        inner = getattr(module, "visual", module)             # ESM++'s RoutedModel wraps the encoder
+        bert.load_own(getattr(inner, "model", inner), self.tasks[task])
+
+    # -- data ----------------------------------------------------------------
+
+    def texts(self, task: str, split: str = "test") -> tuple[list[str], np.ndarray]:
+        self._check_task(task)
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        return self.data[task][split]
+
+    def encode(self, texts) -> torch.Tensor:
+        """Sentences → packed (N, 2, L) inputs with the pool's tokenizer and maximum length."""
+        texts = [str(t) for t in texts]
+        if not texts:
+            raise ValueError("no sentences to encode")
+        return bert.encode_texts(self.tokenizer, texts, self.max_length)
+
+    def images(self, task: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed inputs N×2×L, labels) of one task's split; cached (the protocol's name for model inputs)."""
+        key = ("inputs", task, split)
+        if key not in self.cache:
+            texts, y = self.texts(task, split)
+            self.cache[key] = (self.encode(texts), torch.from_numpy(np.asarray(y, dtype=np.int64)))
+        return self.cache[key]
+
+    inputs = images
+
+    def proxy(self, task: str, n: int = bert.PROXY_SAMPLES, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+        """The proxy sentences of ``task`` (§8: 32 validation sentences): the ids recorded at build time when
+        ``n`` and ``seed`` are the defaults, else ``n`` drawn with ``seed``."""
+        x, _ = self.images(task, "val")
+        if n < 1:
+            raise ValueError(f"proxy size n must be >= 1, got {n}")
+        rec = self.data[task].get("proxy_ids")
+        if rec is not None and seed == 0 and n == len(rec):
+            ids = [int(i) for i in rec]
+        else:
+            ids = [int(i) for i in np.sort(np.random.default_rng(seed).choice(len(x), min(n, len(x)), replace=False))]
+        return x[ids], ids
+
+    def logits(self, task: str, features: torch.Tensor) -> torch.Tensor:
+        """The task's frozen linear head: ``f @ W.T + b``."""
+        self._check_task(task)
+        h = self.heads[task]
+        return features @ h["weight"].to(features.device, features.dtype).T + h["bias"].to(features.device,
+                                                                                              features.dtype)
+
+    def samples(self, task: str, k: int = 8) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """A few test sentences for display: (packed inputs, labels, the sentences)."""
+        texts, y = self.texts(task, "test")
+        texts, y = list(texts[:k]), np.asarray(y[:k], dtype=np.int64)
+        return self.encode(texts), torch.from_numpy(y), texts
+
+    def subset(self, tasks: list[str]) -> "TextTaskPool":
+        for t in tasks:
+            self._check_task(t)
+        return TextTaskPool(name=self.name, model_config=self.model_config, base=self.base,
+                            tasks={t: self.tasks[t] for t in tasks}, heads={t: self.heads[t] for t in tasks},
+                            class_names={t: self.class_names[t] for t in tasks},
+                            data={t: self.data[t] for t in tasks}, tokenizer=self.tokenizer,
+                            max_length=self.max_length, meta=dict(self.meta))
+
+
+def load_text_task_pool(path: str | os.PathLike | None = None) -> TextTaskPool:
+    """The built ``text`` pool (``esm-studio build-pool text``) as a :class:`TextTaskPool`."""
+    from . import text_build as tb
+    path = tb.TEXT_POOL_DIR if path is None else path
+    raw = tb.load_text_pool(path)
+    cfg = raw["config"]
+    meta = {"model": cfg.get("model"), "source": cfg.get("model_source"), "kinds": cfg.get("kinds", {}),
+            "accuracy": cfg.get("accuracy", {}), "recipe": cfg.get("recipe", {}), "path": str(path)}
+    return TextTaskPool(name=cfg.get("name", "text"), model_config=raw["model_config"], base=raw["base"],
+                        tasks=raw["tasks"], heads=raw["heads"], class_names=cfg["class_names"], data=raw["data"],
+                        tokenizer=tb.load_tokenizer(path), max_length=int(cfg["recipe"]["max_length"]), meta=meta)
