@@ -11,6 +11,7 @@ from ..evaluation.accuracy import suspicious_references
 from ..merging import METHODS, get_method
 from ..pools.demo import load_demo_pool
 from ..pools.poolfile import load_pool
+from ..pools.text_pool import load_text_task_pool
 from ..probe import probe_pool
 from .common import parse_sets
 
@@ -18,15 +19,20 @@ ALL_ESMPP_RANKS = (8, 32)            # ESM++ rows of `--method all` (SPEC §7: r
 
 
 def load_pool_arg(spec: str):
-    """``demo``, a demo-style folder, or a pool file (.json)."""
+    """``demo``, ``text`` (the built text pool), a demo-style or built-text-pool folder, or a pool file (.json)."""
     if spec == "demo":
         return load_demo_pool()
+    if spec == "text":
+        return load_text_task_pool()
     p = Path(spec)
     if p.is_dir() and (p / "config.json").is_file():
         return load_demo_pool(p)
+    if p.is_dir() and (p / "pool.json").is_file():
+        return load_text_task_pool(p)
     if p.suffix == ".json":
         return load_pool(p)
-    raise ValueError(f"--pool must be 'demo', a demo-style folder or a pool file (.json), got {spec!r}")
+    raise ValueError(f"--pool must be 'demo', 'text', a demo-style or text-pool folder or a pool file (.json), "
+                     f"got {spec!r}")
 
 
 def _row(summary: dict) -> dict:
@@ -114,7 +120,9 @@ def cmd_eval(args) -> int:
 
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate a merging method on a pool (per-task accuracy, α search)")
-    p.add_argument("--pool", default="demo", help="'demo' (built-in), a demo-style folder, or a pool file")
+    p.add_argument("--pool", default="demo",
+                   help="'demo' (built-in), 'text' (the built text pool: esm-studio build-pool text), a demo-style or "
+                        "text-pool folder, or a pool file")
     p.add_argument("--method", required=True, help="a method name, 'esmpp' (ESM++: --set rank=8|32, routed and "
                    "oracle rows; other --set names go to the static ESM merge), 'all', 'zeroshot' or 'finetuned'")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")

@@ -14,7 +14,8 @@ from ..pools import text_build
 def cmd_build_pool(args) -> int:
     if args.name != "text":
         raise ValueError(f"unknown pool {args.name!r}: the buildable pools are 'text' (and the demo: build-demo)")
-    argv = [args.out] + ["--device", args.device] + (["--tasks", args.tasks] if args.tasks else [])
+    argv = [args.out] + ["--device", args.device] + (["--tasks", args.tasks] if args.tasks else []) \
+        + (["--no-reuse"] if args.no_reuse else [])
     return text_build.main(argv)
 
 
@@ -30,6 +31,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", default=str(text_build.TEXT_POOL_DIR), help="output folder (default: the cache)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the tasks")
+    p.add_argument("--no-reuse", action="store_true", help="fine-tune every task again (default: reuse the tasks "
+                   "of the pool already there that the same recipe, model and task position would rebuild)")
     p.set_defaults(func=cmd_build_pool)
     p = subparsers.add_parser("eval-text", help="merging methods on the built text pool (SPEC §8 rules)")
     p.add_argument("--pool", default=str(text_build.TEXT_POOL_DIR))

