@@ -62,11 +62,11 @@ def random_experts(base_sd, keys, rank=3, scale=0.3, seed=0, protos=None) -> Exp
     return Experts(tasks=list(TASKS), keys=list(keys), rank=rank, A=A, B=B, prototypes=P)
 
 
-def packed(lengths, seed=1, lo=1, hi=50):
-    """Packed (N, 2, L) inputs with the given real lengths, padded (id 0, mask 0) to the longest."""
+def packed(lengths, seed=1, lo=1, hi=50, pad=0):
+    """Packed (N, 2, L) inputs with the given real lengths, padded (id ``pad``, mask 0) to the longest."""
     g = torch.Generator().manual_seed(seed)
     L = max(lengths)
-    ids = torch.zeros(len(lengths), L, dtype=torch.long)
+    ids = torch.full((len(lengths), L), pad, dtype=torch.long)
     mask = torch.zeros(len(lengths), L, dtype=torch.long)
     for i, n in enumerate(lengths):
         ids[i, :n] = torch.randint(lo, hi, (n,), generator=g)
@@ -124,6 +124,33 @@ def test_zero_experts_equal_the_plain_encoder(base_sd):
         for mode in ("route", "base", "fixed:b"):
             torch.testing.assert_close(r(x, mode=mode), want, rtol=0, atol=ATOL)
     assert r.last_log.cos.shape == (3, 4, 3)
+
+
+OTHER = {
+    "roberta": {"model_type": "roberta", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 32, "vocab_size": 50, "max_position_embeddings": 40, "pad_token_id": 1},
+    "distilbert": {"model_type": "distilbert", "dim": 16, "hidden_dim": 32, "n_layers": 2, "n_heads": 2,
+                   "vocab_size": 50, "max_position_embeddings": 32},
+}
+
+
+@pytest.mark.parametrize("family", list(OTHER))
+def test_roberta_and_distilbert_route_their_own_layer_names(family):
+    torch.manual_seed(0)
+    sd = {k: v.detach().clone() for k, v in
+          transformers.AutoModel.from_config(bert.config_of(OTHER[family])).state_dict().items()}
+
+    def enc(s):
+        return bert.TextEncoder(bert.build(s, OTHER[family]))
+    keys = routed_keys_of(sd)
+    assert len(keys) == 8 and len(bert.routing_groups(keys)) == 4
+    r = build_routed(sd, random_experts(sd, keys), enc)
+    x = packed([6, 4, 2], lo=2, pad=1 if family == "roberta" else 0)
+    with torch.no_grad():
+        torch.testing.assert_close(r(x, mode="fixed:c"), enc(dense_state(sd, r.experts, "c"))(x), rtol=0, atol=ATOL)
+        out = r(x)
+        for i in range(3):
+            torch.testing.assert_close(r(trimmed(x, i)), out[i:i + 1], rtol=0, atol=ATOL)
 
 
 # ---------------------------------------------------------------- routing on non-padding tokens

@@ -1,9 +1,10 @@
 """ESM++ (SPEC §7): the ESM-merged model plus routed low-rank experts, chosen per input and layer.
 
 - :mod:`.experts` — factors ``Bt``, ``At`` and prototypes per task and routed layer;
-- :mod:`.model` — the routed image tower (:class:`RoutedModel`) and its router;
+- :mod:`.model` — the routed model (:class:`RoutedModel`: open_clip image tower or BERT-family text
+  encoder) and its router;
 - :mod:`.log` — the decision log (routing accuracy, confusion, majority task);
-- :mod:`.io` — saving / loading an ESM++ bundle; :mod:`.embedding` — the 2-D map.
+- :mod:`.io` — saving / loading an ESM++ bundle (:func:`load_routed` rebuilds a text model from the file); :mod:`.embedding` — the 2-D map.
 
 ESM++'s own knobs form the typed schema :data:`ESMPP` (the static ESM merge
 keeps ESM's schema). The pipeline on a pool (α search, evaluation) lives in

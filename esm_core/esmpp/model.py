@@ -33,6 +33,14 @@ calls ``self.attn(q_x, k_x, v_x, need_weights=False, attn_mask=mask)[0]`` with
 with the same heads and ``out_proj``. With zero experts both are numerically
 equal to the original modules.
 
+Text encoders (SPEC §8; ``build_visual`` returns a :class:`esm_core.models.bert.TextEncoder`, inputs are
+packed (N, 2, L) token ids + attention mask): each routed ``nn.Linear`` of the Hugging Face module (Q, K, V,
+``intermediate.dense`` of every layer; DistilBERT's ``q_lin`` / ``k_lin`` / ``v_lin`` / ``ffn.lin1``)
+becomes a :class:`RoutedLinear` at the same path, so its parameters keep the names ``weight`` / ``bias``
+(``bert.load_own`` puts a task's own biases in). x̄ is the mean over the sample's non-padding tokens: the
+routed model hands the batch's attention mask to the router. Q, K and V read the same input: one prototype
+set, one decision and one log entry per input group, named by its first routed key (the query key).
+
 Using it (this is how :func:`esm_core.evaluation.runs.evaluate_esmpp` calls it for the
 ``esmpp`` rows; :mod:`esm_core.evaluation.esmpp` holds the pipeline)::
 
