@@ -1,9 +1,10 @@
 """ESM++ (SPEC §7): the ESM-merged model plus routed low-rank experts, chosen per input and layer.
 
 - :mod:`.experts` — factors ``Bt``, ``At`` and prototypes per task and routed layer;
-- :mod:`.model` — the routed image tower (:class:`RoutedModel`) and its router;
+- :mod:`.model` — the routed model (:class:`RoutedModel`: open_clip image tower or BERT-family text
+  encoder) and its router;
 - :mod:`.log` — the decision log (routing accuracy, confusion, majority task);
-- :mod:`.io` — saving / loading an ESM++ bundle; :mod:`.embedding` — the 2-D map.
+- :mod:`.io` — saving / loading an ESM++ bundle (:func:`load_routed` rebuilds a text model from the file); :mod:`.embedding` — the 2-D map.
 
 ESM++'s own knobs form the typed schema :data:`ESMPP` (the static ESM merge
 keeps ESM's schema). The pipeline on a pool (α search, evaluation) lives in
@@ -11,7 +12,7 @@ keeps ESM's schema). The pipeline on a pool (α search, evaluation) lives in
 """
 from ..merging.registry import Param, Schema
 from .experts import Experts, build_experts, routed_keys_of  # noqa: F401
-from .io import FACTOR_PREFIX, load_esmpp, save_esmpp  # noqa: F401
+from .io import FACTOR_PREFIX, load_esmpp, load_routed, save_esmpp  # noqa: F401
 from .log import DecisionLog, confusion, majority_task, routing_accuracy  # noqa: F401
 from .model import RoutedAttention, RoutedLinear, RoutedModel, build_routed  # noqa: F401
 from .embedding import routing_embedding  # noqa: F401
@@ -21,5 +22,6 @@ ESMPP = Schema(
     (Param("rank", int, 32, "rank r of each task's expert in every routed layer (SPEC §7: 32, also 8)",
            min=1, max=4096, step=1),
      Param("routed_types", str, "auto", "layer types that get routed experts: 'auto' = the model family's "
-           "(open_clip ViT: attn.in_proj_weight, mlp.c_fc.weight), or a comma-separated list")),
+           "(open_clip ViT: attn.in_proj_weight, mlp.c_fc.weight; BERT family: attn.query, attn.key, attn.value, "
+           "ffn.intermediate), or a comma-separated list")),
     help="ESM merge + per-task low-rank experts of what ESM lost, routed per input and layer by prototype cosine")

@@ -71,7 +71,8 @@ class Experts:
 
 def routed_keys_of(keys, routed_types: str | Sequence[str] = "auto") -> list[str]:
     """The ESM++ routed layers among ``keys``: those whose layer type is in ``routed_types``
-    ("auto": the model family's ROUTED_TYPES — open_clip ViT: in_proj and c_fc of every block)."""
+    ("auto": the model family's ROUTED_TYPES — open_clip ViT: in_proj and c_fc of every block; BERT family:
+    ``attn.query``, ``attn.key``, ``attn.value``, ``ffn.intermediate`` of every layer)."""
     keys = list(keys)
     if isinstance(routed_types, str):
         if routed_types.strip() == "auto":
@@ -108,8 +109,9 @@ def build_experts(merged_sd: Mapping[str, torch.Tensor], tasks: Mapping[str, Map
         raise ValueError("no task checkpoints given: ESM++ needs at least one task")
     keys = list(routed_keys) if routed_keys is not None else routed_keys_of(merged_sd)
     if not keys:
-        raise ValueError("no routed layers: the merged state dict has no attn.in_proj_weight / mlp.c_fc.weight keys "
-                         "(pass routed_keys= for other models)")
+        raise ValueError("no routed layers: the merged state dict has none of its family's routed layer types "
+                         "(open_clip ViT: attn.in_proj_weight / mlp.c_fc.weight; BERT family: Q, K, V, "
+                         "intermediate) — pass routed_keys= for other models")
     dev = resolve_device(device)
     A, B, protos = {}, {}, {}
     for i, key in enumerate(keys):

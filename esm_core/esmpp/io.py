@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from safetensors.torch import load_file
 
 from ..checkpoints import CheckpointError, check_compatible, read_config, save_safetensors
+from ..models import bert
 from .experts import Experts
+from .model import RoutedModel, build_routed
 
 FACTOR_PREFIX = "esmpp."          # tensor names of the factors in a saved ESM++ file
 
@@ -80,3 +82,23 @@ def load_esmpp(path: str | Path, base: Mapping[str, torch.Tensor] | None = None
     experts = Experts(tasks=tasks, keys=keys, rank=int(meta["rank"]), A=A, B=B, prototypes=protos,
                       base_params=meta.get("base_params"))
     return merged, experts, cfg
+
+
+def load_routed(path: str | Path, build_visual: Callable[[Mapping[str, torch.Tensor]], torch.nn.Module] | None = None,
+                *, device: str | torch.device = "cpu", base: Mapping[str, torch.Tensor] | None = None) -> RoutedModel:
+    """A routed model from a file written by :func:`save_esmpp` (with the config of a :class:`RoutedModel`).
+
+    A text model (``config["family"] == "bert"``, as :func:`build_routed` records it) is rebuilt from
+    ``config["model_config"]`` (a ``config.json`` dict; nothing is downloaded or unpickled); any other model
+    needs ``build_visual(merged_sd) -> module`` (e.g. ``pool.build_visual``)."""
+    merged, experts, cfg = load_esmpp(path, base=base)
+    if build_visual is None:
+        if cfg.get("family") != bert.NAME or not isinstance(cfg.get("model_config"), Mapping):
+            raise CheckpointError(f"{Path(path).name}: the file does not record a text encoder's family and "
+                                  "model config; pass build_visual= to rebuild its model")
+        model_config = cfg["model_config"]
+
+        def build_visual(sd):
+            return bert.TextEncoder(bert.build(sd, model_config))
+    cfg = {k: v for k, v in cfg.items() if k != "esmpp"}
+    return build_routed(merged, experts, build_visual, device=device, config=cfg)

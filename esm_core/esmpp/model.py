@@ -33,6 +33,14 @@ calls ``self.attn(q_x, k_x, v_x, need_weights=False, attn_mask=mask)[0]`` with
 with the same heads and ``out_proj``. With zero experts both are numerically
 equal to the original modules.
 
+Text encoders (SPEC §8; ``build_visual`` returns a :class:`esm_core.models.bert.TextEncoder`, inputs are
+packed (N, 2, L) token ids + attention mask): each routed ``nn.Linear`` of the Hugging Face module (Q, K, V,
+``intermediate.dense`` of every layer; DistilBERT's ``q_lin`` / ``k_lin`` / ``v_lin`` / ``ffn.lin1``)
+becomes a :class:`RoutedLinear` at the same path, so its parameters keep the names ``weight`` / ``bias``
+(``bert.load_own`` puts a task's own biases in). x̄ is the mean over the sample's non-padding tokens: the
+routed model hands the batch's attention mask to the router. Q, K and V read the same input: one prototype
+set, one decision and one log entry per input group, named by its first routed key (the query key).
+
 Using it (this is how :func:`esm_core.evaluation.runs.evaluate_esmpp` calls it for the
 ``esmpp`` rows; :mod:`esm_core.evaluation.esmpp` holds the pipeline)::
 
@@ -57,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import resolve_device
+from ..models import bert
 from ..models import openclip_vit as vit
 from .experts import Experts
 from .log import DecisionLog
@@ -70,7 +79,13 @@ Progress = Callable[[float, str], None]
 
 
 class _Router:
-    """State shared by the routed layers of one model during a forward call: mode, forced tasks, records."""
+    """State shared by the routed layers of one model during a forward call: mode, forced tasks, records.
+
+    ``index`` of :meth:`decide` is the routing decision's index (one per input group: layers that read the
+    same input, e.g. a text encoder's Q, K and V, share one index and, within a forward call of
+    :class:`RoutedModel`, one decision). ``mask`` (B, tokens) bool, when set: x̄ is the mean over the True
+    (non-padding) tokens only (SPEC §8); None: over every token (ViT).
+    """
 
     def __init__(self, n_layers: int):
         self.n_layers = n_layers
@@ -78,10 +93,20 @@ class _Router:
         self.forced: torch.Tensor | None = None
         self.fixed: int | None = None
         self.records: list | None = None
+        self.mask: torch.Tensor | None = None
+        self.shared: dict[int, torch.Tensor | None] | None = None    # decisions of the current forward call
 
     def decide(self, index: int, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor | None:
         """Expert index per sample for batch-first input ``x`` (B, tokens, d_in), or None (no expert)."""
-        pooled = x.mean(1)                                                   # x̄ per sample
+        if self.shared is not None and index in self.shared:
+            return self.shared[index]                                        # same input group: same decision
+        if self.mask is None:
+            pooled = x.mean(1)                                               # x̄ per sample
+        else:
+            if tuple(self.mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"token mask {tuple(self.mask.shape)} does not fit the layer input "
+                                 f"{tuple(x.shape)}")
+            pooled = bert.sample_means(x, self.mask)                         # x̄ over non-padding tokens (§8)
         cos = F.normalize(pooled.float(), dim=-1) @ prototypes.float().mT    # (B, T); prototypes are unit
         routed = cos.argmax(-1)
         if self.kind == "route":
@@ -97,6 +122,8 @@ class _Router:
         if self.records is not None:
             self.records[index] = (cos.detach(), routed, routed.new_full(routed.shape, -1) if chosen is None
                                    else chosen, pooled.detach().float())
+        if self.shared is not None:
+            self.shared[index] = chosen
         return chosen
 
 
@@ -202,9 +229,16 @@ def _sort_keys(keys: Sequence[str]) -> list[str]:
 
 
 class RoutedModel(nn.Module):
-    """An open_clip image tower whose routed layers carry ESM++ experts.
+    """An open_clip image tower, or a BERT-family :class:`~esm_core.models.bert.TextEncoder`, whose routed
+    layers carry ESM++ experts.
 
-    ``routed(images, true_task=None, mode=None) -> features``. ``mode``: None
+    ``routed(x, true_task=None, mode=None) -> features``; ``x``: images, or packed (N, 2, L) text inputs
+    (then the router reads the attention mask ``x[:, 1]``, so x̄ excludes padding).
+    ``keys``: one name per routing decision, in execution order — the routed layers of a ViT; for text,
+    one per input group (Q, K, V of a layer share one decision, logged under the group's first member, the
+    query key: :func:`esm_core.models.bert.routing_groups`). ``routed.visual.model`` of a text model is the
+    Hugging Face module with every routed ``nn.Linear`` replaced by a :class:`RoutedLinear` at the same path
+    (parameters still ``weight`` / ``bias``, so ``bert.load_own`` puts a task's biases in). ``mode``: None
     (use ``routed.mode``, default "route"), "route", "oracle", "base" or
     "fixed:<task>". ``true_task``: a task name or index for the whole batch, or
     one per sample (list / LongTensor); needed by "oracle", recorded in the log
@@ -272,11 +306,13 @@ class RoutedModel(nn.Module):
         r = self._router
         r.kind, r.fixed, r.forced = kind, fixed, true
         r.records = [None] * r.n_layers
+        r.shared = {}
+        r.mask = bert.unpack(x)["attention_mask"].bool() if isinstance(self.visual, bert.TextEncoder) else None
         try:
             out = self.visual(x)
             records = r.records
         finally:
-            r.kind, r.fixed, r.forced, r.records = "route", None, None, None
+            r.kind, r.fixed, r.forced, r.records, r.shared, r.mask = "route", None, None, None, None, None
         missing = [self.keys[i] for i, rec in enumerate(records) if rec is None]
         if missing:
             raise RuntimeError(f"routed layers were not called in the forward pass: {missing[:3]}")
@@ -326,13 +362,37 @@ class RoutedModel(nn.Module):
             self.mode, self.true_task = old
 
 
+def _route_text(encoder: bert.TextEncoder, merged_sd, experts: Experts, config: dict | None) -> RoutedModel:
+    """Replace every routed ``nn.Linear`` of a text encoder by a :class:`RoutedLinear` at the same path."""
+    hf = encoder.model
+    groups = bert.routing_groups(experts.keys)
+    router = _Router(len(groups))
+    for i, (name, members) in enumerate(groups):
+        P = experts.prototypes[name]                 # one prototype set per input group (Q = K = V input)
+        for key in members:
+            path = bert.module_path(hf, key)
+            old = hf.get_submodule(path)
+            if not isinstance(old, nn.Linear):
+                raise ValueError(f"routed layer {key!r} is a {type(old).__name__}, not an nn.Linear")
+            hf.set_submodule(path, RoutedLinear(old.weight, old.bias, experts.A[key], experts.B[key], P,
+                                                router, i, batch_first=True))
+    cfg = dict(config or {})
+    cfg["family"] = bert.NAME                        # what load_routed needs to rebuild the encoder
+    cfg["model_config"] = hf.config.to_dict()
+    return RoutedModel(encoder, experts, [name for name, _ in groups], router, merged_sd=merged_sd, config=cfg)
+
+
 def build_routed(merged_sd: Mapping[str, torch.Tensor], experts: Experts,
                  build_visual: Callable[[Mapping[str, torch.Tensor]], nn.Module], *,
                  device: str | torch.device = "cpu", config: dict | None = None) -> RoutedModel:
-    """The routed image tower: ``build_visual(merged_sd)`` (an open_clip VisionTransformer, e.g.
-    ``pool.build_visual``) with every routed layer of ``experts`` replaced (in_proj → :class:`RoutedAttention`,
-    c_fc / c_proj → :class:`RoutedLinear`)."""
+    """The routed model: ``build_visual(merged_sd)`` (e.g. ``pool.build_visual``) with every routed layer of
+    ``experts`` replaced. An open_clip VisionTransformer: in_proj → :class:`RoutedAttention`, c_fc / c_proj →
+    :class:`RoutedLinear`. A :class:`~esm_core.models.bert.TextEncoder`: Q / K / V / intermediate (any
+    encoder linear) → :class:`RoutedLinear`, one decision per input group; ``config`` gains ``family`` and
+    ``model_config`` (the Hugging Face config) so that :func:`esm_core.esmpp.io.load_routed` rebuilds it."""
     visual = build_visual(merged_sd)
+    if isinstance(visual, bert.TextEncoder):
+        return _route_text(visual, merged_sd, experts, config).to(resolve_device(device)).eval()
     try:
         blocks = visual.transformer.resblocks
         batch_first = bool(getattr(visual.transformer, "batch_first", True))

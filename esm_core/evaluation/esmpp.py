@@ -19,7 +19,10 @@ def build_esmpp(pool, stats=None, *, rank: int = ESMPP.default("rank"),
                 routed_types: str = ESMPP.default("routed_types"), alpha: float | None = None,
                 esm_params: Mapping[str, Any] | None = None, progress: Progress | None = None,
                 device: str | torch.device = "auto", cache=None) -> RoutedModel:
-    """ESM++ for a TaskPool: ESM merge → experts → prototypes → routed image tower.
+    """ESM++ for a TaskPool: ESM merge → experts → prototypes → routed model.
+
+    The routed model follows what ``pool.build_visual`` returns: an open_clip image tower, or a
+    ``bert.TextEncoder`` (a text pool: Q, K, V and intermediate routed on non-padding tokens, SPEC §8).
 
     ``stats``: the pool's ``Stats`` (:func:`esm_core.probe.probe_pool`; probed
     here when None). ``alpha``: ESM's α; None = chosen on validation with

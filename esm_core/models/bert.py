@@ -171,6 +171,23 @@ def input_group(key: str) -> str:
     return key
 
 
+def routing_groups(keys) -> list[tuple[str, list[str]]]:
+    """Routed keys grouped by input, in execution order: ``[(group name, [member keys]), ...]``.
+
+    Keys that read the same input (Q, K, V of one layer: :func:`input_group`) form one group; its name is
+    its first member in execution order (the query key when Q is routed), so it is itself a routed key.
+    Order: by layer, then :data:`LAYER_TYPES` order (Q, K, V, attention output, intermediate, output)."""
+    keys = list(keys)
+    bad = [k for k in keys if layer_type(k) is None]
+    if bad:
+        raise ValueError(f"cannot route {bad[:3]}: not linear weights of a BERT-family encoder layer")
+    ordered = sorted(keys, key=lambda k: (block_index(k), LAYER_TYPES.index(layer_type(k))))
+    groups: dict[str, list[str]] = {}
+    for k in ordered:
+        groups.setdefault(input_group(k), []).append(k)
+    return [(members[0], members) for members in groups.values()]
+
+
 def short_key(key: str) -> str:
     """``roberta.encoder.layer.3.intermediate.dense.weight`` → ``3 · ffn.intermediate``."""
     t = layer_type(key)
@@ -291,20 +308,26 @@ def load_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -
     model.load_state_dict(sd, strict=True)
 
 
-def module_for_key(model: torch.nn.Module, key: str) -> torch.nn.Linear:
-    """The ``nn.Linear`` whose weight is ``key`` (its input is what the probe records for that key)."""
+def module_path(model: torch.nn.Module, key: str) -> str:
+    """The submodule path (in ``model``) of the layer whose weight is ``key`` (a prefix is dropped if needed)."""
     if not key.endswith(".weight"):
         raise ValueError(f"{key!r} is not a weight key")
     path = key[: -len(".weight")]
     for p in (path, strip_prefix(path)):
         try:
-            mod = model.get_submodule(p)
+            model.get_submodule(p)
         except AttributeError:
             continue
-        if isinstance(mod, torch.nn.Linear):
-            return mod
-        raise ValueError(f"{key!r} belongs to a {type(mod).__name__}, not an nn.Linear")
+        return p
     raise ValueError(f"model has no module for key {key!r}")
+
+
+def module_for_key(model: torch.nn.Module, key: str) -> torch.nn.Linear:
+    """The ``nn.Linear`` whose weight is ``key`` (its input is what the probe records for that key)."""
+    mod = model.get_submodule(module_path(model, key))
+    if isinstance(mod, torch.nn.Linear):
+        return mod
+    raise ValueError(f"{key!r} belongs to a {type(mod).__name__}, not an nn.Linear")
 
 
 # ---------------------------------------------------------------- inputs and features
