@@ -102,3 +102,25 @@ def test_subset_and_errors(tpool):
     xs, ys, texts = tpool.samples("colours", 3)
     assert len(texts) == 3 and xs.shape[0] == 3 and isinstance(texts[0], str)
     assert np.all(ys.numpy() < 3)
+
+
+def test_esmpp_on_the_text_pool(tpool):
+    """ESM++ through the generic pipeline on the text pool: routed and oracle rows, routing accuracy per routed
+    input group, each task scored with its own biases; the oracle row equals the dense model W_ESM + B_t A_t."""
+    from esm_core.evaluation.esmpp import build_esmpp, evaluate_esmpp, evaluate_routed
+    stats = probe_pool(tpool, n=8, device="cpu")
+    rows = evaluate_esmpp(tpool, {"rank": 4}, alpha=0.8, stats=stats, device="cpu")
+    assert set(rows) == {"esmpp-r4", "esmpp-r4-oracle"}
+    ra = rows["esmpp-r4"]["routing_accuracy"]
+    assert len(ra) == 4 and all(0.0 <= a <= 1.0 for a in ra.values())       # 2 layers × (QKV group, intermediate)
+    routed = build_esmpp(tpool, stats, rank=4, alpha=0.8, device="cpu")
+    accs, log = evaluate_routed(tpool, routed, "test", mode="oracle")
+    assert accs == pytest.approx({t: r["abs"] for t, r in rows["esmpp-r4-oracle"]["tasks"].items()})
+    assert bool((log.chosen == log.true[:, None]).all())
+    for t in tpool.task_names:                          # oracle == the dense merged + expert model, own biases
+        dense = dict(routed.merged_sd)
+        for k in routed.experts.keys:
+            dense[k] = dense[k] + routed.experts.delta(k, t)
+        dense = bert.with_own(dense, tpool.tasks[t], bert.roles_of(tpool.base))
+        want = evaluate(tpool, dense, "test", [t], device="cpu")[t]
+        assert accs[t] == pytest.approx(want)
