@@ -27,7 +27,8 @@ from .merging.decompose import DecompositionCache, fingerprint
 from .merging.esm import esm_rank
 from .merging.stats import stats_from_inputs, task_layer_stats
 from .merging.svd import subspace_alignment_ratio
-from .models import openclip_vit as vit
+from .models import FAMILIES, family_or_vit, roles_of
+from .models.roles import SKIP
 
 ENERGY = 0.95
 
@@ -59,7 +60,8 @@ def _keys(base, keys, esd_only: bool) -> list[str]:
         if missing:
             raise ValueError(f"keys not in the base model: {missing[:5]}")
         return list(keys)
-    found = vit.esd_keys(base) if esd_only else list(vit.layer_types_of(base))
+    fam = family_or_vit(base)
+    found = fam.esd_keys(list(base)) if esd_only else list(fam.layer_types_of(list(base)))
     if not found:
         raise ValueError("no transformer linear layers recognised in this model: pass keys=[...] explicitly")
     return found
@@ -88,7 +90,10 @@ def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: st
 
 
 def _info(key: str) -> dict:
-    return {"key": key, "layer_type": vit.layer_type(key), "block": vit.block_index(key)}
+    for fam in FAMILIES.values():
+        if fam.layer_type(key) is not None:
+            return {"key": key, "layer_type": fam.layer_type(key), "block": fam.block_index(key)}
+    return {"key": key, "layer_type": None, "block": None}
 
 
 # ---------------------------------------------------------------------------
@@ -185,8 +190,9 @@ def task_cosines(base, tasks, stats=None, merged_updates=None, keys=None, k=None
         vs = [_delta(base, tasks, n, key).reshape(-1).to(torch.float64) for n in names]
         out["layers"][key] = [[_cos(vs[s], vs[t]) for t in range(T)] for s in range(T)]
     dots = torch.zeros(T, T, dtype=torch.float64)
+    roles = roles_of(base)
     for key, v in base.items():
-        if vit.key_role(key, v) == vit.SKIP:
+        if roles[key] == SKIP:
             continue
         X = torch.stack([_delta(base, tasks, n, key).reshape(-1).to(torch.float64) for n in names])
         dots += X @ X.mT

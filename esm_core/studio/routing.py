@@ -8,7 +8,7 @@ from PIL import Image
 from ..esmpp import ESMPP, majority_task, routing_accuracy, routing_embedding
 from ..evaluation.esmpp import build_esmpp
 from ..merging import get_method
-from ..models import openclip_vit as vit
+from ..models import short_key
 from .inspect import ensure_cache, ensure_stats
 from .live import _frozen, accuracies
 from .session import Progress, Session, _need_pool, _noop
@@ -63,9 +63,23 @@ def _routed_accuracies(s: Session, model) -> dict:
     return out
 
 
+MAX_SENTENCE_CHARS = 2000     # a typed sentence longer than this is refused (the model reads 64 tokens anyway)
+
+
+def _sentence_to_input(pool, text: str) -> torch.Tensor:
+    """A typed sentence → one packed input of a text pool (tokenised as the pool's own sentences)."""
+    if not hasattr(pool, "encode"):
+        raise ValueError("this pool's model reads images: upload an image to route, not a sentence")
+    text = str(text).strip()
+    if len(text) > MAX_SENTENCE_CHARS:
+        raise ValueError(f"the sentence has {len(text):,} characters; at most {MAX_SENTENCE_CHARS:,} are accepted")
+    return pool.encode([text])
+
+
 def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6, image=None, umap: bool = False,
-                progress: Progress | None = None) -> dict:
-    """Route ``per_task`` sample images of every task (and the uploaded ``image``, if any) through ESM++.
+                progress: Progress | None = None, text: str | None = None) -> dict:
+    """Route ``per_task`` samples of every task (and the uploaded ``image`` or typed ``text``, if any) through
+    ESM++. ``text``: a sentence, for a text pool (its model reads sentences, not images).
 
     Returns ``{"tasks", "layers", "sample_labels", "true" (task index or −1), "choices" (N × L expert index),
     "cosines" (N × L × T), "layer_accuracy" (L), "routed_accuracy" / "oracle_accuracy" / "static_accuracy"
@@ -84,9 +98,15 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
             x, y, _ = pool.samples(t, int(per_task))
             xs.append((x, t))
             labels += [f"{t} #{i} ({pool.class_names[t][int(c)]})" for i, c in enumerate(y.tolist())]
-        if image is not None:
+        yours = None
+        if text is not None and str(text).strip():
+            xs.append((_sentence_to_input(pool, text), None))
+            labels.append(yours := "your sentence")
+        elif image is not None:
+            if hasattr(pool, "encode"):
+                raise ValueError("this pool's model reads sentences: type a sentence to route, not an image")
             xs.append((_image_to_input(pool, image), None))
-            labels.append("your image")
+            labels.append(yours := "your image")
         dev = next(model.parameters()).device
         report(0.65, "routing the samples")
         with torch.inference_mode(), model.logging(keep_inputs=True) as log:
@@ -112,17 +132,17 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
             lines.append(f"Routing picked the sample's own task in **{100 * float(np.mean(layer_acc)):.0f} %** of "
                          f"the decisions ({int(known.sum())} samples × {len(log.keys)} layers).")
         if mean_norm:
-            lines.append(f"Mean normalised accuracy on ≤ {s.live_per_task} test images per task: static ESM "
+            lines.append(f"Mean normalised accuracy on ≤ {s.live_per_task} test samples per task: static ESM "
                          f"{100 * mean_norm['base']:.1f} %, ESM++ routed {100 * mean_norm['route']:.1f} %, "
                          f"oracle routing {100 * mean_norm['oracle']:.1f} %.")
-        if image is not None:
+        if yours is not None:
             top, share = majority_task(log)
-            lines.append(f"**Your image** went to the **{log.tasks[int(top[-1])]}** expert in "
+            lines.append(f"**{yours.capitalize()}** went to the **{log.tasks[int(top[-1])]}** expert in "
                          f"{100 * float(share[-1]):.0f} % of the layers.")
         storage = model.experts.storage()
         lines.append(f"The experts add {storage['per_task']:,} parameters per task "
                      f"({100 * (storage['share_per_task'] or 0):.1f} % of the model).")
-        true_names = [n if n is not None else "your image" for n in emb["true"]]
+        true_names = [n if n is not None else (yours or "your input") for n in emb["true"]]
         run = {"tasks": list(log.tasks), "layers": list(log.keys), "sample_labels": labels,
                "true": log.true.tolist(), "choices": log.chosen.numpy(), "cosines": log.cos.numpy(),
                "layer_accuracy": layer_acc, "routed_accuracy": accs["route"], "oracle_accuracy": accs["oracle"],
@@ -130,7 +150,7 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
                "embedding": {"points": emb["points"], "labels": true_names, "proto_points": emb["prototype_points"],
                              "method": emb["method"],
                              "proto_labels": list(emb["tasks"]),
-                             "title": f"{emb['note']}, layer {vit.short_key(str(emb['layer']))}; "
+                             "title": f"{emb['note']}, layer {short_key(str(emb['layer']))}; "
                                       "★ = task prototypes"},
                "summary_md": "\n\n".join(lines), "n_tasks": T}
         s.routing = run

@@ -22,6 +22,7 @@ measures the whole split.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import threading
@@ -35,8 +36,11 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
-from ..models import openclip_vit as vit
+from ..models import family_or_vit
+from ..models.roles import MATRIX
+from ..pools import text_build
 from ..pools.demo import load_demo_pool
+from ..pools.text_pool import load_text_task_pool
 from ..pools.upload import pool_from_upload
 
 Progress = Callable[[float, str], None]
@@ -153,30 +157,86 @@ def load_demo(s: Session, loader: Callable[[], Any] | None = None, progress: Pro
     return load_pool(s, pool, "demo")
 
 
+def text_pool_status(path=None) -> dict:
+    """Whether the ``text`` pool is built in the cache: ``{"built", "path", "tasks", "model"}``."""
+    path = Path(path or text_build.TEXT_POOL_DIR).expanduser()
+    try:
+        cfg = json.loads((path / "pool.json").read_text())
+        return {"built": True, "path": str(path), "tasks": list(cfg["tasks"]), "model": cfg.get("model")}
+    except (OSError, ValueError, KeyError):
+        return {"built": False, "path": str(path), "tasks": list(text_build.TASKS),
+                "model": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def load_text(s: Session, path=None, progress: Progress | None = None) -> dict:
+    """Load the built ``text`` pool (MiniLM on 8 text tasks, SPEC §8) from the cache (seconds)."""
+    report = progress or _noop
+    st = text_pool_status(path)
+    if not st["built"]:
+        raise ValueError(f"the text pool is not built yet (no pool.json in {st['path']}): build it first "
+                         "(the Pool view's button, or `esm-studio build-pool text`)")
+    report(0.1, "loading the text pool")
+    pool = load_text_task_pool(st["path"])
+    report(1.0, "text pool loaded")
+    return load_pool(s, pool, "text")
+
+
+def build_text(path=None, progress: Progress | None = None, **kwargs) -> dict:
+    """Build the ``text`` pool into the cache (fine-tuning on this machine: tens of minutes on a CPU; tasks a
+    previous build made with the same recipe are reused). Needs the registry packages of the README's text
+    section; a missing one is named with its install command. Returns the pool.json dict."""
+    out = Path(path or text_build.TEXT_POOL_DIR).expanduser()
+    return text_build.build_text_pool(out, progress=progress, **kwargs)
+
+
 def pool_info(s: Session) -> dict:
     """What the Pool view shows: name, architecture, parameter count, tasks (classes, images), notes."""
     pool = _need_pool(s)
     base = pool.base
     n_params = int(sum(v.numel() for v in base.values()))
-    blocks = sorted({vit.block_index(k) for k in base if vit.block_index(k) is not None})
+    fam = family_or_vit(list(base))
+    blocks = sorted({fam.block_index(k) for k in base if fam.block_index(k) is not None})
     width = int(base["visual.conv1.weight"].shape[0]) if "visual.conv1.weight" in base else None
+    if hasattr(pool, "model_config"):
+        width = pool.model_config.get("hidden_size", width)
+    unit = "sentences" if hasattr(pool, "encode") else "images"
     tasks = []
     for t in pool.task_names:
         sizes = {split: int(len(pool.data[t][split][1])) for split in ("val", "test")
                  if t in getattr(pool, "data", {}) and split in pool.data[t]}
-        tasks.append({"task": t, "classes": len(pool.class_names[t]), "val images": sizes.get("val", 0),
-                      "test images": sizes.get("test", 0),
+        tasks.append({"task": t, "classes": len(pool.class_names[t]), f"val {unit}": sizes.get("val", 0),
+                      f"test {unit}": sizes.get("test", 0),
                       "example classes": ", ".join(pool.class_names[t][:4]) + (" …" if len(pool.class_names[t]) > 4 else "")})
     return {"name": pool.name, "origin": s.origin, "model": getattr(pool, "model_name", "?"),
             "parameters": n_params, "blocks": len(blocks), "width": width,
-            "matrices": sum(1 for k, v in base.items() if vit.key_role(k, v) == vit.MATRIX),
+            "matrices": sum(1 for k, v in base.items() if fam.key_role(k, v) == MATRIX),
+            "family": fam.NAME, "inputs": unit,
             "tasks": tasks, "notes": list(s.notes), "device": str(s.device)}
+
+
+def sample_texts(s: Session, k: int = 3) -> list[dict]:
+    """``k`` test sentences of every task of a text pool, each of a different class where the task's first
+    sentences allow: ``[{"task", "class", "sentence"}]``; empty for an image pool."""
+    pool = _need_pool(s)
+    if not hasattr(pool, "texts"):
+        return []
+    out = []
+    for t in pool.task_names:
+        texts, y = pool.texts(t, "test")
+        y = [int(c) for c in y[:64]]
+        picks = [y.index(c) for c in list(dict.fromkeys(y))[:k]]
+        picks += [i for i in range(len(y)) if i not in picks][:k - len(picks)]
+        for i in picks:
+            out.append({"task": t, "class": pool.class_names[t][y[i]], "sentence": texts[i]})
+    return out
 
 
 def sample_images(s: Session, k: int = 4, size: int = 96) -> list[tuple[np.ndarray, str]]:
     """``k`` images of every task for display, of as many different classes as the task's samples have,
-    upscaled (nearest) to about ``size`` pixels, captioned with the task and class."""
+    upscaled (nearest) to about ``size`` pixels, captioned with the task and class (empty for a text pool)."""
     pool = _need_pool(s)
+    if hasattr(pool, "encode"):
+        return []
     out = []
     for t in pool.task_names:
         try:

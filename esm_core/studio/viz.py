@@ -13,7 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..models.openclip_vit import short_key  # noqa: F401  (re-exported: the app labels layers with viz.short_key)
+from ..models import short_key  # noqa: F401  (re-exported: the app labels layers with viz.short_key)
 
 # One colour per task, in task order (Plotly's qualitative "D3" + "Set2" palettes, repeated if needed).
 TASK_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
