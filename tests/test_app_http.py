@@ -52,7 +52,7 @@ def _merged_trace(plot_value):
 
 def test_load_merge_compare_export(url):
     c = _client(url)
-    md, tasks_df, gallery = c.predict(api_name="/init")
+    md, tasks_df, gallery, sentences = c.predict(api_name="/init")
     assert "fake" in md and "32,384 parameters" in md
     assert [row[0] for row in tasks_df["data"]] == list(FAKE_TASKS)
 
@@ -250,7 +250,7 @@ def test_ckpt_upload_accepted(url, pool, tmp_path):
                   "", [], "auto", [], 0, "", api_name="/load_upload")      # never guessed: the user is asked
     c.predict(h(str(tmp_path / "base.ckpt")), [h(str(tmp_path / "alpha.ckpt")), h(str(tmp_path / "beta.ckpt"))],
               "", [], "infer", [], 16, "half", api_name="/load_upload")
-    md, table, _ = c.predict(api_name="/load_upload_view")
+    md, table, _, _ = c.predict(api_name="/load_upload_view")
     assert "(upload)" in md and [r[0] for r in table["data"]] == ["alpha", "beta"]
 
 
@@ -272,7 +272,7 @@ def test_session_cap(pool, monkeypatch):
             if len(demo.esm_gate) < 2:
                 break
         assert len(demo.esm_gate) == 1
-        md, _, _ = c.predict(api_name="/init")
+        md, _, _, _ = c.predict(api_name="/init")
         assert "parameters" in md
     finally:
         demo.close()

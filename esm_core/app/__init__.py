@@ -35,14 +35,17 @@ def _after_pool(ui) -> Callable:
     def after_pool(s):
         """Reset the views that depend on the pool: layer and task choices, the α curve, the routing samples."""
         if s is None or s.pool is None:
-            return [gr.update()] * 6
+            return [gr.update()] * 8
         keys = studio.esd_keys(s)
         choices = [(viz.short_key(k), k) for k in keys]
         tasks = list(s.pool.task_names)
         return (gr.update(choices=choices, value=keys[0]), gr.update(choices=tasks, value=tasks[0]),
-                gr.update(choices=choices, value=keys[0]), None, None, gr.update(choices=[], value=None))
+                gr.update(choices=choices, value=keys[0]), None, None, gr.update(choices=[], value=None),
+                gr.update(choices=["auto", *studio.layer_type_names(s)], value=["auto"]),
+                gr.update(value=routing.SOURCES[0]))
     ui.after_pool = after_pool
-    ui.after_pool_outs = [ui.spec_layer, ui.spec_task, ui.int_layer, ui.curve_plot, ui.curve_state, ui.r_sample]
+    ui.after_pool_outs = [ui.spec_layer, ui.spec_task, ui.int_layer, ui.curve_plot, ui.curve_state, ui.r_sample,
+                          ui.esd_types_ctl, ui.r_source]
 
 
 def build_app(pool_loader: Callable[[], Any] | None = None, max_open: int | None = None) -> gr.Blocks:

@@ -61,6 +61,8 @@ def layout(ui) -> None:
                     with gr.Group(visible=(name == DEFAULT_METHOD)) as ui.groups[name]:
                         lo = len(ui.controls)
                         ui.controls += [control(name, p) for p in m.params]
+                        if name == "esm":
+                            ui.esd_types_ctl = next(c for c in ui.controls[lo:] if c.elem_id == "ctl-esm-esd_types")
                         ui.slices[name] = (lo, len(ui.controls))
                 with gr.Row():
                     ui.curve_btn = gr.Button("α curve on validation", size="sm", elem_id="curve-btn")
@@ -90,13 +92,14 @@ def merge_outputs(s, rec) -> tuple:
     ci = studio.accuracy_interval(rec["summary"], sizes, refs["finetuned"])
     sm, alpha = rec["summary"], float(rec["params"]["alpha"])
     lo, hi = min(sizes.values()), max(sizes.values())
-    n_txt = f"n = {lo if lo == hi else f'{lo}–{hi}'} test images per task"
+    unit = studio.pool_info(s)["inputs"]                 # "images" or "sentences"
+    n_txt = f"n = {lo if lo == hi else f'{lo}–{hi}'} test {unit} per task"
     title = (f"#{rec['id']} {rec['title']} (α = {alpha:.2f}): mean {100 * sm['mean_abs']:.1f} ± "
              f"{100 * ci['mean_abs']:.1f} % absolute · {100 * sm['mean_norm']:.1f} ± {100 * ci['mean_norm']:.1f} % "
              f"normalised<br><sub>{n_txt}; ± = 95 % interval (error bars: each task's)</sub>")
     fig = viz.accuracy_figure(sm, refs, title=title, interval=ci)
     md = (f"Merged and evaluated in **{rec['seconds']:.2f} s**. Live accuracy is measured on a fixed subset "
-          f"({n_txt}, the same images for every merge and for the references), so it is noisy: **± "
+          f"({n_txt}, the same {unit} for every merge and for the references), so it is noisy: **± "
           f"{100 * ci['mean_abs']:.1f} points** on the mean (95 % binomial interval; the error bars show each "
           "task's). **Evaluate on the full test split** below measures the whole split.")
     zs = sum(refs["zeroshot"].values()) / len(refs["zeroshot"])
@@ -144,7 +147,8 @@ def make_handlers(ui):
         params = params_of(method, values, slices)
         best, curve = studio.alpha_curve(s, method, params, progress=progress_fn(progress))
         n = studio.sample_sizes(s, "val")
-        title = (f"{METHODS[method].title}: mean normalised accuracy on ≤ {max(n.values())} validation images "
+        title = (f"{METHODS[method].title}: mean normalised accuracy on ≤ {max(n.values())} validation "
+                 f"{studio.pool_info(s)['inputs']} "
                  f"per task (n = {sum(n.values())} in all)")
         data = (method, best, curve, title)
         return s, curve_figure(data, float(params["alpha"])), data, gr.update(

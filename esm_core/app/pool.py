@@ -30,6 +30,12 @@ ARCH_CHOICES = ["auto", "demo", "infer", "ViT-B-32-quickgelu", "ViT-B-16-quickge
 NORM_CHOICES = [("from the config / architecture", ""), ("OpenAI CLIP mean/std ('clip')", "clip"),
                 ("mean 0.5, std 0.5 ('half')", "half")]
 MAX_CONFIG_BYTES = 64 * 1024      # a model config JSON is a few KB
+TEXT_POOL_HELP = ("**Text pool** (SPEC §8): all-MiniLM-L6-v2, fully fine-tuned on 8 real text tasks (topic, "
+                  "sentiment, authorship, spam, genre, word sense, language, BBC news topic). It is built on this "
+                  "machine into a cache folder (some sources may not be redistributed): about 20–50 minutes on a "
+                  "CPU, a few on a GPU, once; afterwards it loads in seconds. The build needs the registry packages "
+                  "listed in the README (a missing one is named with its install command).")
+SENTENCES_PER_TASK = 3            # sample sentences of each task of a text pool
 IMAGES_PER_TASK = 6               # gallery: one row per task, each image of another class where the task has them
 
 
@@ -41,7 +47,14 @@ def layout(ui) -> None:
         ui.pool_gallery = gr.Gallery(label="a few images of each task (one row per task, one image per class)",
                                      columns=IMAGES_PER_TASK, height="fit-content", object_fit="contain",
                                      allow_preview=False, elem_id="pool-gallery")
+        ui.pool_texts = gr.Dataframe(label="a few test sentences of each task", interactive=False, wrap=True,
+                                     visible=False, elem_id="pool-sentences")
         ui.demo_btn = gr.Button("Reload the built-in demo pool", size="sm")
+        with gr.Accordion("Language models: the text pool (MiniLM on 8 text tasks)", open=False):
+            ui.text_md = gr.Markdown(TEXT_POOL_HELP + "\n\n" + text_status_md(), elem_id="text-status")
+            with gr.Row():
+                ui.text_btn = gr.Button("Load the text pool", variant="primary", size="sm", elem_id="text-load")
+                ui.text_build_btn = gr.Button("Build the text pool", size="sm", elem_id="text-build")
         with gr.Accordion("Upload your own pool (open_clip ViT image towers)", open=False):
             gr.Markdown(UPLOAD_HELP)
             with gr.Row():
@@ -64,15 +77,25 @@ def layout(ui) -> None:
             ui.upload_btn = gr.Button("Load the uploaded pool", variant="primary", elem_id="upload-btn")
 
 
+def text_status_md() -> str:
+    st = studio.text_pool_status()
+    if st["built"]:
+        return f"Built in `{st['path']}`: tasks {', '.join(st['tasks'])}."
+    return f"Not built yet (cache folder `{st['path']}`): press *Build the text pool*, or run `esm-studio build-pool text`."
+
+
 def pool_outputs(s) -> tuple:
-    """Summary markdown, task table and gallery of the session's pool."""
+    """Summary markdown, task table, gallery (image pools) and sample sentences (text pools) of the session's pool."""
     info = studio.pool_info(s)
     md = (f"**Pool:** `{info['name']}` ({info['origin']}) · **model:** `{info['model']}` · "
           f"**{info['parameters']:,} parameters** · {info['blocks']} transformer blocks of width {info['width']} · "
           f"{info['matrices']} weight matrices · {len(info['tasks'])} tasks · device: `{info['device']}`")
     if info["notes"]:
         md += "\n\n" + "\n".join(f"- {n}" for n in info["notes"])
-    return md, pd.DataFrame(info["tasks"]), studio.sample_images(s, IMAGES_PER_TASK)
+    texts = studio.sample_texts(s, SENTENCES_PER_TASK)
+    images = studio.sample_images(s, IMAGES_PER_TASK)
+    return (md, pd.DataFrame(info["tasks"]), gr.Gallery(value=images, visible=not texts),
+            gr.Dataframe(value=pd.DataFrame(texts) if texts else None, visible=bool(texts)))
 
 
 def task_names(names_text: str | None, files: list[str]) -> list[str]:
@@ -153,14 +176,26 @@ def make_handlers(ui):
                              demo_loader=loader, progress=progress_fn(progress))
         return s
 
-    return init, reload_demo, load_upload
+    @friendly
+    def load_text(s, progress=gr.Progress()):
+        s = need_session(s)
+        studio.load_text(s, progress=progress_fn(progress))
+        return s
+
+    @friendly
+    def build_text(s, progress=gr.Progress()):
+        need_session(s)
+        studio.build_text(progress=progress_fn(progress))
+        return TEXT_POOL_HELP + "\n\n" + text_status_md()
+
+    return init, reload_demo, load_upload, load_text, build_text
 
 
 def wire(ui) -> None:
     """Loading a pool resets the other views and runs the first merge. A refused upload changes nothing on screen:
     the load step's only output is the session, the pool view is redrawn only after a success."""
-    init, reload_demo, load_upload = make_handlers(ui)
-    shown = [ui.pool_md, ui.pool_df, ui.pool_gallery]
+    init, reload_demo, load_upload, load_text, build_text = make_handlers(ui)
+    shown = [ui.pool_md, ui.pool_df, ui.pool_gallery, ui.pool_texts]
 
     def show_pool(s):
         return pool_outputs(need_session(s))
@@ -168,7 +203,9 @@ def wire(ui) -> None:
     ui.demo.load(init, [ui.state], [ui.state, *shown], api_name="init", **HEAVY).success(
         ui.after_pool, [ui.state], ui.after_pool_outs, api_visibility="private").then(
         ui.do_merge, ui.merge_inputs, ui.merge_outs, **HEAVY, trigger_mode="always_last", api_visibility="private")
+    ui.text_build_btn.click(build_text, [ui.state], [ui.text_md], api_name="build_text", **HEAVY)
     for btn, fn, inputs, api in ((ui.demo_btn, reload_demo, [ui.state], "load_demo"),
+                                 (ui.text_btn, load_text, [ui.state], "load_text"),
                                  (ui.upload_btn, load_upload, [ui.state, ui.base_file, ui.task_files, ui.names_box,
                                                                ui.zip_files, ui.arch_box, ui.config_files,
                                                                ui.head_box, ui.norm_dd], "load_upload")):

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import HEAVY, LIGHT, friendly, gpu, need_session, progress_fn, studio, viz
+from .common import HEAVY, LIGHT, bounded_text, friendly, gpu, need_session, progress_fn, studio, viz
 
 TEXT = """ESM++ keeps the static ESM merge and adds one small low-rank **expert** per task in some layers. For each input
 and layer, a **routing decision** compares the input's mean hidden state with every task's *prototype* (the mean hidden
 state of that task's samples) and switches on the closest task's expert. When routing picks the true task, the input
 gets almost its own fine-tuned model back; the oracle forces the true task to show the ceiling."""
-SOURCES = ["samples of the pool's tasks", "my image"]
+SOURCES = ["samples of the pool's tasks", "my image", "my sentence"]
+MAX_SENTENCE_CHARS = 2000
 
 
 def layout(ui) -> None:
@@ -21,7 +22,10 @@ def layout(ui) -> None:
                                       info="rank of each task's low-rank expert (reference: 32, also 8)")
                 ui.r_source = gr.Radio(SOURCES, value=SOURCES[0], label="inputs")
                 ui.r_per_task = gr.Slider(1, 16, value=6, step=1, label="samples per task")
-                ui.r_image = gr.Image(label="an image of your own", type="numpy", height=160)
+                ui.r_image = gr.Image(label="an image of your own (image pools)", type="numpy", height=160)
+                ui.r_text = gr.Textbox(label="a sentence of your own (the text pool)", lines=2, max_length=MAX_SENTENCE_CHARS,
+                                       placeholder="e.g. The striker scored twice in the second half.",
+                                       elem_id="route-text")
                 ui.r_umap = gr.Checkbox(False, label="map with UMAP instead of PCA",
                                         info="UMAP compiles on its first use: that run takes up to a minute")
                 ui.r_btn = gr.Button("Route!", variant="primary", elem_id="route-btn")
@@ -64,12 +68,16 @@ def figures(run: dict, idx: int) -> dict:
 
 @gpu
 @friendly
-def route(s, rank, source, per_task, image, umap, progress=gr.Progress()):
+def route(s, rank, source, per_task, image, umap, text=None, progress=gr.Progress()):
     s = need_session(s)
+    text = bounded_text(text, "sentence", MAX_SENTENCE_CHARS).strip()
     if source == "my image" and image is None:
         raise ValueError("upload an image first (or route the samples of the pool's tasks)")
+    if source == "my sentence" and not text:
+        raise ValueError("type a sentence first (or route the samples of the pool's tasks)")
     run = studio.run_routing(s, rank=int(rank), per_task=int(per_task), image=image if source == "my image" else None,
-                             umap=bool(umap), progress=progress_fn(progress))
+                             text=text if source == "my sentence" else None, umap=bool(umap),
+                             progress=progress_fn(progress))
     figs = figures(run, 0)
     labels = [(lab, i) for i, lab in enumerate(run["sample_labels"])]
     return (s, run["summary_md"], figs["heat"], figs["acc"], figs["oracle"], gr.update(choices=labels, value=0),
@@ -85,7 +93,7 @@ def pick_sample(s, idx):
 
 
 def wire(ui) -> None:
-    ui.r_btn.click(route, [ui.state, ui.r_rank, ui.r_source, ui.r_per_task, ui.r_image, ui.r_umap],
+    ui.r_btn.click(route, [ui.state, ui.r_rank, ui.r_source, ui.r_per_task, ui.r_image, ui.r_umap, ui.r_text],
                    [ui.state, ui.r_md, ui.r_heat, ui.r_acc, ui.r_oracle, ui.r_sample, ui.r_cos, ui.r_map],
                    api_name="route", **HEAVY)
     ui.r_sample.input(pick_sample, [ui.state, ui.r_sample], [ui.r_cos], api_visibility="private", **LIGHT)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..models import bert
+from . import text_build as tb
 
 Progress = Callable[[float, str], None]
 
@@ -147,7 +148,6 @@ class TextTaskPool:
 
 def load_text_task_pool(path: str | os.PathLike | None = None) -> TextTaskPool:
     """The built ``text`` pool (``esm-studio build-pool text``) as a :class:`TextTaskPool`."""
-    from . import text_build as tb
     path = tb.TEXT_POOL_DIR if path is None else path
     raw = tb.load_text_pool(path)
     cfg = raw["config"]

@@ -8,7 +8,8 @@ The app calls every operation as ``studio.<name>(session, ...)``; they live in
 from .session import (ALPHA_PER_TASK, LIVE_PER_TASK, Session, build_text, close, load_demo, load_pool,  # noqa: F401
                       load_text, load_uploaded, new_session, pool_info, sample_images, sample_texts,
                       text_pool_status)
-from .inspect import alignment, cosines, ensure_cache, ensure_stats, esd_keys, overlap, spectra, spectra_at  # noqa: F401
+from .inspect import (alignment, cosines, ensure_cache, ensure_stats, esd_keys, layer_type_names, overlap,  # noqa: F401
+                      spectra, spectra_at)
 from ..evaluation.accuracy import accuracy_interval, binomial_halfwidth  # noqa: F401
 from .live import (ALPHA_POINTS, EVAL_SEED, accuracies, alpha_curve, comparison_rows, full_evaluation,  # noqa: F401
                    merge, merge_config, method_choices, references, sample_sizes)

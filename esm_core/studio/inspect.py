@@ -24,6 +24,12 @@ def ensure_cache(s: Session):
     return s.cache
 
 
+def layer_type_names(s: Session) -> list[str]:
+    """The layer types of the pool's model family (the choices of ESM's ``esd_types``)."""
+    base = list(_need_pool(s).base)
+    return list(family_or_vit(base).LAYER_TYPES)
+
+
 def esd_keys(s: Session) -> list[str]:
     """The layers with an ESD (attn.in_proj, mlp.c_fc, mlp.c_proj of every block)."""
     base = list(_need_pool(s).base)

@@ -181,12 +181,22 @@ def load_text(s: Session, path=None, progress: Progress | None = None) -> dict:
     return load_pool(s, pool, "text")
 
 
+_TEXT_BUILD = threading.Lock()       # one text-pool build per process: every session shares the cache folder
+
+
 def build_text(path=None, progress: Progress | None = None, **kwargs) -> dict:
     """Build the ``text`` pool into the cache (fine-tuning on this machine: tens of minutes on a CPU; tasks a
     previous build made with the same recipe are reused). Needs the registry packages of the README's text
-    section; a missing one is named with its install command. Returns the pool.json dict."""
+    section; a missing one is named with its install command. One build at a time (a second call while one
+    runs is refused). Returns the pool.json dict."""
     out = Path(path or text_build.TEXT_POOL_DIR).expanduser()
-    return text_build.build_text_pool(out, progress=progress, **kwargs)
+    if not _TEXT_BUILD.acquire(blocking=False):
+        raise ValueError("the text pool is being built already (by this or another session): wait for it, then "
+                         "load it")
+    try:
+        return text_build.build_text_pool(out, progress=progress, **kwargs)
+    finally:
+        _TEXT_BUILD.release()
 
 
 def pool_info(s: Session) -> dict:
