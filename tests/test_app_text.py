@@ -71,3 +71,25 @@ def test_build_load_merge_route_export(served):
     from safetensors import safe_open
     with safe_open(path, "pt") as f:                                     # the merged encoder, BERT key names
         assert "encoder.layer.0.attention.self.query.weight" in set(f.keys())
+
+
+def test_upload_a_text_pool_through_the_pool_view(served, tmp_path):
+    """BERT sequence classifiers + config.json + vocab.txt + <task>.jsonl through the upload form: loaded as a
+    text pool (sample sentences, the classifiers' own heads); image zips mixed with text files are refused."""
+    from test_upload_text import _upload
+    url, _ = served
+    paths, texts, cfg, tok = _upload(tmp_path, "bert")
+    (tmp_path / "config.json").write_text(__import__("json").dumps(cfg))
+    c = gradio_client.Client(url, verbose=False, download_files=True)
+    c.predict(api_name="/init")
+    h = gradio_client.handle_file
+    args = (h(str(tmp_path / "base.safetensors")), [h(str(paths["colours"])), h(str(paths["animals"]))], "",
+            [h(str(texts["colours"])), h(str(texts["animals"]))], "auto",
+            [h(str(tmp_path / "config.json")), h(str(tok["vocab.txt"]))], 0, "")
+    c.predict(*args, api_name="/load_upload")
+    md, table, gallery, sentences = c.predict(api_name="/load_upload_view")
+    assert "(upload)" in md and [r[0] for r in table["data"]] == ["colours", "animals"]
+    assert sentences["visible"] is True and gallery["visible"] is False
+    no_config = args[:5] + ([h(str(tok["vocab.txt"]))],) + args[6:]
+    with pytest.raises(Exception, match="config.json"):
+        c.predict(*no_config, api_name="/load_upload")

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+
+from esm_core.pools.upload_text import TEXT_EXTS, TOKENIZER_FILES
 
 from .common import (CKPT_TYPES, HEAVY, MAX_ARCH_CHARS, bounded_text, file_path, friendly, need_session,
                      progress_fn, short_name, studio)
@@ -25,7 +28,12 @@ UPLOAD_HELP = ("Give the pre-trained checkpoint, two or more task checkpoints fi
                "(open_clip model JSON, or Hugging Face `config.json` + `preprocessor_config.json`), or choose: "
                "`demo` (this app's demo architecture), an open_clip model name (its config, CLIP normalisation), "
                "or `infer` (shapes from the weights, plus the attention head width and normalisation you give: "
-               "CLIP models use head width 64 and 'clip'). With `auto` and no config the app lists the choices.")
+               "CLIP models use head width 64 and 'clip'). With `auto` and no config the app lists the choices.\n\n"
+               "**Text models** (BERT, RoBERTa, DistilBERT, MiniLM): upload each task's "
+               "`*ForSequenceClassification` checkpoint (its classifier is the task's head), the model's "
+               "`config.json` and tokenizer files (`tokenizer.json`, or `vocab.txt` / `vocab.json` + `merges.txt`, "
+               "with `tokenizer_config.json`), and per task `<task>.csv` (columns `text`, `label` = class index) "
+               "or `<task>.jsonl`.")
 ARCH_CHOICES = ["auto", "demo", "infer", "ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-quickgelu"]
 NORM_CHOICES = [("from the config / architecture", ""), ("OpenAI CLIP mean/std ('clip')", "clip"),
                 ("mean 0.5, std 0.5 ('half')", "half")]
@@ -55,22 +63,24 @@ def layout(ui) -> None:
             with gr.Row():
                 ui.text_btn = gr.Button("Load the text pool", variant="primary", size="sm", elem_id="text-load")
                 ui.text_build_btn = gr.Button("Build the text pool", size="sm", elem_id="text-build")
-        with gr.Accordion("Upload your own pool (open_clip ViT image towers)", open=False):
+        with gr.Accordion("Upload your own pool (open_clip ViT image towers, or BERT-family text classifiers)",
+                          open=False):
             gr.Markdown(UPLOAD_HELP)
             with gr.Row():
                 ui.base_file = gr.File(label="base checkpoint", file_types=CKPT_TYPES, elem_id="up-base")
                 ui.task_files = gr.File(label="task checkpoints", file_count="multiple", file_types=CKPT_TYPES,
                                         elem_id="up-tasks")
-                ui.zip_files = gr.File(label="images: <task>.zip per task", file_count="multiple",
-                                       file_types=[".zip"], elem_id="up-zips")
+                ui.zip_files = gr.File(label="data: <task>.zip of images, or <task>.csv / .jsonl of labelled text",
+                                       file_count="multiple", file_types=[".zip", *TEXT_EXTS], elem_id="up-zips")
             with gr.Row():
                 ui.names_box = gr.Textbox(label="task names (comma separated, upload order; empty: file names)",
                                           elem_id="up-names")
                 ui.arch_box = gr.Dropdown(ARCH_CHOICES, value="auto", allow_custom_value=True,
                                           label="architecture (or type an open_clip model name)", elem_id="up-arch")
             with gr.Row():
-                ui.config_files = gr.File(label="model config (JSON; optional)", file_count="multiple",
-                                          file_types=[".json"], elem_id="up-config")
+                ui.config_files = gr.File(label="model config (JSON) — and for text models config.json + tokenizer "
+                                                "files", file_count="multiple", file_types=[".json", ".txt"],
+                                          elem_id="up-config")
                 ui.head_box = gr.Number(0, precision=0, minimum=0, maximum=4096, elem_id="up-head",
                                         label="attention head width (for 'infer'; 0 = not given)")
                 ui.norm_dd = gr.Dropdown(NORM_CHOICES, value="", label="input normalisation", elem_id="up-norm")
@@ -168,8 +178,18 @@ def make_handlers(ui):
         if len(files) < 2:
             raise ValueError(f"upload at least two task checkpoints (got {len(files)})")
         names = task_names(names_text, files)
-        zips = {short_name(file_path(z)): file_path(z) for z in (zip_files or [])}
-        config, preprocessor = read_configs([file_path(f) for f in (config_files or [])])
+        data = [file_path(z) for z in (zip_files or [])]
+        cfg_paths = [file_path(f) for f in (config_files or [])]
+        tok = {Path(p).name: p for p in cfg_paths if Path(p).name in TOKENIZER_FILES}
+        config, preprocessor = read_configs([p for p in cfg_paths if Path(p).name not in TOKENIZER_FILES])
+        texts = {short_name(p): p for p in data if p.lower().endswith(TEXT_EXTS)}
+        if texts:                                       # labelled sentences: a BERT-family text pool
+            if len(texts) != len(data):
+                raise ValueError("upload either image zips or labelled text files (.csv / .jsonl), not both")
+            studio.load_uploaded_text(s, file_path(base_file), dict(zip(names, files)), texts, config=config,
+                                      tokenizer_files=tok, progress=progress_fn(progress))
+            return s
+        zips = {short_name(p): p for p in data}
         hw = int(head_width) if head_width else None
         studio.load_uploaded(s, file_path(base_file), dict(zip(names, files)), zips, arch=arch, config=config,
                              preprocessor=preprocessor, head_width=hw, normalisation=normalisation or None,

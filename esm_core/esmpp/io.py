@@ -99,6 +99,6 @@ def load_routed(path: str | Path, build_visual: Callable[[Mapping[str, torch.Ten
         model_config = cfg["model_config"]
 
         def build_visual(sd):
-            return bert.TextEncoder(bert.build(sd, model_config))
+            return bert.TextEncoder(bert.build(sd, model_config), cfg.get("pooling", "mean"))
     cfg = {k: v for k, v in cfg.items() if k != "esmpp"}
     return build_routed(merged, experts, build_visual, device=device, config=cfg)

@@ -379,6 +379,7 @@ def _route_text(encoder: bert.TextEncoder, merged_sd, experts: Experts, config: 
     cfg = dict(config or {})
     cfg["family"] = bert.NAME                        # what load_routed needs to rebuild the encoder
     cfg["model_config"] = hf.config.to_dict()
+    cfg["pooling"] = encoder.pooling
     return RoutedModel(encoder, experts, [name for name, _ in groups], router, merged_sd=merged_sd, config=cfg)
 
 

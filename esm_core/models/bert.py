@@ -435,16 +435,23 @@ def encode_texts(tokenizer, texts, max_length: int = 64) -> torch.Tensor:
 
 
 class TextEncoder(torch.nn.Module):
-    """A built BERT-family model as a feature extractor on packed inputs: ``encoder(x) -> (B, hidden)``,
-    the mean of the last hidden state over non-padding tokens (what the task heads read). ``.model`` is the
+    """A built BERT-family model as a feature extractor on packed inputs: ``encoder(x) -> (B, hidden)``, the
+    mean of the last hidden state over non-padding tokens (``pooling="mean"``) or the first token's last hidden
+    state (``"cls"``, what a sequence-classification head reads). ``.model`` is the
     Hugging Face module; its parameter names are the state dict's (without a prefix)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, pooling: str = "mean"):
         super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.model = model
+        self.pooling = pooling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return features(self.model, unpack(x))
+        batch = unpack(x)
+        if self.pooling == "cls":                  # what a sequence-classification head reads
+            return _forward(self.model, batch).last_hidden_state[:, 0]
+        return features(self.model, batch)
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
         """Load a checkpoint of the encoder's shapes: the state dict's own keys (a prefix and heads are

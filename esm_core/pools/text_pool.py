@@ -8,8 +8,10 @@ unchanged:
   (:func:`esm_core.models.bert.pack`); :meth:`images` returns them (the name is
   the protocol's), :meth:`texts` the sentences;
 * :meth:`build_visual` builds a :class:`esm_core.models.bert.TextEncoder`
-  (features = mean of the last hidden state over real tokens);
-* heads are linear with a bias: ``logits = f @ W.T + b``;
+  (features = mean of the last hidden state over real tokens for the built pool, the first token's for
+  uploaded sequence classifiers — ``pooling``);
+* heads: linear with a bias, ``logits = f @ W.T + b`` (the built pool), or an uploaded classifier's own two
+  layers (:mod:`esm_core.pools.upload_text`);
 * §8: biases are each task's own. :meth:`prepare` puts task t's biases into a
   built model before t is evaluated (evaluation calls it for every task), so a
   merged state dict — which holds the base's biases — is scored as §8 says;
@@ -49,13 +51,15 @@ class TextTaskPool:
     meta: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict, repr=False)
     family: str = bert.NAME
+    pooling: str = "mean"             # features: "mean" over real tokens (the built pool) or "cls" (first token)
 
     def __post_init__(self):
         for t in self.tasks:
             for what, table in (("head", self.heads), ("class names", self.class_names), ("sentences", self.data)):
                 if t not in table:
                     raise ValueError(f"pool {self.name!r}: task {t!r} has no {what}")
-            w = self.heads[t]["weight"]
+            h = self.heads[t]
+            w = h["w2"] if "w2" in h else h["weight"]
             if w.shape[0] != len(self.class_names[t]):
                 raise ValueError(f"pool {self.name!r}: head of {t!r} has {w.shape[0]} rows but "
                                  f"{len(self.class_names[t])} class names")
@@ -77,7 +81,7 @@ class TextTaskPool:
     def build_visual(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu"
                      ) -> bert.TextEncoder:
         """The encoder holding ``state_dict`` (shapes checked against the pool's config first), eval mode."""
-        return bert.TextEncoder(bert.build(state_dict, self.model_config, device=device)).eval()
+        return bert.TextEncoder(bert.build(state_dict, self.model_config, device=device), self.pooling).eval()
 
     def prepare(self, module: torch.nn.Module, task: str) -> None:
         """Before scoring ``task``: its own biases into ``module`` (a TextEncoder or a routed one; §8)."""
@@ -124,11 +128,16 @@ class TextTaskPool:
         return x[ids], ids
 
     def logits(self, task: str, features: torch.Tensor) -> torch.Tensor:
-        """The task's frozen linear head: ``f @ W.T + b``."""
+        """The task's frozen head: linear ``f @ W.T + b`` (``{"weight", "bias"}``), or an uploaded classifier's
+        two layers ``act(f @ W1.T + b1) @ W2.T + b2`` (``{"w1", "b1", "w2", "b2", "act"}``)."""
         self._check_task(task)
-        h = self.heads[task]
-        return features @ h["weight"].to(features.device, features.dtype).T + h["bias"].to(features.device,
-                                                                                              features.dtype)
+        h = {k: (v.to(features.device, features.dtype) if isinstance(v, torch.Tensor) else v)
+             for k, v in self.heads[task].items()}
+        if "w1" in h:
+            z = features @ h["w1"].T + h["b1"]
+            z = torch.tanh(z) if h["act"] == "tanh" else torch.relu(z)
+            return z @ h["w2"].T + h["b2"]
+        return features @ h["weight"].T + h["bias"]
 
     def samples(self, task: str, k: int = 8) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """A few test sentences for display: (packed inputs, labels, the sentences)."""
@@ -143,7 +152,7 @@ class TextTaskPool:
                             tasks={t: self.tasks[t] for t in tasks}, heads={t: self.heads[t] for t in tasks},
                             class_names={t: self.class_names[t] for t in tasks},
                             data={t: self.data[t] for t in tasks}, tokenizer=self.tokenizer,
-                            max_length=self.max_length, meta=dict(self.meta))
+                            max_length=self.max_length, meta=dict(self.meta), pooling=self.pooling)
 
 
 def load_text_task_pool(path: str | os.PathLike | None = None) -> TextTaskPool:

@@ -6,8 +6,8 @@ The app calls every operation as ``studio.<name>(session, ...)``; they live in
 :mod:`.export`; :mod:`.viz` draws the figures (plotly, the ``app`` extra).
 """
 from .session import (ALPHA_PER_TASK, LIVE_PER_TASK, Session, build_text, close, load_demo, load_pool,  # noqa: F401
-                      load_text, load_uploaded, new_session, pool_info, sample_images, sample_texts,
-                      text_pool_status)
+                      load_text, load_uploaded, load_uploaded_text, new_session, pool_info, sample_images,
+                      sample_texts, text_pool_status)
 from .inspect import (alignment, cosines, ensure_cache, ensure_stats, esd_keys, layer_type_names, overlap,  # noqa: F401
                       spectra, spectra_at)
 from ..evaluation.accuracy import accuracy_interval, binomial_halfwidth  # noqa: F401

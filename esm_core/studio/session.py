@@ -42,6 +42,7 @@ from ..pools import text_build
 from ..pools.demo import load_demo_pool
 from ..pools.text_pool import load_text_task_pool
 from ..pools.upload import pool_from_upload
+from ..pools.upload_text import text_pool_from_upload
 
 Progress = Callable[[float, str], None]
 
@@ -274,4 +275,14 @@ def load_uploaded(s: Session, base_path, task_paths, image_zips=None, *, arch: s
     pool, notes = pool_from_upload(base_path, task_paths, image_zips, arch=arch, config=config,
                                    preprocessor=preprocessor, head_width=head_width, normalisation=normalisation, demo_loader=demo_loader,
                                    progress=progress)
+    return load_pool(s, pool, "upload", notes)
+
+
+def load_uploaded_text(s: Session, base_path, task_paths, text_files, *, config, tokenizer_files,
+                       progress: Progress | None = None) -> dict:
+    """A text pool from uploads (:func:`esm_core.pools.upload_text.text_pool_from_upload`: BERT-family sequence
+    classifiers, their config.json and tokenizer, labelled sentences per task) made the session's pool. The
+    previous pool stays loaded when anything is refused."""
+    pool, notes = text_pool_from_upload(base_path, task_paths, text_files, config, tokenizer_files,
+                                        progress=progress)
     return load_pool(s, pool, "upload", notes)
