@@ -72,21 +72,17 @@ def test_build_and_load_round_trip(tmp_path):
         assert tb.accuracy(m0, heads[t], tok, *pool["data"][t]["val"], max_length=16) == \
             pytest.approx(cfg["accuracy"][t]["zeroshot_val"])
 
-    # merging on the pool: §8 roles, ESD on all six types with padding-free proxy statistics
-    from esm_core.evaluation import text_runs as text_eval
-    st = text_eval.proxy_stats(pool, m, tok, bert.esd_keys(base), 16)
-    texts = [pool["data"]["animals"]["val"][0][i] for i in pool["data"]["animals"]["proxy_ids"]]
-    n_real = int(bert.token_mask(bert.tokenize(tok, texts, 16)).sum())
-    qk = "encoder.layer.0.attention.self.query.weight"
-    assert st["tasks"]["animals"][qk].n == n_real
-    assert st["tasks"]["animals"][qk] is st["tasks"]["animals"][qk.replace("query", "value")]
-    res = text_eval.run(out, methods=("ta", "esm"), alphas={"ta": (0.3, 1.0), "esm": (1.0,)}, n_val=10, n_test=None,
-                        log=lambda *_: None)
-    # α is one of the evaluated values; the grid grows past an end while the best α sits on it (the α policy)
-    assert f"{res['ta']['alpha']:g}" in res["ta"]["val_mean"] and {"0.3", "1"} <= set(res["ta"]["val_mean"])
-    assert set(res["esm"]["test"]) == {"colours", "animals"}
-    assert all(0.0 <= a <= 1.0 for r in ("ta", "esm") for a in res[r]["test"].values())
-    assert f"| esm | {res['esm']['alpha']:g} |" in text_eval.table(res, ["colours", "animals"])
+    # the command line evaluates a built text pool folder (§8 rules; α by the α policy on validation)
+    import contextlib
+    import io
+    from esm_core.cli import main as cli
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli(["eval", "--pool", str(out), "--method", "ta", "--json", "--device", "cpu"]) == 0
+    res = json.loads(buf.getvalue())
+    assert res["tasks"] == ["colours", "animals"] and set(res["results"]) == {"zeroshot", "finetuned", "ta"}
+    assert res["results"]["finetuned"]["tasks"]["colours"]["abs"] == pytest.approx(cfg["accuracy"]["colours"]["finetuned_test"])
+    assert 0.0 <= res["results"]["ta"]["mean_abs"] <= 1.0 and res["results"]["ta"]["alpha"] > 0
 
     # a rebuild replaces the pool in place (atomic rename), with another seed giving other splits
     cfg2 = tb.build_text_pool(out, recipe=recipe, tasks=["animals"], readers=readers, seed=5)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from esm_core.evaluation import evaluate, reference_accuracies
-from esm_core.evaluation import text_runs
 from esm_core.evaluation.runs import evaluate_method
 from esm_core.models import bert
 from esm_core.pools import text_build as tb
@@ -56,13 +55,28 @@ def test_own_biases_are_put_in_per_task(tpool):
     assert not torch.equal(tpool.tasks["animals"][b], tpool.base[b])
 
 
-def test_probe_pool_equals_the_text_runs_statistics(tpool, tiny_text_pool_dir):
+def _by_hand_stats(raw: dict, tok) -> dict:
+    """§8 by hand: per task, the inputs of every ESD layer inside the task's own model on its recorded proxy
+    sentences, padding tokens dropped (bert.layer_inputs), Q/K/V recorded once."""
+    from esm_core.merging.stats import stats_from_inputs
+    keys = bert.esd_keys(raw["base"])
+    groups = {k: bert.input_group(k) for k in keys}
+    out = {}
+    for t, sd in raw["tasks"].items():
+        model = bert.build(sd, raw["model_config"])
+        texts = [raw["data"][t]["val"][0][i] for i in raw["data"][t]["proxy_ids"]]
+        X = bert.layer_inputs(model, bert.tokenize(tok, texts, 16), list(dict.fromkeys(groups.values())))
+        st = stats_from_inputs({t: X})["tasks"][t]
+        out[t] = {k: st[g] for k, g in groups.items()}
+    return {"tasks": out}
+
+
+def test_probe_pool_equals_the_statistics_by_hand(tpool, tiny_text_pool_dir):
     """The generic probe on the text pool: padding-free rows of the six types on the recorded proxy sentences,
-    Q/K/V sharing one entry — the same statistics as the text evaluation's own recording."""
+    Q/K/V sharing one entry."""
     st = probe_pool(tpool, n=len(tpool.data["colours"]["proxy_ids"]), device="cpu")
     raw = tb.load_text_pool(tiny_text_pool_dir[0])
-    model = bert.build(raw["base"], raw["model_config"])
-    ref = text_runs.proxy_stats(raw, model, tb.load_tokenizer(tiny_text_pool_dir[0]), bert.esd_keys(raw["base"]), 16)
+    ref = _by_hand_stats(raw, tb.load_tokenizer(tiny_text_pool_dir[0]))
     for t in tpool.task_names:
         assert st["proxy_ids"][t] == [int(i) for i in tpool.data[t]["proxy_ids"]]
         assert set(st["tasks"][t]) == set(ref["tasks"][t]) and len(st["tasks"][t]) == 12
@@ -74,9 +88,9 @@ def test_probe_pool_equals_the_text_runs_statistics(tpool, tiny_text_pool_dir):
         assert st["tasks"][t][q] is st["tasks"][t][q.replace("query", "key")]
 
 
-def test_generic_evaluation_equals_text_runs(tpool, tiny_text_pool_dir):
-    """ESM through the generic evaluation (evaluate_method, the α policy's affine updates) scores what the text
-    evaluation scores at the same α: the family is found from the keys, α on every key, own biases."""
+def test_generic_evaluation_equals_the_rule_by_hand(tpool, tiny_text_pool_dir):
+    """ESM through the generic evaluation (evaluate_method, the α policy's affine updates) scores what §8 says,
+    computed by hand: the update at α = 1 scaled by α on every key, each task with its own biases and head."""
     stats = probe_pool(tpool, n=8, device="cpu")
     res = evaluate_method(tpool, "esm", alpha=0.7, stats=stats, device="cpu")
     raw = tb.load_text_pool(tiny_text_pool_dir[0])
@@ -84,8 +98,11 @@ def test_generic_evaluation_equals_text_runs(tpool, tiny_text_pool_dir):
     from esm_core.merging import apply_updates, merge_updates
     ups = merge_updates("esm", raw["base"], raw["tasks"], alpha=1.0, stats=stats)
     merged = apply_updates(raw["base"], bert.scale_updates(ups, 0.7))
-    want = text_runs.evaluate(model, tb.load_tokenizer(tiny_text_pool_dir[0]), raw, merged,
-                              bert.roles_of(raw["base"]), "test", None, 16)
+    tok, roles = tb.load_tokenizer(tiny_text_pool_dir[0]), bert.roles_of(raw["base"])
+    want = {}
+    for t in raw["tasks"]:
+        bert.load_state(model, bert.with_own(merged, raw["tasks"][t], roles))
+        want[t] = tb.accuracy(model, raw["heads"][t], tok, *raw["data"][t]["test"], max_length=16)
     assert {t: r["abs"] for t, r in res["tasks"].items()} == pytest.approx(want)
 
 

@@ -3,7 +3,7 @@
 Sub-commands: ``methods`` (list methods and their parameters), ``merge``
 (merge checkpoint files), ``eval`` (evaluate a method on a pool), ``bench``
 (speed and memory of every method), ``build-demo`` (rebuild the demo pool),
-``build-pool text`` / ``eval-text`` (the text pool), ``app`` (start the web app).
+``build-pool text`` (the text pool; ``eval --pool text`` evaluates it), ``app`` (start the web app).
 """
 from __future__ import annotations
 
