@@ -236,3 +236,38 @@ def test_pool_view_survives_a_failed_upload(app_url, page, tmp_path):
     page.wait_for_function(f"() => ({POOL_VIEW_OK})() === 'ok'")
     assert page.locator('[data-testid="toast-body"]').count() == 0
     page.screenshot(path=str(shots / "1-pool-reloaded.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def text_app_url(tiny_text_pool_dir):
+    """The app starting on a text pool: the tiny built one, or with ``ESM_SCREENSHOT_DIR`` set and the real text
+    pool built (``esm-studio build-pool text``), the real one (for the README screenshot)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from esm_core.pools import text_build
+    from esm_core.pools.text_pool import load_text_task_pool
+    from fake_pool import launch_app
+    real = os.environ.get("ESM_SCREENSHOT_DIR") and (text_build.TEXT_POOL_DIR / "pool.json").is_file()
+    pool = load_text_task_pool(text_build.TEXT_POOL_DIR if real else tiny_text_pool_dir[0])
+    demo, url = launch_app(lambda: pool)
+    yield url
+    demo.close()
+
+
+def test_text_pool_sentences_and_typed_sentence_routing(text_app_url, page, tmp_path):
+    """A text pool in the browser: the Pool view lists sample sentences (no image gallery); the Routing view
+    routes a typed sentence and says which task's expert it went to."""
+    shots = _shots(tmp_path)
+    page.goto(text_app_url)
+    page.wait_for_function("() => document.querySelector('#pool-summary')?.innerText.includes('parameters')")
+    page.wait_for_selector("#pool-sentences table")
+    assert page.locator("#pool-gallery").is_hidden()
+    page.screenshot(path=str(shots / "1-pool-text.png"), full_page=True)
+    _tab(page, "5 · Routing (ESM++)")
+    page.get_by_label("my sentence").check()
+    page.locator("#route-text textarea").fill("The striker scored twice in the second half and the crowd cheered.")
+    page.get_by_role("button", name="Route!").click()
+    page.wait_for_function("() => document.querySelector('#route-note')?.innerText.includes('Your sentence')",
+                           timeout=4 * TIMEOUT_MS)
+    _plot_ready(page, "route-heat")
+    _plot_ready(page, "route-cos")
+    page.screenshot(path=str(shots / "5-routing-text.png"), full_page=True)

@@ -78,9 +78,10 @@ def route(s, rank, source, per_task, image, umap, text=None, progress=gr.Progres
     run = studio.run_routing(s, rank=int(rank), per_task=int(per_task), image=image if source == "my image" else None,
                              text=text if source == "my sentence" else None, umap=bool(umap),
                              progress=progress_fn(progress))
-    figs = figures(run, 0)
+    idx = len(run["sample_labels"]) - 1 if source in ("my image", "my sentence") else 0    # show yours first
+    figs = figures(run, idx)
     labels = [(lab, i) for i, lab in enumerate(run["sample_labels"])]
-    return (s, run["summary_md"], figs["heat"], figs["acc"], figs["oracle"], gr.update(choices=labels, value=0),
+    return (s, run["summary_md"], figs["heat"], figs["acc"], figs["oracle"], gr.update(choices=labels, value=idx),
             figs["cos"], figs["map"])
 
 
