@@ -225,9 +225,10 @@ def pool_info(s: Session) -> dict:
             "tasks": tasks, "notes": list(s.notes), "device": str(s.device)}
 
 
-def sample_texts(s: Session, k: int = 3) -> list[dict]:
+def sample_texts(s: Session, k: int = 3, max_chars: int = 240) -> list[dict]:
     """``k`` test sentences of every task of a text pool, each of a different class where the task's first
-    sentences allow: ``[{"task", "class", "sentence"}]``; empty for an image pool."""
+    sentences allow: ``[{"task", "class", "sentence"}]`` (cut to ``max_chars`` for display: the model reads
+    its first tokens only); empty for an image pool."""
     pool = _need_pool(s)
     if not hasattr(pool, "texts"):
         return []
@@ -238,7 +239,8 @@ def sample_texts(s: Session, k: int = 3) -> list[dict]:
         picks = [y.index(c) for c in list(dict.fromkeys(y))[:k]]
         picks += [i for i in range(len(y)) if i not in picks][:k - len(picks)]
         for i in picks:
-            out.append({"task": t, "class": pool.class_names[t][y[i]], "sentence": texts[i]})
+            text = texts[i] if len(texts[i]) <= max_chars else texts[i][:max_chars].rstrip() + " …"
+            out.append({"task": t, "class": pool.class_names[t][y[i]], "sentence": text})
     return out
 
 
