@@ -141,3 +141,12 @@ def test_esmpp_on_the_text_pool(tpool):
         dense = bert.with_own(dense, tpool.tasks[t], bert.roles_of(tpool.base))
         want = evaluate(tpool, dense, "test", [t], device="cpu")[t]
         assert accs[t] == pytest.approx(want)
+
+
+def test_prepare_none_restores_the_base_biases(tpool):
+    enc = tpool.build_visual(tpool.base)
+    b = "encoder.layer.1.output.dense.bias"
+    tpool.prepare(enc, "colours")
+    assert torch.equal(enc.model.get_parameter(b).detach(), tpool.tasks["colours"][b])
+    tpool.prepare(enc, None)
+    assert torch.equal(enc.model.get_parameter(b).detach(), tpool.base[b])

@@ -83,11 +83,13 @@ class TextTaskPool:
         """The encoder holding ``state_dict`` (shapes checked against the pool's config first), eval mode."""
         return bert.TextEncoder(bert.build(state_dict, self.model_config, device=device), self.pooling).eval()
 
-    def prepare(self, module: torch.nn.Module, task: str) -> None:
-        """Before scoring ``task``: its own biases into ``module`` (a TextEncoder or a routed one; §8)."""
-        self._check_task(task)
+    def prepare(self, module: torch.nn.Module, task: str | None) -> None:
+        """Before scoring ``task``: its own biases into ``module`` (a TextEncoder or a routed one; §8). ``None``
+        (an input of no known task, e.g. a typed sentence): the base's, which a merged state dict holds."""
+        if task is not None:
+            self._check_task(task)
         inner = getattr(module, "visual", module)             # ESM++'s RoutedModel wraps the encoder
-        bert.load_own(getattr(inner, "model", inner), self.tasks[task])
+        bert.load_own(getattr(inner, "model", inner), self.base if task is None else self.tasks[task])
 
     # -- data ----------------------------------------------------------------
 

@@ -109,8 +109,11 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
             labels.append(yours := "your image")
         dev = next(model.parameters()).device
         report(0.65, "routing the samples")
+        prepare = getattr(pool, "prepare", None)   # text (§8): each sample with its task's own biases
         with torch.inference_mode(), model.logging(keep_inputs=True) as log:
             for x, t in xs:
+                if prepare is not None:
+                    prepare(model, t)
                 model(x.to(dev), true_task=t)
         if built["accs"] is None:
             report(0.75, "routed vs oracle accuracy")
