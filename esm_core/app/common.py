@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import gradio as gr
+from gradio.context import LocalContext
 
 from esm_core import studio  # noqa: F401  (the views' back end)
 from esm_core.checkpoints import CheckpointError, CHECKPOINT_EXTS
@@ -64,11 +65,16 @@ def user_error(text: str) -> gr.Error:
 
 def friendly(fn: Callable) -> Callable:
     """Turn the studio's ValueError / CheckpointError / FileNotFoundError into a clear message for the user,
-    logged as one line (the error is the user's: no traceback)."""
+    logged as one line (the error is the user's: no traceback); work stopped by Cancel, a disconnect or the
+    session's end (:class:`studio.Cancelled`) into a "Cancelled" message (the outputs on screen stay as they were)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except studio.Cancelled as e:
+            log.info("%s stopped: %s", fn.__name__, e)
+            raise gr.Error(f"Stopped ({html.escape(str(e))}): nothing was changed, the previous result stays.",
+                           duration=TOAST_S, print_exception=False, title="Cancelled") from None
         except gr.Error as e:
             log.warning("user error in %s: %.300s", fn.__name__, getattr(e, "message", e))
             raise
@@ -79,9 +85,41 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
-def progress_fn(progress) -> Callable[[float, str], None]:
-    """gr.Progress as the studio's ``progress(fraction, description)`` callback."""
-    return lambda frac, desc: progress(frac, desc=desc)
+def progress_fn(progress, s=None) -> Callable[[float, str], None]:
+    """gr.Progress as the studio's ``progress(fraction, description)`` callback. With the session ``s``, the
+    callback also stops the work (:func:`studio.guarded` raises :class:`studio.Cancelled`) once it is no longer
+    wanted: Cancel pressed in this session, the session closed or expired, or the event's client gone."""
+    report = lambda frac, desc: progress(frac, desc=desc)  # noqa: E731
+    return report if s is None else studio.guarded(s, report, client_connected())
+
+
+def client_connected() -> Callable[[], bool]:
+    """For the event running in this thread: a check that its client is still there.
+
+    Gradio marks a queued event not ``alive`` when the client's event stream disconnects (tab closed, network
+    gone, HTTP client gone) and drops it from the running jobs when it is cancelled (``/cancel``), but lets the
+    handler's thread run on; this reads both (gradio 6: ``LocalContext``, ``Queue.active_jobs``, ``Event.alive``).
+    Outside a queued event it always answers yes."""
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    if queue is None or event_id is None:
+        return lambda: True
+
+    def find():
+        for job in list(getattr(queue, "active_jobs", None) or []):
+            for ev in list(job or []):
+                if getattr(ev, "_id", None) == event_id:
+                    return ev
+        return None
+
+    seen = find() is not None              # only an event seen running can be found gone later
+
+    def connected() -> bool:
+        ev = find()
+        if ev is None:
+            return not seen
+        return bool(getattr(ev, "alive", True))
+    return connected
 
 
 def need_session(s):

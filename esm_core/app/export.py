@@ -55,7 +55,7 @@ def ex_model(s, progress=gr.Progress()):
 @friendly
 def ex_esmpp(s, rank, progress=gr.Progress()):
     s = need_session(s)
-    p = studio.export_esmpp(s, rank=int(rank), progress=progress_fn(progress))
+    p = studio.export_esmpp(s, rank=int(rank), progress=progress_fn(progress, s))
     return str(p), f"ESM++ bundle (expert rank {int(rank)}) written: `{p.name}`.", studio.read_export_config(p)
 
 

@@ -37,7 +37,7 @@ def chance_note(k: int, d: int) -> str:
 def show(s, key, progress=gr.Progress()):
     s = need_session(s)
     key = key or studio.esd_keys(s)[0]
-    ov = studio.overlap(s, key, progress=progress_fn(progress))
+    ov = studio.overlap(s, key, progress=progress_fn(progress, s))
     k, d = int(ov["k"][key]), int(s.pool.base[key].shape[0])
     cos = studio.cosines(s)
     tasks = cos["tasks"]

@@ -69,7 +69,7 @@ def route(s, rank, source, per_task, image, umap, progress=gr.Progress()):
     if source == "my image" and image is None:
         raise ValueError("upload an image first (or route the samples of the pool's tasks)")
     run = studio.run_routing(s, rank=int(rank), per_task=int(per_task), image=image if source == "my image" else None,
-                             umap=bool(umap), progress=progress_fn(progress))
+                             umap=bool(umap), progress=progress_fn(progress, s))
     figs = figures(run, 0)
     labels = [(lab, i) for i, lab in enumerate(run["sample_labels"])]
     return (s, run["summary_md"], figs["heat"], figs["acc"], figs["oracle"], gr.update(choices=labels, value=0),

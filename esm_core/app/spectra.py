@@ -41,7 +41,7 @@ def overview_title(field: str, frac: float) -> str:
 
 def overview(s, frac: float, field: str, progress) -> tuple:
     """The layer × task heatmap of the chosen field, and the spectra rows behind it."""
-    rows = studio.spectra_at(s, frac, progress=progress_fn(progress))
+    rows = studio.spectra_at(s, frac, progress=progress_fn(progress, s))
     rows = [{**r, "esd_gain_at_k": r["esd_kept_at_k"] - r["svd_kept_at_k"]} for r in rows]
     key, _ = FIELDS.get(field, next(iter(FIELDS.values())))
     return viz.layer_task_heatmap(rows, key, title=overview_title(field, frac)), rows

@@ -5,8 +5,8 @@ The app calls every operation as ``studio.<name>(session, ...)``; they live in
 :mod:`.inspect` (spectra, interference), :mod:`.routing` (ESM++) and
 :mod:`.export`; :mod:`.viz` draws the figures (plotly, the ``app`` extra).
 """
-from .session import (ALPHA_PER_TASK, LIVE_PER_TASK, Session, close, load_demo, load_pool,  # noqa: F401
-                      load_uploaded, new_session, pool_info, sample_images)
+from .session import (ALPHA_PER_TASK, LIVE_PER_TASK, Cancelled, Session, cancel, close, guarded,  # noqa: F401
+                      load_demo, load_pool, load_uploaded, new_session, pool_info, sample_images)
 from .inspect import alignment, cosines, ensure_cache, ensure_stats, esd_keys, overlap, spectra, spectra_at  # noqa: F401
 from ..evaluation.accuracy import accuracy_interval, binomial_halfwidth  # noqa: F401
 from .live import (ALPHA_POINTS, EVAL_SEED, accuracies, alpha_curve, comparison_rows, full_evaluation,  # noqa: F401

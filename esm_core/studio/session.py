@@ -49,6 +49,11 @@ def _noop(frac: float, desc: str) -> None:
     pass
 
 
+class Cancelled(Exception):
+    """Work stopped on purpose, at a progress report: the user pressed Cancel, the client went away, or the
+    session was closed. The operation leaves the session as it was (caches of finished work excepted)."""
+
+
 @dataclass
 class Session:
     """Everything one browser session owns. Create with :func:`new_session`; free with :func:`close`.
@@ -79,6 +84,8 @@ class Session:
     _visual: Any = None                      # one image tower, reloaded for every evaluation
     lock: Any = field(default_factory=threading.RLock, repr=False)
     closed: bool = False
+    cancel_epoch: int = 0                    # :func:`cancel` bumps it; work started before then stops
+    _closer: Any = field(default=None, repr=False)   # the thread freeing a session closed while it worked
 
     @property
     def device(self) -> torch.device:
@@ -87,7 +94,7 @@ class Session:
     def __getstate__(self):
         d = dict(self.__dict__)
         d.pop("lock", None)
-        d["_visual"] = None
+        d["_visual"] = d["_closer"] = None
         return d
 
     def __setstate__(self, d):
@@ -104,15 +111,61 @@ def new_session(device: str | torch.device = "auto", *, live_per_task: int = LIV
 
 
 def close(s: Session | None) -> None:
-    """Free a session: drop its tensors and delete its files (the gr.State delete callback)."""
+    """Free a session: drop its tensors and delete its files (the gr.State delete callback).
+
+    Never waits for running work: the session is marked closed at once, so that work stops at its next
+    progress report (:func:`guarded`), and is freed as soon as that work lets go of it (by a helper thread
+    when it is busy; gradio calls this from its event loop, which must not block)."""
     if s is None or not isinstance(s, Session):
         return
+    s.closed = True
+    if s.lock.acquire(blocking=False):
+        try:
+            _free(s)
+        finally:
+            s.lock.release()
+        return
+    s._closer = threading.Thread(target=_free_when_idle, args=(s,), name=f"esm-close-{s.id}", daemon=True)
+    s._closer.start()
+
+
+def _free(s: Session) -> None:
+    s.pool = s.stats = s.cache = s.current = s.esmpp = s.routing = s._visual = None
+    s.affine.clear()
+    s.merges.clear()
+    s.curves.clear()
+    shutil.rmtree(s.workdir, ignore_errors=True)
+
+
+def _free_when_idle(s: Session) -> None:
     with s.lock:
-        s.closed = True
-        s.pool = s.stats = s.cache = s.current = s.esmpp = s.routing = s._visual = None
-        s.affine.clear()
-        s.merges.clear()
-        shutil.rmtree(s.workdir, ignore_errors=True)
+        _free(s)
+
+
+def cancel(s: Session | None) -> None:
+    """Stop the session's running work at its next progress report (:func:`guarded`); later work runs."""
+    if isinstance(s, Session):
+        s.cancel_epoch += 1
+
+
+def guarded(s: Session, progress: Progress | None = None, still_wanted: Callable[[], bool] | None = None
+            ) -> Progress:
+    """``progress`` as a callback that first raises :class:`Cancelled` when the work is no longer wanted: the
+    session was closed, :func:`cancel` was called after this guard was made, or ``still_wanted()`` says no
+    (the app: the client disconnected). Every long operation reports progress inside its loops (per layer,
+    per task, per α), so that is where it stops."""
+    report = progress or _noop
+    epoch = s.cancel_epoch
+
+    def check(frac: float, desc: str) -> None:
+        if s.closed:
+            raise Cancelled("the session was closed")
+        if s.cancel_epoch != epoch:
+            raise Cancelled("cancelled")
+        if still_wanted is not None and not still_wanted():
+            raise Cancelled("the client disconnected")
+        report(frac, desc)
+    return check
 
 
 def _reset(s: Session) -> None:
