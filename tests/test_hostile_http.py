@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio_client  # noqa: E402
+import httpx  # noqa: E402
 
 from esm_core.checkpoints import save_safetensors  # noqa: E402
 from fake_pool import launch_app, tiny_image_zip  # noqa: E402
@@ -124,3 +127,91 @@ def test_non_finite_parameters_refused(app, bad):
     _, _, c = app
     with pytest.raises(Exception, match="finite|Expected a `float`"):
         c.predict("ta", *_values("ta", alpha=bad), api_name="/merge")
+
+
+# ----------------------------------------------------------------------------- work nobody waits for any more
+SLOW_STEPS = 3000                  # progress reports of the slowed merge below (10 ms each: 30 s if never stopped)
+
+
+@pytest.fixture
+def slow_merge(monkeypatch):
+    """Slow the α=0/α=1 merges of the app (served by this process) down to SLOW_STEPS progress reports, and
+    record how many of them ran: ``started`` / ``ended`` are set when the merge starts / stops for any reason."""
+    from esm_core import studio
+    from esm_core.studio import live
+    real, real_merge = live.A.affine_updates, studio.merge
+    rec = {"steps": 0, "started": threading.Event(), "ended": threading.Event()}
+
+    def merge(s, method, *args, **kw):              # the server-side session of the slowed merge
+        if method != "dare_ta":
+            return real_merge(s, method, *args, **kw)
+        rec["session"], rec["merges_before"] = s, [r["id"] for r in s.merges]
+        rec["current_before"] = s.current
+        return real_merge(s, method, *args, **kw)
+
+    def affine_updates(*args, progress=None, **kw):
+        if args[2] != "dare_ta":                   # only the tests' merges are slowed
+            return real(*args, progress=progress, **kw)
+        rec["started"].set()
+        try:
+            for i in range(SLOW_STEPS):
+                progress(i / SLOW_STEPS, "a slow merge")
+                rec["steps"] += 1
+                time.sleep(0.01)
+            return real(*args, progress=progress, **kw)
+        finally:
+            rec["ended"].set()
+    monkeypatch.setattr(live.A, "affine_updates", affine_updates)
+    monkeypatch.setattr(studio, "merge", merge)
+    return rec
+
+
+def _unchanged(rec) -> bool:
+    """The session of the stopped merge holds the merges and the current merge it held before it."""
+    s = rec["session"]
+    with s.lock:                                   # taken once the stopped merge has let go of it
+        return [r["id"] for r in s.merges] == rec["merges_before"] and s.current is rec["current_before"]
+
+
+def _rows(c) -> int:
+    _, _, table = c.predict("ta", *_values("ta", alpha=0.35), api_name="/merge")
+    return len(table["data"])
+
+
+def _raw_call(http, api: str, data: list, session: str) -> str:
+    """POST one event of ``session`` to the app's plain HTTP API; its event id."""
+    return http.post(f"/gradio_api/call/{api}", json={"data": data, "session_hash": session}).json()["event_id"]
+
+
+def _raw_result(http, api: str, event: str) -> str:
+    return http.get(f"/gradio_api/call/{api}/{event}").text
+
+
+def test_disconnected_client_stops_its_merge(app, slow_merge):
+    """A client (plain HTTP, like a browser tab) starts a merge and goes away, its event stream closed: the
+    merge stops at its next progress report instead of running to its end."""
+    url = app[0]
+    session = f"gone-{os.getpid()}"
+    with httpx.Client(base_url=url, timeout=60) as http:
+        assert "event: complete" in _raw_result(http, "init", _raw_call(http, "init", [], session))
+        event = _raw_call(http, "merge", ["dare_ta", *_values("dare_ta", seed=101)], session)
+        with http.stream("GET", f"/gradio_api/call/merge/{event}"):
+            assert slow_merge["started"].wait(60)
+        at_disconnect = slow_merge["steps"]
+    assert slow_merge["ended"].wait(60)
+    assert slow_merge["steps"] < SLOW_STEPS                 # it stopped instead of running to its end
+    print(f"\nsteps after the disconnect: {slow_merge['steps'] - at_disconnect} of {SLOW_STEPS - at_disconnect}")
+    assert _unchanged(slow_merge)
+
+
+def test_cancel_button_stops_the_merge_and_keeps_the_session(app, slow_merge):
+    _, _, c = app
+    rows = _rows(c)
+    job = c.submit("dare_ta", *_values("dare_ta", seed=102), api_name="/merge")
+    assert slow_merge["started"].wait(60)
+    c.predict(api_name="/cancel")
+    with pytest.raises(Exception, match="nothing was changed"):
+        job.result(timeout=60)
+    assert slow_merge["steps"] < SLOW_STEPS
+    assert _unchanged(slow_merge)
+    assert _rows(c) == rows + 1                             # the cancelled merge left no row; the next one works
