@@ -3,7 +3,9 @@ another works. Each attack must get a clear refusal, leave the server's memory b
 process, which serves the app), write no files, and leave the other session's pool and merges working."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 import threading
 import time
@@ -215,3 +217,60 @@ def test_cancel_button_stops_the_merge_and_keeps_the_session(app, slow_merge):
     assert slow_merge["steps"] < SLOW_STEPS
     assert _unchanged(slow_merge)
     assert _rows(c) == rows + 1                             # the cancelled merge left no row; the next one works
+
+
+def _index(method: str, name: str) -> int:
+    """Position of a method parameter in the merge endpoint's inputs (after the method)."""
+    from esm_core.merging import METHODS
+    i = 1
+    for m in METHODS.values():
+        for p in m.params:
+            if (m.name, p.name) == (method, name):
+                return i
+            i += 1
+    raise KeyError(name)
+
+
+def _raw_json(api: str, data: list, at: int, token: str, session: str) -> str:
+    """The request body as raw JSON text with ``token`` (NaN, Infinity: not JSON, but Python's parser and
+    gradio's take them) at ``data[at]``."""
+    data = list(data)
+    data[at] = "__HOSTILE__"
+    return json.dumps({"data": data, "session_hash": session}).replace('"__HOSTILE__"', token)
+
+
+def _post_raw(http, api: str, body: str) -> str:
+    r = http.post(f"/gradio_api/call/{api}", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    return http.get(f"/gradio_api/call/{api}/{r.json()['event_id']}").text
+
+
+RAW_CASES = {   # (endpoint, its inputs, the hostile position, what the refusal names)
+    "alpha": ("merge", ["ta", *_values("ta")], _index("ta", "alpha"), "alpha"),
+    "eig_exp": ("merge", ["esm", *_values("esm")], _index("esm", "eig_exp"), "eig_exp"),
+    "rank": ("merge", ["esm", *_values("esm")], _index("esm", "rank"), "rank"),
+    "alpha_curve": ("alpha_curve", ["ties", *_values("ties")], _index("ties", "k"), "'k'|k&#x27;"),
+    "spectra": ("spectra", [0.25, "ESD energy kept at k", None, None], 0, "rank fraction"),
+    "route": ("route", [8, "samples of the pool's tasks", 2, None, False], 0, "expert rank"),
+    "export": ("export_esmpp", [8], 0, "expert rank"),
+}
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("case", list(RAW_CASES))
+def test_raw_json_non_finite_numbers_refused(app, case, token):
+    """NaN / Infinity posted as raw JSON numbers (gradio_client cannot send them) to the plain HTTP API: each
+    is refused with a message that says what is wrong, and the session keeps its merges."""
+    url = app[0]
+    session = f"raw-json-{os.getpid()}"
+    api, data, at, names = RAW_CASES[case]
+    with httpx.Client(base_url=url, timeout=60) as http:
+        assert "event: complete" in _post_raw(http, "init", json.dumps({"data": [], "session_hash": session}))
+        ok = _post_raw(http, "merge", json.dumps({"data": ["ta", *_values("ta", alpha=0.45)], "session_hash": session}))
+        rows = len(json.loads(ok.split("data: ", 1)[1].splitlines()[0])[3]["data"])
+        out = _post_raw(http, api, _raw_json(api, data, at, token, session))
+        assert out.startswith("event: error"), out[:300]
+        # ours names the input; gradio's bounds check (before the handler) names the value and the bound
+        assert re.search(rf"({names}).*(finite|of type int, got nan)|Value -?inf is (greater|less) than", out), out[:300]
+        again = _post_raw(http, "merge", json.dumps({"data": ["ta", *_values("ta", alpha=0.45)], "session_hash": session}))
+        assert len(json.loads(again.split("data: ", 1)[1].splitlines()[0])[3]["data"]) == rows + 1   # nothing added

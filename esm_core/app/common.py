@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import html
 import logging
+import math
 import os
 import threading
 import time
@@ -120,6 +121,22 @@ def client_connected() -> Callable[[], bool]:
             return not seen
         return bool(getattr(ev, "alive", True))
     return connected
+
+
+def finite_number(value, what: str, integer: bool = False):
+    """``value`` as a finite float (an exact int with ``integer``), or a refusal naming ``what``: the plain HTTP
+    API takes raw JSON, where ``NaN`` and ``Infinity`` parse as numbers that gradio's sliders let through."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{what} must be a number, got {str(value)[:40]!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{what} must be a finite number, got {x}")
+    if integer:
+        if x != int(x):
+            raise ValueError(f"{what} must be a whole number, got {x}")
+        return int(x)
+    return x
 
 
 def need_session(s):

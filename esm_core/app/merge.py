@@ -41,10 +41,12 @@ def control(method: str, p) -> gr.components.Component:
     if p.type in (int, float) and p.min is not None and p.max is not None:
         step = p.step if p.step else (1 if p.type is int else (p.max - p.min) / 100)
         if p.type is int and (p.max - p.min) / step > 1000:
-            return gr.Number(value=p.default, precision=0, minimum=p.min, maximum=p.max, **kw)
+            # no precision=0, for ints either: gradio would round 2.5 to 2 and fail on NaN without naming the
+            # parameter; the schema (Param.check) refuses both with a message that names it
+            return gr.Number(value=p.default, minimum=p.min, maximum=p.max, **kw)
         return gr.Slider(p.min, p.max, value=p.default, step=step, **kw)
     if p.type in (int, float):
-        return gr.Number(value=p.default, precision=0 if p.type is int else None, minimum=p.min, maximum=p.max, **kw)
+        return gr.Number(value=p.default, minimum=p.min, maximum=p.max, **kw)
     return gr.Textbox(value=str(p.default), **kw)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import HEAVY, LIGHT, friendly, gpu, need_session, progress_fn, studio, viz
+from .common import HEAVY, LIGHT, finite_number, friendly, gpu, need_session, progress_fn, studio, viz
 
 TEXT = """ESM++ keeps the static ESM merge and adds one small low-rank **expert** per task in some layers. For each input
 and layer, a **routing decision** compares the input's mean hidden state with every task's *prototype* (the mean hidden
@@ -68,7 +68,8 @@ def route(s, rank, source, per_task, image, umap, progress=gr.Progress()):
     s = need_session(s)
     if source == "my image" and image is None:
         raise ValueError("upload an image first (or route the samples of the pool's tasks)")
-    run = studio.run_routing(s, rank=int(rank), per_task=int(per_task), image=image if source == "my image" else None,
+    rank, per_task = finite_number(rank, "the expert rank r", True), finite_number(per_task, "samples per task", True)
+    run = studio.run_routing(s, rank=rank, per_task=per_task, image=image if source == "my image" else None,
                              umap=bool(umap), progress=progress_fn(progress, s))
     figs = figures(run, 0)
     labels = [(lab, i) for i, lab in enumerate(run["sample_labels"])]
