@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import sys
 import tempfile
 import threading
 import time
@@ -274,3 +276,56 @@ def test_raw_json_non_finite_numbers_refused(app, case, token):
         assert re.search(rf"({names}).*(finite|of type int, got nan)|Value -?inf is (greater|less) than", out), out[:300]
         again = _post_raw(http, "merge", json.dumps({"data": ["ta", *_values("ta", alpha=0.45)], "session_hash": session}))
         assert len(json.loads(again.split("data: ", 1)[1].splitlines()[0])[3]["data"]) == rows + 1   # nothing added
+
+
+# ----------------------------------------------------------------------------- uploads that never finish
+def _upload_folder_files() -> set[str]:
+    """The files directly in gradio's upload folder (where an upload is streamed before it is kept)."""
+    from gradio.utils import get_upload_folder
+    folder = Path(get_upload_folder())
+    return {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+
+
+def _wait_until(cond, seconds: float = 30) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return cond()
+
+
+def test_aborted_upload_leaves_no_file(app):
+    """A client starts uploading a 50 MB checkpoint, sends 200 KB and hangs up. Gradio streams the body into a
+    temporary file of its upload folder; that partial file must go at once (gradio alone keeps it for good:
+    it is none of the app's tracked files, so no delete_cache sweep removes it)."""
+    host, port = app[0].split("//")[1].strip("/").split(":")
+    head = (b'--B0\r\nContent-Disposition: form-data; name="files"; filename="base.safetensors"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n")
+    before = _upload_folder_files()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B0\r\n"
+                  + f"Content-Length: {len(head) + 50_000_000}\r\n\r\n".encode() + head + b"\0" * 200_000)
+        assert _wait_until(lambda: _upload_folder_files() - before)     # the partial file is on disk ...
+        partial = _upload_folder_files() - before
+    assert _wait_until(lambda: not (partial & _upload_folder_files())), partial   # ... and gone after the hang-up
+
+
+def test_over_limit_upload_leaves_no_file_and_stale_files_are_swept(pool):
+    """An upload above max_file_size is refused (413) and leaves nothing in the upload folder; the app deletes
+    its older uploads and exports on a schedule (delete_cache)."""
+    from esm_core.app.common import DELETE_CACHE
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import app as app_module
+    demo = app_module.make_demo(lambda: pool)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                            **{**app_module.launch_kwargs(), "max_file_size": "64kb"})
+    try:
+        before = _upload_folder_files()
+        with httpx.Client(base_url=url, timeout=60) as http:
+            r = http.post("/gradio_api/upload", files={"files": ("base.safetensors", b"\0" * 1_000_000)})
+        assert r.status_code == 413 and "maximum allowed size" in r.text
+        assert not (_upload_folder_files() - before)
+        assert demo.delete_cache == DELETE_CACHE == (15 * 60, 60 * 60)
+    finally:
+        demo.close()
