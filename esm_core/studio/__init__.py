@@ -6,7 +6,8 @@ The app calls every operation as ``studio.<name>(session, ...)``; they live in
 :mod:`.export`; :mod:`.viz` draws the figures (plotly, the ``app`` extra).
 """
 from .session import (ALPHA_PER_TASK, LIVE_PER_TASK, Cancelled, Session, cancel, close, guarded,  # noqa: F401
-                      load_demo, load_pool, load_uploaded, new_session, pool_info, sample_images)
+                      load_demo, load_pool, load_uploaded, memory, memory_budget, new_session, pool_info,
+                      sample_images, tensor_bytes)
 from .inspect import alignment, cosines, ensure_cache, ensure_stats, esd_keys, overlap, spectra, spectra_at  # noqa: F401
 from ..evaluation.accuracy import accuracy_interval, binomial_halfwidth  # noqa: F401
 from .live import (ALPHA_POINTS, EVAL_SEED, accuracies, alpha_curve, comparison_rows, full_evaluation,  # noqa: F401

@@ -11,12 +11,11 @@ from ..evaluation import alpha as A
 from ..evaluation.accuracy import accuracies_of, normalised
 from ..merging import METHODS, apply_updates, get_method
 from .inspect import ensure_cache, ensure_stats
-from .session import Progress, Session, _need_pool, _noop
+from .session import AFFINE_CACHE, Progress, Session, _need_pool, _noop, trim_caches
 
 ALPHA_POINTS = 12            # at most this many α values on the curve
 ALPHA_EXTRA = 6              # at most this many points added when the best α is at an end of the grid
 EVAL_SEED = 0
-AFFINE_CACHE = 3             # parameter sets whose α=0 / α=1 updates are kept
 
 
 def _visual(s: Session, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
@@ -118,6 +117,7 @@ def merge(s: Session, method: str, params: Mapping[str, Any] | None = None, prog
                "config": merge_config(s, method, p)}
         s.merges.append(rec)
         s.current = {**rec, "updates": ups}
+        trim_caches(s)                           # within the session's memory budget
         return rec
 
 
