@@ -48,7 +48,8 @@ def test_an_upload_over_the_budget_is_refused_before_it_is_read(sess, pool, tmp_
     for name in ("base", "a", "b"):                           # not checkpoints at all: reading them would fail
         files.append(tmp_path / f"{name}.safetensors")
         files[-1].write_bytes(b"\0" * 300_000)
-    with pytest.raises(ValueError, match=r"this upload \(3 checkpoint files\) needs about 3\.4 MiB.*0\.9 MiB of checkpoints.*1\.0 MiB"):
+    with pytest.raises(ValueError, match=r"this upload \(3 checkpoint files\) needs about 3\.4 MiB.*"
+                                         r"0\.9 MiB of checkpoints.*1\.0 MiB"):
         S.load_uploaded(sess, files[0], {"a": files[1], "b": files[2]})
     assert sess.pool is pool
 

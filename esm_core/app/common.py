@@ -74,8 +74,8 @@ def friendly(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except studio.Cancelled as e:
             log.info("%s stopped: %s", fn.__name__, e)
-            raise gr.Error(f"Stopped ({html.escape(str(e))}): nothing was changed, the previous result stays.",
-                           duration=TOAST_S, print_exception=False, title="Cancelled") from None
+            raise gr.Error(f"{stop_text(e)}: nothing was changed.", duration=TOAST_S, print_exception=False,
+                           title="Cancelled") from None
         except gr.Error as e:
             log.warning("user error in %s: %.300s", fn.__name__, getattr(e, "message", e))
             raise
@@ -84,6 +84,30 @@ def friendly(fn: Callable) -> Callable:
             log.warning("user error in %s: %.300s", fn.__name__, msg.replace("\n", " "))
             raise user_error(msg) from None
     return wrapper
+
+
+def stop_text(e: Exception) -> str:
+    """"Cancelled" when the user pressed Cancel, else what stopped the work."""
+    return "Cancelled" if str(e) == "cancelled" else f"Stopped ({html.escape(str(e))})"
+
+
+def stoppable(n_outputs: int) -> Callable[[Callable], Callable]:
+    """For a handler whose work can be stopped (:func:`progress_fn` with the session): when it is, change no output
+    (the previous result stays on screen, without gradio's error marks) and say so in a message that closes by
+    itself. An API caller gets "no change" updates back. Goes inside :func:`friendly`."""
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except studio.Cancelled as e:
+                log.info("%s stopped: %s", fn.__name__, e)
+                gr.Warning(f"{stop_text(e)}: nothing was changed, the previous result stays.", duration=TOAST_S,
+                           title="Cancelled")
+                keep = tuple(gr.update() for _ in range(n_outputs))
+                return keep if n_outputs > 1 else keep[0]
+        return wrapper
+    return deco
 
 
 def progress_fn(progress, s=None) -> Callable[[float, str], None]:

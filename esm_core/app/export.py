@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import HEAVY, LIGHT, finite_number, friendly, gpu, need_session, progress_fn, studio
+from .common import HEAVY, LIGHT, finite_number, friendly, gpu, need_session, progress_fn, stoppable, studio
 
 TEXT = """Download the merged model as `.safetensors`. The merge's recipe (method, every parameter, the proxy sample ids,
 the versions) is stored in the file's metadata, so anyone can reproduce it. The ESM++ bundle stores the static merge
@@ -54,6 +54,7 @@ def ex_model(s, progress=gr.Progress()):
 
 @gpu
 @friendly
+@stoppable(3)
 def ex_esmpp(s, rank, progress=gr.Progress()):
     s = need_session(s)
     rank = finite_number(rank, "the expert rank r", True)

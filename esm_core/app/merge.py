@@ -6,7 +6,7 @@ import pandas as pd
 
 from esm_core.models import openclip_vit as vit
 
-from .common import HEAVY, LIGHT, METHODS, friendly, gpu, need_session, progress_fn, studio, viz
+from .common import HEAVY, LIGHT, METHODS, friendly, gpu, need_session, progress_fn, stoppable, studio, viz
 
 TEXT = """Pick a method and move its knobs: the model is re-merged from cached decompositions and re-evaluated at once.
 ESM ends with a **flat spectrum** — every direction of the merged update gets the same strength — so the large
@@ -131,6 +131,7 @@ def make_handlers(ui):
 
     @gpu
     @friendly
+    @stoppable(4)
     def do_merge(s, method, *values, progress=gr.Progress()):
         s = need_session(s)
         rec = studio.merge(s, method, params_of(method, values, slices), progress=progress_fn(progress, s))
@@ -143,6 +144,7 @@ def make_handlers(ui):
 
     @gpu
     @friendly
+    @stoppable(4)
     def do_curve(s, method, *values, progress=gr.Progress()):
         s = need_session(s)
         params = params_of(method, values, slices)
@@ -166,6 +168,7 @@ def make_handlers(ui):
 
     @gpu
     @friendly
+    @stoppable(2)
     def do_full(s, progress=gr.Progress()):
         s = need_session(s)
         res = studio.full_evaluation(s, progress=progress_fn(progress, s))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import HEAVY, LIGHT, finite_number, friendly, gpu, need_session, progress_fn, studio, viz
+from .common import HEAVY, LIGHT, finite_number, friendly, gpu, need_session, progress_fn, stoppable, studio, viz
 
 TEXT = """ESM++ keeps the static ESM merge and adds one small low-rank **expert** per task in some layers. For each input
 and layer, a **routing decision** compares the input's mean hidden state with every task's *prototype* (the mean hidden
@@ -64,6 +64,7 @@ def figures(run: dict, idx: int) -> dict:
 
 @gpu
 @friendly
+@stoppable(8)
 def route(s, rank, source, per_task, image, umap, progress=gr.Progress()):
     s = need_session(s)
     if source == "my image" and image is None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import HEAVY, finite_number, friendly, gpu, need_session, progress_fn, studio, viz
+from .common import HEAVY, finite_number, friendly, gpu, need_session, progress_fn, stoppable, studio, viz
 
 TEXT = """Fine-tuning changes each weight matrix by ΔW, but on the task's real inputs only a few output directions
 of that change actually move the layer's activations: they form the task's **essential subspace**, found by the
@@ -49,6 +49,7 @@ def overview(s, frac: float, field: str, progress) -> tuple:
 
 @gpu
 @friendly
+@stoppable(3)
 def show(s, frac, field, key, task, progress=gr.Progress()):
     s = need_session(s)
     frac = finite_number(frac, "the rank fraction k")
