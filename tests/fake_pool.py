@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +75,36 @@ def tiny_image_zip(path, classes=("cat", "dog"), per_class: int = 2, size: int =
                 Image.fromarray(np.full((size, size, 3), 60 * i, np.uint8)).save(b, "PNG")
                 z.writestr(f"{c}/{i}.png", b.getvalue())
     return path
+
+
+def slow_merges(monkeypatch, method: str, steps: int) -> dict:
+    """Slow the app's merges with ``method`` (served by this process) down to ``steps`` progress reports of 10 ms
+    before the real work, and record them: ``started`` / ``ended`` (events) when the slowed merge starts / stops
+    for any reason, ``steps`` (how many reports ran), ``session`` (the server-side session), its merge ids and
+    current merge before the slowed one (``merges_before``, ``current_before``)."""
+    from esm_core import studio
+    from esm_core.studio import live
+    real, real_merge = live.A.affine_updates, studio.merge
+    rec = {"steps": 0, "started": threading.Event(), "ended": threading.Event()}
+
+    def merge(s, name, *args, **kw):
+        if name == method:
+            rec["session"], rec["merges_before"] = s, [r["id"] for r in s.merges]
+            rec["current_before"] = s.current
+        return real_merge(s, name, *args, **kw)
+
+    def affine_updates(*args, progress=None, **kw):
+        if args[2] != method:
+            return real(*args, progress=progress, **kw)
+        rec["started"].set()
+        try:
+            for i in range(steps):
+                progress(i / steps, "a slow merge")
+                rec["steps"] += 1
+                time.sleep(0.01)
+            return real(*args, progress=progress, **kw)
+        finally:
+            rec["ended"].set()
+    monkeypatch.setattr(live.A, "affine_updates", affine_updates)
+    monkeypatch.setattr(studio, "merge", merge)
+    return rec

@@ -272,3 +272,31 @@ def test_text_pool_sentences_and_typed_sentence_routing(text_app_url, page, tmp_
     _plot_ready(page, "route-heat")
     _plot_ready(page, "route-cos")
     page.screenshot(path=str(shots / "5-routing-text.png"), full_page=True)
+
+
+def test_cancel_keeps_the_previous_merge_on_screen(app_url, page, monkeypatch, tmp_path):
+    """Issue 13 item 6: Cancel stops a running merge; the page says so and keeps the previous merge on screen,
+    and the session holds what it held before."""
+    from fake_pool import slow_merges
+    steps = 3000                                        # 30 s of progress reports if nothing stopped it
+    rec = slow_merges(monkeypatch, "dare_ta", steps)
+    page.goto(app_url)
+    page.wait_for_function("() => document.querySelector('#pool-summary')?.innerText.includes('parameters')")
+    _tab(page, "4 · Merge")
+    title = "() => document.querySelector('#acc-plot .js-plotly-plot')?.layout?.title?.text || ''"
+    page.wait_for_function(f"() => ({title})().includes('α = 0.30')")            # the first merge is shown
+    before, table = page.evaluate(title), page.locator("#cmp-table").inner_text()
+    page.locator("#method input").click()
+    page.get_by_role("option", name="(dare_ta)").click()                        # a merge that takes a while
+    assert rec["started"].wait(60)
+    page.locator("#cancel-btn").click()
+    toast = page.locator('[data-testid="toast-text"]').first
+    toast.wait_for()
+    assert toast.inner_text().startswith("Cancelled: nothing was changed, the previous result stays")
+    page.wait_for_timeout(500)                          # whatever the stopped merge sends has arrived
+    assert rec["ended"].wait(60) and rec["steps"] < steps
+    page.screenshot(path=str(_shots(tmp_path) / "4-merge-cancelled.png"), full_page=True)
+    assert page.evaluate(title) == before and page.locator("#cmp-table").inner_text() == table
+    s = rec["session"]
+    with s.lock:
+        assert [r["id"] for r in s.merges] == rec["merges_before"] and s.current is rec["current_before"]

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from . import export, interference, merge, pool, routing, spectra
+from . import export, interference, merge, pool, routing, spectra, uploads
 from .common import (CONCURRENCY, DELETE_CACHE, MAX_FILE_SIZE, SESSION_TTL_S, SessionGate, max_sessions, studio,
                      viz)
 
@@ -51,6 +51,7 @@ def _after_pool(ui) -> Callable:
 def build_app(pool_loader: Callable[[], Any] | None = None, max_open: int | None = None) -> gr.Blocks:
     """The ESM Studio Blocks. ``pool_loader``: returns the starting pool (default: the built-in demo pool);
     ``max_open``: sessions at once (default: ``ESM_MAX_SESSIONS`` or 8)."""
+    uploads.install()                          # an aborted upload leaves no partial file behind
     gate = SessionGate(max_open or max_sessions())
     with gr.Blocks(title="ESM Studio", delete_cache=DELETE_CACHE) as demo:
         ui = SimpleNamespace(demo=demo, pool_loader=pool_loader, gate=gate)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import html
 import logging
+import math
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import gradio as gr
+from gradio.context import LocalContext
 
 from esm_core import studio  # noqa: F401  (the views' back end)
 from esm_core.checkpoints import CheckpointError, CHECKPOINT_EXTS
@@ -64,11 +66,16 @@ def user_error(text: str) -> gr.Error:
 
 def friendly(fn: Callable) -> Callable:
     """Turn the studio's ValueError / CheckpointError / FileNotFoundError into a clear message for the user,
-    logged as one line (the error is the user's: no traceback)."""
+    logged as one line (the error is the user's: no traceback); work stopped by Cancel, a disconnect or the
+    session's end (:class:`studio.Cancelled`) into a "Cancelled" message (the outputs on screen stay as they were)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except studio.Cancelled as e:
+            log.info("%s stopped: %s", fn.__name__, e)
+            raise gr.Error(f"{stop_text(e)}: nothing was changed.", duration=TOAST_S, print_exception=False,
+                           title="Cancelled") from None
         except gr.Error as e:
             log.warning("user error in %s: %.300s", fn.__name__, getattr(e, "message", e))
             raise
@@ -79,9 +86,81 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
-def progress_fn(progress) -> Callable[[float, str], None]:
-    """gr.Progress as the studio's ``progress(fraction, description)`` callback."""
-    return lambda frac, desc: progress(frac, desc=desc)
+def stop_text(e: Exception) -> str:
+    """"Cancelled" when the user pressed Cancel, else what stopped the work."""
+    return "Cancelled" if str(e) == "cancelled" else f"Stopped ({html.escape(str(e))})"
+
+
+def stoppable(n_outputs: int) -> Callable[[Callable], Callable]:
+    """For a handler whose work can be stopped (:func:`progress_fn` with the session): when it is, change no output
+    (the previous result stays on screen, without gradio's error marks) and say so in a message that closes by
+    itself. An API caller gets "no change" updates back. Goes inside :func:`friendly`."""
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except studio.Cancelled as e:
+                log.info("%s stopped: %s", fn.__name__, e)
+                gr.Warning(f"{stop_text(e)}: nothing was changed, the previous result stays.", duration=TOAST_S,
+                           title="Cancelled")
+                keep = tuple(gr.update() for _ in range(n_outputs))
+                return keep if n_outputs > 1 else keep[0]
+        return wrapper
+    return deco
+
+
+def progress_fn(progress, s=None) -> Callable[[float, str], None]:
+    """gr.Progress as the studio's ``progress(fraction, description)`` callback. With the session ``s``, the
+    callback also stops the work (:func:`studio.guarded` raises :class:`studio.Cancelled`) once it is no longer
+    wanted: Cancel pressed in this session, the session closed or expired, or the event's client gone."""
+    report = lambda frac, desc: progress(frac, desc=desc)  # noqa: E731
+    return report if s is None else studio.guarded(s, report, client_connected())
+
+
+def client_connected() -> Callable[[], bool]:
+    """For the event running in this thread: a check that its client is still there.
+
+    Gradio marks a queued event not ``alive`` when the client's event stream disconnects (tab closed, network
+    gone, HTTP client gone) and drops it from the running jobs when it is cancelled (``/cancel``), but lets the
+    handler's thread run on; this reads both (gradio 6: ``LocalContext``, ``Queue.active_jobs``, ``Event.alive``).
+    Outside a queued event it always answers yes."""
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    if queue is None or event_id is None:
+        return lambda: True
+
+    def find():
+        for job in list(getattr(queue, "active_jobs", None) or []):
+            for ev in list(job or []):
+                if getattr(ev, "_id", None) == event_id:
+                    return ev
+        return None
+
+    seen = find() is not None              # only an event seen running can be found gone later
+
+    def connected() -> bool:
+        ev = find()
+        if ev is None:
+            return not seen
+        return bool(getattr(ev, "alive", True))
+    return connected
+
+
+def finite_number(value, what: str, integer: bool = False):
+    """``value`` as a finite float (an exact int with ``integer``), or a refusal naming ``what``: the plain HTTP
+    API takes raw JSON, where ``NaN`` and ``Infinity`` parse as numbers that gradio's sliders let through."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{what} must be a number, got {str(value)[:40]!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{what} must be a finite number, got {x}")
+    if integer:
+        if x != int(x):
+            raise ValueError(f"{what} must be a whole number, got {x}")
+        return int(x)
+    return x
 
 
 def need_session(s):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import HEAVY, LIGHT, friendly, gpu, need_session, progress_fn, studio
+from .common import HEAVY, LIGHT, finite_number, friendly, gpu, need_session, progress_fn, stoppable, studio
 
 TEXT = """Download the merged model as `.safetensors`. The merge's recipe (method, every parameter, the proxy sample ids,
 the versions) is stored in the file's metadata, so anyone can reproduce it. The ESM++ bundle stores the static merge
@@ -33,6 +33,7 @@ def _merge_name(rec) -> str:
 def describe(s, rank):
     """Which merge each button exports."""
     s = need_session(s)
+    rank = finite_number(rank, "the expert rank r", True)
     if s.current is None:
         return "Merge first (tab 4): there is nothing to export yet."
     last_esm = next((r for r in reversed(s.merges) if r["method"] == "esm"), None)
@@ -53,9 +54,11 @@ def ex_model(s, progress=gr.Progress()):
 
 @gpu
 @friendly
+@stoppable(3)
 def ex_esmpp(s, rank, progress=gr.Progress()):
     s = need_session(s)
-    p = studio.export_esmpp(s, rank=int(rank), progress=progress_fn(progress))
+    rank = finite_number(rank, "the expert rank r", True)
+    p = studio.export_esmpp(s, rank=rank, progress=progress_fn(progress, s))
     return str(p), f"ESM++ bundle (expert rank {int(rank)}) written: `{p.name}`.", studio.read_export_config(p)
 
 

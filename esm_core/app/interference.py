@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import HEAVY, friendly, gpu, need_session, progress_fn, studio, viz
+from .common import HEAVY, friendly, gpu, need_session, progress_fn, stoppable, studio, viz
 
 TEXT = """Tasks **interfere** when their updates use the same directions in different ways. An overlap near 1
 means two tasks' essential subspaces share directions (they compete for them); near 0 they sit side by side.
@@ -34,10 +34,11 @@ def chance_note(k: int, d: int) -> str:
 
 @gpu
 @friendly
+@stoppable(6)
 def show(s, key, progress=gr.Progress()):
     s = need_session(s)
     key = key or studio.esd_keys(s)[0]
-    ov = studio.overlap(s, key, progress=progress_fn(progress))
+    ov = studio.overlap(s, key, progress=progress_fn(progress, s))
     k, d = int(ov["k"][key]), int(s.pool.base[key].shape[0])
     cos = studio.cosines(s)
     tasks = cos["tasks"]

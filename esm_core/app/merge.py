@@ -6,7 +6,7 @@ import pandas as pd
 
 from esm_core.models import openclip_vit as vit
 
-from .common import HEAVY, LIGHT, METHODS, friendly, gpu, need_session, progress_fn, studio, viz
+from .common import HEAVY, LIGHT, METHODS, friendly, gpu, need_session, progress_fn, stoppable, studio, viz
 
 TEXT = """Pick a method and move its knobs: the model is re-merged from cached decompositions and re-evaluated at once.
 ESM ends with a **flat spectrum** — every direction of the merged update gets the same strength — so the large
@@ -41,10 +41,12 @@ def control(method: str, p) -> gr.components.Component:
     if p.type in (int, float) and p.min is not None and p.max is not None:
         step = p.step if p.step else (1 if p.type is int else (p.max - p.min) / 100)
         if p.type is int and (p.max - p.min) / step > 1000:
-            return gr.Number(value=p.default, precision=0, minimum=p.min, maximum=p.max, **kw)
+            # no precision=0, for ints either: gradio would round 2.5 to 2 and fail on NaN without naming the
+            # parameter; the schema (Param.check) refuses both with a message that names it
+            return gr.Number(value=p.default, minimum=p.min, maximum=p.max, **kw)
         return gr.Slider(p.min, p.max, value=p.default, step=step, **kw)
     if p.type in (int, float):
-        return gr.Number(value=p.default, precision=0 if p.type is int else None, minimum=p.min, maximum=p.max, **kw)
+        return gr.Number(value=p.default, minimum=p.min, maximum=p.max, **kw)
     return gr.Textbox(value=str(p.default), **kw)
 
 
@@ -68,6 +70,8 @@ def layout(ui) -> None:
                     ui.curve_btn = gr.Button("α curve on validation", size="sm", elem_id="curve-btn")
                     ui.best_btn = gr.Button("use the best α", size="sm", interactive=False, elem_id="best-btn")
                 ui.full_btn = gr.Button("Evaluate on the full test split", size="sm")
+                ui.cancel_btn = gr.Button("Cancel the running merge / α curve / evaluation", size="sm",
+                                          variant="stop", elem_id="cancel-btn")
             with gr.Column(scale=2):
                 ui.acc_plot = gr.Plot(label="per-task accuracy", show_label=False, elem_id="acc-plot")
                 ui.merge_md = gr.Markdown(elem_id="merge-note")
@@ -130,9 +134,10 @@ def make_handlers(ui):
 
     @gpu
     @friendly
+    @stoppable(4)
     def do_merge(s, method, *values, progress=gr.Progress()):
         s = need_session(s)
-        rec = studio.merge(s, method, params_of(method, values, slices), progress=progress_fn(progress))
+        rec = studio.merge(s, method, params_of(method, values, slices), progress=progress_fn(progress, s))
         return (s, *merge_outputs(s, rec))
 
     def show_method(method):
@@ -142,10 +147,11 @@ def make_handlers(ui):
 
     @gpu
     @friendly
+    @stoppable(4)
     def do_curve(s, method, *values, progress=gr.Progress()):
         s = need_session(s)
         params = params_of(method, values, slices)
-        best, curve = studio.alpha_curve(s, method, params, progress=progress_fn(progress))
+        best, curve = studio.alpha_curve(s, method, params, progress=progress_fn(progress, s))
         n = studio.sample_sizes(s, "val")
         title = (f"{METHODS[method].title}: mean normalised accuracy on ≤ {max(n.values())} validation "
                  f"{studio.pool_info(s)['inputs']} "
@@ -166,9 +172,10 @@ def make_handlers(ui):
 
     @gpu
     @friendly
+    @stoppable(2)
     def do_full(s, progress=gr.Progress()):
         s = need_session(s)
-        res = studio.full_evaluation(s, progress=progress_fn(progress))
+        res = studio.full_evaluation(s, progress=progress_fn(progress, s))
         sm = res["summary"]
         lines = [f"**Full test split** (current merge #{s.current['id']}): mean {100 * sm['mean_abs']:.2f} % "
                  f"absolute, {100 * sm['mean_norm']:.2f} % normalised.", "",
@@ -179,6 +186,13 @@ def make_handlers(ui):
         return s, "\n".join(lines)
 
     return do_merge, show_method, do_curve, use_best, do_full
+
+
+def do_cancel(s) -> None:
+    """Stop this session's running work at its next progress report; it ends with a "Cancelled" message and
+    leaves the session and the screen as they were (studio.cancel, checked by every view's progress callback)."""
+    if s is not None and not getattr(s, "closed", False):
+        studio.cancel(s)
 
 
 def register(ui) -> None:
@@ -207,3 +221,6 @@ def wire(ui) -> None:
     ui.best_btn.click(ui.use_best, [ui.method_dd, ui.curve_state], [*ui.controls, ui.curve_plot],
                       api_visibility="private", **LIGHT)
     ui.full_btn.click(ui.do_full, [ui.state], [ui.state, ui.full_md], api_name="full_evaluation", **HEAVY)
+    # its own queue, without a limit: a Cancel never waits behind the heavy work it stops
+    ui.cancel_btn.click(do_cancel, [ui.state], None, api_name="cancel", concurrency_id="cancel",
+                        concurrency_limit=None)

@@ -193,7 +193,7 @@ def make_handlers(ui):
         hw = int(head_width) if head_width else None
         studio.load_uploaded(s, file_path(base_file), dict(zip(names, files)), zips, arch=arch, config=config,
                              preprocessor=preprocessor, head_width=hw, normalisation=normalisation or None,
-                             demo_loader=loader, progress=progress_fn(progress))
+                             demo_loader=loader, progress=progress_fn(progress, s))
         return s
 
     @friendly

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import HEAVY, LIGHT, bounded_text, friendly, gpu, need_session, progress_fn, studio, viz
+from .common import (HEAVY, LIGHT, bounded_text, finite_number, friendly, gpu, need_session, progress_fn, stoppable,
+                     studio, viz)
 
 TEXT = """ESM++ keeps the static ESM merge and adds one small low-rank **expert** per task in some layers. For each input
 and layer, a **routing decision** compares the input's mean hidden state with every task's *prototype* (the mean hidden
@@ -68,6 +69,7 @@ def figures(run: dict, idx: int) -> dict:
 
 @gpu
 @friendly
+@stoppable(8)
 def route(s, rank, source, per_task, image, umap, text=None, progress=gr.Progress()):
     s = need_session(s)
     text = bounded_text(text, "sentence", MAX_SENTENCE_CHARS).strip()
@@ -75,9 +77,10 @@ def route(s, rank, source, per_task, image, umap, text=None, progress=gr.Progres
         raise ValueError("upload an image first (or route the samples of the pool's tasks)")
     if source == "my sentence" and not text:
         raise ValueError("type a sentence first (or route the samples of the pool's tasks)")
-    run = studio.run_routing(s, rank=int(rank), per_task=int(per_task), image=image if source == "my image" else None,
+    rank, per_task = finite_number(rank, "the expert rank r", True), finite_number(per_task, "samples per task", True)
+    run = studio.run_routing(s, rank=rank, per_task=per_task, image=image if source == "my image" else None,
                              text=text if source == "my sentence" else None, umap=bool(umap),
-                             progress=progress_fn(progress))
+                             progress=progress_fn(progress, s))
     idx = len(run["sample_labels"]) - 1 if source in ("my image", "my sentence") else 0    # show yours first
     figs = figures(run, idx)
     labels = [(lab, i) for i, lab in enumerate(run["sample_labels"])]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import HEAVY, friendly, gpu, need_session, progress_fn, studio, viz
+from .common import HEAVY, finite_number, friendly, gpu, need_session, progress_fn, stoppable, studio, viz
 
 TEXT = """Fine-tuning changes each weight matrix by ΔW, but on the task's real inputs only a few output directions
 of that change actually move the layer's activations: they form the task's **essential subspace**, found by the
@@ -41,7 +41,7 @@ def overview_title(field: str, frac: float) -> str:
 
 def overview(s, frac: float, field: str, progress) -> tuple:
     """The layer × task heatmap of the chosen field, and the spectra rows behind it."""
-    rows = studio.spectra_at(s, frac, progress=progress_fn(progress))
+    rows = studio.spectra_at(s, frac, progress=progress_fn(progress, s))
     rows = [{**r, "esd_gain_at_k": r["esd_kept_at_k"] - r["svd_kept_at_k"]} for r in rows]
     key, _ = FIELDS.get(field, next(iter(FIELDS.values())))
     return viz.layer_task_heatmap(rows, key, title=overview_title(field, frac)), rows
@@ -49,8 +49,10 @@ def overview(s, frac: float, field: str, progress) -> tuple:
 
 @gpu
 @friendly
+@stoppable(3)
 def show(s, frac, field, key, task, progress=gr.Progress()):
     s = need_session(s)
+    frac = finite_number(frac, "the rank fraction k")
     heat, rows = overview(s, frac, field, progress)
     row = next((r for r in rows if r["key"] == key and r["task"] == task), rows[0])
     return s, heat, viz.spectrum_figure(row, title=f"{viz.short_key(row['key'])} · task {row['task']}: "

@@ -5,9 +5,10 @@ The app calls every operation as ``studio.<name>(session, ...)``; they live in
 :mod:`.inspect` (spectra, interference), :mod:`.routing` (ESM++) and
 :mod:`.export`; :mod:`.viz` draws the figures (plotly, the ``app`` extra).
 """
-from .session import (ALPHA_PER_TASK, LIVE_PER_TASK, Session, build_text, close, load_demo, load_pool,  # noqa: F401
-                      load_text, load_uploaded, load_uploaded_text, new_session, pool_info, sample_images,
-                      sample_texts, text_pool_status)
+from .session import (ALPHA_PER_TASK, LIVE_PER_TASK, Cancelled, Session, build_text, cancel, close,  # noqa: F401
+                      guarded, load_demo, load_pool, load_text, load_uploaded, load_uploaded_text, memory,
+                      memory_budget, new_session, pool_info, sample_images, sample_texts, tensor_bytes,
+                      text_pool_status)
 from .inspect import (alignment, cosines, ensure_cache, ensure_stats, esd_keys, layer_type_names, overlap,  # noqa: F401
                       spectra, spectra_at)
 from ..evaluation.accuracy import accuracy_interval, binomial_halfwidth  # noqa: F401

@@ -1,6 +1,8 @@
 """The Spectra and Interference views' operations: activation statistics, decompositions, overlaps, SAR."""
 from __future__ import annotations
 
+import math
+
 from .. import analysis
 from ..merging.esm import esm_rank, new_cache
 from ..models import family_or_vit
@@ -54,6 +56,8 @@ def spectra(s: Session, progress: Progress | None = None) -> list[dict]:
 
 def spectra_at(s: Session, rank_fraction: float = 1.0, progress: Progress | None = None) -> list[dict]:
     """Spectra rows with ``k``, ``esd_kept_at_k`` and ``svd_kept_at_k`` re-read at ``rank_fraction`` of the default rank."""
+    if not (isinstance(rank_fraction, (int, float)) and math.isfinite(rank_fraction) and rank_fraction > 0):
+        raise ValueError(f"the rank fraction must be a finite number above 0, got {rank_fraction!r}")
     rows = spectra(s, progress)
     T = len(s.pool.task_names)
     out = []

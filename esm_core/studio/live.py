@@ -11,12 +11,11 @@ from ..evaluation import alpha as A
 from ..evaluation.accuracy import accuracies_of, normalised
 from ..merging import METHODS, apply_updates, get_method
 from .inspect import ensure_cache, ensure_stats
-from .session import Progress, Session, _need_pool, _noop
+from .session import AFFINE_CACHE, Progress, Session, _need_pool, _noop, trim_caches
 
 ALPHA_POINTS = 12            # at most this many α values on the curve
 ALPHA_EXTRA = 6              # at most this many points added when the best α is at an end of the grid
 EVAL_SEED = 0
-AFFINE_CACHE = 3             # parameter sets whose α=0 / α=1 updates are kept
 
 
 def _visual(s: Session, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
@@ -110,14 +109,16 @@ def merge(s: Session, method: str, params: Mapping[str, Any] | None = None, prog
         ups = A.updates_at(u0, slope, float(p["alpha"]))
         report(0.9, "evaluating the merged model")
         sd = apply_updates(pool.base, ups)
-        accs = accuracies(s, sd, "test", s.live_per_task)
+        accs = accuracies(s, sd, "test", s.live_per_task, progress=lambda f, d: report(0.9 + 0.09 * f, d))
         summary = normalised(accs, refs["finetuned"])
+        report(1.0, f"{m.title}: mean normalised accuracy {100 * summary['mean_norm']:.1f} %")
+        # the last progress report (a cancelled merge stops at one) is above: nothing below can stop half-way
         rec = {"id": len(s.merges) + 1, "method": method, "title": m.title, "params": p, "accs": accs,
                "summary": summary, "seconds": round(time.perf_counter() - t0, 3),
                "config": merge_config(s, method, p)}
         s.merges.append(rec)
         s.current = {**rec, "updates": ups}
-        report(1.0, f"{m.title}: mean normalised accuracy {100 * summary['mean_norm']:.1f} %")
+        trim_caches(s)                           # within the session's memory budget
         return rec
 
 
@@ -185,7 +186,9 @@ def alpha_curve(s: Session, method: str, params: Mapping[str, Any] | None = None
 
         def score(a: float) -> float:
             sd = A.state_at(pool.base, u0, slope, a)         # the α policy's candidate state, as in the CLI search
-            return normalised(accuracies(s, sd, "val", s.alpha_per_task), refs["finetuned"])["mean_norm"]
+            accs = accuracies(s, sd, "val", s.alpha_per_task, progress=lambda f, d: report(
+                min(0.95, 0.3 + 0.6 * len(curve) / len(grid)), f"α = {a:.2f}: {d}"))
+            return normalised(accs, refs["finetuned"])["mean_norm"]
 
         curve = []
         for i, a in enumerate(grid):

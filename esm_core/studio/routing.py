@@ -52,12 +52,13 @@ def _image_to_input(pool, image) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _routed_accuracies(s: Session, model) -> dict:
+def _routed_accuracies(s: Session, model, progress: Progress = _noop) -> dict:
     """Static ESM ("base"), routed and oracle accuracy on the live test subset (cached per ESM++ build)."""
     out = {}
     for mode in ("base", "route", "oracle"):
         out[mode] = {}
         for t in s.pool.task_names:
+            progress(0.0, f"{mode} accuracy of {t}")
             with model.using(mode=mode, true_task=t):
                 out[mode][t] = accuracies(s, model, "test", s.live_per_task, [t])[t]
     return out
@@ -117,7 +118,7 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
                 model(x.to(dev), true_task=t)
         if built["accs"] is None:
             report(0.75, "routed vs oracle accuracy")
-            built["accs"] = _routed_accuracies(s, model)
+            built["accs"] = _routed_accuracies(s, model, lambda f, d: report(0.75, d))
         accs = built["accs"]
         li = len(log.keys) - 1                      # the deepest routed layer: tasks are most separated there
         if umap:
@@ -156,6 +157,6 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
                              "title": f"{emb['note']}, layer {short_key(str(emb['layer']))}; "
                                       "★ = task prototypes"},
                "summary_md": "\n\n".join(lines), "n_tasks": T}
-        s.routing = run
         report(1.0, "routing done")
+        s.routing = run                             # after the last progress report: a cancel cannot stop half-way
         return run

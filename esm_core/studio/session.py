@@ -23,6 +23,8 @@ measures the whole split.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import tempfile
 import threading
@@ -48,10 +50,20 @@ Progress = Callable[[float, str], None]
 
 LIVE_PER_TASK = 100          # test images per task behind the live accuracy bars
 ALPHA_PER_TASK = 50          # validation images per task behind the α curve
+AFFINE_CACHE = 3             # parameter sets whose α=0 / α=1 updates a session keeps (live merging)
+MEMORY_BUDGET_MB = 8192      # tensors one session may hold (env ESM_SESSION_MEMORY_MB)
+# besides its pool, a session keeps up to this many model-sized sets of tensors: the α=0 and α=1 updates of
+# AFFINE_CACHE parameter sets, the current merge's update, the image tower it evaluates with, the ESM++ merge
+WORKING_COPIES = 2 * AFFINE_CACHE + 3
 
 
 def _noop(frac: float, desc: str) -> None:
     pass
+
+
+class Cancelled(Exception):
+    """Work stopped on purpose, at a progress report: the user pressed Cancel, the client went away, or the
+    session was closed. The operation leaves the session as it was (caches of finished work excepted)."""
 
 
 @dataclass
@@ -84,6 +96,8 @@ class Session:
     _visual: Any = None                      # one image tower, reloaded for every evaluation
     lock: Any = field(default_factory=threading.RLock, repr=False)
     closed: bool = False
+    cancel_epoch: int = 0                    # :func:`cancel` bumps it; work started before then stops
+    _closer: Any = field(default=None, repr=False)   # the thread freeing a session closed while it worked
 
     @property
     def device(self) -> torch.device:
@@ -92,7 +106,7 @@ class Session:
     def __getstate__(self):
         d = dict(self.__dict__)
         d.pop("lock", None)
-        d["_visual"] = None
+        d["_visual"] = d["_closer"] = None
         return d
 
     def __setstate__(self, d):
@@ -109,15 +123,61 @@ def new_session(device: str | torch.device = "auto", *, live_per_task: int = LIV
 
 
 def close(s: Session | None) -> None:
-    """Free a session: drop its tensors and delete its files (the gr.State delete callback)."""
+    """Free a session: drop its tensors and delete its files (the gr.State delete callback).
+
+    Never waits for running work: the session is marked closed at once, so that work stops at its next
+    progress report (:func:`guarded`), and is freed as soon as that work lets go of it (by a helper thread
+    when it is busy; gradio calls this from its event loop, which must not block)."""
     if s is None or not isinstance(s, Session):
         return
+    s.closed = True
+    if s.lock.acquire(blocking=False):
+        try:
+            _free(s)
+        finally:
+            s.lock.release()
+        return
+    s._closer = threading.Thread(target=_free_when_idle, args=(s,), name=f"esm-close-{s.id}", daemon=True)
+    s._closer.start()
+
+
+def _free(s: Session) -> None:
+    s.pool = s.stats = s.cache = s.current = s.esmpp = s.routing = s._visual = None
+    s.affine.clear()
+    s.merges.clear()
+    s.curves.clear()
+    shutil.rmtree(s.workdir, ignore_errors=True)
+
+
+def _free_when_idle(s: Session) -> None:
     with s.lock:
-        s.closed = True
-        s.pool = s.stats = s.cache = s.current = s.esmpp = s.routing = s._visual = None
-        s.affine.clear()
-        s.merges.clear()
-        shutil.rmtree(s.workdir, ignore_errors=True)
+        _free(s)
+
+
+def cancel(s: Session | None) -> None:
+    """Stop the session's running work at its next progress report (:func:`guarded`); later work runs."""
+    if isinstance(s, Session):
+        s.cancel_epoch += 1
+
+
+def guarded(s: Session, progress: Progress | None = None, still_wanted: Callable[[], bool] | None = None
+            ) -> Progress:
+    """``progress`` as a callback that first raises :class:`Cancelled` when the work is no longer wanted: the
+    session was closed, :func:`cancel` was called after this guard was made, or ``still_wanted()`` says no
+    (the app: the client disconnected). Every long operation reports progress inside its loops (per layer,
+    per task, per α), so that is where it stops."""
+    report = progress or _noop
+    epoch = s.cancel_epoch
+
+    def check(frac: float, desc: str) -> None:
+        if s.closed:
+            raise Cancelled("the session was closed")
+        if s.cancel_epoch != epoch:
+            raise Cancelled("cancelled")
+        if still_wanted is not None and not still_wanted():
+            raise Cancelled("the client disconnected")
+        report(frac, desc)
+    return check
 
 
 def _reset(s: Session) -> None:
@@ -139,10 +199,100 @@ def _need_pool(s: Session):
     return s.pool
 
 
+def memory_budget() -> int:
+    """Bytes of tensors one session may hold: ``ESM_SESSION_MEMORY_MB`` (a positive number) or 8 GiB."""
+    raw = os.environ.get("ESM_SESSION_MEMORY_MB", "")
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = 0.0
+    return int((mb if math.isfinite(mb) and mb > 0 else MEMORY_BUDGET_MB) * 2 ** 20)
+
+
+def tensor_bytes(*objs) -> int:
+    """Bytes of the tensors (torch, numpy) reachable from ``objs`` through containers, modules and object
+    attributes; a storage shared by several tensors counts once."""
+    seen_ids, storages, total, stack = set(), set(), 0, [(o, 0) for o in objs]
+    while stack:
+        obj, depth = stack.pop()
+        if obj is None or isinstance(obj, (str, bytes, int, float, bool)) or id(obj) in seen_ids or depth > 16:
+            continue
+        seen_ids.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type == "meta":
+                continue
+            st = obj.untyped_storage()
+            key = (obj.device.type, st.data_ptr())
+            if key not in storages:
+                storages.add(key)
+                total += st.nbytes()
+        elif isinstance(obj, np.ndarray):
+            total += obj.nbytes if obj.base is None else 0
+        elif isinstance(obj, torch.nn.Module):
+            stack += [(v, depth + 1) for v in obj.state_dict(keep_vars=True).values()]
+        elif isinstance(obj, dict):
+            stack += [(v, depth + 1) for v in obj.values()]
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack += [(v, depth + 1) for v in obj]
+        else:
+            attrs = dict(getattr(obj, "__dict__", {}))
+            for cls in type(obj).__mro__:
+                for name in getattr(cls, "__slots__", ()):
+                    if hasattr(obj, name):
+                        attrs[name] = getattr(obj, name)
+            stack += [(v, depth + 1) for v in attrs.values() if not callable(v) or isinstance(v, torch.nn.Module)]
+    return total
+
+
+def memory(s: Session) -> dict:
+    """Bytes of tensors the session holds now: its pool and what it computed from it."""
+    with s.lock:
+        parts = {"pool": tensor_bytes(s.pool), "probe statistics": tensor_bytes(s.stats),
+                 "decompositions": tensor_bytes(s.cache),
+                 "merges": tensor_bytes(s.affine, s.current, s.esmpp, s.routing, s._visual)}
+    return {**parts, "total": sum(parts.values()), "budget": memory_budget()}
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2 ** 20:,.1f} MiB"
+
+
+def trim_caches(s: Session) -> list[str]:
+    """Keep the session within its memory budget by dropping what can be recomputed, oldest first: the α=0 /
+    α=1 updates of earlier parameter sets, the decompositions, the ESM++ model. Returns what was dropped."""
+    dropped = []
+    with s.lock:
+        budget = memory_budget()
+        steps = [("earlier parameter sets' updates", lambda: len(s.affine) > 1,
+                  lambda: [s.affine.popitem(last=False) for _ in range(len(s.affine) - 1)]),
+                 ("decompositions", lambda: s.cache is not None, lambda: setattr(s, "cache", None)),
+                 ("ESM++ model", lambda: s.esmpp is not None, lambda: setattr(s, "esmpp", None))]
+        for what, present, drop in steps:
+            if memory(s)["total"] <= budget:
+                break
+            if present():
+                drop()
+                dropped.append(what)
+    return dropped
+
+
+def check_memory(pool_bytes: int, base_bytes: int, what: str) -> None:
+    """Refuse a pool whose tensors (``pool_bytes``) and the model-sized copies a session keeps while merging
+    (:data:`WORKING_COPIES` × ``base_bytes``) would exceed :func:`memory_budget`; the message names the figures."""
+    need, budget = pool_bytes + WORKING_COPIES * base_bytes, memory_budget()
+    if need > budget:
+        raise ValueError(f"{what} needs about {_mib(need)} in this session ({_mib(pool_bytes)} of checkpoints and "
+                         f"data, plus {WORKING_COPIES} model-sized copies of {_mib(base_bytes)} kept while merging), "
+                         f"more than the {_mib(budget)} a session may hold (ESM_SESSION_MEMORY_MB): use fewer tasks "
+                         "or a smaller model")
+
+
 def load_pool(s: Session, pool, origin: str, notes: list[str] | None = None) -> dict:
-    """Make ``pool`` (a TaskPool) the session's pool; returns :func:`pool_info`."""
+    """Make ``pool`` (a TaskPool) the session's pool; returns :func:`pool_info`. Refused (the previous pool stays)
+    when it would not fit the session's memory budget (:func:`check_memory`)."""
     if len(pool.task_names) < 2:
         raise ValueError(f"merging needs at least two task models; this pool has {len(pool.task_names)}")
+    check_memory(tensor_bytes(pool), tensor_bytes(pool.base), f"the pool {getattr(pool, 'name', '')!r}")
     with s.lock:
         _reset(s)
         s.pool, s.origin, s.notes = pool, origin, list(notes or [])
@@ -273,7 +423,12 @@ def load_uploaded(s: Session, base_path, task_paths, image_zips=None, *, arch: s
                   demo_loader: Callable[[], Any] | None = None, progress: Progress | None = None) -> dict:
     """Build a pool from uploaded files (:func:`esm_core.pools.upload.pool_from_upload`: the architecture
     and normalisation are read from ``config`` / chosen by ``arch``, never guessed) and make it the session's.
-    The previous pool stays loaded when anything is refused."""
+    The previous pool stays loaded when anything is refused, before anything is read when the checkpoint files
+    alone already exceed the session's memory budget."""
+    paths = list(task_paths.values()) if isinstance(task_paths, dict) else list(task_paths or [])
+    sizes = {str(p): Path(p).stat().st_size for p in [base_path, *paths] if p is not None and Path(p).is_file()}
+    base_size = sizes.get(str(base_path), 0)
+    check_memory(sum(sizes.values()), base_size, f"this upload ({len(sizes)} checkpoint files)")
     pool, notes = pool_from_upload(base_path, task_paths, image_zips, arch=arch, config=config,
                                    preprocessor=preprocessor, head_width=head_width, normalisation=normalisation, demo_loader=demo_loader,
                                    progress=progress)

@@ -1,0 +1,67 @@
+"""Issue 12: a session's memory is bounded by its own budget (ESM_SESSION_MEMORY_MB), not only by the session cap."""
+import numpy as np
+import pytest
+import torch
+
+from esm_core import studio as S
+from esm_core.studio import session as session_module
+from fake_pool import make_fake_pool
+
+
+@pytest.fixture
+def sess(pool):
+    s = S.new_session("cpu", live_per_task=16, alpha_per_task=12)
+    S.load_demo(s, loader=lambda: pool)
+    yield s
+    S.close(s)
+
+
+def test_tensor_bytes_counts_each_storage_once():
+    a = torch.zeros(1000)                                     # 4,000 bytes
+    obj = {"a": a, "view": a[10:20], "again": [a], "b": np.zeros(100, np.float64), "n": 3, "s": "x"}
+    assert S.tensor_bytes(obj) == 4000 + 800
+    assert S.tensor_bytes(torch.nn.Linear(10, 10)) == (100 + 10) * 4
+
+
+@pytest.mark.parametrize("raw, mib", [("", 8192), ("512", 512), ("nan", 8192), ("-3", 8192), ("abc", 8192)])
+def test_budget_from_the_environment(monkeypatch, raw, mib):
+    monkeypatch.setenv("ESM_SESSION_MEMORY_MB", raw)
+    assert S.memory_budget() == mib * 2 ** 20
+
+
+def test_a_pool_over_the_budget_is_refused_and_the_previous_one_stays(sess, pool, monkeypatch):
+    need = S.tensor_bytes(pool) + session_module.WORKING_COPIES * S.tensor_bytes(pool.base)
+    monkeypatch.setenv("ESM_SESSION_MEMORY_MB", str(need / 2 ** 20 * 0.9))
+    other = make_fake_pool(seed=5)
+    with pytest.raises(ValueError, match=r"needs about [\d.,]+ MiB.*more than the [\d.,]+ MiB a session may hold "
+                                         r"\(ESM_SESSION_MEMORY_MB\)"):
+        S.load_demo(sess, loader=lambda: other)
+    assert sess.pool is pool                                  # nothing replaced
+    monkeypatch.setenv("ESM_SESSION_MEMORY_MB", str(need / 2 ** 20 * 1.1))
+    S.load_demo(sess, loader=lambda: other)                   # within the budget: loaded
+    assert sess.pool is other
+
+
+def test_an_upload_over_the_budget_is_refused_before_it_is_read(sess, pool, tmp_path, monkeypatch):
+    monkeypatch.setenv("ESM_SESSION_MEMORY_MB", "1")
+    files = []
+    for name in ("base", "a", "b"):                           # not checkpoints at all: reading them would fail
+        files.append(tmp_path / f"{name}.safetensors")
+        files[-1].write_bytes(b"\0" * 300_000)
+    with pytest.raises(ValueError, match=r"this upload \(3 checkpoint files\) needs about 3\.4 MiB.*"
+                                         r"0\.9 MiB of checkpoints.*1\.0 MiB"):
+        S.load_uploaded(sess, files[0], {"a": files[1], "b": files[2]})
+    assert sess.pool is pool
+
+
+def test_caches_are_trimmed_to_the_budget(sess, monkeypatch):
+    for a, method in ((0.5, "esm"), (0.3, "ta"), (0.4, "ties")):
+        S.merge(sess, method, {"alpha": a})
+    assert len(sess.affine) == 3 and sess.cache is not None
+    full = S.memory(sess)["total"]
+    monkeypatch.setenv("ESM_SESSION_MEMORY_MB", str((full - 1) / 2 ** 20))   # just under what the session holds
+    S.merge(sess, "ta", {"alpha": 0.6})                       # the next merge drops the oldest cached updates
+    assert len(sess.affine) == 1 and S.memory(sess)["total"] < full
+    assert [r["method"] for r in sess.merges] == ["esm", "ta", "ties", "ta"]   # no result is lost
+    S.merge(sess, "esm", {"alpha": 0.5})                      # what was dropped is recomputed when needed
+    assert sess.merges[-1]["summary"] == sess.merges[0]["summary"]
