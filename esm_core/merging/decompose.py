@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Hashable
 
+import numpy as np
 import torch
 
 try:  # optional: SciPy's LAPACK / BLAS are faster than torch's eigh and xᵀx on one CPU core
@@ -88,13 +89,21 @@ EIGH_SCIPY_MIN = 256
 GRAM_SYRK_MIN = 64
 
 
-def eigh64(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def eigh64(g: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh`` of a symmetric float64 matrix (eigenvalues ascending); on the CPU for
     n ≥ :data:`EIGH_SCIPY_MIN`, SciPy's LAPACK divide-and-conquer ``syevd`` when SciPy is installed (not a
-    dependency; the fastest of torch / ``syevr`` / ``syevd`` on one core at every size measured, 384–3072)."""
+    dependency; the fastest of torch / ``syevr`` / ``syevd`` on one core at every size measured, 384–3072).
+
+    ``top``: only the largest ``top`` eigenpairs are needed; when ``top ≤ n / 4`` SciPy's ``syevr`` computes
+    just those (768²: 0.051 s for 96 pairs against 0.068 s for all) and only they are returned (ascending).
+    Otherwise every pair is returned."""
     if (sl is not None and g.device.type == "cpu" and g.dtype == torch.float64 and g.ndim == 2
             and g.shape[-1] >= EIGH_SCIPY_MIN):
-        w, v = sl.eigh(g.numpy(), driver="evd", check_finite=False)
+        n = g.shape[-1]
+        if top is not None and 0 < top <= n // 4:
+            w, v = sl.eigh(g.numpy(), driver="evr", check_finite=False, subset_by_index=[n - top, n - 1])
+        else:
+            w, v = sl.eigh(g.numpy(), driver="evd", check_finite=False)
         return torch.from_numpy(w), torch.from_numpy(v)
     return torch.linalg.eigh(g)
 
@@ -109,8 +118,12 @@ def _syrk(x: torch.Tensor) -> torch.Tensor | None:
         c = _blas_syrk(1.0, x.numpy(), trans=1)             # x itself is Fortran-ordered
     else:
         c = _blas_syrk(1.0, x.contiguous().mT.numpy(), trans=0)
-    g = torch.from_numpy(c)                                 # upper triangle filled, strictly lower zero
-    return g + torch.triu(g, 1).mT
+    n, b = c.shape[0], 256                                  # upper triangle filled, strictly lower zero:
+    for i in range(0, n, b):                                # mirror in place, by column blocks
+        c[i + b:, i:i + b] = c[i:i + b, i + b:].T
+        blk = c[i:i + b, i:i + b]
+        c[i:i + b, i:i + b] = np.triu(blk) + np.triu(blk, 1).T
+    return torch.from_numpy(c)
 
 
 def gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
