@@ -100,6 +100,7 @@ def eigh64(g: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, torch
     if (sl is not None and g.device.type == "cpu" and g.dtype == torch.float64 and g.ndim == 2
             and g.shape[-1] >= EIGH_SCIPY_MIN):
         n = g.shape[-1]
+        g = g.detach()
         if top is not None and 0 < top <= n // 4:
             w, v = sl.eigh(g.numpy(), driver="evr", check_finite=False, subset_by_index=[n - top, n - 1])
         else:
@@ -112,6 +113,7 @@ def _syrk(x: torch.Tensor) -> torch.Tensor | None:
     """``xᵀx`` by BLAS ``dsyrk`` (one triangle computed, then mirrored: exactly symmetric), or None where unavailable."""
     if _blas_syrk is None or x.device.type != "cpu" or x.dtype != torch.float64 or x.ndim != 2:
         return None
+    x = x.detach()
     if x.is_contiguous():
         c = _blas_syrk(1.0, x.mT.numpy(), trans=0)          # x.mT is Fortran-ordered: no copy
     elif x.mT.is_contiguous():
@@ -257,7 +259,8 @@ def _gram_factor(gram: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def _trmm_ok(*xs: torch.Tensor) -> bool:
-    return _blas_trmm is not None and all(x.device.type == "cpu" and x.dtype == torch.float64 for x in xs)
+    return _blas_trmm is not None and all(x.device.type == "cpu" and x.dtype == torch.float64
+                                          and not x.requires_grad for x in xs)
 
 
 def _lt_s_l(L: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
