@@ -131,7 +131,31 @@ def test_warm_rows_get_their_speedup_over_the_cold_row():
     res = _add_speedups({"blocks": 1, "tasks": 2, "params_per_model": 1e6, "device": "cpu", "memory": "m",
                          "rows": rows})
     assert res["rows"][2]["speedup_vs_cold"] == 24.0 and "speedup_vs_cold" not in res["rows"][0]
-    assert "24.0×" in format_table(res).splitlines()[-1]
+    text = format_table(res).splitlines()
+    assert "24.0×" in next(line for line in text if line.startswith("esm_alpha "))
+    assert res["esm_summary"] == {"unit": "seconds", "cold": 12.0, "cold_over_remerge": {"esm_alpha": 24.0}}
+
+
+def test_esm_summary_sets_every_ratio_side_by_side_in_cpu_seconds():
+    from esm_core.bench.core import _add_speedups
+    rows = [{"name": "esm", "title": "cold", "seconds": 12.0, "cpu_seconds": 10.0, "peak_extra_mib": 1.0,
+             "cache": "cold"},
+            {"name": "esm_reference", "title": "ref", "seconds": 30.0, "cpu_seconds": 28.0, "peak_extra_mib": 1.0,
+             "cache": "reference", "new_seconds": 11.0, "new_cpu_seconds": 8.0, "max_rel_diff": 4e-7,
+             "speedup_new_vs_reference": 30 / 11},
+            {"name": "esm_p_task", "title": "warm", "seconds": 0.6, "cpu_seconds": 0.5, "peak_extra_mib": 1.0,
+             "cache": "warm"},
+            {"name": "esm_alpha", "title": "warm", "seconds": 0.5, "cpu_seconds": 0.4, "peak_extra_mib": 1.0,
+             "cache": "warm"}]
+    res = _add_speedups({"blocks": 1, "tasks": 2, "params_per_model": 1e6, "device": "cpu", "memory": "m",
+                         "rows": rows})
+    s = res["esm_summary"]
+    assert s["unit"] == "cpu_seconds" and s["reference_over_cold"] == 2.8 and s["max_rel_diff"] == 4e-7
+    assert s["in_process_reference_over_new"] == 3.5
+    assert s["cold_over_remerge"] == {"esm_p_task": 20.0, "esm_alpha": 25.0}
+    text = format_table(res)
+    assert "2.80× faster" in text and "esm_p_task      cold ÷ re-merge =    20.0×" in text
+    assert json.loads(json.dumps(res))["esm_summary"] == s              # carried by --json
 
 
 def test_lazy_bench_merges_from_files_and_removes_them(tmp_path, monkeypatch):

@@ -253,3 +253,87 @@ def test_polar_measured_defect_decides_between_the_routes():
     ref = polar_svd(x)
     assert float((f - ref).norm() / ref.norm()) < POLAR_TOL
     assert decompose.orthogonality_defect(polar_svd(x)) < 1e-13 and decompose.orthogonality_defect(x) > 0.1
+
+
+# ---------------------------------------------------------------------------
+# The CPU BLAS / LAPACK routes (dsyrk, syevd, syevr subset, dtrmm) against plain torch, at sizes that take them
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["C", "F", "strided"])
+@pytest.mark.parametrize("m,n", [(300, 70), (40, 300), (700, 513)])
+def test_gram_by_syrk_equals_the_product_and_is_exactly_symmetric(m, n, order):
+    x = _with_spectrum(m, n, torch.logspace(0, -8, min(m, n)).tolist(), seed=m + n)   # ill-conditioned
+    if order == "F":
+        x = x.mT.contiguous().mT
+    elif order == "strided":
+        x = _rand(m, 2 * n, seed=3)[:, ::2]
+    assert n >= decompose.GRAM_SYRK_MIN
+    g = decompose.gram(x)
+    ref = x.mT @ x
+    assert torch.equal(g, g.mT)
+    assert float((g - ref).abs().max()) <= 1e-14 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("spectrum", ["generic", "ill", "rank_deficient"])
+def test_eigh64_routes_equal_torch(spectrum):
+    n = 300                                                     # ≥ EIGH_SCIPY_MIN: LAPACK syevd / syevr
+    assert n >= decompose.EIGH_SCIPY_MIN
+    if spectrum == "generic":
+        a = _rand(n, n, seed=41)
+        g = a @ a.mT
+    elif spectrum == "ill":
+        g = _with_spectrum(n, n, torch.logspace(0, -12, n).tolist(), seed=42)
+        g = (g @ g.mT + (g @ g.mT).mT) / 2
+    else:
+        a = _rand(n, 40, seed=43)
+        g = a @ a.mT                                            # rank 40
+    w, v = decompose.eigh64(g)
+    w_ref = torch.linalg.eigvalsh(g)
+    scale = float(w_ref.abs().max())
+    torch.testing.assert_close(w, w_ref, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(v.mT @ v, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(g @ v, v * w, rtol=0, atol=1e-12 * scale)
+    top = 40
+    wt, vt = decompose.eigh64(g, top=top)                       # only the largest pairs (syevr subset)
+    assert wt.shape == (top,) and vt.shape == (n, top)
+    torch.testing.assert_close(wt, w_ref[-top:], rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(g @ vt, vt * wt, rtol=0, atol=1e-12 * scale)
+    assert _subspace_gap(vt[:, -10:], v[:, -10:]) < 1e-9        # a well separated leading span
+
+
+@pytest.mark.parametrize("case", ["generic", "ill_gram", "rank_deficient"])
+def test_esd_cholesky_dtrmm_route_equals_the_general_products_and_the_exact_route(case, monkeypatch):
+    d_out, d_in, N = 400, 270, 600
+    if case == "ill_gram":                                      # inputs spanning 1e4 (Gram 1e8)
+        X = _rand(N, d_in, seed=51) * torch.logspace(0, -4, d_in, dtype=torch.float64)
+    else:
+        X = _rand(N, d_in, seed=51)
+    W = _rand(d_out, 20, seed=52) @ _rand(20, d_in, seed=53) if case == "rank_deficient" else _rand(d_out, d_in, seed=52)
+    G = X.mT @ X
+    c = 20 if case == "rank_deficient" else 150
+    used = []
+    real = decompose._lt_s_l
+    monkeypatch.setattr(decompose, "_lt_s_l", lambda *a: (used.append(1), real(*a))[1])
+    P1, l1, A1 = esd(W, G, N, columns=c, coords=True)
+    assert used == [1]                                          # the dtrmm route ran (Cholesky factor of G)
+    monkeypatch.setattr(decompose, "_trmm_ok", lambda *a: False)
+    P0, l0, A0 = esd(W, G, N, columns=c, coords=True)
+    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-11 * float(l0[0]))
+    for j in (1, c // 2, c):
+        assert _subspace_gap(P1[:, :j], P0[:, :j]) < 1e-8, j
+    Pe, le = esd_exact(W, G, N, columns=c)
+    torch.testing.assert_close(l1, le, rtol=0, atol=1e-9 * float(le[0]))
+    assert _subspace_gap(P1, Pe) < 1e-7
+    torch.testing.assert_close(A1, P1.mT @ W, rtol=0, atol=1e-9 * float(W.norm()))
+
+
+def test_top_svd_with_the_leading_eigenpairs_only_equals_the_svd():
+    from esm_core.merging.svd import top_svd
+    D = torch.stack([_with_spectrum(300, 280, torch.logspace(0, -3, 280).tolist(), seed=61 + t) for t in range(2)])
+    k = 50                                                      # ≤ 280 / 4: the syevr subset route
+    U, S, Vh = top_svd(D, k)
+    u, s, vh = torch.linalg.svd(D)
+    torch.testing.assert_close(S, s[:, :k], rtol=1e-10, atol=0)
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, u[..., :k] @ torch.diag_embed(s[:, :k]) @ vh[:, :k],
+                               rtol=0, atol=1e-10)

@@ -437,3 +437,27 @@ def test_re_merge_does_not_read_task_matrices_again():
     esm_core.merge_updates("esm", base, counted, stats=stats, cache=cache, check=False, p_dim=1.0, rank=2)
     # a re-merge looks each tensor up once (for its memoised fingerprint) and forms no task update
     assert Counting.reads - cold == len(tasks) * len(base)
+
+
+def test_v_from_coordinates_equals_the_formula_step_by_step():
+    """esm_v_from_coords (one buffer, rows scaled once) against SPEC §6.1–§6.4 written out per task."""
+    from esm_core.merging.esm import esm_v_from_coords
+    g = torch.Generator().manual_seed(71)
+    T, k, d_in = 3, 4, 9
+    coords = [torch.randn(6, d_in, generator=g) for _ in range(T)]          # more rows than k: first k used
+    lams = [torch.sort(torch.rand(10, generator=g, dtype=torch.float64) * 10 ** t, descending=True)[0]
+            for t in range(T)]
+    norms = [1.0, 2.5, 0.4]
+    for p_task, p_dim, eig in ((2.0, 2.0, 0.15), (0.5, -1.0, 0.4), (0.0, 0.0, 0.0)):
+        mean_n = sum(norms) / T
+        blocks = []
+        for t in range(T):
+            lk = lams[t][:k]
+            e = (lk / lk.mean()) ** eig
+            e = e / e.mean()
+            blocks.append(e[:, None] * coords[t][:k].double() * (norms[t] / mean_n) ** p_task)
+        V = torch.cat(blocks)
+        c = V.norm(dim=0)
+        V = V * (c / c.mean()) ** p_dim
+        got = esm_v_from_coords(coords, lams, norms, k, p_task, p_dim, eig)
+        torch.testing.assert_close(got, V, rtol=1e-12, atol=0)

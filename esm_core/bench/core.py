@@ -436,7 +436,53 @@ def _add_speedups(result: dict) -> dict:
             r["cold_speedup"] = r["seconds"] / cold
             if cold_cpu and r.get("cpu_seconds"):
                 r["cold_cpu_speedup"] = r["cpu_seconds"] / cold_cpu
+    summary = esm_summary(result["rows"])
+    if summary:
+        result["esm_summary"] = summary
     return result
+
+
+def esm_summary(rows: list[dict]) -> dict:
+    """The ESM rows' ratios side by side: reference ÷ new cold merge, cold ÷ each re-merge (CPU seconds where
+    measured, else wall seconds), and the new route's largest relative difference from the reference."""
+    cold = next((r for r in rows if r.get("cache") == "cold"), None)
+    ref = next((r for r in rows if r.get("cache") == "reference"), None)
+    warm = [r for r in rows if r.get("cache") == "warm"]
+    if cold is None and ref is None:
+        return {}
+    unit = "cpu_seconds" if all("cpu_seconds" in r for r in [cold, ref, *warm] if r is not None) else "seconds"
+    out: dict = {"unit": unit}
+    if cold is not None:
+        out["cold"] = cold[unit]
+    if ref is not None:
+        out["reference"] = ref[unit]
+        if cold is not None and cold[unit] > 0:
+            out["reference_over_cold"] = ref[unit] / cold[unit]
+        new_key = "new_cpu_seconds" if unit == "cpu_seconds" else "new_seconds"
+        if ref.get(new_key):
+            out["in_process_reference_over_new"] = ref[unit] / ref[new_key]
+        if "max_rel_diff" in ref:
+            out["max_rel_diff"] = ref["max_rel_diff"]
+    if cold is not None:
+        out["cold_over_remerge"] = {r["name"]: cold[unit] / r[unit] for r in warm if r[unit] > 0}
+    return out
+
+
+def _summary_lines(result: dict) -> list[str]:
+    s = result.get("esm_summary")
+    if not s:
+        return []
+    unit = "CPU s" if s["unit"] == "cpu_seconds" else "wall s"
+    lines = ["", f"ESM side by side ({unit}, this run):"]
+    if "reference_over_cold" in s:
+        lines.append(f"  cold merge: reference route {s['reference']:.2f}, new {s['cold']:.2f} → "
+                     f"{s['reference_over_cold']:.2f}× faster"
+                     + (f" (in the reference's process: {s['in_process_reference_over_new']:.2f}×)"
+                        if "in_process_reference_over_new" in s else "")
+                     + (f"; max rel diff {s['max_rel_diff']:.1e}" if "max_rel_diff" in s else ""))
+    for name, x in s.get("cold_over_remerge", {}).items():
+        lines.append(f"  {name:<15} cold ÷ re-merge = {x:7.1f}×")
+    return lines
 
 
 def _notes(r: dict) -> str:
@@ -469,7 +515,7 @@ def format_table(result: dict) -> str:
         ratio = f"{r['speedup_vs_cold']:>9.1f}×" if "speedup_vs_cold" in r else " " * 10
         lines.append(f"{r['name']:<15}{r['title'][:37]:<38}{r['seconds']:>10.3f}{r['peak_extra_mib']:>17.1f}{ratio}"
                      f"{_notes(r)}".rstrip())
-    return "\n".join(lines)
+    return "\n".join(lines + _summary_lines(result))
 
 
 # ---------------------------------------------------------------------------

@@ -161,18 +161,23 @@ def esm_v_from_coords(coords, lams, norms, k: int, p_task: float = 2.0, p_dim: f
     """:func:`esm_v` from the coordinates ``Ât`` (≥ k rows each, first k used) and the norms ‖ΔWt‖F."""
     norms = torch.as_tensor([float(x) for x in norms], dtype=torch.float64)
     mean_norm = norms.mean()
-    vs = []
+    T = len(coords)
+    if T == 0:
+        raise ValueError("no coordinates")
+    d_in = coords[0].shape[1]
+    V = torch.empty(T * k, d_in, dtype=torch.float64, device=coords[0].device)
+    rows = []
     for t, A in enumerate(coords):
-        A = A[:k].to(torch.float64)
-        e = _eig_weights(lams[t], k, eig_exp).to(A.device)
-        vs.append((e[:, None] * A) * float(norms[t].pow(p_task)))  # §6.2 row i of Ât × e_i; §6.1 rows × nt^p
-    V = torch.cat(vs, dim=0)                                       # §6.3 V = [Â1; …; ÂT] (Tk × d_in)
+        V[t * k:(t + 1) * k] = A[:k]                               # §6.3 V = [Â1; …; ÂT] (Tk × d_in), float64
+        rows.append(_eig_weights(lams[t], k, eig_exp) * float(norms[t].pow(p_task)))  # §6.2 e_i; §6.1 nt^p
+    r = torch.cat(rows)
     if mean_norm > 0:
-        V = V / float(mean_norm.pow(p_task))                       # §6.1 ÷ mean_t(nt)^p → factor (nt / mean nt)^p
+        r = r / float(mean_norm.pow(p_task))                       # §6.1 ÷ mean_t(nt)^p → factor (nt / mean nt)^p
+    V.mul_(r.to(V.device)[:, None])                                # one pass: row i × e_i (nt / mean n)^p
     col = torch.linalg.vector_norm(V, dim=0)                       # §6.4 ‖V[:, j]‖
     cm = col.mean()
     if cm > 0:
-        V = V * (col / cm).pow(p_dim)                              # §6.4 column j × (cj / mean c)^p
+        V.mul_((col / cm).pow(p_dim))                              # §6.4 column j × (cj / mean c)^p
     return V
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..models.roles import MATRIX
-from .decompose import isotropic, polar
+from .decompose import eigh64, gram, isotropic, polar
 from .registry import Method, Param, alpha_param, register
 
 
@@ -47,7 +47,7 @@ def top_svd(D: torch.Tensor, k: int, rel_tol: float = 1e-5) -> tuple[torch.Tenso
         x = D[t].to(torch.float64)
         wide = m <= n
         a = x if wide else x.transpose(0, 1)                  # short side first: a is min(m,n) × max(m,n)
-        lam, q = torch.linalg.eigh(a @ a.transpose(0, 1))
+        lam, q = eigh64(gram(a.transpose(0, 1)), top=k)      # a aᵀ (float64, syrk / syevd or syevr on the CPU)
         lam, q = lam.flip(0)[:k].clamp(min=0), q.flip(1)[:, :k]
         s = lam.sqrt()
         if s[0] == 0 or s[-1] <= rel_tol * s[0]:
