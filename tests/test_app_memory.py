@@ -1,0 +1,79 @@
+"""``esm-studio bench --app-memory`` end to end on a tiny pool: every step's row with resident memory and the
+bytes of statistics and caches (structure, not speed: nothing here is timed)."""
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+
+from esm_core import cli
+from esm_core.bench import app_memory as am
+from esm_core.bench import core
+
+# a tower open_clip does not name: the upload infers it (width 64, head width 32, 32 px images)
+TINY = dict(width=64, patch=8, image=32, mlp=256, out_dim=32, blocks=2)
+STEPS = ["written", "upload", "spectra", "merge ta", "merge esm", "esm++"]
+
+
+@pytest.fixture(scope="module")
+def run():
+    mp = pytest.MonkeyPatch()
+    mp.setitem(core.MODELS, "tiny", TINY)
+    mp.setattr(am, "write_image_zips",
+               lambda folder, tasks, classes, per_class, size, seed: _zips(folder, tasks, classes, per_class, seed))
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            rc = cli.main(["bench", "--app-memory", "--model", "tiny", "--app-memory-tasks", "2",
+                           "--app-memory-threads", "1", "--json"])
+    finally:
+        mp.undo()
+    assert rc == 0, err.getvalue()
+    return json.loads(out.getvalue()), err.getvalue()
+
+
+def _zips(folder, tasks, classes, per_class, seed):
+    return ORIG_ZIPS(folder, tasks, classes=3, per_class=4, size=32, seed=seed)
+
+
+ORIG_ZIPS = am.write_image_zips
+
+
+def test_every_step_has_a_row_with_resident_memory_and_statistics_and_cache_sizes(run):
+    res, _ = run
+    assert res["config"]["model"] == "tiny" and res["config"]["tasks"] == 2 and res["config"]["blocks"] == 2
+    rows = res["rows"]
+    assert [r["step"] for r in rows] == STEPS
+    for r in rows:
+        assert r["seconds"] >= 0 and r["rss_mib"] > 0 and r["peak_mib"] >= r["rss_mib"] * 0.5
+        assert r["peak_so_far_mib"] >= r["peak_mib"]
+    by = {r["step"]: r for r in rows}
+    for name in STEPS[1:]:
+        assert {"stats_mib", "cache_mib", "checkpoints_mib", "images_mib", "merges_mib", "esmpp_mib"} <= set(by[name])
+    assert by["upload"]["stats_mib"] == 0 and by["upload"]["checkpoints_mib"] > 0
+    assert by["spectra"]["stats_mib"] > 0 and by["spectra"]["cache_mib"] > 0     # the Spectra view fills both
+    assert by["merge ta"]["merges_mib"] > 0
+    assert by["esm++"]["esmpp_mib"] > 0
+
+
+def test_rows_are_printed_as_each_step_ends(run):
+    _, err = run
+    lines = [ln for ln in err.splitlines() if ln.startswith("step ")]
+    assert [ln.split("  ")[0][len("step "):] for ln in lines] == STEPS
+    assert all("RSS MiB" in ln and "stats MiB" in ln and "caches MiB" in ln for ln in lines)
+
+
+def test_table_lists_every_step(run):
+    res, _ = run
+    table = am.format_table(res)
+    assert all(f"| {s} |" in table for s in STEPS)
+
+
+def test_session_bytes_counts_shared_storage_once():
+    import torch
+    t = torch.zeros(1000)
+    seen: set = set()
+    assert am._tensor_bytes({"a": t, "b": t[10:], "c": [t]}, seen) == 4000
+    assert am._tensor_bytes(t, seen) == 0
