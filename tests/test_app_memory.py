@@ -77,3 +77,35 @@ def test_session_bytes_counts_shared_storage_once():
     seen: set = set()
     assert am._tensor_bytes({"a": t, "b": t[10:], "c": [t]}, seen) == 4000
     assert am._tensor_bytes(t, seen) == 0
+
+
+@pytest.mark.parametrize("method, params", [("ta", {"alpha": 0.4}), ("esm", {"alpha": 0.8}),
+                                            ("ties", {"alpha": 0.7})])
+def test_cached_zero_u0_takes_no_memory_and_merges_are_unchanged(pool, method, params):
+    """Task Arithmetic's update (ESM's on its ESD layers, most of the model) at α = 0 is zero: the session keeps it as a one-element view, and the
+    merge (and a later α change, recombined from the cache) still equals the method's own update."""
+    import torch
+
+    import esm_core
+    from esm_core import studio as S
+    s = S.new_session("cpu", live_per_task=8)
+    S.load_demo(s, loader=lambda: pool)
+    try:
+        S.merge(s, method, params)
+        (u0, slope), = s.affine.values()
+        held = {k: am._tensor_bytes(v, set()) for k, v in u0.items()}
+        if method == "ta":
+            assert all(b == 4 for b in held.values())        # one float32 per key
+        if method == "esm":                                  # its ESD layers (the others do not scale with α)
+            assert all(held[k] == 4 for k in S.esd_keys(s))
+        assert {k: tuple(v.shape) for k, v in u0.items()} == {k: tuple(v.shape) for k, v in slope.items()}
+        stats = S.ensure_stats(s) if method == "esm" else None
+        for alpha in (params["alpha"], 0.25):
+            if alpha != params["alpha"]:
+                S.merge(s, method, {**params, "alpha": alpha})
+            want = esm_core.merge_updates(method, pool.base, pool.tasks, alpha=alpha, stats=stats)
+            for k, v in want.items():
+                torch.testing.assert_close(s.current["updates"][k], v, rtol=1e-4, atol=1e-6)
+            assert all(s.current["updates"][k].stride() == v.contiguous().stride() for k, v in want.items())
+    finally:
+        S.close(s)
