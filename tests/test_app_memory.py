@@ -47,6 +47,7 @@ def test_every_step_has_a_row_with_resident_memory_and_statistics_and_cache_size
     rows = res["rows"]
     assert [r["step"] for r in rows] == STEPS
     for r in rows:
+        assert r["rss_anon_mib"] + r["rss_file_mib"] <= r["rss_mib"] + 1
         assert r["seconds"] >= 0 and r["rss_mib"] > 0 and r["peak_mib"] >= r["rss_mib"] * 0.5
         assert r["peak_so_far_mib"] >= r["peak_mib"]
     by = {r["step"]: r for r in rows}

@@ -15,7 +15,8 @@ as the app's handlers do, in one process, one step after the other:
 5. ``esm++``: ``run_routing`` with a few samples per task (Routing view).
 
 After each step a row gives the wall seconds, the process's resident size
-(``VmRSS``), its peak during the step (``VmHWM`` after resetting it with
+(``VmRSS``; ``RssFile`` is the part mapped from files — safetensors checkpoints are memory-mapped, so
+their pages count here), its peak during the step (``VmHWM`` after resetting it with
 ``/proc/self/clear_refs``) and since the start, and the bytes the session holds
 in probe statistics (:func:`esm_core.merging.stats.stats_nbytes`), in the
 decomposition cache (:attr:`DecompositionCache.nbytes`), in the pool's
@@ -189,7 +190,9 @@ def app_memory(tasks: int = 8, blocks: int | None = None, model: str = "ViT-B-32
             peak = _proc_status_kib("VmHWM") * 1024
             state["peak"] = max(state["peak"], peak)
             row = {"step": name, "seconds": round(sec, 2), "cpu_seconds": round(cpu, 2),
-                   "rss_mib": round(_proc_status_kib("VmRSS") / 1024, 1), "peak_mib": round(peak / MIB, 1),
+                   "rss_mib": round(_proc_status_kib("VmRSS") / 1024, 1),
+                   "rss_anon_mib": round(_proc_status_kib("RssAnon") / 1024, 1),
+                   "rss_file_mib": round(_proc_status_kib("RssFile") / 1024, 1), "peak_mib": round(peak / MIB, 1),
                    "peak_so_far_mib": round(state["peak"] / MIB, 1)}
             if s is not None:
                 row.update({f"{k}_mib": round(v / MIB, 1) for k, v in session_bytes(s).items()})
@@ -226,7 +229,8 @@ def app_memory(tasks: int = 8, blocks: int | None = None, model: str = "ViT-B-32
 
 
 COLUMNS = (("step", "step", "{}"), ("seconds", "s", "{:.1f}"), ("cpu_seconds", "CPU s", "{:.1f}"),
-           ("rss_mib", "RSS MiB", "{:.0f}"), ("peak_mib", "peak MiB", "{:.0f}"),
+           ("rss_mib", "RSS MiB", "{:.0f}"), ("rss_file_mib", "of it files MiB", "{:.0f}"),
+           ("peak_mib", "peak MiB", "{:.0f}"),
            ("stats_mib", "stats MiB", "{:.0f}"), ("cache_mib", "caches MiB", "{:.0f}"),
            ("checkpoints_mib", "ckpts MiB", "{:.0f}"), ("images_mib", "images MiB", "{:.0f}"),
            ("merges_mib", "merges MiB", "{:.0f}"), ("esmpp_mib", "ESM++ MiB", "{:.0f}"))
