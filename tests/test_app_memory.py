@@ -110,3 +110,35 @@ def test_cached_zero_u0_takes_no_memory_and_merges_are_unchanged(pool, method, p
             assert all(s.current["updates"][k].stride() == v.contiguous().stride() for k, v in want.items())
     finally:
         S.close(s)
+
+
+def test_spectra_first_then_esm_reuses_every_decomposition(pool):
+    """The app's order (Spectra view, then an ESM merge): the merge computes no ESD again, its update is the
+    method's own, and the spectra rows are those of the analysis on its own cache."""
+    import numpy as np
+    import torch
+
+    import esm_core
+    from esm_core import analysis
+    from esm_core import studio as S
+    s = S.new_session("cpu", live_per_task=8)
+    S.load_demo(s, loader=lambda: pool)
+    try:
+        rows = S.spectra_at(s, 1.0)
+        calls = s.cache.esd_calls
+        assert calls == len(S.esd_keys(s)) * len(pool.task_names)
+        S.merge(s, "esm", {"alpha": 0.8})
+        assert s.cache.esd_calls == calls
+        want = esm_core.merge_updates("esm", pool.base, pool.tasks, alpha=0.8, stats=s.stats)
+        for k, v in want.items():
+            torch.testing.assert_close(s.current["updates"][k], v, rtol=1e-4, atol=1e-6)
+        ref = analysis.spectra(pool.base, pool.tasks, s.stats, keys=S.esd_keys(s))
+        assert [(r["key"], r["task"]) for r in rows] == [(r["key"], r["task"]) for r in ref]
+        for a, b in zip(rows, ref):
+            for f in ("esd_energy_kept", "svd_energy_kept", "esd_lambda"):
+                np.testing.assert_allclose(np.asarray(a[f], dtype=float), np.asarray(b[f], dtype=float),
+                                           rtol=1e-5, atol=1e-9)
+        ov = S.overlap(s, S.esd_keys(s)[0])
+        assert s.cache.esd_calls == calls and len(ov["layers"]) == 1
+    finally:
+        S.close(s)
