@@ -38,8 +38,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import open_clip
 import torch
+from PIL import Image
 
+from .. import studio
+from ..merging.stats import stats_nbytes
 from .core import MODELS, _proc_status_kib, _reset_peak_rss, _trim_heap, write_checkpoints
 
 MIB = 1024 ** 2
@@ -52,7 +56,6 @@ def write_image_zips(folder, tasks: list[str], classes: int = 5, per_class: int 
 
     Images are smooth random colour fields (a random 7 × 7 grid, upscaled), different per task and class.
     """
-    from PIL import Image
     rng = np.random.default_rng(seed)
     folder = Path(folder)
     out = {}
@@ -114,7 +117,6 @@ def _tensor_bytes(obj, seen: set) -> int:
 def session_bytes(s) -> dict[str, int]:
     """Bytes the session holds, by part: probe statistics, decomposition cache, pool checkpoints, pool images,
     cached merge updates, ESM++ model. Storage shared between parts is counted in the first part only."""
-    from ..merging.stats import stats_nbytes
     seen: set = set()
     pool = s.pool
     out = {"stats": stats_nbytes(s.stats) if s.stats is not None else 0,
@@ -154,7 +156,6 @@ def app_memory(tasks: int = 8, blocks: int | None = None, model: str = "ViT-B-32
     model, else — fewer blocks, or a model open_clip does not know — its architecture is inferred with
     ``head_width`` and CLIP normalisation). ``on_row`` gets each row as it is made.
     """
-    from .. import studio
     if threads:
         torch.set_num_threads(int(threads))
     full = MODELS[model]["blocks"]
@@ -210,7 +211,6 @@ def app_memory(tasks: int = 8, blocks: int | None = None, model: str = "ViT-B-32
 
         step("written", write)
         s = studio.new_session("cpu")
-        import open_clip
         named = blocks == full and open_clip.get_model_config(model) is not None
         arch = dict(arch=model) if named else dict(arch="infer", head_width=head_width, normalisation="clip")
         step("upload", lambda: studio.load_uploaded(s, paths["base"], paths["tasks"], paths["zips"], **arch))

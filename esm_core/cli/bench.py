@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ..bench import app_memory as am
 from ..bench import bench, format_table
 from ..bench.core import MODELS
 from ..bench import core as _core
@@ -12,8 +13,6 @@ __doc__ = _core.__doc__
 
 
 def cmd_app_memory(args) -> int:
-    from ..bench import app_memory as am
-
     def row(r: dict) -> None:
         print(am.format_row(r), file=sys.stderr if args.json else sys.stdout, flush=True)
 
