@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ..bench import app_memory as am
 from ..bench import bench, format_table
 from ..bench.core import MODELS
 from ..bench import core as _core
@@ -11,7 +12,20 @@ from ..bench import core as _core
 __doc__ = _core.__doc__
 
 
+def cmd_app_memory(args) -> int:
+    def row(r: dict) -> None:
+        print(am.format_row(r), file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    res = am.app_memory(tasks=args.app_memory_tasks, blocks=args.app_memory_blocks or args.blocks,
+                        model=args.model, seed=args.seed, threads=args.app_memory_threads,
+                        limit_gib=args.app_memory_limit_gib, on_row=row)
+    print(json.dumps(res, indent=2) if args.json else am.format_table(res))
+    return 0
+
+
 def cmd_bench(args) -> int:
+    if args.app_memory:
+        return cmd_app_memory(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     def progress(frac: float, desc: str) -> None:
         print(f"[{frac:4.0%}] {desc}", file=sys.stderr, flush=True)
@@ -40,4 +54,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoints")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--app-memory", action="store_true",
+                   help="instead: drive the app's steps (upload, Spectra, TA and ESM merges, ESM++) on a random "
+                        "uploaded pool and print seconds, resident memory and the bytes of statistics and caches")
+    p.add_argument("--app-memory-tasks", type=int, default=8, help="task checkpoints of --app-memory (default 8)")
+    p.add_argument("--app-memory-blocks", type=int, default=None,
+                   help="transformer blocks of --app-memory (default: all; fewer: architecture inferred)")
+    p.add_argument("--app-memory-threads", type=int, default=None, help="torch threads of --app-memory")
+    p.add_argument("--app-memory-limit-gib", type=float, default=None,
+                   help="stop --app-memory once the process is resident above this many GiB")
     p.set_defaults(func=cmd_bench)

@@ -66,12 +66,19 @@ def _frozen(params: Mapping[str, Any]) -> tuple:
     return tuple(sorted((k, v) for k, v in params.items() if k != "alpha"))
 
 
+def _zero_view(t: torch.Tensor) -> torch.Tensor:
+    """An all-zero tensor of ``t``'s shape, dtype and device that holds one element (a stride-0 view)."""
+    return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
 def _affine(s: Session, method: str, params: Mapping[str, Any], progress: Progress | None):
     """(U0, slope) of ``method`` with ``params`` (α excluded), from the per-session cache or computed.
 
     Every method's update is affine in α: ``U(α) = U0 + α · slope``, measured
     from two merges (α = 0 and α = a1). The pool's checkpoints were checked
-    when it was loaded, so the merges skip that check.
+    when it was loaded, so the merges skip that check. Keys whose U0 is all
+    zero (every key of Task Arithmetic and ESM: their update is α times a fixed
+    one) are kept as a one-element zero view, not a model-sized copy of zeros.
     """
     key = (method, _frozen(params))
     if key in s.affine:
@@ -85,6 +92,7 @@ def _affine(s: Session, method: str, params: Mapping[str, Any], progress: Progre
     u0, slope, _ = A.affine_updates(s.pool.base, s.pool.tasks, method, params, stats=stats, cache=cache,
                                     device=s.device, check=False,
                                   progress=lambda f, d: report(0.4 + 0.6 * f, d))
+    u0 = {k: _zero_view(v) if not bool(v.any()) else v for k, v in u0.items()}
     s.affine[key] = (u0, slope)
     while len(s.affine) > AFFINE_CACHE:
         s.affine.popitem(last=False)

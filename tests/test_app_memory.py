@@ -1,0 +1,144 @@
+"""``esm-studio bench --app-memory`` end to end on a tiny pool: every step's row with resident memory and the
+bytes of statistics and caches (structure, not speed: nothing here is timed)."""
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+
+from esm_core import cli
+from esm_core.bench import app_memory as am
+from esm_core.bench import core
+
+# a tower open_clip does not name: the upload infers it (width 64, head width 32, 32 px images)
+TINY = dict(width=64, patch=8, image=32, mlp=256, out_dim=32, blocks=2)
+STEPS = ["written", "upload", "spectra", "merge ta", "merge esm", "esm++"]
+
+
+@pytest.fixture(scope="module")
+def run():
+    mp = pytest.MonkeyPatch()
+    mp.setitem(core.MODELS, "tiny", TINY)
+    mp.setattr(am, "write_image_zips",
+               lambda folder, tasks, classes, per_class, size, seed: _zips(folder, tasks, classes, per_class, seed))
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            rc = cli.main(["bench", "--app-memory", "--model", "tiny", "--app-memory-tasks", "2",
+                           "--app-memory-threads", "1", "--json"])
+    finally:
+        mp.undo()
+    assert rc == 0, err.getvalue()
+    return json.loads(out.getvalue()), err.getvalue()
+
+
+def _zips(folder, tasks, classes, per_class, seed):
+    return ORIG_ZIPS(folder, tasks, classes=3, per_class=4, size=32, seed=seed)
+
+
+ORIG_ZIPS = am.write_image_zips
+
+
+def test_every_step_has_a_row_with_resident_memory_and_statistics_and_cache_sizes(run):
+    res, _ = run
+    assert res["config"]["model"] == "tiny" and res["config"]["tasks"] == 2 and res["config"]["blocks"] == 2
+    rows = res["rows"]
+    assert [r["step"] for r in rows] == STEPS
+    for r in rows:
+        assert r["rss_anon_mib"] + r["rss_file_mib"] <= r["rss_mib"] + 1
+        assert r["seconds"] >= 0 and r["rss_mib"] > 0 and r["peak_mib"] >= r["rss_mib"] * 0.5
+        assert r["peak_so_far_mib"] >= r["peak_mib"]
+    by = {r["step"]: r for r in rows}
+    for name in STEPS[1:]:
+        assert {"stats_mib", "cache_mib", "checkpoints_mib", "images_mib", "merges_mib", "esmpp_mib"} <= set(by[name])
+    assert by["upload"]["stats_mib"] == 0 and by["upload"]["checkpoints_mib"] > 0
+    assert by["spectra"]["stats_mib"] > 0 and by["spectra"]["cache_mib"] > 0     # the Spectra view fills both
+    assert by["merge ta"]["merges_mib"] > 0
+    assert by["esm++"]["esmpp_mib"] > 0
+
+
+def test_rows_are_printed_as_each_step_ends(run):
+    _, err = run
+    lines = [ln for ln in err.splitlines() if ln.startswith("step ")]
+    assert [ln.split("  ")[0][len("step "):] for ln in lines] == STEPS
+    assert all("RSS MiB" in ln and "stats MiB" in ln and "caches MiB" in ln for ln in lines)
+
+
+def test_table_lists_every_step(run):
+    res, _ = run
+    table = am.format_table(res)
+    assert all(f"| {s} |" in table for s in STEPS)
+
+
+def test_session_bytes_counts_shared_storage_once():
+    import torch
+    t = torch.zeros(1000)
+    seen: set = set()
+    assert am._tensor_bytes({"a": t, "b": t[10:], "c": [t]}, seen) == 4000
+    assert am._tensor_bytes(t, seen) == 0
+
+
+@pytest.mark.parametrize("method, params", [("ta", {"alpha": 0.4}), ("esm", {"alpha": 0.8}),
+                                            ("ties", {"alpha": 0.7})])
+def test_cached_zero_u0_takes_no_memory_and_merges_are_unchanged(pool, method, params):
+    """Task Arithmetic's update (ESM's on its ESD layers, most of the model) at α = 0 is zero: the session keeps it as a one-element view, and the
+    merge (and a later α change, recombined from the cache) still equals the method's own update."""
+    import torch
+
+    import esm_core
+    from esm_core import studio as S
+    s = S.new_session("cpu", live_per_task=8)
+    S.load_demo(s, loader=lambda: pool)
+    try:
+        S.merge(s, method, params)
+        (u0, slope), = s.affine.values()
+        held = {k: am._tensor_bytes(v, set()) for k, v in u0.items()}
+        if method == "ta":
+            assert all(b == 4 for b in held.values())        # one float32 per key
+        if method == "esm":                                  # its ESD layers (the others do not scale with α)
+            assert all(held[k] == 4 for k in S.esd_keys(s))
+        assert {k: tuple(v.shape) for k, v in u0.items()} == {k: tuple(v.shape) for k, v in slope.items()}
+        stats = S.ensure_stats(s) if method == "esm" else None
+        for alpha in (params["alpha"], 0.25):
+            if alpha != params["alpha"]:
+                S.merge(s, method, {**params, "alpha": alpha})
+            want = esm_core.merge_updates(method, pool.base, pool.tasks, alpha=alpha, stats=stats)
+            for k, v in want.items():
+                torch.testing.assert_close(s.current["updates"][k], v, rtol=1e-4, atol=1e-6)
+            assert all(s.current["updates"][k].stride() == v.contiguous().stride() for k, v in want.items())
+    finally:
+        S.close(s)
+
+
+def test_spectra_first_then_esm_reuses_every_decomposition(pool):
+    """The app's order (Spectra view, then an ESM merge): the merge computes no ESD again, its update is the
+    method's own, and the spectra rows are those of the analysis on its own cache."""
+    import numpy as np
+    import torch
+
+    import esm_core
+    from esm_core import analysis
+    from esm_core import studio as S
+    s = S.new_session("cpu", live_per_task=8)
+    S.load_demo(s, loader=lambda: pool)
+    try:
+        rows = S.spectra_at(s, 1.0)
+        calls = s.cache.esd_calls
+        assert calls == len(S.esd_keys(s)) * len(pool.task_names)
+        S.merge(s, "esm", {"alpha": 0.8})
+        assert s.cache.esd_calls == calls
+        want = esm_core.merge_updates("esm", pool.base, pool.tasks, alpha=0.8, stats=s.stats)
+        for k, v in want.items():
+            torch.testing.assert_close(s.current["updates"][k], v, rtol=1e-4, atol=1e-6)
+        ref = analysis.spectra(pool.base, pool.tasks, s.stats, keys=S.esd_keys(s))
+        assert [(r["key"], r["task"]) for r in rows] == [(r["key"], r["task"]) for r in ref]
+        for a, b in zip(rows, ref):
+            for f in ("esd_energy_kept", "svd_energy_kept", "esd_lambda"):
+                np.testing.assert_allclose(np.asarray(a[f], dtype=float), np.asarray(b[f], dtype=float),
+                                           rtol=1e-5, atol=1e-9)
+        ov = S.overlap(s, S.esd_keys(s)[0])
+        assert s.cache.esd_calls == calls and len(ov["layers"]) == 1
+    finally:
+        S.close(s)
