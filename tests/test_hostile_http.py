@@ -224,7 +224,7 @@ RAW_CASES = {   # (endpoint, its inputs, the hostile position, what the refusal 
     "rank": ("merge", ["esm", *_values("esm")], _index("esm", "rank"), "rank"),
     "alpha_curve": ("alpha_curve", ["ties", *_values("ties")], _index("ties", "k"), "'k'|k&#x27;"),
     "spectra": ("spectra", [0.25, "ESD energy kept at k", None, None], 0, "rank fraction"),
-    "route": ("route", [8, "samples of the pool's tasks", 2, None, False], 0, "expert rank"),
+    "route": ("route", [8, "samples of the pool's tasks", 2, None, False, ""], 0, "expert rank"),
     "export": ("export_esmpp", [8], 0, "expert rank"),
 }
 
