@@ -64,4 +64,4 @@ def short_key(key: str) -> str:
     for fam in FAMILIES.values():
         if fam.layer_type(key) is not None:
             return fam.short_key(key)
-    return key
+    return openclip_vit.short_key(key)             # other keys: without the image tower's "visual." prefix
