@@ -59,9 +59,16 @@ def family_or_vit(keys) -> ModuleType:
     return family_of(keys) or openclip_vit
 
 
-def short_key(key: str) -> str:
-    """A layer's short label (``"3 · mlp.c_fc"``, ``"3 · ffn.intermediate"``) in whichever family names it."""
+def family_of_key(key: str) -> ModuleType | None:
+    """The family that knows ``key`` as one of its layers (a layer type), or None."""
     for fam in FAMILIES.values():
         if fam.layer_type(key) is not None:
-            return fam.short_key(key)
-    return openclip_vit.short_key(key)             # other keys: without the image tower's "visual." prefix
+            return fam
+    return None
+
+
+def short_key(key: str) -> str:
+    """A layer's short label (``"3 · mlp.c_fc"``, ``"3 · ffn.intermediate"``) in whichever family names it."""
+    fam = family_of_key(key)
+    # other keys: without the image tower's "visual." prefix
+    return (fam or openclip_vit).short_key(key)

@@ -89,11 +89,8 @@ class TaskPool:
     def proxy(self, task: str, n: int = 32, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
         """``n`` validation images of ``task`` drawn with ``seed`` (sorted ids into the val split)."""
         x, _ = self.images(task, "val")
-        if n < 1:
-            raise ValueError(f"proxy size n must be >= 1, got {n}")
-        ids = np.sort(np.random.default_rng(seed).choice(len(x), size=min(n, len(x)), replace=False))
-        ids_l = [int(i) for i in ids]
-        return x[ids_l], ids_l
+        ids = proxy_ids(len(x), n, seed)
+        return x[ids], ids
 
     def logits(self, task: str, features: torch.Tensor) -> torch.Tensor:
         """The task's frozen head: ``normalise(features) @ W.T`` (W carries the scale)."""
@@ -118,6 +115,14 @@ class TaskPool:
                         class_names={t: self.class_names[t] for t in tasks},
                         data={t: self.data[t] for t in tasks if t in self.data}, mean=self.mean, std=self.std,
                         quick_gelu=self.quick_gelu, meta=dict(self.meta))
+
+
+def proxy_ids(size: int, n: int, seed: int) -> list[int]:
+    """The proxy samples' ids (SPEC §5.1): ``min(n, size)`` of ``range(size)`` drawn without replacement with
+    ``seed``, sorted."""
+    if n < 1:
+        raise ValueError(f"proxy size n must be >= 1, got {n}")
+    return [int(i) for i in np.sort(np.random.default_rng(seed).choice(size, size=min(n, size), replace=False))]
 
 
 def cosine_head(weight: torch.Tensor, scale: float = 30.0) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 
 from ..models import bert
 from . import text_build as tb
+from .taskpool import proxy_ids
 
 Progress = Callable[[float, str], None]
 
@@ -120,13 +121,11 @@ class TextTaskPool:
         """The proxy sentences of ``task`` (§8: 32 validation sentences): the ids recorded at build time when
         ``n`` and ``seed`` are the defaults, else ``n`` drawn with ``seed``."""
         x, _ = self.images(task, "val")
-        if n < 1:
-            raise ValueError(f"proxy size n must be >= 1, got {n}")
         rec = self.data[task].get("proxy_ids")
         if rec is not None and seed == 0 and n == len(rec):
             ids = [int(i) for i in rec]
         else:
-            ids = [int(i) for i in np.sort(np.random.default_rng(seed).choice(len(x), min(n, len(x)), replace=False))]
+            ids = proxy_ids(len(x), n, seed)
         return x[ids], ids
 
     def logits(self, task: str, features: torch.Tensor) -> torch.Tensor:
