@@ -27,7 +27,7 @@ from .merging.decompose import DecompositionCache, fingerprint
 from .merging.esm import esm_rank
 from .merging.stats import stats_from_inputs, task_layer_stats
 from .merging.svd import subspace_alignment_ratio
-from .models import FAMILIES, family_or_vit, roles_of
+from .models import family_of_key, family_or_vit, roles_of
 from .models.roles import SKIP
 
 ENERGY = 0.95
@@ -83,6 +83,9 @@ def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: st
     st = task_layer_stats(stats, name, key)
     d = _delta(base, tasks, name, key)
     if hasattr(st, "fingerprint"):      # probe statistics: the same fingerprint and factor ESM uses (shared entries)
+        e = cache.lookup(name, key, (fingerprint(d), st.fingerprint(), int(st.n)), k)
+        if e is not None:               # (spilled statistics are not read back for a cached entry)
+            return e, d, st
         f = st.factor()
         return cache.esd(name, key, d, None if f is not None else st.gram, int(st.n), k=k,
                          gram_fp=st.fingerprint(), factor=f), d, st
@@ -90,10 +93,10 @@ def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: st
 
 
 def _info(key: str) -> dict:
-    for fam in FAMILIES.values():
-        if fam.layer_type(key) is not None:
-            return {"key": key, "layer_type": fam.layer_type(key), "block": fam.block_index(key)}
-    return {"key": key, "layer_type": None, "block": None}
+    fam = family_of_key(key)
+    if fam is None:
+        return {"key": key, "layer_type": None, "block": None}
+    return {"key": key, "layer_type": fam.layer_type(key), "block": fam.block_index(key)}
 
 
 # ---------------------------------------------------------------------------
@@ -121,7 +124,7 @@ def spectra(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=No
             e, d, st = _esd_entry(cache, base, tasks, stats, name, key, 0)
             G = st.gram.to(torch.float64)
             r = min(d_out, d_in)
-            fp = (fingerprint(d), fingerprint(st.gram), int(st.n))
+            fp = (fingerprint(d), st.fingerprint() if hasattr(st, "fingerprint") else fingerprint(G), int(st.n))
             svd = cache.get_result(("svd-spectrum", name, key), fp)
             if svd is None:
                 W = d.to(torch.float64)

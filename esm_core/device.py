@@ -1,5 +1,8 @@
-"""Choosing the torch device ("auto": CUDA when present, else the CPU)."""
+"""Choosing the torch device ("auto": CUDA when present, else the CPU), and giving freed host memory back."""
 from __future__ import annotations
+
+import ctypes
+import gc
 
 import torch
 
@@ -16,3 +19,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
     return dev
+
+
+def trim_heap() -> None:
+    """Give freed host memory back to the operating system: a garbage collection, then glibc's ``malloc_trim``
+    (a no-op where the C library is not glibc). Without it, the process keeps the pages of tensors it freed —
+    after the app's Spectra view moves 2.5 GiB of statistics to disk, about 5 GiB of freed heap stayed resident
+    on a ViT-B/32 × 8 upload."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -54,7 +54,11 @@ def test_every_step_has_a_row_with_resident_memory_and_statistics_and_cache_size
     for name in STEPS[1:]:
         assert {"stats_mib", "cache_mib", "checkpoints_mib", "images_mib", "merges_mib", "esmpp_mib"} <= set(by[name])
     assert by["upload"]["stats_mib"] == 0 and by["upload"]["checkpoints_mib"] > 0
-    assert by["spectra"]["stats_mib"] > 0 and by["spectra"]["cache_mib"] > 0     # the Spectra view fills both
+    # the tasks' checkpoints are on the session's disk, read lazily: in memory, the base alone
+    assert by["upload"]["disk_mib"] >= 2 * by["upload"]["checkpoints_mib"] * 0.99
+    # the Spectra view fills the cache; its statistics then go to the session's disk (the means stay)
+    assert by["spectra"]["cache_mib"] > 0 and by["spectra"]["disk_mib"] > by["upload"]["disk_mib"]
+    assert by["spectra"]["stats_mib"] < 0.05 * (by["spectra"]["disk_mib"] - by["upload"]["disk_mib"])
     assert by["merge ta"]["merges_mib"] > 0
     assert by["esm++"]["esmpp_mib"] > 0
 
@@ -125,6 +129,9 @@ def test_spectra_first_then_esm_reuses_every_decomposition(pool):
     S.load_demo(s, loader=lambda: pool)
     try:
         rows = S.spectra_at(s, 1.0)
+        # the statistics went to the session's folder once decomposed (the means stay in memory)
+        assert all(st.spilled for layers in s.stats["tasks"].values() for st in layers.values())
+        assert list((s.workdir / "stats").glob("*.npy"))
         calls = s.cache.esd_calls
         assert calls == len(S.esd_keys(s)) * len(pool.task_names)
         S.merge(s, "esm", {"alpha": 0.8})

@@ -167,3 +167,41 @@ def test_stats_keep_the_cheaper_of_rows_and_gram():
     assert r.rows is None
     torch.testing.assert_close(r.gram, sm.gram, rtol=1e-12, atol=1e-12)
     assert st.fingerprint() == st.fingerprint() and st.fingerprint() != sm.fingerprint()
+
+
+def test_spilled_statistics_read_back_exactly_and_release_their_memory(tmp_path):
+    """spill(): the Gram or rows go to a file and leave memory; every access reads them back bit for bit, the
+    fingerprint, n and mean stay; an ESD from spilled statistics equals one from held statistics."""
+    import pickle
+
+    from esm_core.merging.decompose import esd
+    from esm_core.merging.stats import spill_stats, stats_nbytes
+    g = torch.Generator().manual_seed(5)
+    x = {"rows": torch.randn(10, 16, generator=g), "gram": torch.randn(40, 16, generator=g),
+         "f64": torch.randn(12, 16, generator=g).double()}
+    stats = stats_from_inputs({"t": x})
+    held = {k: (st.gram.clone(), st.factor(), st.fingerprint(), st.d_in, st.mean.clone())
+            for k, st in stats["tasks"]["t"].items()}
+    before = stats_nbytes(stats)
+    freed = spill_stats(stats, tmp_path / "spill")
+    assert freed > 0 and stats_nbytes(stats) == before - freed
+    assert stats_nbytes(stats) == sum(16 * 8 for _ in x)            # the means stay
+    assert spill_stats(stats, tmp_path / "spill") == 0                # idempotent
+    assert len(list((tmp_path / "spill").glob("*.npy"))) == 3 and not list((tmp_path / "spill").glob("*.tmp"))
+    delta = torch.randn(6, 16, generator=g)
+    for k, st in stats["tasks"]["t"].items():
+        gram, factor, fp, d_in, mean = held[k]
+        assert st.spilled and st.nbytes == 16 * 8
+        assert torch.equal(st.gram, gram) and st.fingerprint() == fp and st.d_in == d_in
+        assert torch.equal(st.mean, mean)
+        assert (st.factor() is None) == (factor is None)
+        if factor is not None:
+            assert torch.equal(st.factor(), factor)
+        P0, lam0 = esd(delta, gram, st.n, factor=factor)
+        P1, lam1 = esd(delta, None if st.factor() is not None else st.gram, st.n, factor=st.factor())
+        assert torch.equal(P0, P1) and torch.equal(lam0, lam1)
+        again = pickle.loads(pickle.dumps(st))                        # sessions pickle (ZeroGPU)
+        assert again.spilled and torch.equal(again.gram, gram)
+    st = stats["tasks"]["t"]["rows"]
+    st.gram = held["rows"][0]                                         # replacing the data un-spills
+    assert not st.spilled and st.nbytes > 16 * 8

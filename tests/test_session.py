@@ -301,8 +301,40 @@ def test_bad_uploads_refused(files, tmp_path, pool, case, match):
         with pytest.raises((ValueError, CheckpointError), match=match):
             S.load_uploaded(s, *args, arch="infer", head_width=16, normalisation="half", demo_loader=no_demo)
         assert s.pool is None                                 # nothing half-loaded stays behind
+        assert not list(s.workdir.glob("pool-*"))             # nor any task file it had written
     finally:
         S.close(s)
+
+
+def test_uploaded_tasks_are_read_lazily_from_the_session_folder(files, tmp_path, pool):
+    """The app's upload keeps the checked task checkpoints in the session's folder and reads them key by key:
+    the pool holds the base, not the tasks; merges equal those of the same checkpoints held in memory; the files
+    go when another pool replaces the upload, and with the session."""
+    import esm_core
+    from esm_core.lazy import LazyCheckpoint
+    s = S.new_session("cpu", live_per_task=8)
+    try:
+        zips = {t: _zip(tmp_path / f"{t}.zip") for t in FAKE_TASKS[:2]}
+        S.load_uploaded(s, files / "base.safetensors", {t: files / f"{t}.safetensors" for t in FAKE_TASKS[:2]},
+                        zips, arch="infer", head_width=16, normalisation="half",
+                        demo_loader=lambda: (_ for _ in ()).throw(FileNotFoundError("no demo")))
+        folders = list(s.workdir.glob("pool-*"))
+        assert len(folders) == 1
+        for t in FAKE_TASKS[:2]:
+            ck = s.pool.tasks[t]
+            assert isinstance(ck, LazyCheckpoint) and ck.path.parent == folders[0]
+            assert sorted(ck) == sorted(pool.base)
+            assert all(torch.equal(ck[k], pool.tasks[t][k].float()) for k in pool.base)
+        assert S.tensor_bytes(s.pool.tasks) == 0
+        S.merge(s, "ties", {})
+        want = esm_core.merge_updates("ties", pool.base, {t: pool.tasks[t] for t in FAKE_TASKS[:2]})
+        for k, v in want.items():
+            torch.testing.assert_close(s.current["updates"][k], v, rtol=1e-5, atol=1e-7)
+        S.load_demo(s, loader=lambda: pool)                   # another pool: the upload's files are deleted
+        assert not folders[0].exists()
+    finally:
+        S.close(s)
+    assert not s.workdir.exists()
 
 
 def test_infer_vit_config(pool):

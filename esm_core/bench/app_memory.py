@@ -115,8 +115,9 @@ def _tensor_bytes(obj, seen: set) -> int:
 
 
 def session_bytes(s) -> dict[str, int]:
-    """Bytes the session holds, by part: probe statistics, decomposition cache, pool checkpoints, pool images,
-    cached merge updates, ESM++ model. Storage shared between parts is counted in the first part only."""
+    """Bytes the session holds in memory, by part: probe statistics, decomposition cache, pool checkpoints, pool
+    images, cached merge updates, ESM++ model (storage shared between parts is counted in the first part only);
+    and ``disk``: the session folder's files (uploaded task checkpoints read lazily, spilled statistics)."""
     seen: set = set()
     pool = s.pool
     out = {"stats": stats_nbytes(s.stats) if s.stats is not None else 0,
@@ -127,6 +128,7 @@ def session_bytes(s) -> dict[str, int]:
     out["images"] = _tensor_bytes(getattr(pool, "data", None), seen) if pool is not None else 0
     out["merges"] = _tensor_bytes([s.affine, s.current], seen)
     out["esmpp"] = _tensor_bytes(s.esmpp, seen)
+    out["disk"] = sum(f.stat().st_size for f in Path(s.workdir).rglob("*") if f.is_file())
     return out
 
 
@@ -233,7 +235,8 @@ COLUMNS = (("step", "step", "{}"), ("seconds", "s", "{:.1f}"), ("cpu_seconds", "
            ("peak_mib", "peak MiB", "{:.0f}"),
            ("stats_mib", "stats MiB", "{:.0f}"), ("cache_mib", "caches MiB", "{:.0f}"),
            ("checkpoints_mib", "ckpts MiB", "{:.0f}"), ("images_mib", "images MiB", "{:.0f}"),
-           ("merges_mib", "merges MiB", "{:.0f}"), ("esmpp_mib", "ESM++ MiB", "{:.0f}"))
+           ("merges_mib", "merges MiB", "{:.0f}"), ("esmpp_mib", "ESM++ MiB", "{:.0f}"),
+           ("disk_mib", "session disk MiB", "{:.0f}"))
 
 
 def format_row(row: dict) -> str:

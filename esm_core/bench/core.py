@@ -32,9 +32,7 @@ Peak memory is the extra memory a job needs on top of the loaded checkpoints:
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import gc
 import multiprocessing as mp
 import platform
 import shutil
@@ -46,7 +44,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from ..device import resolve_device
+from ..device import resolve_device, trim_heap
 from ..merging import METHODS, merge_updates
 from .esm_rows import esm_jobs
 from .jobs import FULL_BLOCKS, HEADS, IMAGE, MLP, OUT_DIM, PATCH, TOKENS, WIDTH, Job  # noqa: F401
@@ -241,12 +239,7 @@ def _proc_status_kib(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-def _trim_heap() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):       # not glibc: nothing to trim
-        pass
+_trim_heap = trim_heap
 
 
 def _reset_peak_rss() -> None:

@@ -9,8 +9,11 @@ The merging layer never runs a model: statistics come in as data.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from .decompose import fingerprint
@@ -23,38 +26,64 @@ class LayerStats:
     is then computed on access (float64, not stored). :meth:`factor` gives an
     ``L`` with ``L Lᵀ = G`` without forming G when that is cheaper (the rows,
     when there are no more of them than inputs), for :func:`esm_core.merging.decompose.esd`.
+
+    :meth:`spill` moves the Gram matrix or rows to a file and releases them: every later access reads them
+    back (and does not keep them), the fingerprint, ``n`` and ``mean`` stay in memory. The app spills a pool's
+    statistics once its decompositions are cached, when few accesses remain.
     """
-    __slots__ = ("_gram", "rows", "n", "mean", "_fp")
+    __slots__ = ("_gram", "_rows", "n", "mean", "_fp", "_file")
 
     def __init__(self, gram: torch.Tensor | None = None, n: int = 0, mean: torch.Tensor | None = None,
                  rows: torch.Tensor | None = None):
         if gram is None and rows is None:
             raise ValueError("LayerStats needs the Gram matrix or the rows")
         self._gram = gram
-        self.rows = rows
+        self._rows = rows
         self.n = int(n)
         self.mean = mean
         self._fp = None
+        self._file = None          # (path, "gram" | "rows", shape) once spilled
+
+    def _read(self, kind: str) -> torch.Tensor | None:
+        if self._file is None or self._file[1] != kind:
+            return None
+        return torch.from_numpy(np.load(self._file[0], allow_pickle=False))
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        return self._rows if self._file is None else self._read("rows")
+
+    @rows.setter
+    def rows(self, value: torch.Tensor | None) -> None:
+        self._rows, self._file, self._fp = value, None, None
 
     @property
     def gram(self) -> torch.Tensor:
-        if self._gram is not None:
-            return self._gram
+        g = self._gram if self._file is None else self._read("gram")
+        if g is not None:
+            return g
         x = self.rows.to(torch.float64)
         return x.mT @ x
 
     @gram.setter
     def gram(self, value: torch.Tensor) -> None:
-        self._gram, self.rows, self._fp = value, None, None
+        self._gram, self._rows, self._file, self._fp = value, None, None, None
 
     @property
     def d_in(self) -> int:
-        return int((self._gram if self._gram is not None else self.rows).shape[-1])
+        if self._file is not None:
+            return int(self._file[2][-1])
+        return int((self._gram if self._gram is not None else self._rows).shape[-1])
 
     def factor(self) -> torch.Tensor | None:
         """``Xᵀ`` (d_in × n) when rows are held and ``n ≤ d_in`` (a cheaper factor of G than its Cholesky), else None."""
-        if self.rows is not None and self.rows.shape[0] <= self.rows.shape[1]:
-            return self.rows.mT
+        if self._file is not None:
+            kind, shape = self._file[1], self._file[2]
+            if kind == "rows" and shape[0] <= shape[1]:
+                return self._read("rows").mT
+            return None
+        if self._rows is not None and self._rows.shape[0] <= self._rows.shape[1]:
+            return self._rows.mT
         return None
 
     def fingerprint(self) -> tuple:
@@ -64,14 +93,55 @@ class LayerStats:
         return self._fp
 
     @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    def spill(self, path: str | os.PathLike) -> int:
+        """Write the Gram matrix or rows to ``path`` (``.npy``, atomically) and release them; returns the bytes
+        released (0 when already spilled). Later accesses read the file back."""
+        if self._file is not None:
+            return 0
+        kind, t = ("gram", self._gram) if self._gram is not None else ("rows", self._rows)
+        self.fingerprint()                  # memoised before the data leaves memory
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, t.detach().cpu().numpy(), allow_pickle=False)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        freed = t.numel() * t.element_size()
+        self._file = (str(path), kind, tuple(t.shape))
+        self._gram = self._rows = None
+        return int(freed)
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held (Gram or rows, and the mean)."""
-        b = sum(t.numel() * t.element_size() for t in (self._gram, self.rows, self.mean) if t is not None)
+        """Bytes held in memory (Gram or rows unless spilled, and the mean)."""
+        b = sum(t.numel() * t.element_size() for t in (self._gram, self._rows, self.mean) if t is not None)
         return int(b)
 
     def __repr__(self) -> str:
-        form = f"gram {tuple(self._gram.shape)}" if self._gram is not None else f"rows {tuple(self.rows.shape)}"
+        if self._file is not None:
+            return f"LayerStats({self._file[1]} {self._file[2]} in {self._file[0]}, n={self.n})"
+        form = f"gram {tuple(self._gram.shape)}" if self._gram is not None else f"rows {tuple(self._rows.shape)}"
         return f"LayerStats({form}, n={self.n})"
+
+
+def spill_stats(stats, folder: str | os.PathLike) -> int:
+    """:meth:`LayerStats.spill` every layer statistic of a ``Stats`` dict into ``folder`` (created); returns the
+    bytes released."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    per_task = stats["tasks"] if isinstance(stats, Mapping) and "tasks" in stats else stats
+    freed = 0
+    for i, layers in enumerate(per_task.values()):
+        for j, st in enumerate(layers.values()):
+            if isinstance(st, LayerStats):
+                freed += st.spill(folder / f"t{i}-l{j}.npy")
+    return freed
 
 
 class _Accumulator:

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 from .. import analysis
+from ..device import trim_heap
 from ..merging.esm import OFFERED_RANK_FRACTION, esm_rank, new_cache
+from ..merging.stats import spill_stats as _spill
 from ..merging.stats import task_layer_stats
 from ..models import family_or_vit
 from ..probe import probe_pool
@@ -12,13 +16,27 @@ from .session import Progress, Session, _need_pool, _noop
 
 
 def ensure_stats(s: Session, n: int = 32, seed: int = 0, progress: Progress | None = None):
-    """Activation statistics of every task (probe inside each fine-tuned model on its proxy samples); cached."""
+    """Activation statistics of every task (probe inside each fine-tuned model on its proxy samples); cached.
+
+    They live in the session's folder, not in memory (:meth:`~esm_core.merging.stats.LayerStats.spill`: the
+    Gram matrices / input rows; the means and fingerprints stay): each is read back when a decomposition
+    needs it — once per ESD layer and task for the Spectra view and ESM (then cached), once per routed
+    layer and task for ESM++. A ViT-B/32 × 8 pool's statistics are 2.5 GiB."""
     pool = _need_pool(s)
     with s.lock:
         if s.stats is None or s.stats.get("n") != n or s.stats.get("seed") != seed:
-            s.stats = probe_pool(pool, n=n, seed=seed, device=s.device,
-                                 progress=(lambda f, d: progress(f, f"activation statistics: {d}")) if progress else None)
+            s.stats = None
+            shutil.rmtree(stats_folder(s), ignore_errors=True)
+            stats = probe_pool(pool, n=n, seed=seed, device=s.device,
+                               progress=(lambda f, d: progress(f, f"activation statistics: {d}")) if progress else None)
+            _spill(stats, stats_folder(s))
+            trim_heap()                 # else the freed pages stay resident (glibc keeps them)
+            s.stats = stats
         return s.stats
+
+
+def stats_folder(s: Session) -> Path:
+    return s.workdir / "stats"
 
 
 def ensure_cache(s: Session):
@@ -53,6 +71,7 @@ def spectra(s: Session, progress: Progress | None = None) -> list[dict]:
                 rows += analysis.spectra(pool.base, pool.tasks, stats, keys=[key], cache=cache)
                 report(0.3 + 0.7 * (i + 1) / len(keys), f"decomposing {key}")
             s.spectra_rows = rows
+            trim_heap()
         return s.spectra_rows
 
 

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import torch
 
 from .. import __version__
+from ..device import trim_heap
 from ..evaluation import alpha as A
 from ..evaluation.accuracy import accuracies_of, normalised
 from ..merging import METHODS, apply_updates, get_method
@@ -91,11 +92,12 @@ def _affine(s: Session, method: str, params: Mapping[str, Any], progress: Progre
         cache = ensure_cache(s)
     u0, slope, _ = A.affine_updates(s.pool.base, s.pool.tasks, method, params, stats=stats, cache=cache,
                                     device=s.device, check=False,
-                                  progress=lambda f, d: report(0.4 + 0.6 * f, d))
+                                    progress=lambda f, d: report(0.4 + 0.6 * f, d))
     u0 = {k: _zero_view(v) if not bool(v.any()) else v for k, v in u0.items()}
     s.affine[key] = (u0, slope)
     while len(s.affine) > AFFINE_CACHE:
         s.affine.popitem(last=False)
+    trim_heap()                                  # the merges' working tensors are freed: give their pages back
     return u0, slope
 
 
@@ -207,6 +209,7 @@ def alpha_curve(s: Session, method: str, params: Mapping[str, Any] | None = None
             report(0.95, f"α = {a:.2f}: extending the grid (the best α was at its end)")
         best = max(curve, key=lambda e: e[1])[0]
         s.curves[(method, _frozen(p))] = (best, curve)
+        trim_heap()
         return best, curve
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..device import trim_heap
 from ..esmpp import ESMPP, majority_task, routing_accuracy, routing_embedding
 from ..evaluation.esmpp import build_esmpp
 from ..merging import get_method
@@ -34,6 +35,7 @@ def esmpp_model(s: Session, rank: int = ESMPP.default("rank"), progress: Progres
                                         progress=lambda f, d: report(0.3 + 0.7 * f, d))
             s.esmpp = {"recipe": recipe, "model": model, "rank": int(rank), "alpha": alpha,
                        "from_merge": last["id"] if last else None, "accs": None}
+            trim_heap()
         return s.esmpp
 
 

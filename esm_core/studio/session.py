@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..device import resolve_device
+from ..device import resolve_device, trim_heap
 from ..models import family_or_vit
 from ..models.roles import MATRIX
 from ..pools import text_build
@@ -147,6 +147,7 @@ def _free(s: Session) -> None:
     s.merges.clear()
     s.curves.clear()
     shutil.rmtree(s.workdir, ignore_errors=True)
+    trim_heap()
 
 
 def _free_when_idle(s: Session) -> None:
@@ -183,6 +184,7 @@ def guarded(s: Session, progress: Progress | None = None, still_wanted: Callable
 def _reset(s: Session) -> None:
     """Forget everything derived from the previous pool."""
     s.stats = s.spectra_rows = s.cosines = s.current = s.esmpp = s.routing = s._visual = None
+    shutil.rmtree(s.workdir / "stats", ignore_errors=True)      # the statistics (studio.inspect.ensure_stats)
     s.cache = None
     s.refs.clear()
     s.affine.clear()
@@ -287,15 +289,20 @@ def check_memory(pool_bytes: int, base_bytes: int, what: str) -> None:
                          "or a smaller model")
 
 
-def load_pool(s: Session, pool, origin: str, notes: list[str] | None = None) -> dict:
+def load_pool(s: Session, pool, origin: str, notes: list[str] | None = None, files: Path | None = None) -> dict:
     """Make ``pool`` (a TaskPool) the session's pool; returns :func:`pool_info`. Refused (the previous pool stays)
-    when it would not fit the session's memory budget (:func:`check_memory`)."""
+    when it would not fit the session's memory budget (:func:`check_memory`). ``files``: the folder of the
+    session's workdir holding the new pool's checkpoints; the previous pools' folders (``pool-*``) are deleted."""
     if len(pool.task_names) < 2:
         raise ValueError(f"merging needs at least two task models; this pool has {len(pool.task_names)}")
     check_memory(tensor_bytes(pool), tensor_bytes(pool.base), f"the pool {getattr(pool, 'name', '')!r}")
     with s.lock:
         _reset(s)
         s.pool, s.origin, s.notes = pool, origin, list(notes or [])
+        for old in s.workdir.glob("pool-*"):       # the previous upload's task files: its pool is gone
+            if files is None or old != Path(files):
+                shutil.rmtree(old, ignore_errors=True)
+        trim_heap()                                # the previous pool's memory
         return pool_info(s)
 
 
@@ -424,15 +431,22 @@ def load_uploaded(s: Session, base_path, task_paths, image_zips=None, *, arch: s
     """Build a pool from uploaded files (:func:`esm_core.pools.upload.pool_from_upload`: the architecture
     and normalisation are read from ``config`` / chosen by ``arch``, never guessed) and make it the session's.
     The previous pool stays loaded when anything is refused, before anything is read when the checkpoint files
-    alone already exceed the session's memory budget."""
+    alone already exceed the session's memory budget. The checked task checkpoints are kept in the session's
+    folder (float32 safetensors) and read key by key when used, so the session holds the base in memory, not
+    every task; they are deleted with the session or when another pool replaces this one."""
     paths = list(task_paths.values()) if isinstance(task_paths, dict) else list(task_paths or [])
     sizes = {str(p): Path(p).stat().st_size for p in [base_path, *paths] if p is not None and Path(p).is_file()}
     base_size = sizes.get(str(base_path), 0)
     check_memory(sum(sizes.values()), base_size, f"this upload ({len(sizes)} checkpoint files)")
-    pool, notes = pool_from_upload(base_path, task_paths, image_zips, arch=arch, config=config,
-                                   preprocessor=preprocessor, head_width=head_width, normalisation=normalisation, demo_loader=demo_loader,
-                                   progress=progress)
-    return load_pool(s, pool, "upload", notes)
+    keep = s.workdir / f"pool-{uuid.uuid4().hex[:8]}"        # the checked task checkpoints, read lazily
+    try:
+        pool, notes = pool_from_upload(base_path, task_paths, image_zips, arch=arch, config=config,
+                                       preprocessor=preprocessor, head_width=head_width, normalisation=normalisation,
+                                       demo_loader=demo_loader, progress=progress, keep_dir=keep)
+        return load_pool(s, pool, "upload", notes, files=keep)
+    except BaseException:
+        shutil.rmtree(keep, ignore_errors=True)
+        raise
 
 
 def load_uploaded_text(s: Session, base_path, task_paths, text_files, *, config, tokenizer_files,
