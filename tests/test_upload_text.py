@@ -55,7 +55,12 @@ def _upload(tmp_path, model_type: str):
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])
 def test_uploaded_classifiers_score_as_their_own_hugging_face_models(tmp_path, model_type):
     paths, texts, cfg, tok = _upload(tmp_path, model_type)
-    pool, notes = text_pool_from_upload(tmp_path / "base.safetensors", paths, texts, cfg, tok)
+    keep = tmp_path / "keep" if model_type == "roberta" else None     # the app's way: tasks read lazily from disk
+    pool, notes = text_pool_from_upload(tmp_path / "base.safetensors", paths, texts, cfg, tok, keep_dir=keep)
+    if keep is not None:
+        from esm_core.lazy import LazyCheckpoint
+        assert all(isinstance(pool.tasks[t], LazyCheckpoint) and pool.tasks[t].path.parent == keep
+                   for t in pool.task_names)
     assert pool.task_names == ["colours", "animals"] and pool.pooling == "cls"
     assert any(model_type in n for n in notes)
     for t in pool.task_names:

@@ -28,7 +28,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from ..checkpoints import load_checkpoint
+from ..checkpoints import load_checkpoint, save_safetensors
+from ..lazy import LazyCheckpoint
 from ..models import bert
 from .text_pool import TextTaskPool
 from .upload import MAX_MODEL_PARAMS, NAME_OK, _split_val_test
@@ -173,9 +174,12 @@ def load_tokenizer_files(paths: Mapping[str, str | Path], config: Mapping | None
 
 def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_files: Mapping[str, str | Path],
                           config: Mapping, tokenizer_files: Mapping[str, str | Path], *,
-                          max_length: int | None = None, progress: Progress | None = None
-                          ) -> tuple[TextTaskPool, list[str]]:
-    """Build a text pool from uploads: ``(TextTaskPool, notes for the user)``. See the module docstring."""
+                          max_length: int | None = None, progress: Progress | None = None,
+                          keep_dir: str | Path | None = None) -> tuple[TextTaskPool, list[str]]:
+    """Build a text pool from uploads: ``(TextTaskPool, notes for the user)``. See the module docstring.
+
+    ``keep_dir``: as for image uploads (:func:`esm_core.pools.upload.pool_from_upload`), each checked task
+    encoder is written there (safetensors) and read lazily, key by key; without it every task is held."""
     report = progress or (lambda f, d: None)
     names = list(task_paths)
     if len(names) < 2:
@@ -217,7 +221,10 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
             diff = sorted(set(enc) ^ set(base))[:4] or [k for k in base if tuple(enc[k].shape) != tuple(base[k].shape)][:4]
             raise ValueError(f"task {t!r} does not fit the base checkpoint (keys or shapes differ: {diff})")
         tasks[t] = {k: enc[k].float() if enc[k].is_floating_point() else enc[k] for k in base}
-        del raw
+        del raw, enc
+        if keep_dir is not None:
+            Path(keep_dir).mkdir(parents=True, exist_ok=True)
+            tasks[t] = LazyCheckpoint(save_safetensors(tasks[t], Path(keep_dir) / f"task-{i}.safetensors"))
     report(0.5, "reading the tokenizer")
     tok = load_tokenizer_files(tokenizer_files, config)
     ml = int(max_length or min(DEFAULT_MAX_LENGTH, int(config.get("max_position_embeddings", 512)) - 2))

@@ -454,6 +454,11 @@ def load_uploaded_text(s: Session, base_path, task_paths, text_files, *, config,
     """A text pool from uploads (:func:`esm_core.pools.upload_text.text_pool_from_upload`: BERT-family sequence
     classifiers, their config.json and tokenizer, labelled sentences per task) made the session's pool. The
     previous pool stays loaded when anything is refused."""
-    pool, notes = text_pool_from_upload(base_path, task_paths, text_files, config, tokenizer_files,
-                                        progress=progress)
-    return load_pool(s, pool, "upload", notes)
+    keep = s.workdir / f"pool-{uuid.uuid4().hex[:8]}"        # the checked task encoders, read lazily
+    try:
+        pool, notes = text_pool_from_upload(base_path, task_paths, text_files, config, tokenizer_files,
+                                            progress=progress, keep_dir=keep)
+        return load_pool(s, pool, "upload", notes, files=keep)
+    except BaseException:
+        shutil.rmtree(keep, ignore_errors=True)
+        raise
