@@ -239,7 +239,8 @@ def _proc_status_kib(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-_trim_heap = trim_heap
+def _trim_heap() -> None:
+    trim_heap(collect=True)
 
 
 def _reset_peak_rss() -> None:

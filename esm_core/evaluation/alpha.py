@@ -127,7 +127,9 @@ def affine_updates(base, tasks, method: str, params: Mapping[str, Any] | None = 
                    progress: Progress | None = None) -> tuple[dict, dict, float]:
     """(U0, slope, a1): the method's update at α = 0 and its slope in α, ``U(α) = U0 + α · slope``.
 
-    The slope is measured at ``a1 = min(1, max α)`` of the method's schema.
+    The slope is measured at ``a1 = min(1, max α)`` of the method's schema. Keys whose U0 is all zero (every
+    key of Task Arithmetic, ESM's ESD keys: their update is α times a fixed one) get a one-element zero view
+    (:func:`zero_view`), not a model-sized tensor of zeros.
     ``check=False`` skips validating the checkpoints (a pool already checked)."""
     p = {k: v for k, v in dict(params or {}).items() if k != "alpha"}
     amax = alpha_param(method).max
@@ -135,13 +137,25 @@ def affine_updates(base, tasks, method: str, params: Mapping[str, Any] | None = 
     kw = dict(stats=stats, cache=cache, device=device)
     u0 = merge_updates(method, base, tasks, alpha=0.0, check=check, **kw, **p,
                        progress=None if progress is None else (lambda f, d: progress(0.5 * f, d)))
+    u0 = {k: zero_view(v) if not bool(v.any()) else v for k, v in u0.items()}   # freed before the α = a1 merge
     u1 = merge_updates(method, base, tasks, alpha=a1, check=False, **kw, **p,
                        progress=None if progress is None else (lambda f, d: progress(0.5 + 0.5 * f, d)))
-    keys = set(u0) | set(u1)
-    zero = {k: torch.zeros_like(base[k], dtype=torch.float32) for k in keys}
-    u0 = {k: u0.get(k, zero[k]) for k in keys}
-    diff = {k: (u1.get(k, zero[k]) - u0[k]) / a1 for k in keys}
-    return u0, diff, a1
+    # key by key, each α = a1 update dropped once its slope is formed: at most two model-sized sets live at once
+    # (a model-sized dict of zeros and all three sets at once cost 0.7 GB more on a ViT-B/32 ESM merge)
+    out0, diff = {}, {}
+    for k in list(dict.fromkeys([*u0, *u1])):
+        a = u0.pop(k, None)
+        if a is None:
+            a = zero_view(torch.empty((), dtype=torch.float32).expand(base[k].shape))
+        b = u1.pop(k, None)
+        diff[k] = (b - a) / a1 if b is not None else a / -a1
+        out0[k] = a
+    return out0, diff, a1
+
+
+def zero_view(t: torch.Tensor) -> torch.Tensor:
+    """An all-zero tensor of ``t``'s shape, dtype and device that holds one element (a stride-0 view)."""
+    return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
 
 
 def updates_at(u0: Mapping[str, torch.Tensor], slope: Mapping[str, torch.Tensor], alpha: float) -> dict:

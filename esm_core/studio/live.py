@@ -67,19 +67,13 @@ def _frozen(params: Mapping[str, Any]) -> tuple:
     return tuple(sorted((k, v) for k, v in params.items() if k != "alpha"))
 
 
-def _zero_view(t: torch.Tensor) -> torch.Tensor:
-    """An all-zero tensor of ``t``'s shape, dtype and device that holds one element (a stride-0 view)."""
-    return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
-
-
 def _affine(s: Session, method: str, params: Mapping[str, Any], progress: Progress | None):
     """(U0, slope) of ``method`` with ``params`` (α excluded), from the per-session cache or computed.
 
     Every method's update is affine in α: ``U(α) = U0 + α · slope``, measured
     from two merges (α = 0 and α = a1). The pool's checkpoints were checked
     when it was loaded, so the merges skip that check. Keys whose U0 is all
-    zero (every key of Task Arithmetic and ESM: their update is α times a fixed
-    one) are kept as a one-element zero view, not a model-sized copy of zeros.
+    zero are one-element zero views (:func:`esm_core.evaluation.alpha.affine_updates`).
     """
     key = (method, _frozen(params))
     if key in s.affine:
@@ -93,11 +87,9 @@ def _affine(s: Session, method: str, params: Mapping[str, Any], progress: Progre
     u0, slope, _ = A.affine_updates(s.pool.base, s.pool.tasks, method, params, stats=stats, cache=cache,
                                     device=s.device, check=False,
                                     progress=lambda f, d: report(0.4 + 0.6 * f, d))
-    u0 = {k: _zero_view(v) if not bool(v.any()) else v for k, v in u0.items()}
     s.affine[key] = (u0, slope)
     while len(s.affine) > AFFINE_CACHE:
         s.affine.popitem(last=False)
-    trim_heap()                                  # the merges' working tensors are freed: give their pages back
     return u0, slope
 
 
@@ -115,11 +107,12 @@ def merge(s: Session, method: str, params: Mapping[str, Any] | None = None, prog
     with s.lock:
         t0 = time.perf_counter()
         refs = references(s, "test", progress=(lambda f, d: report(0.1 * f, d)) if progress else None)
+        computed = (method, _frozen(p)) not in s.affine
         u0, slope = _affine(s, method, p, (lambda f, d: report(0.1 + 0.8 * f, d)) if progress else None)
         ups = A.updates_at(u0, slope, float(p["alpha"]))
         report(0.9, "evaluating the merged model")
-        sd = apply_updates(pool.base, ups)
-        accs = accuracies(s, sd, "test", s.live_per_task, progress=lambda f, d: report(0.9 + 0.09 * f, d))
+        visual = _visual(s, apply_updates(pool.base, ups))   # the merged state dict is freed once loaded
+        accs = accuracies(s, visual, "test", s.live_per_task, progress=lambda f, d: report(0.9 + 0.09 * f, d))
         summary = normalised(accs, refs["finetuned"])
         report(1.0, f"{m.title}: mean normalised accuracy {100 * summary['mean_norm']:.1f} %")
         # the last progress report (a cancelled merge stops at one) is above: nothing below can stop half-way
@@ -129,6 +122,8 @@ def merge(s: Session, method: str, params: Mapping[str, Any] | None = None, prog
         s.merges.append(rec)
         s.current = {**rec, "updates": ups}
         trim_caches(s)                           # within the session's memory budget
+        if computed:
+            trim_heap()                          # the merge's working tensors are freed: give their pages back
         return rec
 
 

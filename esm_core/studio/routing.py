@@ -121,6 +121,7 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
         if built["accs"] is None:
             report(0.75, "routed vs oracle accuracy")
             built["accs"] = _routed_accuracies(s, model, lambda f, d: report(0.75, d))
+            trim_heap()
         accs = built["accs"]
         li = len(log.keys) - 1                      # the deepest routed layer: tasks are most separated there
         if umap:
