@@ -90,6 +90,7 @@ def _affine(s: Session, method: str, params: Mapping[str, Any], progress: Progre
     s.affine[key] = (u0, slope)
     while len(s.affine) > AFFINE_CACHE:
         s.affine.popitem(last=False)
+    trim_heap()        # the merges' working tensors are freed: their pages go back before the evaluation allocates
     return u0, slope
 
 
