@@ -120,6 +120,7 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
                 model(x.to(dev), true_task=t)
         if built["accs"] is None:
             report(0.75, "routed vs oracle accuracy")
+            trim_heap()                     # the routing pass's activations: freed pages back before 3 evaluations
             built["accs"] = _routed_accuracies(s, model, lambda f, d: report(0.75, d))
             trim_heap()
         accs = built["accs"]
