@@ -17,6 +17,16 @@ def pool():
     return make_fake_pool()
 
 
+@pytest.fixture
+def sess(pool):
+    """A studio session on the tiny pool (closed after the test)."""
+    from esm_core import studio as S
+    s = S.new_session("cpu", live_per_task=16, alpha_per_task=12)
+    S.load_demo(s, loader=lambda: pool)
+    yield s
+    S.close(s)
+
+
 @pytest.fixture(scope="session")
 def demo_pool():
     """The committed demo pool (assets/demo). It is part of the repository: a missing one fails, never skips."""

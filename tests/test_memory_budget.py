@@ -8,14 +8,6 @@ from esm_core.studio import session as session_module
 from fake_pool import make_fake_pool
 
 
-@pytest.fixture
-def sess(pool):
-    s = S.new_session("cpu", live_per_task=16, alpha_per_task=12)
-    S.load_demo(s, loader=lambda: pool)
-    yield s
-    S.close(s)
-
-
 def test_tensor_bytes_counts_each_storage_once():
     a = torch.zeros(1000)                                     # 4,000 bytes
     obj = {"a": a, "view": a[10:20], "again": [a], "b": np.zeros(100, np.float64), "n": 3, "s": "x"}

@@ -26,14 +26,6 @@ def esm_sess(pool):
     S.close(s)
 
 
-@pytest.fixture
-def sess(pool):
-    s = S.new_session("cpu", live_per_task=16, alpha_per_task=12)
-    S.load_demo(s, loader=lambda: pool)
-    yield s
-    S.close(s)
-
-
 def test_pool_info(sess, pool):
     info = S.pool_info(sess)
     assert info["parameters"] == sum(v.numel() for v in pool.base.values())

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from pathlib import Path
 
 from .. import analysis
 from ..device import trim_heap
@@ -12,7 +11,7 @@ from ..merging.stats import spill_stats as _spill
 from ..merging.stats import task_layer_stats
 from ..models import family_or_vit
 from ..probe import probe_pool
-from .session import Progress, Session, _need_pool, _noop
+from .session import Progress, Session, _need_pool, _noop, stats_folder
 
 
 def ensure_stats(s: Session, n: int = 32, seed: int = 0, progress: Progress | None = None):
@@ -33,10 +32,6 @@ def ensure_stats(s: Session, n: int = 32, seed: int = 0, progress: Progress | No
             trim_heap()                 # else the freed pages stay resident (glibc keeps them)
             s.stats = stats
         return s.stats
-
-
-def stats_folder(s: Session) -> Path:
-    return s.workdir / "stats"
 
 
 def ensure_cache(s: Session):

@@ -181,10 +181,15 @@ def guarded(s: Session, progress: Progress | None = None, still_wanted: Callable
     return check
 
 
+def stats_folder(s: Session) -> Path:
+    """Where the session's probe statistics live (:func:`esm_core.studio.inspect.ensure_stats`)."""
+    return s.workdir / "stats"
+
+
 def _reset(s: Session) -> None:
     """Forget everything derived from the previous pool."""
     s.stats = s.spectra_rows = s.cosines = s.current = s.esmpp = s.routing = s._visual = None
-    shutil.rmtree(s.workdir / "stats", ignore_errors=True)      # the statistics (studio.inspect.ensure_stats)
+    shutil.rmtree(stats_folder(s), ignore_errors=True)          # the statistics (studio.inspect.ensure_stats)
     s.cache = None
     s.refs.clear()
     s.affine.clear()
