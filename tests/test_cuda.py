@@ -1,0 +1,148 @@
+"""The CUDA path, checked against the CPU: every method, ESM's re-merges, probe, evaluation and ESM++ routing.
+
+These tests run where CUDA is (``.ci/gpu-check`` runs them on a lent GPU
+machine); elsewhere they are skipped. ``ESM_TEST_DEVICE=cpu`` runs them with
+the CPU as the device under test, which checks the tests themselves (each
+comparison is then CPU against CPU).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from esm_core.bench.core import make_checkpoints
+from esm_core.bench.esm_rows import max_rel_diff, random_stats
+from esm_core.merging import METHODS, merge_updates
+from esm_core.merging.esm import new_cache
+
+DEVICE = os.environ.get("ESM_TEST_DEVICE", "cuda")
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")]
+
+# Relative Frobenius difference allowed between the device's and the CPU's merged updates, per key: float32
+# products in other orders and other eigen/SVD kernels (every matrix here has a spread spectrum, so the
+# decompositions are unique up to signs, which the methods cancel).
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A ViT-B/32-shaped block, 4 tasks, and random ESD statistics of the probe's size."""
+    base, tasks = make_checkpoints(blocks=1, tasks=4)
+    return base, tasks, random_stats(base, tasks)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_on_the_device_equals_the_cpu(small, method):
+    base, tasks, stats = small
+    kw = {"stats": stats} if METHODS[method].needs_stats else {}
+    if method.startswith("dare"):      # masks come from a generator on the merge device: p = 0 keeps every entry
+        kw["p"] = 0.0
+    dev = merge_updates(method, base, tasks, device=DEVICE, check=False, **kw)
+    cpu = merge_updates(method, base, tasks, device="cpu", check=False, **kw)
+    assert set(dev) == set(cpu) and all(v.device.type == "cpu" for v in dev.values())
+    assert max_rel_diff(dev, cpu) < TOL
+
+
+def test_dare_on_the_device_is_reproducible_and_drops_what_it_says(small):
+    base, tasks, _ = small
+    a = merge_updates("dare_ta", base, tasks, device=DEVICE, check=False, p=0.5, seed=3)
+    b = merge_updates("dare_ta", base, tasks, device=DEVICE, check=False, p=0.5, seed=3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    one = {"t": tasks["task0"]}
+    d = merge_updates("dare_ta", base, one, device=DEVICE, check=False, p=0.5, seed=3, alpha=1.0)
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    kept = float((d[key] != 0).double().mean())
+    assert abs(kept - 0.5) < 0.01
+    nz = d[key] != 0                   # survivors are rescaled by 1 / (1 − p)
+    torch.testing.assert_close(d[key][nz], 2 * (tasks["task0"][key] - base[key])[nz], rtol=1e-5, atol=1e-7)
+
+
+def test_esm_remerges_on_the_device_equal_fresh_merges(small):
+    """Every knob's re-merge from a warm cache on the device equals a cold merge there (and the cache is hit)."""
+    base, tasks, stats = small
+    cache = new_cache()
+    merge_updates("esm", base, tasks, device=DEVICE, check=False, stats=stats, cache=cache)
+    calls = cache.esd_calls
+    for knob in ({"rank_fraction": 0.5}, {"p_task": 1.0}, {"p_dim": 1.0}, {"p_layer": 1.0}, {"eig_exp": 0.3},
+                 {"ortho_factor": 1.5}, {"alpha": 0.7}):
+        warm = merge_updates("esm", base, tasks, device=DEVICE, check=False, stats=stats, cache=cache, **knob)
+        cold = merge_updates("esm", base, tasks, device=DEVICE, check=False, stats=stats, **knob)
+        assert max_rel_diff(warm, cold) < 1e-5, knob
+    assert cache.esd_calls == calls            # no decomposition recomputed
+
+
+def _stats_close(a: dict, b: dict) -> None:
+    assert set(a["tasks"]) == set(b["tasks"])
+    for t in a["tasks"]:
+        assert set(a["tasks"][t]) == set(b["tasks"][t])
+        for k, sa in a["tasks"][t].items():
+            sb = b["tasks"][t][k]
+            assert sa.n == sb.n
+            ga, gb = sa.gram.double(), sb.gram.double()
+            assert float((ga - gb).norm() / gb.norm()) < 1e-4, (t, k)
+
+
+@pytest.fixture(scope="module")
+def demo_stats(demo_pool):
+    from esm_core.probe import probe_pool
+    return probe_pool(demo_pool, device="cpu")
+
+
+def test_probe_on_the_device_matches_the_cpu(demo_pool, demo_stats):
+    from esm_core.probe import probe_pool
+    _stats_close(probe_pool(demo_pool, device=DEVICE), demo_stats)
+
+
+def _accs_close(a: dict, b: dict, sizes: dict) -> None:
+    assert set(a) == set(b)
+    for t in a:                        # a prediction at a near-tie may flip: at most 0.5 % of a task's samples
+        assert abs(a[t] - b[t]) <= 0.005 + 1e-12, (t, a[t], b[t], sizes[t])
+
+
+def test_evaluation_and_a_merge_on_the_device_match_the_cpu(demo_pool, demo_stats):
+    from esm_core.evaluation import evaluate, merged_state
+    sizes = {t: int(demo_pool.images(t, "test")[1].shape[0]) for t in demo_pool.task_names}
+    _accs_close(evaluate(demo_pool, demo_pool.base, "test", device=DEVICE),
+                evaluate(demo_pool, demo_pool.base, "test", device="cpu"), sizes)
+    dev = merged_state(demo_pool, "esm", None, 1.0, stats=demo_stats, device=DEVICE)
+    cpu = merged_state(demo_pool, "esm", None, 1.0, stats=demo_stats, device="cpu")
+    assert max_rel_diff(dev, cpu) < TOL
+    _accs_close(evaluate(demo_pool, dev, "test", device=DEVICE), evaluate(demo_pool, cpu, "test", device="cpu"),
+                sizes)
+
+
+def test_esmpp_routing_on_the_device_matches_the_cpu(demo_pool, demo_stats):
+    """ESM++ built and routed on the device: the routed model lives there, and its per-layer choices and
+    accuracies agree with the CPU's."""
+    from esm_core.evaluation.esmpp import build_esmpp, evaluate_routed
+    dev = build_esmpp(demo_pool, demo_stats, rank=8, alpha=1.0, device=DEVICE)
+    cpu = build_esmpp(demo_pool, demo_stats, rank=8, alpha=1.0, device="cpu")
+    assert {p.device.type for p in dev.parameters()} == {torch.device(DEVICE).type}
+    for mode in ("route", "oracle"):
+        a_dev, log_dev = evaluate_routed(demo_pool, dev, "test", mode=mode)
+        a_cpu, log_cpu = evaluate_routed(demo_pool, cpu, "test", mode=mode)
+        sizes = {t: 0 for t in a_cpu}
+        _accs_close(a_dev, a_cpu, sizes)
+        assert torch.equal(log_dev.true, log_cpu.true)
+        agree = float((log_dev.chosen == log_cpu.chosen).double().mean())
+        assert agree >= 0.99, (mode, agree)
+
+
+def test_text_esmpp_on_the_device_matches_the_cpu(tiny_text_pool_dir):
+    """The text family on the device: probe, ESM merge, ESM++ routing on non-padding tokens."""
+    from esm_core.evaluation.esmpp import build_esmpp, evaluate_routed
+    from esm_core.pools.text_pool import load_text_task_pool
+    from esm_core.probe import probe_pool
+    tpool = load_text_task_pool(tiny_text_pool_dir[0])
+    stats = probe_pool(tpool, n=8, device="cpu")
+    _stats_close(probe_pool(tpool, n=8, device=DEVICE), stats)
+    dev = build_esmpp(tpool, stats, rank=4, alpha=1.0, device=DEVICE)
+    cpu = build_esmpp(tpool, stats, rank=4, alpha=1.0, device="cpu")
+    a_dev, log_dev = evaluate_routed(tpool, dev, "test")
+    a_cpu, log_cpu = evaluate_routed(tpool, cpu, "test")
+    _accs_close(a_dev, a_cpu, {t: 0 for t in a_cpu})
+    assert float((log_dev.chosen == log_cpu.chosen).double().mean()) >= 0.99
