@@ -324,6 +324,33 @@ def test_cache_skips_decompositions_on_re_merge(monkeypatch):
         torch.testing.assert_close(out[kk], ref[kk], rtol=1e-6, atol=1e-7)
 
 
+def test_tsv_m_and_esm_share_their_tsv_m_keys(monkeypatch):
+    """ESM merges its non-ESD 2-D keys the TSV-M way: with one cache, TSV-M after ESM computes only the ESD keys,
+    ESM after TSV-M none of its TSV-M keys, and both give what they give without a cache."""
+    import esm_core.merging.svd as svd
+    calls = []
+    real = svd.tsv_merge_matrix
+    monkeypatch.setattr(svd, "tsv_merge_matrix", lambda D: calls.append(1) or real(D))
+    base, tasks, inputs = _case(T=3)
+    plain = esm_core.merge("tsv_m", base, tasks)                   # no cache: every 2-D key
+    n_matrix = len(calls)
+    assert n_matrix == len(ESD_KEYS) + len(OUT_KEYS) + 1          # + visual.proj
+    cache = new_cache()
+    esm_plain = esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache)
+    assert len(calls) == 2 * n_matrix - len(ESD_KEYS)
+    before = len(calls)
+    shared = esm_core.merge("tsv_m", base, tasks, cache=cache)
+    assert len(calls) - before == len(ESD_KEYS)
+    assert all(torch.equal(shared[k], plain[k]) for k in plain)
+    cache2 = new_cache()                                           # TSV-M first
+    esm_core.merge("tsv_m", base, tasks, cache=cache2)
+    assert not any(("tsvm", k) in cache2.results for k in ESD_KEYS)   # ESM never reads those: not kept
+    before = len(calls)
+    again = esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache2)
+    assert len(calls) == before
+    assert all(torch.equal(again[k], esm_plain[k]) for k in esm_plain)
+
+
 def test_re_merge_reuses_the_output_factor(monkeypatch):
     """A task / dimension exponent change orthogonalises only V; α, p_layer, ortho_factor none at all."""
     import esm_core.merging.esm as esm_mod

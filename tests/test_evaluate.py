@@ -1,5 +1,3 @@
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -8,7 +6,7 @@ from esm_core.evaluation import accuracy, runs
 from esm_core.evaluation import alpha as A
 from esm_core.merging import merge
 from esm_core.merging import METHODS, Method, alpha_param
-from esm_core.pools.taskpool import TaskPool, cosine_head
+from esm_core.pools.taskpool import TaskPool
 
 
 class ScalarTower(torch.nn.Module):
@@ -160,6 +158,39 @@ def test_demo_affine_trick_matches_ta(demo):
     direct = merge("ta", demo.base, demo.tasks, alpha=0.43)
     for k in direct:
         assert torch.allclose(demo.base[k] + u0.get(k, 0) + 0.43 * diff.get(k, 0), direct[k], atol=1e-6), k
+
+
+def test_methods_flagged_alpha_linear_are_and_affine_updates_merges_them_once(demo, monkeypatch):
+    """Every method but ESM says its update is α times a fixed one: checked on the demo pool (α = 0 gives no
+    update, α = 0.7 gives 0.7 × the α = 1 update); affine_updates then merges once, with the same result
+    as the two merges; ESM (its non-ESD keys are added with coefficient 1) is not flagged and is merged twice."""
+    from esm_core.merging import METHODS, merge_updates
+    from esm_core.probe import probe_pool
+    stats = probe_pool(demo, n=8, device="cpu")
+    real = A.merge_updates
+    for name, m in METHODS.items():
+        kw = {"stats": stats} if m.needs_stats else {}
+        u1 = merge_updates(name, demo.base, demo.tasks, alpha=1.0, **kw)
+        u0 = merge_updates(name, demo.base, demo.tasks, alpha=0.0, **kw)
+        linear = all(not bool(v.any()) for v in u0.values())
+        assert m.alpha_linear == linear, name
+        if not linear:
+            continue
+        u7 = merge_updates(name, demo.base, demo.tasks, alpha=0.7, **kw)
+        for k in u1:
+            torch.testing.assert_close(u7[k], 0.7 * u1[k], rtol=1e-6, atol=1e-9)
+        calls = []
+        monkeypatch.setattr(A, "merge_updates", lambda *a, **k: calls.append(k["alpha"]) or real(*a, **k))
+        a0, slope, a1 = A.affine_updates(demo.base, demo.tasks, name)
+        monkeypatch.setattr(A, "merge_updates", real)
+        assert calls == [1.0] and a1 == 1.0
+        for k in u1:
+            assert a0[k].shape == u1[k].shape and not bool(a0[k].any()) and a0[k].untyped_storage().nbytes() <= 4
+            assert torch.equal(slope[k], u1[k])
+    calls = []
+    monkeypatch.setattr(A, "merge_updates", lambda *a, **k: calls.append(k["alpha"]) or real(*a, **k))
+    A.affine_updates(demo.base, demo.tasks, "esm", stats=stats)
+    assert calls == [0.0, 1.0]
 
 
 def test_subset_ids_are_a_seeded_sorted_subset():

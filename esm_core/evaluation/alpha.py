@@ -127,7 +127,8 @@ def affine_updates(base, tasks, method: str, params: Mapping[str, Any] | None = 
                    progress: Progress | None = None) -> tuple[dict, dict, float]:
     """(U0, slope, a1): the method's update at α = 0 and its slope in α, ``U(α) = U0 + α · slope``.
 
-    The slope is measured at ``a1 = min(1, max α)`` of the method's schema. Keys whose U0 is all zero (every
+    The slope is measured at ``a1 = min(1, max α)`` of the method's schema; a method whose update is α times a
+    fixed one (``Method.alpha_linear``: every method but ESM) is merged once, at a1, with U0 = 0. Keys whose U0 is all zero (every
     key of Task Arithmetic, ESM's ESD keys: their update is α times a fixed one) get a one-element zero view
     (:func:`zero_view`), not a model-sized tensor of zeros.
     ``check=False`` skips validating the checkpoints (a pool already checked)."""
@@ -135,6 +136,10 @@ def affine_updates(base, tasks, method: str, params: Mapping[str, Any] | None = 
     amax = alpha_param(method).max
     a1 = 1.0 if amax is None else min(1.0, float(amax))
     kw = dict(stats=stats, cache=cache, device=device)
+    if get_method(method).alpha_linear:               # U(α) = α · U(1): one merge, U0 = 0
+        u1 = merge_updates(method, base, tasks, alpha=a1, check=check, **kw, **p, progress=progress)
+        return ({k: zero_view(v) for k, v in u1.items()},
+                {k: (v if a1 == 1.0 else v / a1) for k, v in u1.items()}, a1)
     u0 = merge_updates(method, base, tasks, alpha=0.0, check=check, **kw, **p,
                        progress=None if progress is None else (lambda f, d: progress(0.5 * f, d)))
     u0 = {k: zero_view(v) if not bool(v.any()) else v for k, v in u0.items()}   # freed before the α = a1 merge

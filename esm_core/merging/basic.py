@@ -213,18 +213,18 @@ _SEED = Param("seed", int, 0, "random seed of DARE's drop masks (same seed and d
 
 register(Method("average", "Weight averaging", average, (alpha_param(1.0, 2.0),),
                 help="θ0 + α · mean of the task vectors (α = 1: plain average of the fine-tuned weights)",
-                alpha_grid=(0.0, 2.0, 31), aliases=("simple_average",)))   # FusionBench
+                alpha_grid=(0.0, 2.0, 31), aliases=("simple_average",), alpha_linear=True))   # FusionBench
 register(Method("ta", "Task Arithmetic", task_arithmetic, (alpha_param(0.3, 2.0),),
                 help="θ0 + α · sum of the task vectors (Ilharco et al. 2023)", alpha_grid=(0.0, 1.0, 31),
-                aliases=("task_arithmetic",)))                            # mergekit, FusionBench
+                aliases=("task_arithmetic",), alpha_linear=True))                            # mergekit, FusionBench
 register(Method("ties", "TIES-Merging", ties, (alpha_param(0.3, 2.0), _K),
                 help="trim each task vector to its top-k % entries, elect a sign per entry, average the agreeing "
                      "entries (Yadav et al. 2023)", alpha_grid=(0.0, 1.0, 31),
-                aliases=("ties_merging",)))                               # FusionBench (mergekit: ties)
+                aliases=("ties_merging",), alpha_linear=True))                               # FusionBench (mergekit: ties)
 register(Method("dare_ta", "DARE + Task Arithmetic", dare_ta, (alpha_param(0.3, 2.0), _P, _SEED),
                 help="randomly drop a fraction p of every task vector, rescale the rest, then Task Arithmetic "
                      "(Yu et al. 2024)", alpha_grid=(0.0, 1.0, 31),
-                aliases=("dare_linear", "dare/task_arithmetic")))         # mergekit, FusionBench
+                aliases=("dare_linear", "dare/task_arithmetic"), alpha_linear=True))         # mergekit, FusionBench
 register(Method("dare_ties", "DARE + TIES", dare_ties, (alpha_param(0.3, 2.0), _P, _SEED, _K),
                 help="randomly drop a fraction p of every task vector, rescale the rest, then TIES",
-                alpha_grid=(0.0, 1.0, 31), aliases=("dare/ties_merging",)))   # FusionBench (mergekit: dare_ties)
+                alpha_grid=(0.0, 1.0, 31), aliases=("dare/ties_merging",), alpha_linear=True))   # FusionBench (mergekit: dare_ties)

@@ -17,8 +17,9 @@
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 import numpy as np
 import torch
@@ -530,3 +531,62 @@ class DecompositionCache:
 
     def put_result(self, tag: Hashable, fp: Any, value) -> None:
         self.results[tag] = (fp, value)
+
+
+# ---------------------------------------------------------------------------
+# Fingerprints of a merge's inputs, memoised per tensor object (ESM and TSV-M share per-key results)
+# ---------------------------------------------------------------------------
+
+_FP_MEMO: dict[int, tuple] = {}
+
+
+def _tensor_fp(t: torch.Tensor) -> tuple:
+    """:func:`fingerprint` of ``t``, memoised while the same tensor object lives at the same version.
+
+    In-place changes bump the tensor's version counter, so they are seen; a new
+    tensor (e.g. each read of a lazy checkpoint) is fingerprinted afresh.
+    """
+    try:
+        ver = t._version
+    except (RuntimeError, AttributeError):          # inference tensors have no version counter
+        return fingerprint(t)
+    key = id(t)
+    hit = _FP_MEMO.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == ver:
+        return hit[2]
+    fp = fingerprint(t)
+    try:
+        ref = weakref.ref(t, lambda _r, key=key: _FP_MEMO.pop(key, None))
+    except TypeError:
+        return fp
+    _FP_MEMO[key] = (ref, ver, fp)
+    return fp
+
+
+def _source_fp(sd, key: str) -> tuple:
+    """Fingerprint of ``sd[key]``: a lazy checkpoint's file identity (nothing read), else :func:`_tensor_fp`."""
+    fp = getattr(sd, "fingerprint", None)
+    if callable(fp):
+        return fp(key)
+    return _tensor_fp(sd[key])
+
+
+
+def task_deltas(ctx, cache: "DecompositionCache", key: str) -> tuple[tuple, Callable[[], torch.Tensor]]:
+    """``(fingerprints of the T task updates of key, deltas())``: ``deltas()`` forms the updates (T × shape,
+    float32 on the merge device) once, on first call. The fingerprints are memoised in ``cache`` under the
+    sources' identities (a lazy checkpoint's file, a tensor object at its version), so a re-merge of unchanged
+    inputs finds them without forming the updates; methods that cache per-key results key them by these."""
+    src = (tuple(_source_fp(sd, key) for sd in ctx.tasks.values()), _source_fp(ctx.base, key), str(ctx.device))
+    dfp = cache.get_result(("dfp", key), src)
+    D = [None]
+    if dfp is None:
+        D[0] = ctx.deltas(key)
+        dfp = tuple(fingerprint(D[0][t]) for t in range(D[0].shape[0]))
+        cache.put_result(("dfp", key), src, dfp)
+
+    def deltas() -> torch.Tensor:
+        if D[0] is None:
+            D[0] = ctx.deltas(key)
+        return D[0]
+    return dfp, deltas

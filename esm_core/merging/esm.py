@@ -29,16 +29,13 @@ relative (Frobenius) on the benchmark's ViT-B/32 block.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from ..models.roles import MATRIX
-from . import decompose
-from .decompose import DecompositionCache, fingerprint, isotropic
+from .decompose import DecompositionCache, fingerprint, isotropic, task_deltas
 from .stats import stats_from_inputs, task_layer_stats
 from .registry import Method, Param, alpha_param, register
-from .svd import tsv_merge_matrix
+from .svd import tsv_key
 
 AUTO = "auto"                 # esd_types: the model family's ESD layer types (ctx.family_esd_types)
 
@@ -181,44 +178,6 @@ def esm_v_from_coords(coords, lams, norms, k: int, p_task: float = 2.0, p_dim: f
     return V
 
 
-# ---------------------------------------------------------------------------
-# Fingerprints of the inputs, memoised per tensor object
-# ---------------------------------------------------------------------------
-
-_FP_MEMO: dict[int, tuple] = {}
-
-
-def _tensor_fp(t: torch.Tensor) -> tuple:
-    """:func:`fingerprint` of ``t``, memoised while the same tensor object lives at the same version.
-
-    In-place changes bump the tensor's version counter, so they are seen; a new
-    tensor (e.g. each read of a lazy checkpoint) is fingerprinted afresh.
-    """
-    try:
-        ver = t._version
-    except (RuntimeError, AttributeError):          # inference tensors have no version counter
-        return fingerprint(t)
-    key = id(t)
-    hit = _FP_MEMO.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == ver:
-        return hit[2]
-    fp = fingerprint(t)
-    try:
-        ref = weakref.ref(t, lambda _r, key=key: _FP_MEMO.pop(key, None))
-    except TypeError:
-        return fp
-    _FP_MEMO[key] = (ref, ver, fp)
-    return fp
-
-
-def _source_fp(sd, key: str) -> tuple:
-    """Fingerprint of ``sd[key]``: a lazy checkpoint's file identity (nothing read), else :func:`_tensor_fp`."""
-    fp = getattr(sd, "fingerprint", None)
-    if callable(fp):
-        return fp(key)
-    return _tensor_fp(sd[key])
-
-
 def _stats_fp(st) -> tuple:
     return st.fingerprint() if hasattr(st, "fingerprint") else fingerprint(st.gram)
 
@@ -290,7 +249,6 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
         p_dim: float = 2.0, p_layer: float = 2.0, eig_exp: float = 0.15, ortho_factor: float = 2.0,
         esd_types: str = AUTO) -> dict[str, torch.Tensor]:
     """Essential Subspace Merging (SPEC §6): ESD layers merged in essential subspaces, polarised scalings."""
-    T = len(ctx.names)
     keys = ctx.keys
     esd_keys = _esd_keys(ctx, esd_types)
     esd_set = set(esd_keys)
@@ -300,30 +258,13 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
         raise ValueError(f"cache must come from esm_core.merging.esm.new_cache(), got {type(cache).__name__}")
     updates: dict[str, torch.Tensor] = {}
     pre: dict[str, float] = {}                                     # per-key factor not yet applied to updates[key]
-    tvals = list(ctx.tasks.values())
     for i, key in enumerate(keys):
-        # fingerprints of the task updates, without forming them when the source tensors are known
-        src = (tuple(_source_fp(sd, key) for sd in tvals), _source_fp(ctx.base, key), str(ctx.device))
-        dfp = cache.get_result(("dfp", key), src)
-        D = [None]
-        if dfp is None:
-            D[0] = ctx.deltas(key)                                 # T × shape, float32 on the merge device
-            dfp = tuple(fingerprint(D[0][t]) for t in range(T))
-            cache.put_result(("dfp", key), src, dfp)
-
-        def deltas(key=key, D=D):
-            if D[0] is None:
-                D[0] = ctx.deltas(key)
-            return D[0]
-
+        dfp, deltas = task_deltas(ctx, cache, key)                 # fingerprints; the updates formed on demand
         if key in esd_set:
             dw = _esd_update(ctx, cache, key, stats, dfp, deltas, rank, rank_fraction, p_task, p_dim, eig_exp)
             pre[key] = ortho_factor                                # §6.5 ΔW = f · U'V'
         elif ctx.roles[key] == MATRIX and len(ctx.base[key].shape) == 2:
-            dw = cache.get_result(("tsvm", key), dfp)
-            if dw is None:
-                dw = tsv_merge_matrix(deltas()).to("cpu", torch.float32)               # §6 other 2-D keys: TSV-M (§3)
-                cache.put_result(("tsvm", key), dfp, dw)
+            dw = tsv_key(cache, key, dfp, deltas)                  # §6 other 2-D keys: TSV-M (§3), shared with it
         else:
             dw = cache.get_result(("mean", key), dfp)
             if dw is None:

@@ -112,6 +112,8 @@ class Method:
     help: str
     alpha_grid: tuple[float, float, int] = (0.0, 1.0, 31)   # linspace(lo, hi, n)[1:] for the α search (SPEC §0)
     needs_stats: bool = False                                 # needs activation statistics (ESM family)
+    # the update is α times one fixed update on every key (U(0) = 0): one merge at α = 1 gives every α
+    alpha_linear: bool = False
     extra: dict = field(default_factory=dict)
     aliases: tuple[str, ...] = ()     # other names it is known by (mergekit, FusionBench); get_method accepts them
 

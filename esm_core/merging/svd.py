@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..models.roles import MATRIX
-from .decompose import eigh64, gram, isotropic, polar
+from .decompose import DecompositionCache, eigh64, gram, isotropic, polar, task_deltas
 from .registry import Method, Param, alpha_param, register
 
 
@@ -135,9 +135,37 @@ def _per_key(ctx, alpha: float, matrix_fn, label: str) -> dict[str, torch.Tensor
     return out
 
 
+def tsv_key(cache: DecompositionCache, key: str, dfp: tuple, deltas, store: bool = True) -> torch.Tensor:
+    """TSV-M's ΔW of one 2-D key (before α; float32, CPU) from ``cache`` when the task updates' fingerprints
+    ``dfp`` match, else computed from ``deltas()`` and (``store``) kept. ESM merges its non-ESD 2-D keys the
+    TSV-M way and keeps them under the same tag: either method reuses the other's."""
+    dw = cache.get_result(("tsvm", key), dfp)
+    if dw is None:
+        dw = tsv_merge_matrix(deltas()).to("cpu", torch.float32)
+        if store:
+            cache.put_result(("tsvm", key), dfp, dw)
+    return dw
+
+
 def tsv_m(ctx, alpha: float = 1.0) -> dict[str, torch.Tensor]:
-    """TSV-M (Gargiulo et al. 2025): per-task singular vectors, decorrelated by polar factors."""
-    return _per_key(ctx, alpha, tsv_merge_matrix, "TSV-M")
+    """TSV-M (Gargiulo et al. 2025): per-task singular vectors, decorrelated by polar factors.
+
+    With ``ctx.cache`` (a :class:`DecompositionCache`), each 2-D key's ΔW is looked up there first (ESM keeps its
+    non-ESD keys' TSV-M updates in it) and the keys ESM would not merge by ESD are stored for it: the model
+    family's ESD layer types are left out (a model-sized copy nobody else reads)."""
+    if not isinstance(ctx.cache, DecompositionCache):
+        return _per_key(ctx, alpha, tsv_merge_matrix, "TSV-M")
+    keys, out = ctx.keys, {}
+    for i, key in enumerate(keys):
+        dfp, deltas = task_deltas(ctx, ctx.cache, key)
+        if ctx.roles[key] == MATRIX and len(ctx.base[key].shape) == 2:
+            store = ctx.layer_types.get(key) not in set(ctx.family_esd_types)
+            dw = tsv_key(ctx.cache, key, dfp, deltas, store=store)
+        else:
+            dw = deltas().mean(0)
+        out[key] = (alpha * dw).to("cpu", torch.float32)
+        ctx.report((i + 1) / len(keys), f"TSV-M: {key}")
+    return out
 
 
 def iso_c(ctx, alpha: float = 1.3) -> dict[str, torch.Tensor]:
@@ -198,14 +226,14 @@ def subspace_alignment_ratio(delta_t: torch.Tensor, merged: torch.Tensor, energy
 register(Method("tsv_m", "TSV-M", tsv_m, (alpha_param(1.0, 3.0),),
                 help="Task Singular Vectors: keep each task's top 1/T singular triplets per matrix, decorrelate "
                      "the concatenated factors by polar decomposition (Gargiulo et al. 2025)",
-                alpha_grid=(0.0, 3.0, 31), aliases=("tsvm", "task_singular_vector")))   # paper, FusionBench
+                alpha_grid=(0.0, 3.0, 31), aliases=("tsvm", "task_singular_vector"), alpha_linear=True))   # paper, FusionBench
 register(Method("iso_c", "Iso-C", iso_c, (alpha_param(1.3, 3.0),),
                 help="Isotropic merging: the sum of the task matrices with every singular value set to their mean "
-                     "(Marczak et al. 2025)", alpha_grid=(0.0, 3.0, 31)))
+                     "(Marczak et al. 2025)", alpha_grid=(0.0, 3.0, 31), alpha_linear=True))
 register(Method("iso_cts", "Iso-CTS", iso_cts,
                 (alpha_param(1.5, 3.0),
                  Param("common_fraction", float, 0.8, "fraction of each matrix's rank given to the common subspace "
                        "(top singular directions of the sum); the rest is shared equally by the tasks' own "
                        "directions outside it", min=0.0, max=1.0, step=0.05)),
                 help="Isotropic merging in common and task-specific subspaces (Marczak et al. 2025)",
-                alpha_grid=(0.0, 3.0, 31)))
+                alpha_grid=(0.0, 3.0, 31), alpha_linear=True))

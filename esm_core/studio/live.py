@@ -80,10 +80,10 @@ def _affine(s: Session, method: str, params: Mapping[str, Any], progress: Progre
         s.affine.move_to_end(key)
         return s.affine[key]
     report = progress or _noop
-    stats = cache = None
+    stats = None
     if get_method(method).needs_stats:
         stats = ensure_stats(s, progress=lambda f, d: report(0.4 * f, d))
-        cache = ensure_cache(s)
+    cache = ensure_cache(s)        # ESM's decompositions; TSV-M and ESM share their TSV-M keys through it
     u0, slope, _ = A.affine_updates(s.pool.base, s.pool.tasks, method, params, stats=stats, cache=cache,
                                     device=s.device, check=False,
                                     progress=lambda f, d: report(0.4 + 0.6 * f, d))
