@@ -83,8 +83,12 @@ def test_samples_and_subset():
     pool = _pool({"a": {"test": (raw, np.arange(6) % 3)}})
     x, y, r = pool.samples("a", k=4)
     assert x.shape == (4, 3, 8, 8) and y.tolist() == [0, 1, 2, 0] and r.shape == (4, 8, 8)
+    pool.cache["x"] = 1
     sub = pool.subset(["b"])
-    assert sub.task_names == ["b"] and sub.base is pool.base
+    assert sub.task_names == ["b"] and sub.base is pool.base and sub.heads["b"] is pool.heads["b"]
+    assert set(sub.heads) == set(sub.class_names) == {"b"} and sub.cache == {} and sub.meta is not pool.meta
+    with pytest.raises(ValueError):
+        pool.subset(["b", "nope"])
 
 
 def test_head_class_mismatch_is_refused():

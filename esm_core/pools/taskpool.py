@@ -11,6 +11,7 @@ Heads are stored with their scale included: ``logits = normalise(f) @ W.T``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -108,13 +109,17 @@ class TaskPool:
 
     def subset(self, tasks: list[str]) -> "TaskPool":
         """A pool with only ``tasks`` (same tensors, no copies)."""
-        for t in tasks:
-            self._check_task(t)
-        return TaskPool(name=self.name, model_name=self.model_name, base=self.base,
-                        tasks={t: self.tasks[t] for t in tasks}, heads={t: self.heads[t] for t in tasks},
-                        class_names={t: self.class_names[t] for t in tasks},
-                        data={t: self.data[t] for t in tasks if t in self.data}, mean=self.mean, std=self.std,
-                        quick_gelu=self.quick_gelu, meta=dict(self.meta))
+        return subset_pool(self, tasks)
+
+
+def subset_pool(pool, tasks: list[str]):
+    """``pool`` (a TaskPool or TextTaskPool) with only ``tasks``: its per-task fields sliced, everything else shared
+    (no tensor copied), a fresh ``cache``."""
+    for t in tasks:
+        pool._check_task(t)
+    per_task = {f: {t: getattr(pool, f)[t] for t in tasks if t in getattr(pool, f)}
+                for f in ("tasks", "heads", "class_names", "data")}
+    return dataclasses.replace(pool, **per_task, meta=dict(pool.meta), cache={})
 
 
 def proxy_ids(size: int, n: int, seed: int) -> list[int]:

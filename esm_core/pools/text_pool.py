@@ -28,7 +28,7 @@ import torch
 
 from ..models import bert
 from . import text_build as tb
-from .taskpool import proxy_ids
+from .taskpool import proxy_ids, subset_pool
 
 Progress = Callable[[float, str], None]
 
@@ -147,13 +147,8 @@ class TextTaskPool:
         return self.encode(texts), torch.from_numpy(y), texts
 
     def subset(self, tasks: list[str]) -> "TextTaskPool":
-        for t in tasks:
-            self._check_task(t)
-        return TextTaskPool(name=self.name, model_config=self.model_config, base=self.base,
-                            tasks={t: self.tasks[t] for t in tasks}, heads={t: self.heads[t] for t in tasks},
-                            class_names={t: self.class_names[t] for t in tasks},
-                            data={t: self.data[t] for t in tasks}, tokenizer=self.tokenizer,
-                            max_length=self.max_length, meta=dict(self.meta), pooling=self.pooling)
+        """A pool with only ``tasks`` (same tensors, no copies)."""
+        return subset_pool(self, tasks)
 
 
 def load_text_task_pool(path: str | os.PathLike | None = None) -> TextTaskPool:
