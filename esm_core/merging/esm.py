@@ -253,7 +253,8 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
     esd_keys = _esd_keys(ctx, esd_types)
     esd_set = set(esd_keys)
     stats = _stats_of(ctx, esd_keys)
-    cache = ctx.cache if ctx.cache is not None else DecompositionCache()
+    own = ctx.cache is None                    # a one-shot merge: nothing is kept from one key to the next
+    cache = DecompositionCache() if own else ctx.cache
     if not isinstance(cache, DecompositionCache):
         raise ValueError(f"cache must come from esm_core.merging.esm.new_cache(), got {type(cache).__name__}")
     updates: dict[str, torch.Tensor] = {}
@@ -271,6 +272,8 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
                 dw = deltas().mean(0).to("cpu")                                         # §6 non-matrix keys: mean
                 cache.put_result(("mean", key), dfp, dw)
         updates[key] = dw                                          # kept on the CPU (one model's worth)
+        if own:
+            cache.clear()          # decompositions of this key (ViT-L/14 × 20: 16 GB by mid-model if kept)
         ctx.report((i + 1) / len(keys), f"ESM: {key}")
 
     betas = _inter_layer_betas(ctx, updates, pre, p_layer)
