@@ -63,6 +63,21 @@ def test_merge_two_methods_and_comparison(sess, pool):
     assert r1["config"]["method"] == "ta" and r1["config"]["params"]["alpha"] == 0.4
 
 
+def test_tsv_m_after_esm_reuses_its_tsv_m_keys_and_merges_once(sess, monkeypatch):
+    """In the app, TSV-M after ESM computes only the ESD layers (ESM merged the others the TSV-M way and the
+    session's cache holds them), in one merge (its update is α times a fixed one), and equals a direct merge."""
+    import esm_core.merging.svd as svd
+    S.merge(sess, "esm", {"alpha": 0.8})
+    calls = []
+    real = svd.tsv_merge_matrix
+    monkeypatch.setattr(svd, "tsv_merge_matrix", lambda D: calls.append(1) or real(D))
+    S.merge(sess, "tsv_m", {"alpha": 0.5})
+    assert len(calls) == len(S.esd_keys(sess))
+    direct = esm_core.merge_updates("tsv_m", sess.pool.base, sess.pool.tasks, alpha=0.5)
+    for k, v in direct.items():
+        torch.testing.assert_close(sess.current["updates"][k], v, rtol=1e-6, atol=1e-8)
+
+
 def test_bad_parameters_refused(sess):
     with pytest.raises(ValueError, match="alpha"):
         S.merge(sess, "ta", {"alpha": 99})

@@ -128,8 +128,8 @@ def affine_updates(base, tasks, method: str, params: Mapping[str, Any] | None = 
     """(U0, slope, a1): the method's update at α = 0 and its slope in α, ``U(α) = U0 + α · slope``.
 
     The slope is measured at ``a1 = min(1, max α)`` of the method's schema; a method whose update is α times a
-    fixed one (``Method.alpha_linear``: every method but ESM) is merged once, at a1, with U0 = 0. Keys whose U0 is all zero (every
-    key of Task Arithmetic, ESM's ESD keys: their update is α times a fixed one) get a one-element zero view
+    fixed one (``Method.alpha_linear``: every method but ESM) is merged once, at a1, with U0 = 0. Keys whose U0
+    is all zero (ESM's ESD keys, every key of an ``alpha_linear`` method) get a one-element zero view
     (:func:`zero_view`), not a model-sized tensor of zeros.
     ``check=False`` skips validating the checkpoints (a pool already checked)."""
     p = {k: v for k, v in dict(params or {}).items() if k != "alpha"}

@@ -571,7 +571,6 @@ def _source_fp(sd, key: str) -> tuple:
     return _tensor_fp(sd[key])
 
 
-
 def task_deltas(ctx, cache: "DecompositionCache", key: str) -> tuple[tuple, Callable[[], torch.Tensor]]:
     """``(fingerprints of the T task updates of key, deltas())``: ``deltas()`` forms the updates (T × shape,
     float32 on the merge device) once, on first call. The fingerprints are memoised in ``cache`` under the
