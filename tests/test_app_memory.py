@@ -76,12 +76,13 @@ def test_table_lists_every_step(run):
     assert all(f"| {s} |" in table for s in STEPS)
 
 
-def test_session_bytes_counts_shared_storage_once():
-    import torch
-    t = torch.zeros(1000)
-    seen: set = set()
-    assert am._tensor_bytes({"a": t, "b": t[10:], "c": [t]}, seen) == 4000
-    assert am._tensor_bytes(t, seen) == 0
+def test_session_bytes_counts_each_storage_in_its_first_part(sess):
+    from esm_core import studio as S
+    S.merge(sess, "ta", {"alpha": 0.4})
+    sess.current["alias"] = sess.pool.base                # storage the checkpoints part already counted
+    b = am.session_bytes(sess)
+    assert b["checkpoints"] == S.tensor_bytes(sess.pool.base, sess.pool.tasks) > 0
+    assert b["merges"] == S.tensor_bytes(sess.affine, sess.current) - S.tensor_bytes(sess.pool.base) > 0
 
 
 @pytest.mark.parametrize("method, params", [("ta", {"alpha": 0.4}), ("esm", {"alpha": 0.8}),
@@ -98,7 +99,7 @@ def test_cached_zero_u0_takes_no_memory_and_merges_are_unchanged(pool, method, p
     try:
         S.merge(s, method, params)
         (u0, slope), = s.affine.values()
-        held = {k: am._tensor_bytes(v, set()) for k, v in u0.items()}
+        held = {k: S.tensor_bytes(v) for k, v in u0.items()}
         if method == "ta":
             assert all(b == 4 for b in held.values())        # one float32 per key
         if method == "esm":                                  # its ESD layers (the others do not scale with α)

@@ -13,6 +13,12 @@ def test_tensor_bytes_counts_each_storage_once():
     obj = {"a": a, "view": a[10:20], "again": [a], "b": np.zeros(100, np.float64), "n": 3, "s": "x"}
     assert S.tensor_bytes(obj) == 4000 + 800
     assert S.tensor_bytes(torch.nn.Linear(10, 10)) == (100 + 10) * 4
+    lin = torch.nn.Linear(10, 10)
+    lin.factor = torch.zeros(25)                              # a plain tensor attribute (ESM++ keeps some): counted
+    assert S.tensor_bytes(lin) == (100 + 10 + 25) * 4
+    seen: set = set()                                         # one storage across calls: counted by the first
+    assert S.tensor_bytes(obj, seen=seen) == 4800 and S.tensor_bytes([a, obj["b"]], seen=seen) == 0
+    assert S.tensor_bytes(torch.zeros(3), seen=seen) == 12
 
 
 @pytest.mark.parametrize("raw, mib", [("", 8192), ("512", 512), ("nan", 8192), ("-3", 8192), ("abc", 8192)])

@@ -73,47 +73,6 @@ def write_image_zips(folder, tasks: list[str], classes: int = 5, per_class: int 
     return out
 
 
-def _tensor_bytes(obj, seen: set) -> int:
-    """Bytes of the tensors reachable in ``obj`` (dicts, lists, tuples, modules, objects' __dict__/__slots__),
-    each storage counted once across calls sharing ``seen``."""
-    stack, total, visited = [obj], 0, set()
-    while stack:
-        o = stack.pop()
-        if isinstance(o, torch.Tensor):
-            try:
-                st = o.untyped_storage()
-                key = (st.data_ptr(), st.device.type)
-                if key not in seen and st.data_ptr():
-                    seen.add(key)
-                    total += st.nbytes()
-            except (RuntimeError, NotImplementedError):
-                pass
-            continue
-        if isinstance(o, (str, bytes, int, float, bool, type(None), np.ndarray)):
-            if isinstance(o, np.ndarray) and o.base is None and id(o) not in visited:
-                key = (o.__array_interface__["data"][0], "numpy")
-                if key not in seen:
-                    seen.add(key)
-                    total += o.nbytes
-            continue
-        if id(o) in visited:
-            continue
-        visited.add(id(o))
-        if isinstance(o, torch.nn.Module):
-            stack.extend(o.state_dict(keep_vars=True).values())
-            stack.extend(v for v in vars(o).values() if not isinstance(v, (dict, torch.nn.Module)))
-        elif isinstance(o, dict):
-            stack.extend(o.values())
-        elif isinstance(o, (list, tuple, set, frozenset)):
-            stack.extend(o)
-        elif hasattr(o, "__dict__") or hasattr(o, "__slots__"):
-            stack.extend(getattr(o, "__dict__", {}).values())
-            for name in getattr(type(o), "__slots__", ()):
-                if hasattr(o, name):
-                    stack.append(getattr(o, name))
-    return total
-
-
 def session_bytes(s) -> dict[str, int]:
     """Bytes the session holds in memory, by part: probe statistics, decomposition cache, pool checkpoints, pool
     images, cached merge updates, ESM++ model (storage shared between parts is counted in the first part only);
@@ -122,12 +81,12 @@ def session_bytes(s) -> dict[str, int]:
     pool = s.pool
     out = {"stats": stats_nbytes(s.stats) if s.stats is not None else 0,
            "cache": int(s.cache.nbytes) if s.cache is not None else 0}
-    _tensor_bytes(s.stats, seen)
-    _tensor_bytes(s.cache, seen)
-    out["checkpoints"] = _tensor_bytes([pool.base, pool.tasks], seen) if pool is not None else 0
-    out["images"] = _tensor_bytes(getattr(pool, "data", None), seen) if pool is not None else 0
-    out["merges"] = _tensor_bytes([s.affine, s.current], seen)
-    out["esmpp"] = _tensor_bytes(s.esmpp, seen)
+    studio.tensor_bytes(s.stats, seen=seen)
+    studio.tensor_bytes(s.cache, seen=seen)
+    out["checkpoints"] = studio.tensor_bytes(pool.base, pool.tasks, seen=seen) if pool is not None else 0
+    out["images"] = studio.tensor_bytes(getattr(pool, "data", None), seen=seen) if pool is not None else 0
+    out["merges"] = studio.tensor_bytes(s.affine, s.current, seen=seen)
+    out["esmpp"] = studio.tensor_bytes(s.esmpp, seen=seen)
     out["disk"] = sum(f.stat().st_size for f in Path(s.workdir).rglob("*") if f.is_file())
     return out
 

@@ -216,10 +216,12 @@ def memory_budget() -> int:
     return int((mb if math.isfinite(mb) and mb > 0 else MEMORY_BUDGET_MB) * 2 ** 20)
 
 
-def tensor_bytes(*objs) -> int:
+def tensor_bytes(*objs, seen: set | None = None) -> int:
     """Bytes of the tensors (torch, numpy) reachable from ``objs`` through containers, modules and object
-    attributes; a storage shared by several tensors counts once."""
-    seen_ids, storages, total, stack = set(), set(), 0, [(o, 0) for o in objs]
+    attributes; a storage shared by several tensors counts once — also across calls that pass one ``seen`` set
+    (e.g. the parts of a session, each storage counted in the first part that holds it)."""
+    seen_ids, total, stack = set(), 0, [(o, 0) for o in objs]
+    storages = set() if seen is None else seen
     while stack:
         obj, depth = stack.pop()
         if obj is None or isinstance(obj, (str, bytes, int, float, bool)) or id(obj) in seen_ids or depth > 16:
@@ -234,9 +236,13 @@ def tensor_bytes(*objs) -> int:
                 storages.add(key)
                 total += st.nbytes()
         elif isinstance(obj, np.ndarray):
-            total += obj.nbytes if obj.base is None else 0
-        elif isinstance(obj, torch.nn.Module):
+            key = ("numpy", obj.__array_interface__["data"][0])
+            if obj.base is None and key not in storages:
+                storages.add(key)
+                total += obj.nbytes
+        elif isinstance(obj, torch.nn.Module):      # parameters and buffers, then plain attributes (ESM++ factors)
             stack += [(v, depth + 1) for v in obj.state_dict(keep_vars=True).values()]
+            stack += [(v, depth + 1) for v in vars(obj).values() if not isinstance(v, (dict, torch.nn.Module))]
         elif isinstance(obj, dict):
             stack += [(v, depth + 1) for v in obj.values()]
         elif isinstance(obj, (list, tuple, set, frozenset)):
