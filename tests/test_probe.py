@@ -187,6 +187,9 @@ def test_spilled_statistics_read_back_exactly_and_release_their_memory(tmp_path)
     assert freed > 0 and stats_nbytes(stats) == before - freed
     assert stats_nbytes(stats) == sum(16 * 8 for _ in x)            # the means stay
     assert spill_stats(stats, tmp_path / "spill") == 0                # idempotent
+    shared = {"tasks": {"a": {"q": stats["tasks"]["t"]["rows"], "k": stats["tasks"]["t"]["rows"]},
+                        "b": {"q": stats["tasks"]["t"]["rows"]}}}      # one entry under 3 names (text Q/K/V)
+    assert stats_nbytes(shared) == 16 * 8
     assert len(list((tmp_path / "spill").glob("*.npy"))) == 3 and not list((tmp_path / "spill").glob("*.tmp"))
     delta = torch.randn(6, 16, generator=g)
     for k, st in stats["tasks"]["t"].items():

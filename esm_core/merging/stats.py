@@ -209,11 +209,15 @@ def task_layer_stats(stats, task: str, key: str) -> LayerStats:
 
 
 def stats_nbytes(stats) -> int:
-    """Bytes held by a ``Stats`` dict's layer statistics (Gram matrices or rows, means)."""
+    """Bytes held by a ``Stats`` dict's layer statistics (Gram matrices or rows, means); an entry shared by
+    several keys or tasks (a text layer's Q, K and V; the benchmark's one set of random rows) counts once."""
     per_task = stats["tasks"] if isinstance(stats, Mapping) and "tasks" in stats else stats
-    total = 0
+    total, seen = 0, set()
     for layers in per_task.values():
         for st in layers.values():
+            if id(st) in seen:
+                continue
+            seen.add(id(st))
             if isinstance(st, LayerStats):
                 total += st.nbytes
             else:
