@@ -169,3 +169,17 @@ def test_task_arithmetic(files, capsys):
     for k in base:   # SPEC §1: θ = θ0 + λ Σt τt
         torch.testing.assert_close(merged[k], base[k] + 0.3 * ((a[k] - base[k]) + (b[k] - base[k])),
                                    rtol=0, atol=1e-6)
+
+
+def test_python_dash_m_runs_the_cli_without_the_entry_point():
+    """``python -m esm_core.cli`` (what .ci/gpu-check calls on a GPU image where the package is not installed)."""
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "esm_core.cli", "methods", "--json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "esm" in {m["name"] for m in json.loads(out.stdout)}
+    bad = subprocess.run([sys.executable, "-m", "esm_core.cli", "bench", "--device", "tpu"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "device" in bad.stderr
