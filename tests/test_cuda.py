@@ -1,4 +1,4 @@
-"""The CUDA path, checked against the CPU: every method, ESM's re-merges, probe, evaluation and ESM++ routing.
+"""The CUDA path, checked against the CPU: every method, ESM's re-merges, probe, evaluation, ESM++ routing, the app.
 
 These tests run where CUDA is (``.ci/gpu-check`` runs them on a lent GPU
 machine); elsewhere they are skipped. ``ESM_TEST_DEVICE=cpu`` runs them with
