@@ -43,8 +43,9 @@ import torch
 from PIL import Image
 
 from .. import studio
+from ..device import trim_heap
 from ..merging.stats import stats_nbytes
-from .core import MODELS, _proc_status_kib, _reset_peak_rss, _trim_heap, write_checkpoints
+from .core import MODELS, _proc_status_kib, _reset_peak_rss, write_checkpoints
 
 MIB = 1024 ** 2
 STEPS = ("written", "upload", "spectra", "merge ta", "merge esm", "esm++")
@@ -143,7 +144,7 @@ def app_memory(tasks: int = 8, blocks: int | None = None, model: str = "ViT-B-32
         def step(name: str, fn: Callable[[], None]) -> None:
             state["step"] = name
             report(len(rows) / len(STEPS), name)
-            _trim_heap()
+            trim_heap(collect=True)
             _reset_peak_rss()
             t0 = time.perf_counter()
             c0 = time.process_time()

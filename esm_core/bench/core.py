@@ -239,10 +239,6 @@ def _proc_status_kib(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-def _trim_heap() -> None:
-    trim_heap(collect=True)
-
-
 def _reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -279,7 +275,7 @@ def _run_cpu_job(job: Job, blocks: int, tasks: int, seed: int, repeat: int, path
     times, cpu, peak, res = [], [], 0, None
     for _ in range(repeat):
         res = None
-        _trim_heap()
+        trim_heap(collect=True)
         before = _proc_status_kib("VmRSS")
         _reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
