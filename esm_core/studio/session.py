@@ -449,15 +449,10 @@ def load_uploaded(s: Session, base_path, task_paths, image_zips=None, *, arch: s
     sizes = {str(p): Path(p).stat().st_size for p in [base_path, *paths] if p is not None and Path(p).is_file()}
     base_size = sizes.get(str(base_path), 0)
     check_memory(sum(sizes.values()), base_size, f"this upload ({len(sizes)} checkpoint files)")
-    keep = s.workdir / f"pool-{uuid.uuid4().hex[:8]}"        # the checked task checkpoints, read lazily
-    try:
-        pool, notes = pool_from_upload(base_path, task_paths, image_zips, arch=arch, config=config,
-                                       preprocessor=preprocessor, head_width=head_width, normalisation=normalisation,
-                                       demo_loader=demo_loader, progress=progress, keep_dir=keep)
-        return load_pool(s, pool, "upload", notes, files=keep)
-    except BaseException:
-        shutil.rmtree(keep, ignore_errors=True)
-        raise
+    return _load_upload(s, lambda keep: pool_from_upload(
+        base_path, task_paths, image_zips, arch=arch, config=config, preprocessor=preprocessor,
+        head_width=head_width, normalisation=normalisation, demo_loader=demo_loader, progress=progress,
+        keep_dir=keep))
 
 
 def load_uploaded_text(s: Session, base_path, task_paths, text_files, *, config, tokenizer_files,
@@ -465,10 +460,16 @@ def load_uploaded_text(s: Session, base_path, task_paths, text_files, *, config,
     """A text pool from uploads (:func:`esm_core.pools.upload_text.text_pool_from_upload`: BERT-family sequence
     classifiers, their config.json and tokenizer, labelled sentences per task) made the session's pool. The
     previous pool stays loaded when anything is refused."""
-    keep = s.workdir / f"pool-{uuid.uuid4().hex[:8]}"        # the checked task encoders, read lazily
+    return _load_upload(s, lambda keep: text_pool_from_upload(
+        base_path, task_paths, text_files, config, tokenizer_files, progress=progress, keep_dir=keep))
+
+
+def _load_upload(s: Session, build: Callable[[Path], tuple[Any, list[str]]]) -> dict:
+    """``build(folder)`` → ``(pool, notes)`` with the checked task checkpoints written into a new ``pool-*``
+    folder of the session (read lazily), then :func:`load_pool`; a refused upload leaves no folder behind."""
+    keep = s.workdir / f"pool-{uuid.uuid4().hex[:8]}"
     try:
-        pool, notes = text_pool_from_upload(base_path, task_paths, text_files, config, tokenizer_files,
-                                            progress=progress, keep_dir=keep)
+        pool, notes = build(keep)
         return load_pool(s, pool, "upload", notes, files=keep)
     except BaseException:
         shutil.rmtree(keep, ignore_errors=True)
