@@ -7,8 +7,7 @@ import shutil
 from .. import analysis
 from ..device import trim_heap
 from ..merging.esm import OFFERED_RANK_FRACTION, esm_rank, new_cache
-from ..merging.stats import spill_stats as _spill
-from ..merging.stats import task_layer_stats
+from ..merging.stats import spill_stats, task_layer_stats
 from ..models import family_or_vit
 from ..probe import probe_pool
 from .session import Progress, Session, _need_pool, _noop, stats_folder
@@ -28,7 +27,7 @@ def ensure_stats(s: Session, n: int = 32, seed: int = 0, progress: Progress | No
             shutil.rmtree(stats_folder(s), ignore_errors=True)
             stats = probe_pool(pool, n=n, seed=seed, device=s.device,
                                progress=(lambda f, d: progress(f, f"activation statistics: {d}")) if progress else None)
-            _spill(stats, stats_folder(s))
+            spill_stats(stats, stats_folder(s))
             trim_heap()                 # else the freed pages stay resident (glibc keeps them)
             s.stats = stats
         return s.stats

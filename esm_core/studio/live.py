@@ -71,7 +71,8 @@ def _affine(s: Session, method: str, params: Mapping[str, Any], progress: Progre
     """(U0, slope) of ``method`` with ``params`` (α excluded), from the per-session cache or computed.
 
     Every method's update is affine in α: ``U(α) = U0 + α · slope``, measured
-    from two merges (α = 0 and α = a1). The pool's checkpoints were checked
+    from two merges (α = 0 and α = a1), or one for a method whose update is α
+    times a fixed one (``Method.alpha_linear``). The pool's checkpoints were checked
     when it was loaded, so the merges skip that check. Keys whose U0 is all
     zero are one-element zero views (:func:`esm_core.evaluation.alpha.affine_updates`).
     """
