@@ -180,3 +180,22 @@ def test_model_shapes_and_written_checkpoints(tmp_path):
     ck = LazyCheckpoint(paths["task1"])
     k = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     assert torch.equal(ck[k], tasks["task1"][k]) and torch.equal(LazyCheckpoint(base_path)[k], base[k])
+
+
+def test_polar_rows_run_on_request_and_compare_newton_schulz_with_the_gram_route():
+    from esm_core.bench.core import _notes
+    names = [j.name for j in select_jobs(None)]
+    assert "esm" in names and "polar_gram" not in names and "polar_ns" not in names
+    job = select_jobs(["polar_ns"])[0]
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(30, 20, generator=g, dtype=torch.float64)
+    deficient = torch.randn(20, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 20, generator=g,
+                                                                                   dtype=torch.float64)
+    state = {"factors": [full, deficient.mT.contiguous(), full.mT]}
+    res = job.run(None, None, torch.device("cpu"), state)
+    row = job.check(None, None, torch.device("cpu"), state, res)
+    assert row["ns_fallbacks"] == 1 and 1 <= row["ns_steps_max"] <= 40
+    assert row["polar_max_rel_diff"] < 1e-8 and row["factors"] == [[30, 20], [20, 20], [20, 30]]
+    assert "1 fall-back(s)" in _notes({**row, "name": "polar_ns"})
+    gram_rows = select_jobs(["polar_gram"])[0].run(None, None, torch.device("cpu"), state)
+    assert [s for _, s in gram_rows] == [None] * 3

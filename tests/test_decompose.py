@@ -337,3 +337,60 @@ def test_top_svd_with_the_leading_eigenpairs_only_equals_the_svd():
     torch.testing.assert_close(S, s[:, :k], rtol=1e-10, atol=0)
     torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, u[..., :k] @ torch.diag_embed(s[:, :k]) @ vh[:, :k],
                                rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# Polar factor by Newton–Schulz products (the CUDA route)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cond", [1.0, 10.0, 1e3, 1e5, 1e7])
+@pytest.mark.parametrize("shape", [(60, 40), (40, 60), (50, 50)])
+def test_newton_schulz_polar_equals_the_svd_route_when_ill_conditioned(cond, shape):
+    from esm_core.merging.decompose import NS_MAX_ITER, polar_newton_schulz
+    n = min(shape)
+    svals = torch.logspace(0, -float(torch.log10(torch.tensor(cond))), n).tolist()
+    x = _with_spectrum(*shape, svals, seed=21) * 7.0
+    q, smean, steps = polar_newton_schulz(x)
+    ref = polar_svd(x)
+    # stated: relative Frobenius error ≈ 0.4 · NS_DEFECT² plus rounding ~ eps64 · cond (cond ≤ 1e7: < 1e-8)
+    assert float((q - ref).norm() / ref.norm()) < 1e-8
+    assert float(smean) == pytest.approx(float(torch.linalg.svdvals(x).mean()), rel=1e-8)
+    assert 1 <= steps <= NS_MAX_ITER
+    assert steps <= 12 + 2 * float(torch.log10(torch.tensor(cond))) + 2      # ≈ 12 + log(cond)/log(2.6)
+    iso, gram_iso = decompose.isotropic(x, route="newton_schulz"), decompose.isotropic(x, route="gram")
+    assert float((iso - gram_iso).norm() / gram_iso.norm()) < POLAR_TOL        # the Gram route's own tolerance
+
+
+def test_newton_schulz_declines_what_it_cannot_do_and_isotropic_takes_the_exact_route():
+    from esm_core.merging.decompose import polar_newton_schulz
+    deficient = _with_spectrum(40, 30, [1.0] * 20 + [0.0] * 10, seed=22)      # rank 20 of 30
+    assert polar_newton_schulz(deficient) is None
+    torch.testing.assert_close(decompose.isotropic(deficient, route="newton_schulz"),
+                               decompose.isotropic(deficient, route="gram"), rtol=0, atol=0)
+    assert polar_newton_schulz(torch.zeros(5, 3, dtype=torch.float64)) is None
+    bad = _rand(6, 4, seed=23)
+    bad[2, 1] = float("nan")
+    assert polar_newton_schulz(bad) is None
+    assert polar_newton_schulz(_rand(6, 0, seed=24)) is None
+    huge = _with_spectrum(30, 30, torch.logspace(0, -12, 30).tolist(), seed=25)   # cond 1e12: beyond its reach
+    assert polar_newton_schulz(huge) is None
+    with pytest.raises(ValueError, match="2-D"):
+        polar_newton_schulz(torch.ones(3))
+    with pytest.raises(ValueError, match="unknown polar route 'qr'"):
+        decompose.isotropic(_rand(4, 3), route="qr")
+
+
+def test_newton_schulz_float32_input_and_output():
+    x = _rand(30, 12, seed=26)
+    iso = decompose.isotropic(x.float(), route="newton_schulz")
+    assert iso.dtype == torch.float32
+    ref = decompose.isotropic(x.float().double(), route="gram")
+    assert float((iso.double() - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_polar_route_per_device():
+    assert decompose.polar_route("cpu") == "gram"
+    assert decompose.polar_route(torch.device("cuda")) == "newton_schulz"
+    assert decompose.polar_route("cuda:1") == "newton_schulz"
+    assert decompose.polar_route("meta") == "gram"

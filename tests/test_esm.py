@@ -508,3 +508,38 @@ def test_v_from_coordinates_equals_the_formula_step_by_step():
         V = V * (c / c.mean()) ** p_dim
         got = esm_v_from_coords(coords, lams, norms, k, p_task, p_dim, eig)
         torch.testing.assert_close(got, V, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("params", [{}, {"rank": 2}, {"p_dim": 0.5, "eig_exp": 0.4}])
+def test_newton_schulz_route_equals_the_reference_route(params, monkeypatch):
+    """The CUDA polar route, run here on the CPU, within 1e-5 of fd9a028's route (and 1e-6 of the Gram route)."""
+    from esm_core.bench.esm_rows import reference_updates
+    from esm_core.merging import decompose
+    base, tasks, inputs = _case(T=3, seed=5)
+    stats = stats_from_inputs(inputs)
+    gram_route = esm_core.merge_updates("esm", base, tasks, stats=stats, **params)
+    monkeypatch.setattr(decompose, "POLAR_ROUTES", {"cpu": "newton_schulz"})
+    got = esm_core.merge_updates("esm", base, tasks, stats=stats, **params)
+    ref = reference_updates(base, tasks, stats=stats, **params)
+    for k in ref:
+        assert _rel(got[k], ref[k]) < 1e-5, (k, _rel(got[k], ref[k]))
+        assert _rel(got[k], gram_route[k]) < 1e-6, (k, _rel(got[k], gram_route[k]))
+
+
+def test_output_factor_cache_knows_the_polar_route(monkeypatch):
+    """U' cached by one route is not served to a merge that takes the other one."""
+    import esm_core.merging.esm as esm_mod
+    from esm_core.merging import decompose
+    base, tasks, inputs = _case(T=3, seed=10)
+    stats = stats_from_inputs(inputs)
+    cache = new_cache()
+    esm_core.merge_updates("esm", base, tasks, stats=stats, cache=cache)
+    routes = []
+    real = esm_mod.isotropic
+    monkeypatch.setattr(esm_mod, "isotropic", lambda x, dtype, route: (routes.append(route), real(x, dtype, route))[1])
+    monkeypatch.setattr(decompose, "POLAR_ROUTES", {"cpu": "newton_schulz"})
+    warm = esm_core.merge_updates("esm", base, tasks, stats=stats, cache=cache, p_task=1.0)
+    assert routes == ["newton_schulz"] * (2 * len(ESD_KEYS))       # U' and V' of every key, by the new route
+    fresh = esm_core.merge_updates("esm", base, tasks, stats=stats, cache=new_cache(), p_task=1.0)
+    for k in fresh:
+        torch.testing.assert_close(warm[k], fresh[k], rtol=0, atol=0)

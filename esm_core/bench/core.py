@@ -211,10 +211,10 @@ def all_jobs() -> list[Job]:
 
 
 def select_jobs(names: list[str] | None) -> list[Job]:
-    """The jobs named in ``names`` (in that order), or every job; unknown names are refused."""
+    """The jobs named in ``names`` (in that order), or every default job; unknown names are refused."""
     jobs = all_jobs()
     if not names:
-        return jobs
+        return [j for j in jobs if j.default]
     by_name = {j.name: j for j in jobs}
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -487,6 +487,9 @@ def _notes(r: dict) -> str:
         out.append(f"in-process: new {r['new_seconds']:.2f} s ({r['speedup_new_vs_reference']:.1f}×"
                    + (f", {r['cpu_speedup_new_vs_reference']:.1f}× in cpu s" if "cpu_speedup_new_vs_reference" in r
                       else "") + f"), max rel diff {r['max_rel_diff']:.1e}")
+    if "polar_max_rel_diff" in r:
+        out.append(f"vs the Gram route: max rel diff {r['polar_max_rel_diff']:.1e}, "
+                   f"{r['ns_steps_max']} steps at most, {r['ns_fallbacks']} fall-back(s)")
     if "stats_bytes" in r:
         out.append(f"stats {r['stats_bytes'] / MiB:.0f} MiB")
     if "cache_bytes" in r:

@@ -15,7 +15,13 @@ ESD since its task matrix differs). Rows:
   new route's seconds (``new_seconds``) measured in that same process;
 * ``esm_remerge`` (rank: ``rank_fraction=0.5``), ``esm_p_task``, ``esm_exponent``
   (``p_dim``), ``esm_p_layer``, ``esm_eig_exp``, ``esm_ortho``, ``esm_alpha`` —
-  the cache is warm (filled by an untimed cold merge) and one knob changes.
+  the cache is warm (filled by an untimed cold merge) and one knob changes;
+* ``polar_gram``, ``polar_ns`` (only when named) — the isotropic factors
+  ``polar(x)·mean sv(x)`` of every ESD key's ``U`` and ``V`` (taken from a warm
+  cache, float64) by each route: the Gram matrix's eigendecomposition, and
+  Newton–Schulz products (:func:`~esm_core.merging.decompose.polar_newton_schulz`),
+  whose row also prints its largest relative difference from the Gram route,
+  its most steps and its fall-backs.
 
 Warm rows report the bytes held by the statistics and by the cache
 (``stats_bytes``, ``cache_bytes``).
@@ -31,8 +37,8 @@ from ..device import resolve_device
 from ..lazy import LazyCheckpoint, as_state
 from ..merging import merge_updates
 from ..merging.api import MergeContext, _inputs
-from ..merging.decompose import esd_exact
-from ..merging.esm import _esd_keys, _stats_of, esm_rank, esm_u, esm_v, new_cache
+from ..merging.decompose import esd_exact, isotropic, polar_newton_schulz
+from ..merging.esm import _esd_keys, _stats_of, esm_rank, esm_u, esm_v, esm_v_from_coords, new_cache
 from ..merging.stats import LayerStats, _Accumulator, stats_nbytes, task_layer_stats  # noqa: F401
 from ..merging.svd import tsv_merge_matrix
 from ..models import openclip_vit as vit
@@ -178,6 +184,44 @@ def _check_reference(base, tasks, device, state, result) -> dict:
     return out
 
 
+def _setup_factors(base, tasks, device):
+    """A warm cache's ``U`` and ``V`` of every ESD key at the default parameters (float64, on ``device``)."""
+    state = _setup_warm(base, tasks, device)
+    cache, names = state.pop("cache"), list(tasks)
+    factors = []
+    for key in dict.fromkeys(k for _, k in cache.esd_entries):
+        es = [cache.esd_entries[(n, key)] for n in names]
+        k = esm_rank(es[0].P.shape[0], len(names))
+        lams = [e.lam for e in es]
+        factors.append(esm_u([e.P.to(device) for e in es], lams, k))
+        factors.append(esm_v_from_coords([e.A.to(device) for e in es], lams, [e.norm for e in es], k))
+    state["factors"] = factors
+    return state
+
+
+def _run_polar(base, tasks, device, state, route: str):
+    """The isotropic factor of every ``U`` and ``V`` by ``route``, with Newton–Schulz's steps (0: fell back)."""
+    out = []
+    for x in state["factors"]:
+        if route == "newton_schulz":
+            r = polar_newton_schulz(x)
+            out.append((isotropic(x, torch.float64, "gram"), 0) if r is None else (r[0] * r[1], r[2]))
+        else:
+            out.append((isotropic(x, torch.float64, "gram"), None))
+    return out
+
+
+def _check_polar(base, tasks, device, state, result) -> dict:
+    """Newton–Schulz against the Gram route on the same factors (untimed)."""
+    worst = 0.0
+    for x, (f, _) in zip(state["factors"], result):
+        ref = isotropic(x, torch.float64, "gram")
+        worst = max(worst, float(torch.linalg.vector_norm(f - ref) / torch.linalg.vector_norm(ref)))
+    steps = [s for _, s in result]
+    return {"polar_max_rel_diff": worst, "ns_steps_max": max(steps), "ns_fallbacks": steps.count(0),
+            "factors": [list(x.shape) for x in state["factors"]]}
+
+
 REMERGES = [
     ("esm_remerge", "rank changed", {"rank_fraction": 0.5}),
     ("esm_p_task", "p_task changed", {"p_task": 1.0}),
@@ -197,4 +241,9 @@ def esm_jobs() -> list[Job]:
     for name, what, params in REMERGES:
         jobs.append(Job(name, f"ESM re-merge ({what})", functools.partial(_run_esm, **params), _setup_warm,
                         {"cache": "warm"}))
+    jobs.append(Job("polar_gram", "ESM's U, V isotropic: Gram eigh", functools.partial(_run_polar, route="gram"),
+                    _setup_factors, {"route": "gram"}, default=False))
+    jobs.append(Job("polar_ns", "ESM's U, V isotropic: Newton–Schulz",
+                    functools.partial(_run_polar, route="newton_schulz"), _setup_factors, {"route": "newton_schulz"},
+                    check=_check_polar, default=False))
     return jobs

@@ -26,3 +26,4 @@ class Job:
     extra: dict = field(default_factory=dict)       # copied into the row
     # untimed, after the timed runs: ``check(base, tasks, device, state, last result) -> dict`` merged into the row
     check: Callable[[dict, dict, torch.device, Any, Any], dict] | None = None
+    default: bool = True            # in the run when no job is named (False: only when asked by name)

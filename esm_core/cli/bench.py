@@ -48,7 +48,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--tasks", type=int, default=8, help="number of task checkpoints (default 8)")
     p.add_argument("--methods", default=None, help="comma-separated job names (default: every method that "
                                                    "needs no activation statistics, plus the ESM rows: esm, esm_reference, esm_remerge, esm_p_task, "
-                                                   "esm_exponent, esm_p_layer, esm_eig_exp, esm_ortho, esm_alpha)")
+                                                   "esm_exponent, esm_p_layer, esm_eig_exp, esm_ortho, esm_alpha; "
+                                                   "on request: polar_gram, polar_ns)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--repeat", type=int, default=1, help="runs per method; the best time is reported")
     p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoints")

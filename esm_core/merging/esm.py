@@ -20,8 +20,9 @@ recombination, one with another task or dimension exponent only the input side
 ``ortho_factor`` only rescales; none of them reads the task matrices again
 (their fingerprints are memoised per tensor object and version).
 
-Precision: decompositions and the polar factors' Gram eigen-decompositions run
-in float64; the products of well-conditioned factors (``polar(x)·Q``'s product
+Precision: decompositions and the polar factors run in float64 (on the CPU by
+the Gram matrix's eigen-decomposition, on CUDA by Newton–Schulz products:
+``decompose.POLAR_ROUTES``); the products of well-conditioned factors (``polar(x)·Q``'s product
 with ``Qᵀ``, ``U'V'``) run in float32 and the cached ``U'``, ``P`` and
 coordinates are float32. Against fd9a028's all-float64 route (kept in
 ``esm_core.bench.esm_rows.esm_reference``) the merged updates differ by < 1e-6
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..models.roles import MATRIX
-from .decompose import DecompositionCache, fingerprint, isotropic, task_deltas
+from .decompose import DecompositionCache, fingerprint, isotropic, polar_route, task_deltas
 from .stats import stats_from_inputs, task_layer_stats
 from .registry import Method, Param, alpha_param, register
 from .svd import tsv_key
@@ -216,15 +217,16 @@ def _esd_update(ctx, cache, key: str, stats, dfp: tuple, deltas, rank: int, rank
                           factor=factor, keep=keep, coords=True)
         entries.append(e)
     lams = [e.lam for e in entries]
-    fp_u = (k, eig_exp, tuple(e.fp for e in entries))
+    route = polar_route(ctx.device)                                # CPU: Gram eigh; CUDA: Newton–Schulz
+    fp_u = (k, eig_exp, route, tuple(e.fp for e in entries))
     Up = cache.get_result(("esm-U", key), fp_u)                    # U' depends on the bases, k and eig_exp only
     if Up is None:
         Ps = [e.P.to(ctx.device) for e in entries]
-        Up = isotropic(esm_u(Ps, lams, k, eig_exp), torch.float32)                         # §6.2–§6.3, §6.5
+        Up = isotropic(esm_u(Ps, lams, k, eig_exp), torch.float32, route)                  # §6.2–§6.3, §6.5
         cache.put_result(("esm-U", key), fp_u, Up)
     V = esm_v_from_coords([e.A.to(ctx.device) for e in entries], lams, [e.norm for e in entries],
                           k, p_task, p_dim, eig_exp)                                         # §6.1–§6.4
-    dw = (Up.to(V.device) @ isotropic(V, torch.float32)).to("cpu")                          # §6.5 U'V'
+    dw = (Up.to(V.device) @ isotropic(V, torch.float32, route)).to("cpu")                   # §6.5 U'V'
     cache.put_result(("esm", key), fp, dw)
     return dw
 
