@@ -4,7 +4,9 @@
   computed from the eigen-decomposition of the small Gram matrix (float64),
   with the SVD route (:func:`polar_svd`) as fall-back when ``x`` is
   ill-conditioned or rank-deficient (there the factor is not unique and the
-  SVD's choice is the reference's).
+  SVD's choice is the reference's); :func:`polar_newton_schulz` — the same
+  factor by float64 products only, the route :func:`isotropic` takes on CUDA
+  (:data:`POLAR_ROUTES`).
 * :func:`esd` — Essential Subspace Decomposition of one task matrix given the
   Gram matrix ``G = XᵀX`` of the layer's inputs: the eigenvectors of
   ``ΔW G ΔWᵀ`` (= the principal directions of the output shift ``ΔO = XΔWᵀ``,
