@@ -543,3 +543,7 @@ def test_output_factor_cache_knows_the_polar_route(monkeypatch):
     fresh = esm_core.merge_updates("esm", base, tasks, stats=stats, cache=new_cache(), p_task=1.0)
     for k in fresh:
         torch.testing.assert_close(warm[k], fresh[k], rtol=0, atol=0)
+    routes.clear()
+    monkeypatch.setattr(decompose, "POLAR_ROUTES", {})              # back to the Gram route, same parameters:
+    esm_core.merge_updates("esm", base, tasks, stats=stats, cache=cache, p_task=1.0)
+    assert routes == ["gram"] * (2 * len(ESD_KEYS))                # no update of the other route is served

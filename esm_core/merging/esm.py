@@ -202,7 +202,8 @@ def _esd_update(ctx, cache, key: str, stats, dfp: tuple, deltas, rank: int, rank
     sts = [task_layer_stats(stats, name, key) for name in names]
     gfps = tuple(_stats_fp(st) for st in sts)
     ns = tuple(int(st.n) for st in sts)
-    fp = (("esm", rank, rank_fraction, p_task, p_dim, eig_exp), k, dfp, gfps, ns)
+    route = polar_route(ctx.device)                                # CPU: Gram eigh; CUDA: Newton–Schulz
+    fp = (("esm", rank, rank_fraction, p_task, p_dim, eig_exp, route), k, dfp, gfps, ns)
     dw = cache.get_result(("esm", key), fp)
     if dw is not None:
         return dw
@@ -217,7 +218,6 @@ def _esd_update(ctx, cache, key: str, stats, dfp: tuple, deltas, rank: int, rank
                           factor=factor, keep=keep, coords=True)
         entries.append(e)
     lams = [e.lam for e in entries]
-    route = polar_route(ctx.device)                                # CPU: Gram eigh; CUDA: Newton–Schulz
     fp_u = (k, eig_exp, route, tuple(e.fp for e in entries))
     Up = cache.get_result(("esm-U", key), fp_u)                    # U' depends on the bases, k and eig_exp only
     if Up is None:
