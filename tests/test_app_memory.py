@@ -85,6 +85,27 @@ def test_session_bytes_counts_each_storage_in_its_first_part(sess):
     assert b["merges"] == S.tensor_bytes(sess.affine, sess.current) - S.tensor_bytes(sess.pool.base) > 0
 
 
+def test_the_current_merge_holds_no_update_of_its_own(sess):
+    """The current merge's update is ``U0 + α · slope`` over the cached affine pair, formed when read: it adds no
+    storage to the session's (one model's worth less), and the export, full evaluation and alignment read it."""
+    import torch
+    from esm_core import studio as S
+    from esm_core.evaluation.alpha import UpdatesAt
+    S.merge(sess, "ta", {"alpha": 0.4})
+    seen: set = set()
+    S.tensor_bytes(sess.affine, seen=seen)
+    assert S.tensor_bytes(sess.current, seen=seen) == 0
+    ups = sess.current["updates"]
+    (u0, slope), = sess.affine.values()
+    assert isinstance(ups, UpdatesAt) and set(ups) == set(u0) and len(ups) == len(u0)
+    key = next(iter(u0))
+    assert key in ups and "no such key" not in ups
+    torch.testing.assert_close(ups[key], u0[key] + 0.4 * slope[key], rtol=0, atol=0)
+    with pytest.raises(KeyError):
+        ups["no such key"]
+    assert S.export_merged(sess).stat().st_size > 0 and S.alignment(sess)
+
+
 @pytest.mark.parametrize("method, params", [("ta", {"alpha": 0.4}), ("esm", {"alpha": 0.8}),
                                             ("ties", {"alpha": 0.7})])
 def test_cached_zero_u0_takes_no_memory_and_merges_are_unchanged(pool, method, params):

@@ -16,7 +16,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,9 +164,24 @@ def zero_view(t: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
 
 
-def updates_at(u0: Mapping[str, torch.Tensor], slope: Mapping[str, torch.Tensor], alpha: float) -> dict:
-    """The method's update at α: ``U0 + α · slope``."""
-    return {k: u0[k] + alpha * slope[k] for k in u0}
+class UpdatesAt(Mapping):
+    """The method's update at α, ``U0 + α · slope``, formed key by key when read: a read-only mapping that holds
+    no model-sized tensor of its own (the app keeps its current merge this way: one model's worth less)."""
+
+    def __init__(self, u0: Mapping[str, torch.Tensor], slope: Mapping[str, torch.Tensor], alpha: float):
+        self.u0, self.slope, self.alpha = u0, slope, float(alpha)
+
+    def __getitem__(self, k: str) -> torch.Tensor:
+        return self.u0[k] + self.alpha * self.slope[k]
+
+    def __contains__(self, k) -> bool:           # no tensor formed to answer it
+        return k in self.u0
+
+    def __iter__(self):
+        return iter(self.u0)
+
+    def __len__(self) -> int:
+        return len(self.u0)
 
 
 def state_at(base: Mapping[str, torch.Tensor], u0: Mapping[str, torch.Tensor], slope: Mapping[str, torch.Tensor],

@@ -100,7 +100,7 @@ def merge(s: Session, method: str, params: Mapping[str, Any] | None = None, prog
 
     Adds a row to the comparison table and makes this the current merge.
     Returns the record: ``{"id", "method", "title", "params", "accs", "summary",
-    "seconds", "config"}`` (the update itself is kept in ``s.current``).
+    "seconds", "config"}`` (the update is kept in ``s.current`` as ``U0 + α · slope``, formed when read).
     """
     pool = _need_pool(s)
     m = get_method(method)
@@ -111,7 +111,7 @@ def merge(s: Session, method: str, params: Mapping[str, Any] | None = None, prog
         refs = references(s, "test", progress=(lambda f, d: report(0.1 * f, d)) if progress else None)
         computed = (method, _frozen(p)) not in s.affine
         u0, slope = _affine(s, method, p, (lambda f, d: report(0.1 + 0.8 * f, d)) if progress else None)
-        ups = A.updates_at(u0, slope, float(p["alpha"]))
+        ups = A.UpdatesAt(u0, slope, float(p["alpha"]))      # formed key by key as the merged model is built
         report(0.9, "evaluating the merged model")
         visual = _visual(s, apply_updates(pool.base, ups))   # the merged state dict is freed once loaded
         accs = accuracies(s, visual, "test", s.live_per_task, progress=lambda f, d: report(0.9 + 0.09 * f, d))
