@@ -119,6 +119,44 @@ def test_matches_independent_reimplementation(params):
         assert err < 1e-5, (k, err)
 
 
+@pytest.mark.parametrize("T, N, params", [(3, 40, {"rank": 10}), (2, 5, {}), (1, 40, {"eig_exp": 0.3}),
+                                           (3, 5, {"rank": 7, "p_dim": 1.0})])
+def test_ranks_beyond_the_structural_rank_match_the_reimplementation(T, N, params):
+    """k above rank(ΔW G ΔWᵀ) (few tasks, few rows, a large rank): the trailing directions have λ = 0, so their
+    U columns and V rows are exactly zero — U'V' is still unique: it equals the all-float64 SVD reimplementation
+    to 3e-5 (P is cached in float32; with rank 10 the reduced U is ill-conditioned enough to take fd9a028's route
+    ~1e-5 from it too) and, with rows enough (N ≥ d_in), fd9a028's route (SVD fall-back) to 1e-5. With N = 5 < d_in
+    fd9a028's route is 2e-3–6e-3 off the reimplementation: its G = XᵀX has rounding-noise eigenvalues where the
+    rank ends, so λ ≈ 1e-16 and e = λ^0.15 ≈ 4e-3 ≠ 0 weights arbitrary null directions into U."""
+    from esm_core.bench.esm_rows import reference_updates
+    base, tasks, inputs = _case(T=T, N=N, seed=12)
+    got = _upd(esm_core.merge("esm", base, tasks, inputs=inputs, **params), base)
+    ref = _ref_esm(base, tasks, inputs, rank=params.get("rank", 0), p_dim=params.get("p_dim", 2.0),
+                   eig=params.get("eig_exp", 0.15))
+    old = reference_updates(base, tasks, stats=stats_from_inputs(inputs), **params)
+    for k in ref:
+        assert _rel(got[k], ref[k]) < 3e-5, (k, _rel(got[k], ref[k]))
+    if N >= D:
+        for k in old:
+            assert _rel(got[k], old[k]) < 1e-5, (k, _rel(got[k], old[k]))
+
+
+def test_zero_directions_are_left_out_of_the_polar_factors(monkeypatch):
+    """With λ = 0 directions U is rank-deficient: its polar factor used to take the SVD fall-back (a 3072² SVD per
+    c_fc key of a ViT-B/32 with 2 or 3 tasks); the zero columns are now left out and no SVD of U or V runs."""
+    import esm_core.merging.esm as esm_mod
+    base, tasks, inputs = _case(T=3, N=40, seed=13)
+    svd_shapes, iso_shapes = [], []
+    real_svd, real_iso = torch.linalg.svd, esm_mod.isotropic
+    monkeypatch.setattr(torch.linalg, "svd", lambda x, *a, **k: (svd_shapes.append(tuple(x.shape)), real_svd(x, *a, **k))[1])
+    monkeypatch.setattr(esm_mod, "isotropic", lambda x, *a: (iso_shapes.append(tuple(x.shape)), real_iso(x, *a))[1])
+    esm_core.merge_updates("esm", base, tasks, inputs=inputs, rank=10)      # k = 10 > d_in = 8 for in_proj, c_fc
+    fc = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    assert (H, 3 * 8) in iso_shapes and (3 * 8, D) in iso_shapes        # U, V of c_fc: 8 live directions per task
+    assert not [s for s in svd_shapes if s in ((H, 30), (30, D), (3 * D, 30), (30, D))], svd_shapes
+    assert base[fc].shape == (H, D)
+
+
 # ---------------------------------------------------------------------------
 # Each polarised scaling by hand
 # ---------------------------------------------------------------------------

@@ -179,6 +179,29 @@ def esm_v_from_coords(coords, lams, norms, k: int, p_task: float = 2.0, p_dim: f
     return V
 
 
+def _nonzero_lines(x: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """Indices of the columns (``dim=1``) or rows (``dim=0``) of ``x`` that are not all zero; None when all are
+    (or none: nothing to leave out)."""
+    nz = (x != 0).any(dim=1 - dim)
+    n = int(nz.sum())
+    return None if n in (0, nz.numel()) else nz.nonzero().squeeze(1)
+
+
+def _isotropic_on(x: torch.Tensor, lines: torch.Tensor | None, dim: int, route: str) -> torch.Tensor:
+    """``isotropic(x)`` (float32) restricted to the columns (``dim=1``) / rows (``dim=0``) ``lines``, every
+    other one of ``x`` being exactly zero.
+
+    ESM's ``U`` has a zero column, and ``V`` a zero row at the same place, for each direction with λ = 0 (a rank
+    k above the structural rank of ``ΔW G ΔWᵀ``: few tasks, few probe rows, a large rank). There the polar
+    factor of ``U`` (and of ``V``) is not unique, but ``U'V'`` is: the factor's columns on the zero lines meet
+    zero rows of the other factor. The reduced matrix has the same nonzero singular values, so its polar factor
+    (full rank: no SVD fall-back) times ``Σσ / min(x.shape)`` gives the same product without the zero lines."""
+    if lines is None:
+        return isotropic(x, torch.float32, route)
+    xr = x.index_select(dim, lines)
+    return isotropic(xr, torch.float32, route) * (min(xr.shape) / min(x.shape))
+
+
 def _stats_fp(st) -> tuple:
     return st.fingerprint() if hasattr(st, "fingerprint") else fingerprint(st.gram)
 
@@ -219,14 +242,18 @@ def _esd_update(ctx, cache, key: str, stats, dfp: tuple, deltas, rank: int, rank
         entries.append(e)
     lams = [e.lam for e in entries]
     fp_u = (k, eig_exp, route, tuple(e.fp for e in entries))
-    Up = cache.get_result(("esm-U", key), fp_u)                    # U' depends on the bases, k and eig_exp only
-    if Up is None:
+    hit = cache.get_result(("esm-U", key), fp_u)                   # U' depends on the bases, k and eig_exp only
+    if hit is None:
         Ps = [e.P.to(ctx.device) for e in entries]
-        Up = isotropic(esm_u(Ps, lams, k, eig_exp), torch.float32, route)                  # §6.2–§6.3, §6.5
-        cache.put_result(("esm-U", key), fp_u, Up)
+        U = esm_u(Ps, lams, k, eig_exp)                                                      # §6.2–§6.3
+        live = _nonzero_lines(U, 1)
+        hit = (_isotropic_on(U, live, 1, route), live)                                       # §6.5
+        del U
+        cache.put_result(("esm-U", key), fp_u, hit)
+    Up, live = hit
     V = esm_v_from_coords([e.A.to(ctx.device) for e in entries], lams, [e.norm for e in entries],
                           k, p_task, p_dim, eig_exp)                                         # §6.1–§6.4
-    dw = (Up.to(V.device) @ isotropic(V, torch.float32, route)).to("cpu")                   # §6.5 U'V'
+    dw = (Up.to(V.device) @ _isotropic_on(V, live, 0, route)).to("cpu")                     # §6.5 U'V'
     cache.put_result(("esm", key), fp, dw)
     return dw
 
