@@ -127,3 +127,31 @@ def test_errors():
         analysis.task_cosines(base, tasks, keys=["nope"])
     with pytest.raises(ValueError, match="pass keys"):
         analysis.spectra({"w": torch.zeros(2, 2)}, {"a": {"w": torch.ones(2, 2)}}, {"a": {"w": torch.ones(3, 2)}})
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12), (7, 7)])
+@pytest.mark.parametrize("form", ["gram", "rows"])
+@pytest.mark.parametrize("spectrum", ["random", "ill", "deficient"])
+def test_svd_spectrum_equals_the_svd(shape, form, spectrum):
+    """σ² and each triplet's output energy σ² vᵀGv from the short side's Gram matrix equal the SVD's (σ² to
+    ~eps · σ_max² absolute, the energies to the same relative to their total)."""
+    from esm_core.merging.stats import LayerStats
+    g = torch.Generator().manual_seed(len(form) + shape[0])
+    m, n = shape
+    r = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))[0]
+    sv = {"random": torch.rand(r, generator=g, dtype=torch.float64) + 0.5,
+          "ill": torch.logspace(0, -7, r, dtype=torch.float64),
+          "deficient": torch.cat([torch.linspace(2, 1, r - 2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)])
+          }[spectrum]                   # distinct nonzero values: each triplet (and its energy) is unique
+    W = (u * sv) @ v.mT
+    X = torch.randn(4 if form == "rows" else 40, n, generator=g, dtype=torch.float64)   # rows: fewer than inputs
+    st = LayerStats(rows=X, n=X.shape[0]) if form == "rows" else LayerStats(gram=X.mT @ X, n=X.shape[0])
+    assert (st.factor() is not None) == (form == "rows" and X.shape[0] <= n)
+    s2, out = analysis.svd_spectrum(W, st)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    torch.testing.assert_close(s2, S.square(), rtol=0, atol=1e-13)
+    ref = S.square() * ((Vh @ (X.mT @ X)) * Vh).sum(1)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12 * float(ref.sum()))
+    assert float(out.sum()) == pytest.approx(float((X @ W.mT).square().sum()), rel=1e-9)   # = tr(ΔW G ΔWᵀ)
