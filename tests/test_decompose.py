@@ -394,3 +394,21 @@ def test_polar_route_per_device():
     assert decompose.polar_route(torch.device("cuda")) == "newton_schulz"
     assert decompose.polar_route("cuda:1") == "newton_schulz"
     assert decompose.polar_route("meta") == "gram"
+
+
+def test_esd_completion_beyond_the_rank_is_orthonormal_and_reproducible():
+    """Columns asked beyond rank(ΔW G ΔWᵀ) (λ = 0) complete P to an orthonormal set without a d × d QR factor."""
+    from esm_core.merging.decompose import _completion
+    X = _rand(50, 10, seed=31)
+    W = _rand(30, 10, seed=32)
+    P, lam = esd(W, X.mT @ X, 50, columns=18)                 # rank 10: 8 completion columns
+    assert P.shape == (30, 18)
+    torch.testing.assert_close(P.mT @ P, torch.eye(18, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert float(lam[10:].abs().max()) == 0.0
+    Pe, _ = esd_exact(W, X.mT @ X, 50, columns=10)
+    assert _subspace_gap(P[:, :10], Pe) < 1e-10                # the first 10 are the exact ESD's
+    P2, _ = esd(W, X.mT @ X, 50, columns=18)
+    assert torch.equal(P, P2)                                  # seeded: the same completion every time
+    C = _completion(P[:, :10], 20)                             # the whole complement
+    torch.testing.assert_close(torch.cat([P[:, :10], C], 1).mT @ torch.cat([P[:, :10], C], 1),
+                               torch.eye(30, dtype=torch.float64), rtol=0, atol=1e-12)
