@@ -180,8 +180,8 @@ def esm_v_from_coords(coords, lams, norms, k: int, p_task: float = 2.0, p_dim: f
 
 
 def _nonzero_lines(x: torch.Tensor, dim: int) -> torch.Tensor | None:
-    """Indices of the columns (``dim=1``) or rows (``dim=0``) of ``x`` that are not all zero; None when all are
-    (or none: nothing to leave out)."""
+    """Indices of the columns (``dim=1``) or rows (``dim=0``) of ``x`` that are not all zero; None when every
+    line is nonzero (nothing to leave out) or every line is zero (the full route handles it)."""
     nz = (x != 0).any(dim=1 - dim)
     n = int(nz.sum())
     return None if n in (0, nz.numel()) else nz.nonzero().squeeze(1)
