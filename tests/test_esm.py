@@ -151,10 +151,8 @@ def test_zero_directions_are_left_out_of_the_polar_factors(monkeypatch):
     monkeypatch.setattr(torch.linalg, "svd", lambda x, *a, **k: (svd_shapes.append(tuple(x.shape)), real_svd(x, *a, **k))[1])
     monkeypatch.setattr(esm_mod, "isotropic", lambda x, *a: (iso_shapes.append(tuple(x.shape)), real_iso(x, *a))[1])
     esm_core.merge_updates("esm", base, tasks, inputs=inputs, rank=10)      # k = 10 > d_in = 8 for in_proj, c_fc
-    fc = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     assert (H, 3 * 8) in iso_shapes and (3 * 8, D) in iso_shapes        # U, V of c_fc: 8 live directions per task
-    assert not [s for s in svd_shapes if s in ((H, 30), (30, D), (3 * D, 30), (30, D))], svd_shapes
-    assert base[fc].shape == (H, D)
+    assert not [s for s in svd_shapes if s in ((H, 30), (3 * D, 30), (30, D))], svd_shapes   # U of c_fc / in_proj, V
 
 
 # ---------------------------------------------------------------------------
