@@ -179,10 +179,10 @@ def esm_v_from_coords(coords, lams, norms, k: int, p_task: float = 2.0, p_dim: f
     return V
 
 
-def _nonzero_lines(x: torch.Tensor, dim: int) -> torch.Tensor | None:
-    """Indices of the columns (``dim=1``) or rows (``dim=0``) of ``x`` that are not all zero; None when every
-    line is nonzero (nothing to leave out) or every line is zero (the full route handles it)."""
-    nz = (x != 0).any(dim=1 - dim)
+def _live_columns(U: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the columns of ``U`` that are not all zero; None when every column is nonzero (nothing to
+    leave out) or every one is zero (the full route handles it)."""
+    nz = (U != 0).any(dim=0)
     n = int(nz.sum())
     return None if n in (0, nz.numel()) else nz.nonzero().squeeze(1)
 
@@ -246,7 +246,7 @@ def _esd_update(ctx, cache, key: str, stats, dfp: tuple, deltas, rank: int, rank
     if hit is None:
         Ps = [e.P.to(ctx.device) for e in entries]
         U = esm_u(Ps, lams, k, eig_exp)                                                      # §6.2–§6.3
-        live = _nonzero_lines(U, 1)
+        live = _live_columns(U)
         hit = (_isotropic_on(U, live, 1, route), live)                                       # §6.5
         del U
         cache.put_result(("esm-U", key), fp_u, hit)

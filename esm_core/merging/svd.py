@@ -155,12 +155,11 @@ def tsv_m(ctx, alpha: float = 1.0) -> dict[str, torch.Tensor]:
     family's ESD layer types are left out (a model-sized copy nobody else reads)."""
     if not isinstance(ctx.cache, DecompositionCache):
         return _per_key(ctx, alpha, tsv_merge_matrix, "TSV-M")
-    keys, out = ctx.keys, {}
+    keys, out, esd_types = ctx.keys, {}, set(ctx.family_esd_types)
     for i, key in enumerate(keys):
         dfp, deltas = task_deltas(ctx, ctx.cache, key)
         if ctx.roles[key] == MATRIX and len(ctx.base[key].shape) == 2:
-            store = ctx.layer_types.get(key) not in set(ctx.family_esd_types)
-            dw = tsv_key(ctx.cache, key, dfp, deltas, store=store)
+            dw = tsv_key(ctx.cache, key, dfp, deltas, store=ctx.layer_types.get(key) not in esd_types)
         else:
             dw = deltas().mean(0)
         out[key] = (alpha * dw).to("cpu", torch.float32)
