@@ -231,6 +231,45 @@ def test_fast_esd_ill_conditioned_and_rank_deficient():
     assert _subspace_gap(P, Pe) < 1e-8
 
 
+@pytest.mark.parametrize("form", ["gram", "rows"])
+def test_esd_exact_fallback_uses_the_factor_in_hand(form, monkeypatch):
+    # the output shift's λ spans 1e12 (real probe statistics: cond(G) 1e10-1e14) and every column is asked, so the
+    # Gram route's trailing columns are not trusted: the thin SVD of ΔW·L runs, from the Cholesky factor (dtrmm) or
+    # the rows (fewer than inputs), with no eigendecomposition of G (esd_exact's route) — and equals esd_exact
+    import esm_core.merging.decompose as dec
+    N = 50 if form == "gram" else 8                    # rows: 8 < d_in = 10, the factor is Xᵀ (rank 8)
+    X = _with_spectrum(N, 10, torch.logspace(0, -4, min(N, 10)).tolist(), seed=31)
+    W = _with_spectrum(14, 10, torch.logspace(0, -3, 10).tolist(), seed=33)
+    G = X.mT @ X
+    r = min(N, 10)
+    ref = {c: esd_exact(W, G, N, columns=c) for c in (r, 12)}
+    svds = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(dec, "esd_exact", lambda *a, **k: pytest.fail("esd_exact's eigh of G ran"))
+    monkeypatch.setattr(dec.torch.linalg, "svd", lambda m, **k: svds.append(tuple(m.shape)) or real_svd(m, **k))
+    for c in (r, 12):                                  # 12 > rank: completed columns with λ = 0
+        kw = {"factor": X.mT} if form == "rows" else {}
+        P, lam, A = esd(W, G if form == "gram" else None, N, columns=c, coords=True, **kw)
+        Pe, le = ref[c]
+        assert P.shape == (14, c)
+        torch.testing.assert_close(lam, le, rtol=1e-6, atol=1e-13 * float(le[0]))
+        torch.testing.assert_close(P.mT @ P, torch.eye(c, dtype=torch.float64), rtol=0, atol=1e-12)
+        for j in range(1, r + 1):                      # every leading span within the rank (both: eps·σ_max/gap)
+            assert _subspace_gap(P[:, :j], Pe[:, :j]) < 1e-7, (c, j)
+        torch.testing.assert_close(A, P.mT @ W, rtol=0, atol=1e-12)
+    assert svds == [(14, r)] * 2
+
+
+def test_times_l_is_the_product_with_a_lower_triangular_factor():
+    from esm_core.merging.decompose import _times_l, _trmm_ok
+    L = torch.linalg.cholesky(_rand(30, 7, seed=41).mT @ _rand(30, 7, seed=41))
+    X = _rand(5, 7, seed=42)
+    if not _trmm_ok(L, X):
+        pytest.skip("SciPy's BLAS is not installed")
+    torch.testing.assert_close(_times_l(X, L), X @ L, rtol=0, atol=1e-13)
+    torch.testing.assert_close(_times_l(X.mT.contiguous().mT, L), X @ L, rtol=0, atol=1e-13)   # a strided X
+
+
 def test_cache_keeps_coordinates_and_at_most_keep_columns():
     X, W, G = _esd_case(9, 6, 30)
     c = DecompositionCache()

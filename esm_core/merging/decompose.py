@@ -377,6 +377,12 @@ def _l_times(L: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_blas_trmm(1.0, L.mT.numpy(), X.numpy(), side=0, lower=0, trans_a=1))
 
 
+def _times_l(X: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """``X L`` for a lower-triangular ``L`` by BLAS ``dtrmm`` (computed as ``(Lᵀ Xᵀ)ᵀ``: no copies)."""
+    mt = _blas_trmm(1.0, L.mT.numpy(), X.mT.numpy(), side=0, lower=0, trans_a=0)   # Lᵀ Xᵀ (Fortran views)
+    return torch.from_numpy(mt).mT
+
+
 def _completion(P: torch.Tensor, m: int) -> torch.Tensor:
     """``m`` orthonormal columns orthogonal to the orthonormal columns of ``P`` (d × c, m ≤ d − c).
 
@@ -388,6 +394,21 @@ def _completion(P: torch.Tensor, m: int) -> torch.Tensor:
     for _ in range(2):                                     # twice is enough (Kahan–Parlett)
         Z = Z - P @ (P.mT @ Z)
     return torch.linalg.qr(Z)[0]
+
+
+def _esd_svd(W: torch.Tensor, L: torch.Tensor, tri: bool, n: int, want: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, λ)`` from the thin SVD of ``M = ΔW L`` (``M Mᵀ = ΔW G ΔWᵀ`` for any ``L Lᵀ = G``): the exact
+    route of :func:`esd_exact` without its eigendecomposition of ``G`` (an SVD of ``ΔW Q diag(√g)``
+    differs from this one only in the orthogonal factor on ``M``'s right), from the factor :func:`esd`
+    already holds. Columns beyond ``M``'s thin factor (λ = 0) are completed as in :func:`esd`."""
+    d_out = W.shape[0]
+    M = _times_l(W, L) if tri else W @ L                   # d_out × r
+    U, s, _ = torch.linalg.svd(M, full_matrices=False)     # s descending
+    P = U[:, :want]
+    if want > P.shape[1]:
+        P = torch.cat([P, _completion(P, want - P.shape[1])], dim=1)
+    ev = torch.cat([s.square(), s.new_zeros(d_out - s.numel())])
+    return P.contiguous(), ev.clamp_min(0) / (int(n) - 1)
 
 
 def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int | None = None,
@@ -411,7 +432,8 @@ def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int 
     — M itself is never formed and no orthonormal completion is, unless more
     columns than the rank are asked; for ``r > d_out`` the eigh of ``MMᵀ``
     (d_out × d_out). When a column asked has ``μ_i < ESD_GRAM_RCOND · μ_max``
-    (error of the Gram route above ~1e-8) the exact route :func:`esd_exact` runs.
+    (error of the Gram route above ~1e-8) the exact route runs: the thin SVD of ``M`` (as
+    :func:`esd_exact`, from the factor in hand instead of an eigendecomposition of ``G``).
     """
     _check_esd_inputs(delta, gram, n, factor)
     d_out, d_in = delta.shape
@@ -450,7 +472,7 @@ def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int 
     top = float(mu[0]) if r > 0 else 0.0
     c = min(want, r)
     if c > 0 and not (top > 0 and float(mu[c - 1]) > ESD_GRAM_RCOND * top):
-        return done(*esd_exact(delta, gram if gram is not None else L @ L.mT, n, columns=columns))
+        return done(*_esd_svd(W, L, tri, n, want))             # the exact route, from the factor in hand
     B = (_l_times(L, Q[:, :c]) if tri else L @ Q[:, :c]) / mu[:c].sqrt()     # P = M Q μ^-½ = ΔW B
     P = W @ B
     if want > c:                                           # orthonormal completion, only when asked
