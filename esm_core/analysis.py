@@ -24,7 +24,7 @@ from typing import Mapping
 import torch
 
 from .merging.decompose import DecompositionCache, eigh64, fingerprint, gram
-from .merging.esm import esm_rank
+from .merging.esm import OFFERED_RANK_FRACTION, esm_rank
 from .merging.stats import stats_from_inputs, task_layer_stats
 from .merging.svd import subspace_alignment_ratio
 from .models import family_of_key, family_or_vit, roles_of
@@ -79,19 +79,33 @@ def _share(cum: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return cum / total if total > 0 else torch.zeros_like(cum)
 
 
-def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: str, k: int):
-    """``(ESD entry, ΔW, statistics, fingerprint of ΔW)`` of one task and key, from ``cache`` when it holds it."""
+def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: str, k: int, esm_like: bool = False):
+    """``(ESD entry, ΔW, statistics, fingerprint of ΔW, Gram matrix or None)`` of one task and key, from ``cache``
+    when it holds it. The Gram matrix is returned when it was read for the decomposition (None otherwise), so a
+    caller that needs it too does not read (or form) it again.
+
+    ``esm_like``: decompose as an ESM merge at its default rank does — the columns the largest offered rank can use,
+    with the coordinates P̂ᵀΔW — so the entry is the one a later ESM merge looks up (decomposed the analysis' own
+    way, every column up to min(d_in, n) and no coordinates, ESM would compute it a second time). ESM's CPU merge
+    sees bit-identical ΔW and the same statistics' fingerprint, so the entries match."""
     st = task_layer_stats(stats, name, key)
     d = _delta(base, tasks, name, key)
     dfp = fingerprint(d)
+    kw = {}
+    if esm_like:
+        d_out, T = int(d.shape[0]), len(tasks)
+        k = max(k, esm_rank(d_out, T))       # ESM's default rank (it can exceed min(d_in, n) on small layers)
+        kw = {"keep": max(k, esm_rank(d_out, T, rank_fraction=OFFERED_RANK_FRACTION)), "coords": True}
     if hasattr(st, "fingerprint"):      # probe statistics: the same fingerprint and factor ESM uses (shared entries)
         e = cache.lookup(name, key, (dfp, st.fingerprint(), int(st.n)), k)
-        if e is not None:               # (spilled statistics are not read back for a cached entry)
-            return e, d, st, dfp
+        if e is not None and (e.A is not None or not esm_like):
+            return e, d, st, dfp, None  # (spilled statistics are not read back for a cached entry)
         f = st.factor()
-        return cache.esd(name, key, d, None if f is not None else st.gram, int(st.n), k=k,
-                         gram_fp=st.fingerprint(), delta_fp=dfp, factor=f), d, st, dfp
-    return cache.esd(name, key, d, st.gram, int(st.n), k=k, delta_fp=dfp), d, st, dfp
+        g = None if f is not None else st.gram
+        return cache.esd(name, key, d, g, int(st.n), k=k, gram_fp=st.fingerprint(), delta_fp=dfp, factor=f,
+                         **kw), d, st, dfp, g
+    g = st.gram
+    return cache.esd(name, key, d, g, int(st.n), k=k, delta_fp=dfp, **kw), d, st, dfp, g
 
 
 def _info(key: str) -> dict:
@@ -106,14 +120,15 @@ def _info(key: str) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def svd_spectrum(delta: torch.Tensor, st) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_spectrum(delta: torch.Tensor, st, gram_matrix: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(σi², σi² viᵀ G vi)`` of ``ΔW = Σ σi ui viᵀ`` (descending, float64): the squared singular values and
     the output energy ``‖X σi vi‖²`` of each triplet on the layer's inputs (``st``: its statistics).
 
     From the eigendecomposition of the short side's Gram matrix (``ΔWᵀΔW`` or ``ΔWΔWᵀ``, at most
     768² on a ViT-B/32: about a third of the time of the 3072 × 768 SVD with its vectors) and,
     for the energies, ``σi vi`` (``V diag(σ)`` or ``ΔWᵀU``) against the input rows when the statistics
-    hold them, else the Gram matrix. σ² carries an absolute error ~ eps64 · σ_max², far below what the
+    hold them, else the Gram matrix (``gram_matrix`` when the caller has read it already). σ² carries an absolute error ~ eps64 · σ_max², far below what the
     spectrum plots and energy shares resolve."""
     W = delta.to(torch.float64)
     if W.shape[0] >= W.shape[1]:
@@ -129,18 +144,22 @@ def svd_spectrum(delta: torch.Tensor, st) -> tuple[torch.Tensor, torch.Tensor]:
     if f is not None:                                                 # G = f fᵀ (f = Xᵀ): ‖fᵀ σi vi‖²
         out = (f.mT.to(torch.float64) @ sv).square().sum(0)
     else:
-        out = ((st.gram.to(torch.float64) @ sv) * sv).sum(0)
+        G = st.gram if gram_matrix is None else gram_matrix
+        out = ((G.to(torch.float64) @ sv) * sv).sum(0)
     return s2, out
 
 
 def spectra(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=None,
-            energy: float = ENERGY) -> list[dict]:
+            energy: float = ENERGY, esm_entries: bool = False) -> list[dict]:
     """One row per (layer, task): ESD and SVD spectra, energy kept by rank-r truncation, effective ranks.
 
     Row fields: ``key, layer_type, block, task, k, esd_lambda, svd_sigma2, esd_energy_kept,
     svd_energy_kept`` (lists: entry r−1 is the share kept at rank r, r ≤ min(d_out, d_in)),
     ``esd_kept_at_k, svd_kept_at_k, esd_rank95, svd_rank95`` (ranks reaching ``energy`` of
     the ESD λ and of the SVD σ² spectrum).
+
+    ``esm_entries``: decompose as an ESM merge does (see :func:`_esd_entry`), so ``cache`` then serves an ESM
+    merge at its default rank with no decomposition of its own. Each update is formed and read once.
     """
     stats = _as_stats(stats)
     cache = cache if cache is not None else DecompositionCache()
@@ -150,12 +169,13 @@ def spectra(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=No
         for name in names:
             d_out, d_in = base[key].shape
             kk = esm_rank(d_out, len(names), rank=int(k or 0))
-            e, d, st, dfp = _esd_entry(cache, base, tasks, stats, name, key, 0)
+            e, d, st, dfp, g = _esd_entry(cache, base, tasks, stats, name, key, 0, esm_like=esm_entries)
             r = min(d_out, d_in)
-            fp = (dfp, st.fingerprint() if hasattr(st, "fingerprint") else fingerprint(st.gram), int(st.n))
+            fp = (dfp, st.fingerprint() if hasattr(st, "fingerprint") else fingerprint(st.gram if g is None else g),
+                  int(st.n))
             svd = cache.get_result(("svd-spectrum", name, key), fp)
             if svd is None:
-                svd = svd_spectrum(d, st)                             # (σi², output energy of triplet i)
+                svd = svd_spectrum(d, st, g)                          # (σi², output energy of triplet i)
                 cache.put_result(("svd-spectrum", name, key), fp, svd)
             s2, out_e = svd
             lam = e.lam[:r]

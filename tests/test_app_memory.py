@@ -149,8 +149,15 @@ def test_spectra_first_then_esm_reuses_every_decomposition(pool):
     from esm_core import studio as S
     s = S.new_session("cpu", live_per_task=8)
     S.load_demo(s, loader=lambda: pool)
+    formed = []
+    real_delta = analysis._delta
     try:
-        rows = S.spectra_at(s, 1.0)
+        analysis._delta = lambda *a: formed.append(a[2:]) or real_delta(*a)
+        try:
+            rows = S.spectra_at(s, 1.0)
+        finally:
+            analysis._delta = real_delta
+        assert sorted(formed) == sorted(set(formed))      # each (task, key) update formed (and read) once
         # the statistics went to the session's folder once decomposed (the means stay in memory)
         assert all(st.spilled for layers in s.stats["tasks"].values() for st in layers.values())
         assert list((s.workdir / "stats").glob("*.npy"))

@@ -6,8 +6,8 @@ import shutil
 
 from .. import analysis
 from ..device import trim_heap
-from ..merging.esm import OFFERED_RANK_FRACTION, esm_rank, new_cache
-from ..merging.stats import spill_stats, task_layer_stats
+from ..merging.esm import esm_rank, new_cache
+from ..merging.stats import spill_stats
 from ..models import family_or_vit
 from ..probe import probe_pool
 from .session import Progress, Session, _need_pool, _noop, stats_folder
@@ -60,33 +60,12 @@ def spectra(s: Session, progress: Progress | None = None) -> list[dict]:
             stats = ensure_stats(s, progress=lambda f, d: report(0.3 * f, d))
             cache = ensure_cache(s)
             rows, keys = [], esd_keys(s)
-            for i, key in enumerate(keys):
-                _esm_entries(pool, stats, cache, key)
-                rows += analysis.spectra(pool.base, pool.tasks, stats, keys=[key], cache=cache)
+            for i, key in enumerate(keys):       # decomposed as ESM does: a later ESM merge reuses every entry
+                rows += analysis.spectra(pool.base, pool.tasks, stats, keys=[key], cache=cache, esm_entries=True)
                 report(0.3 + 0.7 * (i + 1) / len(keys), f"decomposing {key}")
             s.spectra_rows = rows
             trim_heap()
         return s.spectra_rows
-
-
-def _esm_entries(pool, stats, cache, key: str) -> None:
-    """Decompose ``key`` of every task as an ESM merge does (the columns the largest offered rank can use, with
-    the coordinates P̂ᵀΔW), under the fingerprints the analysis and ESM both look up: the Spectra view's
-    decompositions are then the ones a later ESM merge reuses. (Decomposed the analysis' own way — every
-    column up to min(d_in, n), no coordinates — a following ESM merge found no coordinates and computed every
-    ESD a second time.) A CPU merge sees bit-identical ΔW, so the entries match; elsewhere ESM recomputes."""
-    names = list(pool.task_names)
-    d_out, T = int(pool.base[key].shape[0]), len(names)
-    k = esm_rank(d_out, T)                      # ESM's default rank (it can exceed min(d_in, n) on small layers)
-    keep = max(k, esm_rank(d_out, T, rank_fraction=OFFERED_RANK_FRACTION))
-    for name in names:
-        st = task_layer_stats(stats, name, key)
-        if not hasattr(st, "fingerprint"):
-            continue
-        d = analysis._delta(pool.base, pool.tasks, name, key)
-        f = st.factor()
-        cache.esd(name, key, d, None if f is not None else st.gram, int(st.n), k=k, gram_fp=st.fingerprint(),
-                  factor=f, keep=keep, coords=True)
 
 
 def spectra_at(s: Session, rank_fraction: float = 1.0, progress: Progress | None = None) -> list[dict]:
