@@ -128,8 +128,8 @@ def svd_spectrum(delta: torch.Tensor, st, gram_matrix: torch.Tensor | None = Non
     From the eigendecomposition of the short side's Gram matrix (``ΔWᵀΔW`` or ``ΔWΔWᵀ``, at most
     768² on a ViT-B/32: about a third of the time of the 3072 × 768 SVD with its vectors) and,
     for the energies, ``σi vi`` (``V diag(σ)`` or ``ΔWᵀU``) against the input rows when the statistics
-    hold them, else the Gram matrix (``gram_matrix`` when the caller has read it already). σ² carries an absolute error ~ eps64 · σ_max², far below what the
-    spectrum plots and energy shares resolve."""
+    hold them, else the Gram matrix (``gram_matrix`` when the caller has read it already). σ² carries an
+    absolute error ~ eps64 · σ_max², far below what the spectrum plots and energy shares resolve."""
     W = delta.to(torch.float64)
     if W.shape[0] >= W.shape[1]:
         s2, V = eigh64(gram(W))                                       # ΔWᵀΔW = V diag(σ²) Vᵀ
