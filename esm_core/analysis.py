@@ -79,10 +79,26 @@ def _share(cum: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return cum / total if total > 0 else torch.zeros_like(cum)
 
 
-def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: str, k: int, esm_like: bool = False):
-    """``(ESD entry, ΔW, statistics, fingerprint of ΔW, Gram matrix or None)`` of one task and key, from ``cache``
-    when it holds it. The Gram matrix is returned when it was read for the decomposition (None otherwise), so a
-    caller that needs it too does not read (or form) it again.
+def _shared_products(d: torch.Tensor, f: torch.Tensor | None) -> dict:
+    """The products both the ESD and :func:`svd_spectrum` form from ΔW (``d``) and the statistics' factor ``f``:
+    ``ΔWᵀΔW`` of a tall (or square) update, ``ΔW G ΔWᵀ = gram((ΔW f)ᵀ)`` of a wide one whose factor has more
+    columns than ΔW has rows (the ESD's route there; e.g. ``c_proj`` with 1,600 probe rows): keyword arguments
+    for both."""
+    W = d.to(torch.float64)
+    if W.shape[0] >= W.shape[1]:
+        return {"wtw": gram(W)}
+    if f is not None and f.shape[1] > W.shape[0]:
+        return {"shift_gram": gram((W @ f.to(torch.float64)).mT)}
+    return {}
+
+
+def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: str, k: int, esm_like: bool = False,
+               share: bool = False):
+    """``(ESD entry, ΔW (float64), statistics, fingerprint of ΔW, Gram matrix or None, shared products)`` of one
+    task and key, from ``cache`` when it holds it. The Gram matrix is returned when it was read for the
+    decomposition (None otherwise), so a caller that needs it too does not read (or form) it again; with
+    ``share``, a decomposition computed here is given the products :func:`svd_spectrum` needs too
+    (:func:`_shared_products`), and they are returned ({} otherwise).
 
     ``esm_like``: decompose as an ESM merge at its default rank does — the columns the largest offered rank can use,
     with the coordinates P̂ᵀΔW — so the entry is the one a later ESM merge looks up (decomposed the analysis' own
@@ -90,7 +106,8 @@ def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: st
     sees bit-identical ΔW and the same statistics' fingerprint, so the entries match."""
     st = task_layer_stats(stats, name, key)
     d = _delta(base, tasks, name, key)
-    dfp = fingerprint(d)
+    dfp = fingerprint(d)                # of the float32 ΔW, as ESM's merge fingerprints it
+    d = d.to(torch.float64)             # converted once: the ESD, the shared products and the SVD spectrum read it
     kw = {}
     if esm_like:
         d_out, T = int(d.shape[0]), len(tasks)
@@ -99,13 +116,15 @@ def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: st
     if hasattr(st, "fingerprint"):      # probe statistics: the same fingerprint and factor ESM uses (shared entries)
         e = cache.lookup(name, key, (dfp, st.fingerprint(), int(st.n)), k)
         if e is not None and (e.A is not None or not esm_like):
-            return e, d, st, dfp, None  # (spilled statistics are not read back for a cached entry)
+            return e, d, st, dfp, None, {}  # (spilled statistics are not read back for a cached entry)
         f = st.factor()
         g = None if f is not None else st.gram
+        pre = _shared_products(d, f) if share else {}
         return cache.esd(name, key, d, g, int(st.n), k=k, gram_fp=st.fingerprint(), delta_fp=dfp, factor=f,
-                         **kw), d, st, dfp, g
+                         **kw, **pre), d, st, dfp, g, pre
     g = st.gram
-    return cache.esd(name, key, d, g, int(st.n), k=k, delta_fp=dfp, **kw), d, st, dfp, g
+    pre = _shared_products(d, None) if share else {}
+    return cache.esd(name, key, d, g, int(st.n), k=k, delta_fp=dfp, **kw, **pre), d, st, dfp, g, pre
 
 
 def _info(key: str) -> dict:
@@ -120,7 +139,8 @@ def _info(key: str) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def svd_spectrum(delta: torch.Tensor, st, gram_matrix: torch.Tensor | None = None
+def svd_spectrum(delta: torch.Tensor, st, gram_matrix: torch.Tensor | None = None, *,
+                 wtw: torch.Tensor | None = None, shift_gram: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(σi², σi² viᵀ G vi)`` of ``ΔW = Σ σi ui viᵀ`` (descending, float64): the squared singular values and
     the output energy ``‖X σi vi‖²`` of each triplet on the layer's inputs (``st``: its statistics).
@@ -129,15 +149,22 @@ def svd_spectrum(delta: torch.Tensor, st, gram_matrix: torch.Tensor | None = Non
     768² on a ViT-B/32: about a third of the time of the 3072 × 768 SVD with its vectors) and,
     for the energies, ``σi vi`` (``V diag(σ)`` or ``ΔWᵀU``) against the input rows when the statistics
     hold them, else the Gram matrix (``gram_matrix`` when the caller has read it already). σ² carries an
-    absolute error ~ eps64 · σ_max², far below what the spectrum plots and energy shares resolve."""
+    absolute error ~ eps64 · σ_max², far below what the spectrum plots and energy shares resolve.
+
+    ``wtw`` (``gram(ΔW)``) stands in for the tall side's Gram matrix; ``shift_gram`` (``ΔW G ΔWᵀ``) gives a
+    wide update's energies as ``uiᵀ (ΔW G ΔWᵀ) ui`` (d_out³ flops instead of ``ΔWᵀU`` and its product with the
+    input rows; the same energies to ~eps64 · σ_max² of the output shift). Both from :func:`_shared_products`."""
     W = delta.to(torch.float64)
     if W.shape[0] >= W.shape[1]:
-        s2, V = eigh64(gram(W))                                       # ΔWᵀΔW = V diag(σ²) Vᵀ
+        s2, V = eigh64(gram(W) if wtw is None else wtw)               # ΔWᵀΔW = V diag(σ²) Vᵀ
         s2 = s2.clamp_min(0)
         sv = V * s2.sqrt()                                            # columns σi vi
     else:
         s2, U = eigh64(gram(W.mT))                                    # ΔWΔWᵀ = U diag(σ²) Uᵀ
         s2 = s2.clamp_min(0)
+        if shift_gram is not None:                                    # σi² viᵀ G vi = uiᵀ (ΔW G ΔWᵀ) ui
+            U = U.flip(1)
+            return s2.flip(0), ((shift_gram.to(torch.float64) @ U) * U).sum(0).clamp_min(0)
         sv = W.mT @ U                                                 # ΔWᵀ ui = σi vi
     s2, sv = s2.flip(0), sv.flip(1)
     f = st.factor() if hasattr(st, "factor") else None
@@ -169,13 +196,14 @@ def spectra(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=No
         for name in names:
             d_out, d_in = base[key].shape
             kk = esm_rank(d_out, len(names), rank=int(k or 0))
-            e, d, st, dfp, g = _esd_entry(cache, base, tasks, stats, name, key, 0, esm_like=esm_entries)
+            e, d, st, dfp, g, pre = _esd_entry(cache, base, tasks, stats, name, key, 0, esm_like=esm_entries,
+                                               share=True)
             r = min(d_out, d_in)
             fp = (dfp, st.fingerprint() if hasattr(st, "fingerprint") else fingerprint(st.gram if g is None else g),
                   int(st.n))
             svd = cache.get_result(("svd-spectrum", name, key), fp)
             if svd is None:
-                svd = svd_spectrum(d, st, g)                          # (σi², output energy of triplet i)
+                svd = svd_spectrum(d, st, g, **pre)                   # (σi², output energy of triplet i)
                 cache.put_result(("svd-spectrum", name, key), fp, svd)
             s2, out_e = svd
             lam = e.lam[:r]

@@ -155,3 +155,14 @@ def test_svd_spectrum_equals_the_svd(shape, form, spectrum):
     ref = S.square() * ((Vh @ (X.mT @ X)) * Vh).sum(1)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12 * float(ref.sum()))
     assert float(out.sum()) == pytest.approx(float((X @ W.mT).square().sum()), rel=1e-9)   # = tr(ΔW G ΔWᵀ)
+    # the products the Spectra view shares with the ESD (ΔWᵀΔW; ΔW G ΔWᵀ of a wide update with a rows factor
+    # wider than ΔW is tall) give the same spectrum and energies
+    if m < n and form == "rows":            # a wide update whose rows factor is wider than it is tall (c_proj)
+        X = torch.randn(n - 1, n, generator=g, dtype=torch.float64)
+        st = LayerStats(rows=X, n=X.shape[0])
+        ref = S.square() * ((Vh @ (X.mT @ X)) * Vh).sum(1)
+    pre = analysis._shared_products(W, st.factor())
+    assert set(pre) == ({"wtw"} if m >= n else {"shift_gram"} if form == "rows" else set())
+    s2p, outp = analysis.svd_spectrum(W, st, **pre)
+    torch.testing.assert_close(s2p, s2, rtol=0, atol=1e-13)
+    torch.testing.assert_close(outp, ref, rtol=0, atol=1e-12 * float(ref.sum()))

@@ -260,6 +260,23 @@ def test_esd_exact_fallback_uses_the_factor_in_hand(form, monkeypatch):
     assert svds == [(14, r)] * 2
 
 
+@pytest.mark.parametrize("form", ["tall-gram", "tall-rows", "wide-rows"])
+def test_esd_with_shared_products_is_the_same(form):
+    # the Spectra view hands esd() the ΔWᵀΔW / ΔW G ΔWᵀ it forms for the SVD spectrum: bit-identical results
+    from esm_core.merging.decompose import gram as gram_of
+    d_out, d_in, N = {"tall-gram": (14, 6, 30), "tall-rows": (14, 10, 8), "wide-rows": (6, 14, 10)}[form]
+    X, W, G = _esd_case(d_out, d_in, N, seed=51)
+    kw = {} if form == "tall-gram" else {"factor": X.mT}
+    pre = ({"wtw": gram_of(W)} if form.startswith("tall") else {"shift_gram": gram_of((W @ X.mT).mT)})
+    a = esd(W, G if form == "tall-gram" else None, N, columns=4, coords=True, **kw)
+    b = esd(W, G if form == "tall-gram" else None, N, columns=4, coords=True, **kw, **pre)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="must be"):
+        bad = {k: v[:-1] for k, v in pre.items()}
+        esd(W, G if form == "tall-gram" else None, N, columns=4, **kw, **bad)
+
+
 def test_times_l_is_the_product_with_a_lower_triangular_factor():
     from esm_core.merging.decompose import _times_l, _trmm_ok
     L = torch.linalg.cholesky(_rand(30, 7, seed=41).mT @ _rand(30, 7, seed=41))

@@ -396,6 +396,11 @@ def _completion(P: torch.Tensor, m: int) -> torch.Tensor:
     return torch.linalg.qr(Z)[0]
 
 
+def _check_shape(x: torch.Tensor, shape: tuple, what: str) -> None:
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{what} must be {shape[0]} × {shape[1]}, got {tuple(x.shape)}")
+
+
 def _esd_svd(W: torch.Tensor, L: torch.Tensor, tri: bool, n: int, want: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P, λ)`` from the thin SVD of ``M = ΔW L`` (``M Mᵀ = ΔW G ΔWᵀ`` for any ``L Lᵀ = G``): the exact
     route of :func:`esd_exact` without its eigendecomposition of ``G`` (an SVD of ``ΔW Q diag(√g)``
@@ -412,7 +417,8 @@ def _esd_svd(W: torch.Tensor, L: torch.Tensor, tri: bool, n: int, want: int) -> 
 
 
 def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int | None = None,
-        factor: torch.Tensor | None = None, coords: bool = False):
+        factor: torch.Tensor | None = None, coords: bool = False, wtw: torch.Tensor | None = None,
+        shift_gram: torch.Tensor | None = None):
     """Essential Subspace Decomposition of one task matrix (SPEC §5).
 
     ``delta``: ΔW (d_out × d_in); ``gram``: ``G = XᵀX`` (d_in × d_in) of the
@@ -434,6 +440,10 @@ def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int 
     (d_out × d_out). When a column asked has ``μ_i < ESD_GRAM_RCOND · μ_max``
     (error of the Gram route above ~1e-8) the exact route runs: the thin SVD of ``M`` (as
     :func:`esd_exact`, from the factor in hand instead of an eigendecomposition of ``G``).
+
+    ``wtw`` / ``shift_gram``: ``ΔWᵀΔW`` (``gram(ΔW)``) and ``ΔW G ΔWᵀ`` (``gram((ΔW L)ᵀ)`` for the
+    ``factor`` L), float64, from a caller that needs them as well (the Spectra view's SVD spectrum); used
+    where this route forms them, so the result is the same.
     """
     _check_esd_inputs(delta, gram, n, factor)
     d_out, d_in = delta.shape
@@ -456,12 +466,19 @@ def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int 
     tri = tri and _trmm_ok(L, W)
     r = L.shape[1]
     if r > d_out:
-        M = W @ L                                          # M Mᵀ = ΔW G ΔWᵀ (d_out × r)
-        C = _xtx(M.mT)                                     # exactly symmetric
+        if shift_gram is not None:
+            _check_shape(shift_gram, (d_out, d_out), "shift_gram (ΔW G ΔWᵀ)")
+            C = shift_gram.to(W.device, torch.float64)
+        else:
+            C = _xtx((W @ L).mT)                           # M Mᵀ = ΔW G ΔWᵀ (M = ΔW L: d_out × r), symmetric
         ev, P = eigh64(C)
         ev, P = ev.flip(0), P.flip(1)[:, :want]
         return done(P.contiguous(), ev.clamp_min(0) / (int(n) - 1))
-    WtW = _xtx(W)                                          # d_in × d_in (one triangle: syrk)
+    if wtw is not None:
+        _check_shape(wtw, (d_in, d_in), "wtw (ΔWᵀΔW)")
+        WtW = wtw.to(W.device, torch.float64)
+    else:
+        WtW = _xtx(W)                                      # d_in × d_in (one triangle: syrk)
     if tri:
         K = _lt_s_l(L, WtW)                                # = MᵀM (r × r)
     else:
@@ -621,14 +638,15 @@ class DecompositionCache:
 
     def esd(self, task: str, key: str, delta: torch.Tensor, gram: torch.Tensor | None, n: int, k: int = 0,
             gram_fp: tuple | None = None, delta_fp: tuple | None = None, *, factor: torch.Tensor | None = None,
-            keep: int | None = None, coords: bool = False) -> EsdEntry:
+            keep: int | None = None, coords: bool = False, wtw: torch.Tensor | None = None,
+            shift_gram: torch.Tensor | None = None) -> EsdEntry:
         """The ESD of ``delta`` (task ``task``, key ``key``) with at least ``k`` eigenvector columns.
 
         Reused when the fingerprints of ``delta`` and ``gram`` and ``n`` match the
         stored entry and it has enough columns; computed (and stored) otherwise.
         ``factor`` (``L Lᵀ = G``) may stand in for ``gram`` (then give ``gram_fp``);
         ``keep`` caps the columns stored (never below ``k``); ``coords`` also
-        stores the coordinates ``A = P̂ᵀ ΔW``.
+        stores the coordinates ``A = P̂ᵀ ΔW``; ``wtw`` / ``shift_gram`` as in :func:`esd`.
         """
         if gram is None and gram_fp is None:
             raise ValueError("give gram_fp with a factor instead of the Gram matrix")
@@ -646,7 +664,7 @@ class DecompositionCache:
             c = min(c, int(self.max_columns))
         c = min(d_out, max(k, c))
         _check_esd_inputs(delta, gram, n, factor)
-        out = esd(delta, gram, n, columns=c, factor=factor, coords=coords)
+        out = esd(delta, gram, n, columns=c, factor=factor, coords=coords, wtw=wtw, shift_gram=shift_gram)
         P, lam = out[0], out[1]
         A = out[2].to(torch.float32) if coords else None
         self.esd_calls += 1
