@@ -355,10 +355,14 @@ def test_infer_vit_config(pool):
 
 # ---------------------------------------------------------------- ESM++ routing
 
-def test_routing_run_and_export(esm_sess, pool):
+def test_routing_run_and_export(esm_sess, pool, monkeypatch):
+    import esm_core.merging.api as api
     sess = esm_sess
     img = np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)
+    checked = []                    # the pool's checkpoints were checked when loaded: ESM++'s merge does not re-read them
+    monkeypatch.setattr(api, "check_finite", lambda *a, **k: checked.append(a[1]))
     run = S.run_routing(sess, rank=4, per_task=3, image=img)
+    assert checked == []
     T, L = len(FAKE_TASKS), len(run["layers"])
     assert L == 4 and run["tasks"] == list(FAKE_TASKS)          # in_proj and c_fc of 2 blocks
     assert run["choices"].shape == (3 * T + 1, L) and run["cosines"].shape == (3 * T + 1, L, T)

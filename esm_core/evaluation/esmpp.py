@@ -18,7 +18,7 @@ Progress = Callable[[float, str], None]
 def build_esmpp(pool, stats=None, *, rank: int = ESMPP.default("rank"),
                 routed_types: str = ESMPP.default("routed_types"), alpha: float | None = None,
                 esm_params: Mapping[str, Any] | None = None, progress: Progress | None = None,
-                device: str | torch.device = "auto", cache=None) -> RoutedModel:
+                device: str | torch.device = "auto", cache=None, check: bool = True) -> RoutedModel:
     """ESM++ for a TaskPool: ESM merge → experts → prototypes → routed model.
 
     The routed model follows what ``pool.build_visual`` returns: an open_clip image tower, or a
@@ -28,8 +28,10 @@ def build_esmpp(pool, stats=None, *, rank: int = ESMPP.default("rank"),
     here when None). ``alpha``: ESM's α; None = chosen on validation with
     :func:`esm_core.evaluation.search_alpha` (golden section). ``esm_params``:
     other ESM parameters. ``cache``: a decomposition cache reused by the ESM
-    merges. Returns a :class:`RoutedModel` whose ``config`` records all of it
-    (save it with ``save_esmpp(path, m.merged_sd, m.experts, m.config)``).
+    merges. ``check=False``: the pool's checkpoints were checked when it was
+    loaded (the app's pools), so the ESM merge does not read every tensor to
+    check it again. Returns a :class:`RoutedModel` whose ``config`` records all
+    of it (save it with ``save_esmpp(path, m.merged_sd, m.experts, m.config)``).
     """
     report = progress or (lambda f, d: None)
     dev = resolve_device(device)
@@ -42,7 +44,7 @@ def build_esmpp(pool, stats=None, *, rank: int = ESMPP.default("rank"),
                                     progress=lambda f, d: report(0.2 + 0.5 * f, d))
     alpha = float(alpha)
     report(0.7, f"ESM merge at α = {alpha:.3f}")
-    merged = merged_state(pool, "esm", p, alpha, stats=stats, cache=cache, device=dev)
+    merged = merged_state(pool, "esm", p, alpha, stats=stats, cache=cache, device=dev, check=check)
     rank = ESMPP.resolve({"rank": rank, "routed_types": routed_types})["rank"]
     keys = routed_keys_of(list(merged), routed_types)
     experts = build_experts(merged, pool.tasks, stats, rank=rank, routed_keys=keys, device=dev,

@@ -43,13 +43,15 @@ def search_alpha(pool, method: str, params: Mapping[str, Any] | None = None, *, 
 
 
 def merged_state(pool, method: str, params: Mapping[str, Any] | None = None, alpha: float | None = None, *,
-                 stats=None, cache=None, device: str | torch.device = "auto") -> dict[str, torch.Tensor]:
-    """θ0 + the method's update at ``alpha`` (the method's default α when None)."""
+                 stats=None, cache=None, device: str | torch.device = "auto",
+                 check: bool = True) -> dict[str, torch.Tensor]:
+    """θ0 + the method's update at ``alpha`` (the method's default α when None). ``check=False`` skips the merge's
+    check of the checkpoints (finite values, shapes) for a pool whose checkpoints were checked when it was loaded."""
     p = dict(params or {})
     if alpha is not None:
         p["alpha"] = alpha
     return apply_updates(pool.base, merge_updates(method, pool.base, pool.tasks, stats=stats, cache=cache,
-                                                  device=device, **p))
+                                                  device=device, check=check, **p))
 
 
 def evaluate_method(pool, method: str, params: Mapping[str, Any] | None = None, *, alpha: float | str = "auto",

@@ -31,8 +31,8 @@ def esmpp_model(s: Session, rank: int = ESMPP.default("rank"), progress: Progres
             report = progress or _noop
             stats = ensure_stats(s, progress=lambda f, d: report(0.3 * f, d))
             model = build_esmpp(pool, stats, rank=int(rank), alpha=alpha, esm_params=params,
-                                        cache=ensure_cache(s), device=s.device,
-                                        progress=lambda f, d: report(0.3 + 0.7 * f, d))
+                                cache=ensure_cache(s), device=s.device, check=False,     # checked when loaded
+                                progress=lambda f, d: report(0.3 + 0.7 * f, d))
             s.esmpp = {"recipe": recipe, "model": model, "rank": int(rank), "alpha": alpha,
                        "from_merge": last["id"] if last else None, "accs": None}
             trim_heap()
