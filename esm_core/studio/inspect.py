@@ -62,6 +62,7 @@ def spectra(s: Session, progress: Progress | None = None) -> list[dict]:
             rows, keys = [], esd_keys(s)
             for i, key in enumerate(keys):       # decomposed as ESM does: a later ESM merge reuses every entry
                 rows += analysis.spectra(pool.base, pool.tasks, stats, keys=[key], cache=cache, esm_entries=True)
+                trim_heap()                      # each key's freed working memory, before the next key's
                 report(0.3 + 0.7 * (i + 1) / len(keys), f"decomposing {key}")
             s.spectra_rows = rows
             trim_heap()
