@@ -94,11 +94,12 @@ def _shared_products(d: torch.Tensor, f: torch.Tensor | None) -> dict:
 
 def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: str, k: int, esm_like: bool = False,
                share: bool = False):
-    """``(ESD entry, ΔW (float64), statistics, fingerprint of ΔW, Gram matrix or None, shared products)`` of one
+    """``(ESD entry, ΔW, statistics, fingerprint of ΔW, Gram matrix or None, shared products)`` of one
     task and key, from ``cache`` when it holds it. The Gram matrix is returned when it was read for the
     decomposition (None otherwise), so a caller that needs it too does not read (or form) it again; with
     ``share``, a decomposition computed here is given the products :func:`svd_spectrum` needs too
-    (:func:`_shared_products`), and they are returned ({} otherwise).
+    (:func:`_shared_products`), and they are returned ({} otherwise). A decomposition computed here gets ΔW in
+    float64 (converted once, returned so for the SVD spectrum too); a cached one costs no conversion.
 
     ``esm_like``: decompose as an ESM merge at its default rank does — the columns the largest offered rank can use,
     with the coordinates P̂ᵀΔW — so the entry is the one a later ESM merge looks up (decomposed the analysis' own
@@ -107,7 +108,6 @@ def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: st
     st = task_layer_stats(stats, name, key)
     d = _delta(base, tasks, name, key)
     dfp = fingerprint(d)                # of the float32 ΔW, as ESM's merge fingerprints it
-    d = d.to(torch.float64)             # converted once: the ESD, the shared products and the SVD spectrum read it
     kw = {}
     if esm_like:
         d_out, T = int(d.shape[0]), len(tasks)
@@ -117,12 +117,13 @@ def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: st
         e = cache.lookup(name, key, (dfp, st.fingerprint(), int(st.n)), k)
         if e is not None and (e.A is not None or not esm_like):
             return e, d, st, dfp, None, {}  # (spilled statistics are not read back for a cached entry)
+        d = d.to(torch.float64)         # converted once: the ESD, the shared products and the SVD spectrum read it
         f = st.factor()
         g = None if f is not None else st.gram
         pre = _shared_products(d, f) if share else {}
         return cache.esd(name, key, d, g, int(st.n), k=k, gram_fp=st.fingerprint(), delta_fp=dfp, factor=f,
                          **kw, **pre), d, st, dfp, g, pre
-    g = st.gram
+    g, d = st.gram, d.to(torch.float64)
     pre = _shared_products(d, None) if share else {}
     return cache.esd(name, key, d, g, int(st.n), k=k, delta_fp=dfp, **kw, **pre), d, st, dfp, g, pre
 
