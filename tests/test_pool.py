@@ -44,6 +44,30 @@ def test_build_visual_loads_the_state_dict():
         pool.build_visual(bad)
 
 
+def test_build_visual_copies_the_state_dict_without_drawing_an_init(monkeypatch):
+    """The tower is built on the meta device and takes copies: the caller's tensors are never the module's (a
+    later write to either leaves the other alone), and no random init is drawn for weights it then overwrites."""
+    sd = _tiny_sd(1)
+    drawn = []
+    real = torch.nn.init.kaiming_uniform_                       # nn.Linear's init
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda *a, **k: (
+        drawn.append((a[0] if a else k["tensor"]).device.type), real(*a, **k))[1])
+    m = build_visual_tower(TINY, sd)
+    assert drawn and set(drawn) == {"meta"}
+    own = m.state_dict()
+    for k, v in sd.items():
+        assert torch.equal(own[k[len("visual."):]], v) and own[k[len("visual."):]].data_ptr() != v.data_ptr()
+    assert all(p.requires_grad and p.device.type == "cpu" for p in m.parameters())
+    sd["visual.proj"].add_(1.0)
+    assert not torch.equal(m.proj, sd["visual.proj"])
+    with pytest.raises(ValueError, match="unexpected"):
+        build_visual_tower(TINY, {**sd, "visual.extra": torch.zeros(1)})
+    shared = build_visual_tower(TINY, sd, share=True)              # share: the module holds the given tensors
+    assert all(shared.state_dict()[k[len("visual."):]].data_ptr() == v.data_ptr() for k, v in sd.items())
+    half = {k: v.double() for k, v in sd.items()}                  # (only where the dtype fits: else a copy)
+    assert all(p.dtype == torch.float32 for p in build_visual_tower(TINY, half, share=True).parameters())
+
+
 def test_images_are_normalised_and_cached():
     raw = np.array([[[0, 255], [51, 102]]] * 5, np.uint8).repeat(4, 1).repeat(4, 2)   # 5×8×8
     pool = _pool({"a": {"val": (raw, np.arange(5) % 3), "test": (raw[:2], np.array([0, 2]))}})

@@ -406,6 +406,19 @@ def test_save_load_round_trip_is_exact(tmp_path, matched, model_name, base_sd):
         assert torch.equal(again.last_log.chosen, routed.last_log.chosen)
 
 
+def test_routed_model_keeps_one_copy_of_the_merged_weights(model_name, base_sd):
+    """``merged_sd`` (what save_esmpp writes) is the tower's own tensors, equal to the merged state dict given."""
+    keys = routed_keys_of(base_sd)
+    merged = {k: v.clone() for k, v in base_sd.items()}
+    routed = build_routed(merged, random_experts(base_sd, keys), make_build_visual(model_name))
+    own = {p.data_ptr() for p in routed.visual.parameters()}
+    assert set(routed.merged_sd) == set(base_sd)
+    assert all(torch.equal(routed.merged_sd[k], base_sd[k]) for k in base_sd)
+    shared = [k for k, v in routed.merged_sd.items() if v.data_ptr() in own]
+    assert len(shared) == len([k for k in base_sd if base_sd[k].is_floating_point()]) > 0
+    assert all(routed.merged_sd[k].data_ptr() != merged[k].data_ptr() for k in merged)
+
+
 def test_load_refuses_files_that_do_not_fit(tmp_path, matched, base_sd):
     routed, _ = matched
     path = save_esmpp(tmp_path / "m.safetensors", base_sd, routed.experts)

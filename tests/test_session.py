@@ -361,8 +361,18 @@ def test_routing_run_and_export(esm_sess, pool, monkeypatch):
     img = np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)
     checked = []                    # the pool's checkpoints were checked when loaded: ESM++'s merge does not re-read them
     monkeypatch.setattr(api, "check_finite", lambda *a, **k: checked.append(a[1]))
+    from esm_core.pools.taskpool import TaskPool
+    built = []                      # the routed tower takes the merged tensors (one copy of the model, not two)
+    real_build = TaskPool.build_visual
+    monkeypatch.setattr(TaskPool, "build_visual", lambda self, sd, device="cpu", share=False: (
+        built.append((share, sd)), real_build(self, sd, device=device, share=share))[1])
     run = S.run_routing(sess, rank=4, per_task=3, image=img)
     assert checked == []
+    assert [sh for sh, _ in built] == [True]
+    m = sess.esmpp["model"]
+    own = {p.data_ptr() for p in m.visual.parameters()}
+    assert all(v.data_ptr() in own for v in built[0][1].values() if v.is_floating_point())
+    assert all(m.merged_sd[k].data_ptr() == v.data_ptr() for k, v in built[0][1].items())
     T, L = len(FAKE_TASKS), len(run["layers"])
     assert L == 4 and run["tasks"] == list(FAKE_TASKS)          # in_proj and c_fc of 2 blocks
     assert run["choices"].shape == (3 * T + 1, L) and run["cosines"].shape == (3 * T + 1, L, T)

@@ -8,6 +8,7 @@ import torch
 from ..device import resolve_device
 from ..esmpp import ESMPP, DecisionLog, RoutedModel, build_experts, build_routed, routed_keys_of, routing_accuracy
 from ..merging import get_method
+from ..pools.taskpool import TaskPool
 from ..probe import probe_pool
 from .accuracy import evaluate, summarize
 from .runs import merged_state, search_alpha
@@ -56,7 +57,11 @@ def build_esmpp(pool, stats=None, *, rank: int = ESMPP.default("rank"),
               if isinstance(stats, Mapping) else None}
     if curve is not None:
         config["alpha_curve"] = [[float(a), float(s)] for a, s in curve]
-    routed = build_routed(merged, experts, lambda sd: pool.build_visual(sd, device=dev), device=dev, config=config)
+    # an image tower takes the merged tensors themselves (nothing else holds them, nothing writes into its
+    # weights): one copy of the model, not two; a text encoder copies (a text pool writes each task's biases in)
+    share = {"share": True} if isinstance(pool, TaskPool) else {}
+    routed = build_routed(merged, experts, lambda sd: pool.build_visual(sd, device=dev, **share), device=dev,
+                          config=config)
     report(1.0, "ESM++ ready")
     return routed
 

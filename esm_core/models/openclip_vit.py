@@ -138,31 +138,51 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def build_visual_tower(model: str | Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None, *,
-                       quick_gelu: bool | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+                       quick_gelu: bool | None = None, device: str | torch.device = "cpu", share: bool = False
+                       ) -> torch.nn.Module:
     """The open_clip image tower of ``model`` (a model name or a config dict; random init, no download),
     with ``state_dict`` loaded.
 
     ``state_dict`` keys may carry the ``visual.`` prefix (it is stripped). The
     module is returned in eval mode on ``device``. ``quick_gelu`` overrides the
-    config's activation (OpenAI-derived weights need QuickGELU).
+    config's activation (OpenAI-derived weights need QuickGELU). The module holds
+    copies of ``state_dict``'s tensors unless ``share``: then it holds the tensors
+    themselves wherever their dtype and device already fit (no second copy of the
+    model; for a state dict the caller hands over and no longer writes into).
     """
     cfg = model_config(model)
     label = model if isinstance(model, str) else "uploaded"
     qg = bool(cfg.get("quick_gelu", False)) if quick_gelu is None else bool(quick_gelu)
-    if _build_vision_tower is not None:
+    if state_dict is not None and _build_vision_tower is not None:
+        # every tensor comes from state_dict: build on the meta device (no random init — 88 M parameters drawn and
+        # then overwritten cost a second and a model's worth of memory next to the state dict) and take copies
+        with torch.device("meta"):
+            visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=qg)
+        _load_exact(visual, state_dict, label, assign=True, copy=not share)
+        if not any(t.is_meta for t in (*visual.parameters(), *visual.buffers())):
+            return visual.to(resolve_device(device)).eval()
+    if _build_vision_tower is not None:     # (a tensor the state dict does not carry: build with its init)
         visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=qg)
     else:  # pragma: no cover  (older/newer open_clip without the helper)
         visual = open_clip.create_model(label, pretrained=None, force_quick_gelu=qg).visual
     if state_dict is not None:
-        sd = strip_prefix(state_dict)
-        own = visual.state_dict()
-        missing = sorted(set(own) - set(sd))
-        extra = sorted(set(sd) - set(own))
-        if missing or extra:
-            raise ValueError(f"state dict does not fit the {label} image tower: missing {missing[:5]}, "
-                             f"unexpected {extra[:5]}")
-        visual.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+        _load_exact(visual, state_dict, label, assign=False, copy=True)
     return visual.to(resolve_device(device)).eval()
+
+
+def _load_exact(visual: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], label: str, assign: bool,
+                copy: bool) -> None:
+    """``state_dict`` (``visual.`` prefix stripped) into ``visual``: exactly its keys, each in the module's dtype;
+    ``assign``: the module takes the given tensors instead of copying into its own — copies of them when ``copy``,
+    else the tensors themselves where the dtype fits."""
+    sd = strip_prefix(state_dict)
+    own = visual.state_dict()
+    missing = sorted(set(own) - set(sd))
+    extra = sorted(set(sd) - set(own))
+    if missing or extra:
+        raise ValueError(f"state dict does not fit the {label} image tower: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    visual.load_state_dict({k: v.to(own[k].dtype, copy=assign and copy) for k, v in sd.items()}, assign=assign)
 
 
 _CFG_BOUNDS = {"image_size": (8, 1024), "layers": (1, 64), "width": (8, 4096), "patch_size": (1, 64),

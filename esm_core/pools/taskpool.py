@@ -62,9 +62,12 @@ class TaskPool:
         if task not in self.tasks:
             raise ValueError(f"pool {self.name!r} has no task {task!r}; tasks: {self.task_names}")
 
-    def build_visual(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu") -> torch.nn.Module:
-        """open_clip image tower with ``state_dict`` (keys ``visual.*``) loaded, eval mode."""
-        return build_visual_tower(self.model_name, state_dict, quick_gelu=self.quick_gelu, device=device)
+    def build_visual(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
+                     share: bool = False) -> torch.nn.Module:
+        """open_clip image tower with ``state_dict`` (keys ``visual.*``) loaded, eval mode; ``share``: it holds
+        ``state_dict``'s own tensors, not copies (see :func:`~esm_core.models.openclip_vit.build_visual_tower`)."""
+        return build_visual_tower(self.model_name, state_dict, quick_gelu=self.quick_gelu, device=device,
+                                  share=share)
 
     def _raw(self, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
         self._check_task(task)
