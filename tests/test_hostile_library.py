@@ -466,3 +466,18 @@ def test_merged_weights_that_overflow_the_base_dtype_refused():
         merge("ta", base, tasks, alpha=2.0, roles={"w": "matrix", "b": "vector"}, layer_types={}, device="cpu")
     with pytest.raises(ValueError, match="in w"):
         apply_updates(base, {"w": torch.full((2, 2), 1e5)})
+
+
+def test_apply_updates_consume_hands_each_update_back_once_added():
+    """``consume=True`` (merged_state): the same merged weights, and the updates dict emptied key by key (the
+    base's other keys copied, an update of a key the base lacks left in place)."""
+    import weakref
+    from esm_core.merging import apply_updates
+    base = {"w": torch.ones(2, 2), "b": torch.zeros(2), "n": torch.tensor(3)}
+    ups = {"w": torch.full((2, 2), 0.5), "b": torch.ones(2), "x": torch.zeros(1)}
+    want = apply_updates(base, ups)
+    gone = weakref.ref(ups["w"])
+    got = apply_updates(base, ups, consume=True)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert list(ups) == ["x"] and gone() is None                   # w's update freed once added
+    assert got["n"].data_ptr() != base["n"].data_ptr()

@@ -50,8 +50,8 @@ def merged_state(pool, method: str, params: Mapping[str, Any] | None = None, alp
     p = dict(params or {})
     if alpha is not None:
         p["alpha"] = alpha
-    return apply_updates(pool.base, merge_updates(method, pool.base, pool.tasks, stats=stats, cache=cache,
-                                                  device=device, check=check, **p))
+    updates = merge_updates(method, pool.base, pool.tasks, stats=stats, cache=cache, device=device, check=check, **p)
+    return apply_updates(pool.base, updates, consume=True)      # each update freed once added
 
 
 def evaluate_method(pool, method: str, params: Mapping[str, Any] | None = None, *, alpha: float | str = "auto",

@@ -119,15 +119,20 @@ def merge_updates(method: str, base, tasks, *, device="auto", family=None, roles
     return out
 
 
-def apply_updates(base: Mapping[str, torch.Tensor], updates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def apply_updates(base: Mapping[str, torch.Tensor], updates: Mapping[str, torch.Tensor], *,
+                  consume: bool = False) -> dict[str, torch.Tensor]:
     """θ0 + update for every updated key (computed in float32, stored in the base's dtype); others copied.
 
+    ``consume``: ``updates`` is a dict the caller hands over; each key is removed from it once added, so its
+    tensor can be freed then (peak: the merged model plus one update, not two models' worth).
     Refuses (ValueError naming the keys) a result that is not finite once stored
     in the base's dtype, e.g. a float16 base whose merged values pass 65504."""
     out, bad = {}, []
     for k, v in base.items():
         if k in updates:
-            out[k] = (v.to(torch.float32) + updates[k].to(v.device, torch.float32)).to(v.dtype)
+            u = updates.pop(k) if consume else updates[k]
+            out[k] = (v.to(torch.float32) + u.to(v.device, torch.float32)).to(v.dtype)
+            del u
             if out[k].is_floating_point() and not bool(torch.isfinite(out[k]).all()):
                 bad.append(k)
         else:
