@@ -351,6 +351,24 @@ def test_expert_of_full_rank_reproduces_the_finetuned_layer(base_sd):
                                rtol=0, atol=1e-6)
 
 
+def test_build_experts_reads_each_task_layer_once(tmp_path, base_sd):
+    """From lazy checkpoints (the app's pools): each routed layer of each task is read from disk once, not a
+    second time for its shape, and the experts equal those built from the tensors in memory."""
+    from esm_core.lazy import LazyCheckpoint
+    keys = routed_keys_of(base_sd)
+    tasks = task_sds(base_sd, rank=2)
+    lazy = {}
+    for t in TASKS:
+        save_safetensors(tasks[t], tmp_path / f"{t}.safetensors")
+        lazy[t] = LazyCheckpoint(tmp_path / f"{t}.safetensors")
+    g = torch.Generator().manual_seed(3)
+    stats = {t: {k: gram_stats(torch.randn(40, base_sd[k].shape[1], generator=g)) for k in keys} for t in TASKS}
+    ex = build_experts(base_sd, lazy, stats, rank=3)
+    assert all(sorted(lazy[t].read_keys) == sorted(keys) for t in TASKS)
+    want = build_experts(base_sd, tasks, stats, rank=3)
+    assert all(torch.equal(ex.A[k], want.A[k]) and torch.equal(ex.B[k], want.B[k]) for k in keys)
+
+
 def test_build_experts_refuses_bad_input(base_sd):
     keys = routed_keys_of(base_sd)
     tasks = task_sds(base_sd)

@@ -129,11 +129,13 @@ def build_experts(merged_sd: Mapping[str, torch.Tensor], tasks: Mapping[str, Map
         for t in names:
             if key not in tasks[t]:
                 raise ValueError(f"task {t!r} has no {key!r}")
-            if tuple(tasks[t][key].shape) != (d_out, d_in):
-                raise ValueError(f"task {t!r}: {key!r} has shape {tuple(tasks[t][key].shape)}, "
+            wt = tasks[t][key]                              # read once (a lazy checkpoint reads it from disk)
+            if tuple(wt.shape) != (d_out, d_in):
+                raise ValueError(f"task {t!r}: {key!r} has shape {tuple(wt.shape)}, "
                                  f"the merged model {(d_out, d_in)}")
             st = task_layer_stats(stats, t, key)
-            delta = tasks[t][key].to(dev, torch.float64) - w64              # δWt = Wt − W_ESM
+            delta = wt.to(dev, torch.float64) - w64                          # δWt = Wt − W_ESM
+            del wt
             P, _ = esd(delta, st.gram.to(dev), st.n, columns=r)
             b = P[:, :r]                                                      # top-r essential directions
             a_t.append(b.mT @ delta)                                          # At = Btᵀ δWt
