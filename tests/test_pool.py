@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from esm_core.models.openclip_vit import build_visual_tower, register_model_config
+from esm_core.models.openclip_vit import build_visual_tower, normalise_images, register_model_config
 from esm_core.pools import poolfile as P
 from esm_core.pools.taskpool import TaskPool, cosine_head
 
@@ -82,6 +82,21 @@ def test_images_are_normalised_and_cached():
         pool.images("c", "val")
     with pytest.raises(ValueError, match="split"):
         pool.images("a", "train")
+
+
+def test_normalise_reads_read_only_and_float_images_without_touching_them():
+    """Images from a zip or a memory map are read-only arrays: normalised without PyTorch's non-writable
+    warning; a caller's float array is never written into."""
+    import warnings
+    raw = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    raw.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = normalise_images(raw, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert x.shape == (2, 3, 4, 4) and x[1, 2, 3, 3].item() == pytest.approx((95 / 255 - 0.5) / 0.5)
+    f = raw.astype(np.float32)
+    normalise_images(f, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert np.array_equal(f, raw.astype(np.float32))
 
 
 def test_proxy_is_seeded_sorted_and_distinct():

@@ -280,7 +280,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def normalise_images(raw: np.ndarray, mean, std) -> torch.Tensor:
     """uint8 images (N×H×W grey or N×H×W×3) → float N×3×H×W, ``(x / 255 − mean) / std`` per channel."""
-    x = torch.from_numpy(np.ascontiguousarray(raw)).float().div_(255.0)
+    x = torch.from_numpy(np.array(raw, dtype=np.float32)).div_(255.0)   # a copy: raw may be read-only
     if x.ndim == 3:
         x = x.unsqueeze(1).expand(-1, 3, -1, -1)
     elif x.ndim == 4 and x.shape[-1] == 3:
