@@ -63,3 +63,23 @@ def test_caches_are_trimmed_to_the_budget(sess, monkeypatch):
     assert [r["method"] for r in sess.merges] == ["esm", "ta", "ties", "ta"]   # no result is lost
     S.merge(sess, "esm", {"alpha": 0.5})                      # what was dropped is recomputed when needed
     assert sess.merges[-1]["summary"] == sess.merges[0]["summary"]
+
+
+def test_trim_heap_leaves_no_garbage_behind():
+    """trim_heap runs after every layer of the Spectra view: it must not leave ctypes reference cycles (a CDLL
+    per call did) for the garbage collector, which the app never runs."""
+    import gc
+    from esm_core.device import trim_heap
+    trim_heap()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            trim_heap()
+        gc.collect()
+        assert not [o for o in gc.garbage if type(o).__module__ == "ctypes" or "CDLL" in type(o).__name__]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
