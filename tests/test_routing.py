@@ -564,6 +564,13 @@ def test_build_esmpp_and_evaluate_routed_on_a_pool(tmp_path, model_name, base_sd
     want = merged_state(pool, "esm", None, 0.5, stats=stats, cache=cache, device="cpu")
     assert all(torch.equal(routed.merged_sd[k], want[k]) for k in want)
     assert routed.experts.keys == routed_keys_of(base_sd) and routed.experts.rank == 4
+    given = build_esmpp(pool, stats, rank=4, alpha=0.5, device="cpu", cache=cache, merged=dict(want))
+    assert all(torch.equal(given.merged_sd[k], want[k]) for k in want)       # the merged weights given, kept
+    assert all(torch.equal(given.experts.A[k], routed.experts.A[k]) for k in routed.experts.keys)
+    with pytest.raises(ValueError, match="needs the α"):
+        build_esmpp(pool, stats, rank=4, device="cpu", merged=dict(want))
+    with pytest.raises(ValueError, match="pool's keys"):
+        build_esmpp(pool, stats, rank=4, alpha=0.5, device="cpu", merged={k: want[k] for k in list(want)[1:]})
     accs, log = evaluate_routed(pool, routed, "test", mode="oracle", batch_size=4)
     assert log.n == 18 and log.true.tolist() == [0] * 6 + [1] * 6 + [2] * 6
     assert torch.equal(log.chosen, log.true[:, None].expand(-1, 4))

@@ -366,9 +366,16 @@ def test_routing_run_and_export(esm_sess, pool, monkeypatch):
     real_build = TaskPool.build_visual
     monkeypatch.setattr(TaskPool, "build_visual", lambda self, sd, device="cpu", share=False: (
         built.append((share, sd)), real_build(self, sd, device=device, share=share))[1])
+    import esm_core.evaluation.esmpp as eesmpp
+    monkeypatch.setattr(eesmpp, "merged_state", lambda *a, **k: pytest.fail("ESM merged again for ESM++"))
     run = S.run_routing(sess, rank=4, per_task=3, image=img)
     assert checked == []
     assert [sh for sh, _ in built] == [True]
+    from esm_core.evaluation.alpha import UpdatesAt   # the static part: the weights the Merge view evaluated
+    last = [r for r in sess.merges if r["method"] == "esm"][-1]
+    pair = sess.affine[("esm", S.live._frozen(last["params"]))]
+    want = esm_core.apply_updates(pool.base, UpdatesAt(*pair, last["params"]["alpha"]))
+    assert all(torch.equal(sess.esmpp["model"].merged_sd[k], want[k]) for k in want)
     m = sess.esmpp["model"]
     own = {p.data_ptr() for p in m.visual.parameters()}
     assert all(v.data_ptr() in own for v in built[0][1].values() if v.is_floating_point())

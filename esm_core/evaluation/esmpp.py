@@ -19,7 +19,8 @@ Progress = Callable[[float, str], None]
 def build_esmpp(pool, stats=None, *, rank: int = ESMPP.default("rank"),
                 routed_types: str = ESMPP.default("routed_types"), alpha: float | None = None,
                 esm_params: Mapping[str, Any] | None = None, progress: Progress | None = None,
-                device: str | torch.device = "auto", cache=None, check: bool = True) -> RoutedModel:
+                device: str | torch.device = "auto", cache=None, check: bool = True,
+                merged: Mapping[str, torch.Tensor] | None = None) -> RoutedModel:
     """ESM++ for a TaskPool: ESM merge → experts → prototypes → routed model.
 
     The routed model follows what ``pool.build_visual`` returns: an open_clip image tower, or a
@@ -32,10 +33,18 @@ def build_esmpp(pool, stats=None, *, rank: int = ESMPP.default("rank"),
     merges. ``check=False``: the pool's checkpoints were checked when it was
     loaded (the app's pools), so the ESM merge does not read every tensor to
     check it again. Returns a :class:`RoutedModel` whose ``config`` records all
-    of it (save it with ``save_esmpp(path, m.merged_sd, m.experts, m.config)``).
+    of it (save it with ``save_esmpp(path, m.merged_sd, m.experts, m.config)``). ``merged``: the ESM-merged
+    state dict at ``alpha`` with ``esm_params`` when the caller holds it (the app's current merge): it is not
+    merged again, and the routed model takes its tensors over.
     """
     report = progress or (lambda f, d: None)
     dev = resolve_device(device)
+    if merged is not None:
+        if alpha is None:
+            raise ValueError("a merged state dict given to build_esmpp needs the α it was merged at")
+        if set(merged) != set(pool.base):
+            odd = sorted(set(merged) ^ set(pool.base))
+            raise ValueError(f"the merged state dict does not have the pool's keys: {odd[:5]}")
     if stats is None:
         stats = probe_pool(pool, device=dev, progress=lambda f, d: report(0.2 * f, d))
     p = {k: v for k, v in dict(esm_params or {}).items() if k != "alpha"}
@@ -45,7 +54,8 @@ def build_esmpp(pool, stats=None, *, rank: int = ESMPP.default("rank"),
                                     progress=lambda f, d: report(0.2 + 0.5 * f, d))
     alpha = float(alpha)
     report(0.7, f"ESM merge at α = {alpha:.3f}")
-    merged = merged_state(pool, "esm", p, alpha, stats=stats, cache=cache, device=dev, check=check)
+    if merged is None:
+        merged = merged_state(pool, "esm", p, alpha, stats=stats, cache=cache, device=dev, check=check)
     rank = ESMPP.resolve({"rank": rank, "routed_types": routed_types})["rank"]
     keys = routed_keys_of(list(merged), routed_types)
     experts = build_experts(merged, pool.tasks, stats, rank=rank, routed_keys=keys, device=dev,

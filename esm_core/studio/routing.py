@@ -7,8 +7,9 @@ from PIL import Image
 
 from ..device import trim_heap
 from ..esmpp import ESMPP, majority_task, routing_accuracy, routing_embedding
+from ..evaluation.alpha import UpdatesAt
 from ..evaluation.esmpp import build_esmpp
-from ..merging import get_method
+from ..merging import apply_updates, get_method
 from ..models import short_key
 from .inspect import ensure_cache, ensure_stats
 from .live import _frozen, accuracies
@@ -18,8 +19,9 @@ from .session import Progress, Session, _need_pool, _noop
 def esmpp_model(s: Session, rank: int = ESMPP.default("rank"), progress: Progress | None = None):
     """The ESM++ routed model of the session's pool (built on first use, rebuilt when the recipe changes).
 
-    Its static part is the session's latest ESM merge (α and parameters), or
-    ESM with its defaults when the session has not merged with ESM yet.
+    Its static part is the session's latest ESM merge (α and parameters) — the very weights the Merge view
+    evaluated, formed from that merge's cached update — or ESM with its defaults when the session has not
+    merged with ESM yet.
     """
     pool = _need_pool(s)
     last = next((r for r in reversed(s.merges) if r["method"] == "esm"), None)
@@ -30,9 +32,12 @@ def esmpp_model(s: Session, rank: int = ESMPP.default("rank"), progress: Progres
         if s.esmpp is None or s.esmpp["recipe"] != recipe:
             report = progress or _noop
             stats = ensure_stats(s, progress=lambda f, d: report(0.3 * f, d))
-            model = build_esmpp(pool, stats, rank=int(rank), alpha=alpha, esm_params=params,
+            pair = s.affine.get(("esm", _frozen(params)))     # the session's ESM merge: its model, not a new merge
+            merged = apply_updates(pool.base, UpdatesAt(*pair, alpha)) if pair is not None else None
+            model = build_esmpp(pool, stats, rank=int(rank), alpha=alpha, esm_params=params, merged=merged,
                                 cache=ensure_cache(s), device=s.device, check=False,     # checked when loaded
                                 progress=lambda f, d: report(0.3 + 0.7 * f, d))
+            del merged, pair
             s.esmpp = {"recipe": recipe, "model": model, "rank": int(rank), "alpha": alpha,
                        "from_merge": last["id"] if last else None, "accs": None}
             trim_heap()
