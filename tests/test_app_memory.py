@@ -21,6 +21,7 @@ STEPS = ["written", "upload", "spectra", "merge ta", "merge esm", "esm++"]
 def run():
     mp = pytest.MonkeyPatch()
     mp.setitem(core.MODELS, "tiny", TINY)
+    mp.setenv("ESM_STUDIO_MMAP_THRESHOLD_MIB", "0")      # the app's allocator setting is process-wide: not here
     mp.setattr(am, "write_image_zips",
                lambda folder, tasks, classes, per_class, size, seed: _zips(folder, tasks, classes, per_class, seed))
     out, err = io.StringIO(), io.StringIO()
@@ -44,6 +45,7 @@ ORIG_ZIPS = am.write_image_zips
 def test_every_step_has_a_row_with_resident_memory_and_statistics_and_cache_sizes(run):
     res, _ = run
     assert res["config"]["model"] == "tiny" and res["config"]["tasks"] == 2 and res["config"]["blocks"] == 2
+    assert res["config"]["mmap_threshold_mib"] is None                  # ESM_STUDIO_MMAP_THRESHOLD_MIB=0
     rows = res["rows"]
     assert [r["step"] for r in rows] == STEPS
     for r in rows:

@@ -83,3 +83,27 @@ def test_trim_heap_leaves_no_garbage_behind():
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+
+
+def test_bound_heap_fragmentation_reads_its_setting_and_refuses_bad_values(monkeypatch):
+    """The app's server maps allocations of ≥ 4 MiB apart (glibc); the environment can change or disable it."""
+    import ctypes
+    from esm_core import device
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.delenv("ESM_STUDIO_MMAP_THRESHOLD_MIB", raising=False)
+    assert device.bound_heap_fragmentation() == 4.0 and calls == [(-3, 4 * 2**20)]
+    monkeypatch.setenv("ESM_STUDIO_MMAP_THRESHOLD_MIB", "8")
+    assert device.bound_heap_fragmentation() == 8.0 and calls[-1] == (-3, 8 * 2**20)
+    monkeypatch.setenv("ESM_STUDIO_MMAP_THRESHOLD_MIB", "0")
+    assert device.bound_heap_fragmentation() is None and len(calls) == 2
+    monkeypatch.setenv("ESM_STUDIO_MMAP_THRESHOLD_MIB", "lots")
+    with pytest.raises(ValueError, match="ESM_STUDIO_MMAP_THRESHOLD_MIB"):
+        device.bound_heap_fragmentation()
+    with pytest.raises(ValueError, match="between 0 and 32"):
+        device.bound_heap_fragmentation(64)

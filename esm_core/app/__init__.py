@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from ..device import bound_heap_fragmentation
 from . import export, interference, merge, pool, routing, spectra, uploads
 from .common import (CONCURRENCY, DELETE_CACHE, MAX_FILE_SIZE, SESSION_TTL_S, SessionGate, max_sessions, studio,
                      viz)
@@ -82,4 +83,5 @@ def make_demo(pool_loader: Callable[[], Any] | None = None, max_open: int | None
 
 def main(port: int | None = None, share: bool = False, **kwargs) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    bound_heap_fragmentation()          # freed tensors go back to the system: bounded peaks (esm_core.device)
     make_demo().launch(server_port=port, share=share, **launch_kwargs(), **kwargs)

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 from .. import studio
-from ..device import trim_heap
+from ..device import bound_heap_fragmentation, trim_heap
 from ..merging.stats import stats_nbytes
 from .core import MODELS, _proc_status_kib, _reset_peak_rss, write_checkpoints
 
@@ -120,12 +120,14 @@ def app_memory(tasks: int = 8, blocks: int | None = None, model: str = "ViT-B-32
     """
     if threads:
         torch.set_num_threads(int(threads))
+    heap_bound = bound_heap_fragmentation()        # as the app's server does at start
     full = MODELS[model]["blocks"]
     blocks = full if blocks is None else int(blocks)
     names = [f"task{i}" for i in range(int(tasks))]
     config = {"model": model, "blocks": blocks, "tasks": len(names), "classes": classes, "per_class": per_class,
               "image_size": image_size, "routing_per_task": per_task, "threads": torch.get_num_threads(),
-              "seed": seed, "rss_start_mib": round(_proc_status_kib("VmRSS") / 1024, 1)}
+              "seed": seed, "rss_start_mib": round(_proc_status_kib("VmRSS") / 1024, 1),
+              "mmap_threshold_mib": heap_bound}
     rows: list[dict] = []
     report = progress or (lambda f, d: None)
     state = {"step": "start", "peak": 0}
@@ -206,7 +208,9 @@ def format_row(row: dict) -> str:
 def format_table(res: dict) -> str:
     c = res["config"]
     head = (f"app on a {c['model']} × {c['tasks']} upload ({c['blocks']} blocks, {c['classes']} classes × "
-            f"{c['per_class']} images per task, {c['threads']} thread(s))")
+            f"{c['per_class']} images per task, {c['threads']} thread(s), allocations from "
+            + (f"{c['mmap_threshold_mib']:g} MiB mapped apart)" if c.get("mmap_threshold_mib") else
+               "glibc's default threshold mapped apart)"))
     lines = [head, "| " + " | ".join(label for _, label, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in res["rows"]:
         lines.append("| " + " | ".join(fmt.format(r[k]) if k in r else "-" for k, _, fmt in COLUMNS) + " |")
