@@ -107,3 +107,16 @@ def test_bound_heap_fragmentation_reads_its_setting_and_refuses_bad_values(monke
         device.bound_heap_fragmentation()
     with pytest.raises(ValueError, match="between 0 and 32"):
         device.bound_heap_fragmentation(64)
+
+
+def test_app_server_bounds_heap_fragmentation_before_it_launches(monkeypatch):
+    import esm_core.app as app
+    order = []
+    monkeypatch.setattr(app, "bound_heap_fragmentation", lambda: order.append("heap"))
+
+    class Demo:
+        def launch(self, **kw):
+            order.append("launch")
+    monkeypatch.setattr(app, "make_demo", lambda: Demo())
+    app.main(port=1)
+    assert order == ["heap", "launch"]
