@@ -78,49 +78,6 @@ def test_tsv_m_after_esm_reuses_its_tsv_m_keys_and_merges_once(sess, monkeypatch
         torch.testing.assert_close(sess.current["updates"][k], v, rtol=1e-6, atol=1e-8)
 
 
-def test_state_dicts_load_into_the_tower_one_tensor_at_a_time(pool):
-    """The fine-tuned references read each lazy task checkpoint key by key: a tensor handed over is freed before
-    the next is read; the tower equals one built from the state dict; a wrong key or shape is refused by name and
-    the half-loaded tower is dropped."""
-    import weakref
-    from collections.abc import Mapping
-    from esm_core.studio import live
-
-    class OneAtATime(Mapping):
-        def __init__(self, sd):
-            self.sd, self.alive = sd, []
-
-        def __getitem__(self, k):
-            assert not [r for r in self.alive if r() is not None], "an earlier tensor is still held"
-            t = self.sd[k].clone()
-            self.alive.append(weakref.ref(t))
-            return t
-
-        def __iter__(self):
-            return iter(self.sd)
-
-        def __len__(self):
-            return len(self.sd)
-
-    s = S.new_session("cpu")
-    try:
-        S.load_demo(s, loader=lambda: pool)
-        t = next(iter(pool.tasks))
-        tower = live._visual(s, OneAtATime(pool.tasks[t]))
-        want = pool.build_visual(pool.tasks[t])
-        assert all(torch.equal(v, want.state_dict()[k]) for k, v in tower.state_dict().items())
-        bad = dict(pool.tasks[t])
-        k0 = next(k for k in bad if bad[k].ndim == 2)
-        bad[k0] = bad[k0][:, :1]
-        with pytest.raises(ValueError, match="shape"):
-            live._visual(s, bad)
-        assert s._visual is None
-        with pytest.raises(ValueError, match="unexpected"):
-            live._visual(s, {**pool.tasks[t], "visual.extra": torch.zeros(1)})
-    finally:
-        S.close(s)
-
-
 def test_bad_parameters_refused(sess):
     with pytest.raises(ValueError, match="alpha"):
         S.merge(sess, "ta", {"alpha": 99})

@@ -20,35 +20,12 @@ EVAL_SEED = 0
 
 
 def _visual(s: Session, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """The session's image tower with ``state_dict`` loaded (built once).
-
-    Into a module that keeps ``nn.Module``'s own ``load_state_dict`` (an open_clip tower), one tensor at a time:
-    a lazy task checkpoint (the fine-tuned references) is read key by key, never held whole next to the tower;
-    exactly the tower's keys (``visual.`` prefix stripped) and shapes. A module with its own loader (a text
-    encoder, which maps its keys) gets the whole dict through it."""
+    """The session's image tower with ``state_dict`` loaded (built once)."""
     dev = s.device
     if s._visual is None or next(s._visual.parameters()).device.type != dev.type:
         s._visual = s.pool.build_visual(s.pool.base, device=dev)
-    names = {(k[len("visual."):] if k.startswith("visual.") else k): k for k in state_dict}
-    if type(s._visual).load_state_dict is not torch.nn.Module.load_state_dict:
-        s._visual.load_state_dict({name: state_dict[k] for name, k in names.items()})
-        return s._visual
-    own = s._visual.state_dict()                   # the tower's tensors themselves (detached)
-    missing, extra = sorted(set(own) - set(names)), sorted(set(names) - set(own))
-    if missing or extra:
-        raise ValueError(f"the state dict does not fit the pool's model: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}")
-    try:
-        with torch.no_grad():
-            for name, key in names.items():
-                v = state_dict[key]
-                if tuple(v.shape) != tuple(own[name].shape):
-                    raise ValueError(f"{key}: shape {tuple(v.shape)}, the pool's model has {tuple(own[name].shape)}")
-                own[name].copy_(v)
-                del v
-    except BaseException:
-        s._visual = None                           # half loaded: rebuilt on the next use, never used as it is
-        raise
+    s._visual.load_state_dict({k[len("visual."):] if k.startswith("visual.") else k: v
+                               for k, v in state_dict.items()})
     return s._visual
 
 
