@@ -22,16 +22,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-_MALLOC_TRIM = []          # glibc's malloc_trim, looked up once (None where the C library is not glibc)
+_LIBC = []          # the C library, opened once (None where it is not glibc)
 
 
-def _malloc_trim():
-    if not _MALLOC_TRIM:
+def _libc():
+    if not _LIBC:
         try:
-            _MALLOC_TRIM.append(ctypes.CDLL("libc.so.6").malloc_trim)
-        except (OSError, AttributeError):
-            _MALLOC_TRIM.append(None)
-    return _MALLOC_TRIM[0]
+            lib = ctypes.CDLL("libc.so.6")
+            _LIBC.append(lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else None)
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
 
 
 def trim_heap(collect: bool = False) -> None:
@@ -43,9 +44,9 @@ def trim_heap(collect: bool = False) -> None:
     ``ctypes.CDLL`` per call left a reference cycle of ctypes objects behind for the garbage collector."""
     if collect:
         gc.collect()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 M_MMAP_THRESHOLD = -3              # glibc mallopt parameter
@@ -71,8 +72,7 @@ def bound_heap_fragmentation(mib: float | None = None) -> float | None:
         raise ValueError(f"the mmap threshold must be between 0 and 32 MiB (glibc's limit), got {mib}")
     if mib == 0:
         return None
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None:
         return None
-    return float(mib) if mallopt(M_MMAP_THRESHOLD, int(mib * 2**20)) == 1 else None
+    return float(mib) if libc.mallopt(M_MMAP_THRESHOLD, int(mib * 2**20)) == 1 else None

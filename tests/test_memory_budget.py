@@ -87,7 +87,6 @@ def test_trim_heap_leaves_no_garbage_behind():
 
 def test_bound_heap_fragmentation_reads_its_setting_and_refuses_bad_values(monkeypatch):
     """The app's server maps allocations of ≥ 4 MiB apart (glibc); the environment can change or disable it."""
-    import ctypes
     from esm_core import device
     calls = []
 
@@ -95,7 +94,7 @@ def test_bound_heap_fragmentation_reads_its_setting_and_refuses_bad_values(monke
         def mallopt(self, param, value):
             calls.append((param, value))
             return 1
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(device, "_LIBC", [FakeLibc()])             # the C library, as opened once
     monkeypatch.delenv("ESM_STUDIO_MMAP_THRESHOLD_MIB", raising=False)
     assert device.bound_heap_fragmentation() == 4.0 and calls == [(-3, 4 * 2**20)]
     monkeypatch.setenv("ESM_STUDIO_MMAP_THRESHOLD_MIB", "8")
