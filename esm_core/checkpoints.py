@@ -38,6 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .device import all_finite
 from .errors import CheckpointError, _fmt_keys
 from .pickled import MAX_MODULE_DEPTH, _state_dict_from_object, _tensors_of, _torch_load_stubbed  # noqa: F401
 
@@ -66,7 +67,7 @@ def _finite_problems(sd: Mapping[str, torch.Tensor], keys=None) -> list[str]:
         v = sd[k]
         if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.numel() == 0:
             continue
-        if not bool(torch.isfinite(v).all()):
+        if not all_finite(v):
             nonfinite.append(k)
         elif torch.finfo(v.dtype).max > _F32_MAX:
             lo, hi = torch.aminmax(v.detach())               # rounding is monotonic: the extremes decide

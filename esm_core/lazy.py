@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .checkpoints import CheckpointError, check_compatible, structure_problems
+from .device import all_finite
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -120,7 +121,7 @@ def check_compatible_lazy(base: Mapping[str, torch.Tensor], sd: LazyCheckpoint, 
     meta = sd.meta()
     base_meta = {k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for k, v in base.items()}
     _check_structure(base_meta, meta, name)
-    bad = [k for k in base if k in meta and meta[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all())]
+    bad = [k for k in base if k in meta and meta[k].is_floating_point() and not all_finite(sd[k])]
     if bad:    # let check_compatible word the error exactly as for a loaded checkpoint
         check_compatible({k: base[k] for k in bad}, {k: sd[k] for k in bad}, name)
 

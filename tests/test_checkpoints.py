@@ -435,3 +435,23 @@ def test_refuses_files_over_the_size_limit(tmp_path):
     torch.save(tiny_visual(), tmp_path / "big.pt")
     assert "limit" in _error(tmp_path / "big.pt", max_bytes=100)
     assert load_checkpoint(tmp_path / "big.pt", max_bytes=None)                # no limit
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_isfinite_on_every_placement(dtype):
+    """device.all_finite (the extremes by aminmax) answers exactly as torch.isfinite(t).all(): NaN, +inf and
+    -inf anywhere, alone or together, in contiguous and strided views, 0-d and empty tensors."""
+    from esm_core.device import all_finite
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.empty(0, dtype=dtype), torch.tensor(1.5, dtype=dtype), torch.tensor(float("nan"), dtype=dtype)]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 17, 299):
+            x = torch.randn(20, 15, generator=g).to(dtype)
+            x.view(-1)[where] = bad
+            cases += [x, x.mT, x[::2]]
+    x = torch.randn(20, 15, generator=g).to(dtype)
+    x[3, 4], x[5, 6] = float("inf"), float("nan")
+    cases += [x, torch.randn(20, 15, generator=g).to(dtype).mT]
+    for c in cases:
+        assert all_finite(c) == bool(torch.isfinite(c).all()), c
+    assert sum(not all_finite(c) for c in cases) > 20

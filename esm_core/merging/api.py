@@ -20,7 +20,7 @@ import torch
 from .. import models
 from ..checkpoints import check_compatible, check_finite
 from ..lazy import LazyCheckpoint, as_state, check_compatible_lazy
-from ..device import resolve_device
+from ..device import all_finite, resolve_device
 from ..models.roles import OWN, SKIP
 from .registry import get_method
 
@@ -111,7 +111,7 @@ def merge_updates(method: str, base, tasks, *, device="auto", family=None, roles
     if info is not None:
         info.update(ctx.info)
     out = {k: v.detach().to("cpu", torch.float32) for k, v in ups.items()}
-    bad = [k for k, v in out.items() if not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in out.items() if not all_finite(v)]
     if bad:     # finite inputs can still overflow float32 (θt − θ0 near ±3.4e38): never hand back inf / NaN weights
         raise ValueError(f"{m.title}: the merge produced non-finite values (NaN/inf) in "
                          f"{', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; the checkpoints' values are too "
@@ -133,7 +133,7 @@ def apply_updates(base: Mapping[str, torch.Tensor], updates: Mapping[str, torch.
             u = updates.pop(k) if consume else updates[k]
             out[k] = (v.to(torch.float32) + u.to(v.device, torch.float32)).to(v.dtype)
             del u
-            if out[k].is_floating_point() and not bool(torch.isfinite(out[k]).all()):
+            if out[k].is_floating_point() and not all_finite(out[k]):
                 bad.append(k)
         else:
             out[k] = v.clone()
