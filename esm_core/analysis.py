@@ -19,11 +19,12 @@ ESM merges, so a view after a merge computes no decomposition again.
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import torch
 
-from .merging.decompose import DecompositionCache, eigh64, fingerprint, gram
+from .merging.decompose import DecompositionCache, eigh64, fingerprint, gram, scipy_threads
 from .merging.esm import OFFERED_RANK_FRACTION, esm_rank
 from .merging.stats import stats_from_inputs, task_layer_stats
 from .merging.svd import subspace_alignment_ratio
@@ -73,6 +74,17 @@ def _first_reaching(cum: torch.Tensor, energy: float) -> int:
         return 0
     hits = (cum >= energy - 1e-12).nonzero()
     return int(hits[0]) + 1 if hits.numel() else int(cum.numel())
+
+
+def _on_scipy_threads(fn):
+    """Decorator: the whole of ``fn`` (CPU work, mostly decompositions) runs in :func:`scipy_threads`. The whole
+    call, not each decomposition: switching at every one kept half the cost (one ViT-B/32 block's spectra on
+    2 cores: 7.7–7.8 s; switching per decomposition 7.1–7.3 s; the whole call 6.3–6.5 s)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with scipy_threads():
+            return fn(*args, **kwargs)
+    return run
 
 
 def _share(cum: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -177,6 +189,7 @@ def svd_spectrum(delta: torch.Tensor, st, gram_matrix: torch.Tensor | None = Non
     return s2, out
 
 
+@_on_scipy_threads
 def spectra(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=None,
             energy: float = ENERGY, esm_entries: bool = False) -> list[dict]:
     """One row per (layer, task): ESD and SVD spectra, energy kept by rank-r truncation, effective ranks.
@@ -226,6 +239,7 @@ def spectra(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=No
 # ---------------------------------------------------------------------------
 
 
+@_on_scipy_threads
 def subspace_overlap(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=None) -> dict:
     """Overlap of the tasks' rank-k essential subspaces: ``‖P̂sᵀ P̂t‖F² / k`` (1 = same, 0 = orthogonal).
 

@@ -166,3 +166,56 @@ def test_svd_spectrum_equals_the_svd(shape, form, spectrum):
     s2p, outp = analysis.svd_spectrum(W, st, **pre)
     torch.testing.assert_close(s2p, s2, rtol=0, atol=1e-13)
     torch.testing.assert_close(outp, ref, rtol=0, atol=1e-12 * float(ref.sum()))
+
+
+def test_spectra_and_overlap_decompose_on_one_torch_thread(monkeypatch):
+    """The Spectra and overlap views run their decompositions with torch on one thread (SciPy's LAPACK carries
+    the threads) and hand the count back; the rows equal those of a run without the switch."""
+    import threading
+    from esm_core import device
+    base, tasks, inputs = _case()
+    seen, real = [], decompose.eigh64
+
+    def spy(*a, **kw):
+        seen.append(torch.get_num_threads())
+        return real(*a, **kw)
+
+    want = analysis.spectra(base, tasks, inputs, k=2)
+    monkeypatch.setattr(decompose, "eigh64", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert analysis.spectra(base, tasks, inputs, k=2) == want
+        analysis.subspace_overlap(base, tasks, inputs, k=2)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        # torch's count is per thread: a section lowers only its own, and a thread that starts while one is
+        # open (another session's handler) starts at the process's count, not at one
+        inside, go, seen = threading.Event(), threading.Event(), []
+
+        def other():
+            with device.one_torch_thread():
+                seen.append(torch.get_num_threads())
+                inside.set()
+                go.wait(10)
+
+        th = threading.Thread(target=other)
+        th.start()
+        assert inside.wait(10)
+        assert torch.get_num_threads() == 2
+        late = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        late.start()
+        late.join(10)
+        with device.one_torch_thread():
+            with device.one_torch_thread():
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1            # the outer section is still open
+        assert torch.get_num_threads() == 2
+        go.set()
+        th.join(10)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            with device.one_torch_thread():
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

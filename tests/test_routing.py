@@ -582,3 +582,31 @@ def test_build_esmpp_and_evaluate_routed_on_a_pool(tmp_path, model_name, base_sd
     merged, ex, cfg = load_esmpp(save_esmpp(tmp_path / "p.safetensors", routed.merged_sd, routed.experts,
                                             routed.config), base=base_sd)
     assert cfg["alpha"] == 0.5 and cfg["proxy"]["ids"]["a"] == [0, 1, 2, 3]
+
+
+def test_build_experts_decomposes_on_one_torch_thread_and_restores_the_count(base_sd, monkeypatch):
+    """SciPy's LAPACK carries the threads of the expert ESDs; torch is set to one thread meanwhile (its spinning
+    workers slowed them) and gets its count back afterwards, also when the build fails."""
+    import esm_core.esmpp.experts as experts_mod
+    keys = routed_keys_of(base_sd)
+    tasks = task_sds(base_sd, rank=2)
+    stats = {t: {k: gram_stats(torch.randn(40, base_sd[k].shape[1])) for k in keys} for t in TASKS}
+    seen, real = [], experts_mod.esd
+
+    def spy(*a, **kw):
+        seen.append(torch.get_num_threads())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(experts_mod, "esd", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        build_experts(base_sd, tasks, stats, rank=2)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="zero"):
+            bad = {t: dict(s) for t, s in stats.items()}
+            bad["b"][keys[0]] = SimpleNamespace(gram=stats["b"][keys[0]].gram, n=40, mean=torch.zeros(64))
+            build_experts(base_sd, tasks, bad, rank=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

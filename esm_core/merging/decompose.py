@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -26,12 +27,23 @@ from typing import Any, Callable, Hashable
 import numpy as np
 import torch
 
+from ..device import one_torch_thread
+
 try:  # optional: SciPy's LAPACK / BLAS are faster than torch's eigh and xᵀx on one CPU core
     import scipy.linalg as sl
     from scipy.linalg.blas import dsyrk as _blas_syrk, dtrmm as _blas_trmm
 except ImportError:  # pragma: no cover
     sl = None
     _blas_syrk = _blas_trmm = None
+
+def scipy_threads(device="cpu"):
+    """A context in which torch runs on one thread while SciPy's LAPACK / BLAS (their own threads) carry the
+    parallel work — on the CPU with SciPy installed; elsewhere it changes nothing
+    (:func:`esm_core.device.one_torch_thread` says why)."""
+    if sl is None or torch.device(device).type != "cpu":
+        return contextlib.nullcontext()
+    return one_torch_thread()
+
 
 # Acceptance of the Gram route of the polar factor ``z qᵀ`` (z = x q μ^-½, xᵀx = q diag(μ) qᵀ).
 # To first order its error is W·M with M = x's H times the perturbed Gram's inverse root − I, and
