@@ -468,3 +468,60 @@ def test_esd_completion_beyond_the_rank_is_orthonormal_and_reproducible():
     C = _completion(P[:, :10], 20)                             # the whole complement
     torch.testing.assert_close(torch.cat([P[:, :10], C], 1).mT @ torch.cat([P[:, :10], C], 1),
                                torch.eye(30, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["gram", "rows"])
+def test_esd_need_keeps_the_trusted_leading_columns_without_the_svd(form, monkeypatch):
+    """With ``need``, an ESD whose trailing columns the Gram route cannot give to ~1e-8 returns the leading ones it
+    can (at least ``need``, each equal to the exact route's), with no SVD; asking more than it trusts runs the SVD.
+    The cache keeps such a shorter entry (not complete) and decomposes again, exactly, for a larger rank."""
+    import esm_core.merging.decompose as dec
+    N = 50 if form == "gram" else 8
+    X = _with_spectrum(N, 10, torch.logspace(0, -4, min(N, 10)).tolist(), seed=31)
+    W = _with_spectrum(14, 10, torch.logspace(0, -3, 10).tolist(), seed=33)
+    G = X.mT @ X
+    r = min(N, 10)
+    kw = {"factor": X.mT} if form == "rows" else {}
+    g = None if form == "rows" else G
+    Pe, le = esd_exact(W, G, N, columns=r)
+    svds = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(dec.torch.linalg, "svd", lambda m, **k: svds.append(tuple(m.shape)) or real_svd(m, **k))
+    P, lam, A = esd(W, g, N, columns=r, coords=True, need=2, **kw)
+    assert svds == []
+    t = P.shape[1]
+    mu = le * (N - 1)
+    assert 2 <= t < r and t == int((mu[:r] > decompose.ESD_GRAM_RCOND * mu[0]).sum())   # the trusted run, no more
+    torch.testing.assert_close(lam, le, rtol=1e-6, atol=1e-13 * float(le[0]))
+    torch.testing.assert_close(P.mT @ P, torch.eye(t, dtype=torch.float64), rtol=0, atol=1e-10)
+    for j in range(1, t + 1):
+        assert _subspace_gap(P[:, :j], Pe[:, :j]) < 1e-7, j
+    torch.testing.assert_close(A, P.mT @ W, rtol=0, atol=1e-12)
+    esd(W, g, N, columns=r, need=t + 1, **kw)          # more than it trusts: the exact route
+    assert svds == [(14, r)]
+    # the cache: a rank within the trusted run is served by the short entry; a larger one decomposes again
+    cache = DecompositionCache()
+    fkw = {"factor": X.mT, "gram_fp": ("rows",)} if form == "rows" else {}
+    e = cache.esd("a", "k", W, g, N, k=2, keep=r, **fkw)
+    assert e.P.shape[1] == t and not e.complete and len(svds) == 1
+    assert cache.lookup("a", "k", e.fp, t) is e and cache.lookup("a", "k", e.fp, t + 1) is None
+    e2 = cache.esd("a", "k", W, g, N, k=t + 1, keep=r, **fkw)
+    assert e2.P.shape[1] == r and len(svds) == 2 and cache.esd_calls == 2
+    for j in range(1, r + 1):
+        assert _subspace_gap(e2.P[:, :j].double(), Pe[:, :j]) < 1e-6, j
+
+
+def test_torch_threads_back_restores_the_count_a_section_lowered():
+    from esm_core import device
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with device.torch_threads_back():              # outside a section: nothing changes
+            assert torch.get_num_threads() == 2
+        with device.one_torch_thread():
+            with device.torch_threads_back():
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

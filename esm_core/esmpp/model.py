@@ -393,7 +393,7 @@ def _shared_with(visual: nn.Module, merged_sd: Mapping[str, torch.Tensor]) -> di
     for k, v in merged_sd.items():
         p = own.get(k[len("visual."):] if k.startswith("visual.") else k)
         same = (p is not None and p.shape == v.shape and p.dtype == v.dtype and p.device == v.device
-                and torch.equal(p, v))
+                and ((p.data_ptr() == v.data_ptr() and p.stride() == v.stride()) or torch.equal(p, v)))
         out[k] = p if same else v
     return out
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Hashable
 import numpy as np
 import torch
 
-from ..device import one_torch_thread
+from ..device import one_torch_thread, torch_threads_back
 
 try:  # optional: SciPy's LAPACK / BLAS are faster than torch's eigh and xᵀx on one CPU core
     import scipy.linalg as sl
@@ -420,7 +420,8 @@ def _esd_svd(W: torch.Tensor, L: torch.Tensor, tri: bool, n: int, want: int) -> 
     already holds. Columns beyond ``M``'s thin factor (λ = 0) are completed as in :func:`esd`."""
     d_out = W.shape[0]
     M = _times_l(W, L) if tri else W @ L                   # d_out × r
-    U, s, _ = torch.linalg.svd(M, full_matrices=False)     # s descending
+    with torch_threads_back():                            # torch's SVD uses the threads a section took away
+        U, s, _ = torch.linalg.svd(M, full_matrices=False)     # s descending
     P = U[:, :want]
     if want > P.shape[1]:
         P = torch.cat([P, _completion(P, want - P.shape[1])], dim=1)
@@ -430,7 +431,7 @@ def _esd_svd(W: torch.Tensor, L: torch.Tensor, tri: bool, n: int, want: int) -> 
 
 def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int | None = None,
         factor: torch.Tensor | None = None, coords: bool = False, wtw: torch.Tensor | None = None,
-        shift_gram: torch.Tensor | None = None):
+        shift_gram: torch.Tensor | None = None, need: int | None = None):
     """Essential Subspace Decomposition of one task matrix (SPEC §5).
 
     ``delta``: ΔW (d_out × d_in); ``gram``: ``G = XᵀX`` (d_in × d_in) of the
@@ -451,7 +452,11 @@ def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int 
     columns than the rank are asked; for ``r > d_out`` the eigh of ``MMᵀ``
     (d_out × d_out). When a column asked has ``μ_i < ESD_GRAM_RCOND · μ_max``
     (error of the Gram route above ~1e-8) the exact route runs: the thin SVD of ``M`` (as
-    :func:`esd_exact`, from the factor in hand instead of an eigendecomposition of ``G``).
+    :func:`esd_exact`, from the factor in hand instead of an eigendecomposition of ``G``) — unless ``need``
+    columns are enough and the first ``need`` are trusted: then ``P`` holds the leading trusted columns only
+    (between ``need`` and ``columns``; ``A`` the same rows). The cache asks so for the columns it keeps for
+    larger ranks: on activations with an ill-conditioned Gram matrix (LayerNorm outputs: condition 1e10–1e13)
+    the trailing columns of every ``in_proj`` / ``c_fc`` ESD sent each one to the SVD, 3–4× the time.
 
     ``wtw`` / ``shift_gram``: ``ΔWᵀΔW`` (``gram(ΔW)``) and ``ΔW G ΔWᵀ`` (``gram((ΔW L)ᵀ)`` for the
     ``factor`` L), float64, from a caller that needs them as well (the Spectra view's SVD spectrum); used
@@ -501,7 +506,10 @@ def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int 
     top = float(mu[0]) if r > 0 else 0.0
     c = min(want, r)
     if c > 0 and not (top > 0 and float(mu[c - 1]) > ESD_GRAM_RCOND * top):
-        return done(*_esd_svd(W, L, tri, n, want))             # the exact route, from the factor in hand
+        trusted = int((mu[:c] > ESD_GRAM_RCOND * top).sum()) if top > 0 else 0      # a leading run (μ descends)
+        if trusted < max(1, want if need is None else min(int(need), want)):
+            return done(*_esd_svd(W, L, tri, n, want))         # the exact route, from the factor in hand
+        c = want = trusted                                     # the columns it can give (≥ need), no more
     B = (_l_times(L, Q[:, :c]) if tri else L @ Q[:, :c]) / mu[:c].sqrt()     # P = M Q μ^-½ = ΔW B
     P = W @ B
     if want > c:                                           # orthonormal completion, only when asked
@@ -657,7 +665,8 @@ class DecompositionCache:
         Reused when the fingerprints of ``delta`` and ``gram`` and ``n`` match the
         stored entry and it has enough columns; computed (and stored) otherwise.
         ``factor`` (``L Lᵀ = G``) may stand in for ``gram`` (then give ``gram_fp``);
-        ``keep`` caps the columns stored (never below ``k``); ``coords`` also
+        ``keep`` caps the columns stored (never below ``k``; fewer than ``keep`` where only the exact route
+        could give the rest: :func:`esd`'s ``need``); ``coords`` also
         stores the coordinates ``A = P̂ᵀ ΔW``; ``wtw`` / ``shift_gram`` as in :func:`esd`.
         """
         if gram is None and gram_fp is None:
@@ -676,11 +685,12 @@ class DecompositionCache:
             c = min(c, int(self.max_columns))
         c = min(d_out, max(k, c))
         _check_esd_inputs(delta, gram, n, factor)
-        out = esd(delta, gram, n, columns=c, factor=factor, coords=coords, wtw=wtw, shift_gram=shift_gram)
+        out = esd(delta, gram, n, columns=c, factor=factor, coords=coords, wtw=wtw, shift_gram=shift_gram,
+                  need=k)                  # the columns beyond k are kept where the fast route gives them
         P, lam = out[0], out[1]
         A = out[2].to(torch.float32) if coords else None
         self.esd_calls += 1
-        e = EsdEntry(fp=fp, P=P.to(torch.float32), lam=lam, rows=int(n), complete=(c == d_out),
+        e = EsdEntry(fp=fp, P=P.to(torch.float32), lam=lam, rows=int(n), complete=(P.shape[1] == d_out),
                      norm=float(torch.linalg.vector_norm(delta, dtype=torch.float64)), A=A)
         self.esd_entries[(task, key)] = e
         return e
