@@ -57,9 +57,9 @@ def one_torch_thread():
         _LOCAL.saved = torch.get_num_threads()
     lowered = depth == 0 and _LOCAL.saved > 1
     _LOCAL.depth = depth + 1
-    if lowered:
-        _lower_to_one(_LOCAL.saved)
     try:
+        if lowered:
+            _lower_to_one(_LOCAL.saved)
         yield
     finally:
         _LOCAL.depth -= 1

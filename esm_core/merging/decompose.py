@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover
     sl = None
     _blas_syrk = _blas_trmm = None
 
+
 def scipy_threads(device="cpu"):
     """A context in which torch runs on one thread while SciPy's LAPACK / BLAS (their own threads) carry the
     parallel work — on the CPU with SciPy installed; elsewhere it changes nothing
