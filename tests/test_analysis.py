@@ -170,7 +170,7 @@ def test_svd_spectrum_equals_the_svd(shape, form, spectrum):
 
 def test_spectra_and_overlap_decompose_on_one_torch_thread(monkeypatch):
     """The Spectra and overlap views run their decompositions with torch on one thread (SciPy's LAPACK carries
-    the threads) and hand the count back; the rows equal those of a run without the switch."""
+    the threads) and hand the count back, also to a thread that starts meanwhile."""
     import threading
     from esm_core import device
     base, tasks, inputs = _case()
