@@ -24,6 +24,7 @@ from typing import Mapping
 
 import torch
 
+from .device import torch_threads_back
 from .merging.decompose import DecompositionCache, eigh64, fingerprint, gram, scipy_threads
 from .merging.esm import OFFERED_RANK_FRACTION, esm_rank
 from .merging.stats import stats_from_inputs, task_layer_stats
@@ -100,7 +101,9 @@ def _shared_products(d: torch.Tensor, f: torch.Tensor | None) -> dict:
     if W.shape[0] >= W.shape[1]:
         return {"wtw": gram(W)}
     if f is not None and f.shape[1] > W.shape[0]:
-        return {"shift_gram": gram((W @ f.to(torch.float64)).mT)}
+        with torch_threads_back():                  # one large torch product (768 × 3072 × 1,600 on c_proj)
+            M = W @ f.to(torch.float64)
+        return {"shift_gram": gram(M.mT)}
     return {}
 
 
