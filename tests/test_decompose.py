@@ -525,3 +525,26 @@ def test_torch_threads_back_restores_the_count_a_section_lowered():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("form", ["gram", "rows"])
+def test_esd_all_values_false_computes_only_the_leading_pairs(form, monkeypatch):
+    """all_values=False (ESM++'s experts): only the leading ``columns`` eigenpairs are computed (eigh64's top), and
+    they equal those of the full decomposition — columns, eigenvalues and coordinates."""
+    import esm_core.merging.decompose as dec
+    N = 400 if form == "gram" else 200                 # rows: 200 < d_in = 260 (the factor is Xᵀ)
+    X = _with_spectrum(N, 260, torch.logspace(0, -2, min(N, 260)).tolist(), seed=41)
+    W = _with_spectrum(300, 260, torch.logspace(0, -1, 260).tolist(), seed=43)
+    G = X.mT @ X
+    kw = {"factor": X.mT} if form == "rows" else {}
+    g = None if form == "rows" else G
+    P, lam, A = esd(W, g, N, columns=32, coords=True, **kw)
+    tops = []
+    real = dec.eigh64
+    monkeypatch.setattr(dec, "eigh64", lambda m, top=None: tops.append(top) or real(m, top))
+    Pt, lt, At = esd(W, g, N, columns=32, coords=True, all_values=False, **kw)
+    assert tops == [32] and Pt.shape == (300, 32) and lt.numel() >= 32
+    torch.testing.assert_close(lt[:32], lam[:32], rtol=1e-10, atol=0)
+    for j in (1, 8, 32):
+        assert _subspace_gap(Pt[:, :j], P[:, :j]) < 1e-9, j
+    torch.testing.assert_close(At, Pt.mT @ W, rtol=0, atol=1e-10)

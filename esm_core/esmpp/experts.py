@@ -137,7 +137,7 @@ def build_experts(merged_sd: Mapping[str, torch.Tensor], tasks: Mapping[str, Map
                 st = task_layer_stats(stats, t, key)
                 delta = wt.to(dev, torch.float64) - w64                          # δWt = Wt − W_ESM
                 del wt
-                P, _ = esd(delta, st.gram.to(dev), st.n, columns=r)
+                P, _ = esd(delta, st.gram.to(dev), st.n, columns=r, all_values=False)   # λ unread: top r pairs
                 b = P[:, :r]                                                      # top-r essential directions
                 a_t.append(b.mT @ delta)                                          # At = Btᵀ δWt
                 b_t.append(b)

@@ -432,7 +432,7 @@ def _esd_svd(W: torch.Tensor, L: torch.Tensor, tri: bool, n: int, want: int) -> 
 
 def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int | None = None,
         factor: torch.Tensor | None = None, coords: bool = False, wtw: torch.Tensor | None = None,
-        shift_gram: torch.Tensor | None = None, need: int | None = None):
+        shift_gram: torch.Tensor | None = None, need: int | None = None, all_values: bool = True):
     """Essential Subspace Decomposition of one task matrix (SPEC §5).
 
     ``delta``: ΔW (d_out × d_in); ``gram``: ``G = XᵀX`` (d_in × d_in) of the
@@ -458,6 +458,10 @@ def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int 
     (between ``need`` and ``columns``; ``A`` the same rows). The cache asks so for the columns it keeps for
     larger ranks: on activations with an ill-conditioned Gram matrix (LayerNorm outputs: condition 1e10–1e13)
     the trailing columns of every ``in_proj`` / ``c_fc`` ESD sent each one to the SVD, 3–4× the time.
+
+    ``all_values=False``: the caller reads no eigenvalue beyond the ``columns`` leading ones (ESM++'s experts,
+    32 of 768): the eigendecomposition may then compute only those pairs (:func:`eigh64`'s ``top``), and ``λ``
+    may hold only them (at least ``columns`` entries, the leading ones).
 
     ``wtw`` / ``shift_gram``: ``ΔWᵀΔW`` (``gram(ΔW)``) and ``ΔW G ΔWᵀ`` (``gram((ΔW L)ᵀ)`` for the
     ``factor`` L), float64, from a caller that needs them as well (the Spectra view's SVD spectrum); used
@@ -489,7 +493,7 @@ def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int 
             C = shift_gram.to(W.device, torch.float64)
         else:
             C = _xtx((W @ L).mT)                           # M Mᵀ = ΔW G ΔWᵀ (M = ΔW L: d_out × r), symmetric
-        ev, P = eigh64(C)
+        ev, P = eigh64(C, top=None if all_values else want)
         ev, P = ev.flip(0), P.flip(1)[:, :want]
         return done(P.contiguous(), ev.clamp_min(0) / (int(n) - 1))
     if wtw is not None:
@@ -502,7 +506,7 @@ def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int 
     else:
         K = L.mT @ WtW @ L
         K = (K + K.mT) / 2
-    mu, Q = eigh64(K)                                      # ascending
+    mu, Q = eigh64(K, top=None if all_values else want)    # ascending (only the top pairs: see all_values)
     mu, Q = mu.flip(0), Q.flip(1)
     top = float(mu[0]) if r > 0 else 0.0
     c = min(want, r)
@@ -515,7 +519,7 @@ def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int 
     P = W @ B
     if want > c:                                           # orthonormal completion, only when asked
         P = torch.cat([P, _completion(P, want - c)], dim=1)
-    ev = torch.cat([mu, mu.new_zeros(d_out - r)])
+    ev = torch.cat([mu, mu.new_zeros(d_out - r)]) if mu.numel() == r else mu
     return done(P.contiguous(), ev.clamp_min(0) / (int(n) - 1), WtW, B)
 
 
