@@ -335,7 +335,7 @@ register(Method(
            min=0.0, max=2.0, step=0.05),
      Param("ortho_factor", float, 2.0, "factor applied to the orthogonalised product U'V' (2 in the reference)",
            min=0.0, max=10.0, step=0.1),
-     Param("esd_types", str, AUTO, "layer types merged by ESD (others: TSV-M): 'auto' = the model family's ESD types (open_clip ViT: attn.in_proj_weight, mlp.c_fc.weight, mlp.c_proj.weight), or a comma-separated list; empty = none")),
+     Param("esd_types", str, AUTO, "layer types merged by ESD (others: TSV-M): 'auto' = the model family's ESD types (open_clip ViT: attn.in_proj_weight, mlp.c_fc.weight, mlp.c_proj.weight; BERT-family text encoders: all six of attn.query, attn.key, attn.value, attn.output, ffn.intermediate, ffn.output), or a comma-separated list of the model's layer types; empty = none")),
     help="Essential Subspace Merging: per-task essential output directions from activations (ESD), "
          "polarised task / eigenvalue / dimension / layer scalings, isotropic recombination",
     alpha_grid=(0.0, 2.0, 31), needs_stats=True))
