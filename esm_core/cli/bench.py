@@ -23,9 +23,23 @@ def cmd_app_memory(args) -> int:
     return 0
 
 
+def cmd_text_speed(args) -> int:
+    from ..bench import text_speed as ts
+
+    def progress(frac: float, desc: str) -> None:
+        print(f"[{frac:4.0%}] {desc}", file=sys.stderr, flush=True)
+
+    res = ts.text_speed(repeat=args.repeat, tasks=args.tasks, seed=args.seed, folder=args.text_speed_folder,
+                        progress=None if args.quiet else progress)
+    print(json.dumps(res, indent=2) if args.json else ts.format_table(res))
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.app_memory:
         return cmd_app_memory(args)
+    if args.text_speed:
+        return cmd_text_speed(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     def progress(frac: float, desc: str) -> None:
         print(f"[{frac:4.0%}] {desc}", file=sys.stderr, flush=True)
@@ -64,4 +78,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--app-memory-threads", type=int, default=None, help="torch threads of --app-memory")
     p.add_argument("--app-memory-limit-gib", type=float, default=None,
                    help="stop --app-memory once the process is resident above this many GiB")
+    p.add_argument("--text-speed", action="store_true",
+                   help="instead: time the app's steps (load, Spectra, TA merge and re-merge, ESM merge, ESM++ routing "
+                        "of a sentence) on a text pool shaped like the built one (all-MiniLM-L6-v2, --tasks tasks, "
+                        "the recipe's sentence counts); best of --repeat runs, each in a fresh session")
+    p.add_argument("--text-speed-folder", default=None,
+                   help="folder for --text-speed's pool (kept and reused; default: a temporary folder)")
     p.set_defaults(func=cmd_bench)
