@@ -41,6 +41,7 @@ output. Inputs, prototypes and routing means exclude padding tokens
 """
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from typing import Mapping
@@ -240,6 +241,139 @@ def config_of(config) -> "transformers.PretrainedConfig":  # noqa: F821
     return AutoConfig.for_model(config["model_type"], **c)
 
 
+# ---------------------------------------------------------------- config bounds (before anything is built)
+#
+# An uploaded config.json decides how large a model transformers builds, even on the meta device (160,000 layers
+# took minutes and gigabytes before a single shape was compared). So every size field is checked first: a whole
+# number under an absolute cap, and equal to what the uploaded checkpoint itself holds (its layer count, its
+# tensors' shapes); every number finite; only then is anything built.
+
+SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
+# absolute caps on the size fields (far above every published BERT-family encoder)
+MAX_FIELD = {"layers": 128, "width": 16_384, "heads": 1_024, "ffn": 65_536, "vocab": 1_048_576,
+             "positions": 65_536, "type_vocab": 1_024}
+MAX_CONFIG_INT = 2 ** 31 - 1           # any whole number in a config (ids, sizes, flags)
+MAX_CONFIG_DEPTH = 8                   # nesting of a config's objects / lists
+MAX_CONFIG_ENTRIES = 10_000            # values in a config, all levels together
+# (size, config field) per family; the checkpoint tensor that shows each size is in _checkpoint_sizes
+_SIZE_FIELDS = {
+    "bert": (("layers", "num_hidden_layers"), ("width", "hidden_size"), ("heads", "num_attention_heads"),
+             ("ffn", "intermediate_size"), ("vocab", "vocab_size"), ("positions", "max_position_embeddings"),
+             ("type_vocab", "type_vocab_size")),
+    "distilbert": (("layers", "n_layers"), ("width", "dim"), ("heads", "n_heads"), ("ffn", "hidden_dim"),
+                   ("vocab", "vocab_size"), ("positions", "max_position_embeddings")),
+}
+_PROBABILITIES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
+                  "attention_dropout", "qa_dropout", "seq_classif_dropout")
+_LAYER_INDEX = re.compile(r"^(?:encoder|transformer)\.layer\.(\d+)\.")
+
+
+def check_config_values(config: Mapping, what: str = "config.json") -> None:
+    """Refuse a config holding a non-finite number (``1e400`` parses as inf), a whole number beyond
+    :data:`MAX_CONFIG_INT`, or more nesting / values than a model config has; the message names the field."""
+    stack, seen = [("", config, 0)], 0
+    while stack:
+        path, v, depth = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_ENTRIES:
+            raise ValueError(f"{what} holds more than {MAX_CONFIG_ENTRIES:,} values: not a model config")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ValueError(f"{what}: {path} is nested more than {MAX_CONFIG_DEPTH} levels deep: not a model config")
+        if isinstance(v, Mapping):
+            stack += [(f"{path}.{k}" if path else str(k), x, depth + 1) for k, x in v.items()]
+        elif isinstance(v, (list, tuple)):
+            stack += [(f"{path}[{i}]", x, depth + 1) for i, x in enumerate(v)]
+        elif isinstance(v, bool):
+            continue
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{what}: {path} = {v} is not a finite number")
+        elif isinstance(v, int) and abs(v) > MAX_CONFIG_INT:
+            raise ValueError(f"{what}: {path} = {_short_int(v)} is out of range (at most {MAX_CONFIG_INT:,})")
+
+
+def _short_int(v: int) -> str:
+    return str(v) if abs(v) < 10 ** 15 else f"{'-' if v < 0 else ''}about 10^{len(str(abs(v))) - 1}"
+
+
+def _checkpoint_sizes(sd: Mapping[str, torch.Tensor], family: str) -> dict[str, tuple[int, str]]:
+    """``{size: (value, what shows it)}`` read from the checkpoint's own tensors (bare AutoModel keys)."""
+    out = {}
+    idx = {int(m.group(1)) for k in sd if (m := _LAYER_INDEX.match(k))}
+    layer = "transformer.layer" if family == "distilbert" else "encoder.layer"
+    if idx:
+        out["layers"] = (len(idx), f"it holds {len(idx)} layers ({layer}.{min(idx)} … {layer}.{max(idx)})")
+    else:
+        out["layers"] = (0, f"it holds no {layer}.N keys")
+
+    def shape(key, dim, size):
+        v = sd.get(key)
+        if isinstance(v, torch.Tensor) and v.ndim == 2:
+            out.setdefault(size, (int(v.shape[dim]), f"{key} has shape {tuple(v.shape)}"))
+    shape("embeddings.word_embeddings.weight", 0, "vocab")
+    shape("embeddings.word_embeddings.weight", 1, "width")
+    shape("embeddings.position_embeddings.weight", 0, "positions")
+    shape("embeddings.token_type_embeddings.weight", 0, "type_vocab")
+    first = min(idx) if idx else 0
+    shape(f"{layer}.{first}.{'ffn.lin1' if family == 'distilbert' else 'intermediate.dense'}.weight", 0, "ffn")
+    return out
+
+
+def check_config(config, state_dict: Mapping[str, torch.Tensor], max_params: int | None = None):
+    """The ``transformers`` config of ``config`` after checking, without building anything, that it fits the
+    checkpoint ``state_dict`` (bare AutoModel keys, :func:`encoder_state`): every number finite, every size field
+    (layers, width, heads, feed-forward width, vocabulary, positions, token types) a whole number within
+    :data:`MAX_FIELD` and equal to what the checkpoint holds, the heads dividing the width, ``layer_norm_eps``
+    in (0, 1), dropout probabilities in [0, 1], and the parameter count within ``max_params``. Raises ValueError
+    naming the field, its value and what the checkpoint says."""
+    from transformers import PretrainedConfig
+    raw = config.to_dict() if isinstance(config, PretrainedConfig) else config
+    if isinstance(raw, Mapping):
+        check_config_values(raw)
+        mt = raw.get("model_type")
+        if "model_type" in raw and mt not in SUPPORTED_TYPES:
+            raise ValueError(f"config.json: model_type {str(mt)[:40]!r} is not a BERT-family encoder this server "
+                             f"reads (one of {', '.join(SUPPORTED_TYPES)})")
+    cfg = config_of(config)
+    family = "distilbert" if cfg.model_type == "distilbert" else "bert"
+    have = _checkpoint_sizes(state_dict, family)
+    size = {}
+    for what, name in _SIZE_FIELDS[family]:
+        v = getattr(cfg, name, None)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_FIELD[what]:
+            shown = _short_int(v) if isinstance(v, int) and not isinstance(v, bool) else repr(v)[:40]
+            raise ValueError(f"config.json: {name} = {shown} must be a whole number from 1 to "
+                             f"{MAX_FIELD[what]:,}" + (f" (the checkpoint: {have[what][1]})" if what in have else ""))
+        if what in have and have[what][0] != v:
+            why = (("missing keys of layers" if v > have[what][0] else "unexpected keys of layers")
+                   if what == "layers" else "shape mismatch")
+            raise ValueError(f"config.json: {name} = {v:,} does not fit the checkpoint: {have[what][1]} ({why})")
+        size[what] = v
+    if size["heads"] > size["width"] or size["width"] % size["heads"]:
+        w, h = _SIZE_FIELDS[family][1][1], _SIZE_FIELDS[family][2][1]
+        raise ValueError(f"config.json: {h} = {size['heads']:,} does not divide {w} = {size['width']:,}")
+    if family == "bert":
+        eps = getattr(cfg, "layer_norm_eps", None)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"config.json: layer_norm_eps = {eps!r} must be a number between 0 and 1")
+    for name in _PROBABILITIES:
+        p = getattr(cfg, name, None)
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1):
+            raise ValueError(f"config.json: {name} = {p!r} must be a probability from 0 to 1")
+    pad = getattr(cfg, "pad_token_id", None)
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < size["vocab"]):
+        raise ValueError(f"config.json: pad_token_id = {pad!r} is not a token of the vocabulary "
+                         f"(vocab_size {size['vocab']:,})")
+    if max_params is not None:
+        H, ffn, L = size["width"], size["ffn"], size["layers"]
+        emb = (size["vocab"] + size["positions"] + size.get("type_vocab", 0)) * H + 2 * H
+        per_layer = 4 * (H * H + H) + 2 * (ffn * H) + ffn + H + 4 * H
+        n = emb + L * per_layer + (H * H + H)
+        if n > max_params:
+            raise ValueError(f"config.json describes a model of about {n / 1e6:,.0f} M parameters, more than the "
+                             f"{max_params / 1e6:,.0f} M this server builds")
+    return cfg
+
+
 def _expected_shapes(cfg, **kwargs) -> dict[str, tuple]:
     from transformers import AutoModel
     with torch.device("meta"):
@@ -259,12 +393,14 @@ def encoder_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def check_shapes(state_dict: Mapping[str, torch.Tensor], config) -> dict:
+def check_shapes(state_dict: Mapping[str, torch.Tensor], config, max_params: int | None = None) -> dict:
     """Validate a state dict against a config without building the model; returns ``AutoModel`` kwargs.
 
-    Raises ValueError naming missing, unexpected and mismatching keys."""
-    cfg = config_of(config)
+    The config's fields are checked against the checkpoint first (:func:`check_config`: nothing is built for a
+    config that does not fit, or is larger than ``max_params``); then the meta-device model's keys and shapes.
+    Raises ValueError naming the field, or the missing, unexpected, mismatching and non-float keys."""
     sd = encoder_state(state_dict)
+    cfg = check_config(config, sd, max_params)
     kwargs = {}
     try:
         expected = _expected_shapes(cfg)
@@ -278,6 +414,11 @@ def check_shapes(state_dict: Mapping[str, torch.Tensor], config) -> dict:
     unexpected = [k for k in sd if k not in expected]
     wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs config {expected[k]}" for k in expected
              if k in sd and tuple(sd[k].shape) != expected[k]]
+    not_float = [f"{k} ({str(sd[k].dtype).replace('torch.', '')})" for k in expected
+                 if k in sd and not sd[k].is_floating_point()]
+    if not_float:                                   # every weight of the model is a float parameter
+        raise ValueError(f"checkpoint weights must be floating point: {not_float[:8]}"
+                         f"{' …' if len(not_float) > 8 else ''} are not")
     if missing or unexpected or wrong:
         parts = []
         if wrong:

@@ -208,7 +208,7 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
         raise ValueError(f"the base checkpoint holds {n_params / 1e6:.0f} M parameters, more than the "
                          f"{MAX_MODEL_PARAMS / 1e6:.0f} M this server merges")
     base = {k: v.float() if v.is_floating_point() else v for k, v in bert.encoder_state(base_raw).items()}
-    bert.check_shapes(base, config)                          # before anything is built
+    bert.check_shapes(base, config, MAX_MODEL_PARAMS)        # config fields vs the checkpoint, before anything is built
     tasks, heads = {}, {}
     for i, t in enumerate(names):
         report(0.05 + 0.4 * i / len(names), f"reading task checkpoint {t}")
