@@ -32,15 +32,25 @@ def layout(ui) -> None:
                 ui.r_btn = gr.Button("Route!", variant="primary", elem_id="route-btn")
                 ui.r_md = gr.Markdown(elem_id="route-note")
             with gr.Column(scale=2):
-                ui.r_heat = gr.Plot(label="routing decisions", show_label=False, elem_id="route-heat")
+                ui.r_heat = gr.Plot(hint("the routing decisions: which task's expert each sample switched on, per "
+                                         "layer"), label="routing decisions", show_label=False, elem_id="route-heat")
         with gr.Row():
-            ui.r_acc = gr.Plot(label="routing accuracy per layer", show_label=False, elem_id="route-acc")
-            ui.r_oracle = gr.Plot(label="routed vs oracle", show_label=False, elem_id="route-oracle")
+            ui.r_acc = gr.Plot(hint("routing accuracy per layer, with its 95 % interval and the chance line"),
+                               label="routing accuracy per layer", show_label=False, elem_id="route-acc")
+            ui.r_oracle = gr.Plot(hint("accuracy with ESM++'s own routing against the oracle"),
+                                  label="routed vs oracle", show_label=False, elem_id="route-oracle")
         with gr.Row():
             ui.r_sample = gr.Dropdown(label="sample", choices=[], allow_custom_value=True, elem_id="route-sample")
         with gr.Row():
-            ui.r_cos = gr.Plot(label="cosines of the chosen sample", show_label=False, elem_id="route-cos")
-            ui.r_map = gr.Plot(label="map of samples and prototypes", show_label=False, elem_id="route-map")
+            ui.r_cos = gr.Plot(hint("one sample's cosine with each task prototype"),
+                               label="cosines of the chosen sample", show_label=False, elem_id="route-cos")
+            ui.r_map = gr.Plot(hint("a map of the samples, the prototypes and your own input"),
+                               label="map of samples and prototypes", show_label=False, elem_id="route-map")
+
+
+def hint(what: str):
+    """An empty plot that says what to press to fill it."""
+    return viz.empty_figure(f"Press <b>Route!</b> (left) to draw {what}.")
 
 
 def figures(run: dict, idx: int) -> dict:
@@ -52,17 +62,25 @@ def figures(run: dict, idx: int) -> dict:
                                     title=f"sample {run['sample_labels'][idx]}: cosine with each task prototype"
                                           "<br><sub>□ = the expert chosen in each layer</sub>")}
     if run.get("layer_accuracy") is not None:
-        out["acc"] = viz.routing_accuracy_figure(layers, run["layer_accuracy"])
+        ci = run.get("layer_interval")
+        out["acc"] = viz.routing_accuracy_figure(
+            layers, run["layer_accuracy"], n=run.get("layer_n"), chance=run.get("chance"),
+            interval=None if ci is None else ([lo for lo, _ in ci], [hi for _, hi in ci]))
     else:
         out["acc"] = viz.empty_figure("routing accuracy needs samples with a known task")
     if run.get("routed_accuracy"):
+        ci = run.get("accuracy_interval") or {}
+        names = {"base": "static ESM", "route": "ESM++ (routed)", "oracle": "ESM++ (oracle routing)"}
+        intervals = {names[m]: ([ci[m][t][0] for t in tasks], [ci[m][t][1] for t in tasks]) for m in ci}
         out["oracle"] = viz.oracle_figure(tasks, run["routed_accuracy"], run["oracle_accuracy"],
-                                          run.get("static_accuracy"))
+                                          run.get("static_accuracy"), n=run.get("test_n"),
+                                          intervals=intervals or None)
     else:
         out["oracle"] = viz.empty_figure("the oracle comparison needs samples with a known task")
     emb = run.get("embedding")
     out["map"] = (viz.embedding_figure(emb["points"], emb["labels"], emb["proto_points"], emb["proto_labels"], tasks,
-                                       title=emb.get("title", ""), method=emb.get("method", "pca"))
+                                       title=emb.get("title", ""), method=emb.get("method", "pca"),
+                                       own=emb.get("own"))
                   if emb else viz.empty_figure("no map"))
     return out
 

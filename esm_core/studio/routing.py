@@ -6,13 +6,14 @@ import torch
 from PIL import Image
 
 from ..device import trim_heap
-from ..esmpp import ESMPP, majority_task, routing_accuracy, routing_embedding
+from ..esmpp import ESMPP, majority_task, routing_embedding
+from ..esmpp.embedding import EMBED_MIN_POINTS, _import_umap
 from ..evaluation.alpha import UpdatesAt
-from ..evaluation.esmpp import build_esmpp
+from ..evaluation.esmpp import build_esmpp, wilson_interval
 from ..merging import apply_updates, get_method
 from ..models import short_key
 from .inspect import ensure_cache, ensure_stats
-from .live import _frozen, accuracies
+from .live import _frozen, accuracies, sample_sizes
 from .session import Progress, Session, _need_pool, _noop
 
 
@@ -123,6 +124,7 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
                 if prepare is not None:
                     prepare(model, t)
                 model(x.to(dev), true_task=t)
+        predicted = _read_yours(pool, model, xs[-1][0].to(dev), log) if yours is not None else None
         if built["accs"] is None:
             report(0.75, "routed vs oracle accuracy")
             trim_heap()                     # the routing pass's activations: freed pages back before 3 evaluations
@@ -132,40 +134,132 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
         li = len(log.keys) - 1                      # the deepest routed layer: tasks are most separated there
         if umap:
             report(0.85, "UMAP of the samples (the first use compiles UMAP: this can take a minute)")
-        emb = routing_embedding(log, li, model.experts, seed=0, method="umap" if umap else "pca")
+        method = "umap" if umap else "pca"
+        if yours is None:
+            emb, own_point = routing_embedding(log, li, model.experts, seed=0, method=method), None
+        else:                        # the map is fitted on the pool's samples; yours is placed on it, not fitted
+            emb, own_point = _embedding_with_own(log, li, model.experts, method)
         known = log.true >= 0
-        layer_acc = routing_accuracy(log).tolist() if bool(known.any()) else None
         T = len(log.tasks)
+        n_known = int(known.sum())
+        layer_acc = layer_hits = layer_ci = None
+        if n_known:
+            layer_hits = (log.routed[known] == log.true[known, None]).sum(0).tolist()      # per routed layer
+            layer_acc = [k / n_known for k in layer_hits]
+            layer_ci = [wilson_interval(k, n_known) for k in layer_hits]
+        n_test = sample_sizes(s)
+        acc_ci = {m: {t: wilson_interval(round(accs[m][t] * n_test[t]), n_test[t]) for t in log.tasks}
+                  for m in accs}
         mean_norm = {m: float(np.mean([accs[m][t] / max(s.refs["test"]["finetuned"][t], 1e-12)
                                        for t in log.tasks])) for m in accs} if "test" in s.refs else None
         lines = [f"**ESM++** with rank-{built['rank']} experts on {len(log.keys)} routed layers, static part: ESM at "
                  f"α = {built['alpha']:.2f}" + (f" (merge #{built['from_merge']})" if built["from_merge"] else
                                                 " (defaults; merge with ESM in tab 4 to change it)") + "."]
         if layer_acc is not None:
+            best = int(np.argmax(layer_acc))
+            lo, hi = layer_ci[best]
             lines.append(f"Routing picked the sample's own task in **{100 * float(np.mean(layer_acc)):.0f} %** of "
-                         f"the decisions ({int(known.sum())} samples × {len(log.keys)} layers).")
+                         f"the decisions ({n_known} samples × {len(log.keys)} layers; chance: 1/{T} = "
+                         f"{100 / T:.1f} %). Best layer: {short_key(log.keys[best])}, {layer_hits[best]} of "
+                         f"{n_known} = {100 * layer_acc[best]:.0f} % (95 % interval {100 * lo:.0f}–{100 * hi:.0f} %).")
         if mean_norm:
-            lines.append(f"Mean normalised accuracy on ≤ {s.live_per_task} test samples per task: static ESM "
+            nt = sorted(set(n_test.values()))
+            lines.append(f"Mean normalised accuracy on {nt[0] if len(nt) == 1 else f'{nt[0]}–{nt[-1]}'} test "
+                         f"samples per task (n = {sum(n_test.values())} in all): static ESM "
                          f"{100 * mean_norm['base']:.1f} %, ESM++ routed {100 * mean_norm['route']:.1f} %, "
-                         f"oracle routing {100 * mean_norm['oracle']:.1f} %.")
+                         f"oracle routing {100 * mean_norm['oracle']:.1f} % (each task's 95 % interval: the error "
+                         "bars).")
         if yours is not None:
             top, share = majority_task(log)
-            lines.append(f"**{yours.capitalize()}** went to the **{log.tasks[int(top[-1])]}** expert in "
-                         f"{100 * float(share[-1]):.0f} % of the layers.")
+            task, cls = predicted
+            lines.append(f"**{yours.capitalize()}** went to the **{task}** expert in "
+                         f"{100 * float(share[-1]):.0f} % of the layers; read with the {task} head, ESM++ predicts "
+                         f"the class **{cls}**.")
         storage = model.experts.storage()
         lines.append(f"The experts add {storage['per_task']:,} parameters per task "
                      f"({100 * (storage['share_per_task'] or 0):.1f} % of the model).")
         true_names = [n if n is not None else (yours or "your input") for n in emb["true"]]
         run = {"tasks": list(log.tasks), "layers": list(log.keys), "sample_labels": labels,
                "true": log.true.tolist(), "choices": log.chosen.numpy(), "cosines": log.cos.numpy(),
-               "layer_accuracy": layer_acc, "routed_accuracy": accs["route"], "oracle_accuracy": accs["oracle"],
-               "static_accuracy": accs["base"],
+               "layer_accuracy": layer_acc, "layer_hits": layer_hits, "layer_n": n_known, "layer_interval": layer_ci,
+               "chance": 1.0 / T, "routed_accuracy": accs["route"], "oracle_accuracy": accs["oracle"],
+               "static_accuracy": accs["base"], "test_n": n_test, "accuracy_interval": acc_ci,
+               "predicted": predicted,
                "embedding": {"points": emb["points"], "labels": true_names, "proto_points": emb["prototype_points"],
                              "method": emb["method"],
                              "proto_labels": list(emb["tasks"]),
+                             "own": None if own_point is None else {
+                                 "point": own_point, "label": yours,
+                                 "text": f"{yours}: {predicted[0]} expert, class {predicted[1]}"},
                              "title": f"{emb['note']}, layer {short_key(str(emb['layer']))}; "
-                                      "★ = task prototypes"},
+                                      "★ = task prototypes" + ("; ✕ = " + yours + " (placed on the map of the "
+                                                               "samples)" if yours else "")},
                "summary_md": "\n\n".join(lines), "n_tasks": T}
         report(1.0, "routing done")
         s.routing = run                             # after the last progress report: a cancel cannot stop half-way
         return run
+
+
+@torch.inference_mode()
+def _read_yours(pool, model, x: torch.Tensor, log) -> tuple[str, str]:
+    """The task chosen for the user's input (the last sample of ``log``: the task most routed layers picked) and the
+    class ESM++ predicts for it with that task's head (a text pool: with that task's own biases, §8)."""
+    top, _ = majority_task(log)
+    task = log.tasks[int(top[-1])]
+    prepare = getattr(pool, "prepare", None)
+    if prepare is not None:
+        prepare(model, task)
+    feats = model(x)
+    cls = int(pool.logits(task, feats.float()).argmax(-1)[0])
+    names = pool.class_names[task]
+    return task, str(names[cls]) if 0 <= cls < len(names) else str(cls)
+
+
+def _pca_fit(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and 2-column basis of the first two principal coordinates of the rows of ``z`` (the signs and padding of
+    :func:`esm_core.esmpp.embedding._pca2`, so the samples land where that map puts them)."""
+    mean = z.mean(0)
+    _, _, vh = torch.linalg.svd(z - mean, full_matrices=False)
+    v = vh[:2].mT
+    if v.shape[1] < 2:
+        v = torch.cat([v, v.new_zeros(v.shape[0], 2 - v.shape[1])], 1)
+    idx = v.abs().argmax(0)
+    signs = torch.sign(v[idx, torch.arange(v.shape[1])])
+    signs[signs == 0] = 1
+    return mean, v * signs
+
+
+def _embedding_with_own(log, li: int, experts, method: str, seed: int = 0) -> tuple[dict, tuple[float, float]]:
+    """The map of the pool's samples and the prototypes (all but the last sample of ``log``), fitted without the
+    user's input (the last sample), which is then placed by the same fitted projection (PCA: its mean and axes;
+    UMAP: ``transform``). Returns (the map, as :func:`routing_embedding` returns it: the user's point is the last
+    row of its points, and that point)."""
+    key = log.keys[li]
+    x = log.pooled[li]
+    protos = experts.prototypes[key]
+    xn = torch.nn.functional.normalize(x.double(), dim=-1)
+    pn = torch.nn.functional.normalize(protos.double(), dim=-1)
+    z, own = torch.cat([xn[:-1], pn]), xn[-1:]
+    if method == "umap" and z.shape[0] >= EMBED_MIN_POINTS:
+        import warnings
+        umap = _import_umap()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reducer = umap.UMAP(n_components=2, n_neighbors=min(15, z.shape[0] - 1), random_state=seed)
+            coords = np.asarray(reducer.fit_transform(z.numpy()), dtype=np.float64)
+            point = np.asarray(reducer.transform(own.numpy()), dtype=np.float64)[0]
+        note = f"UMAP of L2-normalised inputs (seed {seed})"
+    else:
+        note = ("PCA of L2-normalised inputs" if method == "pca" else
+                f"PCA: only {z.shape[0]} points (UMAP needs at least {EMBED_MIN_POINTS})")
+        method = "pca"
+        mean, basis = _pca_fit(z)
+        coords = ((z - mean) @ basis).numpy()
+        point = ((own - mean) @ basis).numpy()[0]
+    n = xn.shape[0] - 1
+    tasks = list(log.tasks)
+    true = [tasks[int(t)] if int(t) >= 0 else None for t in log.true.tolist()]
+    return ({"layer": key, "method": method, "note": note, "seed": seed, "tasks": tasks,
+             "points": np.vstack([coords[:n], point[None]]), "prototype_points": coords[n:], "true": true,
+             "routed": [tasks[int(t)] for t in log.routed[:, li]]},
+            (float(point[0]), float(point[1])))
