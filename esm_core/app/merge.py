@@ -1,12 +1,15 @@
 """View 4 · Merge: pick a method, move its knobs, see the live accuracy (with its noise), the α curve, full eval."""
 from __future__ import annotations
 
+import html
+
 import gradio as gr
 import pandas as pd
 
 from esm_core.models import openclip_vit as vit
 
-from .common import HEAVY, LIGHT, METHODS, friendly, gpu, need_session, progress_fn, stoppable, studio, viz
+from .common import (HEAVY, LIGHT, METHODS, TOAST_S, friendly, gpu, need_session, progress_fn, stoppable, studio,
+                     viz)
 
 TEXT = """Pick a method and move its knobs: the model is re-merged from cached decompositions and re-evaluated at once.
 ESM ends with a **flat spectrum** — every direction of the merged update gets the same strength — so the large
@@ -75,11 +78,12 @@ def layout(ui) -> None:
             with gr.Column(scale=2):
                 ui.acc_plot = gr.Plot(label="per-task accuracy", show_label=False, elem_id="acc-plot")
                 ui.merge_md = gr.Markdown(elem_id="merge-note")
-        ui.curve_plot = gr.Plot(label="α curve", show_label=False, visible=True, elem_id="curve-plot")
+        ui.curve_plot = gr.Plot(curve_hint(), label="α curve", show_label=False, visible=True,
+                                elem_id="curve-plot")
         ui.full_md = gr.Markdown()
         ui.cmp_df = gr.Dataframe(label="every merge of this session", interactive=False, elem_id="cmp-table",
                                  wrap=True)
-        ui.curve_state = gr.State(None)      # (method, best α, curve, title) of the last α curve
+        ui.curve_state = gr.State(None)      # (method, best α, curve, title, parameter key) of the last α curve
 
 
 def params_of(method: str, values: tuple, slices: dict) -> dict:
@@ -124,26 +128,112 @@ def comparison_table(s, sizes: dict, finetuned: dict) -> pd.DataFrame:
     return df
 
 
+CURVE_HINT = "Press <b>α curve on validation</b> to draw the validation accuracy against α for these controls."
+
+
+def curve_hint(text: str = CURVE_HINT):
+    """The α curve's place before there is a curve (or once it no longer fits the controls): what to press."""
+    return viz.empty_figure(text)
+
+
+def param_text(method: str, params: dict) -> str:
+    """A merge's parameters other than α that differ from their defaults, as "k=v, …" ("default parameters")."""
+    changed = [f"{p.name}={params[p.name]}" for p in METHODS[method].params
+               if p.name != "alpha" and p.name in params and params[p.name] != p.default]
+    return ", ".join(changed) or "default parameters"
+
+
+def param_key(method: str, params: dict) -> tuple:
+    """What an α curve belongs to: the method and every parameter but α (checked and completed by the schema)."""
+    p = METHODS[method].resolve(dict(params))
+    return method, tuple(sorted((k, v) for k, v in p.items() if k != "alpha"))
+
+
 def curve_figure(data, current: float | None):
-    method, best, curve, title = data
+    """``data``: (method, best α, curve, title, parameter key, parameter text) of an α curve (``curve_state``)."""
+    method, best, curve, title = data[:4]
     return viz.alpha_curve_figure(curve, best, current, title)
+
+
+def curve_follow(data, method: str, params: dict) -> tuple:
+    """The α curve after a merge (updates of curve plot, curve state, best-α button): its "current α" marker moves
+    to the merge's α when the curve belongs to the merge's parameter set; otherwise it is cleared, saying for which
+    parameters it was drawn (its best α does not apply to the new ones)."""
+    if data is None:
+        return gr.update(), gr.update(), gr.update()
+    if data[4] == param_key(method, params):
+        return curve_figure(data, float(params["alpha"])), gr.update(), gr.update()
+    note = (f"The α curve was drawn for {METHODS[data[0]].title} with {html.escape(data[5])};<br>this merge is "
+            f"{METHODS[method].title} with {html.escape(param_text(method, params))}.<br>{CURVE_HINT}")
+    return curve_hint(note), None, gr.update(interactive=False, value="use the best α")
 
 
 def make_handlers(ui):
     slices = ui.slices
 
+    n_controls = len(ui.controls)
+
     @gpu
     @friendly
     @stoppable(4)
-    def do_merge(s, method, *values, progress=gr.Progress()):
+    def merge_shown(s, method, *values, progress=gr.Progress()):
+        """Merge with the method's controls (the API's "merge", a method switch, a newly loaded pool): a refused
+        parameter set is an error message."""
         s = need_session(s)
         rec = studio.merge(s, method, params_of(method, values, slices), progress=progress_fn(progress, s))
         return (s, *merge_outputs(s, rec))
 
+    def controls_back(method: str, values: tuple, cur) -> list:
+        """Updates that set the method's controls to the merge on screen (its defaults when that merge is another
+        method's); a control already showing its value is left alone (no change event, no new merge)."""
+        out = [gr.update() for _ in range(n_controls)]
+        lo, _ = slices[method]
+        m = METHODS[method]
+        shown = cur["params"] if cur is not None and cur["method"] == method else m.resolve({})
+        for i, p in enumerate(m.params):
+            want, have = shown[p.name], values[lo + i]
+            if isinstance(have, (list, tuple)):                  # the esd_types multi-select
+                want = [t for t in str(want).split(",") if t]
+                have = list(have)
+            if have != want:
+                out[lo + i] = gr.update(value=want)
+        return out
+
+    @gpu
+    @friendly
+    @stoppable(7 + n_controls)
+    def do_merge(s, method, curve, *values, progress=gr.Progress()):
+        """A control moved: merge, move the α curve's marker (or clear a curve drawn for other parameters).
+
+        A refused parameter set (e.g. rank and rank_fraction both set) changes no merge: the message says why, and
+        the controls go back to the merge on screen, so that every later change merges again. Controls that equal
+        the merge on screen (set back, or moved there and back) do not merge again."""
+        s = need_session(s)
+        keep = [gr.update() for _ in range(n_controls)]
+        params = params_of(method, values, slices)
+        cur = s.current
+        try:
+            resolved = METHODS[method].resolve(dict(params))
+        except ValueError:
+            resolved = None                      # refused below by studio.merge, with its message
+        if resolved is not None and cur is not None and cur["method"] == method and cur["params"] == resolved:
+            return (s, gr.update(), gr.update(), gr.update(), *curve_follow(curve, method, resolved), *keep)
+        try:
+            rec = studio.merge(s, method, params, progress=progress_fn(progress, s))
+        except ValueError as e:
+            where = (f"merge #{cur['id']}, {cur['title']} at α = {float(cur['params']['alpha']):.2f}"
+                     if cur is not None and cur["method"] == method else "the method's defaults")
+            gr.Warning(html.escape(f"Not merged: {e}. The controls are set back to the merge on screen ({where}); "
+                                   "change one parameter at a time from there."), duration=TOAST_S, title="Not merged")
+            return (s, gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), gr.update(),
+                    *controls_back(method, values, cur))
+        return (s, *merge_outputs(s, rec), *curve_follow(curve, method, rec["params"]), *keep)
+
     def show_method(method):
         """Show the method's controls; the α curve and best α of the previous method no longer apply."""
         return ([gr.update(visible=(n == method)) for n in METHODS]
-                + [f"*{METHODS[method].help}*", None, None, gr.update(interactive=False, value="use the best α")])
+                + [f"*{METHODS[method].help}*", curve_hint(), None,
+                   gr.update(interactive=False, value="use the best α")])
 
     @gpu
     @friendly
@@ -153,10 +243,12 @@ def make_handlers(ui):
         params = params_of(method, values, slices)
         best, curve = studio.alpha_curve(s, method, params, progress=progress_fn(progress, s))
         n = studio.sample_sizes(s, "val")
+        ptext = param_text(method, METHODS[method].resolve(dict(params)))
         title = (f"{METHODS[method].title}: mean normalised accuracy on ≤ {max(n.values())} validation "
                  f"{studio.pool_info(s)['inputs']} "
-                 f"per task (n = {sum(n.values())} in all)")
-        data = (method, best, curve, title)
+                 f"per task (n = {sum(n.values())} in all)<br><sub>for {html.escape(ptext)}; only α varies "
+                 "(another parameter moved clears the curve)</sub>")
+        data = (method, best, curve, title, param_key(method, params), ptext)
         return s, curve_figure(data, float(params["alpha"])), data, gr.update(
             interactive=True, value=f"use the best α ({best:.2f})")
 
@@ -185,7 +277,7 @@ def make_handlers(ui):
                          f"{100 * res['refs']['zeroshot'][t]:.1f} |")
         return s, "\n".join(lines)
 
-    return do_merge, show_method, do_curve, use_best, do_full
+    return merge_shown, do_merge, show_method, do_curve, use_best, do_full
 
 
 def do_cancel(s) -> None:
@@ -197,9 +289,13 @@ def do_cancel(s) -> None:
 
 def register(ui) -> None:
     """Define the merge handler before the other views wire events that chain into it (the pool view)."""
-    ui.do_merge, ui.show_method, ui.do_curve, ui.use_best, ui.do_full = make_handlers(ui)
+    # ui.do_merge (the pool view chains into it, and the API's "merge"): refusals are errors; ui.do_merge_live (a
+    # control moved): also keeps the α curve and the controls equal to the merge on screen
+    ui.do_merge, ui.do_merge_live, ui.show_method, ui.do_curve, ui.use_best, ui.do_full = make_handlers(ui)
     ui.merge_inputs = [ui.state, ui.method_dd, *ui.controls]
     ui.merge_outs = [ui.state, ui.acc_plot, ui.merge_md, ui.cmp_df]
+    ui.merge_live_inputs = [ui.state, ui.method_dd, ui.curve_state, *ui.controls]
+    ui.merge_live_outs = [*ui.merge_outs, ui.curve_plot, ui.curve_state, ui.best_btn, *ui.controls]
 
 
 def wire(ui) -> None:
@@ -214,8 +310,8 @@ def wire(ui) -> None:
                  for m in METHODS}
     for c in ui.controls:
         queue = LIGHT if id(c) in alpha_ids else HEAVY
-        c.change(ui.do_merge, ins, outs, **queue, trigger_mode="always_last", show_progress="minimal",
-                 api_visibility="private")
+        c.change(ui.do_merge_live, ui.merge_live_inputs, ui.merge_live_outs, **queue, trigger_mode="always_last",
+                 show_progress="minimal", show_progress_on=[ui.acc_plot], api_visibility="private")
     ui.curve_btn.click(ui.do_curve, ins, [ui.state, ui.curve_plot, ui.curve_state, ui.best_btn],
                        api_name="alpha_curve", **HEAVY)
     ui.best_btn.click(ui.use_best, [ui.method_dd, ui.curve_state], [*ui.controls, ui.curve_plot],

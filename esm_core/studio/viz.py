@@ -79,21 +79,30 @@ def accuracy_figure(summary: Mapping, refs: Mapping[str, Mapping[str, float]], t
                             ("merged", merged_abs, REF_COLOURS["merged"]),
                             ("fine-tuned", ft_abs, REF_COLOURS["fine-tuned"])):
         extra = ({"error_y": err, "hovertext": hover} if err is not None and name == "merged" else {})
-        fig.add_trace(go.Bar(name=name, x=xs, y=vals, marker_color=col, legendgroup=name,
-                             text=[f"{v:.1f}" for v in vals], textposition="outside", cliponaxis=False, **extra),
+        fig.add_trace(go.Bar(name=name, x=xs, y=vals, marker_color=col, legendgroup=name, **_bar_text(vals), **extra),
                       row=1, col=1)
     for name, vals, col in (("zero-shot", zs_norm, REF_COLOURS["zero-shot"]),
                             ("merged", merged_norm, REF_COLOURS["merged"])):
         fig.add_trace(go.Bar(name=f"{name} (normalised)", x=xs, y=vals, marker_color=col, legendgroup=name,
-                             showlegend=False, text=[f"{v:.1f}" for v in vals], textposition="outside",
-                             cliponaxis=False), row=2, col=1)
+                             showlegend=False, **_bar_text(vals)), row=2, col=1)
     fig.add_hline(y=100, line_dash="dot", line_color=REF_COLOURS["fine-tuned"], row=2, col=1)
     fig.update_yaxes(range=[0, 105], row=1, col=1)
     fig.update_yaxes(range=[0, max(110.0, np.nanmax(merged_norm + [0.0]) + 8)], row=2, col=1)
-    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=130, b=40)}, barmode="group", height=560,
-                      title=dict(text=title, y=0.985, yanchor="top") if title else None,
-                      legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0))
+    # the title in the top margin, anchored at its top inside the figure (a 2-line title anchored lower was cut off)
+    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=150, b=40)}, barmode="group", height=580,
+                      title=dict(text=title, x=0, xanchor="left", xref="paper", y=1, yref="container",
+                                 yanchor="top", pad=dict(t=12)) if title else None,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0),
+                      uniformtext=dict(minsize=9, mode="hide"))
     return fig
+
+
+def _bar_text(vals) -> dict:
+    """Value labels written along the inside of each bar, at its top: they cannot run into the error bars above
+    the bar nor into the labels of the neighbouring bars ("92.097.096.0"); a bar too short for its label hides it
+    (the value stays in the hover text)."""
+    return dict(text=[f"{v:.1f}" if np.isfinite(v) else "" for v in vals], textposition="inside",
+                textangle=-90, insidetextanchor="end", textfont=dict(size=10), cliponaxis=False)
 
 
 def alpha_curve_figure(curve: Sequence[tuple[float, float]], best: float | None = None,
@@ -243,32 +252,86 @@ def cosine_figure(cosines: np.ndarray, tasks: Sequence[str], layer_labels: Seque
     return fig
 
 
-def routing_accuracy_figure(layer_labels: Sequence[str], accuracy: Sequence[float], title: str = "") -> go.Figure:
-    """Share of samples routed to their own task's expert, per routed layer."""
-    fig = go.Figure(go.Bar(x=list(layer_labels), y=[_pct(a) for a in accuracy], marker_color="#756bb1",
-                           text=[f"{_pct(a):.0f}" for a in accuracy], textposition="outside", cliponaxis=False))
-    fig.update_layout(**_LAYOUT, height=320, title=title or "routing accuracy per layer",
-                      yaxis=dict(title="routed to the true task (%)", range=[0, 108]))
+def _interval_bars(vals: Sequence[float], interval) -> dict:
+    """Asymmetric error bars (%) from ``interval = (lows, highs)`` (fractions) around ``vals`` (%)."""
+    if interval is None:
+        return {}
+    lo, hi = interval
+    up = [max(0.0, _pct(h) - v) for h, v in zip(hi, vals)]
+    down = [max(0.0, v - _pct(l_)) for l_, v in zip(lo, vals)]
+    return {"error_y": dict(type="data", symmetric=False, array=up, arrayminus=down, color="#252525",
+                            thickness=1.5, width=4)}
+
+
+def routing_accuracy_figure(layer_labels: Sequence[str], accuracy: Sequence[float], title: str = "",
+                            n: int | None = None, interval=None, chance: float | None = None) -> go.Figure:
+    """Share of samples routed to their own task's expert, per routed layer.
+
+    ``n``: the samples behind each bar (in the title and the hover text); ``interval``: ``(lows, highs)`` per layer,
+    as fractions (the 95 % Wilson interval), drawn as error bars; ``chance``: the share a router picking a task at
+    random would reach (1/T), a dashed line.
+    """
+    ys = [_pct(a) for a in accuracy]
+    hover = None
+    if interval is not None:
+        hover = [f"{lab}: {y:.0f} % ({_pct(l_):.0f}–{_pct(h):.0f} %, 95 %)" + (f", n = {n}" if n else "")
+                 for lab, y, l_, h in zip(layer_labels, ys, *interval)]
+    fig = go.Figure(go.Bar(x=list(layer_labels), y=ys, marker_color="#756bb1", name="routing accuracy",
+                           text=[f"{y:.0f}" for y in ys], textposition="inside", insidetextanchor="start",
+                           hovertext=hover, **_interval_bars(ys, interval)))
+    if chance is not None:
+        fig.add_hline(y=_pct(chance), line_dash="dash", line_color="#d62728", name="chance",
+                      annotation_text=f"chance: 1/{round(1 / chance)} = {_pct(chance):.1f} %",
+                      annotation_position="top right", annotation_font_color="#d62728")
+    if not title:
+        title = "routing accuracy per layer"
+        if n:
+            title += f"<br><sub>n = {n} samples per layer" + ("; error bars: 95 % Wilson interval"
+                                                               if interval is not None else "") + "</sub>"
+    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=80, b=50)}, height=340, title=title,
+                      yaxis=dict(title="routed to the true task (%)", range=[0, 105]))
     return fig
 
 
 def oracle_figure(tasks: Sequence[str], routed: Mapping[str, float], oracle: Mapping[str, float],
-                  merged: Mapping[str, float] | None = None, title: str = "") -> go.Figure:
-    """Per-task accuracy of ESM++ with its own routing against the oracle (true task forced), and the static merge."""
+                  merged: Mapping[str, float] | None = None, title: str = "", n: Mapping[str, int] | None = None,
+                  intervals: Mapping[str, tuple] | None = None) -> go.Figure:
+    """Per-task accuracy of ESM++ with its own routing against the oracle (true task forced), and the static merge.
+
+    ``n``: test samples per task (in the title and the hover text); ``intervals``: per series name ("static ESM",
+    "ESM++ (routed)", "ESM++ (oracle routing)") the ``(lows, highs)`` per task as fractions (95 % Wilson), drawn as
+    error bars.
+    """
     fig = go.Figure()
     series = [("static ESM", merged, REF_COLOURS["zero-shot"])] if merged else []
     series += [("ESM++ (routed)", routed, "#756bb1"), ("ESM++ (oracle routing)", oracle, REF_COLOURS["fine-tuned"])]
     for name, vals, col in series:
-        fig.add_trace(go.Bar(name=name, x=list(tasks), y=[_pct(vals.get(t)) for t in tasks], marker_color=col))
-    fig.update_layout(**_LAYOUT, barmode="group", height=340, title=title or "routed vs oracle accuracy",
-                      yaxis=dict(title="accuracy (%)", range=[0, 105]), legend=dict(orientation="h", y=1.15))
+        ys = [_pct(vals.get(t)) for t in tasks]
+        iv = (intervals or {}).get(name)
+        hover = [f"{name}, {t}: {y:.1f} %" + (f" ({_pct(iv[0][i]):.0f}–{_pct(iv[1][i]):.0f} %, 95 %)" if iv else "")
+                 + (f", n = {n[t]}" if n and t in n else "") for i, (t, y) in enumerate(zip(tasks, ys))]
+        fig.add_trace(go.Bar(name=name, x=list(tasks), y=ys, marker_color=col, hovertext=hover,
+                             **_interval_bars(ys, iv)))
+    if not title:
+        title = "routed vs oracle accuracy"
+        if n:
+            lo, hi = min(n.values()), max(n.values())
+            title += (f"<br><sub>n = {lo if lo == hi else f'{lo}–{hi}'} test samples per task"
+                      + ("; error bars: 95 % Wilson interval" if intervals else "") + "</sub>")
+    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=110, b=50)}, barmode="group", height=380,
+                      title=title, yaxis=dict(title="accuracy (%)", range=[0, 105]),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
     return fig
 
 
 def embedding_figure(points: np.ndarray, labels: Sequence[str], proto_points: np.ndarray | None = None,
                      proto_labels: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
-                     title: str = "", method: str = "pca") -> go.Figure:
-    """2-D map (UMAP or PCA) of the samples' hidden states, coloured by true task, with task prototypes as stars."""
+                     title: str = "", method: str = "pca", own: Mapping | None = None) -> go.Figure:
+    """2-D map (UMAP or PCA) of the samples' hidden states, coloured by true task, with task prototypes as stars.
+
+    ``own``: the user's own input, ``{"point": (x, y), "label": "your image", "text": what it was routed to}``,
+    projected by the same fitted map; drawn as a large black cross, labelled, in its own legend entry.
+    """
     pts = np.asarray(points, dtype=float)
     tasks = list(tasks) if tasks is not None else list(dict.fromkeys(list(labels) + list(proto_labels or [])))
     fig = go.Figure()
@@ -287,6 +350,12 @@ def embedding_figure(points: np.ndarray, labels: Sequence[str], proto_points: np
                                          legendgroup=t, showlegend=False,
                                          marker=dict(color=task_colour(i), size=18, symbol="star",
                                                      line=dict(color="#000", width=1))))
+    if own is not None:
+        x, y = (float(v) for v in own["point"])
+        fig.add_trace(go.Scatter(x=[x], y=[y], mode="markers+text", name=own.get("label", "your input"),
+                                 text=[own.get("label", "your input")], textposition="top center",
+                                 hovertext=[own.get("text", "")], textfont=dict(size=13, color="#000"),
+                                 marker=dict(symbol="x", size=18, color="#000", line=dict(color="#fff", width=1.5))))
     axis = ("principal component 1", "principal component 2") if method == "pca" else ("UMAP 1", "UMAP 2")
     fig.update_xaxes(showticklabels=False, title=f"{axis[0]} (of the hidden states)")
     fig.update_yaxes(showticklabels=False, title=axis[1])
