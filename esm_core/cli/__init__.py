@@ -4,6 +4,9 @@ Sub-commands: ``methods`` (list methods and their parameters), ``merge``
 (merge checkpoint files), ``eval`` (evaluate a method on a pool), ``bench``
 (speed and memory of every method), ``build-demo`` (rebuild the demo pool),
 ``build-pool text`` (the text pool; ``eval --pool text`` evaluates it), ``app`` (start the web app).
+
+Each sub-command module imports torch and the rest of the library inside its
+command, never at its top, so that ``--help`` answers without loading them.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ SUBCOMMANDS = (methods, merge, eval, bench, demo, pools, app)     # each module:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="esm-studio", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="esm-studio", description="ESM Studio: merge fine-tuned models with ESM, "
+                                 "ESM++ and the strongest baselines, evaluate them, and start the web app.",
+                                 epilog="`esm-studio COMMAND --help` describes each command.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for mod in SUBCOMMANDS:
         mod.add_cli(sub)

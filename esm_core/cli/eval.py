@@ -5,14 +5,6 @@ import json
 import sys
 from pathlib import Path
 
-from ..esmpp import ESMPP
-from ..evaluation import evaluate_esmpp, evaluate_method, reference_accuracies, summarize
-from ..evaluation.accuracy import suspicious_references
-from ..merging import METHODS, get_method
-from ..pools.demo import load_demo_pool
-from ..pools.poolfile import load_pool
-from ..pools.text_pool import load_text_task_pool
-from ..probe import probe_pool
 from .common import parse_sets
 
 ALL_ESMPP_RANKS = (8, 32)            # ESM++ rows of `--method all` (SPEC §7: r = 8 and 32)
@@ -20,6 +12,10 @@ ALL_ESMPP_RANKS = (8, 32)            # ESM++ rows of `--method all` (SPEC §7: r
 
 def load_pool_arg(spec: str):
     """``demo``, ``text`` (the built text pool), a demo-style or built-text-pool folder, or a pool file (.json)."""
+    from ..pools.demo import load_demo_pool
+    from ..pools.poolfile import load_pool
+    from ..pools.text_pool import load_text_task_pool
+
     if spec == "demo":
         return load_demo_pool()
     if spec == "text":
@@ -59,6 +55,9 @@ def plan(method: str, params: dict) -> list[tuple[str, dict, dict]]:
 
     For ESM++, ``--set`` names of :data:`ESMPP` (rank, routed_types) go to ESM++, every other one to the
     static ESM merge (so ESM's own rank can be set for an ESM++ run)."""
+    from ..esmpp import ESMPP
+    from ..merging import METHODS, get_method
+
     if method == "all":
         if params:
             raise ValueError("--set cannot be combined with --method all")
@@ -74,6 +73,11 @@ def plan(method: str, params: dict) -> list[tuple[str, dict, dict]]:
 
 
 def cmd_eval(args) -> int:
+    from ..evaluation import evaluate_esmpp, evaluate_method, reference_accuracies, summarize
+    from ..evaluation.accuracy import suspicious_references
+    from ..merging import get_method
+    from ..probe import probe_pool
+
     quiet = args.json or args.quiet
 
     def progress(frac, desc):
@@ -119,7 +123,10 @@ def cmd_eval(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a merging method on a pool (per-task accuracy, α search)")
+    p = subparsers.add_parser("eval", help="evaluate a merging method on a pool (per-task accuracy, α search)",
+                              description="Evaluate a merging method (or ESM++, or all of them) on a pool: α chosen "
+                                          "on the validation split, then top-1 accuracy per task on --split, absolute "
+                                          "and normalised by each fine-tuned model's accuracy.")
     p.add_argument("--pool", default="demo",
                    help="'demo' (built-in), 'text' (the built text pool: esm-studio build-pool text), a demo-style or "
                         "text-pool folder, or a pool file")
@@ -127,8 +134,9 @@ def add_cli(subparsers) -> None:
                    "oracle rows; other --set names go to the static ESM merge), 'all', 'zeroshot' or 'finetuned'")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
     p.add_argument("--alpha", default="auto", help="'auto' (chosen on validation) or a number")
-    p.add_argument("--split", default="test", choices=("val", "test"))
-    p.add_argument("--device", default="auto")
+    p.add_argument("--split", default="test", choices=("val", "test"),
+                   help="the split the table reports (α is always chosen on val; default: test)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:i]")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_eval)

@@ -17,9 +17,6 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from .. import __version__
-from ..checkpoints import CheckpointError, is_hf_clip_vision, load_checkpoint, save_safetensors, visual_only
-from ..lazy import LazyCheckpoint
-from ..merging import apply_updates, get_method, merge_updates
 from .common import parse_sets
 
 
@@ -60,9 +57,12 @@ def progress_bar(stream: TextIO = sys.stderr, width: int = 30) -> Callable[[floa
     return draw
 
 
-def _lazy(path: str) -> LazyCheckpoint | None:
-    """A lazy reader for a plain safetensors checkpoint with open_clip names; None for anything that needs
-    converting on load (other formats, Hugging Face CLIP names)."""
+def _lazy(path: str):
+    """A lazy reader (``LazyCheckpoint``) for a plain safetensors checkpoint with open_clip names; None for
+    anything that needs converting on load (other formats, Hugging Face CLIP names)."""
+    from ..checkpoints import CheckpointError, is_hf_clip_vision
+    from ..lazy import LazyCheckpoint
+
     if Path(path).suffix.lower() != ".safetensors":
         return None
     try:
@@ -76,6 +76,9 @@ def run_merge(base_path: str, tasks: dict[str, str], method: str, params: dict, 
               visual: bool = False, progress: Callable[[float, str], None] | None = None,
               log: Callable[[str], None] | None = None) -> dict:
     """Load, merge, save. Returns the summary printed by ``--json``."""
+    from ..checkpoints import load_checkpoint, save_safetensors, visual_only
+    from ..lazy import LazyCheckpoint
+    from ..merging import apply_updates, get_method, merge_updates
 
     log = log or (lambda msg: None)
     m = get_method(method)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 
-from ..esmpp import ESMPP
-from ..merging import METHODS
 
 
 def cmd_methods(args) -> int:
+    from ..esmpp import ESMPP
+    from ..merging import METHODS
+
     if args.json:
         print(json.dumps([m.to_dict() for m in METHODS.values()] + [{**ESMPP.to_dict(), "esm_params": "every ESM "
                                                                        "parameter, for the static merge"}], indent=2))
@@ -29,6 +30,8 @@ def cmd_methods(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("methods", help="list merging methods and their parameters")
-    p.add_argument("--json", action="store_true")
+    p = subparsers.add_parser("methods", help="list merging methods and their parameters",
+                              description="List every merging method (and ESM++) with its typed parameters: name, type, "
+                                          "default, range and help — the schema the app builds its controls from.")
+    p.add_argument("--json", action="store_true", help="print the schemas as JSON")
     p.set_defaults(func=cmd_methods)

@@ -7,13 +7,14 @@ the repository (several sources may not be redistributed); ``esm-studio eval
 """
 from __future__ import annotations
 
-from ..pools import text_build
 
 
 def cmd_build_pool(args) -> int:
+    from ..pools import text_build
+
     if args.name != "text":
         raise ValueError(f"unknown pool {args.name!r}: the buildable pools are 'text' (and the demo: build-demo)")
-    argv = [args.out] + ["--device", args.device] + (["--tasks", args.tasks] if args.tasks else []) \
+    argv = [args.out or str(text_build.TEXT_POOL_DIR)] + ["--device", args.device] + (["--tasks", args.tasks] if args.tasks else []) \
         + (["--no-reuse"] if args.no_reuse else [])
     return text_build.main(argv)
 
@@ -22,7 +23,7 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("build-pool", help="build the text pool (MiniLM fine-tuned on 8 real text tasks) "
                                                  "into the cache folder")
     p.add_argument("name", choices=("text",), help="which pool")
-    p.add_argument("--out", default=str(text_build.TEXT_POOL_DIR), help="output folder (default: the cache)")
+    p.add_argument("--out", default=None, help="output folder (default: <ESM_STUDIO_CACHE or ~/.cache/esm-studio>/text-pool)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the tasks")
     p.add_argument("--no-reuse", action="store_true", help="fine-tune every task again (default: reuse the tasks "
