@@ -43,6 +43,17 @@ from .errors import CheckpointError, _fmt_keys
 from .pickled import MAX_MODULE_DEPTH, _state_dict_from_object, _tensors_of, _torch_load_stubbed  # noqa: F401
 
 MAX_CHECKPOINT_BYTES = 2 * 1024 ** 3     # uploads larger than this are refused (2 GiB)
+MAX_CHECKPOINT_TENSORS = 20_000          # tensors in one file (ViT-bigG's whole CLIP: < 1,000; BERT-large: ~400)
+MAX_SAFETENSORS_HEADER_BYTES = 8 * 1024 ** 2   # a safetensors JSON header (20,000 entries take ~2 MiB)
+MAX_PICKLE_BYTES = 64 * 1024 ** 2        # the pickle inside a torch.save archive (real ones: < 1 MiB)
+# dtypes a checkpoint may hold: float weights the merge maths reads in float32, integer / bool buffers
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32,
+                    torch.int16, torch.int8, torch.uint8, torch.bool)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+_SUPPORTED_NOTE = ("supported: float16, bfloat16, float32 and float64 weights, integer and bool buffers; "
+                   "convert the checkpoint to one of them")
 
 SAFETENSORS_EXTS = (".safetensors",)
 TORCH_EXTS = (".pt", ".pth", ".bin", ".ckpt")
@@ -142,6 +153,98 @@ def _sniff(path: Path) -> str:
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return "pickle"
     return "unknown"
+
+
+def safetensors_header(path: str | os.PathLike, name: str | None = None) -> dict[str, dict]:
+    """The tensor entries of a safetensors file's JSON header, checked before the file is parsed any further:
+    the header's size (:data:`MAX_SAFETENSORS_HEADER_BYTES`) and number of entries
+    (:data:`MAX_CHECKPOINT_TENSORS`, counted in the raw bytes before they become Python objects) are bounded
+    and every dtype must be one the merge supports (:data:`SAFETENSORS_DTYPES`), so a hostile header is refused
+    in milliseconds, holding at most the bounded header. Raises :class:`CheckpointError` naming what is wrong."""
+    p = Path(path)
+    name = name or p.name
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > p.stat().st_size - 8:
+                raise CheckpointError(f"{name}: not a valid safetensors file (header length {n})")
+            if n > MAX_SAFETENSORS_HEADER_BYTES:
+                raise CheckpointError(f"{name}: safetensors header of {n / 1024 ** 2:.1f} MiB, more than the "
+                                      f"{MAX_SAFETENSORS_HEADER_BYTES / 1024 ** 2:.0f} MiB a checkpoint of at most "
+                                      f"{MAX_CHECKPOINT_TENSORS:,} tensors needs; refused before reading it")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{name}: cannot read the file ({e})") from None
+    count = raw.count(b'"data_offsets"')
+    if count > MAX_CHECKPOINT_TENSORS:
+        raise CheckpointError(f"{name}: holds {count:,} tensors, more than the {MAX_CHECKPOINT_TENSORS:,} any model "
+                              "this server merges has; refused before reading them")
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{name}: corrupt safetensors header ({e})") from None
+    del raw
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: corrupt safetensors header (not a JSON object)")
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    if len(entries) > MAX_CHECKPOINT_TENSORS:
+        raise CheckpointError(f"{name}: holds {len(entries):,} tensors, more than the {MAX_CHECKPOINT_TENSORS:,} "
+                              "any model this server merges has")
+    bad = [f"{k!r} ({v.get('dtype') if isinstance(v, dict) else type(v).__name__})" for k, v in entries.items()
+           if not isinstance(v, dict) or v.get("dtype") not in SAFETENSORS_DTYPES]
+    if bad:
+        raise CheckpointError(f"{name}: unsupported tensor dtype for {', '.join(bad[:4])}"
+                              f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''} — {_SUPPORTED_NOTE}")
+    return entries
+
+
+def dtype_problems(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Entries whose dtype the merge does not support (float8, complex, unsigned 16-64 bit, quantized …)."""
+    bad = [f"{k!r} ({v.dtype})" for k, v in sd.items() if v.dtype not in SUPPORTED_DTYPES]
+    if not bad:
+        return []
+    return [f"unsupported tensor dtype for {', '.join(bad[:4])}{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}"
+            f" — {_SUPPORTED_NOTE}"]
+
+
+def _zip_entry_count(p: Path) -> int | None:
+    """The number of members a zip's end-of-central-directory record declares (zip64 too), read from the
+    file's last bytes without listing the members; None when there is no such record."""
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        f.seek(max(0, size - 65_557))
+        tail = f.read()
+        i = tail.rfind(b"PK\x05\x06")
+        if i < 0 or len(tail) < i + 22:
+            return None
+        n = int.from_bytes(tail[i + 10:i + 12], "little")
+        if n != 0xFFFF:
+            return n
+        j = i - 20                                     # zip64 end-of-central-directory locator
+        if j < 0 or tail[j:j + 4] != b"PK\x06\x07":
+            return None
+        f.seek(int.from_bytes(tail[j + 8:j + 16], "little"))
+        rec = f.read(56)
+        if rec[:4] != b"PK\x06\x06" or len(rec) < 40:
+            return None
+        return int.from_bytes(rec[32:40], "little")
+
+
+def _check_torch_archive(p: Path, name: str) -> None:
+    """Bound a torch.save archive before it is unpickled: its members (one per tensor storage) and its pickle."""
+    n = _zip_entry_count(p)
+    if n is not None and n > MAX_CHECKPOINT_TENSORS + 16:
+        raise CheckpointError(f"{name}: archive of {n:,} members, more than a checkpoint of at most "
+                              f"{MAX_CHECKPOINT_TENSORS:,} tensors has; refused before reading it")
+    try:
+        with zipfile.ZipFile(p) as z:      # reads the central directory only: catches truncation cheaply
+            big = [i for i in z.infolist() if i.filename.endswith(".pkl") and i.file_size > MAX_PICKLE_BYTES]
+    except zipfile.BadZipFile as e:
+        raise CheckpointError(f"{name}: truncated or corrupt torch.save archive: {e}") from None
+    if big:
+        raise CheckpointError(f"{name}: its pickle {big[0].filename!r} is {big[0].file_size / 1024 ** 2:.0f} MiB, "
+                              f"more than the {MAX_PICKLE_BYTES / 1024 ** 2:.0f} MiB any real checkpoint's is")
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -259,17 +362,14 @@ def load_checkpoint(path: str | os.PathLike, *, base: Mapping[str, torch.Tensor]
         if kind != "safetensors":
             hint = " (it looks like a torch.save file: use a .pt name)" if kind in ("zip", "pickle") else ""
             raise CheckpointError(f"{name}: not a valid safetensors file{hint}")
+        safetensors_header(p, name)       # bounded and dtype-checked before safetensors parses it
         try:
             sd = load_file(str(p), device="cpu")
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{name}: cannot read safetensors file (truncated or corrupt?): {e}") from None
     else:
         if kind == "zip":
-            try:
-                with zipfile.ZipFile(p):      # reads the central directory only: catches truncation cheaply
-                    pass
-            except zipfile.BadZipFile as e:
-                raise CheckpointError(f"{name}: truncated or corrupt torch.save archive: {e}") from None
+            _check_torch_archive(p, name)
             obj = _torch_load_stubbed(p, name)
         elif kind == "pickle":     # legacy (pre-1.6) torch.save: weights-only, no stubs
             try:
@@ -294,9 +394,15 @@ def load_checkpoint(path: str | os.PathLike, *, base: Mapping[str, torch.Tensor]
         sd = hf_clip_vision_to_open_clip(sd, name)
     if not sd:
         raise CheckpointError(f"{name}: holds no tensors")
+    if len(sd) > MAX_CHECKPOINT_TENSORS:
+        raise CheckpointError(f"{name}: holds {len(sd):,} tensors, more than the {MAX_CHECKPOINT_TENSORS:,} any "
+                              "model this server merges has")
     odd = [k for k, v in sd.items() if v.layout != torch.strided or v.is_quantized]
     if odd:
         raise CheckpointError(f"{name}: sparse or quantized tensors are not supported: {_fmt_keys(odd)}")
+    problems = dtype_problems(sd)
+    if problems:
+        raise CheckpointError(f"{name}: " + " | ".join(problems))
     sd = {k: v.detach() for k, v in sd.items()}
 
     if base is not None:

@@ -24,23 +24,31 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .checkpoints import CheckpointError, check_compatible, structure_problems
+from .checkpoints import (SAFETENSORS_DTYPES, CheckpointError, check_compatible, safetensors_header,
+                          structure_problems)
 from .device import all_finite
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+_DTYPES = SAFETENSORS_DTYPES
 
 
 class LazyCheckpoint(Mapping):
-    """Read-only ``{key: tensor}`` over a safetensors file; ``ck[key]`` reads one tensor (counted in ``reads``)."""
+    """Read-only ``{key: tensor}`` over a safetensors file; ``ck[key]`` reads one tensor (counted in ``reads``).
 
-    def __init__(self, path: str | os.PathLike, prefix: str | None = None):
+    The header is bounded and dtype-checked before it is parsed (:func:`esm_core.checkpoints.safetensors_header`).
+    The file's size and modification time are recorded when it is opened and checked again at every read, and
+    every tensor read must have the shape and dtype the header had: a file rewritten meanwhile is refused with a
+    :class:`CheckpointError` naming it (``name``: what the messages call it, e.g. ``task 'cars'``)."""
+
+    def __init__(self, path: str | os.PathLike, prefix: str | None = None, name: str | None = None):
         self.path = Path(path)
+        self.name = name or self.path.name
         if not self.path.is_file():
             raise FileNotFoundError(f"no checkpoint file {self.path}")
+        st = self.path.stat()
+        try:
+            entries = safetensors_header(self.path, self.name)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: {str(e).removeprefix(self.name + ': ')}") from None
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         try:
             with safe_open(str(self.path), framework="pt") as f:
@@ -51,17 +59,44 @@ class LazyCheckpoint(Mapping):
                     self._meta[k] = (tuple(int(s) for s in sl.get_shape()), _DTYPES.get(sl.get_dtype(), None))
         except Exception as e:      # noqa: BLE001 — safetensors raises its own error types
             raise ValueError(f"{self.path}: not a readable safetensors file ({e})") from None
-        st = self.path.stat()
+        if any(k not in entries for k in self._meta):      # rewritten between the two reads of the header
+            raise ValueError(f"{self.path}: the file changed while it was being opened")
         self._stamp = (str(self.path.resolve()), st.st_size, st.st_mtime_ns)
         self.reads = 0
         self.read_keys: list[str] = []
+
+    def _check_unchanged(self) -> None:
+        """Refuse to read on when the file's size or modification time differ from those recorded at opening."""
+        try:
+            st = self.path.stat()
+            now = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            now = None
+        if now != self._stamp[1:]:
+            what = "is gone" if now is None else (f"is now {now[0]:,} bytes (was {self._stamp[1]:,})"
+                                                  if now[0] != self._stamp[1] else "was modified")
+            raise CheckpointError(f"{self.name}: the file changed on disk since it was loaded ({self.path.name} {what}); "
+                                  "reload the pool")
+
+    def _check_read(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        shape, dtype = self._meta[key]
+        if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+            raise CheckpointError(f"{self.name}: the file changed on disk since it was loaded ({key!r} is now "
+                                  f"{tuple(t.shape)} {t.dtype}, was {shape} {dtype}); reload the pool")
+        return t
 
     # Mapping protocol ------------------------------------------------------
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._meta:
             raise KeyError(key)
-        with safe_open(str(self.path), framework="pt") as f:
-            t = f.get_tensor(key)
+        self._check_unchanged()
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                t = f.get_tensor(key)
+        except Exception as e:      # noqa: BLE001 — rewritten without the key, truncated, gone
+            raise CheckpointError(f"{self.name}: cannot read {key!r} any more ({type(e).__name__}: {e}); the file "
+                                  "changed on disk since it was loaded? reload the pool") from None
+        self._check_read(key, t)
         self.reads += 1
         self.read_keys.append(key)
         return t
@@ -95,10 +130,16 @@ class LazyCheckpoint(Mapping):
 
     def load(self) -> dict[str, torch.Tensor]:
         """Every tensor, read at once (one open of the file)."""
+        self._check_unchanged()
         out = load_file(str(self.path))
+        missing = [k for k in self._meta if k not in out]
+        if missing:
+            raise CheckpointError(f"{self.name}: the file changed on disk since it was loaded ({missing[0]!r} is "
+                                  "gone); reload the pool")
+        out = {k: self._check_read(k, out[k]) for k in self._meta}
         self.reads += len(out)
         self.read_keys.extend(out)
-        return {k: out[k] for k in self._meta}
+        return out
 
 
 def as_state(x, *, name: str = "checkpoint") -> Mapping:
