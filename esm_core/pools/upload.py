@@ -12,6 +12,7 @@ import math
 import os
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -35,8 +36,37 @@ MAX_ZIP_BYTES = 512 * 1024 ** 2          # bytes actually inflated from one zip,
 MAX_ENTRY_BYTES = 32 * 1024 ** 2         # bytes actually inflated from one zip member
 MAX_MODEL_PARAMS = int(os.environ.get("ESM_MAX_MODEL_PARAMS", 320_000_000))   # ViT-L/14's tower fits (304 M)
 MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_INPUT_SIZE = 512                     # input side (px) of an uploaded tower: CLIP towers use 224 to 448
+MAX_GRID = 32                            # patches per side (1,024 tokens): ViT-L/14-336 has 24, SigLIP-384/14 27
+IMAGE_BYTES_PER_VALUE = 1 + 4            # a decoded image: its uint8 copy (the pool's) + float32 (what the model reads)
+HEAD_BATCH_BYTES = 512 * 1024 ** 2       # activations of one batch while the heads' features are computed
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")   # \Z: "$" would also match before a final "\n"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2 ** 20:,.1f} MiB"
+
+
+def upload_memory_budget() -> tuple[int, int]:
+    """``(bytes, model-sized copies)``: what one session may hold (``ESM_SESSION_MEMORY_MB``, default 8 GiB) and
+    how many model-sized sets of tensors it keeps besides its pool while merging — the same figures
+    :func:`esm_core.studio.session.check_memory` applies once the pool is built, applied here before."""
+    from ..studio.session import WORKING_COPIES, memory_budget     # at call time: the session imports this module
+    return memory_budget(), WORKING_COPIES
+
+
+def _check_image_size(image_size, patch_size: int | None = None, label: str = "uploaded") -> None:
+    """Refuse an input size no real tower has: every image is decoded at it and the tower's tokens grow with
+    its square (``MAX_INPUT_SIZE`` px, at most ``MAX_GRID`` patches per side)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_INPUT_SIZE:
+        raise ValueError(f"the {label} image tower reads {image_size!r} px images; this server decodes uploaded "
+                         f"images at most at {MAX_INPUT_SIZE}×{MAX_INPUT_SIZE} px")
+    grid = image_size // max(int(patch_size), 1) if patch_size is not None else 0
+    if grid > MAX_GRID:
+        raise ValueError(f"the {label} image tower cuts {image_size} px images into {grid}×{grid} patches of "
+                         f"{patch_size} px; at most {MAX_GRID}×{MAX_GRID} are allowed (real CLIP towers have at "
+                         "most 27×27)")
 
 
 def _visual_keys(sd: dict, name: str) -> dict:
@@ -83,13 +113,21 @@ def _same_shapes(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -
     return set(a) == set(b) and all(tuple(a[k].shape) == tuple(b[k].shape) for k in a)
 
 
-def read_image_zip(path: str | Path, image_size: int, task: str = "task") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images of one task from a zip of class folders (``class/xxx.png`` at any depth).
+@dataclass
+class ImageZipPlan:
+    """What a zip of class folders holds, listed from its directory without decoding anything: the image
+    members in label order, their labels and the sorted class names."""
+    path: Path
+    task: str
+    members: list
+    labels: np.ndarray
+    classes: list
 
-    Returns (uint8 N×S×S×3, labels int64 N, class names sorted). Nothing is
-    extracted to disk; every member is checked (size, type, decodability) and
-    a bad one is refused with a message naming it.
-    """
+
+def list_image_zip(path: str | Path, task: str = "task") -> ImageZipPlan:
+    """The images of one task's zip of class folders (``class/xxx.png`` at any depth), listed and checked
+    (number of members, declared sizes, names, class folders) from the zip's directory: nothing is inflated
+    or decoded, so what decoding will cost is known first (:func:`decoded_image_bytes`)."""
     p = Path(path)
     try:
         zf = zipfile.ZipFile(p)
@@ -97,47 +135,92 @@ def read_image_zip(path: str | Path, image_size: int, task: str = "task") -> tup
         raise ValueError(f"images of task {task!r}: {p.name} is not a readable zip file ({e})") from None
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
-        members = [m for m in members if not any(part.startswith(".") or part == "__MACOSX"
-                                                 for part in m.filename.split("/"))]
-        if len(members) > MAX_ZIP_FILES:
-            raise ValueError(f"images of task {task!r}: {len(members)} files, more than the {MAX_ZIP_FILES} allowed")
-        declared = sum(m.file_size for m in members)     # what the headers claim: a first, cheap refusal
-        if declared > MAX_ZIP_BYTES:
-            raise ValueError(f"images of task {task!r}: {declared / 1024 ** 2:.0f} MiB uncompressed, more than "
-                             f"{MAX_ZIP_BYTES / 1024 ** 2:.0f} MiB")
-        budget = [MAX_ZIP_BYTES]                          # what is really inflated is bounded too (headers can lie)
-        by_class: dict[str, list] = {}
-        for m in members:
-            parts = [q for q in m.filename.split("/") if q]
-            if len(parts) < 2:
-                raise ValueError(f"images of task {task!r}: {m.filename!r} is not inside a class folder "
-                                 "(expected <class>/<image>)")
-            if not parts[-1].lower().endswith(IMAGE_EXTS):
-                raise ValueError(f"images of task {task!r}: {m.filename!r} is not an image "
-                                 f"(allowed: {', '.join(IMAGE_EXTS)})")
-            by_class.setdefault(parts[-2], []).append(m)
-        if len(by_class) < 2:
-            raise ValueError(f"images of task {task!r}: found {len(by_class)} class folder(s); "
-                             "a classification task needs at least 2")
-        classes = sorted(by_class)
-        xs, ys = [], []
-        for ci, c in enumerate(classes):
-            if len(by_class[c]) < 2:
-                raise ValueError(f"images of task {task!r}: class {c!r} has {len(by_class[c])} image; "
-                                 "each class needs at least 2 (one for validation, one for test)")
-            for m in by_class[c]:
-                try:
-                    with Image.open(io.BytesIO(_read_member(zf, m, task, budget))) as im:
-                        if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
-                            raise ValueError(f"images of task {task!r}: {m.filename!r} is too large "
-                                             f"({im.size[0]}×{im.size[1]} pixels)")
-                        im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-                        xs.append(np.asarray(im, dtype=np.uint8))
-                except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-                    raise ValueError(f"images of task {task!r}: {m.filename!r} cannot be decoded as an image "
-                                     f"({type(e).__name__})") from None
-                ys.append(ci)
-    return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
+    members = [m for m in members if not any(part.startswith(".") or part == "__MACOSX"
+                                             for part in m.filename.split("/"))]
+    if len(members) > MAX_ZIP_FILES:
+        raise ValueError(f"images of task {task!r}: {len(members)} files, more than the {MAX_ZIP_FILES} allowed")
+    declared = sum(m.file_size for m in members)     # what the headers claim: a first, cheap refusal
+    if declared > MAX_ZIP_BYTES:
+        raise ValueError(f"images of task {task!r}: {declared / 1024 ** 2:.0f} MiB uncompressed, more than "
+                         f"{MAX_ZIP_BYTES / 1024 ** 2:.0f} MiB")
+    by_class: dict[str, list] = {}
+    for m in members:
+        parts = [q for q in m.filename.split("/") if q]
+        if len(parts) < 2:
+            raise ValueError(f"images of task {task!r}: {m.filename!r} is not inside a class folder "
+                             "(expected <class>/<image>)")
+        if not parts[-1].lower().endswith(IMAGE_EXTS):
+            raise ValueError(f"images of task {task!r}: {m.filename!r} is not an image "
+                             f"(allowed: {', '.join(IMAGE_EXTS)})")
+        by_class.setdefault(parts[-2], []).append(m)
+    if len(by_class) < 2:
+        raise ValueError(f"images of task {task!r}: found {len(by_class)} class folder(s); "
+                         "a classification task needs at least 2")
+    classes = sorted(by_class)
+    ordered, labels = [], []
+    for ci, c in enumerate(classes):
+        if len(by_class[c]) < 2:
+            raise ValueError(f"images of task {task!r}: class {c!r} has {len(by_class[c])} image; "
+                             "each class needs at least 2 (one for validation, one for test)")
+        ordered += by_class[c]
+        labels += [ci] * len(by_class[c])
+    return ImageZipPlan(p, task, ordered, np.asarray(labels, dtype=np.int64), classes)
+
+
+def decoded_image_bytes(n_images: int, image_size: int) -> int:
+    """Bytes ``n_images`` images cost once decoded at ``image_size`` and used: their uint8 RGB copy (what the
+    pool keeps) and the float32 copy the model reads (what a session caches): S² × 3 × (1 + 4) each."""
+    return int(n_images) * int(image_size) ** 2 * 3 * IMAGE_BYTES_PER_VALUE
+
+
+def _decode_into(plan: ImageZipPlan, image_size: int, order: np.ndarray, out: np.ndarray) -> None:
+    """Decode ``plan.members[order[j]]`` into ``out[j]`` (preallocated uint8 ``len(order)×S×S×3``): one image
+    in flight at a time, no list of arrays to stack; every member is checked (inflated size, pixel count,
+    decodability) and a bad one refused with a message naming it."""
+    task = plan.task
+    try:
+        zf = zipfile.ZipFile(plan.path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"images of task {task!r}: {plan.path.name} is not a readable zip file ({e})") from None
+    budget = [MAX_ZIP_BYTES]                          # what is really inflated is bounded too (headers can lie)
+    with zf:
+        for j, i in enumerate(order):
+            m = plan.members[int(i)]
+            try:
+                with Image.open(io.BytesIO(_read_member(zf, m, task, budget))) as im:
+                    if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
+                        raise ValueError(f"images of task {task!r}: {m.filename!r} is too large "
+                                         f"({im.size[0]}×{im.size[1]} pixels)")
+                    rgb = im.convert("RGB")
+                    out[j] = np.asarray(rgb.resize((image_size, image_size), Image.BILINEAR), dtype=np.uint8)
+                    del rgb
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+                raise ValueError(f"images of task {task!r}: {m.filename!r} cannot be decoded as an image "
+                                 f"({type(e).__name__})") from None
+
+
+def read_image_zip(path: str | Path, image_size: int, task: str = "task",
+                   max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images of one task from a zip of class folders (``class/xxx.png`` at any depth).
+
+    Returns (uint8 N×S×S×3, labels int64 N, class names sorted). Nothing is
+    extracted to disk; every member is checked (size, type, decodability) and
+    a bad one is refused with a message naming it. The zip is listed first and
+    refused, before anything is decoded, when its images would take more than
+    ``max_bytes`` once decoded and used (:func:`decoded_image_bytes`; None: the
+    session memory budget).
+    """
+    _check_image_size(image_size)
+    plan = list_image_zip(path, task)
+    limit = upload_memory_budget()[0] if max_bytes is None else int(max_bytes)
+    need = decoded_image_bytes(len(plan.members), image_size)
+    if need > limit:
+        raise ValueError(f"images of task {task!r}: {len(plan.members)} images at {image_size}×{image_size} px "
+                         f"need {_mib(need)} once decoded (uint8 + float32 copies), more than the {_mib(limit)} "
+                         "allowed: upload fewer images")
+    x = np.empty((len(plan.members), image_size, image_size, 3), dtype=np.uint8)
+    _decode_into(plan, image_size, np.arange(len(plan.members)), x)
+    return x, plan.labels, plan.classes
 
 
 def _read_member(zf: zipfile.ZipFile, m: zipfile.ZipInfo, task: str, budget: list[int]) -> bytes:
@@ -180,10 +263,23 @@ def _one_per_class_first(y: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(sorted(out), dtype=np.int64)
 
 
+def _head_batch(cfg: Mapping) -> int:
+    """Images per forward pass while the heads' features are computed, so that one batch's activations (tokens ×
+    width, one attention map per head, the normalised input's float copies) stay near :data:`HEAD_BATCH_BYTES`:
+    128 for ViT-B/32 at 224 px, 12 for ViT-L/14 at 336 px."""
+    v = cfg["vision_cfg"]
+    tokens = (v["image_size"] // v["patch_size"]) ** 2 + 1
+    heads = max(1, v["width"] // v.get("head_width", 64))
+    per_image = 4 * (tokens * v["width"] * 8 + heads * tokens * tokens) + 3 * 4 * 3 * v["image_size"] ** 2
+    return int(max(1, min(128, HEAD_BATCH_BYTES // per_image)))
+
+
 @torch.inference_mode()
-def _centroid_head(visual, x: torch.Tensor, y: np.ndarray, n_classes: int, scale: float = 30.0) -> torch.Tensor:
-    """A frozen cosine head: the normalised class means of the fine-tuned model's features (× scale)."""
-    feats = torch.cat([visual(x[i:i + 128]).float() for i in range(0, len(x), 128)])
+def _centroid_head(visual, normalise: Callable[[np.ndarray], torch.Tensor], raw: np.ndarray, y: np.ndarray,
+                   n_classes: int, batch: int = 128, scale: float = 30.0) -> torch.Tensor:
+    """A frozen cosine head: the normalised class means of the fine-tuned model's features (× scale). ``raw``:
+    uint8 images, normalised ``batch`` at a time (no float copy of the whole set)."""
+    feats = torch.cat([visual(normalise(raw[i:i + batch])).float() for i in range(0, len(raw), batch)])
     feats = torch.nn.functional.normalize(feats, dim=-1)
     yt = torch.from_numpy(y)
     return cosine_head(torch.stack([feats[yt == c].mean(0) for c in range(n_classes)]), scale)
@@ -218,6 +314,7 @@ def _shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 def _check_fits(base: Mapping[str, torch.Tensor], cfg: dict, label: str) -> None:
     """Refuse (before anything is built) a config whose image tower is too large or whose shapes differ from
     the uploaded base's; the comparison runs on the meta device, so it costs no memory."""
+    _check_image_size(cfg["vision_cfg"].get("image_size"), cfg["vision_cfg"].get("patch_size"), label)
     want = vit.expected_shapes(cfg, cfg.get("quick_gelu"))
     n = sum(math.prod(s) for s in want.values())
     if n > MAX_MODEL_PARAMS:
@@ -294,27 +391,68 @@ def resolve_architecture(base: Mapping[str, torch.Tensor], *, arch: str = "auto"
     return cfg, mean, std, note
 
 
-def _read_checkpoints(base_path, task_paths, names, report, keep_dir: Path | None = None) -> tuple[dict, dict]:
-    """``(base, tasks)``: float32 ``visual.*`` tensors. With ``keep_dir``, each task is checked, written there
-    as a float32 safetensors file and kept as a :class:`~esm_core.lazy.LazyCheckpoint` over it (read key by
-    key when used: the pool's resident memory is the base alone); one task is in memory at a time."""
-    report(0.02, "reading the base checkpoint")
+def _read_base(base_path) -> dict:
+    """The base's ``visual.*`` tensors in float32, bounded in parameters."""
     base = _visual_keys(load_checkpoint(base_path), Path(base_path).name)
     n = sum(v.numel() for v in base.values())
     if n > MAX_MODEL_PARAMS:
         raise ValueError(f"the base checkpoint holds {n / 1e6:.0f} M parameters, more than the "
                          f"{MAX_MODEL_PARAMS / 1e6:.0f} M this server merges")
-    base = {k: v.float() for k, v in base.items()}
-    tasks = {}
+    return {k: v.float() for k, v in base.items()}
+
+
+def _file_id(path) -> tuple:
+    """The identity of an uploaded file (device, inode): one file given for several tasks is read once."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return ("path", str(path))                           # load_checkpoint names what is wrong with it
+    return (st.st_dev, st.st_ino) if st.st_ino else ("path", str(Path(path).resolve()))
+
+
+def _read_tasks(base: dict, task_paths, names, report, keep_dir: Path | None = None) -> dict:
+    """``{task: float32 visual.* tensors}``, each checked against the base. With ``keep_dir``, each task is
+    written there as a float32 safetensors file and kept as a :class:`~esm_core.lazy.LazyCheckpoint` over it
+    (read key by key when used: the pool's resident memory is the base alone); one task is in memory at a time.
+    One file given for several tasks is read and written once; those tasks share it."""
+    tasks, first_of = {}, {}
     for i, t in enumerate(names):
+        fid = _file_id(task_paths[t])
+        if fid in first_of:                                      # the same file again: share, do not copy
+            src = tasks[first_of[fid]]
+            lazy = isinstance(src, LazyCheckpoint)
+            tasks[t] = LazyCheckpoint(src.path, name=f"task {t!r}") if lazy else dict(src)
+            continue
         report(0.05 + 0.3 * i / len(names), f"reading task checkpoint {t}")
         sd = load_checkpoint(task_paths[t], base=base)          # refuses a mismatch, naming what differs
         tasks[t] = {k: sd[k].float() for k in base}
+        del sd
         if keep_dir is not None:
             path = save_safetensors(tasks[t], Path(keep_dir) / f"task-{i}.safetensors")
-            del sd
-            tasks[t] = LazyCheckpoint(path)
-    return base, tasks
+            tasks[t] = LazyCheckpoint(path, name=f"task {t!r}")
+        first_of[fid] = t
+    return tasks
+
+
+def _check_upload_memory(plans: Mapping[str, ImageZipPlan], image_size: int, demo_bytes: int, base_bytes: int,
+                         in_memory_tasks: int, budget: int, copies: int) -> None:
+    """Refuse, before any checkpoint is read for the tasks or any image decoded, an upload whose images (at the
+    tower's input size, :func:`decoded_image_bytes`), checkpoints held in memory and the session's model-sized
+    working copies exceed ``budget``; the message names the task with most images, the counts and the sizes."""
+    images = {t: decoded_image_bytes(len(p.members), image_size) for t, p in plans.items()}
+    ckpt = base_bytes * (1 + in_memory_tasks)
+    need = sum(images.values()) + demo_bytes + ckpt + copies * base_bytes
+    if need <= budget:
+        return
+    big = max(plans, key=lambda t: len(plans[t].members)) if plans else None
+    counts = ", ".join(f"{t}: {len(p.members)}" for t, p in plans.items())
+    lead = (f"images of task {big!r}: {len(plans[big].members)} images at {image_size}×{image_size} px need "
+            f"{_mib(images[big])} once decoded (uint8 + float32 copies, {image_size}² × 3 × "
+            f"{IMAGE_BYTES_PER_VALUE} bytes each); " if big else "")
+    raise ValueError(f"{lead}this upload ({counts or 'no'} images; {_mib(sum(images.values()) + demo_bytes)} of "
+                     f"images, {_mib(ckpt)} of checkpoints held, {copies} model-sized working copies of "
+                     f"{_mib(base_bytes)}) needs about {_mib(need)}, more than the {_mib(budget)} a session may "
+                     "hold (ESM_SESSION_MEMORY_MB): upload fewer images or a tower with a smaller input size")
 
 
 def _check_names(names: list[str], image_zips: Mapping) -> None:
@@ -334,7 +472,8 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
                      image_zips: Mapping[str, str | Path] | None = None, *, arch: str = "auto",
                      config: Mapping | None = None, preprocessor: Mapping | None = None,
                      head_width: int | None = None, normalisation: str | None = None, demo_loader: Callable[[], Any] | None = None,
-                     progress: Progress | None = None, keep_dir: str | Path | None = None) -> tuple[TaskPool, list[str]]:
+                     progress: Progress | None = None, keep_dir: str | Path | None = None,
+                     memory_budget: int | None = None) -> tuple[TaskPool, list[str]]:
     """Build a pool from uploaded checkpoints: ``(TaskPool, notes for the user)``.
 
     ``task_paths``: ``{task name: checkpoint file}`` (at least two); ``image_zips``: ``{task name: zip of
@@ -348,6 +487,13 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     written there (float32 safetensors) and read lazily, key by key, whenever they are used — the pool holds
     the base in memory, not every task (what the app does: 8 ViT-B/32 tasks are 2.8 GB). Without it every
     task is held in memory (the library's default).
+
+    Memory is bounded before any task checkpoint is read or any image decoded: every zip is listed first, and
+    the upload is refused when its images at the tower's input size (uint8 + float32 copies,
+    :func:`decoded_image_bytes`), the checkpoints it holds in memory and the session's model-sized working copies
+    exceed ``memory_budget`` (None: the session budget, ``ESM_SESSION_MEMORY_MB`` or 8 GiB, with the working
+    copies of :func:`esm_core.studio.session.check_memory`; a number: that many bytes for images + checkpoints).
+    Images are decoded one at a time straight into the pool's arrays.
     """
     report = progress or (lambda f, d: None)
     image_zips = dict(image_zips or {})
@@ -355,9 +501,8 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
         raise ValueError("no base (pre-trained) checkpoint uploaded")
     names = list(task_paths)
     _check_names(names, image_zips)
-    if keep_dir is not None:
-        Path(keep_dir).mkdir(parents=True, exist_ok=True)
-    base, tasks = _read_checkpoints(base_path, task_paths, names, report, keep_dir)
+    report(0.02, "reading the base checkpoint")
+    base = _read_base(base_path)
     demo = None
     missing_data = [n for n in names if n not in image_zips]
     if missing_data:
@@ -372,20 +517,40 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
             raise ValueError(f"no images for task(s) {no_data}: upload <task>.zip with one folder per class{why}")
     cfg, mean, std, note = resolve_architecture(base, arch=arch, config=config, head_width=head_width,
                                                 normalisation=normalisation, preprocessor=preprocessor)
+    size = cfg["vision_cfg"]["image_size"]
+    # every zip is listed (nothing inflated) and the whole upload's memory checked before any task checkpoint
+    # is read or any image decoded
+    plans = {n: list_image_zip(image_zips[n], n) for n in names if n in image_zips}
+    demo_bytes = sum(a.nbytes * IMAGE_BYTES_PER_VALUE for n in missing_data for split in demo.data[n].values()
+                     for a in split[:1]) if missing_data else 0
+    budget, copies = upload_memory_budget() if memory_budget is None else (int(memory_budget), 0)
+    base_bytes = sum(v.numel() * v.element_size() for v in base.values())
+    in_memory = 0 if keep_dir is not None else len({_file_id(task_paths[n]) for n in names})
+    _check_upload_memory(plans, size, demo_bytes, base_bytes, in_memory, budget, copies)
+    if keep_dir is not None:
+        Path(keep_dir).mkdir(parents=True, exist_ok=True)
+    tasks = _read_tasks(base, task_paths, names, report, keep_dir)
     notes = [note]
     shell = TaskPool(name="upload", model_name=cfg, base=base, tasks={}, heads={}, class_names={},
                      mean=mean, std=std, quick_gelu=cfg["quick_gelu"])
+    batch = _head_batch(cfg)
     heads, class_names, data = {}, {}, {}
     for i, n in enumerate(names):
         report(0.4 + 0.55 * i / len(names), f"images and head of {n}")
-        if n in image_zips:
-            x, y, classes = read_image_zip(image_zips[n], cfg["vision_cfg"]["image_size"], n)
+        if n in plans:
+            plan = plans[n]
+            y = plan.labels
             val, test = _split_val_test(y)
+            x_val = np.empty((len(val), size, size, 3), dtype=np.uint8)     # decoded straight into place
+            x_test = np.empty((len(test), size, size, 3), dtype=np.uint8)
+            _decode_into(plan, size, val, x_val)
+            _decode_into(plan, size, test, x_test)
             few = _one_per_class_first(y[test], 16)
-            data[n] = {"val": (x[val], y[val]), "test": (x[test], y[test]), "samples": (x[test][few], y[test][few])}
-            heads[n] = _centroid_head(shell.build_visual(tasks[n]), shell.normalise(x[val]), y[val], len(classes))
-            class_names[n] = classes
-            notes.append(f"{n}: {len(y)} images in {len(classes)} classes, split half validation / half test; "
+            data[n] = {"val": (x_val, y[val]), "test": (x_test, y[test]), "samples": (x_test[few], y[test][few])}
+            heads[n] = _centroid_head(shell.build_visual(tasks[n]), shell.normalise, x_val, y[val],
+                                      len(plan.classes), batch)
+            class_names[n] = plan.classes
+            notes.append(f"{n}: {len(y)} images in {len(plan.classes)} classes, split half validation / half test; "
                          "head = class means of the fine-tuned model's features")
         else:
             data[n], heads[n], class_names[n] = demo.data[n], demo.heads[n], demo.class_names[n]
