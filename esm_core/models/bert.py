@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import re
 from contextlib import contextmanager
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -318,6 +318,30 @@ def _checkpoint_sizes(sd: Mapping[str, torch.Tensor], family: str) -> dict[str, 
     return out
 
 
+_ABSENT = object()
+
+
+def _check_field_values(get, family: str, have: Mapping[str, tuple[int, str]]) -> None:
+    """Each size field a whole number from 1 to its cap, ``layer_norm_eps`` in (0, 1), dropouts in [0, 1];
+    ``get(name)`` gives a field's value (``_ABSENT``: not given, not checked)."""
+    for what, name in _SIZE_FIELDS[family]:
+        v = get(name)
+        if v is _ABSENT:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_FIELD[what]:
+            shown = _short_int(v) if isinstance(v, int) and not isinstance(v, bool) else repr(v)[:40]
+            raise ValueError(f"config.json: {name} = {shown} must be a whole number from 1 to "
+                             f"{MAX_FIELD[what]:,}" + (f" (the checkpoint: {have[what][1]})" if what in have else ""))
+    eps = get("layer_norm_eps") if family == "bert" else _ABSENT
+    if eps is not _ABSENT and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
+        raise ValueError(f"config.json: layer_norm_eps = {eps!r} must be a number between 0 and 1")
+    for name in _PROBABILITIES:
+        p = get(name)
+        if p is not _ABSENT and p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))
+                                                   or not 0 <= p <= 1):
+            raise ValueError(f"config.json: {name} = {p!r} must be a probability from 0 to 1")
+
+
 def check_config(config, state_dict: Mapping[str, torch.Tensor], max_params: int | None = None):
     """The ``transformers`` config of ``config`` after checking, without building anything, that it fits the
     checkpoint ``state_dict`` (bare AutoModel keys, :func:`encoder_state`): every number finite, every size field
@@ -333,16 +357,21 @@ def check_config(config, state_dict: Mapping[str, torch.Tensor], max_params: int
         if "model_type" in raw and mt not in SUPPORTED_TYPES:
             raise ValueError(f"config.json: model_type {str(mt)[:40]!r} is not a BERT-family encoder this server "
                              f"reads (one of {', '.join(SUPPORTED_TYPES)})")
-    cfg = config_of(config)
+    family = "distilbert" if isinstance(raw, Mapping) and raw.get("model_type") == "distilbert" else "bert"
+    have = _checkpoint_sizes(state_dict, family)
+    if isinstance(raw, Mapping):                # the fields it gives, before transformers reads (and judges) them
+        _check_field_values(lambda name: raw.get(name, _ABSENT), family, have)
+    try:
+        cfg = config_of(config)
+    except (TypeError, ValueError) as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(f"config.json: transformers cannot read it ({msg[:200]})") from None
     family = "distilbert" if cfg.model_type == "distilbert" else "bert"
     have = _checkpoint_sizes(state_dict, family)
+    _check_field_values(lambda name: getattr(cfg, name, None), family, have)
     size = {}
     for what, name in _SIZE_FIELDS[family]:
         v = getattr(cfg, name, None)
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_FIELD[what]:
-            shown = _short_int(v) if isinstance(v, int) and not isinstance(v, bool) else repr(v)[:40]
-            raise ValueError(f"config.json: {name} = {shown} must be a whole number from 1 to "
-                             f"{MAX_FIELD[what]:,}" + (f" (the checkpoint: {have[what][1]})" if what in have else ""))
         if what in have and have[what][0] != v:
             why = (("missing keys of layers" if v > have[what][0] else "unexpected keys of layers")
                    if what == "layers" else "shape mismatch")
@@ -351,14 +380,6 @@ def check_config(config, state_dict: Mapping[str, torch.Tensor], max_params: int
     if size["heads"] > size["width"] or size["width"] % size["heads"]:
         w, h = _SIZE_FIELDS[family][1][1], _SIZE_FIELDS[family][2][1]
         raise ValueError(f"config.json: {h} = {size['heads']:,} does not divide {w} = {size['width']:,}")
-    if family == "bert":
-        eps = getattr(cfg, "layer_norm_eps", None)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise ValueError(f"config.json: layer_norm_eps = {eps!r} must be a number between 0 and 1")
-    for name in _PROBABILITIES:
-        p = getattr(cfg, name, None)
-        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1):
-            raise ValueError(f"config.json: {name} = {p!r} must be a probability from 0 to 1")
     pad = getattr(cfg, "pad_token_id", None)
     if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < size["vocab"]):
         raise ValueError(f"config.json: pad_token_id = {pad!r} is not a token of the vocabulary "
@@ -570,9 +591,32 @@ def unpack(x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": x[:, 0], "attention_mask": x[:, 1]}
 
 
-def encode_texts(tokenizer, texts, max_length: int = 64) -> torch.Tensor:
-    """Texts → packed (N, 2, L) inputs (padded to the longest, truncated to ``max_length``)."""
-    return pack(tokenize(tokenizer, texts, max_length))
+TOKENIZE_CHUNK = 256          # sentences per tokenizer call in encode_texts(chunk=...)
+
+
+def encode_texts(tokenizer, texts, max_length: int = 64, *, chunk: int | None = None,
+                 check: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Texts → packed (N, 2, L) inputs (padded to the longest, truncated to ``max_length``).
+
+    ``chunk``: the tokenizer is called on that many sentences at a time, and ``check(done, total)`` runs after
+    each call — it may raise to stop the work (Cancel, a time bound), which one call on every sentence could not;
+    the result is the same as one call (each chunk padded on the tokenizer's side to the longest of all)."""
+    texts = list(texts)
+    if chunk is None or (len(texts) <= chunk and check is None):
+        return pack(tokenize(tokenizer, texts, max_length))
+    parts = []
+    for s in range(0, len(texts), chunk):
+        parts.append(pack(tokenize(tokenizer, texts[s:s + chunk], max_length)))
+        if check is not None:
+            check(min(s + chunk, len(texts)), len(texts))
+    longest = max(p.shape[-1] for p in parts)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    for i, p in enumerate(parts):
+        if p.shape[-1] < longest:
+            fill = torch.zeros(p.shape[0], 2, longest - p.shape[-1], dtype=p.dtype)
+            fill[:, 0] = tokenizer.pad_token_id
+            parts[i] = torch.cat([fill, p] if left else [p, fill], dim=-1)
+    return torch.cat(parts)
 
 
 class TextEncoder(torch.nn.Module):

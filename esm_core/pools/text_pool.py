@@ -100,20 +100,34 @@ class TextTaskPool:
             raise ValueError(f"split must be 'val' or 'test', got {split!r}")
         return self.data[task][split]
 
-    def encode(self, texts) -> torch.Tensor:
-        """Sentences → packed (N, 2, L) inputs with the pool's tokenizer and maximum length."""
+    def encode(self, texts, check: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Sentences → packed (N, 2, L) inputs with the pool's tokenizer and maximum length, tokenised in chunks
+        (``check(done, total)`` after each: :func:`esm_core.models.bert.encode_texts`)."""
         texts = [str(t) for t in texts]
         if not texts:
             raise ValueError("no sentences to encode")
-        return bert.encode_texts(self.tokenizer, texts, self.max_length)
+        return bert.encode_texts(self.tokenizer, texts, self.max_length, chunk=bert.TOKENIZE_CHUNK, check=check)
 
     def images(self, task: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
         """(packed inputs N×2×L, labels) of one task's split; cached (the protocol's name for model inputs)."""
+        return self._inputs(task, split)
+
+    def _inputs(self, task: str, split: str, check: Callable[[int, int], None] | None = None):
         key = ("inputs", task, split)
         if key not in self.cache:
             texts, y = self.texts(task, split)
-            self.cache[key] = (self.encode(texts), torch.from_numpy(np.asarray(y, dtype=np.int64)))
+            self.cache[key] = (self.encode(texts, check), torch.from_numpy(np.asarray(y, dtype=np.int64)))
         return self.cache[key]
+
+    def tokenize_all(self, check: Callable[[str, str, int, int], None] | None = None) -> None:
+        """Tokenise every task's validation and test sentences now (cached, as :meth:`images` does), calling
+        ``check(task, split, done, total)`` after every :data:`~esm_core.models.bert.TOKENIZE_CHUNK` sentences:
+        it may raise to stop (Cancel, a time bound). An uploaded pool does this while it is built, so that no
+        later merge tokenises and the work stays where Cancel reaches it."""
+        for t in self.task_names:
+            for split in ("val", "test"):
+                self._inputs(t, split, None if check is None else
+                             (lambda done, total, t=t, split=split: check(t, split, done, total)))
 
     inputs = images
 
@@ -148,7 +162,10 @@ class TextTaskPool:
 
     def subset(self, tasks: list[str]) -> "TextTaskPool":
         """A pool with only ``tasks`` (same tensors, no copies)."""
-        return subset_pool(self, tasks)
+        sub = subset_pool(self, tasks)
+        sub.cache.update({k: v for k, v in self.cache.items()       # tokenised inputs of the kept tasks (shared)
+                          if isinstance(k, tuple) and k[:1] == ("inputs",) and k[1] in tasks})
+        return sub
 
 
 def load_text_task_pool(path: str | os.PathLike | None = None) -> TextTaskPool:

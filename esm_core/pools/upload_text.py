@@ -20,19 +20,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
-from ..checkpoints import load_checkpoint, save_safetensors
+from ..checkpoints import check_compatible, load_checkpoint, save_safetensors
 from ..lazy import LazyCheckpoint
 from ..models import bert
 from .text_pool import TextTaskPool
-from .upload import MAX_MODEL_PARAMS, NAME_OK, _split_val_test
+from .upload import MAX_MODEL_PARAMS, NAME_OK, _split_val_test, upload_memory_budget
 
 Progress = Callable[[float, str], None]
 
@@ -44,6 +46,32 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt")
 TEXT_EXTS = (".csv", ".jsonl")
 DEFAULT_MAX_LENGTH = 128
+MAX_TASKS = 64                              # task checkpoints of one upload
+MAX_CLASSES = 10_000                        # outputs of one task's classifier; labels are 0 .. classes - 1
+MAX_ROW_DEPTH = 4                           # nesting of one jsonl row ({"text": ..., "label": ...} is 1)
+MAX_TOKENIZER_DEPTH = 32                    # nesting of a tokenizer JSON file (a real tokenizer.json has ≤ 8)
+TOKENIZE_CHUNK = 256                        # sentences per tokenizer call: Cancel is checked between calls
+MAX_TOKENIZE_SECONDS = 180.0                # all tokenising of one upload (a fast BERT tokenizer needs a few s)
+TOKEN_BYTES = 2 * 8                         # per token position of a packed input (ids + mask, int64)
+# tokenizers component types a BERT-family tokenizer.json may use (by field; "Sequence" holds more of them).
+# None of them runs a pattern of the uploader's: Split and Replace are accepted with a plain String pattern only.
+TOKENIZER_TYPES = {
+    "normalizer": {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents", "Strip", "Prepend",
+                   "Precompiled", "Nmt", "Replace", "Sequence"},
+    "pre_tokenizer": {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "Punctuation", "ByteLevel", "Metaspace",
+                      "Digits", "UnicodeScripts", "CharDelimiterSplit", "Split", "Sequence"},
+    "post_processor": {"TemplateProcessing", "BertProcessing", "RobertaProcessing", "ByteLevel", "Sequence"},
+    "decoder": {"WordPiece", "ByteLevel", "Metaspace", "BPEDecoder", "CTC", "Fuse", "Strip", "ByteFallback",
+                "Replace", "Sequence"},
+    "model": {"WordPiece", "BPE", "Unigram", "WordLevel"},
+}
+_SEQUENCE_OF = {"normalizer": "normalizers", "pre_tokenizer": "pretokenizers", "post_processor": "processors",
+                "decoder": "decoders"}
+# tokenizer classes tokenizer_config.json may name: BERT-family ones and the plain tokenizer.json reader
+TOKENIZER_CLASSES = {"BertTokenizer", "BertTokenizerFast", "DistilBertTokenizer", "DistilBertTokenizerFast",
+                     "RobertaTokenizer", "RobertaTokenizerFast", "XLMRobertaTokenizer", "XLMRobertaTokenizerFast",
+                     "CamembertTokenizer", "CamembertTokenizerFast", "MPNetTokenizer", "MPNetTokenizerFast",
+                     "PreTrainedTokenizerFast", "TokenizersBackend"}
 
 # (first layer, second layer, activation) of each family's sequence-classification head, without the prefix
 HEADS = (("pooler.dense", "classifier", "tanh"),                        # BERT, MiniLM
@@ -59,11 +87,46 @@ def _bounded_read(path, limit: int, what: str) -> bytes:
     return raw
 
 
+_DIGITS = re.compile(r"[0-9]{1,9}\Z")
+_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"')      # possessive: linear even on an unterminated string
+_NOT_BRACKET = re.compile(r"[^\[\]{}]++")
+
+
 def _label(v, where: str) -> int:
-    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit())):
-        raise ValueError(f"{where}: label {str(v)[:40]!r} is not a class index (0, 1, ...): labels must be the "
+    """A class index: a whole number (or a string of ASCII digits) from 0 to :data:`MAX_CLASSES` - 1."""
+    if isinstance(v, str) and _DIGITS.match(v.strip()):
+        v = int(v.strip())
+    if isinstance(v, bool) or not isinstance(v, int):
+        shown = str(v)[:40] if isinstance(v, (str, int, float)) else type(v).__name__
+        raise ValueError(f"{where}: label {shown!r} is not a class index (0, 1, ...): labels must be the "
                          "indices of the task classifier's outputs")
-    return int(v)
+    if not 0 <= v < MAX_CLASSES:
+        shown = str(v) if abs(v) < 10 ** 15 else f"{'-' if v < 0 else ''}about 10^{len(str(abs(v))) - 1}"
+        raise ValueError(f"{where}: label {shown} is not a class index: labels are 0, 1, ... (at most "
+                         f"{MAX_CLASSES - 1:,}), the indices of the task classifier's outputs")
+    return v
+
+
+def loads_bounded(text: str, what: str, max_depth: int):
+    """``json.loads`` of an uploaded file or row with its nesting bounded *before* parsing (a deeply nested value
+    would otherwise end in a RecursionError), NaN / Infinity refused. Raises ValueError naming ``what``."""
+    if text.count("[") + text.count("{") > max_depth:        # only then can it be too deep: find out, linearly
+        depth = 0
+        for c in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):    # the brackets outside strings
+            if c == "[" or c == "{":
+                depth += 1
+                if depth > max_depth:
+                    raise ValueError(f"{what} is nested more than {max_depth} levels deep")
+            else:
+                depth -= 1
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply") from None
+    except ValueError as e:                                  # NaN / Infinity (_refuse_constant)
+        raise ValueError(f"{what}: {e}") from None
 
 
 def read_labelled_text(path, task: str) -> tuple[list[str], np.ndarray]:
@@ -79,10 +142,7 @@ def read_labelled_text(path, task: str) -> tuple[list[str], np.ndarray]:
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line, parse_constant=_refuse_constant)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{task}: {name} line {i} is not JSON ({e.msg})") from None
+            obj = loads_bounded(line, f"{task}: {name} line {i}", MAX_ROW_DEPTH)
             if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
                 raise ValueError(f"{task}: {name} line {i} must be an object with 'text' and 'label'")
             rows.append((obj["text"], obj["label"]))
@@ -140,6 +200,56 @@ def task_head(sd: Mapping[str, torch.Tensor], task: str) -> dict:
                      "classifier) — upload the *ForSequenceClassification checkpoint of each task")
 
 
+def _check_component(field: str, comp, path: str) -> None:
+    if not isinstance(comp, dict):
+        raise ValueError(f"tokenizer.json: {path} must be an object with a 'type'")
+    kind = comp.get("type")
+    if field == "model" and kind is None:
+        return                                               # models run no pattern; old files omit the type
+    if kind not in TOKENIZER_TYPES[field]:
+        raise ValueError(f"tokenizer.json: {path} is of type {str(kind)[:60]!r}, which this server does not run "
+                         f"for an uploaded tokenizer (accepted: {', '.join(sorted(TOKENIZER_TYPES[field]))})")
+    if kind == "Sequence" and field in _SEQUENCE_OF:
+        key = _SEQUENCE_OF[field]
+        items = comp.get(key)
+        if not isinstance(items, list):
+            raise ValueError(f"tokenizer.json: {path} is a Sequence without a list '{key}'")
+        for i, c in enumerate(items):
+            _check_component(field, c, f"{path}.{key}[{i}]")
+    if kind in ("Split", "Replace"):
+        pattern = comp.get("pattern")
+        if not (isinstance(pattern, dict) and set(pattern) == {"String"} and isinstance(pattern["String"], str)):
+            shown = str(pattern.get("Regex") if isinstance(pattern, dict) and "Regex" in pattern else pattern)[:60]
+            raise ValueError(f"tokenizer.json: {path} ({kind}) has the pattern {shown!r}, a regular expression: "
+                             "this server runs no regular expression of an upload (a plain String pattern is "
+                             "accepted) — upload the model's own BERT-family tokenizer")
+
+
+def check_tokenizer_json(obj: Mapping) -> None:
+    """Refuse a ``tokenizer.json`` whose normaliser, pre-tokenizer, post-processor, decoder or model is not one of
+    :data:`TOKENIZER_TYPES`, or that holds a regular expression anywhere in them (a pattern such as ``(a|a)*$``
+    backtracks for seconds per sentence inside the tokenizer, where nothing can stop it). The message names the
+    component and its path in the file."""
+    for field in ("normalizer", "pre_tokenizer", "post_processor", "decoder", "model"):
+        comp = obj.get(field)
+        if comp is None and field != "model":
+            continue
+        _check_component(field, comp, field)
+        if field == "model":
+            continue                                         # a vocabulary may hold the token "Regex"
+        stack = [(field, comp)]
+        while stack:                                         # belt and braces: no "Regex" anywhere in them
+            path, v = stack.pop()
+            if isinstance(v, dict):
+                if "Regex" in v:
+                    raise ValueError(f"tokenizer.json: {path} holds a regular expression "
+                                     f"({str(v['Regex'])[:60]!r}): this server runs no regular expression of an "
+                                     "upload — upload the model's own BERT-family tokenizer")
+                stack += [(f"{path}.{k}", x) for k, x in v.items()]
+            elif isinstance(v, list):
+                stack += [(f"{path}[{i}]", x) for i, x in enumerate(v)]
+
+
 def load_tokenizer_files(paths: Mapping[str, str | Path], config: Mapping | None = None):
     """A fast tokenizer from uploaded files (names from :data:`TOKENIZER_FILES` only; each bounded; local, no
     remote code). ``paths``: ``{file name: path}``; ``config``: the model's config.json (its ``model_type``
@@ -155,12 +265,26 @@ def load_tokenizer_files(paths: Mapping[str, str | Path], config: Mapping | None
     try:
         for name, p in paths.items():
             (tmp / name).write_bytes(_bounded_read(p, MAX_TOKENIZER_BYTES, name))
-        if "tokenizer_config.json" in paths:                   # strict JSON, and no code to fetch
-            cfg = json.loads((tmp / "tokenizer_config.json").read_text(), parse_constant=_refuse_constant)
-            if not isinstance(cfg, dict):
-                raise ValueError("tokenizer_config.json must be a JSON object")
-            cfg.pop("auto_map", None)
-            (tmp / "tokenizer_config.json").write_text(json.dumps(cfg))
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if name not in paths:
+                continue
+            try:
+                text = (tmp / name).read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{name} is not UTF-8 text") from None
+            obj = loads_bounded(text, name, MAX_TOKENIZER_DEPTH)             # strict JSON, nesting bounded
+            if not isinstance(obj, dict):
+                raise ValueError(f"{name} must be a JSON object")
+            if name == "tokenizer.json":
+                check_tokenizer_json(obj)                                    # no regular expression of the upload
+            elif name == "tokenizer_config.json":                            # no code to fetch, no other files
+                cls = obj.get("tokenizer_class")
+                if cls is not None and cls not in TOKENIZER_CLASSES:
+                    raise ValueError(f"tokenizer_config.json: tokenizer_class {str(cls)[:60]!r} is not a BERT-family "
+                                     f"tokenizer this server runs (accepted: {', '.join(sorted(TOKENIZER_CLASSES))})")
+                for k in [k for k in obj if k == "auto_map" or k.endswith(("_file", "_files"))]:
+                    obj.pop(k)
+                (tmp / name).write_text(json.dumps(obj))
         if config is not None:
             (tmp / "config.json").write_text(json.dumps({"model_type": str(config.get("model_type", ""))}))
         try:
@@ -172,18 +296,75 @@ def load_tokenizer_files(paths: Mapping[str, str | Path], config: Mapping | None
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_text_memory(texts_of: Mapping[str, tuple[list[str], np.ndarray]], base: Mapping[str, torch.Tensor],
+                       max_length: int, in_memory_tasks: int, memory_budget: int | None) -> None:
+    """Refuse, before any task checkpoint is read, an upload whose tokenised sentences (at most ``max_length``
+    tokens each, ids + mask), sentences, checkpoints held in memory and the session's model-sized working copies
+    exceed the budget (:func:`esm_core.pools.upload.upload_memory_budget`, or ``memory_budget`` bytes)."""
+    budget, copies = upload_memory_budget() if memory_budget is None else (int(memory_budget), 0)
+    base_bytes = sum(v.numel() * v.element_size() for v in base.values())
+    rows = {t: len(x[0]) for t, x in texts_of.items()}
+    text_bytes = sum(len(s) + 64 for texts, _ in texts_of.values() for s in texts)
+    token_bytes = sum(rows.values()) * max_length * TOKEN_BYTES
+    ckpt = base_bytes * (1 + in_memory_tasks)
+    need = token_bytes + text_bytes + ckpt + copies * base_bytes
+    if need > budget:
+        raise ValueError(f"this upload ({len(rows)} tasks, {sum(rows.values()):,} sentences) needs about "
+                         f"{_mib(need)}: {_mib(token_bytes)} of tokenised sentences ({max_length} tokens each), "
+                         f"{_mib(text_bytes)} of text, {_mib(ckpt)} of checkpoints held, {copies} model-sized "
+                         f"working copies of {_mib(base_bytes)} — more than the {_mib(budget)} a session may hold "
+                         "(ESM_SESSION_MEMORY_MB): upload fewer tasks or sentences, or a smaller model")
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2 ** 20:,.1f} MiB"
+
+
+def _tokenize_upload(pool: TextTaskPool, rows: Mapping[str, int], report: Progress) -> None:
+    """Tokenise every sentence of an uploaded pool now, in chunks; after each: ``report`` (Cancel, a client gone)
+    and the time bound :data:`MAX_TOKENIZE_SECONDS` (ValueError naming the task and how far it got)."""
+    total, start = max(1, sum(rows.values())), time.monotonic()
+    last: dict = {}
+    at = 0
+
+    def check(task: str, split: str, done: int, n: int) -> None:
+        nonlocal at
+        at += done - last.get((task, split), 0)
+        last[(task, split)] = done
+        elapsed = time.monotonic() - start
+        if elapsed > MAX_TOKENIZE_SECONDS:
+            raise ValueError(f"task {task!r}: tokenising stopped after {elapsed:.0f} s at {at:,} of {total:,} "
+                             f"sentences, more than the {MAX_TOKENIZE_SECONDS:.0f} s this server gives the "
+                             "tokenizer of one upload: the uploaded tokenizer is too slow")
+        report(0.6 + 0.38 * at / total, f"tokenising the sentences of {task} ({at:,} of {total:,})")
+
+    report(0.6, "tokenising the sentences")
+    pool.tokenize_all(check)
+
+
 def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_files: Mapping[str, str | Path],
                           config: Mapping, tokenizer_files: Mapping[str, str | Path], *,
                           max_length: int | None = None, progress: Progress | None = None,
-                          keep_dir: str | Path | None = None) -> tuple[TextTaskPool, list[str]]:
+                          keep_dir: str | Path | None = None,
+                          memory_budget: int | None = None) -> tuple[TextTaskPool, list[str]]:
     """Build a text pool from uploads: ``(TextTaskPool, notes for the user)``. See the module docstring.
 
     ``keep_dir``: as for image uploads (:func:`esm_core.pools.upload.pool_from_upload`), each checked task
-    encoder is written there (safetensors) and read lazily, key by key; without it every task is held."""
+    encoder is written there (safetensors) and read lazily, key by key; without it every task is held.
+
+    Bounded before the work: at most :data:`MAX_TASKS` tasks; every config field checked against the base
+    checkpoint before a model is built (:func:`esm_core.models.bert.check_shapes`); the memory of the tokenised
+    sentences, the checkpoints held and the session's model-sized working copies checked against
+    ``memory_budget`` (None: the session's budget and working copies, as for image uploads) before any task
+    checkpoint is read; the tokenizer checked (:func:`check_tokenizer_json`) before it runs; tokenising done in
+    chunks, each followed by ``progress`` (which may raise to stop: Cancel) and a check of
+    :data:`MAX_TOKENIZE_SECONDS`."""
     report = progress or (lambda f, d: None)
     names = list(task_paths)
     if len(names) < 2:
         raise ValueError(f"merging needs at least two task checkpoints; got {len(names)}")
+    if len(names) > MAX_TASKS:
+        raise ValueError(f"{len(names)} task checkpoints: this server merges at most {MAX_TASKS} tasks of one upload")
     bad = [n for n in names if not isinstance(n, str) or not NAME_OK.fullmatch(n)]
     if bad:
         raise ValueError(f"task names must be 1-64 letters, digits, '_', '-' or '.'; not {bad}")
@@ -198,7 +379,13 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
         raise ValueError("a text model needs its Hugging Face config.json (with 'model_type'): upload it with the "
                          "checkpoints — the architecture is never guessed")
 
-    report(0.02, "reading the base checkpoint")
+    bert.check_config_values(config)                          # finite numbers, bounded ints and nesting
+
+    texts_of = {}                                             # every task's sentences first: bounded, cheap
+    for i, t in enumerate(names):
+        report(0.02 + 0.08 * i / len(names), f"labelled text of {t}")
+        texts_of[t] = read_labelled_text(text_files[t], t)
+    report(0.1, "reading the base checkpoint")
     base_raw = load_checkpoint(base_path)
     if not bert.matches(base_raw):
         raise ValueError(f"{Path(base_path).name}: not a BERT-family encoder (BERT, RoBERTa, DistilBERT, MiniLM): "
@@ -208,34 +395,44 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
         raise ValueError(f"the base checkpoint holds {n_params / 1e6:.0f} M parameters, more than the "
                          f"{MAX_MODEL_PARAMS / 1e6:.0f} M this server merges")
     base = {k: v.float() if v.is_floating_point() else v for k, v in bert.encoder_state(base_raw).items()}
+    del base_raw
     bert.check_shapes(base, config, MAX_MODEL_PARAMS)        # config fields vs the checkpoint, before anything is built
+    positions = int(bert.config_of(config).max_position_embeddings)
+    ml = int(max_length or min(DEFAULT_MAX_LENGTH, positions - 2))
+    if not 1 <= ml <= positions:
+        raise ValueError(f"config.json: max_position_embeddings = {positions} leaves no room for a sentence")
+    _check_text_memory(texts_of, base, ml, 0 if keep_dir is not None else len(names), memory_budget)
+
     tasks, heads = {}, {}
     for i, t in enumerate(names):
-        report(0.05 + 0.4 * i / len(names), f"reading task checkpoint {t}")
+        report(0.15 + 0.4 * i / len(names), f"reading task checkpoint {t}")
+        name = Path(task_paths[t]).name
         raw = load_checkpoint(task_paths[t])
         if not bert.matches(raw):
             raise ValueError(f"task {t!r}: not a BERT-family checkpoint of the base's layout")
         heads[t] = task_head(raw, t)
         enc = bert.encoder_state(raw)
-        if set(enc) != set(base) or any(tuple(enc[k].shape) != tuple(base[k].shape) for k in base):
-            diff = sorted(set(enc) ^ set(base))[:4] or [k for k in base if tuple(enc[k].shape) != tuple(base[k].shape)][:4]
-            raise ValueError(f"task {t!r} does not fit the base checkpoint (keys or shapes differ: {diff})")
+        del raw
+        check_compatible(base, enc, name)                   # keys, shapes, float-ness, finite values: as for images
+        C = heads[t]["w2"].shape[0]
+        if C > MAX_CLASSES:
+            raise ValueError(f"task {t!r}: its classifier has {C:,} outputs, more than the {MAX_CLASSES:,} classes "
+                             "this server evaluates")
+        y = texts_of[t][1]
+        if int(y.max()) >= C:
+            raise ValueError(f"task {t!r}: label {int(y.max())} but its classifier has {C} outputs (labels 0..{C - 1})")
         tasks[t] = {k: enc[k].float() if enc[k].is_floating_point() else enc[k] for k in base}
-        del raw, enc
+        del enc
         if keep_dir is not None:
             Path(keep_dir).mkdir(parents=True, exist_ok=True)
             tasks[t] = LazyCheckpoint(save_safetensors(tasks[t], Path(keep_dir) / f"task-{i}.safetensors"))
-    report(0.5, "reading the tokenizer")
+    report(0.58, "reading the tokenizer")
     tok = load_tokenizer_files(tokenizer_files, config)
-    ml = int(max_length or min(DEFAULT_MAX_LENGTH, int(config.get("max_position_embeddings", 512)) - 2))
     data, class_names, notes = {}, {}, [f"family: {config['model_type']} (from config.json); features: the first "
                                         "token's last hidden state; heads: each task's own classifier"]
-    for i, t in enumerate(names):
-        report(0.55 + 0.4 * i / len(names), f"labelled text of {t}")
-        texts, y = read_labelled_text(text_files[t], t)
+    for t in names:
+        texts, y = texts_of[t]
         C = heads[t]["w2"].shape[0]
-        if int(y.max()) >= C:
-            raise ValueError(f"task {t!r}: label {int(y.max())} but its classifier has {C} outputs (labels 0..{C - 1})")
         val, test = _split_val_test(y)
         proxy = val[np.sort(np.random.default_rng(0).choice(len(val), min(bert.PROXY_SAMPLES, len(val)),
                                                             replace=False))]
@@ -246,5 +443,6 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
     pool = TextTaskPool(name="upload", model_config=dict(config), base=base, tasks=tasks, heads=heads,
                         class_names=class_names, data=data, tokenizer=tok, max_length=ml, pooling="cls",
                         meta={"model": f"uploaded {config['model_type']}"})
+    _tokenize_upload(pool, {t: len(texts_of[t][0]) for t in names}, report)
     report(1.0, "pool ready")
     return pool, notes
