@@ -187,7 +187,7 @@ def make_handlers(ui):
             if len(texts) != len(data):
                 raise ValueError("upload either image zips or labelled text files (.csv / .jsonl), not both")
             studio.load_uploaded_text(s, file_path(base_file), dict(zip(names, files)), texts, config=config,
-                                      tokenizer_files=tok, progress=progress_fn(progress))
+                                      tokenizer_files=tok, progress=progress_fn(progress, s))
             return s
         zips = {short_name(p): p for p in data}
         hw = int(head_width) if head_width else None

@@ -459,7 +459,13 @@ def load_uploaded_text(s: Session, base_path, task_paths, text_files, *, config,
                        progress: Progress | None = None) -> dict:
     """A text pool from uploads (:func:`esm_core.pools.upload_text.text_pool_from_upload`: BERT-family sequence
     classifiers, their config.json and tokenizer, labelled sentences per task) made the session's pool. The
-    previous pool stays loaded when anything is refused."""
+    previous pool stays loaded when anything is refused, before anything is read when the checkpoint and text
+    files alone already exceed the session's memory budget (as for image uploads)."""
+    paths = list(task_paths.values()) if isinstance(task_paths, dict) else list(task_paths or [])
+    texts = list(text_files.values()) if isinstance(text_files, dict) else []
+    sizes = {str(p): Path(p).stat().st_size for p in [base_path, *paths, *texts]
+             if p is not None and Path(p).is_file()}
+    check_memory(sum(sizes.values()), sizes.get(str(base_path), 0), f"this upload ({len(sizes)} files)")
     return _load_upload(s, lambda keep: text_pool_from_upload(
         base_path, task_paths, text_files, config, tokenizer_files, progress=progress, keep_dir=keep))
 
