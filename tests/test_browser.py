@@ -10,9 +10,11 @@ Skipped (with the reason) only when Debian's chromium is missing (``.ci/run``
 installs it); never runs ``playwright install``.
 """
 import os
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.browser
@@ -300,3 +302,111 @@ def test_cancel_keeps_the_previous_merge_on_screen(app_url, page, monkeypatch, t
     s = rec["session"]
     with s.lock:
         assert [r["id"] for r in s.merges] == rec["merges_before"] and s.current is rec["current_before"]
+
+
+PLOT = "document.querySelector('#{0} .js-plotly-plot')"
+ACC_TITLE = "() => document.querySelector('#acc-plot .js-plotly-plot')?.layout?.title?.text || ''"
+CURVE_MARKS = ("() => (document.querySelector('#curve-plot .js-plotly-plot')?.layout?.annotations || [])"
+               ".map(a => a.text)")
+# every header of the comparison table: its longest word fits the cell's width (a header broken inside a word,
+# "fashio n %", does not); the names of the headers that do not fit
+HEADERS_BROKEN = """() => { const ctx = document.createElement('canvas').getContext('2d');
+    return Array.from(document.querySelectorAll('#cmp-table thead th')).filter(th => {
+        const span = th.querySelector('span') || th; const text = span.innerText.trim(); if (!text) return false;
+        const st = getComputedStyle(span); ctx.font = st.font;
+        const room = span.getBoundingClientRect().width;
+        return Math.max(...text.split(/\\s+/).map(w => ctx.measureText(w).width)) > room + 1; })
+        .map(th => th.innerText.trim()); }"""
+# the accuracy plot's title lies wholly inside the plot (issue 23 item 5: its first line was cut at the top)
+TITLE_INSIDE = """() => { const g = document.querySelector('#acc-plot .js-plotly-plot');
+    const t = g?.querySelector('.gtitle'); if (!t) return 'no title';
+    const tr = t.getBoundingClientRect(), gr = g.getBoundingClientRect();
+    return tr.top >= gr.top - 0.5 && tr.height > 0 ? 'ok' : `title top ${tr.top} above the plot's ${gr.top}`; }"""
+
+
+def test_refused_change_curve_and_routing_noise(app_url, page, tmp_path):
+    """Issue 23 items 2–5: a refused parameter set (rank and rank_fraction both set) says why and leaves the
+    controls equal to the merge on screen, so α moves merge again; the α curve's marker follows α and the curve is
+    cleared, with what to press, when another parameter moves; routing accuracy carries n, 95 % intervals and the
+    chance line; the user's own image is on the map and its predicted class is named."""
+    from PIL import Image
+    shots = _shots(tmp_path)
+    page.goto(app_url)
+    page.wait_for_function("() => document.querySelector('#pool-summary')?.innerText.includes('parameters')")
+    _tab(page, "4 · Merge")
+    page.wait_for_function(f"() => ({ACC_TITLE})().includes('α = 0.30')")
+    assert page.evaluate(TITLE_INSIDE) == "ok"
+    # the empty α curve says what to press
+    assert "α curve on validation" in " ".join(page.evaluate(CURVE_MARKS))
+    page.locator("#method input").click()
+    page.get_by_role("option", name="ESM (esm)").click()
+    page.wait_for_function(f"() => ({ACC_TITLE})().includes('ESM (α = 1.00)')")
+    page.get_by_role("button", name="α curve on validation").click()
+    page.wait_for_function(f"() => ({CURVE_MARKS})().includes('current α = 1.00')")
+    curve_title = page.evaluate(f"() => {PLOT.format('curve-plot')}.layout.title.text")
+    assert "for default parameters" in curve_title, curve_title
+    # α moves: the curve's "current α" marker moves with it (it kept saying the old α)
+    page.locator("#ctl-esm-alpha input[type=range]").fill("0.5")
+    page.wait_for_function(f"() => ({ACC_TITLE})().includes('ESM (α = 0.50)')")
+    page.wait_for_function(f"() => ({CURVE_MARKS})().includes('current α = 0.50')")
+    assert page.get_by_role("button", name="use the best α (").is_enabled()
+    # another parameter moves: the curve (drawn for the defaults) is cleared, saying for what it was drawn
+    page.locator("#ctl-esm-rank input").fill("4")
+    page.locator("#ctl-esm-rank input").press("Enter")
+    page.wait_for_function(f"() => ({ACC_TITLE})().includes('ESM (α = 0.50)') && "
+                           "document.querySelector('#cmp-table').innerText.includes('rank=4')")
+    page.wait_for_function(f"() => ({CURVE_MARKS})().join(' ').includes('was drawn for ESM with default parameters')")
+    assert "rank=4" in " ".join(page.evaluate(CURVE_MARKS))
+    assert page.get_by_role("button", name="use the best α", exact=True).is_disabled()
+    page.screenshot(path=str(shots / "4-merge-curve-cleared.png"), full_page=True)
+    # rank and rank_fraction both set: refused with the reason; rank_fraction goes back to the merge on screen (0)
+    esm_rows = "() => document.querySelector('#cmp-table').innerText.split('ESM').length"
+    rows = page.evaluate(esm_rows)
+    shown = page.evaluate(ACC_TITLE)
+    page.locator("#ctl-esm-rank_fraction input[type=range]").fill("0.25")
+    toast = page.locator('[data-testid="toast-text"]').first
+    toast.wait_for()
+    msg = toast.inner_text()
+    assert "Not merged" in msg and "rank_fraction" in msg and "not both" in msg and "set back" in msg, msg
+    page.wait_for_function("() => document.querySelector('#ctl-esm-rank_fraction input[type=range]').value === '0'")
+    assert page.locator("#ctl-esm-rank input").input_value() == "4"
+    assert page.evaluate(ACC_TITLE) == shown
+    page.screenshot(path=str(shots / "4-merge-refused.png"), full_page=True)
+    # every later change merges again: α first
+    page.locator("#ctl-esm-alpha input[type=range]").fill("0.7")
+    page.wait_for_function(f"() => ({ACC_TITLE})().includes('ESM (α = 0.70)')")
+    page.wait_for_timeout(500)
+    # one new row (α = 0.7): setting the control back merged nothing
+    assert page.evaluate(esm_rows) == rows + 1
+    assert page.evaluate(HEADERS_BROKEN) == []
+    assert page.evaluate(TITLE_INSIDE) == "ok"
+
+    # routing: the empty plots say what to press; n, interval, chance line; the user's own image on the map
+    _tab(page, "5 · Routing (ESM++)")
+    hint = page.evaluate(f"() => {PLOT.format('route-acc')}?.layout?.annotations?.[0]?.text || ''")
+    assert "Route!" in hint, hint
+    img = tmp_path / "mine.png"
+    Image.fromarray((np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3)).save(img)
+    page.get_by_label("my image").check()
+    page.locator("#route-image input[type=file]").set_input_files(str(img))
+    page.wait_for_selector("#route-image img")
+    page.get_by_role("button", name="Route!").click()
+    page.wait_for_function("() => document.querySelector('#route-note')?.innerText.includes('Your image')")
+    note = page.locator("#route-note").inner_text()
+    T = int(re.search(r"chance: 1/(\d+) = ", note).group(1))
+    assert T == len(page.evaluate(f"() => {PLOT.format('route-oracle')}.data[0].x"))
+    assert re.search(r"read with the \S+ head, ESM\+\+ predicts the class \S+", note), note
+    acc = page.evaluate(f"""() => {{ const g = {PLOT.format('route-acc')};
+        return {{title: g.layout.title.text, err: g.data[0].error_y,
+                 shapes: (g.layout.shapes || []).map(s => [s.y0, s.y1, s.line.dash])}}; }}""")
+    assert f"n = {6 * T} samples per layer" in acc["title"] and "Wilson" in acc["title"]     # 6 per task
+    assert acc["err"].get("visible") is not False and len(acc["err"]["array"]) == len(acc["err"]["arrayminus"]) > 0
+    assert [(pytest.approx(100 / T), pytest.approx(100 / T), "dash")] == [tuple(x) for x in acc["shapes"]]  # chance
+    oracle = page.evaluate(f"() => {PLOT.format('route-oracle')}.data.map(t => [t.name, (t.error_y || {{}}).array])")
+    assert len(oracle) == 3 and all(e and len(e) == T for _, e in oracle), oracle
+    assert re.search(r"n = \d+ test samples per task", page.evaluate(f"() => {PLOT.format('route-oracle')}"
+                                                                      ".layout.title.text"))
+    mine = page.evaluate(f"() => {PLOT.format('route-map')}.data.filter(t => t.name === 'your image')"
+                         ".map(t => [t.x.length, t.marker.symbol])")
+    assert mine == [[1, "x"]]
+    page.screenshot(path=str(shots / "5-routing-own-image.png"), full_page=True)

@@ -13,17 +13,23 @@ The subspace alignment ratio (SAR) says how much of each task's update lies insi
 a task with a low SAR has been drowned by the others."""
 
 
+# what the plots show before their first drawing: when they are drawn (there is nothing to press)
+WAIT = viz.empty_figure("Drawn when this tab opens: its first visit reads the essential subspaces of every layer<br>"
+                        "(computed with the Spectra view's decompositions, with a progress bar).")
+
+
 def layout(ui) -> None:
     with gr.Tab("3 · Interference", id="interference") as ui.tab_inter:
         gr.Markdown(TEXT, elem_classes="esm-intro")
         ui.int_layer = gr.Dropdown(label="layer", choices=[], allow_custom_value=True, elem_id="int-layer")
         ui.int_note = gr.Markdown(elem_id="int-note")
         with gr.Row():
-            ui.int_overlap = gr.Plot(label="essential-subspace overlap", show_label=False, elem_id="int-overlap")
-            ui.int_cos = gr.Plot(label="task-vector cosines (this layer)", show_label=False, elem_id="int-cos")
+            ui.int_overlap = gr.Plot(WAIT, label="essential-subspace overlap", show_label=False,
+                                     elem_id="int-overlap")
+            ui.int_cos = gr.Plot(WAIT, label="task-vector cosines (this layer)", show_label=False, elem_id="int-cos")
         with gr.Row():
-            ui.int_cos_model = gr.Plot(label="task-vector cosines (whole model)", show_label=False)
-            ui.int_sar = gr.Plot(label="SAR against the current merge", show_label=False, elem_id="int-sar")
+            ui.int_cos_model = gr.Plot(WAIT, label="task-vector cosines (whole model)", show_label=False)
+            ui.int_sar = gr.Plot(WAIT, label="SAR against the current merge", show_label=False, elem_id="int-sar")
 
 
 def chance_note(k: int, d: int) -> str:

@@ -116,7 +116,20 @@ def merge_outputs(s, rec) -> tuple:
                f"{100 * zs:.1f} % for the pre-trained model alone): at α = {alpha:.2f} the task updates, added "
                "together, interfere — each pushes the shared weights away from what the other tasks need. A "
                "smaller α usually helps: run the **α curve on validation** and **use the best α**.")
-    return fig, md, comparison_table(s, sizes, refs["finetuned"])
+    table = comparison_table(s, sizes, refs["finetuned"])
+    return fig, md, gr.update(value=table, column_widths=column_widths(table))
+
+
+def column_widths(df: pd.DataFrame, char_px: float = 8.5, pad_px: int = 30, widest: int = 260) -> list[str]:
+    """Each column at least as wide as the longest word of its header and cells (the table font is monospaced),
+    so that no header breaks inside a word ("fashio n %"); the table scrolls sideways when they do not all fit."""
+    def longest(v) -> int:
+        return max((len(w) for w in str(v).split()), default=0)
+    out = []
+    for c in df.columns:
+        chars = max([longest(c), *(longest(v) for v in df[c].tolist())])
+        out.append(f"{min(widest, int(chars * char_px + pad_px))}px")
+    return out
 
 
 def comparison_table(s, sizes: dict, finetuned: dict) -> pd.DataFrame:
@@ -168,10 +181,42 @@ def curve_follow(data, method: str, params: dict) -> tuple:
     return curve_hint(note), None, gr.update(interactive=False, value="use the best α")
 
 
+def controls_back(method: str, values: tuple, cur, slices: dict) -> list:
+    """Updates of every control (``values``: all of them, in order) that set ``method``'s controls to the merge on
+    screen ``cur`` (the method's defaults when that merge is another method's); a control already showing its value
+    is left alone (no change event, no new merge)."""
+    out = [gr.update() for _ in values]
+    lo, _ = slices[method]
+    m = METHODS[method]
+    shown = cur["params"] if cur is not None and cur["method"] == method else m.resolve({})
+    for i, p in enumerate(m.params):
+        want, have = shown[p.name], values[lo + i]
+        if isinstance(have, (list, tuple)):                  # the esd_types multi-select
+            want = [t for t in str(want).split(",") if t]
+            have = list(have)
+        if have != want:
+            out[lo + i] = gr.update(value=want)
+    return out
+
+
 def make_handlers(ui):
     slices = ui.slices
 
     n_controls = len(ui.controls)
+
+    def merge_or_shown(s, method: str, params: dict, progress) -> tuple[dict, bool]:
+        """(the merge record, True) — or (the merge on screen, False) when ``params`` are exactly its parameters
+        (controls set back to it, or a control's change event sent twice): it is not merged again. Checked under the
+        session's lock, so that two events with the same parameters merge once."""
+        with s.lock:
+            cur = s.current
+            try:
+                resolved = METHODS[method].resolve(dict(params))
+            except ValueError:
+                resolved = None                  # refused by studio.merge, with its message
+            if resolved is not None and cur is not None and cur["method"] == method and cur["params"] == resolved:
+                return cur, False
+            return studio.merge(s, method, params, progress=progress_fn(progress, s)), True
 
     @gpu
     @friendly
@@ -180,24 +225,8 @@ def make_handlers(ui):
         """Merge with the method's controls (the API's "merge", a method switch, a newly loaded pool): a refused
         parameter set is an error message."""
         s = need_session(s)
-        rec = studio.merge(s, method, params_of(method, values, slices), progress=progress_fn(progress, s))
+        rec, _ = merge_or_shown(s, method, params_of(method, values, slices), progress)
         return (s, *merge_outputs(s, rec))
-
-    def controls_back(method: str, values: tuple, cur) -> list:
-        """Updates that set the method's controls to the merge on screen (its defaults when that merge is another
-        method's); a control already showing its value is left alone (no change event, no new merge)."""
-        out = [gr.update() for _ in range(n_controls)]
-        lo, _ = slices[method]
-        m = METHODS[method]
-        shown = cur["params"] if cur is not None and cur["method"] == method else m.resolve({})
-        for i, p in enumerate(m.params):
-            want, have = shown[p.name], values[lo + i]
-            if isinstance(have, (list, tuple)):                  # the esd_types multi-select
-                want = [t for t in str(want).split(",") if t]
-                have = list(have)
-            if have != want:
-                out[lo + i] = gr.update(value=want)
-        return out
 
     @gpu
     @friendly
@@ -213,20 +242,16 @@ def make_handlers(ui):
         params = params_of(method, values, slices)
         cur = s.current
         try:
-            resolved = METHODS[method].resolve(dict(params))
-        except ValueError:
-            resolved = None                      # refused below by studio.merge, with its message
-        if resolved is not None and cur is not None and cur["method"] == method and cur["params"] == resolved:
-            return (s, gr.update(), gr.update(), gr.update(), *curve_follow(curve, method, resolved), *keep)
-        try:
-            rec = studio.merge(s, method, params, progress=progress_fn(progress, s))
+            rec, merged = merge_or_shown(s, method, params, progress)
         except ValueError as e:
             where = (f"merge #{cur['id']}, {cur['title']} at α = {float(cur['params']['alpha']):.2f}"
                      if cur is not None and cur["method"] == method else "the method's defaults")
             gr.Warning(html.escape(f"Not merged: {e}. The controls are set back to the merge on screen ({where}); "
                                    "change one parameter at a time from there."), duration=TOAST_S, title="Not merged")
             return (s, gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), gr.update(),
-                    *controls_back(method, values, cur))
+                    *controls_back(method, values, cur, slices))
+        if not merged:
+            return (s, gr.update(), gr.update(), gr.update(), *curve_follow(curve, method, rec["params"]), *keep)
         return (s, *merge_outputs(s, rec), *curve_follow(curve, method, rec["params"]), *keep)
 
     def show_method(method):

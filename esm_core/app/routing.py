@@ -23,7 +23,8 @@ def layout(ui) -> None:
                                       info="rank of each task's low-rank expert (reference: 32, also 8)")
                 ui.r_source = gr.Radio(SOURCES, value=SOURCES[0], label="inputs")
                 ui.r_per_task = gr.Slider(1, 16, value=6, step=1, label="samples per task")
-                ui.r_image = gr.Image(label="an image of your own (image pools)", type="numpy", height=160)
+                ui.r_image = gr.Image(label="an image of your own (image pools)", type="numpy", height=160,
+                                      elem_id="route-image")
                 ui.r_text = gr.Textbox(label="a sentence of your own (the text pool)", lines=2, max_length=MAX_SENTENCE_CHARS,
                                        placeholder="e.g. The striker scored twice in the second half.",
                                        elem_id="route-text")

@@ -19,6 +19,12 @@ FIELDS = {
 }
 
 
+# what the plots show before their first drawing: when they are drawn (there is nothing to press)
+WAIT = viz.empty_figure("Drawn when this tab opens: its first visit measures the spectra of every layer and task<br>"
+                        "(a probe of the task models and their decompositions, with a progress bar: "
+                        "up to a few minutes on a CPU).")
+
+
 def layout(ui) -> None:
     with gr.Tab("2 · Spectra", id="spectra") as ui.tab_spectra:
         gr.Markdown(TEXT, elem_classes="esm-intro")
@@ -27,11 +33,11 @@ def layout(ui) -> None:
                                      "default d_out / T", elem_id="spec-frac", scale=2)
             ui.spec_field = gr.Radio(list(FIELDS), value=next(iter(FIELDS)), label="overview shows", scale=2,
                                      elem_id="spec-field")
-        ui.spec_heat = gr.Plot(label="layer × task overview", show_label=False, elem_id="spec-heat")
+        ui.spec_heat = gr.Plot(WAIT, label="layer × task overview", show_label=False, elem_id="spec-heat")
         with gr.Row():
             ui.spec_layer = gr.Dropdown(label="layer", choices=[], allow_custom_value=True, elem_id="spec-layer")
             ui.spec_task = gr.Dropdown(label="task", choices=[], allow_custom_value=True, elem_id="spec-task")
-        ui.spec_plot = gr.Plot(label="ESD vs SVD spectrum", show_label=False, elem_id="spec-plot")
+        ui.spec_plot = gr.Plot(WAIT, label="ESD vs SVD spectrum", show_label=False, elem_id="spec-plot")
 
 
 def overview_title(field: str, frac: float) -> str:

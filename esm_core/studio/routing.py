@@ -38,9 +38,15 @@ def esmpp_model(s: Session, rank: int = ESMPP.default("rank"), progress: Progres
             model = build_esmpp(pool, stats, rank=int(rank), alpha=alpha, esm_params=params, merged=merged,
                                 cache=ensure_cache(s), device=s.device, check=False,     # checked when loaded
                                 progress=lambda f, d: report(0.3 + 0.7 * f, d))
+            # a text model's static part is that merge's very weights (U0 + α · slope, formed as the merge formed
+            # them) in the same layers (a routed Q, K, V or intermediate layer in base mode is the same F.linear):
+            # the merge's live accuracies are the static ("base") ones, bit for bit — not evaluated a second time
+            # (a ViT's routed attention computes the same attention another way: evaluated)
+            static = (dict(last["accs"]) if last is not None and pair is not None and hasattr(pool, "encode")
+                      else None)
             del merged, pair
             s.esmpp = {"recipe": recipe, "model": model, "rank": int(rank), "alpha": alpha,
-                       "from_merge": last["id"] if last else None, "accs": None}
+                       "from_merge": last["id"] if last else None, "accs": None, "static_accs": static}
             trim_heap()
         return s.esmpp
 
@@ -60,10 +66,14 @@ def _image_to_input(pool, image) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _routed_accuracies(s: Session, model, progress: Progress = _noop) -> dict:
-    """Static ESM ("base"), routed and oracle accuracy on the live test subset (cached per ESM++ build)."""
+def _routed_accuracies(s: Session, model, progress: Progress = _noop, static: dict | None = None) -> dict:
+    """Static ESM ("base"), routed and oracle accuracy on the live test subset (cached per ESM++ build).
+    ``static``: the base mode's accuracies when known (the ESM merge whose weights the model holds)."""
     out = {}
     for mode in ("base", "route", "oracle"):
+        if mode == "base" and static is not None and set(static) == set(s.pool.task_names):
+            out[mode] = dict(static)
+            continue
         out[mode] = {}
         for t in s.pool.task_names:
             progress(0.0, f"{mode} accuracy of {t}")
@@ -128,7 +138,7 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
         if built["accs"] is None:
             report(0.75, "routed vs oracle accuracy")
             trim_heap()                     # the routing pass's activations: freed pages back before 3 evaluations
-            built["accs"] = _routed_accuracies(s, model, lambda f, d: report(0.75, d))
+            built["accs"] = _routed_accuracies(s, model, lambda f, d: report(0.75, d), built.get("static_accs"))
             trim_heap()
         accs = built["accs"]
         li = len(log.keys) - 1                      # the deepest routed layer: tasks are most separated there
@@ -191,9 +201,9 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
                              "own": None if own_point is None else {
                                  "point": own_point, "label": yours,
                                  "text": f"{yours}: {predicted[0]} expert, class {predicted[1]}"},
-                             "title": f"{emb['note']}, layer {short_key(str(emb['layer']))}; "
-                                      "★ = task prototypes" + ("; ✕ = " + yours + " (placed on the map of the "
-                                                               "samples)" if yours else "")},
+                             "title": f"{emb['note']}, layer {short_key(str(emb['layer']))}<br><sub>★ = task "
+                                      "prototypes" + (f"; ✕ = {yours}, placed on the map fitted to the samples"
+                                                      if yours else "") + "</sub>"},
                "summary_md": "\n\n".join(lines), "n_tasks": T}
         report(1.0, "routing done")
         s.routing = run                             # after the last progress report: a cancel cannot stop half-way

@@ -79,19 +79,29 @@ def accuracy_figure(summary: Mapping, refs: Mapping[str, Mapping[str, float]], t
                             ("merged", merged_abs, REF_COLOURS["merged"]),
                             ("fine-tuned", ft_abs, REF_COLOURS["fine-tuned"])):
         extra = ({"error_y": err, "hovertext": hover} if err is not None and name == "merged" else {})
-        fig.add_trace(go.Bar(name=name, x=xs, y=vals, marker_color=col, legendgroup=name, **_bar_text(vals), **extra),
-                      row=1, col=1)
+        # the merged bar's value goes above its error bar (a label inside the bar would sit on the error bar)
+        text = {} if err is not None and name == "merged" else _bar_text(vals)
+        fig.add_trace(go.Bar(name=name, x=xs, y=vals, marker_color=col, legendgroup=name, offsetgroup=name,
+                             **text, **extra), row=1, col=1)
     for name, vals, col in (("zero-shot", zs_norm, REF_COLOURS["zero-shot"]),
                             ("merged", merged_norm, REF_COLOURS["merged"])):
         fig.add_trace(go.Bar(name=f"{name} (normalised)", x=xs, y=vals, marker_color=col, legendgroup=name,
-                             showlegend=False, **_bar_text(vals)), row=2, col=1)
+                             offsetgroup=name, showlegend=False, **_bar_text(vals)), row=2, col=1)
+    if err is not None:             # in the merged bar's column (same offset group), just above its error bar
+        tops = [v + e if np.isfinite(v) else float("nan") for v, e in zip(merged_abs, err["array"])]
+        fig.add_trace(go.Scatter(name="merged (value)", x=xs, y=tops, mode="text", offsetgroup="merged",
+                                 text=[f"{v:.1f}" if np.isfinite(v) else "" for v in merged_abs],
+                                 textposition="top center", textfont=dict(size=10, color="#7f2704"),
+                                 showlegend=False, hoverinfo="skip", cliponaxis=False), row=1, col=1)
     fig.add_hline(y=100, line_dash="dot", line_color=REF_COLOURS["fine-tuned"], row=2, col=1)
     fig.update_yaxes(range=[0, 105], row=1, col=1)
     fig.update_yaxes(range=[0, max(110.0, np.nanmax(merged_norm + [0.0]) + 8)], row=2, col=1)
     # the title in the top margin, anchored at its top inside the figure (a 2-line title anchored lower was cut off)
+    # (plotly anchors a title's top by its first line: a 2-line title reaches ~15 px above it, hence the padding)
     fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=150, b=40)}, barmode="group", height=580,
+                      scattermode="group",
                       title=dict(text=title, x=0, xanchor="left", xref="paper", y=1, yref="container",
-                                 yanchor="top", pad=dict(t=12)) if title else None,
+                                 yanchor="top", pad=dict(t=26)) if title else None,
                       legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0),
                       uniformtext=dict(minsize=9, mode="hide"))
     return fig
@@ -279,15 +289,16 @@ def routing_accuracy_figure(layer_labels: Sequence[str], accuracy: Sequence[floa
     fig = go.Figure(go.Bar(x=list(layer_labels), y=ys, marker_color="#756bb1", name="routing accuracy",
                            text=[f"{y:.0f}" for y in ys], textposition="inside", insidetextanchor="start",
                            hovertext=hover, **_interval_bars(ys, interval)))
-    if chance is not None:
-        fig.add_hline(y=_pct(chance), line_dash="dash", line_color="#d62728", name="chance",
-                      annotation_text=f"chance: 1/{round(1 / chance)} = {_pct(chance):.1f} %",
-                      annotation_position="top right", annotation_font_color="#d62728")
+    notes = []
+    if n:
+        notes.append(f"n = {n} samples per layer")
+    if interval is not None:
+        notes.append("error bars: 95 % Wilson interval")
+    if chance is not None:          # named in the title: a label on the line would sit on the bars
+        fig.add_hline(y=_pct(chance), line_dash="dash", line_color="#d62728", name="chance")
+        notes.append(f"<span style='color:#d62728'>dashed: chance, 1/{round(1 / chance)} = {_pct(chance):.1f} %</span>")
     if not title:
-        title = "routing accuracy per layer"
-        if n:
-            title += f"<br><sub>n = {n} samples per layer" + ("; error bars: 95 % Wilson interval"
-                                                               if interval is not None else "") + "</sub>"
+        title = "routing accuracy per layer" + (f"<br><sub>{'; '.join(notes)}</sub>" if notes else "")
     fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=80, b=50)}, height=340, title=title,
                       yaxis=dict(title="routed to the true task (%)", range=[0, 105]))
     return fig
@@ -318,9 +329,9 @@ def oracle_figure(tasks: Sequence[str], routed: Mapping[str, float], oracle: Map
             lo, hi = min(n.values()), max(n.values())
             title += (f"<br><sub>n = {lo if lo == hi else f'{lo}–{hi}'} test samples per task"
                       + ("; error bars: 95 % Wilson interval" if intervals else "") + "</sub>")
-    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=110, b=50)}, barmode="group", height=380,
+    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=80, b=90)}, barmode="group", height=380,
                       title=title, yaxis=dict(title="accuracy (%)", range=[0, 105]),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+                      legend=dict(orientation="h", yanchor="top", y=-0.12, x=0))
     return fig
 
 
@@ -359,5 +370,6 @@ def embedding_figure(points: np.ndarray, labels: Sequence[str], proto_points: np
     axis = ("principal component 1", "principal component 2") if method == "pca" else ("UMAP 1", "UMAP 2")
     fig.update_xaxes(showticklabels=False, title=f"{axis[0]} (of the hidden states)")
     fig.update_yaxes(showticklabels=False, title=axis[1])
-    fig.update_layout(**_LAYOUT, height=420, title=title or "samples and task prototypes (★)")
+    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=80, b=50)}, height=440,
+                      title=title or "samples and task prototypes (★)")
     return fig
