@@ -261,7 +261,7 @@ def test_schema_defaults():
     p = m.resolve({})
     assert p == {"alpha": 1.0, "rank": 0, "rank_fraction": 0.0, "p_task": 2.0, "p_dim": 2.0, "p_layer": 2.0,
                  "eig_exp": 0.15, "ortho_factor": 2.0,
-                 "esd_types": "auto"}                   # the model family's ESD types: checked next
+                 "esd_types": "auto", "directions": "esd"}   # the model family's ESD types: checked next
     base, tasks, inputs = _case(T=2)
     info_auto, info_listed = {}, {}
     esm_core.merge("esm", base, tasks, inputs=inputs, info=info_auto)

@@ -33,12 +33,13 @@ from __future__ import annotations
 import torch
 
 from ..models.roles import MATRIX
-from .decompose import DecompositionCache, fingerprint, isotropic, polar_route, task_deltas
+from .decompose import DecompositionCache, EsdEntry, _completion, fingerprint, isotropic, polar_route, task_deltas
 from .stats import stats_from_inputs, task_layer_stats
 from .registry import Method, Param, alpha_param, register
 from .svd import tsv_key
 
 AUTO = "auto"                 # esd_types: the model family's ESD layer types (ctx.family_esd_types)
+DIRECTIONS = ("esd", "svd")   # where each task's directions P come from: its ESD (§5) or the SVD of ΔWt (ablation)
 
 
 # The largest rank_fraction the method offers (its Param's max): ESD entries keep the columns this can use.
@@ -211,8 +212,34 @@ def _stats_fp(st) -> tuple:
 # ---------------------------------------------------------------------------
 
 
+def _svd_entry(cache, name: str, key: str, dfp_t: tuple, deltas, t: int, k: int, keep: int) -> EsdEntry:
+    """``directions="svd"`` (the paper's ablation row "SVD directions"): P = the left singular vectors of ΔWt,
+    λ = its squared singular values (only their ratios matter: §6.2 normalises), A = PᵀΔWt = diag(s)Vᵀ; directions
+    beyond the rank of ΔWt are completed with orthonormal ones of λ = 0 (as §5.2 does). Cached per task and key."""
+    fp = (dfp_t, "svd")
+    e = cache.lookup(name, ("svd", key), fp, k)
+    if e is not None and e.A is not None:
+        return e
+    W = deltas()[t].to(torch.float64)
+    d_out = W.shape[0]
+    U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+    c = max(k, min(U.shape[1], keep))
+    U, A = U[:, :c], s[:c, None] * Vh[:c]
+    if U.shape[1] < c:                                             # k above rank(ΔWt): λ = 0 directions
+        extra = c - U.shape[1]
+        U = torch.cat([U, _completion(U, extra)], dim=1)
+        A = torch.cat([A, A.new_zeros(extra, A.shape[1])])
+    lam = torch.zeros(d_out, dtype=torch.float64)
+    lam[:s.numel()] = s.square()
+    cache.esd_calls += 1
+    e = EsdEntry(fp=fp, P=U.to(torch.float32).contiguous(), lam=lam, rows=0, complete=(U.shape[1] == d_out),
+                 norm=float(torch.linalg.vector_norm(W)), A=A.to(torch.float32))
+    cache.esd_entries[(name, ("svd", key))] = e
+    return e
+
+
 def _esd_update(ctx, cache, key: str, stats, dfp: tuple, deltas, rank: int, rank_fraction: float, p_task: float,
-                p_dim: float, eig_exp: float) -> torch.Tensor:
+                p_dim: float, eig_exp: float, directions: str = "esd") -> torch.Tensor:
     """``U'V'`` of one ESD key (§5, §6.1–§6.5 before the factor f), from the cache where its inputs are unchanged:
     the decompositions and coordinates per task, the output factor ``U'`` (bases, k, eig_exp) and the product."""
     names, T = ctx.names, len(ctx.names)
@@ -222,16 +249,20 @@ def _esd_update(ctx, cache, key: str, stats, dfp: tuple, deltas, rank: int, rank
     d_out = shape[0]
     k = esm_rank(d_out, T, rank, rank_fraction, ctx.info)          # a clamp is noted in ctx.info
     keep = max(k, esm_rank(d_out, T, rank_fraction=OFFERED_RANK_FRACTION))
-    sts = [task_layer_stats(stats, name, key) for name in names]
-    gfps = tuple(_stats_fp(st) for st in sts)
-    ns = tuple(int(st.n) for st in sts)
+    svd = directions == "svd"                                      # no activation statistics read
+    sts = None if svd else [task_layer_stats(stats, name, key) for name in names]
+    gfps = ("svd",) * T if svd else tuple(_stats_fp(st) for st in sts)
+    ns = (0,) * T if svd else tuple(int(st.n) for st in sts)
     route = polar_route(ctx.device)                                # CPU: Gram eigh; CUDA: Newton–Schulz
-    fp = (("esm", rank, rank_fraction, p_task, p_dim, eig_exp, route), k, dfp, gfps, ns)
+    fp = (("esm", rank, rank_fraction, p_task, p_dim, eig_exp, route, directions), k, dfp, gfps, ns)
     dw = cache.get_result(("esm", key), fp)
     if dw is not None:
         return dw
     entries = []
     for t, name in enumerate(names):                               # §5 (cached)
+        if svd:
+            entries.append(_svd_entry(cache, name, key, dfp[t], deltas, t, k, keep))
+            continue
         e = cache.lookup(name, key, (dfp[t], gfps[t], ns[t]), k)
         if e is None or e.A is None:
             st = sts[t]
@@ -276,12 +307,15 @@ def _inter_layer_betas(ctx, updates: dict, pre: dict, p_layer: float) -> dict[st
 
 def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_task: float = 2.0,
         p_dim: float = 2.0, p_layer: float = 2.0, eig_exp: float = 0.15, ortho_factor: float = 2.0,
-        esd_types: str = AUTO) -> dict[str, torch.Tensor]:
-    """Essential Subspace Merging (SPEC §6): ESD layers merged in essential subspaces, polarised scalings."""
+        esd_types: str = AUTO, directions: str = "esd") -> dict[str, torch.Tensor]:
+    """Essential Subspace Merging (SPEC §6): ESD layers merged in essential subspaces, polarised scalings.
+    ``directions="svd"``: each task's directions are the left singular vectors of ΔWt instead (no statistics)."""
+    if directions not in DIRECTIONS:
+        raise ValueError(f"directions must be one of {list(DIRECTIONS)}, got {directions!r}")
     keys = ctx.keys
     esd_keys = _esd_keys(ctx, esd_types)
     esd_set = set(esd_keys)
-    stats = _stats_of(ctx, esd_keys)
+    stats = _stats_of(ctx, esd_keys) if directions == "esd" else None
     own = ctx.cache is None                    # a one-shot merge: nothing is kept from one key to the next
     cache = DecompositionCache() if own else ctx.cache
     if not isinstance(cache, DecompositionCache):
@@ -291,7 +325,8 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
     for i, key in enumerate(keys):
         dfp, deltas = task_deltas(ctx, cache, key)                 # fingerprints; the updates formed on demand
         if key in esd_set:
-            dw = _esd_update(ctx, cache, key, stats, dfp, deltas, rank, rank_fraction, p_task, p_dim, eig_exp)
+            dw = _esd_update(ctx, cache, key, stats, dfp, deltas, rank, rank_fraction, p_task, p_dim, eig_exp,
+                             directions)
             pre[key] = ortho_factor                                # §6.5 ΔW = f · U'V'
         elif ctx.roles[key] == MATRIX and len(ctx.base[key].shape) == 2:
             dw = tsv_key(cache, key, dfp, deltas)                  # §6 other 2-D keys: TSV-M (§3), shared with it
@@ -313,7 +348,7 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
             coef *= alpha                                          # θ = θ0 + α ΔW on ESD keys only (§6.8; §8: all)
         out[key] = (dw * coef).to("cpu", torch.float32)           # a new tensor: cached values stay intact
     ctx.info["esm"] = {"esd_keys": esd_keys, "betas": betas, "esd_calls": cache.esd_calls,
-                       "esd_hits": cache.esd_hits}
+                       "esd_hits": cache.esd_hits, "directions": directions}
     return out
 
 
@@ -335,7 +370,10 @@ register(Method(
            min=0.0, max=2.0, step=0.05),
      Param("ortho_factor", float, 2.0, "factor applied to the orthogonalised product U'V' (2 in the reference)",
            min=0.0, max=10.0, step=0.1),
-     Param("esd_types", str, AUTO, "layer types merged by ESD (others: TSV-M): 'auto' = the model family's ESD types (open_clip ViT: attn.in_proj_weight, mlp.c_fc.weight, mlp.c_proj.weight; BERT-family text encoders: all six of attn.query, attn.key, attn.value, attn.output, ffn.intermediate, ffn.output), or a comma-separated list of the model's layer types; empty = none")),
+     Param("esd_types", str, AUTO, "layer types merged by ESD (others: TSV-M): 'auto' = the model family's ESD types (open_clip ViT: attn.in_proj_weight, mlp.c_fc.weight, mlp.c_proj.weight; BERT-family text encoders: all six of attn.query, attn.key, attn.value, attn.output, ffn.intermediate, ffn.output), or a comma-separated list of the model's layer types; empty = none"),
+     Param("directions", str, "esd", "each task's directions in an ESD layer: 'esd' (essential directions of the "
+           "output shift, from activations) or 'svd' (left singular vectors of ΔW, λ = squared singular values: "
+           "the paper's ablation baseline; needs no activations)", choices=DIRECTIONS)),
     help="Essential Subspace Merging: per-task essential output directions from activations (ESD), "
          "polarised task / eigenvalue / dimension / layer scalings, isotropic recombination",
     alpha_grid=(0.0, 2.0, 31), needs_stats=True))
