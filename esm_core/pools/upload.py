@@ -267,11 +267,15 @@ def _head_batch(cfg: Mapping) -> int:
     """Images per forward pass while the heads' features are computed, so that one batch's activations (tokens ×
     width, one attention map per head, the normalised input's float copies) stay near :data:`HEAD_BATCH_BYTES`:
     128 for ViT-B/32 at 224 px, 12 for ViT-L/14 at 336 px."""
+    return int(max(1, min(128, HEAD_BATCH_BYTES // _head_image_bytes(cfg))))
+
+
+def _head_image_bytes(cfg: Mapping) -> int:
+    """Estimated bytes one image takes in the heads' feature pass (:func:`_head_batch`)."""
     v = cfg["vision_cfg"]
     tokens = (v["image_size"] // v["patch_size"]) ** 2 + 1
     heads = max(1, v["width"] // v.get("head_width", 64))
-    per_image = 4 * (tokens * v["width"] * 8 + heads * tokens * tokens) + 3 * 4 * 3 * v["image_size"] ** 2
-    return int(max(1, min(128, HEAD_BATCH_BYTES // per_image)))
+    return 4 * (tokens * v["width"] * 8 + heads * tokens * tokens) + 3 * 4 * 3 * v["image_size"] ** 2
 
 
 @torch.inference_mode()
@@ -435,13 +439,15 @@ def _read_tasks(base: dict, task_paths, names, report, keep_dir: Path | None = N
 
 
 def _check_upload_memory(plans: Mapping[str, ImageZipPlan], image_size: int, demo_bytes: int, base_bytes: int,
-                         in_memory_tasks: int, budget: int, copies: int) -> None:
+                         in_memory_tasks: int, budget: int, copies: int, head_pass: int = 0) -> None:
     """Refuse, before any checkpoint is read for the tasks or any image decoded, an upload whose images (at the
     tower's input size, :func:`decoded_image_bytes`), checkpoints held in memory and the session's model-sized
-    working copies exceed ``budget``; the message names the task with most images, the counts and the sizes."""
+    working copies, plus one batch of the heads' feature pass (``head_pass`` bytes), exceed ``budget``; the message
+    names the task with most images, the counts and the sizes."""
     images = {t: decoded_image_bytes(len(p.members), image_size) for t, p in plans.items()}
     ckpt = base_bytes * (1 + in_memory_tasks)
-    need = sum(images.values()) + demo_bytes + ckpt + copies * base_bytes
+    head_pass = head_pass if plans else 0
+    need = sum(images.values()) + demo_bytes + ckpt + copies * base_bytes + head_pass
     if need <= budget:
         return
     big = max(plans, key=lambda t: len(plans[t].members)) if plans else None
@@ -451,8 +457,9 @@ def _check_upload_memory(plans: Mapping[str, ImageZipPlan], image_size: int, dem
             f"{IMAGE_BYTES_PER_VALUE} bytes each); " if big else "")
     raise ValueError(f"{lead}this upload ({counts or 'no'} images; {_mib(sum(images.values()) + demo_bytes)} of "
                      f"images, {_mib(ckpt)} of checkpoints held, {copies} model-sized working copies of "
-                     f"{_mib(base_bytes)}) needs about {_mib(need)}, more than the {_mib(budget)} a session may "
-                     "hold (ESM_SESSION_MEMORY_MB): upload fewer images or a tower with a smaller input size")
+                     f"{_mib(base_bytes)}, {_mib(head_pass)} for the heads' feature pass) needs about {_mib(need)}, "
+                     f"more than the {_mib(budget)} a session may hold (ESM_SESSION_MEMORY_MB): upload fewer images "
+                     "or a tower with a smaller input size")
 
 
 def _check_names(names: list[str], image_zips: Mapping) -> None:
@@ -526,14 +533,16 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     budget, copies = upload_memory_budget() if memory_budget is None else (int(memory_budget), 0)
     base_bytes = sum(v.numel() * v.element_size() for v in base.values())
     in_memory = 0 if keep_dir is not None else len({_file_id(task_paths[n]) for n in names})
-    _check_upload_memory(plans, size, demo_bytes, base_bytes, in_memory, budget, copies)
+    batch = _head_batch(cfg)
+    most = max((len(p.members) for p in plans.values()), default=0)
+    _check_upload_memory(plans, size, demo_bytes, base_bytes, in_memory, budget, copies,
+                         min(batch, most) * _head_image_bytes(cfg))
     if keep_dir is not None:
         Path(keep_dir).mkdir(parents=True, exist_ok=True)
     tasks = _read_tasks(base, task_paths, names, report, keep_dir)
     notes = [note]
     shell = TaskPool(name="upload", model_name=cfg, base=base, tasks={}, heads={}, class_names={},
                      mean=mean, std=std, quick_gelu=cfg["quick_gelu"])
-    batch = _head_batch(cfg)
     heads, class_names, data = {}, {}, {}
     for i, n in enumerate(names):
         report(0.4 + 0.55 * i / len(names), f"images and head of {n}")
