@@ -109,9 +109,9 @@ def test_accuracy_figure_labels_clear_of_error_bars_and_title_inside():
     np.testing.assert_allclose(labels.y, [50 + 9, 90 + 6, 70 + 5])  # just above each error bar
     assert list(labels.text) == ["50.0", "90.0", "70.0"] and labels.offsetgroup == merged.offsetgroup == "merged"
     assert fig.layout.scattermode == "group"
-    for t in fig.data:                                               # the other bars: inside, along the bar
+    for t in fig.data:                                               # the other bars: upright, in the bar's column
         if t.type == "bar" and t.name != "merged":
-            assert t.textposition == "inside" and t.textangle == -90
+            assert t.textposition == "auto" and t.textangle == -90 and t.insidetextanchor == "end"
     title = fig.layout.title
     assert title.yref == "container" and title.y == 1 and title.yanchor == "top" and title.pad.t >= 20
 

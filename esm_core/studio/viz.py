@@ -102,16 +102,15 @@ def accuracy_figure(summary: Mapping, refs: Mapping[str, Mapping[str, float]], t
                       scattermode="group",
                       title=dict(text=title, x=0, xanchor="left", xref="paper", y=1, yref="container",
                                  yanchor="top", pad=dict(t=26)) if title else None,
-                      legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0),
-                      uniformtext=dict(minsize=9, mode="hide"))
+                      legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0))
     return fig
 
 
 def _bar_text(vals) -> dict:
-    """Value labels written along the inside of each bar, at its top: they cannot run into the error bars above
-    the bar nor into the labels of the neighbouring bars ("92.097.096.0"); a bar too short for its label hides it
-    (the value stays in the hover text)."""
-    return dict(text=[f"{v:.1f}" if np.isfinite(v) else "" for v in vals], textposition="inside",
+    """Value labels written upright along each bar, inside at its top (just above a bar too short to hold it):
+    they do not run into the labels of the neighbouring bars ("92.097.096.0"). Bars with error bars get theirs
+    above the error bar instead (:func:`accuracy_figure`)."""
+    return dict(text=[f"{v:.1f}" if np.isfinite(v) else "" for v in vals], textposition="auto",
                 textangle=-90, insidetextanchor="end", textfont=dict(size=10), cliponaxis=False)
 
 
