@@ -383,3 +383,11 @@ def test_a_subset_of_an_uploaded_pool_keeps_its_tokenised_inputs(up, monkeypatch
     monkeypatch.setattr(bert, "tokenize", lambda *a, **k: (_ for _ in ()).throw(Built("tokenised again")))
     assert sub.images("animals", "test")[0] is pool.images("animals", "test")[0]
     assert ("inputs", "colours", "test") not in sub.cache
+
+
+def test_a_deeply_nested_config_json_is_refused_by_the_app_with_a_reason(tmp_path):
+    from esm_core.app.pool import read_configs
+    f = tmp_path / "config.json"
+    f.write_text('{"model_type": "bert", "x": ' + "[" * 30_000 + "]" * 30_000 + "}")
+    with pytest.raises(ValueError, match=r"config: not a JSON file \(nested too deeply\)"):
+        read_configs([str(f)])

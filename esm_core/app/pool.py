@@ -160,8 +160,9 @@ def read_configs(paths: list[str]) -> tuple[dict | None, dict | None]:
             raise ValueError(f"{short_name(p)}: a model config is at most {MAX_CONFIG_BYTES // 1024} KB")
         try:
             obj = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{short_name(p)}: not a JSON file ({type(e).__name__})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else type(e).__name__
+            raise ValueError(f"{short_name(p)}: not a JSON file ({why})") from None
         if not isinstance(obj, dict):
             raise ValueError(f"{short_name(p)}: a config must be a JSON object")
         if "image_mean" in obj:
