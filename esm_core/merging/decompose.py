@@ -103,6 +103,34 @@ def orthogonality_defect(z: torch.Tensor, probes: int = _PROBES, seed: int = 0) 
 # matrix by dsyrk (one triangle) 0.040 s against 0.064 s for xᵀx with x 3072 × 768).
 EIGH_SCIPY_MIN = 256
 GRAM_SYRK_MIN = 64
+# Below this size SciPy's eigh runs with its BLAS on one thread (:func:`blas_one_thread`). LAPACK's
+# tridiagonal reduction is memory-bound with a barrier per column, so a second thread gains little on a small
+# matrix — and on a machine whose cores are shared with other work it loses badly: measured on this project's
+# 2-core machine under load (load average 12), syevd 384² took 0.10–0.12 s on one thread and 0.27–0.70 s on
+# two, 768² 0.85–1.0 s against 6.4–8.7 s (the Spectra view of the MiniLM text pool runs 288 of them).
+EIGH_ONE_THREAD_MAX = 1024
+
+_BLAS_CONTROLLER: list = []       # threadpoolctl's controller (made once: it scans the loaded libraries), or None
+
+
+def _blas_controller():
+    if not _BLAS_CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS_CONTROLLER.append(ThreadpoolController())
+        except Exception:          # not installed (an optional dependency), or a library it cannot read
+            _BLAS_CONTROLLER.append(None)
+    return _BLAS_CONTROLLER[0]
+
+
+def blas_one_thread():
+    """A context in which SciPy's / NumPy's BLAS runs on one thread (with ``threadpoolctl`` installed; else it
+    changes nothing), put back to its count on exit. OpenBLAS's count is the process's: every thread's BLAS
+    calls run on one thread meanwhile."""
+    ctl = _blas_controller()
+    if ctl is None:
+        return contextlib.nullcontext()
+    return ctl.limit(limits=1, user_api="blas")
 
 
 def eigh64(g: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,15 +140,16 @@ def eigh64(g: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, torch
 
     ``top``: only the largest ``top`` eigenpairs are needed; when ``top ≤ n / 4`` SciPy's ``syevr`` computes
     just those (768²: 0.051 s for 96 pairs against 0.068 s for all) and only they are returned (ascending).
-    Otherwise every pair is returned."""
+    Otherwise every pair is returned. Below :data:`EIGH_ONE_THREAD_MAX` SciPy's BLAS runs on one thread."""
     if (sl is not None and g.device.type == "cpu" and g.dtype == torch.float64 and g.ndim == 2
             and g.shape[-1] >= EIGH_SCIPY_MIN):
         n = g.shape[-1]
         g = g.detach()
-        if top is not None and 0 < top <= n // 4:
-            w, v = sl.eigh(g.numpy(), driver="evr", check_finite=False, subset_by_index=[n - top, n - 1])
-        else:
-            w, v = sl.eigh(g.numpy(), driver="evd", check_finite=False)
+        with blas_one_thread() if n < EIGH_ONE_THREAD_MAX else contextlib.nullcontext():
+            if top is not None and 0 < top <= n // 4:
+                w, v = sl.eigh(g.numpy(), driver="evr", check_finite=False, subset_by_index=[n - top, n - 1])
+            else:
+                w, v = sl.eigh(g.numpy(), driver="evd", check_finite=False)
         return torch.from_numpy(w), torch.from_numpy(v)
     return torch.linalg.eigh(g)
 

