@@ -141,14 +141,24 @@ def probe_pool(pool, n: int = 32, seed: int = 0, *, device: str | torch.device =
     dev = resolve_device(device)
     names = list(pool.task_names)
     out = {"tasks": {}, "proxy_ids": {}, "n": int(n), "seed": int(seed)}
+    # A text encoder is built once and each task's checkpoint loaded into it: building one initialises every weight
+    # at random first (sampled with py-spy: 14 % of the MiniLM text pool's probe went to building the 8 encoders).
+    text = None
     for i, task in enumerate(names):
         if progress is not None:
             progress(i / max(len(names), 1), f"probing {task}")
         x, ids = pool.proxy(task, n, seed)
-        visual = pool.build_visual(pool.tasks[task], device=dev)
+        if text is not None:
+            text.load_state_dict(pool.tasks[task])                    # strict: every key of the task's own
+            visual = text
+        else:
+            visual = pool.build_visual(pool.tasks[task], device=dev)
+            if isinstance(visual, bert.TextEncoder):
+                text = visual
         out["tasks"][task] = probe(visual, x, device=dev)
         out["proxy_ids"][task] = list(ids)
         del visual
+    del text
     if progress is not None:
         progress(1.0, "probing done")
     return out

@@ -144,3 +144,17 @@ def test_bench_pool_is_minilm_shaped_and_loads(tmp_path):
     with pytest.raises(ValueError, match="2 to 16 tasks"):
         write_minilm_pool(tmp_path / "x", tasks=1)
     assert np.isfinite(pool.heads["task0"]["weight"].numpy()).all()
+
+
+def test_probe_pool_reusing_one_text_encoder_equals_a_fresh_one_per_task(tpool):
+    """probe_pool builds one text encoder and loads each task into it: the statistics are exactly those of an
+    encoder built for that task (the first task's model does not leak into the second's)."""
+    from esm_core.probe import probe, probe_pool
+    stats = probe_pool(tpool, n=6, device="cpu")
+    for t in tpool.task_names:
+        x, ids = tpool.proxy(t, 6, 0)
+        fresh = probe(tpool.build_visual(tpool.tasks[t]), x)
+        assert stats["proxy_ids"][t] == list(ids)
+        for k, st in fresh.items():
+            got = stats["tasks"][t][k]
+            assert got.n == st.n and torch.equal(got.gram, st.gram) and torch.equal(got.mean, st.mean)
