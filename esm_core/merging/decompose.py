@@ -107,7 +107,8 @@ GRAM_SYRK_MIN = 64
 # tridiagonal reduction is memory-bound with a barrier per column, so a second thread gains little on a small
 # matrix — and on a machine whose cores are shared with other work it loses badly: measured on this project's
 # 2-core machine under load (load average 12), syevd 384² took 0.10–0.12 s on one thread and 0.27–0.70 s on
-# two, 768² 0.85–1.0 s against 6.4–8.7 s (the Spectra view of the MiniLM text pool runs 288 of them).
+# two, 768² 0.85–1.0 s against 6.4–8.7 s (the Spectra view of the MiniLM text pool runs 288 of them). The
+# Gram matrices of :func:`gram` (BLAS ``syrk``) below this size run on one thread too.
 EIGH_ONE_THREAD_MAX = 1024
 
 _BLAS_CONTROLLER: list = []       # threadpoolctl's controller (made once: it scans the loaded libraries), or None
@@ -159,12 +160,13 @@ def _syrk(x: torch.Tensor) -> torch.Tensor | None:
     if _blas_syrk is None or x.device.type != "cpu" or x.dtype != torch.float64 or x.ndim != 2:
         return None
     x = x.detach()
-    if x.is_contiguous():
-        c = _blas_syrk(1.0, x.mT.numpy(), trans=0)          # x.mT is Fortran-ordered: no copy
-    elif x.mT.is_contiguous():
-        c = _blas_syrk(1.0, x.numpy(), trans=1)             # x itself is Fortran-ordered
-    else:
-        c = _blas_syrk(1.0, x.contiguous().mT.numpy(), trans=0)
+    with blas_one_thread() if x.shape[1] < EIGH_ONE_THREAD_MAX else contextlib.nullcontext():   # as eigh64's
+        if x.is_contiguous():
+            c = _blas_syrk(1.0, x.mT.numpy(), trans=0)          # x.mT is Fortran-ordered: no copy
+        elif x.mT.is_contiguous():
+            c = _blas_syrk(1.0, x.numpy(), trans=1)             # x itself is Fortran-ordered
+        else:
+            c = _blas_syrk(1.0, x.contiguous().mT.numpy(), trans=0)
     n, b = c.shape[0], 256                                  # upper triangle filled, strictly lower zero:
     for i in range(0, n, b):                                # mirror in place, by column blocks
         c[i + b:, i:i + b] = c[i:i + b, i + b:].T
