@@ -375,3 +375,24 @@ def test_unused_uploads_are_swept_soon_claimed_ones_stay(served):
     assert not Path(a).exists() and not Path(a).parent.exists() and a not in demo.upload_file_set
     assert Path(b).is_file()
     assert uploads.sweep_orphans(demo, orphan_s=3600) == (0, 0)              # young files stay
+
+
+def test_load_of_a_swept_upload_says_upload_again(served, pool, tmp_path):
+    """An upload deleted before the Load button was pressed (swept as unused, or by the hourly sweep) is named,
+    with what to do, instead of a raw 'No such file' error."""
+    demo, url = served
+    save_safetensors(pool.base, tmp_path / "base.safetensors")
+    with httpx.Client(base_url=url, timeout=60) as http:
+        paths = [http.post("/gradio_api/upload", files={"files": (f"{n}.safetensors", (tmp_path / "base.safetensors")
+                                                                   .read_bytes())}).json()[0]
+                 for n in ("base", "alpha", "beta")]
+        Path(paths[2]).unlink()                                                # swept before Load was pressed
+
+        def fd(p):
+            return {"path": p, "orig_name": Path(p).name, "meta": {"_type": "gradio.FileData"}}
+        sid = f"swept-{uuid.uuid4().hex[:6]}"
+        assert "event: complete" in _post(http, "init", [], sid)
+        out = _post(http, "load_upload", [fd(paths[0]), [fd(paths[1]), fd(paths[2])], "", [], "infer", [], 16, "half"],
+                    sid)
+    assert out.startswith("event: error")
+    assert "beta.safetensors: no longer on the server" in out and "upload the file(s) again" in out

@@ -217,7 +217,13 @@ def make_handlers(ui):
         names = task_names(names_text, files)
         data = [file_path(z) for z in (zip_files or [])]
         cfg_paths = [file_path(f) for f in (config_files or [])]
-        uploads.claim([file_path(base_file), *files, *data, *cfg_paths])     # used: not an orphan upload
+        used = [file_path(base_file), *files, *data, *cfg_paths]
+        uploads.claim(used)                                                   # used: not an orphan upload
+        gone = [Path(u).name for u in used if u and not Path(u).is_file()]
+        if gone:
+            raise ValueError(f"{', '.join(gone[:5])}: no longer on the server (uploads no session used within "
+                             f"{uploads.ORPHAN_S // 60} minutes are deleted, all uploads after an hour): upload "
+                             "the file(s) again")
         tok = {Path(p).name: p for p in cfg_paths if Path(p).name in TOKENIZER_FILES}
         config, preprocessor = read_configs([p for p in cfg_paths if Path(p).name not in TOKENIZER_FILES])
         texts = {short_name(p): p for p in data if p.lower().endswith(TEXT_EXTS)}
