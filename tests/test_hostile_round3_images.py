@@ -126,7 +126,7 @@ def test_the_budget_is_the_sessions_or_the_callers_and_images_decode_into_place(
     assert U.decoded_image_bytes(80, 32) == 80 * 32 * 32 * 3 * 5
     kw = dict(arch="infer", head_width=8, normalisation="clip")
     with pytest.raises(ValueError, match=r"1.2 MiB of images.* 1.8 MiB for the heads' feature pass\) needs about "
-                                         r"3.1 MiB, more than the 0.5 MiB"):
+                                         r"3.1 MiB, more than the 0.5 MiB allowed \(memory_budget\)"):
         U.pool_from_upload(base, tasks, zips, memory_budget=2 ** 19, **kw)
     monkeypatch.setenv("ESM_SESSION_MEMORY_MB", "1")
     with pytest.raises(ValueError, match=r"more than the 1.0 MiB a session may hold"):

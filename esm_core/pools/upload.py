@@ -439,7 +439,8 @@ def _read_tasks(base: dict, task_paths, names, report, keep_dir: Path | None = N
 
 
 def _check_upload_memory(plans: Mapping[str, ImageZipPlan], image_size: int, demo_bytes: int, base_bytes: int,
-                         in_memory_tasks: int, budget: int, copies: int, head_pass: int = 0) -> None:
+                         in_memory_tasks: int, budget: int, copies: int, head_pass: int = 0,
+                         limit: str = "a session may hold (ESM_SESSION_MEMORY_MB)") -> None:
     """Refuse, before any checkpoint is read for the tasks or any image decoded, an upload whose images (at the
     tower's input size, :func:`decoded_image_bytes`), checkpoints held in memory and the session's model-sized
     working copies, plus one batch of the heads' feature pass (``head_pass`` bytes), exceed ``budget``; the message
@@ -455,10 +456,11 @@ def _check_upload_memory(plans: Mapping[str, ImageZipPlan], image_size: int, dem
     lead = (f"images of task {big!r}: {len(plans[big].members)} images at {image_size}×{image_size} px need "
             f"{_mib(images[big])} once decoded (uint8 + float32 copies, {image_size}² × 3 × "
             f"{IMAGE_BYTES_PER_VALUE} bytes each); " if big else "")
-    raise ValueError(f"{lead}this upload ({counts or 'no'} images; {_mib(sum(images.values()) + demo_bytes)} of "
+    raise ValueError(f"{lead}this upload ({counts + ' images' if counts else 'the demo' + chr(39) + 's images'}; "
+                     f"{_mib(sum(images.values()) + demo_bytes)} of "
                      f"images, {_mib(ckpt)} of checkpoints held, {copies} model-sized working copies of "
                      f"{_mib(base_bytes)}, {_mib(head_pass)} for the heads' feature pass) needs about {_mib(need)}, "
-                     f"more than the {_mib(budget)} a session may hold (ESM_SESSION_MEMORY_MB): upload fewer images "
+                     f"more than the {_mib(budget)} {limit}: upload fewer images "
                      "or a tower with a smaller input size")
 
 
@@ -536,7 +538,8 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     batch = _head_batch(cfg)
     most = max((len(p.members) for p in plans.values()), default=0)
     _check_upload_memory(plans, size, demo_bytes, base_bytes, in_memory, budget, copies,
-                         min(batch, most) * _head_image_bytes(cfg))
+                         min(batch, most) * _head_image_bytes(cfg),
+                         *(() if memory_budget is None else ("allowed (memory_budget)",)))
     if keep_dir is not None:
         Path(keep_dir).mkdir(parents=True, exist_ok=True)
     tasks = _read_tasks(base, task_paths, names, report, keep_dir)
