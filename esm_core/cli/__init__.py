@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import app, bench, demo, eval, merge, methods, pools
+from . import app, bench, demo, eval, merge, methods, pools, sweep
 
-SUBCOMMANDS = (methods, merge, eval, bench, demo, pools, app)     # each module: add_cli(subparsers) + its cmd_*
+SUBCOMMANDS = (methods, merge, eval, sweep, bench, demo, pools, app)     # each module: add_cli(subparsers) + its cmd_*
 
 
 def main(argv: list[str] | None = None) -> int:
