@@ -45,6 +45,15 @@ def upload_space_bytes() -> int:
     return int((mb if mb > 0 and mb != float("inf") else UPLOAD_SPACE_MB) * 2 ** 20)
 
 
+def _size(n: float) -> str:
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+
+def _full() -> MultiPartException:
+    return MultiPartException(f"Upload refused: the server's upload space is full (it holds at most "
+                              f"{_size(upload_space_bytes())} of uploads); try again in a few minutes")
+
+
 def folder_bytes(folder, max_age_s: float = 2.0) -> int:
     """Bytes of the files under ``folder`` (cached for ``max_age_s``: a burst of uploads walks it once)."""
     key, now = str(folder), time.monotonic()
@@ -145,9 +154,7 @@ async def _bounded(stream, limit: int):
     async for chunk in stream:
         n += len(chunk)
         if n > limit:
-            raise MultiPartException(f"Upload refused: the server's upload space is full (it holds at most "
-                                     f"{upload_space_bytes() / 2 ** 30:.1f} GiB of uploads); try again in a few "
-                                     "minutes")
+            raise _full()
         yield chunk
 
 
@@ -182,9 +189,7 @@ def install() -> bool:
             except ValueError:
                 size = 0                                  # counted as it arrives instead
             if left <= 0 or size > left + 64 * 1024:      # the body includes a little multipart framing
-                raise MultiPartException(f"Upload refused: the server's upload space is full (it holds at most "
-                                         f"{upload_space_bytes() / 2 ** 30:.1f} GiB of uploads); try again in a "
-                                         "few minutes")
+                raise _full()
             self.stream = _bounded(self.stream, max(left, 0) + 64 * 1024)
             return await original(self)
         except BaseException:            # ClientDisconnect, cancellation, a refused size or format
