@@ -120,6 +120,8 @@ def test_the_parameter_cap_applies_to_what_the_config_describes(up):
     ('"pad_token_id": 1000000000000000000000000000000', r"pad_token_id = about 10\^30 is out of range"),
     ('"pad_token_id": 22', r"pad_token_id = 22 is not a token of the vocabulary \(vocab_size 22\)"),
     ('"model_type": "gpt2"', r"model_type 'gpt2' is not a BERT-family encoder"),
+    ('"initializer_range": "abc"', r"config\.json: transformers cannot read it \(TypeError: Field 'initializer_range' "
+                                   r"expected float, got str"),
     ('"x": ' + "[" * 40 + "]" * 40, r"config\.json: x" + r"\[0\]" * 8 + r" is nested more than 8 levels deep"),
 ])
 def test_numbers_in_the_config_are_finite_and_in_range(up, nothing_built, text, msg):

@@ -363,8 +363,10 @@ def check_config(config, state_dict: Mapping[str, torch.Tensor], max_params: int
         _check_field_values(lambda name: raw.get(name, _ABSENT), family, have)
     try:
         cfg = config_of(config)
-    except (TypeError, ValueError) as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    except Exception as e:                       # transformers' own checks (a strict-dataclass error is no ValueError)
+        if not isinstance(raw, Mapping) or "model_type" not in raw:
+            raise                                # config_of's own message: no model_type
+        msg = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
         raise ValueError(f"config.json: transformers cannot read it ({msg[:200]})") from None
     family = "distilbert" if cfg.model_type == "distilbert" else "bert"
     have = _checkpoint_sizes(state_dict, family)
