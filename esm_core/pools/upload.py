@@ -21,6 +21,7 @@ import open_clip
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .. import settings
 from ..checkpoints import load_checkpoint, save_safetensors
 from ..lazy import LazyCheckpoint
 from ..models import hf_clip_vision
@@ -34,7 +35,6 @@ Progress = Callable[[float, str], None]
 MAX_ZIP_FILES = 20_000
 MAX_ZIP_BYTES = 512 * 1024 ** 2          # bytes actually inflated from one zip, all members together
 MAX_ENTRY_BYTES = 32 * 1024 ** 2         # bytes actually inflated from one zip member
-MAX_MODEL_PARAMS = int(os.environ.get("ESM_MAX_MODEL_PARAMS", 320_000_000))   # ViT-L/14's tower fits (304 M)
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_INPUT_SIZE = 512                     # input side (px) of an uploaded tower: CLIP towers use 224 to 448
 MAX_GRID = 32                            # patches per side (1,024 tokens): ViT-L/14-336 has 24, SigLIP-384/14 27
@@ -48,12 +48,11 @@ def _mib(n: float) -> str:
     return f"{n / 2 ** 20:,.1f} MiB"
 
 
-def upload_memory_budget() -> tuple[int, int]:
-    """``(bytes, model-sized copies)``: what one session may hold (``ESM_SESSION_MEMORY_MB``, default 8 GiB) and
-    how many model-sized sets of tensors it keeps besides its pool while merging — the same figures
-    :func:`esm_core.studio.session.check_memory` applies once the pool is built, applied here before."""
-    from ..studio.session import WORKING_COPIES, memory_budget     # at call time: the session imports this module
-    return memory_budget(), WORKING_COPIES
+def upload_memory_budget() -> int:
+    """Bytes of tensors an upload may make a pool hold when the caller names no budget: what one session may
+    hold (``ESM_SESSION_MEMORY_MB``, default 8 GiB). The studio passes its own budget and the model-sized
+    working copies it keeps while merging (``working_copies``)."""
+    return settings.session_memory_bytes()
 
 
 def _check_image_size(image_size, patch_size: int | None = None, label: str = "uploaded") -> None:
@@ -212,7 +211,7 @@ def read_image_zip(path: str | Path, image_size: int, task: str = "task",
     """
     _check_image_size(image_size)
     plan = list_image_zip(path, task)
-    limit = upload_memory_budget()[0] if max_bytes is None else int(max_bytes)
+    limit = upload_memory_budget() if max_bytes is None else int(max_bytes)
     need = decoded_image_bytes(len(plan.members), image_size)
     if need > limit:
         raise ValueError(f"images of task {task!r}: {len(plan.members)} images at {image_size}×{image_size} px "
@@ -321,9 +320,9 @@ def _check_fits(base: Mapping[str, torch.Tensor], cfg: dict, label: str) -> None
     _check_image_size(cfg["vision_cfg"].get("image_size"), cfg["vision_cfg"].get("patch_size"), label)
     want = vit.expected_shapes(cfg, cfg.get("quick_gelu"))
     n = sum(math.prod(s) for s in want.values())
-    if n > MAX_MODEL_PARAMS:
+    if n > (cap := settings.max_model_params()):          # ESM_MAX_MODEL_PARAMS; ViT-L/14's tower fits
         raise ValueError(f"the {label} image tower has {n / 1e6:.0f} M parameters, more than the "
-                         f"{MAX_MODEL_PARAMS / 1e6:.0f} M this server builds for an upload")
+                         f"{cap / 1e6:.0f} M this server builds for an upload")
     got = _shapes(base)
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     wrong = [f"{k} {got[k]} (expected {want[k]})" for k in want if k in got and got[k] != want[k]]
@@ -399,9 +398,9 @@ def _read_base(base_path) -> dict:
     """The base's ``visual.*`` tensors in float32, bounded in parameters."""
     base = _visual_keys(load_checkpoint(base_path), Path(base_path).name)
     n = sum(v.numel() for v in base.values())
-    if n > MAX_MODEL_PARAMS:
+    if n > (cap := settings.max_model_params()):          # ESM_MAX_MODEL_PARAMS; ViT-L/14's tower fits
         raise ValueError(f"the base checkpoint holds {n / 1e6:.0f} M parameters, more than the "
-                         f"{MAX_MODEL_PARAMS / 1e6:.0f} M this server merges")
+                         f"{cap / 1e6:.0f} M this server merges")
     return {k: v.float() for k, v in base.items()}
 
 
@@ -482,7 +481,7 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
                      config: Mapping | None = None, preprocessor: Mapping | None = None,
                      head_width: int | None = None, normalisation: str | None = None, demo_loader: Callable[[], Any] | None = None,
                      progress: Progress | None = None, keep_dir: str | Path | None = None,
-                     memory_budget: int | None = None) -> tuple[TaskPool, list[str]]:
+                     memory_budget: int | None = None, working_copies: int = 0) -> tuple[TaskPool, list[str]]:
     """Build a pool from uploaded checkpoints: ``(TaskPool, notes for the user)``.
 
     ``task_paths``: ``{task name: checkpoint file}`` (at least two); ``image_zips``: ``{task name: zip of
@@ -500,8 +499,8 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     Memory is bounded before any task checkpoint is read or any image decoded: every zip is listed first, and
     the upload is refused when its images at the tower's input size (uint8 + float32 copies,
     :func:`decoded_image_bytes`), the checkpoints it holds in memory and the session's model-sized working copies
-    exceed ``memory_budget`` (None: the session budget, ``ESM_SESSION_MEMORY_MB`` or 8 GiB, with the working
-    copies of :func:`esm_core.studio.session.check_memory`; a number: that many bytes for images + checkpoints).
+    exceed ``memory_budget`` (None: ``ESM_SESSION_MEMORY_MB`` or 8 GiB), counting ``working_copies`` model-sized
+    copies besides (the studio passes those it keeps while merging: :func:`esm_core.studio.session.check_memory`).
     Images are decoded one at a time straight into the pool's arrays.
     """
     report = progress or (lambda f, d: None)
@@ -532,7 +531,7 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     plans = {n: list_image_zip(image_zips[n], n) for n in names if n in image_zips}
     demo_bytes = sum(a.nbytes * IMAGE_BYTES_PER_VALUE for n in missing_data for split in demo.data[n].values()
                      for a in split[:1]) if missing_data else 0
-    budget, copies = upload_memory_budget() if memory_budget is None else (int(memory_budget), 0)
+    budget, copies = upload_memory_budget() if memory_budget is None else int(memory_budget), int(working_copies)
     base_bytes = sum(v.numel() * v.element_size() for v in base.values())
     in_memory = 0 if keep_dir is not None else len({_file_id(task_paths[n]) for n in names})
     batch = _head_batch(cfg)

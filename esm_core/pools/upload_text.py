@@ -34,7 +34,8 @@ from ..checkpoints import check_compatible, load_checkpoint, save_safetensors
 from ..lazy import LazyCheckpoint
 from ..models import bert
 from .text_pool import TextTaskPool
-from .upload import MAX_MODEL_PARAMS, NAME_OK, _split_val_test, upload_memory_budget
+from .. import settings
+from .upload import NAME_OK, _split_val_test, upload_memory_budget
 
 Progress = Callable[[float, str], None]
 
@@ -297,11 +298,12 @@ def load_tokenizer_files(paths: Mapping[str, str | Path], config: Mapping | None
 
 
 def _check_text_memory(texts_of: Mapping[str, tuple[list[str], np.ndarray]], base: Mapping[str, torch.Tensor],
-                       max_length: int, in_memory_tasks: int, memory_budget: int | None) -> None:
+                       max_length: int, in_memory_tasks: int, memory_budget: int | None,
+                       working_copies: int = 0) -> None:
     """Refuse, before any task checkpoint is read, an upload whose tokenised sentences (at most ``max_length``
     tokens each, ids + mask), sentences, checkpoints held in memory and the session's model-sized working copies
     exceed the budget (:func:`esm_core.pools.upload.upload_memory_budget`, or ``memory_budget`` bytes)."""
-    budget, copies = upload_memory_budget() if memory_budget is None else (int(memory_budget), 0)
+    budget, copies = upload_memory_budget() if memory_budget is None else int(memory_budget), int(working_copies)
     base_bytes = sum(v.numel() * v.element_size() for v in base.values())
     rows = {t: len(x[0]) for t, x in texts_of.items()}
     text_bytes = sum(len(s) + 64 for texts, _ in texts_of.values() for s in texts)
@@ -346,7 +348,8 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
                           config: Mapping, tokenizer_files: Mapping[str, str | Path], *,
                           max_length: int | None = None, progress: Progress | None = None,
                           keep_dir: str | Path | None = None,
-                          memory_budget: int | None = None) -> tuple[TextTaskPool, list[str]]:
+                          memory_budget: int | None = None, working_copies: int = 0
+                          ) -> tuple[TextTaskPool, list[str]]:
     """Build a text pool from uploads: ``(TextTaskPool, notes for the user)``. See the module docstring.
 
     ``keep_dir``: as for image uploads (:func:`esm_core.pools.upload.pool_from_upload`), each checked task
@@ -355,7 +358,8 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
     Bounded before the work: at most :data:`MAX_TASKS` tasks; every config field checked against the base
     checkpoint before a model is built (:func:`esm_core.models.bert.check_shapes`); the memory of the tokenised
     sentences, the checkpoints held and the session's model-sized working copies checked against
-    ``memory_budget`` (None: the session's budget and working copies, as for image uploads) before any task
+    ``memory_budget`` (None: ``ESM_SESSION_MEMORY_MB`` or 8 GiB; ``working_copies`` model-sized copies counted
+    besides, as for image uploads) before any task
     checkpoint is read; the tokenizer checked (:func:`check_tokenizer_json`) before it runs; tokenising done in
     chunks, each followed by ``progress`` (which may raise to stop: Cancel) and a check of
     :data:`MAX_TOKENIZE_SECONDS`."""
@@ -391,17 +395,18 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
         raise ValueError(f"{Path(base_path).name}: not a BERT-family encoder (BERT, RoBERTa, DistilBERT, MiniLM): "
                          f"found e.g. {sorted(base_raw)[:4]}")
     n_params = sum(v.numel() for v in base_raw.values())
-    if n_params > MAX_MODEL_PARAMS:
+    if n_params > (cap := settings.max_model_params()):   # ESM_MAX_MODEL_PARAMS
         raise ValueError(f"the base checkpoint holds {n_params / 1e6:.0f} M parameters, more than the "
-                         f"{MAX_MODEL_PARAMS / 1e6:.0f} M this server merges")
+                         f"{cap / 1e6:.0f} M this server merges")
     base = {k: v.float() if v.is_floating_point() else v for k, v in bert.encoder_state(base_raw).items()}
     del base_raw
-    bert.check_shapes(base, config, MAX_MODEL_PARAMS)        # config fields vs the checkpoint, before anything is built
+    bert.check_shapes(base, config, cap)        # config fields vs the checkpoint, before anything is built
     positions = int(bert.config_of(config).max_position_embeddings)
     ml = int(max_length or min(DEFAULT_MAX_LENGTH, positions - 2))
     if not 1 <= ml <= positions:
         raise ValueError(f"config.json: max_position_embeddings = {positions} leaves no room for a sentence")
-    _check_text_memory(texts_of, base, ml, 0 if keep_dir is not None else len(names), memory_budget)
+    _check_text_memory(texts_of, base, ml, 0 if keep_dir is not None else len(names), memory_budget,
+                       working_copies)
 
     tasks, heads = {}, {}
     for i, t in enumerate(names):

@@ -592,7 +592,7 @@ def load_uploaded(s: Session, base_path, task_paths, image_zips=None, *, arch: s
     return _load_upload(s, lambda keep: pool_from_upload(
         base_path, task_paths, image_zips, arch=arch, config=config, preprocessor=preprocessor,
         head_width=head_width, normalisation=normalisation, demo_loader=demo_loader, progress=progress,
-        keep_dir=keep))
+        keep_dir=keep, memory_budget=memory_budget(), working_copies=WORKING_COPIES))
 
 
 def load_uploaded_text(s: Session, base_path, task_paths, text_files, *, config, tokenizer_files,
@@ -607,7 +607,8 @@ def load_uploaded_text(s: Session, base_path, task_paths, text_files, *, config,
              if p is not None and Path(p).is_file()}
     check_memory(sum(sizes.values()), sizes.get(str(base_path), 0), f"this upload ({len(sizes)} files)")
     return _load_upload(s, lambda keep: text_pool_from_upload(
-        base_path, task_paths, text_files, config, tokenizer_files, progress=progress, keep_dir=keep))
+        base_path, task_paths, text_files, config, tokenizer_files, progress=progress, keep_dir=keep,
+        memory_budget=memory_budget(), working_copies=WORKING_COPIES))
 
 
 def _load_upload(s: Session, build: Callable[[Path], tuple[Any, list[str]]]) -> dict:
