@@ -116,8 +116,7 @@ def merge_outputs(s, rec) -> tuple:
                f"{100 * zs:.1f} % for the pre-trained model alone): at α = {alpha:.2f} the task updates, added "
                "together, interfere — each pushes the shared weights away from what the other tasks need. A "
                "smaller α usually helps: run the **α curve on validation** and **use the best α**.")
-    table = comparison_table(s, sizes, refs["finetuned"])
-    return fig, md, gr.update(value=table, column_widths=column_widths(table))
+    return fig, md, comparison_table(s, sizes, refs["finetuned"])
 
 
 def column_widths(df: pd.DataFrame, char_px: float = 8.5, pad_px: int = 30, widest: int = 260) -> list[str]:
@@ -197,6 +196,14 @@ def controls_back(method: str, values: tuple, cur, slices: dict) -> list:
         if have != want:
             out[lo + i] = gr.update(value=want)
     return out
+
+
+def table_widths(df):
+    """The comparison table's column widths for its columns (a change of the table's value sets them; the widths
+    alone are no change of value, so this does not run again)."""
+    if df is None or not len(getattr(df, "columns", ())):
+        return gr.update()
+    return gr.update(column_widths=column_widths(df))
 
 
 def make_handlers(ui):
@@ -341,6 +348,8 @@ def wire(ui) -> None:
                        api_name="alpha_curve", **HEAVY)
     ui.best_btn.click(ui.use_best, [ui.method_dd, ui.curve_state], [*ui.controls, ui.curve_plot],
                       api_visibility="private", **LIGHT)
+    ui.cmp_df.change(table_widths, [ui.cmp_df], [ui.cmp_df], queue=False, show_progress="hidden",
+                     api_visibility="private")
     ui.full_btn.click(ui.do_full, [ui.state], [ui.state, ui.full_md], api_name="full_evaluation", **HEAVY)
     # its own queue, without a limit: a Cancel never waits behind the heavy work it stops
     ui.cancel_btn.click(do_cancel, [ui.state], None, api_name="cancel", concurrency_id="cancel",
