@@ -285,8 +285,12 @@ class _KeepAlive:
             self._live.pop(token, None)
 
     def _run(self) -> None:
+        last = time.monotonic()
         while True:
-            time.sleep(keepalive_interval())
+            time.sleep(min(1.0, keepalive_interval()))       # short ticks: a shorter time to live takes effect soon
+            if time.monotonic() - last < keepalive_interval():
+                continue
+            last = time.monotonic()
             with self._lock:
                 live = list(self._live.values())
             for state, s in live:

@@ -179,10 +179,9 @@ def _no_constant(name: str):
 
 
 def _done(s, what: str, t0: float):
-    """A load step's outputs: the session and the message under its button (also shown as a toast)."""
-    md = loaded_md(s, what, time.perf_counter() - t0)
-    gr.Info(f"Loaded {what}: {len(s.pool.task_names)} tasks.", duration=5)
-    return s, md
+    """A load step's outputs: the session and the message under its button (no toast: nothing covers the pool
+    view once it is loaded)."""
+    return s, loaded_md(s, what, time.perf_counter() - t0)
 
 
 def make_handlers(ui):
