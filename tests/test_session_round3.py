@@ -394,3 +394,16 @@ def test_load_of_a_swept_upload_says_upload_again(served, pool, tmp_path):
                     sid)
     assert out.startswith("event: error")
     assert "beta.safetensors: no longer on the server" in out and "upload the file(s) again" in out
+
+
+def test_one_text_checkpoint_for_several_tasks_is_counted_for_each(sess, tmp_path, monkeypatch):
+    """Item 11, text uploads: the same checkpoint given for 8 tasks is counted 8 times by the memory check,
+    refused before anything is read."""
+    f = tmp_path / "task.safetensors"
+    f.write_bytes(b"\0" * 1_000_000)                      # never read: the sizes alone are refused
+    budget = (3 + SS.WORKING_COPIES + 1) * 1_000_000
+    monkeypatch.setenv("ESM_SESSION_MEMORY_MB", str(budget / 2 ** 20))
+    tasks = {f"t{i}": str(f) for i in range(8)}
+    with pytest.raises(ValueError, match=r"this upload \(9 files\) needs about"):
+        S.load_uploaded_text(sess, str(f), tasks, {}, config={}, tokenizer_files={})
+    assert sess.pool.name == "fake"

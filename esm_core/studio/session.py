@@ -603,9 +603,10 @@ def load_uploaded_text(s: Session, base_path, task_paths, text_files, *, config,
     files alone already exceed the session's memory budget (as for image uploads)."""
     paths = list(task_paths.values()) if isinstance(task_paths, dict) else list(task_paths or [])
     texts = list(text_files.values()) if isinstance(text_files, dict) else []
-    sizes = {str(p): Path(p).stat().st_size for p in [base_path, *paths, *texts]
-             if p is not None and Path(p).is_file()}
-    check_memory(sum(sizes.values()), sizes.get(str(base_path), 0), f"this upload ({len(sizes)} files)")
+    # one size per task, a file given for several tasks counted for each (each task is read and kept on its own)
+    sizes = [Path(p).stat().st_size for p in [base_path, *paths, *texts] if p is not None and Path(p).is_file()]
+    base_size = Path(base_path).stat().st_size if base_path is not None and Path(base_path).is_file() else 0
+    check_memory(sum(sizes), base_size, f"this upload ({len(sizes)} files)")
     return _load_upload(s, lambda keep: text_pool_from_upload(
         base_path, task_paths, text_files, config, tokenizer_files, progress=progress, keep_dir=keep,
         memory_budget=memory_budget(), working_copies=WORKING_COPIES))
