@@ -147,6 +147,7 @@ def _once(path: Path, report: Callable[[str], None]) -> dict[str, tuple[float, f
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name] = (time.perf_counter() - t0, time.process_time() - c0)
+            report(f"{name} done: {times[name][0]:.1f} s, {times[name][1]:.1f} CPU s")
 
         def load() -> None:
             studio.load_text(s, path)
