@@ -129,10 +129,31 @@ def capped_app(pool):
         made.append(s)
         return s
     mp.setattr(studio, "new_session", new_session)
+    from esm_core.app import pool as pool_view
+    saved, real_save = [], pool_view.save_history
+
+    def save_history(s):                                    # records how many merges each save handed the browser
+        out = real_save(s)
+        if isinstance(out, dict):
+            saved.append(len(out["merges"]))
+        return out
+    mp.setattr(pool_view, "save_history", save_history)
     demo, url = launch_app(lambda: pool)
+    demo.esm_saved = saved
     yield demo, url, made
     demo.close()
     mp.undo()
+
+
+STORED = "() => Object.values(localStorage).map(v => String(v).length).reduce((a, b) => a + b, 0)"
+
+
+def _stored_after(page, demo, merges: int, longer_than: int) -> int:
+    """Wait until the server handed the browser a history of ``merges`` merges and the browser stored it (its
+    encrypted value grew past ``longer_than`` characters); returns the stored length."""
+    assert _wait_until(lambda: merges in demo.esm_saved)
+    page.wait_for_function(f"() => ({STORED})() > {longer_than}")
+    return page.evaluate(STORED)
 
 
 def _folders(made) -> int:
@@ -148,10 +169,12 @@ def test_reload_keeps_the_merge_table(capped_app, browser):
     _summary_ready(page)
     page.get_by_role("tab", name="4 · Merge").click()
     _rows(page, 1)
+    one = _stored_after(page, demo, 1, 0)
     page.locator("#ctl-ta-alpha input[type=range]").fill("1.5")
     _rows(page, 2)
     before = page.locator("#cmp-table").inner_text()
     assert "1.5" in before
+    _stored_after(page, demo, 2, one)                       # the browser holds both merges
     page.reload()
     _summary_ready(page)
     page.get_by_role("tab", name="4 · Merge").click()
