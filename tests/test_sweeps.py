@@ -99,3 +99,253 @@ def test_svd_and_esd_directions_differ_and_are_cached_apart():
         assert torch.equal(b[k], c[k])
     with pytest.raises(ValueError, match="directions"):
         esm_core.merge("esm", base, tasks, inputs=inputs, directions="pca")
+
+
+# ---------------------------------------------------------------------------
+# Sweeps: every point is the single evaluation it stands for
+# ---------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from esm_core.evaluation import evaluate_method, sweeps  # noqa: E402
+from esm_core.evaluation.esmpp import evaluate_esmpp  # noqa: E402
+from esm_core.probe import probe, probe_pool  # noqa: E402
+from fake_pool import make_fake_pool  # noqa: E402
+
+IMG = 12          # evaluation inputs per task and split in these tests (the fake pool has 24)
+PROXY = 4
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return make_fake_pool()
+
+
+def _same(row, summary, view):
+    """The sweep's row holds exactly the single evaluation's numbers."""
+    assert row["alpha"] == summary["alpha"]
+    assert row["mean_abs"] == summary["mean_abs"] and row["mean_norm"] == summary["mean_norm"]
+    for t, v in summary["tasks"].items():
+        assert row[f"acc:{t}"] == v["abs"]
+        assert row[f"n:{t}"] == len(view.images(t, "test")[1]) == IMG
+
+
+def test_eval_view_shares_weights_and_subsets_inputs(pool):
+    view = sweeps.eval_view(pool, ["beta", "gamma"], IMG)
+    assert view.task_names == ["beta", "gamma"]
+    assert view.tasks["beta"] is pool.tasks["beta"] and view.base is pool.base
+    x, y = pool.images("beta", "test")
+    ids = torch.from_numpy(np.sort(np.random.default_rng(0).choice(len(y), IMG, replace=False)))
+    vx, vy = view.images("beta", "test")
+    assert torch.equal(vx, x[ids]) and torch.equal(vy, y[ids])
+    assert sweeps.eval_view(pool) is pool
+    with pytest.raises(ValueError, match="max_images must be >= 1"):
+        sweeps.eval_view(pool, None, 0)
+    with pytest.raises(ValueError, match="no task 'delta'"):
+        sweeps.eval_view(pool, ["delta"], IMG)
+
+
+def test_ablation_rows_equal_single_evaluations(pool):
+    res = sweeps.ablation(pool, max_images=IMG, proxy_n=PROXY, use_cache=False)
+    assert [r["row"] for r in res["rows"]] == ["svd", "svd+polar", "esd", "esd+layer", "esm"]
+    view = sweeps.eval_view(pool, None, IMG)
+    stats = probe_pool(pool, n=PROXY)
+    for row, (_, _, params) in zip(res["rows"], sweeps.ABLATION_ROWS):
+        if row["row"] in ("svd", "esd+layer"):                  # one of each kind (all of them: 3× the time)
+            _same(row, evaluate_method(view, "esm", params, stats=stats), view)
+        assert json.loads(row["params"]) == params
+        lo, hi = row["mean_abs"] - row["mean_abs_hw"], row["mean_abs"] + row["mean_abs_hw"]
+        assert 0 < row["mean_abs_hw"] < 0.5 and lo < row["mean_abs"] < hi and row["n"] == 3 * IMG
+        for t in pool.task_names:
+            assert row[f"lo:{t}"] <= row[f"acc:{t}"] <= row[f"hi:{t}"]
+    assert sweeps.ABLATION_ROWS[3][2] == {"p_task": 0.0, "p_dim": 0.0, "p_layer": 2.0}
+
+
+def test_task_count_points_equal_single_evaluations(pool):
+    res = sweeps.task_count(pool, ["esm", "average"], [0, 1], max_images=IMG, proxy_n=PROXY,
+                            use_cache=False)
+    subsets2 = sweeps.task_subsets(pool.task_names, 2, [0, 1])
+    assert len(subsets2) == 2 and len(res["points"]) == 2 * (len(subsets2) + 1)
+    stats = probe_pool(pool, n=PROXY)
+    for p in res["points"]:
+        if p["tasks_merged"] == 2 and p["tasks"] == "+".join(subsets2[0]):
+            sv = sweeps.eval_view(pool, list(subsets2[0]), IMG)    # (subset_pool(view, …) would read every image)
+            r = evaluate_method(sv, p["method"], {}, stats=stats if p["method"] == "esm" else None)
+            assert p["alpha"] == r["alpha"] and p["mean_norm"] == r["mean_norm"] and p["mean_abs"] == r["mean_abs"]
+    for row in res["rows"]:
+        ps = [p["mean_norm"] for p in res["points"] if p["method"] == row["method"]
+              and p["tasks_merged"] == row["tasks_merged"]]
+        assert row["subsets"] == len(ps) and row["mean_norm"] == pytest.approx(np.mean(ps))
+        assert row["norm_min"] == min(ps) and row["norm_max"] == max(ps)
+        T = row["tasks_merged"]
+        assert row["rank:attn.in_proj"] == 96 // T and row["rank:mlp.c_fc"] == 128 // T   # d_out / T
+    with pytest.raises(ValueError, match="task counts must lie in 1 … 3"):
+        sweeps.task_count(pool, ["tsv_m"], [0], counts=[2, 5])
+    with pytest.raises(ValueError, match="unknown method|no method"):
+        sweeps.task_count(pool, ["nope"], [0])
+
+
+def test_rank_sweep_points_and_energy(pool):
+    res = sweeps.rank_sweep(pool, [0.5], [2], max_images=IMG, proxy_n=PROXY, use_cache=False)
+    esm_row, pp_row = res["rows"]
+    view = sweeps.eval_view(pool, None, IMG)
+    stats = probe_pool(pool, n=PROXY)
+    _same(esm_row, evaluate_method(view, "esm", {"rank_fraction": 0.5}, stats=stats), view)
+    a1 = evaluate_method(view, "esm", {}, stats=stats)["alpha"]
+    pp = evaluate_esmpp(view, {"rank": 2}, {}, alpha=a1, stats=stats)["esmpp-r2"]
+    assert pp_row["expert_rank"] == 2 and pp_row["mean_abs"] == pp["mean_abs"] and pp_row["alpha"] == a1
+    # energy: Σλ[:k] / Σλ of ΔWt G ΔWtᵀ, written out for one key and task, and 1 at full rank
+    key = "visual.transformer.resblocks.0.mlp.c_proj.weight"
+    st = stats["tasks"]["alpha"][key]
+    X = st.rows.double() if getattr(st, "rows", None) is not None else None
+    d = pool.tasks["alpha"][key].double() - pool.base[key].double()
+    G = X.T @ X if X is not None else st.gram.double()
+    lam = torch.linalg.eigvalsh(d @ G @ d.T).flip(0).clamp_min(0)
+    assert sweeps.esd_energy(pool, stats, lambda dout: 3, keys=[key]) != 1.0
+    one = sweeps.esd_energy(sweeps.eval_view(pool, ["alpha"]), stats, lambda dout: 3, keys=[key])
+    assert one == pytest.approx(float(lam[:3].sum() / lam.sum()), rel=1e-6)
+    assert sweeps.esd_energy(pool, stats, lambda dout: dout) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="rank_fraction"):
+        sweeps.rank_sweep(pool, [9.0], [])
+
+
+def test_proxy_sweep_in_and_out_of_distribution(pool):
+    res = sweeps.proxy_sweep(pool, [2], ood_n=PROXY, max_images=IMG, use_cache=False)
+    own, ood = res["rows"]
+    assert (own["proxy_n"], own["proxy_from"], ood["proxy_n"], ood["proxy_from"]) == (2, "own", PROXY, "other task")
+    view = sweeps.eval_view(pool, None, IMG)
+    _same(own, evaluate_method(view, "esm", {}, stats=probe_pool(pool, n=2)), view)
+    names = pool.task_names                                 # task t's statistics from task t+1's proxy images
+    stats = {"tasks": {}, "n": PROXY, "seed": 0}
+    for i, t in enumerate(names):
+        x, _ = pool.proxy(names[(i + 1) % len(names)], PROXY, 0)
+        stats["tasks"][t] = probe(pool.build_visual(pool.tasks[t]), x)
+    _same(ood, evaluate_method(view, "esm", {}, stats=stats), view)
+    with pytest.raises(ValueError, match="a proxy size must be an integer in 1"):
+        sweeps.proxy_sweep(pool, [0])
+
+
+# ---------------------------------------------------------------------------
+# Cancellation, cache, bounds, export
+# ---------------------------------------------------------------------------
+
+
+def test_a_cancelled_sweep_changes_nothing(pool):
+    p = sweeps.eval_view(pool, None, IMG)             # a pool of its own: its cache starts empty
+    before_keys = set(p.cache)
+    before = {(t, k): p.tasks[t][k].clone() for t in p.task_names for k in list(p.base)[:3]}
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) > 5                         # stop in the middle of the first evaluations
+
+    with pytest.raises(sweeps.SweepCancelled):
+        sweeps.proxy_sweep(p, [1, 2], ood_n=None, should_stop=should_stop)
+    assert set(p.cache) == before_keys and sweeps.sweep_cache(p) == {}
+
+    class Stop(Exception):
+        pass
+
+    def progress(frac, desc):                         # a progress function that raises stops it as well
+        if frac > 0.3:
+            raise Stop
+    with pytest.raises(Stop):
+        sweeps.proxy_sweep(p, [1, 2], ood_n=None, progress=progress)
+    assert set(p.cache) == before_keys and sweeps.sweep_cache(p) == {}
+    for t in p.task_names:
+        for k in list(p.base)[:3]:
+            assert torch.equal(p.tasks[t][k], before[(t, k)])
+
+
+def test_a_finished_sweep_is_cached_per_parameters(pool, monkeypatch):
+    p = sweeps.eval_view(pool, None, IMG)
+    fracs = []
+    first = sweeps.proxy_sweep(p, [2], ood_n=None, progress=lambda f, d: fracs.append(f))
+    assert not first["cached"] and fracs == sorted(fracs) and fracs[-1] == 1.0
+    import esm_core.evaluation.runs as runs
+    def evaluate_again(*a, **k):
+        raise RuntimeError("evaluated again")
+    monkeypatch.setattr(runs, "evaluate_method", evaluate_again)
+    again = sweeps.proxy_sweep(p, [2], ood_n=None)
+    assert again["cached"] and again["rows"] == first["rows"]
+    assert len(sweeps.sweep_cache(p)) == 1
+    with pytest.raises(RuntimeError, match="evaluated again"):       # other parameters: a new sweep
+        sweeps.proxy_sweep(p, [3], ood_n=None)
+
+
+def test_sweeps_refuse_too_many_points_before_work(pool, monkeypatch):
+    import esm_core.evaluation.runs as runs
+    monkeypatch.setattr(runs, "evaluate_method", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ValueError, match="more than 200"):
+        sweeps.proxy_sweep(pool, list(range(1, 150)), ood_n=None)
+    with pytest.raises(ValueError, match="between 1 and 20 seeds"):
+        sweeps.task_count(pool, ["tsv_m"], list(range(30)))
+
+
+def test_export_writes_csv_json_html(pool, tmp_path):
+    res = {"kind": "proxy", "pool": "fake", "params": {"ns": [1]}, "seconds": 1.0, "points": [],
+           "rows": [{"proxy_n": 1, "proxy_from": "own", "method": "esm", "mean_abs": 0.5, "mean_abs_hw": 0.1,
+                     "mean_norm": 0.6, "mean_norm_hw": 0.1, "n": 10, "alpha": 0.5},
+                    {"proxy_n": 4, "proxy_from": "other task", "method": "esm", "mean_abs": 0.4,
+                     "mean_abs_hw": 0.1, "mean_norm": 0.5, "mean_norm_hw": 0.1, "n": 10, "alpha": None}]}
+    files = sweeps.export(res, tmp_path)
+    assert sweeps.to_csv(res).splitlines() == [
+        "proxy_n,proxy_from,method,mean_abs,mean_abs_hw,mean_norm,mean_norm_hw,n,alpha",
+        "1,own,esm,0.5,0.1,0.6,0.1,10,0.5", "4,other task,esm,0.4,0.1,0.5,0.1,10,"]
+    assert (tmp_path / "sweep-proxy.csv").read_text() == sweeps.to_csv(res)
+    assert json.loads((tmp_path / "sweep-proxy.json").read_text())["rows"][1]["proxy_from"] == "other task"
+    assert "plotly" in (tmp_path / "sweep-proxy.html").read_text()
+    assert ("png" in files) == (sweeps.png_backend() is not None)
+    assert sorted(x.name for x in tmp_path.iterdir()) == sorted(f"sweep-proxy.{e}" for e in files)
+    with pytest.raises(ValueError, match="file stem"):
+        sweeps.export(res, tmp_path, stem="../x")
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+def test_cli_module_imports_nothing_heavy_at_its_top():
+    """`esm-studio sweep --help` must not need torch: the module's top-level imports are the standard library's
+    (the library is imported inside cmd_sweep)."""
+    import ast
+    import esm_core.cli.sweep as mod
+    tree = ast.parse(open(mod.__file__, encoding="utf-8").read())
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top.add("." * node.level + (node.module or ""))
+    assert top <= {"__future__", "json", "sys"}, top
+
+
+def test_cli_sweep_json_and_table(pool, monkeypatch, capsys, tmp_path):
+    from esm_core.cli import eval as cli_eval
+    from esm_core.cli import main
+    monkeypatch.setattr(cli_eval, "load_pool_arg", lambda spec: sweeps.eval_view(pool, None, IMG))
+    assert main(["sweep", "proxy", "--pool", "fake", "--ns", "2", "--ood-n", "0", "--json", "--quiet",
+                 "--out", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "proxy" and [r["proxy_n"] for r in out["rows"]] == [2]
+    assert (tmp_path / "sweep-proxy.csv").is_file()
+    assert main(["sweep", "proxy", "--pool", "fake", "--ns", "2", "--ood-n", "0", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "| 2 | own |" in table and "proxy sweep on pool" in table
+    assert main(["sweep", "tasks", "--methods", "nope", "--quiet"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["sweep", "proxy", "--ns", "1,x", "--quiet"]) == 2
+    assert "--ns must be comma-separated integers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_sweep_on_the_demo_pool(capsys):
+    from esm_core.cli import main
+    assert main(["sweep", "proxy", "--pool", "demo", "--ns", "1", "--ood-n", "0", "--max-images", "10",
+                 "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["pool"] == "demo" and out["rows"][0]["n"] == 60 and 0 <= out["rows"][0]["mean_abs"] <= 1
