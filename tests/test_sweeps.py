@@ -299,6 +299,10 @@ def test_export_writes_csv_json_html(pool, tmp_path):
     assert json.loads((tmp_path / "sweep-proxy.json").read_text())["rows"][1]["proxy_from"] == "other task"
     assert "plotly" in (tmp_path / "sweep-proxy.html").read_text()
     assert ("png" in files) == (sweeps.png_backend() is not None)
+    if sweeps.png_backend() == "pillow":                   # plotly cannot render images here: a Pillow chart
+        from PIL import Image
+        with Image.open(files["png"]) as im:
+            assert im.format == "PNG" and im.size == (900, 500)
     assert sorted(x.name for x in tmp_path.iterdir()) == sorted(f"sweep-proxy.{e}" for e in files)
     with pytest.raises(ValueError, match="file stem"):
         sweeps.export(res, tmp_path, stem="../x")

@@ -472,7 +472,7 @@ SWEEPS = {"ablation": ablation, "tasks": task_count, "rank": rank_sweep, "proxy"
 
 
 # ---------------------------------------------------------------------------
-# Export: CSV, a plotly figure (HTML), PNG where an image backend is installed
+# Export: CSV, JSON, a plotly figure (HTML), PNG (kaleido, else Pillow)
 # ---------------------------------------------------------------------------
 
 
@@ -535,17 +535,61 @@ def figure(result: Mapping):
 
 
 def png_backend() -> str | None:
-    """'kaleido' when plotly can write images, else None (matplotlib is not a dependency)."""
-    try:
-        import kaleido  # noqa: F401
-        return "kaleido"
-    except ImportError:
-        return None
+    """'kaleido' when plotly can write images, else 'pillow' (:func:`png_pillow`'s plain chart), else None."""
+    for name in ("kaleido", "PIL"):
+        try:
+            __import__(name)
+            return "kaleido" if name == "kaleido" else "pillow"
+        except ImportError:
+            pass
+    return None
+
+
+def png_pillow(result: Mapping, width: int = 900, height: int = 500) -> bytes:
+    """A plain PNG chart of the sweep drawn with Pillow (where plotly cannot render images): one series per method,
+    points with 95 % bars (the task sweep: ± sd), x at equal spacing labelled with the sweep's values."""
+    from PIL import Image, ImageDraw
+    xlabel, xof, series = _x_of(result)
+    rows = list(result["rows"])
+    y_key, hw_key = ("mean_norm", "norm_sd") if result["kind"] == "tasks" else ("mean_abs", "mean_abs_hw")
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    L, R, T, B = 70, width - 20, 40, height - 70
+    xs = list(dict.fromkeys(str(xof(r)) for r in rows))
+    lo = min([100 * (r[y_key] - r[hw_key]) for r in rows] or [0.0])
+    hi = max([100 * (r[y_key] + r[hw_key]) for r in rows] or [100.0])
+    lo, hi = math.floor(lo / 5) * 5, math.ceil(hi / 5) * 5 + (5 if hi == lo else 0)
+    ypix = lambda v: B - (v - lo) / (hi - lo) * (B - T)                       # noqa: E731
+    xpix = lambda i: L + (i + 0.5) * (R - L) / max(len(xs), 1)                # noqa: E731
+    d.line([(L, T), (L, B), (R, B)], fill="black")
+    for v in range(int(lo), int(hi) + 1, 5 if hi - lo <= 50 else 10):
+        d.line([(L - 4, ypix(v)), (R, ypix(v))], fill=(225, 225, 225))
+        d.text((L - 40, ypix(v) - 6), f"{v}", fill="black")
+    for i, x in enumerate(xs):
+        d.text((xpix(i) - 3 * len(x[:32]), B + 8), x[:32], fill="black")
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    for j, name in enumerate(dict.fromkeys(series(r) for r in rows)):
+        c = colours[j % len(colours)]
+        pts = []
+        for r in (r for r in rows if series(r) == name):
+            i = xs.index(str(xof(r)))
+            x, y, h = xpix(i) + 6 * j, 100 * r[y_key], 100 * r[hw_key]
+            d.line([(x, ypix(y - h)), (x, ypix(y + h))], fill=c, width=2)
+            d.ellipse([x - 4, ypix(y) - 4, x + 4, ypix(y) + 4], fill=c)
+            pts.append((x, ypix(y)))
+        if len(pts) > 1 and result["kind"] != "ablation":
+            d.line(pts, fill=c, width=1)
+        d.text((L + 10 + 200 * j, 8), f"- {name}", fill=c)
+    d.text((L, height - 30), xlabel, fill="black")
+    d.text((L + 300, 24), "test accuracy %" if result["kind"] != "tasks" else "normalised accuracy %", fill="black")
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
 
 
 def export(result: Mapping, folder, stem: str | None = None) -> dict[str, str]:
-    """Write ``{stem}.csv``, ``{stem}.json`` (rows and parameters), ``{stem}.html`` (the plotly figure) and, where
-    an image backend is installed, ``{stem}.png`` into ``folder``. Each file is written to a temporary name and
+    """Write ``{stem}.csv``, ``{stem}.json`` (rows and parameters), ``{stem}.html`` (the plotly figure) and
+    ``{stem}.png`` (plotly's image where kaleido is installed, else a plain Pillow chart) into ``folder``. Each file is written to a temporary name and
     renamed, so none is left half-written. Returns ``{format: path}``."""
     import os
     import tempfile
@@ -560,8 +604,11 @@ def export(result: Mapping, folder, stem: str | None = None) -> dict[str, str]:
                "json": json.dumps({k: result[k] for k in ("kind", "pool", "params", "rows", "seconds")},
                                   indent=1, default=str).encode(),
                "html": fig.to_html(include_plotlyjs="cdn", full_html=True).encode()}
-    if png_backend() is not None:
+    backend = png_backend()
+    if backend == "kaleido":
         payload["png"] = fig.to_image(format="png", width=900, height=500)
+    elif backend == "pillow":
+        payload["png"] = png_pillow(result)
     out = {}
     for ext, data in payload.items():
         path = folder / f"{stem}.{ext}"
