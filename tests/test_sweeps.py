@@ -353,3 +353,63 @@ def test_cli_sweep_on_the_demo_pool(capsys):
                  "--json", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["pool"] == "demo" and out["rows"][0]["n"] == 60 and 0 <= out["rows"][0]["mean_abs"] <= 1
+
+
+# ---------------------------------------------------------------------------
+# Lesson files (the guided tour's data; the app view is not built yet)
+# ---------------------------------------------------------------------------
+
+
+def _lesson(tmp_path, steps, name="t.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps({"title": "A lesson", "steps": steps}))
+    return p
+
+
+def test_bundled_lessons_load_and_open_from_the_url():
+    from esm_core.app import lessons
+    assert "ablation" in lessons.lesson_names()
+    for name in lessons.lesson_names():
+        lessons.load_lesson(lessons.lesson_path(name))
+    lesson, i = lessons.from_query({"lesson": "ablation", "step": "3"})
+    assert i == 2 and lesson["steps"][2]["action"] == {"kind": "sweep", "sweep": "ablation",
+                                                        "params": {"max_images": 50}}
+    assert lessons.from_query({}) is None and lessons.from_query({"lesson": "ablation"})[1] == 0
+    with pytest.raises(lessons.LessonError, match="steps 1 to 4, not 9"):
+        lessons.from_query({"lesson": "ablation", "step": "9"})
+    with pytest.raises(lessons.LessonError, match="a lesson name is"):
+        lessons.from_query({"lesson": "../../etc/passwd"})
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"title": "Merge", "action": {"kind": "merge", "method": "nope"}}, r"step 2 \('Merge'\): unknown method 'nope'"),
+    ({"title": "Merge", "action": {"kind": "merge", "method": "esm", "params": {"p_task": 99}}},
+     r"step 2 \('Merge'\): parameter 'p_task' must be <= 4"),
+    ({"title": "Sweep", "action": {"kind": "sweep", "sweep": "ablation", "params": {"rank": 3}}},
+     r"step 2 \('Sweep'\): sweep 'ablation' has no parameter 'rank'"),
+    ({"title": "Sweep", "action": {"kind": "sweep", "sweep": "zoom"}}, r"step 2 \('Sweep'\): sweep must be one of"),
+    ({"title": "Odd", "action": {"kind": "dance"}}, r"step 2 \('Odd'\): action kind must be one of"),
+    ({"text": "no title"}, r"step 2: title must be a non-empty string"),
+    ("just text", r"step 2: a step is an object"),
+])
+def test_a_lesson_with_a_bad_step_is_refused_naming_the_step(tmp_path, bad, message):
+    from esm_core.app import lessons
+    good = {"title": "Read", "text": "Fine."}
+    with pytest.raises(lessons.LessonError, match=r"t\.json: " + message):
+        lessons.load_lesson(_lesson(tmp_path, [good, bad]))
+
+
+def test_lesson_files_yaml_and_bounds(tmp_path):
+    from esm_core.app import lessons
+    y = tmp_path / "y.yaml"
+    y.write_text("title: Y\nsteps:\n  - title: One\n    text: hello\n    action: {kind: merge, method: esm}\n")
+    assert lessons.load_lesson(y)["steps"][0]["action"]["method"] == "esm"
+    y.write_text("title: Y\nsteps: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(lessons.LessonError, match="not valid YAML"):            # safe_load: no Python objects
+        lessons.load_lesson(y)
+    big = tmp_path / "big.json"
+    big.write_text(" " * (lessons.MAX_BYTES + 1))
+    with pytest.raises(lessons.LessonError, match="more than a lesson's"):
+        lessons.load_lesson(big)
+    with pytest.raises(lessons.LessonError, match="1 to 50 steps"):
+        lessons.load_lesson(_lesson(tmp_path, []))
