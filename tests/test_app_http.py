@@ -99,10 +99,11 @@ def test_views_and_errors(url, pool, tmp_path):
     save_safetensors(pool.tasks["alpha"], tmp_path / "alpha.safetensors")
     (tmp_path / "beta.safetensors").write_bytes(b"definitely not safetensors")
     h = gradio_client.handle_file
+    # (the architecture is resolved first — from the base alone — then every task file is read)
     with pytest.raises(Exception, match="beta.safetensors: not a valid safetensors"):
         c.predict(h(str(tmp_path / "base.safetensors")),
                   [h(str(tmp_path / "alpha.safetensors")), h(str(tmp_path / "beta.safetensors"))],
-                  "", [], "auto", [], 0, "", api_name="/load_upload")
+                  "", [], "infer", [], 16, "clip", api_name="/load_upload")
     # the session still holds its pool after the refusal
     plot, _, table = c.predict("ta", *_values("ta"), api_name="/merge")
     assert len(table["data"]) == 1

@@ -231,8 +231,8 @@ def make_handlers(ui):
     def merge_shown(s, method, *values, progress=gr.Progress()):
         """Merge with the method's controls (the API's "merge", a method switch, a newly loaded pool): a refused
         parameter set is an error message."""
-        s = need_session(s)
-        rec, _ = merge_or_shown(s, method, params_of(method, values, slices), progress)
+        s = need_session(s)          # an explicit merge request always merges (the API's contract): a new row
+        rec = studio.merge(s, method, params_of(method, values, slices), progress=progress_fn(progress, s))
         return (s, *merge_outputs(s, rec))
 
     @gpu
