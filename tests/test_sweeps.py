@@ -413,3 +413,63 @@ def test_lesson_files_yaml_and_bounds(tmp_path):
         lessons.load_lesson(big)
     with pytest.raises(lessons.LessonError, match="1 to 50 steps"):
         lessons.load_lesson(_lesson(tmp_path, []))
+
+
+# ---------------------------------------------------------------------------
+# The Lessons view: HTTP and a real browser (a URL-opened step, then the tour)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lessons_app():
+    import os
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from fake_pool import launch_app
+    p = make_fake_pool()
+    demo, url = launch_app(lambda: p)
+    yield url
+    demo.close()
+
+
+@pytest.mark.slow
+def test_lessons_view_over_http(lessons_app):
+    from gradio_client import Client
+    c = Client(lessons_app, verbose=False)
+    c.predict(api_name="/init")                                   # this client's session and its pool
+    md = c.predict("ablation", api_name="/lesson_open")
+    assert "step 1 of 4" in md and "Task vectors share one layer" in md
+    md = c.predict(api_name="/lesson_next")
+    assert "step 2 of 4" in md and "`directions = svd`" in md
+    out, plot = c.predict(api_name="/lesson_run")                 # ESM with SVD directions: a merge of the pool
+    assert out.startswith("Merge #1 (ESM") and "normalised" in out
+    md = c.predict(api_name="/lesson_prev")
+    assert "step 1 of 4" in md
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_browser_opens_a_step_from_the_url_and_walks_the_tour(lessons_app, tmp_path):
+    import shutil
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    from playwright import sync_api
+    with sync_api.sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=chromium, headless=True,
+                                                    args=["--headless", "--no-sandbox", "--disable-gpu"])
+        pg = ctx.new_page()
+        pg.set_default_timeout(90_000)
+        try:
+            pg.goto(lessons_app.rstrip("/") + "/?lesson=ablation&step=2")
+            step = pg.locator("#lesson-step")
+            sync_api.expect(step).to_contain_text("step 2 of 4")           # the URL's step, on the Lessons tab
+            sync_api.expect(step).to_contain_text("SVD directions, then ESD")
+            pg.locator("#lesson-next").click()
+            sync_api.expect(step).to_contain_text("step 3 of 4")
+            pg.locator("#lesson-prev").click()
+            pg.locator("#lesson-prev").click()
+            sync_api.expect(step).to_contain_text("step 1 of 4")
+            pg.locator("#lesson-run").click()                          # step 1: a TSV-M merge of the pool
+            sync_api.expect(pg.locator("#lesson-out")).to_contain_text("Merge #", timeout=180_000)
+        finally:
+            ctx.close()

@@ -15,11 +15,11 @@ from typing import Any, Callable
 import gradio as gr
 
 from ..device import bound_heap_fragmentation
-from . import export, interference, merge, pool, routing, spectra, uploads
+from . import export, interference, lessons, merge, pool, routing, spectra, uploads
 from . import common
 from .common import CONCURRENCY, DELETE_CACHE, MAX_FILE_SIZE, SessionGate, close_tab, max_sessions, studio, viz
 
-VIEWS = (pool, spectra, interference, merge, routing, export)
+VIEWS = (pool, spectra, interference, merge, routing, export, lessons)
 
 INTRO = """# ESM Studio
 Merge models fine-tuned from one pre-trained checkpoint into one model — and see *why* a merge works.
@@ -60,7 +60,7 @@ def build_app(pool_loader: Callable[[], Any] | None = None, max_open: int | None
         ui.state = gr.State(None, time_to_live=common.SESSION_TTL_S, delete_callback=gate.close)
         ui.history = gr.BrowserState(None)     # the session's merge table, kept by the browser across a reload
         gr.Markdown(INTRO, elem_classes="esm-intro")
-        with gr.Tabs():
+        with gr.Tabs() as ui.tabs:
             for view in VIEWS:
                 view.layout(ui)
         _after_pool(ui)

@@ -172,3 +172,131 @@ def from_query(params: Mapping[str, str], folder=LESSONS_DIR) -> tuple[dict, int
     if not 1 <= n <= len(lesson["steps"]):
         raise LessonError(f"lesson {name!r} has steps 1 to {len(lesson['steps'])}, not {n}")
     return lesson, n - 1
+
+
+# ---------------------------------------------------------------------------
+# The Lessons view (gradio): layout(ui) and wire(ui), like the other views
+# ---------------------------------------------------------------------------
+
+TEXT = """A guided tour: each lesson is a short sequence of steps, each step a few sentences and, where it has one, an
+action — a merge, or a sweep (many merges, each at its own α chosen on validation). A lesson is a small JSON or YAML
+file in `assets/lessons/`; a lesson and its step open from the address: `?lesson=ablation&step=3`."""
+
+
+def step_markdown(lesson: Mapping | None, i: int) -> str:
+    """The step's title, position and text (Markdown), with what its action does."""
+    if not lesson:
+        return "Choose a lesson."
+    st = lesson["steps"][i]
+    a = st["action"]
+    what = ""
+    if a is not None and a["kind"] == "merge":
+        what = f"\n\n**Run this step:** merge with `{a['method']}` (the merge appears in tab 4)."
+    elif a is not None:
+        what = f"\n\n**Run this step:** the `{a['sweep']}` sweep" + (
+            f" with {', '.join(f'{k} = {v}' for k, v in a['params'].items())}." if a["params"] else ".")
+    return f"### {lesson['title']} — step {i + 1} of {len(lesson['steps'])}: {st['title']}\n\n{st['text']}{what}"
+
+
+def layout(ui) -> None:
+    import gradio as gr
+    names = lesson_names()
+    with gr.Tab("7 · Lessons", id="lessons") as ui.tab_lessons:
+        gr.Markdown(TEXT, elem_classes="esm-intro")
+        ui.ls_pick = gr.Dropdown(choices=names, value=names[0] if names else None, label="lesson",
+                                 elem_id="lesson-pick")
+        ui.ls_state = gr.State(None)                          # {"name", "lesson", "i"}
+        ui.ls_step = gr.Markdown(elem_id="lesson-step")
+        with gr.Row():
+            ui.ls_prev = gr.Button("← previous step", size="sm", elem_id="lesson-prev")
+            ui.ls_next = gr.Button("next step →", size="sm", elem_id="lesson-next")
+            ui.ls_run = gr.Button("Run this step", variant="primary", size="sm", elem_id="lesson-run")
+            ui.ls_cancel = gr.Button("Cancel", variant="stop", size="sm", elem_id="lesson-cancel")
+        ui.ls_out = gr.Markdown(elem_id="lesson-out")
+        ui.ls_plot = gr.Plot(label="sweep", elem_id="lesson-plot")
+
+
+def _open(name: str, i: int = 0):
+    lesson = load_lesson(lesson_path(name))
+    i = max(0, min(int(i), len(lesson["steps"]) - 1))
+    return {"name": name, "lesson": lesson, "i": i}, step_markdown(lesson, i)
+
+
+def wire(ui) -> None:
+    import gradio as gr
+
+    from .common import HEAVY, LIGHT, friendly, need_session, progress_fn, stoppable, studio, user_error
+
+    tabs = getattr(ui, "tabs", None)                 # the app's gr.Tabs: a URL-opened lesson selects its tab
+
+    @friendly
+    def pick(name):
+        if not name:
+            return None, step_markdown(None, 0)
+        try:
+            return _open(name)
+        except LessonError as e:
+            raise user_error(str(e)) from None
+
+    @friendly
+    def move(st, delta):
+        if not st:
+            return st, step_markdown(None, 0)
+        i = max(0, min(st["i"] + int(delta), len(st["lesson"]["steps"]) - 1))
+        st = {**st, "i": i}
+        return st, step_markdown(st["lesson"], i)
+
+    def from_url(request: gr.Request):
+        """``?lesson=<name>&step=<n>``: that lesson at that step, on the Lessons tab; else the first lesson."""
+        tab = [gr.update()] if tabs is not None else []
+        try:
+            hit = from_query(dict(request.query_params)) if request is not None else None
+        except LessonError as e:
+            return gr.update(), None, f"**{e}**", *tab
+        if hit is None:
+            st, md = _open(ui.ls_pick.value) if ui.ls_pick.value else (None, step_markdown(None, 0))
+            return gr.update(), st, md, *tab
+        lesson, i = hit
+        name = dict(request.query_params)["lesson"]
+        return (gr.update(value=name), {"name": name, "lesson": lesson, "i": i}, step_markdown(lesson, i),
+                *([gr.update(selected="lessons")] if tabs is not None else []))
+
+    from_url.__annotations__["request"] = gr.Request     # (postponed annotations: gradio must see the class)
+
+    @friendly
+    @stoppable(2)
+    def run(s, st, progress=gr.Progress()):
+        s = need_session(s)
+        if not st:
+            raise user_error("Choose a lesson first.")
+        step = st["lesson"]["steps"][st["i"]]
+        a = step["action"]
+        if a is None:
+            return "This step has nothing to run: read it, then go on.", None
+        report = progress_fn(progress, s)
+        if a["kind"] == "merge":
+            rec = studio.merge(s, a["method"], a["params"], report)
+            sm = rec["summary"]
+            return (f"Merge #{rec['id']} ({rec['title']}, α = {float(rec['params']['alpha']):.2f}): "
+                    f"{100 * sm['mean_abs']:.1f} % absolute, {100 * sm['mean_norm']:.1f} % normalised on the live "
+                    "test subset — it is now the current merge (tab 4)."), None
+        from ..cli.sweep import table
+        from ..evaluation import sweeps
+        if s.pool is None:
+            raise user_error("Load a pool first (tab 1).")
+        with s.lock:
+            res = sweeps.SWEEPS[a["sweep"]](s.pool, **a["params"], device=s.device, progress=report)
+        head = (f"**{a['sweep']} sweep** on pool `{res['pool']}`" +
+                (" (cached)" if res["cached"] else f" ({res['seconds']:.0f} s)") + "\n\n")
+        return head + table(res), sweeps.figure(res)
+
+    ui.ls_pick.change(pick, [ui.ls_pick], [ui.ls_state, ui.ls_step], api_name="lesson_open", **LIGHT)
+    ui.ls_prev.click(lambda st: move(st, -1), [ui.ls_state], [ui.ls_state, ui.ls_step], api_name="lesson_prev",
+                     **LIGHT)
+    ui.ls_next.click(lambda st: move(st, 1), [ui.ls_state], [ui.ls_state, ui.ls_step], api_name="lesson_next",
+                     **LIGHT)
+    ui.ls_run.click(run, [ui.state, ui.ls_state], [ui.ls_out, ui.ls_plot], api_name="lesson_run", **HEAVY)
+    ui.ls_cancel.click(lambda s: studio.cancel(s) if s is not None else None, [ui.state], None,
+                       api_visibility="private", concurrency_id="cancel", concurrency_limit=None)
+    ui.demo.load(from_url, None, [ui.ls_pick, ui.ls_state, ui.ls_step, *([tabs] if tabs is not None else [])],
+                 api_visibility="private")
