@@ -10,6 +10,7 @@ so a test or a server may change them before it starts.
 | --- | --- | --- |
 | ``ESM_MAX_SESSIONS`` | browser sessions served at once | 8 |
 | ``ESM_SESSION_MEMORY_MB`` | MiB of tensors one session may hold | 8192 |
+| ``ESM_UPLOAD_SPACE_MB`` | MiB the app's upload folder may hold, all sessions together | 16384 |
 | ``ESM_MAX_MODEL_PARAMS`` | largest model tower accepted from an upload | 320,000,000 |
 | ``ESM_STUDIO_MMAP_THRESHOLD_MIB`` | allocations served from their own mapping (0: glibc's default) | 4 |
 | ``ESM_STUDIO_CACHE`` | folder of built pools and downloads | ``~/.cache/esm-studio`` |
@@ -84,7 +85,11 @@ def max_sessions() -> int:
 
 
 def session_memory_bytes() -> int:
-    return int(number("ESM_SESSION_MEMORY_MB", 8192, 1, 2 ** 24) * 2 ** 20)
+    return int(number("ESM_SESSION_MEMORY_MB", 8192, 2 ** -10, 2 ** 24) * 2 ** 20)
+
+
+def upload_space_bytes() -> int:
+    return int(number("ESM_UPLOAD_SPACE_MB", 16384, 2 ** -10, 2 ** 30) * 2 ** 20)
 
 
 def max_model_params() -> int:
@@ -108,7 +113,7 @@ def hub_offline() -> bool:
 
 
 ALL = {"ESM_MAX_SESSIONS": max_sessions, "ESM_SESSION_MEMORY_MB": session_memory_bytes,
-       "ESM_MAX_MODEL_PARAMS": max_model_params, "ESM_STUDIO_MMAP_THRESHOLD_MIB": mmap_threshold_mib,
+       "ESM_UPLOAD_SPACE_MB": upload_space_bytes, "ESM_MAX_MODEL_PARAMS": max_model_params, "ESM_STUDIO_MMAP_THRESHOLD_MIB": mmap_threshold_mib,
        "ESM_STUDIO_CACHE": cache_dir, "ESM_STUDIO_NPM": npm_dir, "HF_HUB_OFFLINE": hub_offline}
 
 

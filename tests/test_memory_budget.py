@@ -21,10 +21,18 @@ def test_tensor_bytes_counts_each_storage_once():
     assert S.tensor_bytes(torch.zeros(3), seen=seen) == 12
 
 
-@pytest.mark.parametrize("raw, mib", [("", 8192), ("512", 512), ("nan", 8192), ("-3", 8192), ("abc", 8192)])
+@pytest.mark.parametrize("raw, mib", [("", 8192), ("512", 512), (" 0.5 ", 0.5)])
 def test_budget_from_the_environment(monkeypatch, raw, mib):
     monkeypatch.setenv("ESM_SESSION_MEMORY_MB", raw)
-    assert S.memory_budget() == mib * 2 ** 20
+    assert S.memory_budget() == int(mib * 2 ** 20)
+
+
+@pytest.mark.parametrize("raw", ["nan", "-3", "abc", "0"])
+def test_a_bad_budget_is_refused_naming_the_variable(monkeypatch, raw):
+    """A mistyped limit on a public server stops it with a clear error, never a silent fallback (esm_core.settings)."""
+    monkeypatch.setenv("ESM_SESSION_MEMORY_MB", raw)
+    with pytest.raises(ValueError, match="ESM_SESSION_MEMORY_MB must be a number"):
+        S.memory_budget()
 
 
 def test_a_pool_over_the_budget_is_refused_and_the_previous_one_stays(sess, pool, monkeypatch):

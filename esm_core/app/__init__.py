@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from .. import settings
 from ..device import bound_heap_fragmentation
 from . import export, interference, lessons, merge, pool, routing, spectra, uploads
 from . import common
@@ -87,5 +88,6 @@ def make_demo(pool_loader: Callable[[], Any] | None = None, max_open: int | None
 
 def main(port: int | None = None, share: bool = False, **kwargs) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    settings.check_all()                # a mistyped limit stops the server here, naming the variable
     bound_heap_fragmentation()          # freed tensors go back to the system: bounded peaks (esm_core.device)
     make_demo().launch(server_port=port, share=share, **launch_kwargs(), **kwargs)

@@ -12,7 +12,6 @@ import functools
 import html
 import logging
 import math
-import os
 import threading
 import time
 import weakref
@@ -27,6 +26,7 @@ from esm_core.studio import session as studio_session
 from esm_core.checkpoints import CheckpointError, CHECKPOINT_EXTS
 from esm_core.merging import METHODS  # noqa: F401
 from esm_core.studio import viz  # noqa: F401
+from .. import settings
 
 log = logging.getLogger("esm_studio.app")
 
@@ -53,13 +53,8 @@ except ImportError:  # pragma: no cover - the usual case off Spaces
 
 
 def max_sessions() -> int:
-    """The session cap: ``ESM_MAX_SESSIONS`` if set (a positive integer), else :data:`MAX_SESSIONS`."""
-    raw = os.environ.get("ESM_MAX_SESSIONS", "")
-    try:
-        n = int(raw)
-    except ValueError:
-        return MAX_SESSIONS
-    return n if n > 0 else MAX_SESSIONS
+    """The session cap: ``ESM_MAX_SESSIONS`` (:mod:`esm_core.settings`; default 8)."""
+    return settings.max_sessions()
 
 
 def user_error(text: str) -> gr.Error:

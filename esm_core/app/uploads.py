@@ -24,12 +24,12 @@ from pathlib import Path
 
 from gradio import route_utils
 from starlette.formparsers import MultiPartException
+from .. import settings
 
 log = logging.getLogger("esm_studio.app")
 
 _PARSER = getattr(route_utils, "GradioMultiPartParser", None)
 ORPHAN_S = 10 * 60                 # an upload no session used within this many seconds is deleted
-UPLOAD_SPACE_MB = 16 * 1024        # the upload folder's size cap (env ESM_UPLOAD_SPACE_MB)
 CLAIM_KEEP_S = 2 * 60 * 60         # claims older than this are forgotten (gradio's hourly sweep took the file)
 _CLAIMS: dict[str, float] = {}     # resolved path -> when a session last used it
 _CLAIMS_LOCK = threading.Lock()
@@ -37,12 +37,8 @@ _SIZE_CACHE: dict[str, tuple[float, int]] = {}
 
 
 def upload_space_bytes() -> int:
-    """Bytes the upload folder may hold: ``ESM_UPLOAD_SPACE_MB`` (a positive number) or 16 GiB."""
-    try:
-        mb = float(os.environ.get("ESM_UPLOAD_SPACE_MB", ""))
-    except ValueError:
-        mb = 0.0
-    return int((mb if mb > 0 and mb != float("inf") else UPLOAD_SPACE_MB) * 2 ** 20)
+    """Bytes the upload folder may hold: ``ESM_UPLOAD_SPACE_MB`` (MiB) or 16 GiB (:mod:`esm_core.settings`)."""
+    return settings.upload_space_bytes()
 
 
 def _size(n: float) -> str:

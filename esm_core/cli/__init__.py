@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import settings
+
 from . import app, bench, demo, eval, merge, methods, pools, sweep
 
 SUBCOMMANDS = (methods, merge, eval, sweep, bench, demo, pools, app)     # each module: add_cli(subparsers) + its cmd_*
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         mod.add_cli(sub)
     args = ap.parse_args(argv)
     try:
+        settings.check_all()            # every environment variable the library reads, checked once at start
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         print(f"esm-studio {args.cmd}: error: {e}", file=sys.stderr)

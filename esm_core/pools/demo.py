@@ -28,6 +28,7 @@ import torch
 
 from safetensors.torch import load_file
 
+from .. import settings
 from ..checkpoints import save_safetensors
 from ..models.openclip_vit import build_visual_tower, normalise_images, register_model_config
 from . import image_data as D
@@ -36,7 +37,7 @@ from .taskpool import TaskPool, cosine_head
 Progress = Callable[[float, str], None]
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo"
-CACHE_DIR = Path(os.environ.get("ESM_STUDIO_CACHE", "~/.cache/esm-studio")).expanduser()
+CACHE_DIR = settings.cache_dir()      # ESM_STUDIO_CACHE
 MODEL_NAME = "esm-demo-vit"
 
 # The tiny open_clip model: 28 px grey images (repeated to 3 channels), patch 7 → 16 tokens + class token.

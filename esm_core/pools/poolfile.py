@@ -17,6 +17,7 @@ import open_clip
 import torch
 from huggingface_hub import hf_hub_download, snapshot_download
 
+from .. import settings
 from ..checkpoints import load_checkpoint
 from .taskpool import TaskPool
 
@@ -141,7 +142,7 @@ def load_pool_file(path: str | os.PathLike) -> PoolSpec:
 # ---------------------------------------------------------------- resolving what a pool file names
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return settings.hub_offline()
 
 
 def _local_path(ref: str, rel_to: Path | None) -> Path | None:

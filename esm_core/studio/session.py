@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import threading
@@ -37,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .. import settings
 from ..device import resolve_device, trim_heap
 from ..models import family_or_vit
 from ..models.roles import MATRIX
@@ -51,7 +51,6 @@ Progress = Callable[[float, str], None]
 LIVE_PER_TASK = 100          # test images per task behind the live accuracy bars
 ALPHA_PER_TASK = 50          # validation images per task behind the α curve
 AFFINE_CACHE = 3             # parameter sets whose α=0 / α=1 updates a session keeps (live merging)
-MEMORY_BUDGET_MB = 8192      # tensors one session may hold (env ESM_SESSION_MEMORY_MB)
 # besides its pool, a session keeps up to this many model-sized sets of tensors: the α=0 and α=1 updates of
 # AFFINE_CACHE parameter sets, the current merge's update, the image tower it evaluates with, the ESM++ merge
 WORKING_COPIES = 2 * AFFINE_CACHE + 3
@@ -231,13 +230,8 @@ def _need_pool(s: Session):
 
 
 def memory_budget() -> int:
-    """Bytes of tensors one session may hold: ``ESM_SESSION_MEMORY_MB`` (a positive number) or 8 GiB."""
-    raw = os.environ.get("ESM_SESSION_MEMORY_MB", "")
-    try:
-        mb = float(raw)
-    except ValueError:
-        mb = 0.0
-    return int((mb if math.isfinite(mb) and mb > 0 else MEMORY_BUDGET_MB) * 2 ** 20)
+    """Bytes of tensors one session may hold: ``ESM_SESSION_MEMORY_MB`` (:mod:`esm_core.settings`; 8 GiB)."""
+    return settings.session_memory_bytes()
 
 
 def tensor_bytes(*objs, seen: set | None = None) -> int:
