@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import os
 import threading
 
 import torch
+
+from . import settings
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -118,24 +119,19 @@ def trim_heap(collect: bool = False) -> None:
 
 
 M_MMAP_THRESHOLD = -3              # glibc mallopt parameter
-MMAP_THRESHOLD_MIB = 4.0           # the app's setting (env ESM_STUDIO_MMAP_THRESHOLD_MIB overrides; 0: glibc's own)
 
 
 def bound_heap_fragmentation(mib: float | None = None) -> float | None:
     """Serve every allocation of at least ``mib`` MiB (default: env ``ESM_STUDIO_MMAP_THRESHOLD_MIB``, else
-    :data:`MMAP_THRESHOLD_MIB`) from its own memory mapping, handed back to the system the moment it is freed:
+    :mod:`esm_core.settings`: 4) from its own memory mapping, handed back to the system the moment it is freed:
     glibc's ``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc raising the threshold to 32 MiB as large
     blocks are freed. Freed tensors then never stay resident in a fragmented heap: with glibc's default the
     app's ESM++ step peaked 0.4-0.5 GB higher in about one run of three; the price is page faults on fresh
-    mappings (README, "Speed and memory"). Process-wide: the app's server sets it at start, and
+    mappings (docs/performance.md). Process-wide: the app's server sets it at start, and
     ``esm-studio bench --app-memory``, which mirrors the app. Returns the MiB set, or None (0 asked: glibc's
     own behaviour; or a C library that is not glibc)."""
     if mib is None:
-        raw = os.environ.get("ESM_STUDIO_MMAP_THRESHOLD_MIB", "").strip()
-        try:
-            mib = float(raw) if raw else MMAP_THRESHOLD_MIB
-        except ValueError:
-            raise ValueError(f"ESM_STUDIO_MMAP_THRESHOLD_MIB must be a number of MiB, got {raw!r}") from None
+        mib = settings.mmap_threshold_mib()
     if not 0 <= mib <= 32:
         raise ValueError(f"the mmap threshold must be between 0 and 32 MiB (glibc's limit), got {mib}")
     if mib == 0:

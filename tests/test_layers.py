@@ -151,7 +151,28 @@ def test_ui_libraries_stay_in_the_ui():
                 assert mod in ("esm_core.studio.viz",) or mod.startswith("esm_core.app"), mod
 
 
+# The command line imports the library inside each command, so that `esm-studio --help` answers at once.
+DEFERRING = ("esm_core.cli",)
+
+
 def test_imports_at_module_top():
     inner = [(mod, name) for mod, found in IMPORTS.items() for name, top in found
-             if not top and name not in OPTIONAL]
+             if not top and name not in OPTIONAL and not mod.startswith(DEFERRING)]
     assert inner == []
+
+
+def test_the_command_line_answers_help_without_torch():
+    """`esm-studio --help` and every command's --help load neither torch nor the library's heavy modules."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom esm_core import cli\n"
+            "for argv in ([], *([c] for c in sys.argv[1:])):\n"
+            "    try:\n        cli.main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+            "heavy = sorted(m for m in ('torch', 'numpy', 'transformers', 'open_clip', 'gradio') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    cmds = ["methods", "merge", "eval", "bench", "build-demo", "build-pool", "app"]
+    out = subprocess.run([sys.executable, "-c", code, *cmds], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT.parent)
+    assert out.returncode == 0, out.stderr
+    assert "usage: esm-studio eval" in out.stdout and "usage: esm-studio merge" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY []"
