@@ -1,7 +1,7 @@
 """Analysis tables for the spectra and interference views: plain dicts and lists, no plotting.
 
 Per layer and task (:func:`spectra`):
-  * the ESD energy spectrum λ (SPEC §5) and the SVD spectrum σ² of ΔW;
+  * the ESD energy spectrum λ (methods §5) and the SVD spectrum σ² of ΔW;
   * the share of output-shift energy ``‖X ΔŴᵀ‖² / ‖X ΔWᵀ‖²`` kept by a rank-r
     truncation, for ESD (``Σ_{i≤r} λi / Σ λi``) and for SVD
     (``Σ_{i≤r} σi² viᵀ G vi / tr(ΔW G ΔWᵀ)``), both computed from the Gram matrix;
@@ -9,7 +9,7 @@ Per layer and task (:func:`spectra`):
 Between tasks:
   * :func:`subspace_overlap` — ``‖P̂sᵀ P̂t‖F² / k`` of the essential subspaces;
   * :func:`task_cosines` — cosine of task vectors per layer and over the whole model;
-  * :func:`alignment` — the subspace alignment ratio (SPEC §4) of each task
+  * :func:`alignment` — the subspace alignment ratio (methods §4) of each task
     against a merged update, per layer and averaged over layers.
 :func:`interference` bundles the three. Every function takes
 ``(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=None)``;
@@ -298,7 +298,7 @@ def task_cosines(base, tasks, stats=None, merged_updates=None, keys=None, k=None
 
 
 def alignment(base, tasks, stats=None, merged_updates=None, keys=None, k=None, cache=None) -> dict:
-    """Subspace alignment ratio (SPEC §4) of every task against the merged update, per layer and averaged.
+    """Subspace alignment ratio (methods §4) of every task against the merged update, per layer and averaged.
 
     ``merged_updates``: ``{key: merged ΔW}`` (e.g. :func:`esm_core.merge_updates`). Returns
     ``{"tasks": names, "layers": {key: {task: sar}}, "mean": {task: mean over layers}}``.

@@ -1,4 +1,4 @@
-"""Activation probe: streaming input statistics of the ESD layers (SPEC §5.1, §7.5).
+"""Activation probe: streaming input statistics of the ESD layers (methods §5.1, §7.5).
 
 Forward hooks on an open_clip ``VisionTransformer`` record, for every block and
 every requested layer type, the *input* of that linear layer:

@@ -1,4 +1,4 @@
-"""SPEC §8 on a BERT state dict with no explicit roles: esm_core.merge finds the family and follows §8."""
+"""methods §8 on a BERT state dict with no explicit roles: esm_core.merge finds the family and follows §8."""
 from __future__ import annotations
 
 import pytest

@@ -166,7 +166,7 @@ def test_task_arithmetic(files, capsys):
                    "--json"])
     assert rc == 0, capsys.readouterr().err
     merged = load_checkpoint(out)
-    for k in base:   # SPEC §1: θ = θ0 + λ Σt τt
+    for k in base:   # methods §1: θ = θ0 + λ Σt τt
         torch.testing.assert_close(merged[k], base[k] + 0.3 * ((a[k] - base[k]) + (b[k] - base[k])),
                                    rtol=0, atol=1e-6)
 

@@ -48,7 +48,7 @@ def _upd(merged, base):
 
 
 # ---------------------------------------------------------------------------
-# An independent, straightforward reimplementation of SPEC §5–§6 (SVD everywhere)
+# An independent, straightforward reimplementation of methods §5–§6 (SVD everywhere)
 # ---------------------------------------------------------------------------
 
 
@@ -160,7 +160,7 @@ def test_zero_directions_are_left_out_of_the_polar_factors(monkeypatch):
 # ---------------------------------------------------------------------------
 
 def esm_factors(Ps, lams, deltas, k, p_task=2.0, p_dim=2.0, eig_exp=0.15):
-    """ESM's concatenated factors (U, V) of one layer before orthogonalisation (SPEC §6.1–§6.4)."""
+    """ESM's concatenated factors (U, V) of one layer before orthogonalisation (methods §6.1–§6.4)."""
     return esm_u(Ps, lams, k, eig_exp), esm_v(Ps, lams, deltas, k, p_task, p_dim, eig_exp)
 
 
@@ -523,7 +523,7 @@ def test_re_merge_does_not_read_task_matrices_again():
 
 
 def test_v_from_coordinates_equals_the_formula_step_by_step():
-    """esm_v_from_coords (one buffer, rows scaled once) against SPEC §6.1–§6.4 written out per task."""
+    """esm_v_from_coords (one buffer, rows scaled once) against methods §6.1–§6.4 written out per task."""
     from esm_core.merging.esm import esm_v_from_coords
     g = torch.Generator().manual_seed(71)
     T, k, d_in = 3, 4, 9

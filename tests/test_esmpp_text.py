@@ -1,4 +1,4 @@
-"""ESM++ on BERT-family text encoders (SPEC §7 on §8): routed Q/K/V/intermediate layers, masked routing means,
+"""ESM++ on BERT-family text encoders (methods §7 on §8): routed Q/K/V/intermediate layers, masked routing means,
 modes, biases, save/load, experts from text statistics. Tiny random BERT built in code; nothing downloads."""
 from __future__ import annotations
 

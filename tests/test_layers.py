@@ -176,3 +176,18 @@ def test_the_command_line_answers_help_without_torch():
     assert out.returncode == 0, out.stderr
     assert "usage: esm-studio eval" in out.stdout and "usage: esm-studio merge" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_the_numerical_contract_is_cited_inside_the_repository():
+    """Code, tests and docs cite docs/methods.md ("methods §6"), never a working note outside the repository."""
+    repo = ROOT.parent
+    files = [*repo.glob("esm_core/**/*.py"), *repo.glob("tests/*.py"), repo / "app.py", repo / "README.md",
+             *repo.glob("docs/*.md"), *repo.glob("spaces_config/*")]
+    bad = [f"{p.relative_to(repo)}:{i}" for p in files if p.name != "test_layers.py"
+           for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+           if "SPEC §" in line or "SPEC.md" in line or "../shared" in line]
+    assert bad == []
+    cited = {line.split("methods §")[1][:1] for p in files if p.suffix == ".py"
+             for line in p.read_text().splitlines() if "methods §" in line}
+    headings = {line[4] for line in (repo / "docs" / "methods.md").read_text().splitlines() if line.startswith("## §")}
+    assert cited and cited <= headings            # every cited section exists in docs/methods.md

@@ -1,4 +1,4 @@
-"""ESM++ routing (SPEC §7): experts, routed layers, per-sample routing, decision log, save/load."""
+"""ESM++ routing (methods §7): experts, routed layers, per-sample routing, decision log, save/load."""
 from __future__ import annotations
 
 import json
@@ -394,7 +394,7 @@ def test_storage_accounting_for_known_shapes(base_sd):
     assert st["per_task"] == factors + 256 and st["total"] == 3 * (factors + 256)
     base = sum(v.numel() for v in base_sd.values())
     assert st["share_total"] == pytest.approx(3 * (factors + 256) / base)
-    # ViT-B/32: 82,944·r factor parameters per task (SPEC §7)
+    # ViT-B/32: 82,944·r factor parameters per task (methods §7)
     vk = [f"visual.transformer.resblocks.{i}.{t}" for i in range(12) for t in vit.ROUTED_TYPES]
     shapes = {vit.IN_PROJ: (2304, 768), vit.C_FC: (3072, 768)}
     r = 32

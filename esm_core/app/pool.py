@@ -46,7 +46,7 @@ ARCH_CHOICES = ["auto", "demo", "infer", "ViT-B-32-quickgelu", "ViT-B-16-quickge
 NORM_CHOICES = [("from the config / architecture", ""), ("OpenAI CLIP mean/std ('clip')", "clip"),
                 ("mean 0.5, std 0.5 ('half')", "half")]
 MAX_CONFIG_BYTES = 64 * 1024      # a model config JSON is a few KB
-TEXT_POOL_HELP = ("**Text pool** (SPEC §8): all-MiniLM-L6-v2, fully fine-tuned on 8 real text tasks (topic, "
+TEXT_POOL_HELP = ("**Text pool** (docs/methods.md §8): all-MiniLM-L6-v2, fully fine-tuned on 8 real text tasks (topic, "
                   "sentiment, authorship, spam, genre, word sense, language, BBC news topic). It is built on this "
                   "machine into a cache folder (some sources may not be redistributed): about 20–50 minutes on a "
                   "CPU, a few on a GPU, once; afterwards it loads in seconds. The build needs the registry packages "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .common import parse_sets
 
-ALL_ESMPP_RANKS = (8, 32)            # ESM++ rows of `--method all` (SPEC §7: r = 8 and 32)
+ALL_ESMPP_RANKS = (8, 32)            # ESM++ rows of `--method all` (methods §7: r = 8 and 32)
 
 
 def load_pool_arg(spec: str):

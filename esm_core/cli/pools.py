@@ -1,4 +1,4 @@
-"""``esm-studio build-pool text``: the pre-trained text pool (SPEC §8).
+"""``esm-studio build-pool text``: the pre-trained text pool (methods §8).
 
 The text pool (all-MiniLM-L6-v2 fully fine-tuned on 8 real text tasks read from
 registry packages) is built on the user's machine into a cache folder outside

@@ -1,4 +1,4 @@
-"""ESM++ (SPEC §7): the ESM-merged model plus routed low-rank experts, chosen per input and layer.
+"""ESM++ (methods §7): the ESM-merged model plus routed low-rank experts, chosen per input and layer.
 
 - :mod:`.experts` — factors ``Bt``, ``At`` and prototypes per task and routed layer;
 - :mod:`.model` — the routed model (:class:`RoutedModel`: open_clip image tower or BERT-family text
@@ -19,7 +19,7 @@ from .embedding import routing_embedding  # noqa: F401
 
 ESMPP = Schema(
     "esmpp", "ESM++",
-    (Param("rank", int, 32, "rank r of each task's expert in every routed layer (SPEC §7: 32, also 8)",
+    (Param("rank", int, 32, "rank r of each task's expert in every routed layer (methods §7: 32, also 8)",
            min=1, max=4096, step=1),
      Param("routed_types", str, "auto", "layer types that get routed experts: 'auto' = the model family's "
            "(open_clip ViT: attn.in_proj_weight, mlp.c_fc.weight; BERT family: attn.query, attn.key, attn.value, "

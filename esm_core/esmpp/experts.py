@@ -1,4 +1,4 @@
-"""ESM++ experts and prototypes (SPEC §7.2–7.5): low-rank factors of what ESM lost, per task and routed layer."""
+"""ESM++ experts and prototypes (methods §7.2–7.5): low-rank factors of what ESM lost, per task and routed layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,7 +52,7 @@ class Experts:
     def storage(self) -> dict[str, Any]:
         """Parameters the experts add to the merged model.
 
-        ``factors_per_task`` = Σ over routed layers of r·(d_out + d_in) (SPEC §7:
+        ``factors_per_task`` = Σ over routed layers of r·(d_out + d_in) (methods §7:
         82,944·r for ViT-B); ``prototypes_per_task`` = Σ d_in; ``per_task`` is
         their sum and ``total`` = T · ``per_task``. ``share_per_task`` /
         ``share_total`` are fractions of ``base_params`` (None when unknown).
@@ -92,7 +92,7 @@ def routed_keys_of(keys, routed_types: str | Sequence[str] = "auto") -> list[str
 def build_experts(merged_sd: Mapping[str, torch.Tensor], tasks: Mapping[str, Mapping[str, torch.Tensor]], stats,
                   *, rank: int = 32, routed_keys: Sequence[str] | None = None, device: str | torch.device = "cpu",
                   progress: Progress | None = None) -> Experts:
-    """Experts and prototypes of ESM++ (SPEC §7.2–7.5).
+    """Experts and prototypes of ESM++ (methods §7.2–7.5).
 
     ``merged_sd``: the ESM-merged state dict (``W_ESM``); ``tasks``: ``{name:
     fine-tuned state dict}``; ``stats``: ``{task: {key: LayerStats}}`` or the

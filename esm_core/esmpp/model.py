@@ -1,11 +1,11 @@
-"""ESM++: the ESM-merged model plus routed low-rank experts (SPEC §7).
+"""ESM++: the ESM-merged model plus routed low-rank experts (methods §7).
 
 The pipeline, for a pool of tasks fine-tuned from one base model:
 
-1. ``W_ESM``: the ESM-merged model (SPEC §6) at its chosen α.
+1. ``W_ESM``: the ESM-merged model (methods §6) at its chosen α.
 2. For every task t and routed layer (``attn.in_proj_weight`` and
    ``mlp.c_fc.weight`` of every block), the residual ``δWt = Wt − W_ESM``.
-3. An expert per (layer, task) by ESD of the residual (SPEC §5) with task t's
+3. An expert per (layer, task) by ESD of the residual (methods §5) with task t's
    input Gram matrix: ``Bt`` = the top-r essential directions (d_out × r),
    ``At = Btᵀ δWt`` (r × d_in). Only these factors are stored, never a dense
    per-task delta (:func:`build_experts`, :class:`Experts`).
@@ -33,7 +33,7 @@ calls ``self.attn(q_x, k_x, v_x, need_weights=False, attn_mask=mask)[0]`` with
 with the same heads and ``out_proj``. With zero experts both are numerically
 equal to the original modules.
 
-Text encoders (SPEC §8; ``build_visual`` returns a :class:`esm_core.models.bert.TextEncoder`, inputs are
+Text encoders (methods §8; ``build_visual`` returns a :class:`esm_core.models.bert.TextEncoder`, inputs are
 packed (N, 2, L) token ids + attention mask): each routed ``nn.Linear`` of the Hugging Face module (Q, K, V,
 ``intermediate.dense`` of every layer; DistilBERT's ``q_lin`` / ``k_lin`` / ``v_lin`` / ``ffn.lin1``)
 becomes a :class:`RoutedLinear` at the same path, so its parameters keep the names ``weight`` / ``bias``
@@ -84,7 +84,7 @@ class _Router:
     ``index`` of :meth:`decide` is the routing decision's index (one per input group: layers that read the
     same input, e.g. a text encoder's Q, K and V, share one index and, within a forward call of
     :class:`RoutedModel`, one decision). ``mask`` (B, tokens) bool, when set: x̄ is the mean over the True
-    (non-padding) tokens only (SPEC §8); None: over every token (ViT).
+    (non-padding) tokens only (methods §8); None: over every token (ViT).
     """
 
     def __init__(self, n_layers: int):

@@ -1,4 +1,4 @@
-"""Per-task accuracy, absolute and normalised (SPEC §0).
+"""Per-task accuracy, absolute and normalised (methods §0).
 
 - :func:`evaluate`: top-1 accuracy of one model on each task of a pool, with
   that task's frozen head.
@@ -88,7 +88,7 @@ def accuracies_of(pool, visual: torch.nn.Module, split: str, tasks: list[str], b
                 seed: int = 0, own: bool = True) -> dict[str, float]:
     """Top-1 per task; ``per_task``: only a fixed seeded subset of that many images of each task.
 
-    ``own``: for pools whose tasks keep their own biases (text, SPEC §8: ``pool.prepare``), put task t's
+    ``own``: for pools whose tasks keep their own biases (text, methods §8: ``pool.prepare``), put task t's
     into ``visual`` before scoring t (in place); False for the zero-shot reference (the base's own)."""
     dev = _module_device(visual)
     prepare = getattr(pool, "prepare", None) if own else None
@@ -228,5 +228,5 @@ def accuracy_interval(summary: Mapping, sizes: Mapping[str, int], finetuned: Map
 
 
 def summarize(pool, accs: Mapping[str, float], split: str = "test") -> dict:
-    """``{"tasks": {task: {"abs": a, "norm": a / finetuned}}, "mean_abs", "mean_norm"}`` (SPEC §0)."""
+    """``{"tasks": {task: {"abs": a, "norm": a / finetuned}}, "mean_abs", "mean_norm"}`` (methods §0)."""
     return normalised(accs, reference_accuracies(pool, split)["finetuned"])

@@ -1,4 +1,4 @@
-"""The α policy: one place that says how α is searched, for the CLI, the app and ESM++ (SPEC §0).
+"""The α policy: one place that says how α is searched, for the CLI, the app and ESM++ (methods §0).
 
 - α is the parameter named ``alpha`` of a method's schema (never "the first
   parameter"); its range is that Param's [min, max].
@@ -41,7 +41,7 @@ def alpha_param(method: str) -> Param:
 
 
 def alpha_grid(method: str) -> list[float]:
-    """The method's grid ``linspace(lo, hi, n)[1:]`` (SPEC §0)."""
+    """The method's grid ``linspace(lo, hi, n)[1:]`` (methods §0)."""
     lo, hi, n = get_method(method).alpha_grid
     return [float(a) for a in np.linspace(lo, hi, n)[1:]]
 

@@ -1,4 +1,4 @@
-"""ESM++ on a pool (SPEC §7): the ESM merge at its α, experts, routed tower, routed and oracle evaluation."""
+"""ESM++ on a pool (methods §7): the ESM merge at its α, experts, routed tower, routed and oracle evaluation."""
 from __future__ import annotations
 
 import math
@@ -47,7 +47,7 @@ def build_esmpp(pool, stats=None, *, rank: int = ESMPP.default("rank"),
     """ESM++ for a TaskPool: ESM merge → experts → prototypes → routed model.
 
     The routed model follows what ``pool.build_visual`` returns: an open_clip image tower, or a
-    ``bert.TextEncoder`` (a text pool: Q, K, V and intermediate routed on non-padding tokens, SPEC §8).
+    ``bert.TextEncoder`` (a text pool: Q, K, V and intermediate routed on non-padding tokens, methods §8).
 
     ``stats``: the pool's ``Stats`` (:func:`esm_core.probe.probe_pool`; probed
     here when None). ``alpha``: ESM's α; None = chosen on validation with
@@ -144,7 +144,7 @@ def expert_scores(routed: RoutedModel, x: torch.Tensor, y: torch.Tensor,
 def evaluate_esmpp(pool, params: Mapping[str, Any] | None = None, esm_params: Mapping[str, Any] | None = None, *,
                    alpha: float | str = "auto", split: str = "test", stats=None, cache=None,
                    device: str | torch.device = "auto", progress: Progress | None = None) -> dict[str, dict]:
-    """ESM++ (SPEC §7) on ``pool``: rows ``esmpp-r{rank}`` (routed) and ``esmpp-r{rank}-oracle``.
+    """ESM++ (methods §7) on ``pool``: rows ``esmpp-r{rank}`` (routed) and ``esmpp-r{rank}-oracle``.
 
     ``params``: ESM++'s own schema (:data:`esm_core.esmpp.ESMPP`: ``rank``, ``routed_types``);
     ``esm_params``: the static ESM merge's parameters; ``alpha`` is ESM's α ("auto": the α policy of ESM).

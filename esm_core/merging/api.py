@@ -40,7 +40,7 @@ class MergeContext:
     cache: Any = None          # decomposition cache (ESM family), reused across re-merges
     esd_keys: list[str] | None = None   # explicit ESD keys (non-open_clip models)
     family_esd_types: tuple = ()        # the model family's default ESD layer types (ESM's esd_types="auto")
-    alpha_all: bool = False             # α scales every merged key (text encoders, SPEC §8), not ESM's ESD keys only
+    alpha_all: bool = False             # α scales every merged key (text encoders, methods §8), not ESM's ESD keys only
     info: dict = field(default_factory=dict)   # methods may report diagnostics here
 
     @property
@@ -102,7 +102,7 @@ def merge_updates(method: str, base, tasks, *, device="auto", family=None, roles
     if missing:
         raise ValueError(f"roles given for some keys but not for {missing[:5]}{' …' if len(missing) > 5 else ''}")
     types = dict(layer_types) if layer_types is not None else models.layer_types_of(base, fam.NAME if fam else None)
-    # ESM's esd_types="auto": the family's ESD types; for an unknown family every layer type given (SPEC §8)
+    # ESM's esd_types="auto": the family's ESD types; for an unknown family every layer type given (methods §8)
     auto_esd = tuple(fam.ESD_TYPES) if fam is not None else tuple(sorted(set(types.values())))
     ctx = MergeContext(base=base, tasks=tasks, roles=roles, layer_types=types, device=resolve_device(device),
                        progress=progress, stats=stats, inputs=inputs, cache=cache, esd_keys=esd_keys,

@@ -1,4 +1,4 @@
-"""Baselines that act entry by entry: weight averaging, Task Arithmetic, TIES, DARE (SPEC §1–§2).
+"""Baselines that act entry by entry: weight averaging, Task Arithmetic, TIES, DARE (methods §1–§2).
 
 Every method here treats all merged float keys alike (roles MATRIX and VECTOR)
 and returns ``{key: update}`` with the scaling coefficient already applied, so
@@ -119,7 +119,7 @@ def _kth_smallest(buf: torch.Tensor, rank: int) -> float:
 
 
 def ties_thresholds(ctx, keys: list[str], k: float, dare: dict | None = None) -> list[float]:
-    """Per task, the magnitude threshold of TIES' trim over the whole flattened task vector (SPEC §2).
+    """Per task, the magnitude threshold of TIES' trim over the whole flattened task vector (methods §2).
 
     Every entry with ``|τ| >= threshold`` is kept. The flattened vector is all
     ``keys`` sorted by name; the threshold does not depend on that order.

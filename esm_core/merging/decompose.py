@@ -1,4 +1,4 @@
-"""Decompositions shared by the methods: polar factor, ESD (SPEC §5) and their cache.
+"""Decompositions shared by the methods: polar factor, ESD (methods §5) and their cache.
 
 * :func:`polar` — the orthogonal polar factor ``P Qᵀ`` of ``x = P Σ Qᵀ``,
   computed from the eigen-decomposition of the small Gram matrix (float64),
@@ -360,7 +360,7 @@ def polar(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# ESD (SPEC §5)
+# ESD (methods §5)
 # ---------------------------------------------------------------------------
 
 
@@ -464,7 +464,7 @@ def _esd_svd(W: torch.Tensor, L: torch.Tensor, tri: bool, n: int, want: int) -> 
 def esd(delta: torch.Tensor, gram: torch.Tensor | None, n: int, *, columns: int | None = None,
         factor: torch.Tensor | None = None, coords: bool = False, wtw: torch.Tensor | None = None,
         shift_gram: torch.Tensor | None = None, need: int | None = None, all_values: bool = True):
-    """Essential Subspace Decomposition of one task matrix (SPEC §5).
+    """Essential Subspace Decomposition of one task matrix (methods §5).
 
     ``delta``: ΔW (d_out × d_in); ``gram``: ``G = XᵀX`` (d_in × d_in) of the
     layer's inputs over ``n`` rows — or ``factor``: any ``L`` (d_in × r) with
@@ -588,7 +588,7 @@ def esd_exact(delta: torch.Tensor, gram: torch.Tensor, n: int, *, columns: int |
 
 
 def esd_truncate(delta: torch.Tensor, P: torch.Tensor, k: int) -> torch.Tensor:
-    """Rank-k ESD truncation ``ΔŴ = P̂ P̂ᵀ ΔW`` with ``P̂ = P[:, :k]`` (SPEC §5.3), in ``delta``'s dtype."""
+    """Rank-k ESD truncation ``ΔŴ = P̂ P̂ᵀ ΔW`` with ``P̂ = P[:, :k]`` (methods §5.3), in ``delta``'s dtype."""
     if P.shape[0] != delta.shape[0]:
         raise ValueError(f"P has {P.shape[0]} rows but the task matrix has {delta.shape[0]} outputs")
     Ph = P[:, :k].to(delta.device, torch.float64)

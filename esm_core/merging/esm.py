@@ -1,4 +1,4 @@
-"""ESM — Essential Subspace Merging (static), SPEC §5–§6.
+"""ESM — Essential Subspace Merging (static), methods §5–§6.
 
 Per ESD layer (default ``attn.in_proj_weight``, ``mlp.c_fc.weight``,
 ``mlp.c_proj.weight``): each task matrix is decomposed by ESD in the basis of
@@ -57,7 +57,7 @@ def new_cache(max_columns: int | None = None) -> DecompositionCache:
 
 
 def esm_rank(d_out: int, T: int, rank: int = 0, rank_fraction: float = 0.0, info: dict | None = None) -> int:
-    """Per-task rank k of one ESD layer (SPEC §5.4).
+    """Per-task rank k of one ESD layer (methods §5.4).
 
     ``rank > 0``: that rank; ``rank_fraction > 0``: ``floor(rank_fraction · d_out / T)``
     (1.0 = the default); neither: ``floor(d_out / T)``. Always clamped to [1, d_out];
@@ -116,7 +116,7 @@ def _stats_of(ctx, esd_keys: list[str]):
 
 
 # ---------------------------------------------------------------------------
-# One ESD key (SPEC §6.1–§6.5)
+# One ESD key (methods §6.1–§6.5)
 # ---------------------------------------------------------------------------
 
 
@@ -131,7 +131,7 @@ def _eig_weights(lam: torch.Tensor, k: int, eig_exp: float) -> torch.Tensor:
 
 
 def esm_u(Ps, lams, k: int, eig_exp: float = 0.15) -> torch.Tensor:
-    """``U = [P̂1·e1 … P̂T·eT]`` (d_out × Tk, float64): the output-side factor of SPEC §6.2–§6.3.
+    """``U = [P̂1·e1 … P̂T·eT]`` (d_out × Tk, float64): the output-side factor of methods §6.2–§6.3.
 
     It depends on the essential bases, the rank and ``eig_exp`` only — not on
     the task or dimension exponents — so ESM caches its polar factor.
@@ -308,7 +308,7 @@ def _inter_layer_betas(ctx, updates: dict, pre: dict, p_layer: float) -> dict[st
 def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_task: float = 2.0,
         p_dim: float = 2.0, p_layer: float = 2.0, eig_exp: float = 0.15, ortho_factor: float = 2.0,
         esd_types: str = AUTO, directions: str = "esd") -> dict[str, torch.Tensor]:
-    """Essential Subspace Merging (SPEC §6): ESD layers merged in essential subspaces, polarised scalings.
+    """Essential Subspace Merging (methods §6): ESD layers merged in essential subspaces, polarised scalings.
     ``directions="svd"``: each task's directions are the left singular vectors of ΔWt instead (no statistics)."""
     if directions not in DIRECTIONS:
         raise ValueError(f"directions must be one of {list(DIRECTIONS)}, got {directions!r}")

@@ -110,7 +110,7 @@ class Method:
     fn: Callable
     params: tuple[Param, ...]
     help: str
-    alpha_grid: tuple[float, float, int] = (0.0, 1.0, 31)   # linspace(lo, hi, n)[1:] for the α search (SPEC §0)
+    alpha_grid: tuple[float, float, int] = (0.0, 1.0, 31)   # linspace(lo, hi, n)[1:] for the α search (methods §0)
     needs_stats: bool = False                                 # needs activation statistics (ESM family)
     # the update is α times one fixed update on every key (U(0) = 0): one merge at α = 1 gives every α
     alpha_linear: bool = False

@@ -1,4 +1,4 @@
-"""Activation statistics as data: what the ESM family reads (SPEC §5.1).
+"""Activation statistics as data: what the ESM family reads (methods §5.1).
 
 :class:`LayerStats` holds the input statistics of one linear layer — the rows
 ``X`` while they take less memory than the float64 Gram matrix ``XᵀX``, else

@@ -1,4 +1,4 @@
-"""SVD-family baselines: TSV-M, Iso-C, Iso-CTS (SPEC §3–§4), and the subspace alignment ratio.
+"""SVD-family baselines: TSV-M, Iso-C, Iso-CTS (methods §3–§4), and the subspace alignment ratio.
 
 Each method works per 2-D key (role MATRIX) on the stacked task matrices of
 that key only; every other float key (role VECTOR) gets the mean of the task
@@ -90,7 +90,7 @@ def iso_c_matrix(D: torch.Tensor) -> torch.Tensor:
 
 
 def iso_cts_dims(r: int, T: int, f: float) -> tuple[int, int]:
-    """Iso-CTS sizes ``(kc, nt)``: common rank and per-task rank, with ``kc + T·nt = r`` (SPEC §4).
+    """Iso-CTS sizes ``(kc, nt)``: common rank and per-task rank, with ``kc + T·nt = r`` (methods §4).
 
     ``kc = int(r f)``; ``s = round((r − kc)/T)·T``; ``kc = r − s``; ``nt = s/T``.
     Only when that would make ``kc`` negative (tiny r, many tasks) is ``nt``
@@ -178,7 +178,7 @@ def iso_cts(ctx, alpha: float = 1.5, common_fraction: float = 0.8) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------
-# Diagnostic: subspace alignment ratio (SPEC §4)
+# Diagnostic: subspace alignment ratio (methods §4)
 # ---------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 One module per family: :mod:`.openclip_vit` (open_clip ViT image towers),
 :mod:`.bert` (Hugging Face BERT-family text encoders: BERT, RoBERTa,
-DistilBERT, MiniLM; SPEC §8), and :mod:`.hf_clip_vision` (Hugging Face CLIP
+DistilBERT, MiniLM; methods §8), and :mod:`.hf_clip_vision` (Hugging Face CLIP
 vision configs; its weights load under open_clip names). A family module answers,
 as plain constants and functions: ``matches(keys)``, ``key_role``/``roles_of``,
 ``layer_type``/``layer_types_of``, ``LAYER_TYPES``/``ESD_TYPES``/``ROUTED_TYPES``,

@@ -1,4 +1,4 @@
-"""What esm_core knows about Hugging Face BERT-family encoders (SPEC §8).
+"""What esm_core knows about Hugging Face BERT-family encoders (methods §8).
 
 Covers whatever ``transformers.AutoModel`` builds from a BERT-style
 ``config.json``: BERT, RoBERTa, MiniLM (``model_type`` "bert"), DistilBERT.
@@ -6,7 +6,7 @@ Key names may carry a ``bert.`` / ``roberta.`` / ``distilbert.`` prefix (the
 ``*ForSequenceClassification`` layout) or none (the bare ``AutoModel``).
 Plain module-level constants and functions, like :mod:`esm_core.models.openclip_vit`.
 
-Roles (SPEC §8 — "biases and classifier heads are excluded from merging and
+Roles (methods §8 — "biases and classifier heads are excluded from merging and
 come from each task's own model"):
 
 * ``MATRIX`` — the six linear weights of every encoder layer (Q, K, V,

@@ -34,7 +34,7 @@ from .roles import MATRIX, SKIP, VECTOR
 
 NAME = "openclip_vit"
 
-# Layer types of an open_clip ViT transformer block (SPEC §5-§7).
+# Layer types of an open_clip ViT transformer block (methods §5-§7).
 IN_PROJ = "attn.in_proj_weight"
 OUT_PROJ = "attn.out_proj.weight"
 C_FC = "mlp.c_fc.weight"

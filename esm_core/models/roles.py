@@ -8,7 +8,7 @@ import torch
 MATRIX = "matrix"   # 2-D weight: SVD / ESD methods act on it
 VECTOR = "vector"   # every other float tensor: averaged by the SVD-family methods
 SKIP = "skip"       # integer / bool buffers: never merged, copied from the base
-OWN = "own"         # task-specific (text encoders' biases and heads, SPEC §8): never merged; the merged model
+OWN = "own"         # task-specific (text encoders' biases and heads, methods §8): never merged; the merged model
                     # holds the base's value and each task is evaluated with its own model's value
 
 

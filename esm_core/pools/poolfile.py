@@ -246,7 +246,7 @@ def pretrained_weights(model: str, pretrained: str, *, rel_to: Path | None = Non
 def zero_shot_head(clip_model, tokenizer, class_names: list[str], templates: list[str],
                    device: str | torch.device = "cpu") -> torch.Tensor:
     """Zero-shot head (C × D): per class the mean of the normalised text embeddings over the templates,
-    normalised again, times ``logit_scale.exp()`` (SPEC §0)."""
+    normalised again, times ``logit_scale.exp()`` (methods §0)."""
     rows = []
     for c in class_names:
         tokens = tokenizer([t.format(c) for t in templates]).to(device)

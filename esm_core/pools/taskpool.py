@@ -126,7 +126,7 @@ def subset_pool(pool, tasks: list[str]):
 
 
 def proxy_ids(size: int, n: int, seed: int) -> list[int]:
-    """The proxy samples' ids (SPEC §5.1): ``min(n, size)`` of ``range(size)`` drawn without replacement with
+    """The proxy samples' ids (methods §5.1): ``min(n, size)`` of ``range(size)`` drawn without replacement with
     ``seed``, sorted."""
     if n < 1:
         raise ValueError(f"proxy size n must be >= 1, got {n}")

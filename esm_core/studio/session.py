@@ -356,7 +356,7 @@ def text_pool_status(path=None) -> dict:
 
 
 def load_text(s: Session, path=None, progress: Progress | None = None) -> dict:
-    """Load the built ``text`` pool (MiniLM on 8 text tasks, SPEC §8) from the cache (seconds)."""
+    """Load the built ``text`` pool (MiniLM on 8 text tasks, methods §8) from the cache (seconds)."""
     report = progress or _noop
     st = text_pool_status(path)
     if not st["built"]:
