@@ -16,7 +16,7 @@ from test_esm import _case, _polar_svd, _upd
 
 
 def _ref_esm_svd(base, tasks, alpha=1.0, rank=0, p_task=2.0, p_dim=2.0, p_layer=2.0, eig=0.15, f=2.0):
-    """ESM (SPEC §6) with each task's directions P the left singular vectors of ΔWt and λ = s² — every other
+    """ESM (methods §6) with each task's directions P the left singular vectors of ΔWt and λ = s² — every other
     step as in the ESD version; TSV-M keys and the mean of the other keys as there."""
     names = list(tasks)
     T = len(names)
@@ -111,6 +111,7 @@ import numpy as np  # noqa: E402
 
 from esm_core.evaluation import evaluate_method, sweeps  # noqa: E402
 from esm_core.evaluation.esmpp import evaluate_esmpp  # noqa: E402
+from esm_core.studio.export import export_sweep  # noqa: E402
 from esm_core.probe import probe, probe_pool  # noqa: E402
 from fake_pool import make_fake_pool  # noqa: E402
 
@@ -265,10 +266,9 @@ def test_a_finished_sweep_is_cached_per_parameters(pool, monkeypatch):
     fracs = []
     first = sweeps.proxy_sweep(p, [2], ood_n=None, progress=lambda f, d: fracs.append(f))
     assert not first["cached"] and fracs == sorted(fracs) and fracs[-1] == 1.0
-    import esm_core.evaluation.runs as runs
     def evaluate_again(*a, **k):
         raise RuntimeError("evaluated again")
-    monkeypatch.setattr(runs, "evaluate_method", evaluate_again)
+    monkeypatch.setattr(sweeps, "evaluate_method", evaluate_again)
     again = sweeps.proxy_sweep(p, [2], ood_n=None)
     assert again["cached"] and again["rows"] == first["rows"]
     assert len(sweeps.sweep_cache(p)) == 1
@@ -277,8 +277,7 @@ def test_a_finished_sweep_is_cached_per_parameters(pool, monkeypatch):
 
 
 def test_sweeps_refuse_too_many_points_before_work(pool, monkeypatch):
-    import esm_core.evaluation.runs as runs
-    monkeypatch.setattr(runs, "evaluate_method", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(sweeps, "evaluate_method", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(ValueError, match="more than 200"):
         sweeps.proxy_sweep(pool, list(range(1, 150)), ood_n=None)
     with pytest.raises(ValueError, match="between 1 and 20 seeds"):
@@ -291,7 +290,7 @@ def test_export_writes_csv_json_html(pool, tmp_path):
                      "mean_norm": 0.6, "mean_norm_hw": 0.1, "n": 10, "alpha": 0.5},
                     {"proxy_n": 4, "proxy_from": "other task", "method": "esm", "mean_abs": 0.4,
                      "mean_abs_hw": 0.1, "mean_norm": 0.5, "mean_norm_hw": 0.1, "n": 10, "alpha": None}]}
-    files = sweeps.export(res, tmp_path)
+    files = export_sweep(res, tmp_path)
     assert sweeps.to_csv(res).splitlines() == [
         "proxy_n,proxy_from,method,mean_abs,mean_abs_hw,mean_norm,mean_norm_hw,n,alpha",
         "1,own,esm,0.5,0.1,0.6,0.1,10,0.5", "4,other task,esm,0.4,0.1,0.5,0.1,10,"]
@@ -305,7 +304,7 @@ def test_export_writes_csv_json_html(pool, tmp_path):
             assert im.format == "PNG" and im.size == (900, 500)
     assert sorted(x.name for x in tmp_path.iterdir()) == sorted(f"sweep-proxy.{e}" for e in files)
     with pytest.raises(ValueError, match="file stem"):
-        sweeps.export(res, tmp_path, stem="../x")
+        export_sweep(res, tmp_path, stem="../x")
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import gradio as gr
+from gradio.components.number import Number
 from gradio.context import LocalContext
 
 from esm_core import studio  # noqa: F401  (the views' back end)
@@ -124,7 +125,6 @@ def install_quiet_bounds() -> bool:
     out of range (posted as raw JSON), raises an error that prints a ~25-line traceback per request. Make it the
     user error it is: the same message to the client, one log line on the server (idempotent; False when this
     gradio has no such check)."""
-    from gradio.components.number import Number
     check = getattr(Number, "raise_if_out_of_bounds", None)
     if check is None:
         return False

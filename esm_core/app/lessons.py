@@ -26,6 +26,13 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+import gradio as gr
+
+from ..cli.sweep import table
+from ..evaluation import sweeps
+from ..merging import get_method
+from .common import HEAVY, LIGHT, friendly, need_session, progress_fn, stoppable, studio, user_error, viz
+
 LESSONS_DIR = Path(__file__).resolve().parents[2] / "assets" / "lessons"
 MAX_BYTES = 256 * 1024             # a lesson file larger than this is refused before it is parsed
 MAX_STEPS = 50
@@ -52,7 +59,6 @@ def _str(v: Any, what: str, limit: int, required: bool = True) -> str:
 
 def sweep_arguments(kind: str) -> set[str]:
     """The keyword arguments a lesson may give the sweep ``kind``."""
-    from ..evaluation import sweeps
     if kind not in sweeps.SWEEPS:
         raise ValueError(f"sweep must be one of {list(sweeps.KINDS)}, got {kind!r}")
     return {n for n in inspect.signature(sweeps.SWEEPS[kind]).parameters if n not in _SWEEP_FIXED}
@@ -73,7 +79,6 @@ def _check_action(a: Any) -> dict | None:
     if extra:
         raise ValueError(f"unknown action fields {sorted(extra)}")
     if kind == "merge":
-        from ..merging import get_method
         m = get_method(str(a.get("method", "")))                    # unknown method: ValueError naming it
         return {"kind": "merge", "method": m.name, "params": m.resolve(dict(params))}
     allowed = sweep_arguments(str(a.get("sweep", "")))
@@ -199,7 +204,6 @@ def step_markdown(lesson: Mapping | None, i: int) -> str:
 
 
 def layout(ui) -> None:
-    import gradio as gr
     names = lesson_names()
     with gr.Tab("7 · Lessons", id="lessons") as ui.tab_lessons:
         gr.Markdown(TEXT, elem_classes="esm-intro")
@@ -223,9 +227,7 @@ def _open(name: str, i: int = 0):
 
 
 def wire(ui) -> None:
-    import gradio as gr
 
-    from .common import HEAVY, LIGHT, friendly, need_session, progress_fn, stoppable, studio, user_error
 
     tabs = getattr(ui, "tabs", None)                 # the app's gr.Tabs: a URL-opened lesson selects its tab
 
@@ -280,15 +282,13 @@ def wire(ui) -> None:
             return (f"Merge #{rec['id']} ({rec['title']}, α = {float(rec['params']['alpha']):.2f}): "
                     f"{100 * sm['mean_abs']:.1f} % absolute, {100 * sm['mean_norm']:.1f} % normalised on the live "
                     "test subset — it is now the current merge (tab 4)."), None
-        from ..cli.sweep import table
-        from ..evaluation import sweeps
         if s.pool is None:
             raise user_error("Load a pool first (tab 1).")
         with s.lock:
             res = sweeps.SWEEPS[a["sweep"]](s.pool, **a["params"], device=s.device, progress=report)
         head = (f"**{a['sweep']} sweep** on pool `{res['pool']}`" +
                 (" (cached)" if res["cached"] else f" ({res['seconds']:.0f} s)") + "\n\n")
-        return head + table(res), sweeps.figure(res)
+        return head + table(res), viz.sweep_figure(res)
 
     ui.ls_pick.change(pick, [ui.ls_pick], [ui.ls_state, ui.ls_step], api_name="lesson_open", **LIGHT)
     ui.ls_prev.click(lambda st: move(st, -1), [ui.ls_state], [ui.ls_state, ui.ls_step], api_name="lesson_prev",

@@ -42,6 +42,7 @@ import open_clip
 import torch
 from PIL import Image
 
+from ..progress import reporter
 from .. import studio
 from ..device import bound_heap_fragmentation, trim_heap
 from ..merging.stats import stats_nbytes
@@ -129,7 +130,7 @@ def app_memory(tasks: int = 8, blocks: int | None = None, model: str = "ViT-B-32
               "seed": seed, "rss_start_mib": round(_proc_status_kib("VmRSS") / 1024, 1),
               "mmap_threshold_mib": heap_bound}
     rows: list[dict] = []
-    report = progress or (lambda f, d: None)
+    report = reporter(progress)
     state = {"step": "start", "peak": 0}
 
     def abort(rss: int) -> None:

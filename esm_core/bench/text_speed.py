@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import studio
+from ..progress import reporter
 from ..models import bert
 from ..pools import text_build as tb
 
@@ -137,8 +139,6 @@ def write_minilm_pool(folder, tasks: int = 8, seed: int = 0, val: int = 150, tes
 
 
 def _once(path: Path, report: Callable[[str], None]) -> dict[str, tuple[float, float]]:
-    from .. import studio
-
     times: dict[str, tuple[float, float]] = {}
     s = studio.new_session("cpu")
     try:
@@ -172,7 +172,7 @@ def text_speed(repeat: int = 1, tasks: int = 8, seed: int = 0, folder=None,
     repeat = int(repeat)
     if not 1 <= repeat <= 10:
         raise ValueError(f"repeat must be 1 to 10, got {repeat}")
-    report = progress or (lambda f, d: None)
+    report = reporter(progress)
     tmp = tempfile.TemporaryDirectory(prefix="esm-text-speed-") if folder is None else None
     try:
         work = Path(folder or tmp.name)

@@ -62,6 +62,7 @@ def table(result: dict) -> str:
 
 def cmd_sweep(args) -> int:
     from ..evaluation import sweeps
+    from ..studio.export import export_sweep
     from .eval import load_pool_arg
 
     def progress(frac, desc):
@@ -95,7 +96,7 @@ def cmd_sweep(args) -> int:
     if not args.quiet:
         print("", file=sys.stderr)
     if args.out:
-        files = sweeps.export(result, args.out)
+        files = export_sweep(result, args.out)
         if not args.quiet:
             print("wrote " + ", ".join(files.values()), file=sys.stderr)
     if args.json:

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..progress import Progress
 from .. import models
 from ..device import resolve_device
 from ..merging.decompose import esd, scipy_threads
 from ..merging.stats import task_layer_stats
 
-Progress = Callable[[float, str], None]
 
 
 @dataclass(eq=False)

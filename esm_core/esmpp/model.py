@@ -70,7 +70,6 @@ from ..models import openclip_vit as vit
 from .experts import Experts
 from .log import DecisionLog
 
-Progress = Callable[[float, str], None]
 
 
 # ---------------------------------------------------------------------------

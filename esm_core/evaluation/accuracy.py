@@ -10,14 +10,14 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
 
+from ..progress import Progress
 from ..device import resolve_device
 
-Progress = Callable[[float, str], None]
 
 
 # ---------------------------------------------------------------- accuracy

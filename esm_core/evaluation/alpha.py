@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..progress import Progress
 from ..merging import get_method, merge_updates
 from ..merging.registry import Param
 
-Progress = Callable[[float, str], None]
 GOLDEN_RANGE = (0.0, 2.0)
 GOLDEN_TOL = 0.01
 GOLDEN_MAX_EVALS = 15

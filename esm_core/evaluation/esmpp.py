@@ -6,6 +6,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..progress import Progress, reporter
 from ..device import resolve_device
 from ..esmpp import ESMPP, DecisionLog, RoutedModel, build_experts, build_routed, routed_keys_of, routing_accuracy
 from ..merging import get_method
@@ -14,7 +15,6 @@ from ..probe import probe_pool
 from .accuracy import evaluate, summarize
 from .runs import merged_state, search_alpha
 
-Progress = Callable[[float, str], None]
 
 
 WILSON_Z = 1.96                   # 95 %
@@ -60,7 +60,7 @@ def build_esmpp(pool, stats=None, *, rank: int = ESMPP.default("rank"),
     state dict at ``alpha`` with ``esm_params`` when the caller holds it (the app's current merge): it is not
     merged again, and the routed model takes its tensors over.
     """
-    report = progress or (lambda f, d: None)
+    report = reporter(progress)
     dev = resolve_device(device)
     if merged is not None:
         if alpha is None:
@@ -151,7 +151,7 @@ def evaluate_esmpp(pool, params: Mapping[str, Any] | None = None, esm_params: Ma
     The routed row carries routing accuracy per routed layer and the storage the experts add.
     """
     pp = ESMPP.resolve(dict(params or {}))
-    report = progress or (lambda f, d: None)
+    report = reporter(progress)
     routed = build_esmpp(pool, stats, **pp, alpha=None if alpha == "auto" else float(alpha),
                          esm_params=dict(esm_params or {}), cache=cache, device=device,
                          progress=lambda f, d: report(0.6 * f, d))

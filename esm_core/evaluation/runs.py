@@ -5,16 +5,16 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
+from ..progress import Progress, reporter
 from ..device import resolve_device
 from ..merging import apply_updates, get_method, merge_updates
 from . import alpha as A
 from .accuracy import accuracies_of, evaluate, normalised, reference_accuracies, summarize
 
-Progress = Callable[[float, str], None]
 
 
 def search_alpha(pool, method: str, params: Mapping[str, Any] | None = None, *, stats=None, cache=None,
@@ -23,7 +23,7 @@ def search_alpha(pool, method: str, params: Mapping[str, Any] | None = None, *, 
     """Choose α for ``method`` by the best mean normalised accuracy on ``split`` (validation), following
     :func:`esm_core.evaluation.alpha.search`. Returns ``(best α, [(α, mean normalised accuracy)] sorted by α)``."""
     dev = resolve_device(device)
-    report = progress or (lambda f, d: None)
+    report = reporter(progress)
     report(0.0, f"{method}: merging at α = 0 and α = 1")
     u0, slope, _ = A.affine_updates(pool.base, pool.tasks, method, params, stats=stats, cache=cache, device=dev)
     ft = reference_accuracies(pool, split, device=dev)["finetuned"]
@@ -58,7 +58,7 @@ def evaluate_method(pool, method: str, params: Mapping[str, Any] | None = None, 
                     split: str = "test", stats=None, cache=None, device: str | torch.device = "auto",
                     progress: Progress | None = None) -> dict:
     """Merge with ``method`` (α chosen on validation when ``alpha="auto"``) and summarise it on ``split``."""
-    report = progress or (lambda f, d: None)
+    report = reporter(progress)
     p = {k: v for k, v in dict(params or {}).items() if k != "alpha"}
     curve = None
     if alpha == "auto":

@@ -31,6 +31,18 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from PIL import Image, ImageDraw
+
+from .. import models
+from ..device import resolve_device
+from ..esmpp import ESMPP
+from ..merging import get_method
+from ..merging.decompose import esd
+from ..merging.esm import new_cache
+from ..merging.stats import task_layer_stats
+from ..probe import probe, probe_pool
+from .esmpp import evaluate_esmpp
+from .runs import evaluate_method
 from ..pools.taskpool import subset_pool
 from .accuracy import binomial_halfwidth, reference_accuracies, subset_ids
 from .esmpp import wilson_interval
@@ -211,22 +223,18 @@ def point_row(pool, summary: Mapping, split: str = "test") -> dict:
 
 
 def _evaluate(view, method: str, params: Mapping, *, stats, cache, alpha, device, progress) -> dict:
-    from .runs import evaluate_method
     return evaluate_method(view, method, dict(params), alpha=alpha, split="test", stats=stats, cache=cache,
                            device=device, progress=progress)
 
 
 def _needs_stats(method: str, params: Mapping) -> bool:
-    from ..merging import get_method
     return get_method(method).needs_stats and dict(params).get("directions", "esd") != "svd"
 
 
 def _probe(pool, n: int, seed: int, device, progress: Progress | None, source: Mapping[str, str] | None = None):
     """``probe_pool``'s Stats; ``source``: task t probed (in fine-tuned model t) on task ``source[t]``'s proxy inputs."""
-    from ..probe import probe, probe_pool
     if source is None:
         return probe_pool(pool, n=n, seed=seed, device=device, progress=progress)
-    from ..device import resolve_device
     dev = resolve_device(device)
     names = list(pool.task_names)
     out = {"tasks": {}, "proxy_ids": {}, "n": int(n), "seed": int(seed), "source": dict(source)}
@@ -254,7 +262,6 @@ def ablation(pool, *, max_images: int | None = None, proxy_n: int = 32, seed: in
     params = {"max_images": max_images, "proxy_n": int(proxy_n), "seed": int(seed)}
 
     def body(steps: _Steps):
-        from ..merging.esm import new_cache
         view = eval_view(pool, None, max_images)
         stats = _probe(pool, proxy_n, seed, device, steps.step("probe"))
         cache = new_cache()
@@ -283,7 +290,6 @@ def task_subsets(names: Sequence[str], T: int, seeds: Sequence[int]) -> list[tup
 
 def esd_layers(base: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """``{key: layer type}`` of the ESD keys of ESM's default ``esd_types="auto"`` (the model family's ESD types)."""
-    from .. import models
     fam = models.family_of(base)
     types = models.layer_types_of(base, fam.NAME if fam else None)
     esd = set(fam.ESD_TYPES) if fam is not None else set(types.values())
@@ -305,7 +311,6 @@ def task_count(pool, methods: Sequence[str] = DEFAULT_TASK_METHODS, seeds: Seque
                should_stop: Callable[[], bool] | None = None, use_cache: bool = True) -> dict:
     """Normalised accuracy against the number of tasks merged (``counts``, default 2 … T), per method, averaged over
     the task subsets the ``seeds`` draw; each row has the mean, standard deviation, min and max over subsets."""
-    from ..merging import get_method
     names = list(pool.task_names)
     methods = [get_method(m).name for m in methods]
     if not methods:
@@ -323,7 +328,6 @@ def task_count(pool, methods: Sequence[str] = DEFAULT_TASK_METHODS, seeds: Seque
               "proxy_n": int(proxy_n)}
 
     def body(steps: _Steps):
-        from ..merging.esm import new_cache
         view = eval_view(pool, None, max_images)
         reference_accuracies(view, "val")
         reference_accuracies(view, "test")
@@ -357,9 +361,7 @@ def task_count(pool, methods: Sequence[str] = DEFAULT_TASK_METHODS, seeds: Seque
 
 def esd_energy(pool, stats, k_of: Callable[[int], int], keys: Sequence[str] | None = None) -> float:
     """Mean over tasks and ESD keys of the share of the ESD eigenvalue mass ``Σλ[:k] / Σλ`` kept at rank
-    ``k = k_of(d_out)`` (the eigenvalues of ``ΔWt G ΔWtᵀ``: the energy of the output shift, SPEC §5)."""
-    from ..merging.decompose import esd
-    from ..merging.stats import task_layer_stats
+    ``k = k_of(d_out)`` (the eigenvalues of ``ΔWt G ΔWtᵀ``: the energy of the output shift, methods §5)."""
     keys = list(keys) if keys is not None else _esd_keys(pool)
     shares = []
     for t in pool.task_names:
@@ -384,8 +386,6 @@ def rank_sweep(pool, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                should_stop: Callable[[], bool] | None = None, use_cache: bool = True) -> dict:
     """ESM at each rank fraction ``f`` (k = ⌊f·d_out/T⌋, α on validation each) and ESM++ at each expert rank r (on
     the ESM merge at f = 1 and its α), each row with the ESD energy kept at that rank (:func:`esd_energy`)."""
-    from ..esmpp import ESMPP
-    from ..merging import get_method
     fractions = [float(f) for f in fractions]
     for f in fractions:
         get_method("esm").resolve({"rank_fraction": f})
@@ -399,8 +399,6 @@ def rank_sweep(pool, fractions: Sequence[float] = DEFAULT_FRACTIONS,
               "proxy_n": int(proxy_n)}
 
     def body(steps: _Steps):
-        from ..merging.esm import new_cache
-        from .esmpp import evaluate_esmpp
         view = eval_view(pool, None, max_images)
         stats = _probe(pool, proxy_n, 0, device, steps.step("probe"))
         cache = new_cache()
@@ -450,7 +448,6 @@ def proxy_sweep(pool, ns: Sequence[int] = DEFAULT_PROXY_NS, *, ood_n: int | None
     params = {"ns": ns, "ood_n": ood_n, "seed": int(seed), "max_images": max_images}
 
     def body(steps: _Steps):
-        from ..merging.esm import new_cache
         view = eval_view(pool, None, max_images)
         cache = new_cache()
         plan = [(n, None) for n in ns]
@@ -488,7 +485,7 @@ def to_csv(result: Mapping) -> str:
     return buf.getvalue()
 
 
-def _x_of(result: Mapping) -> tuple[str, Callable[[dict], Any], Callable[[dict], str]]:
+def axis_of(result: Mapping) -> tuple[str, Callable[[dict], Any], Callable[[dict], str]]:
     kind = result["kind"]
     if kind == "ablation":
         return "variant", lambda r: r["label"], lambda r: "esm"
@@ -499,39 +496,6 @@ def _x_of(result: Mapping) -> tuple[str, Callable[[dict], Any], Callable[[dict],
                 lambda r: r["rank_fraction"] if r["method"] == "esm" else r["expert_rank"], lambda r: r["method"])
     return ("proxy samples per task", lambda r: r["proxy_n"],
             lambda r: "ESM (own proxy)" if r["proxy_from"] == "own" else "ESM (another task's proxy)")
-
-
-def figure(result: Mapping):
-    """A plotly figure of the sweep: bars (ablation) or lines with error bars (the others), test accuracy %."""
-    import plotly.graph_objects as go
-    xlabel, xof, series = _x_of(result)
-    rows = list(result["rows"])
-    kind = result["kind"]
-    fig = go.Figure()
-    y_key, hw_key = ("mean_norm", "norm_sd") if kind == "tasks" else ("mean_abs", "mean_abs_hw")
-    for name in dict.fromkeys(series(r) for r in rows):
-        rs = [r for r in rows if series(r) == name]
-        x = [xof(r) for r in rs]
-        y = [100 * r[y_key] for r in rs]
-        err = dict(type="data", array=[100 * r[hw_key] for r in rs], visible=True)
-        if kind == "ablation":
-            fig.add_trace(go.Bar(x=x, y=y, error_y=err, name=name, text=[f"{v:.1f}" for v in y],
-                                 textposition="inside"))
-        else:
-            fig.add_trace(go.Scatter(x=x, y=y, error_y=err, mode="lines+markers", name=name))
-    if kind == "tasks" and rows:
-        ks = [k for k in rows[0] if k.startswith("rank:")]
-        ticks = sorted({r["tasks_merged"] for r in rows})
-        text = [f"{T}<br>k={'/'.join(str(next(r[k] for r in rows if r['tasks_merged'] == T)) for k in ks)}"
-                for T in ticks]
-        fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=text)
-    if kind == "rank":
-        fig.update_xaxes(type="log")
-    ylab = ("normalised accuracy % (mean over task subsets, ± sd)" if kind == "tasks"
-            else "test accuracy % (± 95 % interval)")
-    fig.update_layout(title=f"{kind} sweep on pool {result.get('pool')!r}", xaxis_title=xlabel, yaxis_title=ylab,
-                      template="plotly_white", margin=dict(t=60, l=60, r=20, b=60))
-    return fig
 
 
 def png_backend() -> str | None:
@@ -548,8 +512,7 @@ def png_backend() -> str | None:
 def png_pillow(result: Mapping, width: int = 900, height: int = 500) -> bytes:
     """A plain PNG chart of the sweep drawn with Pillow (where plotly cannot render images): one series per method,
     points with 95 % bars (the task sweep: ± sd), x at equal spacing labelled with the sweep's values."""
-    from PIL import Image, ImageDraw
-    xlabel, xof, series = _x_of(result)
+    xlabel, xof, series = axis_of(result)
     rows = list(result["rows"])
     y_key, hw_key = ("mean_norm", "norm_sd") if result["kind"] == "tasks" else ("mean_abs", "mean_abs_hw")
     img = Image.new("RGB", (width, height), "white")
@@ -585,40 +548,3 @@ def png_pillow(result: Mapping, width: int = 900, height: int = 500) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
-
-
-def export(result: Mapping, folder, stem: str | None = None) -> dict[str, str]:
-    """Write ``{stem}.csv``, ``{stem}.json`` (rows and parameters), ``{stem}.html`` (the plotly figure) and
-    ``{stem}.png`` (plotly's image where kaleido is installed, else a plain Pillow chart) into ``folder``. Each file is written to a temporary name and
-    renamed, so none is left half-written. Returns ``{format: path}``."""
-    import os
-    import tempfile
-    from pathlib import Path
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = stem or f"sweep-{result['kind']}"
-    if not stem.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"file stem must be letters, digits, '-' or '_', got {stem!r}")
-    fig = figure(result)
-    payload = {"csv": to_csv(result).encode(),
-               "json": json.dumps({k: result[k] for k in ("kind", "pool", "params", "rows", "seconds")},
-                                  indent=1, default=str).encode(),
-               "html": fig.to_html(include_plotlyjs="cdn", full_html=True).encode()}
-    backend = png_backend()
-    if backend == "kaleido":
-        payload["png"] = fig.to_image(format="png", width=900, height=500)
-    elif backend == "pillow":
-        payload["png"] = png_pillow(result)
-    out = {}
-    for ext, data in payload.items():
-        path = folder / f"{stem}.{ext}"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        out[ext] = str(path)
-    return out

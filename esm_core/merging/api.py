@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
+from ..progress import Progress
 from .. import models
 from ..checkpoints import check_compatible, check_finite
 from ..lazy import LazyCheckpoint, as_state, check_compatible_lazy
@@ -24,7 +25,6 @@ from ..device import all_finite, resolve_device
 from ..models.roles import OWN, SKIP
 from .registry import get_method
 
-Progress = Callable[[float, str], None]
 
 
 @dataclass

@@ -21,20 +21,19 @@ import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from safetensors.torch import load_file
 
+from ..progress import Progress
 from .. import settings
 from ..checkpoints import save_safetensors
 from ..models.openclip_vit import build_visual_tower, normalise_images, register_model_config
 from . import image_data as D
 from .taskpool import TaskPool, cosine_head
 
-Progress = Callable[[float, str], None]
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo"
 CACHE_DIR = settings.cache_dir()      # ESM_STUDIO_CACHE

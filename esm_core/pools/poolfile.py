@@ -11,17 +11,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import open_clip
 import torch
 from huggingface_hub import hf_hub_download, snapshot_download
 
+from ..progress import Progress, reporter
 from .. import settings
 from ..checkpoints import load_checkpoint
 from .taskpool import TaskPool
 
-Progress = Callable[[float, str], None]
 
 # ---------------------------------------------------------------- real CLIP pools: pool files
 
@@ -266,7 +266,7 @@ def load_pool(path_or_spec: str | os.PathLike | PoolSpec, *, device: str | torch
     """
     spec = path_or_spec if isinstance(path_or_spec, PoolSpec) else load_pool_file(path_or_spec)
     rel = spec.path.parent if spec.path is not None else None
-    report = progress or (lambda f, d: None)
+    report = reporter(progress)
     errors, files, classes = [], {}, {}
     report(0.0, "locating the base model")
     try:

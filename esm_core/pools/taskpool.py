@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
 
 from ..models.openclip_vit import build_visual_tower, normalise_images
 
-Progress = Callable[[float, str], None]
 
 # ---------------------------------------------------------------- the pool
 

@@ -36,17 +36,16 @@ import shutil
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..progress import Progress
 from .. import settings
 from ..models import bert
 from . import text_data
 
-Progress = Callable[[float, str], None]
 
 CACHE = settings.cache_dir()          # ESM_STUDIO_CACHE
 TEXT_POOL_DIR = CACHE / "text-pool"

@@ -30,7 +30,6 @@ from ..models import bert
 from . import text_build as tb
 from .taskpool import proxy_ids, subset_pool
 
-Progress = Callable[[float, str], None]
 
 
 @dataclass

@@ -21,6 +21,7 @@ import open_clip
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..progress import Progress, reporter
 from .. import settings
 from ..checkpoints import load_checkpoint, save_safetensors
 from ..lazy import LazyCheckpoint
@@ -30,7 +31,6 @@ from ..models.openclip_vit import CLIP_MEAN, CLIP_STD
 from .demo import DEMO_DIR, load_demo_pool
 from .taskpool import TaskPool, cosine_head
 
-Progress = Callable[[float, str], None]
 
 MAX_ZIP_FILES = 20_000
 MAX_ZIP_BYTES = 512 * 1024 ** 2          # bytes actually inflated from one zip, all members together
@@ -503,7 +503,7 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     copies besides (the studio passes those it keeps while merging: :func:`esm_core.studio.session.check_memory`).
     Images are decoded one at a time straight into the pool's arrays.
     """
-    report = progress or (lambda f, d: None)
+    report = reporter(progress)
     image_zips = dict(image_zips or {})
     if base_path is None:
         raise ValueError("no base (pre-trained) checkpoint uploaded")

@@ -25,11 +25,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
 
+from ..progress import Progress, reporter
 from ..checkpoints import check_compatible, load_checkpoint, save_safetensors
 from ..lazy import LazyCheckpoint
 from ..models import bert
@@ -37,7 +38,6 @@ from .text_pool import TextTaskPool
 from .. import settings
 from .upload import NAME_OK, _split_val_test, upload_memory_budget
 
-Progress = Callable[[float, str], None]
 
 MAX_TEXT_FILE_BYTES = 16 * 1024 ** 2        # one task's labelled text
 MAX_ROWS = 20_000                           # sentences per task
@@ -363,7 +363,7 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
     checkpoint is read; the tokenizer checked (:func:`check_tokenizer_json`) before it runs; tokenising done in
     chunks, each followed by ``progress`` (which may raise to stop: Cancel) and a check of
     :data:`MAX_TOKENIZE_SECONDS`."""
-    report = progress or (lambda f, d: None)
+    report = reporter(progress)
     names = list(task_paths)
     if len(names) < 2:
         raise ValueError(f"merging needs at least two task checkpoints; got {len(names)}")

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
+from typing import Mapping
 
 from ..checkpoints import read_config, save_safetensors, strict_json_dumps
 from ..esmpp import ESMPP, save_esmpp
+from ..evaluation import sweeps
 from ..merging import apply_updates
 from .live import comparison_rows
 from .routing import esmpp_model
 from .session import Progress, Session, _need_pool
+from . import viz
 
 
 def _safe_name(text: str) -> str:
@@ -58,3 +63,37 @@ def export_esmpp(s: Session, rank: int = ESMPP.default("rank"), progress: Progre
         m = built["model"]
         name = _safe_name(f"{pool.name}-esmpp-r{built['rank']}-alpha{built['alpha']:.2f}")
         return save_esmpp(s.workdir / f"{name}.safetensors", m.merged_sd, m.experts, m.config)
+
+
+def export_sweep(result: Mapping, folder, stem: str | None = None) -> dict[str, str]:
+    """Write ``{stem}.csv``, ``{stem}.json`` (rows and parameters), ``{stem}.html`` (the plotly figure) and
+    ``{stem}.png`` (plotly's image where kaleido is installed, else a plain Pillow chart) into ``folder``. Each file is written to a temporary name and
+    renamed, so none is left half-written. Returns ``{format: path}``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = stem or f"sweep-{result['kind']}"
+    if not stem.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"file stem must be letters, digits, '-' or '_', got {stem!r}")
+    fig = viz.sweep_figure(result)
+    payload = {"csv": sweeps.to_csv(result).encode(),
+               "json": json.dumps({k: result[k] for k in ("kind", "pool", "params", "rows", "seconds")},
+                                  indent=1, default=str).encode(),
+               "html": fig.to_html(include_plotlyjs="cdn", full_html=True).encode()}
+    backend = sweeps.png_backend()
+    if backend == "kaleido":
+        payload["png"] = fig.to_image(format="png", width=900, height=500)
+    elif backend == "pillow":
+        payload["png"] = sweeps.png_pillow(result)
+    out = {}
+    for ext, data in payload.items():
+        path = folder / f"{stem}.{ext}"
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        out[ext] = str(path)
+    return out

@@ -1,6 +1,8 @@
 """The Routing view's operations: the session's ESM++ model, routing sample inputs, the decision summary."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from PIL import Image
@@ -251,7 +253,6 @@ def _embedding_with_own(log, li: int, experts, method: str, seed: int = 0) -> tu
     pn = torch.nn.functional.normalize(protos.double(), dim=-1)
     z, own = torch.cat([xn[:-1], pn]), xn[-1:]
     if method == "umap" and z.shape[0] >= EMBED_MIN_POINTS:
-        import warnings
         umap = _import_umap()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -36,8 +36,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..progress import Progress, no_progress as _noop  # noqa: F401  (the studio's views import it from here)
 from .. import settings
 from ..device import resolve_device, trim_heap
+from ..evaluation.accuracy import normalised
+from ..merging import get_method
 from ..models import family_or_vit
 from ..models.roles import MATRIX
 from ..pools import text_build
@@ -46,7 +49,6 @@ from ..pools.text_pool import load_text_task_pool
 from ..pools.upload import pool_from_upload
 from ..pools.upload_text import text_pool_from_upload
 
-Progress = Callable[[float, str], None]
 
 LIVE_PER_TASK = 100          # test images per task behind the live accuracy bars
 ALPHA_PER_TASK = 50          # validation images per task behind the α curve
@@ -54,10 +56,6 @@ AFFINE_CACHE = 3             # parameter sets whose α=0 / α=1 updates a sessio
 # besides its pool, a session keeps up to this many model-sized sets of tensors: the α=0 and α=1 updates of
 # AFFINE_CACHE parameter sets, the current merge's update, the image tower it evaluates with, the ESM++ merge
 WORKING_COPIES = 2 * AFFINE_CACHE + 3
-
-
-def _noop(frac: float, desc: str) -> None:
-    pass
 
 
 class Cancelled(Exception):
@@ -463,8 +461,6 @@ def _unit(x, what: str, hi: float = 1.0) -> float:
 def _check_history(data, s: Session) -> list[dict] | None:
     """The merge records of a stored history, checked field by field (it comes from the client): None when it is
     another pool's; ValueError naming the first thing wrong."""
-    from ..evaluation.accuracy import normalised
-    from ..merging import get_method
     if not isinstance(data, dict) or data.get("version") != 1:
         raise ValueError("not a merge history of this app")
     key, want = data.get("pool"), _pool_key(s)

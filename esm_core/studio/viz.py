@@ -13,6 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..evaluation import sweeps
 from ..models import short_key  # noqa: F401  (re-exported: the app labels layers with viz.short_key)
 
 # One colour per task, in task order (Plotly's qualitative "D3" + "Set2" palettes, repeated if needed).
@@ -371,4 +372,36 @@ def embedding_figure(points: np.ndarray, labels: Sequence[str], proto_points: np
     fig.update_yaxes(showticklabels=False, title=axis[1])
     fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=20, t=80, b=50)}, height=440,
                       title=title or "samples and task prototypes (★)")
+    return fig
+
+
+def sweep_figure(result: Mapping):
+    """A plotly figure of the sweep: bars (ablation) or lines with error bars (the others), test accuracy %."""
+    xlabel, xof, series = sweeps.axis_of(result)
+    rows = list(result["rows"])
+    kind = result["kind"]
+    fig = go.Figure()
+    y_key, hw_key = ("mean_norm", "norm_sd") if kind == "tasks" else ("mean_abs", "mean_abs_hw")
+    for name in dict.fromkeys(series(r) for r in rows):
+        rs = [r for r in rows if series(r) == name]
+        x = [xof(r) for r in rs]
+        y = [100 * r[y_key] for r in rs]
+        err = dict(type="data", array=[100 * r[hw_key] for r in rs], visible=True)
+        if kind == "ablation":
+            fig.add_trace(go.Bar(x=x, y=y, error_y=err, name=name, text=[f"{v:.1f}" for v in y],
+                                 textposition="inside"))
+        else:
+            fig.add_trace(go.Scatter(x=x, y=y, error_y=err, mode="lines+markers", name=name))
+    if kind == "tasks" and rows:
+        ks = [k for k in rows[0] if k.startswith("rank:")]
+        ticks = sorted({r["tasks_merged"] for r in rows})
+        text = [f"{T}<br>k={'/'.join(str(next(r[k] for r in rows if r['tasks_merged'] == T)) for k in ks)}"
+                for T in ticks]
+        fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=text)
+    if kind == "rank":
+        fig.update_xaxes(type="log")
+    ylab = ("normalised accuracy % (mean over task subsets, ± sd)" if kind == "tasks"
+            else "test accuracy % (± 95 % interval)")
+    fig.update_layout(title=f"{kind} sweep on pool {result.get('pool')!r}", xaxis_title=xlabel, yaxis_title=ylab,
+                      template="plotly_white", margin=dict(t=60, l=60, r=20, b=60))
     return fig
