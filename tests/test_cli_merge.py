@@ -43,7 +43,8 @@ def method():
 @pytest.fixture
 def stats_method():
     name = f"_cli_test_stats_{uuid.uuid4().hex[:8]}"
-    register(Method(name, "needs stats", _scaled_sum, (alpha_param(0.5, 2.0),), "test", needs_stats=True))
+    register(Method(name, "needs stats", lambda ctx, alpha: _scaled_sum(ctx, alpha, 0.0), (alpha_param(0.5, 2.0),),
+                    "test", needs_stats=True))
     yield name
     METHODS.pop(name, None)
 

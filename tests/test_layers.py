@@ -163,12 +163,14 @@ def test_imports_at_module_top():
 
 
 def test_the_command_line_answers_help_without_torch():
-    """`esm-studio --help` and every command's --help load neither torch nor the library's heavy modules."""
+    """`esm-studio --help`, every command's --help and `esm-studio methods` load neither torch nor the library's
+    heavy modules (the method schemas live in esm_core.schemas)."""
     import subprocess
     import sys
     code = ("import sys\nfrom esm_core import cli\n"
             "for argv in ([], *([c] for c in sys.argv[1:])):\n"
             "    try:\n        cli.main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+            "cli.main(['methods'])\n"
             "heavy = sorted(m for m in ('torch', 'numpy', 'transformers', 'open_clip', 'gradio') if m in sys.modules)\n"
             "print('HEAVY', heavy)\n")
     cmds = ["methods", "merge", "eval", "bench", "build-demo", "build-pool", "app"]
@@ -176,6 +178,7 @@ def test_the_command_line_answers_help_without_torch():
                          cwd=ROOT.parent)
     assert out.returncode == 0, out.stderr
     assert "usage: esm-studio eval" in out.stdout and "usage: esm-studio merge" in out.stdout
+    assert "Essential Subspace Merging" in out.stdout and "also accepted as: task_arithmetic" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "HEAVY []"
 
 

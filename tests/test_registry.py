@@ -19,3 +19,28 @@ def test_resolve_fills_defaults_and_coerces():
 def test_resolve_refuses_bad_values(params, msg):
     with pytest.raises(ValueError, match=msg):
         _m().resolve(params)
+
+
+# ---------------------------------------------------------------- each default stated once (esm_core.schemas)
+
+def test_every_method_is_its_schema_and_its_function_states_no_default():
+    import inspect
+
+    from esm_core.merging import METHODS
+    from esm_core.schemas import SPECS
+    assert list(METHODS) == list(SPECS)
+    for name, m in METHODS.items():
+        assert m.to_dict() == SPECS[name].to_dict() and m.alpha_grid == SPECS[name].alpha_grid
+        params = list(inspect.signature(m.fn).parameters.values())[1:]
+        assert [p.name for p in params] == [p.name for p in m.params], name
+        assert all(p.default is inspect.Parameter.empty for p in params), name
+
+
+def test_register_refuses_a_function_that_states_its_own_defaults_or_other_names():
+    from esm_core.merging.registry import register
+    with pytest.raises(ValueError, match="defaults belong to the schema"):
+        register(Method("_t1", "t", lambda ctx, alpha=0.3: {}, (alpha_param(0.3, 1.0),), "t"))
+    with pytest.raises(ValueError, match=r"takes \['alpha', 'k'\], its schema declares \['alpha'\]"):
+        register(Method("_t2", "t", lambda ctx, alpha, k: {}, (alpha_param(0.3, 1.0),), "t"))
+    from esm_core.merging import METHODS
+    assert "_t1" not in METHODS and "_t2" not in METHODS

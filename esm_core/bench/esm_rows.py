@@ -43,7 +43,10 @@ from ..merging.stats import LayerStats, _Accumulator, stats_nbytes, task_layer_s
 from ..merging.svd import tsv_merge_matrix
 from ..models import openclip_vit as vit
 from ..models.roles import MATRIX
+from ..schemas import SPECS
 from .jobs import TOKENS, Job
+
+ESM_DEFAULTS = {q.name: q.default for q in SPECS["esm"].params}
 
 PROXY_IMAGES = 32
 
@@ -83,10 +86,13 @@ def _ref_isotropic(x: torch.Tensor) -> torch.Tensor:
     return (u @ vh) * s.mean()
 
 
-def esm_reference(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_task: float = 2.0,
-                  p_dim: float = 2.0, p_layer: float = 2.0, eig_exp: float = 0.15, ortho_factor: float = 2.0,
-                  esd_types: str = ",".join(vit.ESD_TYPES)) -> dict[str, torch.Tensor]:
-    """ESM by fd9a028's route, cold, no cache (the benchmark's and tests' reference; same parameters as ``esm``)."""
+def esm_reference(ctx, esd_types: str = ",".join(vit.ESD_TYPES), **params) -> dict[str, torch.Tensor]:
+    """ESM by the straightforward route (one large eigendecomposition per task and layer), cold, no cache: the
+    benchmark's and tests' reference. ``params``: ESM's (its schema's defaults for those not given; ESD
+    directions only)."""
+    p = {q.name: params.get(q.name, q.default) for q in SPECS["esm"].params}
+    alpha, rank, rank_fraction, p_task, p_dim, p_layer, eig_exp, ortho_factor = (
+        p[n] for n in ("alpha", "rank", "rank_fraction", "p_task", "p_dim", "p_layer", "eig_exp", "ortho_factor"))
     names, T = ctx.names, len(ctx.names)
     esd_keys = _esd_keys(ctx, esd_types)
     stats = _stats_of(ctx, esd_keys)
@@ -193,8 +199,9 @@ def _setup_factors(base, tasks, device):
         es = [cache.esd_entries[(n, key)] for n in names]
         k = esm_rank(es[0].P.shape[0], len(names))
         lams = [e.lam for e in es]
-        factors.append(esm_u([e.P.to(device) for e in es], lams, k))
-        factors.append(esm_v_from_coords([e.A.to(device) for e in es], lams, [e.norm for e in es], k))
+        factors.append(esm_u([e.P.to(device) for e in es], lams, k, ESM_DEFAULTS["eig_exp"]))
+        factors.append(esm_v_from_coords([e.A.to(device) for e in es], lams, [e.norm for e in es], k,
+                                         *(ESM_DEFAULTS[n] for n in ("p_task", "p_dim", "eig_exp"))))
     state["factors"] = factors
     return state
 

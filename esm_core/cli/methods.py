@@ -6,8 +6,7 @@ import json
 
 
 def cmd_methods(args) -> int:
-    from ..esmpp import ESMPP
-    from ..merging import METHODS
+    from ..schemas import ESMPP, SPECS as METHODS      # the schemas alone: no torch
 
     if args.json:
         print(json.dumps([m.to_dict() for m in METHODS.values()] + [{**ESMPP.to_dict(), "esm_params": "every ESM "

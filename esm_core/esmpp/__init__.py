@@ -10,18 +10,11 @@ ESM++'s own knobs form the typed schema :data:`ESMPP` (the static ESM merge
 keeps ESM's schema). The pipeline on a pool (α search, evaluation) lives in
 :mod:`esm_core.evaluation.esmpp`.
 """
-from ..merging.registry import Param, Schema
+from ..schemas import ESMPP as _ESMPP
 from .experts import Experts, build_experts, routed_keys_of  # noqa: F401
 from .io import FACTOR_PREFIX, load_esmpp, load_routed, save_esmpp  # noqa: F401
 from .log import DecisionLog, confusion, majority_task, routing_accuracy  # noqa: F401
 from .model import RoutedAttention, RoutedLinear, RoutedModel, build_routed  # noqa: F401
 from .embedding import routing_embedding  # noqa: F401
 
-ESMPP = Schema(
-    "esmpp", "ESM++",
-    (Param("rank", int, 32, "rank r of each task's expert in every routed layer (methods §7: 32, also 8)",
-           min=1, max=4096, step=1),
-     Param("routed_types", str, "auto", "layer types that get routed experts: 'auto' = the model family's "
-           "(open_clip ViT: attn.in_proj_weight, mlp.c_fc.weight; BERT family: attn.query, attn.key, attn.value, "
-           "ffn.intermediate), or a comma-separated list")),
-    help="ESM merge + per-task low-rank experts of what ESM lost, routed per input and layer by prototype cosine")
+ESMPP = _ESMPP     # its typed parameters (rank, routed_types): esm_core.schemas

@@ -24,7 +24,8 @@ import zlib
 
 import torch
 
-from .registry import Method, Param, alpha_param, register
+from ..schemas import SPECS
+from .registry import Method, register
 
 # ---------------------------------------------------------------------------
 # Task deltas (optionally with DARE's random drop and rescale)
@@ -83,17 +84,17 @@ def _sum_or_mean(ctx, alpha: float, reduce: str, dare: dict | None, label: str) 
     return out
 
 
-def average(ctx, alpha: float = 1.0) -> dict[str, torch.Tensor]:
+def average(ctx, alpha: float) -> dict[str, torch.Tensor]:
     """Weight averaging: ``θ = θ0 + α · mean_t τt`` (α = 1: the plain average of the models)."""
     return _sum_or_mean(ctx, alpha, "mean", None, "average")
 
 
-def task_arithmetic(ctx, alpha: float = 0.3) -> dict[str, torch.Tensor]:
+def task_arithmetic(ctx, alpha: float) -> dict[str, torch.Tensor]:
     """Task Arithmetic: ``θ = θ0 + α Σt τt``."""
     return _sum_or_mean(ctx, alpha, "sum", None, "task arithmetic")
 
 
-def dare_ta(ctx, alpha: float = 0.3, p: float = 0.9, seed: int = 0) -> dict[str, torch.Tensor]:
+def dare_ta(ctx, alpha: float, p: float, seed: int) -> dict[str, torch.Tensor]:
     """DARE + Task Arithmetic: drop-and-rescale every task vector, then ``θ0 + α Σt τ̃t``."""
     return _sum_or_mean(ctx, alpha, "sum", {"p": p, "seed": seed}, "DARE-TA")
 
@@ -190,12 +191,12 @@ def _ties(ctx, alpha: float, k: float, dare: dict | None, label: str) -> dict[st
     return out
 
 
-def ties(ctx, alpha: float = 0.3, k: float = 20.0) -> dict[str, torch.Tensor]:
+def ties(ctx, alpha: float, k: float) -> dict[str, torch.Tensor]:
     """TIES-Merging: trim (top-k % per task, whole model), elect sign, disjoint mean; ``θ0 + α τm``."""
     return _ties(ctx, alpha, k, None, "TIES")
 
 
-def dare_ties(ctx, alpha: float = 0.3, p: float = 0.9, seed: int = 0, k: float = 20.0) -> dict[str, torch.Tensor]:
+def dare_ties(ctx, alpha: float, p: float, seed: int, k: float) -> dict[str, torch.Tensor]:
     """DARE + TIES: drop-and-rescale every task vector, then TIES with top-k %."""
     return _ties(ctx, alpha, k, {"p": p, "seed": seed}, "DARE-TIES")
 
@@ -204,27 +205,6 @@ def dare_ties(ctx, alpha: float = 0.3, p: float = 0.9, seed: int = 0, k: float =
 # Registration
 # ---------------------------------------------------------------------------
 
-_K = Param("k", float, 20.0, "TIES trim: keep the top-k % of each task vector's entries by magnitude "
-           "(over the whole model; ties at the threshold are kept)", min=0.0, max=100.0, step=1.0)
-_P = Param("p", float, 0.9, "DARE drop rate: each entry of each task vector is dropped with probability p, "
-           "survivors are rescaled by 1/(1-p)", min=0.0, max=0.99, step=0.01)
-_SEED = Param("seed", int, 0, "random seed of DARE's drop masks (same seed and device: same merge); an integer "
-              "in [0, 2**63 - 1]", min=0, max=2 ** 63 - 1, step=1)
-
-register(Method("average", "Weight averaging", average, (alpha_param(1.0, 2.0),),
-                help="θ0 + α · mean of the task vectors (α = 1: plain average of the fine-tuned weights)",
-                alpha_grid=(0.0, 2.0, 31), aliases=("simple_average",), alpha_linear=True))   # FusionBench
-register(Method("ta", "Task Arithmetic", task_arithmetic, (alpha_param(0.3, 2.0),),
-                help="θ0 + α · sum of the task vectors (Ilharco et al. 2023)", alpha_grid=(0.0, 1.0, 31),
-                aliases=("task_arithmetic",), alpha_linear=True))                            # mergekit, FusionBench
-register(Method("ties", "TIES-Merging", ties, (alpha_param(0.3, 2.0), _K),
-                help="trim each task vector to its top-k % entries, elect a sign per entry, average the agreeing "
-                     "entries (Yadav et al. 2023)", alpha_grid=(0.0, 1.0, 31),
-                aliases=("ties_merging",), alpha_linear=True))                               # FusionBench (mergekit: ties)
-register(Method("dare_ta", "DARE + Task Arithmetic", dare_ta, (alpha_param(0.3, 2.0), _P, _SEED),
-                help="randomly drop a fraction p of every task vector, rescale the rest, then Task Arithmetic "
-                     "(Yu et al. 2024)", alpha_grid=(0.0, 1.0, 31),
-                aliases=("dare_linear", "dare/task_arithmetic"), alpha_linear=True))         # mergekit, FusionBench
-register(Method("dare_ties", "DARE + TIES", dare_ties, (alpha_param(0.3, 2.0), _P, _SEED, _K),
-                help="randomly drop a fraction p of every task vector, rescale the rest, then TIES",
-                alpha_grid=(0.0, 1.0, 31), aliases=("dare/ties_merging",), alpha_linear=True))   # FusionBench (mergekit: dare_ties)
+for _name, _fn in (("average", average), ("ta", task_arithmetic), ("ties", ties), ("dare_ta", dare_ta),
+                  ("dare_ties", dare_ties)):
+    register(Method.of(SPECS[_name], _fn))

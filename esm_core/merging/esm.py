@@ -33,17 +33,16 @@ from __future__ import annotations
 import torch
 
 from ..models.roles import MATRIX
+from ..schemas import AUTO, DIRECTIONS, MAX_RANK_FRACTION, SPECS  # noqa: F401  (AUTO, DIRECTIONS re-exported)
 from .decompose import DecompositionCache, EsdEntry, _completion, fingerprint, isotropic, polar_route, task_deltas
 from .stats import stats_from_inputs, task_layer_stats
-from .registry import Method, Param, alpha_param, register
+from .registry import Method, register
 from .svd import tsv_key
 
-AUTO = "auto"                 # esd_types: the model family's ESD layer types (ctx.family_esd_types)
-DIRECTIONS = ("esd", "svd")   # where each task's directions P come from: its ESD (§5) or the SVD of ΔWt (ablation)
 
 
 # The largest rank_fraction the method offers (its Param's max): ESD entries keep the columns this can use.
-OFFERED_RANK_FRACTION = 4.0
+OFFERED_RANK_FRACTION = MAX_RANK_FRACTION
 
 
 def new_cache(max_columns: int | None = None) -> DecompositionCache:
@@ -130,7 +129,7 @@ def _eig_weights(lam: torch.Tensor, k: int, eig_exp: float) -> torch.Tensor:
     return e / e.mean()
 
 
-def esm_u(Ps, lams, k: int, eig_exp: float = 0.15) -> torch.Tensor:
+def esm_u(Ps, lams, k: int, eig_exp: float) -> torch.Tensor:
     """``U = [P̂1·e1 … P̂T·eT]`` (d_out × Tk, float64): the output-side factor of methods §6.2–§6.3.
 
     It depends on the essential bases, the rank and ``eig_exp`` only — not on
@@ -143,8 +142,7 @@ def esm_u(Ps, lams, k: int, eig_exp: float = 0.15) -> torch.Tensor:
     return torch.cat(us, dim=1)                                    # §6.3 U = [P̂1 … P̂T]
 
 
-def esm_v(Ps, lams, deltas, k: int, p_task: float = 2.0, p_dim: float = 2.0, eig_exp: float = 0.15
-          ) -> torch.Tensor:
+def esm_v(Ps, lams, deltas, k: int, p_task: float, p_dim: float, eig_exp: float) -> torch.Tensor:
     """``V = [Â1; …; ÂT]`` (Tk × d_in, float64) with the eigenvalue, task and dimension scalings (§6.1–§6.4)."""
     norms = [torch.linalg.vector_norm(d.to(torch.float64)) for d in deltas]   # §6.1 nt = ‖PᵀΔWt‖F = ‖ΔWt‖F
     coords = []
@@ -155,8 +153,7 @@ def esm_v(Ps, lams, deltas, k: int, p_task: float = 2.0, p_dim: float = 2.0, eig
     return esm_v_from_coords(coords, lams, norms, k, p_task, p_dim, eig_exp)
 
 
-def esm_v_from_coords(coords, lams, norms, k: int, p_task: float = 2.0, p_dim: float = 2.0,
-                      eig_exp: float = 0.15) -> torch.Tensor:
+def esm_v_from_coords(coords, lams, norms, k: int, p_task: float, p_dim: float, eig_exp: float) -> torch.Tensor:
     """:func:`esm_v` from the coordinates ``Ât`` (≥ k rows each, first k used) and the norms ‖ΔWt‖F."""
     norms = torch.as_tensor([float(x) for x in norms], dtype=torch.float64)
     mean_norm = norms.mean()
@@ -305,9 +302,8 @@ def _inter_layer_betas(ctx, updates: dict, pre: dict, p_layer: float) -> dict[st
     return betas
 
 
-def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_task: float = 2.0,
-        p_dim: float = 2.0, p_layer: float = 2.0, eig_exp: float = 0.15, ortho_factor: float = 2.0,
-        esd_types: str = AUTO, directions: str = "esd") -> dict[str, torch.Tensor]:
+def esm(ctx, alpha: float, rank: int, rank_fraction: float, p_task: float, p_dim: float, p_layer: float,
+        eig_exp: float, ortho_factor: float, esd_types: str, directions: str) -> dict[str, torch.Tensor]:
     """Essential Subspace Merging (methods §6): ESD layers merged in essential subspaces, polarised scalings.
     ``directions="svd"``: each task's directions are the left singular vectors of ΔWt instead (no statistics)."""
     if directions not in DIRECTIONS:
@@ -352,28 +348,4 @@ def esm(ctx, alpha: float = 1.0, rank: int = 0, rank_fraction: float = 0.0, p_ta
     return out
 
 
-register(Method(
-    "esm", "ESM", esm,
-    (alpha_param(1.0, 3.0),
-     Param("rank", int, 0, "per-task rank k of each ESD layer; 0 = floor(d_out / T); at most 65536, and a rank "
-           "above a layer's output size d_out is clamped to d_out (noted in the merge's info['notes'])",
-           min=0, max=65_536, step=1),
-     Param("rank_fraction", float, 0.0, "alternative to rank: k = floor(rank_fraction · d_out / T) (1.0 = the "
-           "default rank); 0 = unused", min=0.0, max=4.0, step=0.05),
-     Param("p_task", float, 2.0, "inter-task scaling exponent: coordinates × (‖ΔWt‖ / mean ‖ΔW‖)^p",
-           min=-4.0, max=4.0, step=0.5),
-     Param("p_dim", float, 2.0, "inter-dimension (input column) scaling exponent: column j × (cj / mean c)^p",
-           min=-4.0, max=4.0, step=0.5),
-     Param("p_layer", float, 2.0, "inter-layer scaling exponent: layer × (‖ΔWℓ‖ / mean over its type)^p",
-           min=-4.0, max=4.0, step=0.5),
-     Param("eig_exp", float, 0.15, "eigenvalue weight exponent: directions × (λi / mean λ)^eig_exp",
-           min=0.0, max=2.0, step=0.05),
-     Param("ortho_factor", float, 2.0, "factor applied to the orthogonalised product U'V' (2 in the reference)",
-           min=0.0, max=10.0, step=0.1),
-     Param("esd_types", str, AUTO, "layer types merged by ESD (others: TSV-M): 'auto' = the model family's ESD types (open_clip ViT: attn.in_proj_weight, mlp.c_fc.weight, mlp.c_proj.weight; BERT-family text encoders: all six of attn.query, attn.key, attn.value, attn.output, ffn.intermediate, ffn.output), or a comma-separated list of the model's layer types; empty = none"),
-     Param("directions", str, "esd", "each task's directions in an ESD layer: 'esd' (essential directions of the "
-           "output shift, from activations) or 'svd' (left singular vectors of ΔW, λ = squared singular values: "
-           "the paper's ablation baseline; needs no activations)", choices=DIRECTIONS)),
-    help="Essential Subspace Merging: per-task essential output directions from activations (ESD), "
-         "polarised task / eigenvalue / dimension / layer scalings, isotropic recombination",
-    alpha_grid=(0.0, 2.0, 31), needs_stats=True))
+register(Method.of(SPECS["esm"], esm))

@@ -19,7 +19,8 @@ import torch
 
 from ..models.roles import MATRIX
 from .decompose import DecompositionCache, eigh64, gram, isotropic, polar, task_deltas
-from .registry import Method, Param, alpha_param, register
+from ..schemas import SPECS
+from .registry import Method, register
 
 
 # ---------------------------------------------------------------------------
@@ -147,7 +148,7 @@ def tsv_key(cache: DecompositionCache, key: str, dfp: tuple, deltas, store: bool
     return dw
 
 
-def tsv_m(ctx, alpha: float = 1.0) -> dict[str, torch.Tensor]:
+def tsv_m(ctx, alpha: float) -> dict[str, torch.Tensor]:
     """TSV-M (Gargiulo et al. 2025): per-task singular vectors, decorrelated by polar factors.
 
     With ``ctx.cache`` (a :class:`DecompositionCache`), each 2-D key's ΔW is looked up there first (ESM keeps its
@@ -167,12 +168,12 @@ def tsv_m(ctx, alpha: float = 1.0) -> dict[str, torch.Tensor]:
     return out
 
 
-def iso_c(ctx, alpha: float = 1.3) -> dict[str, torch.Tensor]:
+def iso_c(ctx, alpha: float) -> dict[str, torch.Tensor]:
     """Iso-C (Marczak et al. 2025): the task-arithmetic sum with a flat (isotropic) spectrum."""
     return _per_key(ctx, alpha, iso_c_matrix, "Iso-C")
 
 
-def iso_cts(ctx, alpha: float = 1.5, common_fraction: float = 0.8) -> dict[str, torch.Tensor]:
+def iso_cts(ctx, alpha: float, common_fraction: float) -> dict[str, torch.Tensor]:
     """Iso-CTS (Marczak et al. 2025): common + task-specific subspaces, flat spectrum."""
     return _per_key(ctx, alpha, lambda D: iso_cts_matrix(D, common_fraction), "Iso-CTS")
 
@@ -222,17 +223,5 @@ def subspace_alignment_ratio(delta_t: torch.Tensor, merged: torch.Tensor, energy
 # Registration
 # ---------------------------------------------------------------------------
 
-register(Method("tsv_m", "TSV-M", tsv_m, (alpha_param(1.0, 3.0),),
-                help="Task Singular Vectors: keep each task's top 1/T singular triplets per matrix, decorrelate "
-                     "the concatenated factors by polar decomposition (Gargiulo et al. 2025)",
-                alpha_grid=(0.0, 3.0, 31), aliases=("tsvm", "task_singular_vector"), alpha_linear=True))   # paper, FusionBench
-register(Method("iso_c", "Iso-C", iso_c, (alpha_param(1.3, 3.0),),
-                help="Isotropic merging: the sum of the task matrices with every singular value set to their mean "
-                     "(Marczak et al. 2025)", alpha_grid=(0.0, 3.0, 31), alpha_linear=True))
-register(Method("iso_cts", "Iso-CTS", iso_cts,
-                (alpha_param(1.5, 3.0),
-                 Param("common_fraction", float, 0.8, "fraction of each matrix's rank given to the common subspace "
-                       "(top singular directions of the sum); the rest is shared equally by the tasks' own "
-                       "directions outside it", min=0.0, max=1.0, step=0.05)),
-                help="Isotropic merging in common and task-specific subspaces (Marczak et al. 2025)",
-                alpha_grid=(0.0, 3.0, 31), alpha_linear=True))
+for _name, _fn in (("tsv_m", tsv_m), ("iso_c", iso_c), ("iso_cts", iso_cts)):
+    register(Method.of(SPECS[_name], _fn))
