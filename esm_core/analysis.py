@@ -128,19 +128,16 @@ def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: st
         d_out, T = int(d.shape[0]), len(tasks)
         k = max(k, esm_rank(d_out, T))       # ESM's default rank (it can exceed min(d_in, n) on small layers)
         kw = {"keep": max(k, esm_rank(d_out, T, rank_fraction=OFFERED_RANK_FRACTION)), "coords": True}
-    if hasattr(st, "fingerprint"):      # probe statistics: the same fingerprint and factor ESM uses (shared entries)
-        e = cache.lookup(name, key, (dfp, st.fingerprint(), int(st.n)), k)
-        if e is not None and (e.A is not None or not esm_like):
-            return e, d, st, dfp, None, {}  # (spilled statistics are not read back for a cached entry)
-        d = d.to(torch.float64)         # converted once: the ESD, the shared products and the SVD spectrum read it
-        f = st.factor()
-        g = None if f is not None else st.gram
-        pre = _shared_products(d, f) if share else {}
-        return cache.esd(name, key, d, g, int(st.n), k=k, gram_fp=st.fingerprint(), delta_fp=dfp, factor=f,
-                         **kw, **pre), d, st, dfp, g, pre
-    g, d = st.gram, d.to(torch.float64)
-    pre = _shared_products(d, None) if share else {}
-    return cache.esd(name, key, d, g, int(st.n), k=k, delta_fp=dfp, **kw, **pre), d, st, dfp, g, pre
+    # the same fingerprint and factor ESM uses (shared entries)
+    e = cache.lookup(name, key, (dfp, st.fingerprint(), int(st.n)), k)
+    if e is not None and (e.A is not None or not esm_like):
+        return e, d, st, dfp, None, {}  # (spilled statistics are not read back for a cached entry)
+    d = d.to(torch.float64)             # converted once: the ESD, the shared products and the SVD spectrum read it
+    f = st.factor()
+    g = None if f is not None else st.gram
+    pre = _shared_products(d, f) if share else {}
+    return cache.esd(name, key, d, g, int(st.n), k=k, gram_fp=st.fingerprint(), delta_fp=dfp, factor=f,
+                     **kw, **pre), d, st, dfp, g, pre
 
 
 def _info(key: str) -> dict:
@@ -183,7 +180,7 @@ def svd_spectrum(delta: torch.Tensor, st, gram_matrix: torch.Tensor | None = Non
             return s2.flip(0), ((shift_gram.to(torch.float64) @ U) * U).sum(0).clamp_min(0)
         sv = W.mT @ U                                                 # ΔWᵀ ui = σi vi
     s2, sv = s2.flip(0), sv.flip(1)
-    f = st.factor() if hasattr(st, "factor") else None
+    f = st.factor()
     if f is not None:                                                 # G = f fᵀ (f = Xᵀ): ‖fᵀ σi vi‖²
         out = (f.mT.to(torch.float64) @ sv).square().sum(0)
     else:
@@ -216,8 +213,7 @@ def spectra(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=No
             e, d, st, dfp, g, pre = _esd_entry(cache, base, tasks, stats, name, key, 0, esm_like=esm_entries,
                                                share=True)
             r = min(d_out, d_in)
-            fp = (dfp, st.fingerprint() if hasattr(st, "fingerprint") else fingerprint(st.gram if g is None else g),
-                  int(st.n))
+            fp = (dfp, st.fingerprint(), int(st.n))
             svd = cache.get_result(("svd-spectrum", name, key), fp)
             if svd is None:
                 svd = svd_spectrum(d, st, g, **pre)                   # (σi², output energy of triplet i)

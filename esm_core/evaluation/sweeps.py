@@ -368,7 +368,7 @@ def esd_energy(pool, stats, k_of: Callable[[int], int], keys: Sequence[str] | No
         for key in keys:
             st = task_layer_stats(stats, t, key)
             delta = pool.tasks[t][key].double() - pool.base[key].double()
-            factor = st.factor() if hasattr(st, "factor") else None
+            factor = st.factor()
             _, lam = esd(delta, None if factor is not None else st.gram, int(st.n), columns=1, factor=factor)
             total = float(lam.sum())
             k = max(1, min(int(k_of(delta.shape[0])), lam.numel()))

@@ -58,7 +58,6 @@ def scipy_threads(device="cpu"):
 # test was σ_min/σ_max ≥ 1e-5 (POLAR_RCOND), which sent that factor to the SVD.
 POLAR_TOL = 1e-6
 POLAR_GIVE_UP = 1e-2
-POLAR_RCOND = 1e-5          # kept for callers that read it; no longer the criterion
 _EPS64 = float(torch.finfo(torch.float64).eps)
 _PROBES = 8
 

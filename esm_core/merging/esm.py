@@ -34,7 +34,7 @@ import torch
 
 from ..models.roles import MATRIX
 from ..schemas import AUTO, DIRECTIONS, MAX_RANK_FRACTION, SPECS  # noqa: F401  (AUTO, DIRECTIONS re-exported)
-from .decompose import DecompositionCache, EsdEntry, _completion, fingerprint, isotropic, polar_route, task_deltas
+from .decompose import DecompositionCache, EsdEntry, _completion, isotropic, polar_route, task_deltas
 from .stats import stats_from_inputs, task_layer_stats
 from .registry import Method, register
 from .svd import tsv_key
@@ -201,7 +201,7 @@ def _isotropic_on(x: torch.Tensor, lines: torch.Tensor | None, dim: int, route: 
 
 
 def _stats_fp(st) -> tuple:
-    return st.fingerprint() if hasattr(st, "fingerprint") else fingerprint(st.gram)
+    return st.fingerprint()
 
 
 # ---------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def _esd_update(ctx, cache, key: str, stats, dfp: tuple, deltas, rank: int, rank
         e = cache.lookup(name, key, (dfp[t], gfps[t], ns[t]), k)
         if e is None or e.A is None:
             st = sts[t]
-            factor = st.factor() if hasattr(st, "factor") else None
+            factor = st.factor()
             gram = None if factor is not None else st.gram
             e = cache.esd(name, key, deltas()[t], gram, ns[t], k=k, gram_fp=gfps[t], delta_fp=dfp[t],
                           factor=factor, keep=keep, coords=True)
