@@ -289,7 +289,7 @@ def test_cancel_keeps_the_previous_merge_on_screen(app_url, page, monkeypatch, t
     page.wait_for_function(f"() => ({title})().includes('α = 0.30')")            # the first merge is shown
     def table_text():                                   # the table's rows, without a progress timer ("0.0s")
         return "\n".join(ln for ln in page.locator("#cmp-table").inner_text().splitlines()
-                         if not re.fullmatch(r"\s*\d+(\.\d+)?s\s*", ln))
+                         if ln.strip() and not re.fullmatch(r"\s*\d+(\.\d+)?s\s*", ln))
     before, table = page.evaluate(title), table_text()
     page.locator("#method input").click()
     page.get_by_role("option", name="(dare_ta)").click()                        # a merge that takes a while
