@@ -128,20 +128,13 @@ class Schema:
 
 
 @dataclass(frozen=True)
-class MethodSpec:
+class MethodSpec(Schema):
     """What a merging method is, without its code (``esm_core.merging.registry.Method`` adds the function)."""
-    name: str
-    title: str
-    params: tuple[Param, ...]
-    help: str
     alpha_grid: tuple[float, float, int] = (0.0, 1.0, 31)   # linspace(lo, hi, n)[1:] for the α search (methods §0)
     needs_stats: bool = False                                 # needs activation statistics (ESM family)
     # the update is α times one fixed update on every key (U(0) = 0): one merge at α = 1 gives every α
     alpha_linear: bool = False
     aliases: tuple[str, ...] = ()     # other names it is known by (mergekit, FusionBench)
-
-    def default(self, name: str) -> Any:
-        return next(p.default for p in self.params if p.name == name)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "title": self.title, "help": self.help, "aliases": list(self.aliases),

@@ -202,8 +202,8 @@ def test_run_routing_counts_intervals_and_own_input_on_the_fitted_map(sess, pool
     ref = routing_embedding(x[:-1], run["layers"][-1], model.experts, tasks=run["tasks"], method="pca")
     np.testing.assert_allclose(ref["points"], emb["points"][:-1], atol=1e-9)
     z = torch.cat([x[:-1], torch.nn.functional.normalize(model.experts.prototypes[run["layers"][-1]].double(), dim=-1)])
-    from esm_core.studio.routing import _pca_fit
-    mean, basis = _pca_fit(z)
+    from esm_core.esmpp.embedding import pca_fit
+    mean, basis = pca_fit(z)
     assert emb["own"]["point"] == pytest.approx(tuple(((x[-1] - mean) @ basis).tolist()))
     # its predicted class, with the chosen task's head
     task, cls = run["predicted"]

@@ -36,17 +36,24 @@ def _import_umap():
     return umap
 
 
-def _pca2(z: torch.Tensor) -> torch.Tensor:
-    """First two principal coordinates of the rows of z (deterministic signs; zero-padded if rank < 2)."""
-    zc = z - z.mean(0)
-    _, _, vh = torch.linalg.svd(zc, full_matrices=False)
+def pca_fit(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and 2-column basis of the first two principal directions of the rows of ``z`` (deterministic signs;
+    zero-padded if rank < 2): ``(x - mean) @ basis`` places any row ``x`` on the same map."""
+    mean = z.mean(0)
+    _, _, vh = torch.linalg.svd(z - mean, full_matrices=False)
     v = vh[:2].mT
     if v.shape[1] < 2:
         v = torch.cat([v, v.new_zeros(v.shape[0], 2 - v.shape[1])], 1)
     idx = v.abs().argmax(0)
     signs = torch.sign(v[idx, torch.arange(v.shape[1])])
     signs[signs == 0] = 1
-    return zc @ (v * signs)
+    return mean, v * signs
+
+
+def _pca2(z: torch.Tensor) -> torch.Tensor:
+    """First two principal coordinates of the rows of z (:func:`pca_fit`)."""
+    mean, basis = pca_fit(z)
+    return (z - mean) @ basis
 
 
 def routing_embedding(log_or_inputs: DecisionLog | torch.Tensor, layer: int | str,

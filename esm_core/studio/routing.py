@@ -9,7 +9,7 @@ from PIL import Image
 
 from ..device import trim_heap
 from ..esmpp import ESMPP, majority_task, routing_embedding
-from ..esmpp.embedding import EMBED_MIN_POINTS, _import_umap
+from ..esmpp.embedding import EMBED_MIN_POINTS, _import_umap, pca_fit
 from ..evaluation.alpha import UpdatesAt
 from ..evaluation.esmpp import build_esmpp, wilson_interval
 from ..merging import apply_updates, get_method
@@ -227,20 +227,6 @@ def _read_yours(pool, model, x: torch.Tensor, log) -> tuple[str, str]:
     return task, str(names[cls]) if 0 <= cls < len(names) else str(cls)
 
 
-def _pca_fit(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and 2-column basis of the first two principal coordinates of the rows of ``z`` (the signs and padding of
-    :func:`esm_core.esmpp.embedding._pca2`, so the samples land where that map puts them)."""
-    mean = z.mean(0)
-    _, _, vh = torch.linalg.svd(z - mean, full_matrices=False)
-    v = vh[:2].mT
-    if v.shape[1] < 2:
-        v = torch.cat([v, v.new_zeros(v.shape[0], 2 - v.shape[1])], 1)
-    idx = v.abs().argmax(0)
-    signs = torch.sign(v[idx, torch.arange(v.shape[1])])
-    signs[signs == 0] = 1
-    return mean, v * signs
-
-
 def _embedding_with_own(log, li: int, experts, method: str, seed: int = 0) -> tuple[dict, tuple[float, float]]:
     """The map of the pool's samples and the prototypes (all but the last sample of ``log``), fitted without the
     user's input (the last sample), which is then placed by the same fitted projection (PCA: its mean and axes;
@@ -264,7 +250,7 @@ def _embedding_with_own(log, li: int, experts, method: str, seed: int = 0) -> tu
         note = ("PCA of L2-normalised inputs" if method == "pca" else
                 f"PCA: only {z.shape[0]} points (UMAP needs at least {EMBED_MIN_POINTS})")
         method = "pca"
-        mean, basis = _pca_fit(z)
+        mean, basis = pca_fit(z)
         coords = ((z - mean) @ basis).numpy()
         point = ((own - mean) @ basis).numpy()[0]
     n = xn.shape[0] - 1
