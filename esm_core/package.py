@@ -1,0 +1,462 @@
+"""Writing a merged model as files the ecosystem loads: one writer for the app's Export view and the CLI.
+
+:func:`write_export` writes, by the target's name and the model family:
+
+* ``*.safetensors`` — the plain merged state dict (the historical format), its recipe in the metadata;
+* a **transformers folder** (BERT-family text encoders): ``config.json``, ``model.safetensors``, the
+  tokenizer files, ``heads/<task>.safetensors`` (each task's classifier and its own biases, methods §8),
+  ``merge_recipe.json`` and a model card ``README.md`` — ``transformers.AutoModel.from_pretrained(folder)``
+  loads it;
+* an **open_clip folder**: ``open_clip_config.json`` + ``open_clip_model.safetensors`` (the merged image
+  tower and the base's text tower) that ``open_clip.create_model_and_transforms("local-dir:" + folder)``
+  loads (a registered model name also loads it with ``pretrained=<folder>/open_clip_model.safetensors``);
+  when the base had no text tower, the image tower alone as ``open_clip_visual.safetensors``;
+  ``heads/<task>.safetensors`` (C × D zero-shot / frozen heads, class names in the metadata), the recipe
+  and the card.
+
+Every file is written float32 (unless ``dtype`` says otherwise) with mode 0644 (less the umask); the
+recipe's metadata layout is the same whoever writes it: the recipe given + ``esm_studio`` (its version),
+``versions`` (torch, safetensors, transformers, open_clip, esm_studio), ``format``, ``family``, ``dtype``.
+A folder is written to a temporary folder beside the target and renamed into place: nothing
+half-written stays behind. Free disk space is checked before anything is written.
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from . import __version__
+from .checkpoints import CheckpointError, read_config, save_safetensors, strict_json_dumps
+from .models import bert, openclip_vit
+
+FORMATS = ("safetensors", "transformers", "open_clip")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+RECIPE_FILE = "merge_recipe.json"
+CARD_FILE = "README.md"
+OPEN_CLIP_FULL = "open_clip_model.safetensors"
+OPEN_CLIP_VISUAL = "open_clip_visual.safetensors"
+MAX_TOKENIZER_BYTES = 64 * 1024 ** 2       # all tokenizer files of one export together
+DISK_MARGIN = 64 * 1024 ** 2               # free space kept beyond the export's own size
+# family → the library a folder export of it loads in (the card's ``library_name``) and its folder format
+LIBRARY = {bert.NAME: "transformers", openclip_vit.NAME: "open_clip"}
+FOLDER_FORMAT = {bert.NAME: "transformers", openclip_vit.NAME: "open_clip"}
+_AUTO_MODEL = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
+               "camembert": "CamembertModel", "distilbert": "DistilBertModel"}
+
+
+# ---------------------------------------------------------------- what is recorded
+
+def versions() -> dict[str, str | None]:
+    """Versions of the libraries that wrote (and will read) an export; None for one not installed."""
+    out: dict[str, str | None] = {"esm_studio": __version__}
+    for name, dist in (("torch", "torch"), ("safetensors", "safetensors"), ("transformers", "transformers"),
+                       ("open_clip", "open_clip_torch")):
+        try:
+            out[name] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def model_info_of(pool) -> dict:
+    """What :func:`write_export` needs to know about a pool's model (duck-typed: any pool of this library)."""
+    family = getattr(pool, "family", openclip_vit.NAME)
+    if family == bert.NAME:
+        return {"model_config": dict(pool.model_config), "tokenizer": pool.tokenizer,
+                "pooling": getattr(pool, "pooling", "mean"), "max_length": int(getattr(pool, "max_length", 64)),
+                "name": pool.model_name}
+    return {"model": pool.model_name, "quick_gelu": getattr(pool, "quick_gelu", None),
+            "mean": list(getattr(pool, "mean", openclip_vit.CLIP_MEAN)),
+            "std": list(getattr(pool, "std", openclip_vit.CLIP_STD))}
+
+
+def heads_of(pool) -> dict[str, dict]:
+    """Each task's head file content: the head's tensors, its class names and (text families, methods §8)
+    the task's own biases under ``encoder.<key>``, which turn the merged encoder into that task's model."""
+    family = getattr(pool, "family", openclip_vit.NAME)
+    out = {}
+    for t in pool.task_names:
+        h = pool.heads[t]
+        entry: dict[str, Any] = {"class_names": list(pool.class_names[t])}
+        if isinstance(h, torch.Tensor):
+            entry["weight"] = h
+        else:
+            entry.update(h)
+        if family == bert.NAME:
+            for k, v in bert.encoder_state(pool.tasks[t]).items():
+                if bert.key_role(k, v) == "own":
+                    entry[f"encoder.{k}"] = v
+        out[t] = entry
+    return out
+
+
+# ---------------------------------------------------------------- helpers
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _cast(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _bytes(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(v.numel() * (size if v.is_floating_point() else v.element_size()) for v in sd.values())
+
+
+def _check_space(folder: Path, need: int, what: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if need + DISK_MARGIN > free:
+        raise OSError(f"{what}: needs about {need / 2 ** 20:,.0f} MiB and {folder} has "
+                      f"{free / 2 ** 20:,.0f} MiB free; nothing was written")
+
+
+def _safe_task(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip("-.")
+    if not s:
+        raise ValueError(f"task name {name!r} cannot name a file")
+    return s
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+def _modes(root: Path) -> None:
+    """0644 files, 0755 folders (less the umask), whatever created them (mkstemp makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *(root.rglob("*") if root.is_dir() else ())]:
+        os.chmod(p, (DIR_MODE if p.is_dir() else FILE_MODE) & ~umask)
+
+
+def export_format(out: str | os.PathLike, family: str, format: str = "auto") -> str:
+    """The format ``out`` gets: a ``.safetensors`` name → the plain file; else the family's folder format."""
+    if format not in ("auto", *FORMATS):
+        raise ValueError(f"format must be 'auto' or one of {', '.join(FORMATS)}, got {format!r}")
+    is_file = Path(out).suffix.lower() == ".safetensors"
+    if format == "auto":
+        format = "safetensors" if is_file else FOLDER_FORMAT.get(family, "")
+        if not format:
+            raise ValueError(f"no folder format for model family {family!r}; known: {sorted(FOLDER_FORMAT)} "
+                             "(write a .safetensors file instead)")
+    if (format == "safetensors") != is_file:
+        raise ValueError(f"{Path(out).name}: format {format!r} writes "
+                         f"{'a .safetensors file' if format == 'safetensors' else 'a folder'}; name the target so")
+    if format != "safetensors" and FOLDER_FORMAT.get(family) != format:
+        raise ValueError(f"format {format!r} does not fit model family {family!r} "
+                         f"(it writes {FOLDER_FORMAT.get(family, 'only a .safetensors file')})")
+    return format
+
+
+# ---------------------------------------------------------------- the model card
+
+def _yaml_str(s: str) -> str:
+    return json.dumps(str(s))               # a JSON string is a valid YAML scalar
+
+
+def _base_name(recipe: Mapping, model_info: Mapping) -> str:
+    for v in (recipe.get("base_model"), model_info.get("name"), model_info.get("model"), recipe.get("base")):
+        if isinstance(v, str) and v:
+            return v
+    return "unknown"
+
+
+def model_card(recipe: Mapping, *, family: str, model_info: Mapping, results: Mapping | None = None,
+               command: str | None = None, files: list[str] | None = None, fmt: str = "transformers") -> str:
+    """The export's ``README.md``: YAML front matter (``base_model``, ``tags``, ``library_name``) and a body
+    with the recipe, per-task accuracies (with n and intervals when known) and the reproducing command."""
+    method = str(recipe.get("method", "merge"))
+    lib = LIBRARY.get(family, "safetensors")
+    base = _base_name(recipe, model_info)
+    lines = ["---", f"base_model: {_yaml_str(base)}", "tags:", "- merge", f"- {_yaml_str(method)}",
+             "- esm-studio", f"library_name: {lib}", "---", "",
+             f"# {method} merge of {len(recipe.get('tasks') or [])} fine-tuned models", "",
+             f"Merged with [ESM Studio](https://github.com/) {__version__} from the base model `{base}`.", ""]
+    lines += ["## Recipe", "", "| | |", "|---|---|", f"| method | `{method}` |"]
+    for k, v in (recipe.get("params") or {}).items():
+        lines.append(f"| {k} | `{v}` |")
+    tasks = recipe.get("tasks") or []
+    names = list(tasks) if not isinstance(tasks, Mapping) else [f"{k} ({v})" for k, v in tasks.items()]
+    lines.append(f"| tasks | {', '.join(map(str, names))} |")
+    if recipe.get("base"):
+        lines.append(f"| base | `{recipe['base']}` |")
+    proxy = recipe.get("proxy")
+    if isinstance(proxy, Mapping):
+        ids = proxy.get("ids")
+        n_ids = sum(len(v) for v in ids.values()) if isinstance(ids, Mapping) else None
+        lines.append(f"| proxy samples | {proxy.get('n')} per task, seed {proxy.get('seed')}"
+                     + (f" ({n_ids} ids in `{RECIPE_FILE}`)" if n_ids else "") + " |")
+    v = versions()
+    lines.append("| versions | " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + " |")
+    lines.append("")
+    lines += ["## Accuracy", ""]
+    per_task = (results or {}).get("tasks") if isinstance(results, Mapping) else None
+    if per_task:
+        split = results.get("split", "test")
+        lines += [f"Top-1 accuracy on the {split} split ({results.get('note', 'the studio')}); interval: "
+                  f"{results.get('interval', '95 % Wilson')}.", "",
+                  "| task | accuracy % | n | interval % |", "|---|---|---|---|"]
+        for t, r in per_task.items():
+            acc = r.get("acc")
+            lo, hi = r.get("low"), r.get("high")
+            iv = f"{100 * lo:.1f} – {100 * hi:.1f}" if lo is not None and hi is not None else "–"
+            lines.append(f"| {t} | {'–' if acc is None else f'{100 * acc:.1f}'} | {r.get('n', '–')} | {iv} |")
+        if results.get("mean") is not None:
+            lines.append(f"| mean | {100 * results['mean']:.2f} | | |")
+        lines.append("")
+    else:
+        lines += ["Not evaluated when it was written (the command line merges checkpoint files without data; "
+                  "`esm-studio eval` measures a pool's accuracy).", ""]
+    lines += ["## Use", ""]
+    if fmt == "transformers":
+        pooling = model_info.get("pooling", "mean")
+        lines += ["```python", "from transformers import AutoModel, AutoTokenizer",
+                  "model = AutoModel.from_pretrained(\"<this folder>\")",
+                  "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")",
+                  "batch = tokenizer([\"a sentence\"], return_tensors=\"pt\", padding=True)",
+                  "hidden = model(**batch).last_hidden_state",
+                  ("features = (hidden * batch[\"attention_mask\"][..., None]).sum(1) / "
+                   "batch[\"attention_mask\"].sum(1, keepdim=True)" if pooling == "mean"
+                   else "features = hidden[:, 0]"), "```", "",
+                  f"Features are the {'mean of the last hidden state over real tokens' if pooling == 'mean' else 'first token of the last hidden state'}. "
+                  "`heads/<task>.safetensors` holds each task's classifier and (keys `encoder.*`) its own "
+                  "biases: loading those into the model (`strict=False`) gives that task's model (methods §8).",
+                  ""]
+    elif fmt == "open_clip":
+        full = OPEN_CLIP_FULL in (files or [])
+        if full:
+            lines += ["```python", "import open_clip",
+                      "model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:<this folder>\")",
+                      "features = model.encode_image(preprocess(image)[None])", "```", ""]
+            name = model_info.get("model")
+            if isinstance(name, str):
+                lines += [f"With open_clip's registered name: `open_clip.create_model_and_transforms("
+                          f"\"{name}\", pretrained=\"<this folder>/{OPEN_CLIP_FULL}\""
+                          + (", force_quick_gelu=True" if model_info.get("quick_gelu") else "") + ")`.", ""]
+        else:
+            lines += [f"The base had no text tower: `{OPEN_CLIP_VISUAL}` holds the merged **image tower alone** "
+                      "(keys `visual.*`). Build the model from `open_clip_config.json` and load it into "
+                      "`model.visual`:", "", "```python", "import json, open_clip, torch",
+                      "from safetensors.torch import load_file",
+                      "cfg = json.load(open(\"open_clip_config.json\"))[\"model_cfg\"]",
+                      "model = open_clip.model.CLIP(**cfg)",
+                      f"sd = load_file(\"{OPEN_CLIP_VISUAL}\")",
+                      "model.visual.load_state_dict({k[len('visual.'):]: v for k, v in sd.items()})", "```", ""]
+        lines += ["`heads/<task>.safetensors`: each task's head (`weight`, classes × embedding; class names "
+                  "in the file's metadata): logits = normalised features @ weight.T.", ""]
+    if command:
+        lines += ["## Reproduce", "", "```bash", command, "```", ""]
+    lines += [f"The full recipe (every parameter, proxy sample ids, versions) is in `{RECIPE_FILE}` and in the "
+              "weights file's metadata.", ""]
+    return "\n".join(lines)
+
+
+def front_matter(text: str) -> dict:
+    """The simple YAML front matter :func:`model_card` writes (``key: value`` and ``- item`` lists), parsed
+    without a YAML library."""
+    if not text.startswith("---\n"):
+        raise ValueError("no front matter: the card does not start with '---'")
+    end = text.find("\n---\n", 4)
+    if end < 0:
+        raise ValueError("front matter is not closed by '---'")
+    out: dict[str, Any] = {}
+    key = None
+    for line in text[4:end].splitlines():
+        if line.startswith("- ") and key is not None:
+            out.setdefault(key, [])
+            out[key].append(_scalar(line[2:]))
+        elif ":" in line:
+            key, _, val = line.partition(":")
+            key, val = key.strip(), val.strip()
+            out[key] = _scalar(val) if val else []
+        elif line.strip():
+            raise ValueError(f"front matter line not understood: {line!r}")
+    return out
+
+
+def _scalar(s: str):
+    s = s.strip()
+    if s.startswith('"'):
+        return json.loads(s)
+    return s
+
+
+# ---------------------------------------------------------------- writers per family
+
+def _write_heads(folder: Path, heads: Mapping[str, Any] | None, class_names: Mapping | None,
+                 dtype: torch.dtype) -> None:
+    if not heads:
+        return
+    (folder / "heads").mkdir()
+    for t, h in heads.items():
+        entry = dict(h) if isinstance(h, Mapping) else {"weight": h}
+        names = entry.pop("class_names", None) or (class_names or {}).get(t)
+        tensors = {k: v for k, v in entry.items() if isinstance(v, torch.Tensor)}
+        extra = {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)}
+        meta = {"task": t, "class_names": list(names) if names is not None else None, **extra}
+        save_safetensors(_cast(tensors, dtype), folder / "heads" / f"{_safe_task(t)}.safetensors", meta)
+
+
+def _write_transformers(folder: Path, merged_sd, base_sd, model_info: Mapping, config: dict,
+                        dtype: torch.dtype) -> list[str]:
+    if not isinstance(model_info.get("model_config"), Mapping):
+        raise ValueError("a transformers export needs the model's config.json (model_info['model_config'])")
+    cfg = bert.config_of(model_info["model_config"])
+    bert.check_shapes(merged_sd, cfg)                           # the weights fit the config before writing
+    cfg.architectures = [_AUTO_MODEL.get(cfg.model_type, "AutoModel")]
+    sd = _cast(bert.encoder_state(merged_sd), dtype)
+    save_safetensors(sd, folder / "model.safetensors", config)   # metadata "format": "pt", as transformers wants
+    cfg.to_json_file(str(folder / "config.json"))
+    tok, files = model_info.get("tokenizer"), model_info.get("tokenizer_files")
+    if tok is not None:
+        tok.save_pretrained(str(folder))
+    elif files:
+        total = sum(Path(p).stat().st_size for p in files.values())
+        if total > MAX_TOKENIZER_BYTES:
+            raise ValueError(f"tokenizer files hold {total / 2 ** 20:.0f} MiB, more than the "
+                             f"{MAX_TOKENIZER_BYTES // 2 ** 20} MiB accepted")
+        for name, p in files.items():
+            if Path(name).name != name or name in ("config.json", "model.safetensors", CARD_FILE, RECIPE_FILE):
+                raise ValueError(f"tokenizer file name {name!r} is not a plain tokenizer file name")
+            shutil.copyfile(p, folder / name)
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _clip_keys(cfg: Mapping) -> set[str]:
+    """The state dict keys of the full open_clip CLIP of ``cfg`` (built on the meta device: nothing drawn)."""
+    import open_clip.model as ocm
+    kw = {k: v for k, v in cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")}
+    with torch.device("meta"):
+        return set(ocm.CLIP(**kw).state_dict())
+
+
+def _write_open_clip(folder: Path, merged_sd, base_sd, model_info: Mapping, config: dict,
+                     dtype: torch.dtype) -> list[str]:
+    if model_info.get("model") is None:
+        raise ValueError("an open_clip export needs the model's name or config (model_info['model'])")
+    cfg = dict(openclip_vit.model_config(model_info["model"]))
+    if model_info.get("quick_gelu") is not None:
+        cfg["quick_gelu"] = bool(model_info["quick_gelu"])
+    visual = {k: v for k, v in merged_sd.items() if k.startswith("visual.")}
+    if not visual:
+        raise ValueError("an open_clip export needs the image tower's keys (visual.*) in the merged state dict")
+    full = {**{k: v for k, v in (base_sd or {}).items() if not k.startswith("visual.")},
+            **{k: v for k, v in merged_sd.items() if not k.startswith("visual.")}, **visual}
+    want = _clip_keys(cfg) if "text_cfg" in cfg else set()
+    if want and want <= set(full):
+        name, sd = OPEN_CLIP_FULL, {k: full[k] for k in sorted(want)}
+    else:
+        name, sd = OPEN_CLIP_VISUAL, visual
+    pre = {"mean": list(model_info.get("mean") or openclip_vit.CLIP_MEAN),
+           "std": list(model_info.get("std") or openclip_vit.CLIP_STD)}
+    save_safetensors(_cast(sd, dtype), folder / name, config)
+    _write_text(folder / "open_clip_config.json",
+                strict_json_dumps({"model_cfg": cfg, "preprocess_cfg": pre}, "open_clip config", indent=2) + "\n")
+    return sorted(p.name for p in folder.iterdir())
+
+
+WRITERS: dict[str, Callable[..., list[str]]] = {"transformers": _write_transformers, "open_clip": _write_open_clip}
+# Hook for more families: FOLDER_FORMAT[family] = format, LIBRARY[family] = library, WRITERS[format] = writer.
+
+
+# ---------------------------------------------------------------- the one writer
+
+def write_export(out: str | os.PathLike, merged_sd: Mapping[str, torch.Tensor], *,
+                 base_sd: Mapping[str, torch.Tensor] | None, family: str, model_info: Mapping, recipe: Mapping,
+                 results: Mapping | None = None, format: str = "auto", dtype: str = "float32",
+                 heads: Mapping[str, Any] | None = None, class_names: Mapping[str, list[str]] | None = None,
+                 command: str | None = None) -> Path:
+    """Write a merged model (see the module's docstring for the formats). Returns the file or folder.
+
+    A folder target must not exist (or be an empty folder); it is built beside it and renamed into place.
+    Raises ValueError naming what is wrong (format, family, dtype, config, tokenizer, target) before writing.
+    """
+    out = Path(out)
+    fmt = export_format(out, family, format)
+    dt = _dtype(dtype)
+    if not merged_sd:
+        raise ValueError("nothing to export: the merged state dict is empty")
+    config = {**dict(recipe), "esm_studio": __version__, "versions": versions(), "format": fmt,
+              "family": family, "dtype": dtype}
+    strict_json_dumps(config, "merge recipe")                    # NaN / inf refused before anything is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    need = _bytes(merged_sd, dt) + (_bytes({k: v for k, v in (base_sd or {}).items() if k not in merged_sd}, dt)
+                                    if fmt == "open_clip" else 0)
+    _check_space(out.parent, need, out.name)
+    if fmt == "safetensors":
+        p = save_safetensors(_cast(merged_sd, dt), out, config)
+        _modes(p)
+        return p
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: already exists; give a new folder name")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
+    try:
+        files = WRITERS[fmt](tmp, merged_sd, base_sd, model_info, config, dt)
+        _write_heads(tmp, heads, class_names, dt)
+        _write_text(tmp / RECIPE_FILE, strict_json_dumps(config, "merge recipe", indent=2, default=str) + "\n")
+        _write_text(tmp / CARD_FILE, model_card(config, family=family, model_info=model_info, results=results,
+                                                command=command, files=files, fmt=fmt))
+        _modes(tmp)
+        if out.is_dir():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_export(path: str | os.PathLike) -> dict | None:
+    """The recipe of an export: a folder's ``merge_recipe.json``, a file's metadata, or a JSON config.
+    Files written before the unified layout (``esm_studio_version`` / ``esm_studio`` only) read the same way:
+    ``versions`` is filled from what they hold."""
+    p = Path(path)
+    if p.is_dir():
+        f = p / RECIPE_FILE
+        if not f.is_file():
+            raise CheckpointError(f"{p.name}: not an ESM Studio export folder (no {RECIPE_FILE})")
+        cfg = json.loads(f.read_text())
+    elif p.suffix == ".json":
+        cfg = json.loads(p.read_text())
+    else:
+        cfg = read_config(p)
+    if isinstance(cfg, dict):
+        old = cfg.get("esm_studio") or cfg.get("esm_studio_version")
+        cfg.setdefault("esm_studio", old)
+        cfg.setdefault("versions", {"esm_studio": old})
+    return cfg
+
+
+def zip_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """``folder`` as ``<folder>.zip`` (its files under the folder's name), written to a temporary name and
+    renamed; mode 0644."""
+    folder = Path(folder)
+    out = Path(out) if out is not None else folder.with_suffix(".zip")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+            for f in sorted(folder.rglob("*")):
+                if f.is_file():
+                    z.write(f, f"{folder.name}/{f.relative_to(folder).as_posix()}")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _modes(out)
+    return out
