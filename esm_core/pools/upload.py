@@ -14,7 +14,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import open_clip
@@ -28,6 +28,7 @@ from ..lazy import LazyCheckpoint
 from ..models import hf_clip_vision
 from ..models import openclip_vit as vit
 from ..models.openclip_vit import CLIP_MEAN, CLIP_STD
+from . import heads as H
 from .demo import DEMO_DIR, load_demo_pool
 from .taskpool import TaskPool, cosine_head
 
@@ -121,6 +122,11 @@ class ImageZipPlan:
     members: list
     labels: np.ndarray
     classes: list
+    split: np.ndarray | None = None     # per member: TRAIN / VAL / TEST when the zip has split folders, else None
+
+    def ids(self, code: int) -> np.ndarray:
+        """Indices of the members of one split (split folders only)."""
+        return np.flatnonzero(self.split == code) if self.split is not None else np.zeros(0, np.int64)
 
 
 def list_image_zip(path: str | Path, task: str = "task") -> ImageZipPlan:
@@ -155,15 +161,58 @@ def list_image_zip(path: str | Path, task: str = "task") -> ImageZipPlan:
     if len(by_class) < 2:
         raise ValueError(f"images of task {task!r}: found {len(by_class)} class folder(s); "
                          "a classification task needs at least 2")
+    split_of = _split_folders(members, task)
     classes = sorted(by_class)
     ordered, labels = [], []
     for ci, c in enumerate(classes):
-        if len(by_class[c]) < 2:
+        if split_of is None and len(by_class[c]) < 2:
             raise ValueError(f"images of task {task!r}: class {c!r} has {len(by_class[c])} image; "
                              "each class needs at least 2 (one for validation, one for test)")
         ordered += by_class[c]
         labels += [ci] * len(by_class[c])
-    return ImageZipPlan(p, task, ordered, np.asarray(labels, dtype=np.int64), classes)
+    split = None
+    if split_of is not None:
+        split = np.asarray([split_of[m.filename] for m in ordered], dtype=np.int64)
+        lab = np.asarray(labels)
+        have = {code: {classes[c] for c in np.unique(lab[split == code])} for code in (TRAIN, VAL, TEST)}
+        if have[VAL] != have[TEST]:
+            only_v, only_t = sorted(have[VAL] - have[TEST]), sorted(have[TEST] - have[VAL])
+            raise ValueError(f"images of task {task!r}: the class folders of val/ and test/ differ"
+                             + (f"; only in val/: {only_v[:5]}" if only_v else "")
+                             + (f"; only in test/: {only_t[:5]}" if only_t else ""))
+        if have[TRAIN] - have[VAL]:
+            raise ValueError(f"images of task {task!r}: class folder(s) {sorted(have[TRAIN] - have[VAL])[:5]} "
+                             "of train/ are in neither val/ nor test/")
+    return ImageZipPlan(p, task, ordered, np.asarray(labels, dtype=np.int64), classes, split)
+
+
+TRAIN, VAL, TEST = 0, 1, 2
+SPLIT_FOLDERS = {"train": TRAIN, "training": TRAIN, "val": VAL, "valid": VAL, "validation": VAL, "test": TEST}
+
+
+def _split_folders(members: list, task: str) -> dict[str, int] | None:
+    """``{member name: TRAIN / VAL / TEST}`` when the zip holds split folders (``val/<class>/…`` and
+    ``test/<class>/…``, optionally ``train/<class>/…``, at any depth), else None (one set of class folders, split
+    by the seeded rule). A zip with one of val/ and test/ but not the other, or with images outside the split
+    folders, is refused naming what is wrong."""
+    found = {}
+    for m in members:
+        parts = [q for q in m.filename.split("/") if q]
+        if len(parts) >= 3 and parts[-3].lower() in SPLIT_FOLDERS:
+            found[m.filename] = SPLIT_FOLDERS[parts[-3].lower()]
+    codes = set(found.values())
+    if not codes & {VAL, TEST}:
+        return None                       # no split folders (a lone train/ folder of classes is a plain zip)
+    if not {VAL, TEST} <= codes:
+        has, lacks = ("val/", "test/") if VAL in codes else ("test/", "val/")
+        raise ValueError(f"images of task {task!r}: the zip has a {has} folder but no {lacks} folder; a zip with "
+                         "split folders needs both val/<class>/… and test/<class>/… (train/ optional), or upload "
+                         "one set of class folders to have it split for you")
+    stray = [m.filename for m in members if m.filename not in found]
+    if stray:
+        raise ValueError(f"images of task {task!r}: {stray[0]!r} is outside the split folders (train/, val/, "
+                         "test/); with split folders every image must be in <split>/<class>/")
+    return found
 
 
 def decoded_image_bytes(n_images: int, image_size: int) -> int:
@@ -394,13 +443,25 @@ def resolve_architecture(base: Mapping[str, torch.Tensor], *, arch: str = "auto"
     return cfg, mean, std, note
 
 
-def _read_base(base_path) -> dict:
-    """The base's ``visual.*`` tensors in float32, bounded in parameters."""
-    base = _visual_keys(load_checkpoint(base_path), Path(base_path).name)
+def _read_base(base_path, text: dict | None = None) -> dict:
+    """The base's ``visual.*`` tensors in float32, bounded in parameters. ``text`` (a dict): filled with the
+    base's CLIP text tower and ``logit_scale`` when it holds them (bounded the same way), for zero-shot heads."""
+    full = load_checkpoint(base_path)
+    base = _visual_keys(full, Path(base_path).name)
     n = sum(v.numel() for v in base.values())
     if n > (cap := settings.max_model_params()):          # ESM_MAX_MODEL_PARAMS; ViT-L/14's tower fits
         raise ValueError(f"the base checkpoint holds {n / 1e6:.0f} M parameters, more than the "
                          f"{cap / 1e6:.0f} M this server merges")
+    if text is not None and H.has_text_tower(full):
+        tower = H.text_tower_keys(full)
+        n = sum(v.numel() for v in tower.values())
+        if n > settings.max_model_params():
+            raise ValueError(f"the base checkpoint's text tower holds {n / 1e6:.0f} M parameters, more than the "
+                             f"{settings.max_model_params() / 1e6:.0f} M this server builds")
+        text.update(tower)
+        if "logit_scale" in full:
+            text["logit_scale"] = full["logit_scale"]
+    del full
     return {k: v.float() for k, v in base.items()}
 
 
@@ -439,23 +500,26 @@ def _read_tasks(base: dict, task_paths, names, report, keep_dir: Path | None = N
 
 def _check_upload_memory(plans: Mapping[str, ImageZipPlan], image_size: int, demo_bytes: int, base_bytes: int,
                          in_memory_tasks: int, budget: int, copies: int, head_pass: int = 0,
-                         limit: str = "a session may hold (ESM_SESSION_MEMORY_MB)") -> None:
+                         limit: str = "a session may hold (ESM_SESSION_MEMORY_MB)",
+                         counts: Mapping[str, int] | None = None) -> None:
     """Refuse, before any checkpoint is read for the tasks or any image decoded, an upload whose images (at the
     tower's input size, :func:`decoded_image_bytes`), checkpoints held in memory and the session's model-sized
     working copies, plus one batch of the heads' feature pass (``head_pass`` bytes), exceed ``budget``; the message
-    names the task with most images, the counts and the sizes."""
-    images = {t: decoded_image_bytes(len(p.members), image_size) for t, p in plans.items()}
+    names the task with most images, the counts and the sizes. ``counts``: images decoded per task (default: all
+    of its zip's; a zip with split folders decodes its train/ images only for a class-means head)."""
+    counts = {t: len(p.members) for t, p in plans.items()} if counts is None else dict(counts)
+    images = {t: decoded_image_bytes(counts[t], image_size) for t in plans}
     ckpt = base_bytes * (1 + in_memory_tasks)
     head_pass = head_pass if plans else 0
     need = sum(images.values()) + demo_bytes + ckpt + copies * base_bytes + head_pass
     if need <= budget:
         return
-    big = max(plans, key=lambda t: len(plans[t].members)) if plans else None
-    counts = ", ".join(f"{t}: {len(p.members)}" for t, p in plans.items())
-    lead = (f"images of task {big!r}: {len(plans[big].members)} images at {image_size}×{image_size} px need "
+    big = max(plans, key=lambda t: counts[t]) if plans else None
+    listed = ", ".join(f"{t}: {counts[t]}" for t in plans)
+    lead = (f"images of task {big!r}: {counts[big]} images at {image_size}×{image_size} px need "
             f"{_mib(images[big])} once decoded (uint8 + float32 copies, {image_size}² × 3 × "
             f"{IMAGE_BYTES_PER_VALUE} bytes each); " if big else "")
-    raise ValueError(f"{lead}this upload ({counts + ' images' if counts else 'the demo' + chr(39) + 's images'}; "
+    raise ValueError(f"{lead}this upload ({listed + ' images' if listed else 'the demo' + chr(39) + 's images'}; "
                      f"{_mib(sum(images.values()) + demo_bytes)} of "
                      f"images, {_mib(ckpt)} of checkpoints held, {copies} model-sized working copies of "
                      f"{_mib(base_bytes)}, {_mib(head_pass)} for the heads' feature pass) needs about {_mib(need)}, "
@@ -463,7 +527,7 @@ def _check_upload_memory(plans: Mapping[str, ImageZipPlan], image_size: int, dem
                      "or a tower with a smaller input size")
 
 
-def _check_names(names: list[str], image_zips: Mapping) -> None:
+def _check_names(names: list[str], image_zips: Mapping, heads: Mapping | None = None) -> None:
     if len(names) < 2:
         raise ValueError(f"merging needs at least two task checkpoints; got {len(names)}")
     bad = [n for n in names if not isinstance(n, str) or not NAME_OK.fullmatch(n)]
@@ -474,6 +538,14 @@ def _check_names(names: list[str], image_zips: Mapping) -> None:
     if unknown:
         raise ValueError(f"image zip(s) for {unknown}, which are not among the task names {names} "
                          "(name each zip <task>.zip)")
+    unknown = sorted(set(heads or {}) - set(names))
+    if unknown:
+        raise ValueError(f"head file(s) for {unknown}, which are not among the task names {names} "
+                         "(name each head <task>.head.safetensors)")
+    orphan = sorted(set(heads or {}) - set(image_zips))
+    if orphan:
+        raise ValueError(f"a head for task(s) {orphan} without their images: a head is checked against the task's "
+                         "class folders, so upload <task>.zip with it")
 
 
 def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path],
@@ -481,15 +553,26 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
                      config: Mapping | None = None, preprocessor: Mapping | None = None,
                      head_width: int | None = None, normalisation: str | None = None, demo_loader: Callable[[], Any] | None = None,
                      progress: Progress | None = None, keep_dir: str | Path | None = None,
-                     memory_budget: int | None = None, working_copies: int = 0) -> tuple[TaskPool, list[str]]:
+                     memory_budget: int | None = None, working_copies: int = 0,
+                     heads: Mapping[str, str | Path] | None = None, head_names: Mapping[str, str | Path] | None = None,
+                     templates: Sequence[str] | str | None = None) -> tuple[TaskPool, list[str]]:
     """Build a pool from uploaded checkpoints: ``(TaskPool, notes for the user)``.
 
     ``task_paths``: ``{task name: checkpoint file}`` (at least two); ``image_zips``: ``{task name: zip of
-    class folders}``. A task without a zip keeps the demo's images and head when the architecture is the
-    demo's and the task is one of the demo's tasks; otherwise it is refused. Heads of uploaded image sets are
-    the class means of the task's fine-tuned features on its validation half. The architecture and the
-    input normalisation come from :func:`resolve_architecture` (never guessed). Raises ValueError /
-    CheckpointError naming the problem; nothing is built before the shapes are checked.
+    class folders}`` — one set of class folders (split seeded 50/50 per class into validation and test), or
+    split folders ``val/<class>/…`` and ``test/<class>/…`` (``train/`` optional), used as given. A task without
+    a zip keeps the demo's images and head when the architecture is the demo's and the task is one of the demo's
+    tasks; otherwise it is refused. The architecture and the input normalisation come from
+    :func:`resolve_architecture` (never guessed). Raises ValueError / CheckpointError naming the problem;
+    nothing is built before the shapes are checked.
+
+    Heads (methods §0; :mod:`esm_core.pools.heads`), per task, the first that applies: ``heads[task]`` (a
+    ``<task>.head.safetensors`` / weights-only ``.pt`` file, class names in its metadata, in ``head_names[task]``
+    or in ``<task>.head.json`` beside it; checked against the class folders and the tower's output width); the
+    zero-shot head of the class-folder names when the base holds its CLIP text tower and the config describes it
+    (``templates``: prompt templates with one ``{}``, default :data:`~esm_core.pools.heads.DEFAULT_TEMPLATES`);
+    else the class means of the fine-tuned model's features on the task's train/ images (or its validation
+    images), flagged as not comparable. ``pool.meta`` records each task's head source and split rule and sizes.
 
     ``keep_dir`` (a folder that outlives the uploads, e.g. the session's): the checked task checkpoints are
     written there (float32 safetensors) and read lazily, key by key, whenever they are used — the pool holds
@@ -498,19 +581,22 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
 
     Memory is bounded before any task checkpoint is read or any image decoded: every zip is listed first, and
     the upload is refused when its images at the tower's input size (uint8 + float32 copies,
-    :func:`decoded_image_bytes`), the checkpoints it holds in memory and the session's model-sized working copies
-    exceed ``memory_budget`` (None: ``ESM_SESSION_MEMORY_MB`` or 8 GiB), counting ``working_copies`` model-sized
-    copies besides (the studio passes those it keeps while merging: :func:`esm_core.studio.session.check_memory`).
-    Images are decoded one at a time straight into the pool's arrays.
+    :func:`decoded_image_bytes`), the checkpoints it holds in memory, the text tower a zero-shot head builds and
+    the session's model-sized working copies exceed ``memory_budget`` (None: ``ESM_SESSION_MEMORY_MB`` or 8 GiB),
+    counting ``working_copies`` model-sized copies besides (the studio passes those it keeps while merging:
+    :func:`esm_core.studio.session.check_memory`). Images are decoded one at a time straight into the pool's arrays.
     """
     report = reporter(progress)
     image_zips = dict(image_zips or {})
+    head_files, head_names = dict(heads or {}), dict(head_names or {})
     if base_path is None:
         raise ValueError("no base (pre-trained) checkpoint uploaded")
     names = list(task_paths)
-    _check_names(names, image_zips)
+    _check_names(names, image_zips, {**head_files, **head_names})
+    templates = H.check_templates(templates)
     report(0.02, "reading the base checkpoint")
-    base = _read_base(base_path)
+    text: dict = {}
+    base = _read_base(base_path, text)
     demo = None
     missing_data = [n for n in names if n not in image_zips]
     if missing_data:
@@ -526,47 +612,136 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     cfg, mean, std, note = resolve_architecture(base, arch=arch, config=config, head_width=head_width,
                                                 normalisation=normalisation, preprocessor=preprocessor)
     size = cfg["vision_cfg"]["image_size"]
-    # every zip is listed (nothing inflated) and the whole upload's memory checked before any task checkpoint
-    # is read or any image decoded
+    # every zip is listed (nothing inflated) and every uploaded head read and checked, then the whole upload's
+    # memory checked, before any task checkpoint is read or any image decoded
     plans = {n: list_image_zip(image_zips[n], n) for n in names if n in image_zips}
+    width = (int(base["visual.proj"].shape[1]) if base.get("visual.proj") is not None and base["visual.proj"].ndim == 2
+             else int(base["visual.conv1.weight"].shape[0]))
+    text_cfg, text_note = _text_config(arch, config, cfg, text)
+    sources, uploaded = {}, {}
+    for n in names:
+        if n not in plans:
+            sources[n] = H.HeadSource.DEMO
+        elif n in head_files:
+            w, hn = H.read_head_file(head_files[n], n, head_names.get(n))
+            rows = H.match_head(w, hn, plans[n].classes, width, n, Path(head_files[n]).name)
+            uploaded[n] = (w, hn, np.asarray(rows, dtype=np.int64))
+            sources[n] = H.HeadSource.UPLOADED
+        else:
+            sources[n] = H.HeadSource.ZERO_SHOT if text_cfg is not None else H.HeadSource.CLASS_MEANS
+    means = [n for n in plans if sources[n] == H.HeadSource.CLASS_MEANS]
+    counts = {n: (len(p.members) if p.split is None else
+                  len(p.ids(VAL)) + len(p.ids(TEST)) + (len(p.ids(TRAIN)) if n in means else 0))
+              for n, p in plans.items()}
     demo_bytes = sum(a.nbytes * IMAGE_BYTES_PER_VALUE for n in missing_data for split in demo.data[n].values()
                      for a in split[:1]) if missing_data else 0
     budget, copies = upload_memory_budget() if memory_budget is None else int(memory_budget), int(working_copies)
     base_bytes = sum(v.numel() * v.element_size() for v in base.values())
     in_memory = 0 if keep_dir is not None else len({_file_id(task_paths[n]) for n in names})
     batch = _head_batch(cfg)
-    most = max((len(p.members) for p in plans.values()), default=0)
-    _check_upload_memory(plans, size, demo_bytes, base_bytes, in_memory, budget, copies,
-                         min(batch, most) * _head_image_bytes(cfg),
-                         *(() if memory_budget is None else ("allowed (memory_budget)",)))
+    most = max((len(plans[n].members) for n in means), default=0)
+    zero_shot = any(v == H.HeadSource.ZERO_SHOT for v in sources.values())
+    head_pass = min(batch, most) * _head_image_bytes(cfg) + (2 * H.text_tower_bytes(text_cfg) if zero_shot else 0)
+    _check_upload_memory(plans, size, demo_bytes, base_bytes, in_memory, budget, copies, head_pass,
+                         *(() if memory_budget is None else ("allowed (memory_budget)",)), counts=counts)
+    if not zero_shot:
+        text.clear()
     if keep_dir is not None:
         Path(keep_dir).mkdir(parents=True, exist_ok=True)
     tasks = _read_tasks(base, task_paths, names, report, keep_dir)
-    notes = [note]
+    notes = [note] + ([text_note] if text_note else [])
     shell = TaskPool(name="upload", model_name=cfg, base=base, tasks={}, heads={}, class_names={},
                      mean=mean, std=std, quick_gelu=cfg["quick_gelu"])
-    heads, class_names, data = {}, {}, {}
+    tower = tokenizer = None
+    if zero_shot:
+        report(0.38, "building the text tower for the zero-shot heads")
+        tower = H.build_text_tower(text_cfg, {k: v for k, v in text.items() if k != "logit_scale"})
+        tokenizer = H.tokenizer_for(text_cfg)
+        scale, read = H.logit_scale_of(text)
+        text.clear()
+        if not read:
+            notes.append("the base has no logit_scale: zero-shot heads scaled by 100 (CLIP's; top-1 is unaffected)")
+    heads_out, class_names, data, splits = {}, {}, {}, {}
     for i, n in enumerate(names):
         report(0.4 + 0.55 * i / len(names), f"images and head of {n}")
-        if n in plans:
-            plan = plans[n]
-            y = plan.labels
-            val, test = _split_val_test(y)
-            x_val = np.empty((len(val), size, size, 3), dtype=np.uint8)     # decoded straight into place
-            x_test = np.empty((len(test), size, size, 3), dtype=np.uint8)
-            _decode_into(plan, size, val, x_val)
-            _decode_into(plan, size, test, x_test)
-            few = _one_per_class_first(y[test], 16)
-            data[n] = {"val": (x_val, y[val]), "test": (x_test, y[test]), "samples": (x_test[few], y[test][few])}
-            heads[n] = _centroid_head(shell.build_visual(tasks[n]), shell.normalise, x_val, y[val],
-                                      len(plan.classes), batch)
-            class_names[n] = plan.classes
-            notes.append(f"{n}: {len(y)} images in {len(plan.classes)} classes, split half validation / half test; "
-                         "head = class means of the fine-tuned model's features")
-        else:
-            data[n], heads[n], class_names[n] = demo.data[n], demo.heads[n], demo.class_names[n]
+        src = sources[n]
+        if n not in plans:
+            data[n], heads_out[n], class_names[n] = demo.data[n], demo.heads[n], demo.class_names[n]
+            splits[n] = {"rule": "the demo's own splits", "val": len(demo.data[n]["val"][1]),
+                         "test": len(demo.data[n]["test"][1]), "train": 0}
             notes.append(f"{n}: the demo's images and head")
-    pool = TaskPool(name="upload", model_name=cfg, base=base, tasks=tasks, heads=heads,
-                    class_names=class_names, data=data, mean=mean, std=std, quick_gelu=cfg["quick_gelu"])
+            continue
+        plan = plans[n]
+        y, classes = plan.labels, list(plan.classes)
+        if plan.split is not None:
+            val, test, train = plan.ids(VAL), plan.ids(TEST), plan.ids(TRAIN)
+            rule = "as given: the zip's val/ and test/ folders"
+            if len(train):
+                rule += "; train/ " + ("used for the class means" if src == H.HeadSource.CLASS_MEANS else "ignored")
+        else:
+            (val, test), train = _split_val_test(y), np.zeros(0, np.int64)
+            rule = "seeded 50 / 50 per class (seed 0): half validation, half test"
+        if src == H.HeadSource.UPLOADED:                 # the head's class order: labels renumbered to its rows
+            w, hn, rows = uploaded[n]
+            y, classes = rows[y], list(hn)
+        x_val = np.empty((len(val), size, size, 3), dtype=np.uint8)     # decoded straight into place
+        x_test = np.empty((len(test), size, size, 3), dtype=np.uint8)
+        _decode_into(plan, size, val, x_val)
+        _decode_into(plan, size, test, x_test)
+        few = _one_per_class_first(y[test], 16)
+        data[n] = {"val": (x_val, y[val]), "test": (x_test, y[test]), "samples": (x_test[few], y[test][few])}
+        if src == H.HeadSource.UPLOADED:
+            heads_out[n] = uploaded[n][0]
+        elif src == H.HeadSource.ZERO_SHOT:
+            heads_out[n] = H.zero_shot_head(tower, tokenizer, [H.prompt_name(c) for c in classes], templates, scale)
+        else:
+            visual = shell.build_visual(tasks[n])
+            if len(train):
+                x_train = np.empty((len(train), size, size, 3), dtype=np.uint8)
+                _decode_into(plan, size, train, x_train)
+                heads_out[n] = _centroid_head(visual, shell.normalise, x_train, y[train], len(classes), batch)
+                del x_train
+            else:
+                heads_out[n] = _centroid_head(visual, shell.normalise, x_val, y[val], len(classes), batch)
+            del visual
+        class_names[n] = classes
+        splits[n] = {"rule": rule, "val": int(len(val)), "test": int(len(test)), "train": int(len(train))}
+        msg = (f"{n}: {len(y)} images in {len(classes)} classes; splits {rule} — {len(val)} validation, "
+               f"{len(test)} test; head: {src.value}")
+        if src == H.HeadSource.CLASS_MEANS:
+            msg += f" of the fine-tuned model's features on its {'train' if len(train) else 'validation'} images"
+        notes.append(msg)
+    del tower
+    meta = {"head_sources": {n: sources[n].value for n in names}, "splits": splits,
+            "templates": templates if zero_shot else None}
+    pool = TaskPool(name="upload", model_name=cfg, base=base, tasks=tasks, heads=heads_out,
+                    class_names=class_names, data=data, mean=mean, std=std, quick_gelu=cfg["quick_gelu"], meta=meta)
+    warning = H.head_warning(pool)
+    if warning:
+        notes.append(f"⚠ {warning}")
+    meta["head_warning"] = warning
     report(1.0, "pool ready")
     return pool, notes
+
+
+def _text_config(arch: str, config: Mapping | None, cfg: Mapping, text: Mapping) -> tuple[dict | None, str | None]:
+    """``(model config for the text tower, None)`` when the base holds a CLIP text tower that the upload's config
+    describes (an uploaded open_clip config's ``text_cfg``, or a named open_clip model's), else ``(None, why
+    not)`` (``why`` None when the base has no text tower). A text tower that does not fit its config is refused."""
+    if not text:
+        return None, None
+    raw = None
+    if config is not None and not hf_clip_vision.is_config(config):
+        raw = config.get("text_cfg")
+    elif config is None and arch not in ("auto", "infer", "demo") and open_clip.get_model_config(arch) is not None:
+        raw = open_clip.get_model_config(arch).get("text_cfg")
+    if raw is None:
+        return None, ("the base holds a text tower, but the config does not describe it (no text_cfg): upload the "
+                      "open_clip model config to use zero-shot heads")
+    tcfg = {"embed_dim": cfg["embed_dim"], "quick_gelu": cfg["quick_gelu"], "text_cfg": raw}
+    try:
+        H.check_text_config(raw)
+    except ValueError as e:
+        return None, f"no zero-shot heads from the base's text tower: {e}"
+    H.check_text_shapes(tcfg, {k: v for k, v in text.items() if k != "logit_scale"})
+    return tcfg, None
