@@ -45,9 +45,19 @@ class Param:
     max: float | None = None
     choices: tuple | None = None
     step: float | None = None       # UI slider step (None: derived)
+    # the library's bounds (lo, hi) where they are wider than the UI range [min, max] (α: a slider range is not
+    # a limit on what a script may ask for); None: [min, max] is both
+    limit: tuple[float | None, float | None] | None = None
+
+    @property
+    def bounds(self) -> tuple[float | None, float | None]:
+        """What :meth:`check` enforces: :attr:`limit` when given, else ``(min, max)``."""
+        return self.limit if self.limit is not None else (self.min, self.max)
 
     def check(self, value: Any) -> Any:
-        """Coerce ``value`` to the declared type and check its range; raise ValueError naming the parameter.
+        """Coerce ``value`` to the declared type and check it against :attr:`bounds`; raise ValueError naming
+        the parameter. ``min`` / ``max`` are the UI's range; a Param with a :attr:`limit` accepts values
+        outside that range up to the limit (α of every method: finite, in [0, :data:`ALPHA_LIMIT`]).
 
         Floats must be finite (NaN and ±inf are refused, whatever the bounds).
         Ints must be integral: ``1.5`` or ``"1.5"`` is refused rather than rounded,
@@ -80,15 +90,17 @@ class Param:
             raise ValueError(f"parameter {self.name!r} must fit in 64 bits (|value| < 2**63), got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"parameter {self.name!r} must be one of {list(self.choices)}, got {value!r}")
-        if self.min is not None and value < self.min:
-            raise ValueError(f"parameter {self.name!r} must be >= {self.min}, got {value!r}")
-        if self.max is not None and value > self.max:
-            raise ValueError(f"parameter {self.name!r} must be <= {self.max}, got {value!r}")
+        lo, hi = self.bounds
+        if lo is not None and value < lo:
+            raise ValueError(f"parameter {self.name!r} must be >= {lo}, got {value!r}")
+        if hi is not None and value > hi:
+            raise ValueError(f"parameter {self.name!r} must be <= {hi}, got {value!r}")
         return value
 
     def to_dict(self) -> dict:
         return {"name": self.name, "type": self.type.__name__, "default": self.default, "min": self.min,
-                "max": self.max, "choices": list(self.choices) if self.choices else None, "help": self.help}
+                "max": self.max, "choices": list(self.choices) if self.choices else None, "help": self.help,
+                **({"limit": list(self.limit)} if self.limit is not None else {})}
 
 
 def resolve_params(schema: tuple[Param, ...], params: dict, owner: str) -> dict:
@@ -101,10 +113,14 @@ def resolve_params(schema: tuple[Param, ...], params: dict, owner: str) -> dict:
 
 
 ALPHA_HELP = "global scaling coefficient of the merged update (chosen on validation by the α search)"
+# The library's sanity bound on α (every method): finite and in [0, ALPHA_LIMIT]. Each method's [0, max] is the
+# UI's slider range and where its α search starts, not a limit: a script may merge Iso-CTS at α = 3.125.
+ALPHA_LIMIT = 100.0
 
 
 def alpha_param(default: float, hi: float) -> Param:
-    return Param("alpha", float, default, ALPHA_HELP, min=0.0, max=hi, step=0.01)
+    """The ``alpha`` Param: UI range [0, hi], library bounds [0, :data:`ALPHA_LIMIT`]."""
+    return Param("alpha", float, default, ALPHA_HELP, min=0.0, max=hi, step=0.01, limit=(0.0, ALPHA_LIMIT))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ def test_resolve_fills_defaults_and_coerces():
     assert _m().resolve({"alpha": "0.5", "k": "7", "flag": "yes"}) == {"alpha": 0.5, "k": 7, "mode": "a", "flag": True}
 
 
-@pytest.mark.parametrize("params,msg", [({"alhpa": 1}, "no parameter"), ({"alpha": 2.0}, "<= 1.0"),
+@pytest.mark.parametrize("params,msg", [({"alhpa": 1}, "no parameter"), ({"alpha": 101.0}, "<= 100.0"),
                                         ({"k": 0}, ">= 1"), ({"k": 1.5}, "type int"), ({"mode": "c"}, "one of"),
                                         ({"flag": "maybe"}, "type bool")])
 def test_resolve_refuses_bad_values(params, msg):

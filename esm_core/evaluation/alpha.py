@@ -9,6 +9,11 @@
   ``linspace(lo, hi, n)[1:]`` of the method (:func:`alpha_grid`; "grid") or by
   golden-section search on [0, 2] ∩ the α range (methods that need activation
   statistics, the ESM family; "golden"): :func:`default_strategy`.
+- The method's α range (its Param's [min, max]) is the UI's slider range and
+  where the search starts, not a limit: when the best α is the largest one
+  scored, :func:`search` goes on past it one grid step at a time (at most
+  :data:`EXTEND_MAX` steps, never past the library's bound
+  :data:`esm_core.schemas.ALPHA_LIMIT`) and says so in its ``info``.
 - The app's α curve uses at most ``max_points`` values of the same grid
   (:func:`curve_grid`), extended past either end while the best point sits on
   it (:func:`extend_curve`).
@@ -29,6 +34,7 @@ from ..merging.registry import Param
 GOLDEN_RANGE = (0.0, 2.0)
 GOLDEN_TOL = 0.01
 GOLDEN_MAX_EVALS = 15
+EXTEND_MAX = 30              # α values the search may add past the upper end of its grid / golden range
 
 
 def alpha_param(method: str) -> Param:
@@ -61,18 +67,20 @@ def curve_grid(method: str, max_points: int) -> list[float]:
 
 
 def extend_curve(curve: list, score: Callable[[float], float], a_min: float | None, a_max: float | None,
-                 max_extra: int) -> list[float]:
+                 max_extra: int, *, step: float | None = None, below: bool = True) -> list[float]:
     """Add points to ``curve`` (in place, kept sorted) while its best α is its first / last point: halfway to α's
-    lower bound below (the bound itself once close), one grid step above (up to α's upper bound). Returns the
-    α values added; afterwards the optimum is interior or at a bound of α (or ``max_extra`` points were added)."""
+    lower bound below (the bound itself once close; not when ``below`` is False), one step above (up to α's upper
+    bound; ``step``: the curve's mean spacing when None). Returns the α values added; afterwards the optimum is
+    interior or at a bound of α (or ``max_extra`` points were added)."""
     added = []
-    step = (curve[-1][0] - curve[0][0]) / max(len(curve) - 1, 1) if len(curve) > 1 else 0.1
+    if step is None:
+        step = (curve[-1][0] - curve[0][0]) / max(len(curve) - 1, 1) if len(curve) > 1 else 0.1
     a_min = 0.0 if a_min is None else float(a_min)
     a_max = math.inf if a_max is None else float(a_max)
     while len(added) < max_extra:
         curve.sort()
         i = max(range(len(curve)), key=lambda j: curve[j][1])
-        if i == 0 and curve[0][0] > a_min + 1e-9:
+        if below and i == 0 and curve[0][0] > a_min + 1e-9:
             a0 = curve[0][0]
             a = a_min if a0 - a_min <= step / 4 else a_min + (a0 - a_min) / 2
         elif i == len(curve) - 1 and curve[-1][0] < a_max - 1e-9:
@@ -190,11 +198,22 @@ def state_at(base: Mapping[str, torch.Tensor], u0: Mapping[str, torch.Tensor], s
     return {k: (v.float() + u0[k] + alpha * slope[k]) if k in u0 else v for k, v in base.items()}
 
 
-def search(score: Callable[[float], float], method: str, strategy: str | None = None
-           ) -> tuple[float, list[tuple[float, float]]]:
+def grid_step(method: str) -> float:
+    """The spacing of the method's α grid (the step :func:`search` extends it by)."""
+    lo, hi, n = get_method(method).alpha_grid
+    return (float(hi) - float(lo)) / max(int(n) - 1, 1)
+
+
+def search(score: Callable[[float], float], method: str, strategy: str | None = None, *, extend: bool = True,
+           info: dict | None = None) -> tuple[float, list[tuple[float, float]]]:
     """Run the α policy of ``method`` on ``score(α)`` (higher is better).
 
-    Returns ``(best α, [(α, score)] sorted by α)``; on the grid the first maximum in grid order wins."""
+    Returns ``(best α, [(α, score)] sorted by α)``; on the grid the first maximum in grid order wins. When the
+    best α is the largest one scored (the optimum sits at the upper edge of the grid or of the golden range) and
+    ``extend`` is on, the search goes on one grid step (:func:`grid_step`) at a time past it while that keeps
+    improving, at most :data:`EXTEND_MAX` steps and never past the α Param's library bound. ``info`` (a dict)
+    receives ``extended`` (the α values added, [] when none), ``at_edge`` (the best α is still the largest
+    scored: the extension's budget or the bound stopped it) and ``note`` (a sentence saying so, or "")."""
     strategy = strategy or default_strategy(method)
     if strategy not in ("grid", "golden"):
         raise ValueError(f"strategy must be 'grid' or 'golden', got {strategy!r}")
@@ -204,9 +223,23 @@ def search(score: Callable[[float], float], method: str, strategy: str | None = 
     else:
         best, evals = golden_section_max(score, *golden_range(method))
         curve = sorted(evals)
+    edge = max(a for a, _ in curve)
+    added: list[float] = []
+    if extend and best == edge:
+        lo, hi = alpha_param(method).bounds
+        added = extend_curve(curve, score, lo, hi, EXTEND_MAX, step=grid_step(method), below=False)
+        if added:
+            best = max(curve, key=lambda e: e[1])[0]          # curve sorted by α: the first maximum wins
+    top = max(a for a, _ in curve)
+    if info is not None:
+        info["extended"] = list(added)
+        info["at_edge"] = bool(extend and best == top)
+        info["note"] = (f"the best α on the {strategy} search was its upper end ({edge:.3g}); the search went on past "
+                        f"it to α = {top:.3g} ({len(added)} more value(s)), best α = {best:.4g}"
+                        + (" — still the largest α tried" if best == top else "") if added else "")
     return float(best), [(float(a), float(s)) for a, s in curve]
 
 
 def evaluations(method: str, strategy: str | None = None) -> int:
-    """How many α values :func:`search` scores (for progress bars)."""
+    """How many α values :func:`search` scores before any extension past the grid (for progress bars)."""
     return len(alpha_grid(method)) if (strategy or default_strategy(method)) == "grid" else GOLDEN_MAX_EVALS

@@ -19,15 +19,17 @@ from .accuracy import accuracies_of, evaluate, normalised, reference_accuracies,
 
 def search_alpha(pool, method: str, params: Mapping[str, Any] | None = None, *, stats=None, cache=None,
                  split: str = "val", progress: Progress | None = None, strategy: str | None = None,
-                 device: str | torch.device = "auto", batch_size: int = 256) -> tuple[float, list[tuple[float, float]]]:
+                 device: str | torch.device = "auto", batch_size: int = 256,
+                 info: dict | None = None) -> tuple[float, list[tuple[float, float]]]:
     """Choose α for ``method`` by the best mean normalised accuracy on ``split`` (validation), following
-    :func:`esm_core.evaluation.alpha.search`. Returns ``(best α, [(α, mean normalised accuracy)] sorted by α)``."""
+    :func:`esm_core.evaluation.alpha.search` (which goes on past the grid's upper end while the optimum sits
+    there; ``info`` receives what it added). Returns ``(best α, [(α, mean normalised accuracy)] sorted by α)``."""
     dev = resolve_device(device)
     report = reporter(progress)
     report(0.0, f"{method}: merging at α = 0 and α = 1")
     u0, slope, _ = A.affine_updates(pool.base, pool.tasks, method, params, stats=stats, cache=cache, device=dev)
     ft = reference_accuracies(pool, split, device=dev)["finetuned"]
-    visual = pool.build_visual(pool.base, device=dev)
+    visual = pool.build_model(pool.base, device=dev)
     n_total = A.evaluations(method, strategy)
     done = [0]
 
@@ -39,7 +41,7 @@ def search_alpha(pool, method: str, params: Mapping[str, Any] | None = None, *, 
         report(min(done[0] / n_total, 1.0), f"{method}: α = {alpha:.3f} → {100 * s:.2f} % normalised ({split})")
         return s
 
-    return A.search(score, method, strategy)
+    return A.search(score, method, strategy, info=info)
 
 
 def merged_state(pool, method: str, params: Mapping[str, Any] | None = None, alpha: float | None = None, *,
@@ -60,10 +62,10 @@ def evaluate_method(pool, method: str, params: Mapping[str, Any] | None = None, 
     """Merge with ``method`` (α chosen on validation when ``alpha="auto"``) and summarise it on ``split``."""
     report = reporter(progress)
     p = {k: v for k, v in dict(params or {}).items() if k != "alpha"}
-    curve = None
+    curve, info = None, {}
     if alpha == "auto":
         alpha, curve = search_alpha(pool, method, p, stats=stats, cache=cache, device=device,
-                                    progress=lambda f, d: report(0.9 * f, d))
+                                    progress=lambda f, d: report(0.9 * f, d), info=info)
     alpha = float(alpha)
     sd = merged_state(pool, method, p, alpha, stats=stats, cache=cache, device=device)
     accs = evaluate(pool, sd, split, device=device, progress=lambda f, d: report(0.9 + 0.1 * f, d))
@@ -71,4 +73,7 @@ def evaluate_method(pool, method: str, params: Mapping[str, Any] | None = None, 
     out.update({"method": method, "alpha": alpha, "params": get_method(method).resolve({**p, "alpha": alpha})})
     if curve is not None:
         out["val_curve"] = curve
+    if info.get("extended"):                  # the optimum sat at the grid's upper end: say how far the search went
+        out["alpha_extended"] = info["extended"]
+        out["alpha_note"] = info["note"]
     return out
