@@ -38,6 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from . import adapters
 from .device import all_finite
 from .errors import CheckpointError, _fmt_keys
 from .pickled import MAX_MODULE_DEPTH, _state_dict_from_object, _tensors_of, _torch_load_stubbed  # noqa: F401
@@ -332,7 +333,8 @@ def hf_clip_vision_to_open_clip(sd: Mapping[str, torch.Tensor], name: str = "che
 
 
 def load_checkpoint(path: str | os.PathLike, *, base: Mapping[str, torch.Tensor] | None = None,
-                    max_bytes: int | None = MAX_CHECKPOINT_BYTES) -> dict[str, torch.Tensor]:
+                    max_bytes: int | None = MAX_CHECKPOINT_BYTES, base_name: str | None = None,
+                    notes: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a ``{key: tensor}`` state dict (CPU, open_clip key names).
 
     ``base``: if given, the result must fit it (:func:`check_compatible`); a
@@ -341,9 +343,17 @@ def load_checkpoint(path: str | os.PathLike, *, base: Mapping[str, torch.Tensor]
     gets the base's ``visual.proj``. ``max_bytes``: larger files are refused
     (``None``: no limit). Raises :class:`CheckpointError` naming the file and
     the reason.
+
+    A folder or a ``.zip`` is a PEFT LoRA adapter (:mod:`esm_core.adapters`, methods §1): it needs ``base``
+    and becomes the dense task ``W0 + s·BA`` with the base's keys (plus its ``modules_to_save`` tensors the
+    base lacks, as own keys); ``notes`` receives a line on it and a warning when its
+    ``base_model_name_or_path`` differs from ``base_name``.
     """
     p = Path(path)
     name = p.name
+    if adapters.is_adapter_path(p):
+        return adapters.load_adapter(p, base, base_name=base_name, max_bytes=max_bytes, notes=notes,
+                                     read_weights=lambda f: load_checkpoint(f, max_bytes=max_bytes))
     ext = p.suffix.lower()
     if ext not in CHECKPOINT_EXTS:
         raise CheckpointError(f"{name}: unknown checkpoint extension {ext or '(none)'!r}; "

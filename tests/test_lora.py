@@ -1,0 +1,355 @@
+"""PEFT LoRA adapters as task checkpoints (esm_core.adapters, methods §1): tiny BERT and open_clip towers built
+offline, adapters written in PEFT's layout by hand (and by peft itself where it is installed)."""
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from esm_core import adapters
+from esm_core.checkpoints import CheckpointError, load_checkpoint, save_safetensors
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+D, F, V, L = 16, 24, 30, 2          # width, FFN width, vocabulary, layers
+BERT_LINEARS = {"attention.self.query": (D, D), "attention.self.key": (D, D), "attention.self.value": (D, D),
+                "attention.output.dense": (D, D), "intermediate.dense": (F, D), "output.dense": (D, F)}
+
+
+def bert_base(seed: int = 0, prefix: str = "bert.", classifier: bool = True) -> dict[str, torch.Tensor]:
+    """A BERT-layout state dict (the keys of BertForSequenceClassification), random values."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"{prefix}embeddings.word_embeddings.weight": torch.randn(V, D, generator=g),
+          f"{prefix}embeddings.position_embeddings.weight": torch.randn(12, D, generator=g),
+          f"{prefix}embeddings.LayerNorm.weight": torch.ones(D), f"{prefix}embeddings.LayerNorm.bias": torch.zeros(D)}
+    for i in range(L):
+        for m, shape in BERT_LINEARS.items():
+            sd[f"{prefix}encoder.layer.{i}.{m}.weight"] = torch.randn(*shape, generator=g) / 4
+            sd[f"{prefix}encoder.layer.{i}.{m}.bias"] = torch.randn(shape[0], generator=g) / 10
+    sd[f"{prefix}pooler.dense.weight"] = torch.randn(D, D, generator=g)
+    sd[f"{prefix}pooler.dense.bias"] = torch.zeros(D)
+    if classifier:
+        sd["classifier.weight"] = torch.randn(3, D, generator=g)
+        sd["classifier.bias"] = torch.zeros(3)
+    return sd
+
+
+def clip_base(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny open_clip VisionTransformer's state dict under ``visual.`` (what image pools hold)."""
+    from open_clip.transformer import VisionTransformer
+    torch.manual_seed(seed)
+    vt = VisionTransformer(image_size=16, patch_size=8, width=D, layers=L, heads=2, mlp_ratio=2, output_dim=8)
+    return {f"visual.{k}": v.detach().clone() for k, v in vt.state_dict().items()}
+
+
+def lora_factors(modules: dict[str, tuple[int, int]], r: int | dict, seed: int, scale: float = 0.5,
+                 prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
+    """Random ``lora_A`` (r × in) / ``lora_B`` (out × r) for every module (PEFT's saved key names)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m, (o, i) in modules.items():
+        rr = r[m] if isinstance(r, dict) else r
+        out[f"{prefix}{m}.lora_A.weight"] = torch.randn(rr, i, generator=g) * scale
+        out[f"{prefix}{m}.lora_B.weight"] = torch.randn(o, rr, generator=g) * scale
+    return out
+
+
+def config(**kw) -> dict:
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": False, "fan_in_fan_out": False,
+           "bias": "none", "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+           "base_model_name_or_path": None, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"}
+    cfg.update(kw)
+    return cfg
+
+
+def write_adapter(folder: Path, cfg: dict, tensors: dict[str, torch.Tensor], weights: str = "safetensors") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    if weights == "safetensors":
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    elif weights == "bin":
+        torch.save(tensors, folder / "adapter_model.bin")
+    return folder
+
+
+def zip_folder(folder: Path, out: Path, top: str | None = "adapter") -> Path:
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(folder.iterdir()):
+            z.write(f, f"{top}/{f.name}" if top else f.name)
+    return out
+
+
+def bert_modules(prefix: str = "bert.", names=("attention.self.query", "attention.self.value", "intermediate.dense")):
+    return {f"{prefix}encoder.layer.{i}.{m}": BERT_LINEARS[m] for i in range(L) for m in names}
+
+
+@pytest.fixture(autouse=True)
+def private_tmp(tmp_path, monkeypatch):
+    """Zip extraction goes to a temporary folder of this test: every test checks nothing is left behind."""
+    t = tmp_path / "tmpdir"
+    t.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(t))
+    yield t
+    assert list(t.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ the maths
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_dense_task_is_base_plus_scaled_BA_per_module_rank_and_alpha(tmp_path, rslora):
+    base = bert_base()
+    mods = bert_modules()
+    ranks = {m: (2 if m.endswith("value") else 4) for m in mods}
+    cfg = config(use_rslora=rslora, rank_pattern={"value": 2}, alpha_pattern={r"layer\.1\.intermediate.dense": 3})
+    folder = write_adapter(tmp_path / "ad", cfg, lora_factors(mods, ranks, seed=1))
+    notes = []
+    got = load_checkpoint(folder, base=base, notes=notes)
+    assert list(got) == list(base)                                         # the base's keys, in its order
+    sd = lora_factors(mods, ranks, seed=1)
+    for m in mods:
+        r = ranks[m]
+        alpha = 3 if m == "bert.encoder.layer.1.intermediate.dense" else 8
+        s = alpha / math.sqrt(r) if rslora else alpha / r
+        A, B = sd[f"base_model.model.{m}.lora_A.weight"], sd[f"base_model.model.{m}.lora_B.weight"]
+        assert torch.equal(got[f"{m}.weight"], base[f"{m}.weight"] + (B @ A) * s), m
+        assert torch.linalg.matrix_rank(got[f"{m}.weight"] - base[f"{m}.weight"]) == r
+    touched = {f"{m}.weight" for m in mods}
+    for k in base:
+        if k not in touched:
+            assert torch.equal(got[k], base[k]) and got[k].data_ptr() != base[k].data_ptr(), k
+    assert "LoRA adapter, 6 module(s) of rank 2, 4" in notes[0] and ("rsLoRA" in notes[0]) == rslora
+
+
+def test_adapter_name_in_keys_fan_in_fan_out_and_embeddings(tmp_path):
+    base = bert_base()
+    g = torch.Generator().manual_seed(5)
+    A, B = torch.randn(4, D, generator=g), torch.randn(D, 4, generator=g)
+    Ae, Be = torch.randn(4, V, generator=g), torch.randn(D, 4, generator=g)
+    q = "bert.encoder.layer.0.attention.self.query"
+    emb = "bert.embeddings.word_embeddings"
+    tensors = {f"base_model.model.{q}.lora_A.default.weight": A, f"base_model.model.{q}.lora_B.default.weight": B,
+               f"base_model.model.{emb}.lora_embedding_A": Ae, f"base_model.model.{emb}.lora_embedding_B": Be}
+    got = load_checkpoint(write_adapter(tmp_path / "a", config(), tensors), base=base)
+    assert torch.equal(got[f"{q}.weight"], base[f"{q}.weight"] + (B @ A) * 2.0)
+    assert torch.equal(got[f"{emb}.weight"], base[f"{emb}.weight"] + (Be @ Ae).T * 2.0)   # PEFT transposes embeddings
+    # fan_in_fan_out (GPT-2's Conv1D layout, weights stored in × out): ΔW transposed
+    t_base = {"h.0.attn.c_attn.weight": torch.randn(D, 3 * D, generator=g)}
+    A2, B2 = torch.randn(2, D, generator=g), torch.randn(3 * D, 2, generator=g)
+    folder = write_adapter(tmp_path / "f", config(r=2, lora_alpha=2, fan_in_fan_out=True),
+                           {"base_model.model.h.0.attn.c_attn.lora_A.weight": A2,
+                            "base_model.model.h.0.attn.c_attn.lora_B.weight": B2})
+    got = load_checkpoint(folder, base=t_base)
+    assert torch.equal(got["h.0.attn.c_attn.weight"], t_base["h.0.attn.c_attn.weight"] + (B2 @ A2).T * 1.0)
+
+
+def test_modules_to_save_replace_the_base_tensor_or_become_own_keys(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    head = {"base_model.model.classifier.weight": torch.randn(3, D, generator=g),
+            "base_model.model.classifier.bias": torch.randn(3, generator=g)}
+    tensors = {**lora_factors(bert_modules(), 4, seed=2), **head}
+    folder = write_adapter(tmp_path / "a", config(modules_to_save=["classifier", "score"]), tensors)
+    full = bert_base()                                          # a ForSequenceClassification base: replaced
+    got = load_checkpoint(folder, base=full)
+    assert list(got) == list(full)
+    assert torch.equal(got["classifier.weight"], head["base_model.model.classifier.weight"])
+    # an encoder-only base without the bert. prefix (what a text pool holds): the LoRA keys still map, the
+    # classifier becomes the task's own keys
+    bare = {k.removeprefix("bert."): v for k, v in bert_base(classifier=False).items()}
+    notes = []
+    got = load_checkpoint(folder, base=bare, notes=notes)
+    assert list(got)[:len(bare)] == list(bare) and sorted(list(got)[len(bare):]) == ["classifier.bias",
+                                                                                      "classifier.weight"]
+    assert torch.equal(got["classifier.bias"], head["base_model.model.classifier.bias"])
+    k = "encoder.layer.1.attention.self.value.weight"
+    A = tensors["base_model.model.bert.encoder.layer.1.attention.self.value.lora_A.weight"]
+    B = tensors["base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"]
+    assert torch.equal(got[k], bare[k] + (B @ A) * 2.0)
+    assert "2 own: classifier.bias, classifier.weight" in notes[0]
+    # the old layout (``classifier.modules_to_save.default.weight``) reads the same
+    old = {**lora_factors(bert_modules(), 4, seed=2),
+           **{k.replace("classifier.", "classifier.modules_to_save.default."): v for k, v in head.items()}}
+    got2 = load_checkpoint(write_adapter(tmp_path / "old", config(modules_to_save=["classifier"]), old), base=bare)
+    assert all(torch.equal(got2[k], got[k]) for k in got)
+
+
+def test_open_clip_attention_and_mlp_with_the_visual_prefix(tmp_path):
+    base = clip_base()
+    mods = {}
+    for i in range(L):
+        p = f"transformer.resblocks.{i}"
+        mods.update({f"{p}.attn": (3 * D, D), f"{p}.attn.base_layer.out_proj": (D, D), f"{p}.mlp.c_fc": (2 * D, D),
+                     f"{p}.mlp.c_proj": (D, 2 * D)})
+    tensors = lora_factors(mods, 2, seed=3)
+    got = load_checkpoint(write_adapter(tmp_path / "clip", config(r=2, lora_alpha=4), tensors), base=base)
+    assert list(got) == list(base)
+    for m in mods:
+        A, B = tensors[f"base_model.model.{m}.lora_A.weight"], tensors[f"base_model.model.{m}.lora_B.weight"]
+        key = "visual." + (f"{m}.in_proj_weight" if m.endswith(".attn") else f"{m.replace('.base_layer', '')}.weight")
+        assert torch.equal(got[key], base[key] + (B @ A) * 2.0), key
+    assert torch.equal(got["visual.transformer.resblocks.0.attn.in_proj_bias"],
+                       base["visual.transformer.resblocks.0.attn.in_proj_bias"])
+
+
+def test_zip_and_bin_read_like_the_folder(tmp_path):
+    base = bert_base()
+    tensors = lora_factors(bert_modules(), 4, seed=4)
+    folder = write_adapter(tmp_path / "st", config(), tensors)
+    want = load_checkpoint(folder, base=base)
+    for z in (zip_folder(folder, tmp_path / "a.zip"), zip_folder(folder, tmp_path / "flat.zip", top=None),
+              zip_folder(write_adapter(tmp_path / "bin", config(), tensors, weights="bin"), tmp_path / "bin.zip")):
+        got = load_checkpoint(z, base=base)
+        assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want), z.name
+
+
+def test_base_name_is_shown_and_a_different_one_warned(tmp_path):
+    tensors = lora_factors(bert_modules(), 4, seed=4)
+    folder = write_adapter(tmp_path / "a", config(base_model_name_or_path="google-bert/bert-base-uncased"), tensors)
+    notes = []
+    load_checkpoint(folder, base=bert_base(), base_name="bert-base-uncased.safetensors", notes=notes)
+    assert len(notes) == 1 and not any(n.startswith("warning") for n in notes)
+    notes = []
+    load_checkpoint(folder, base=bert_base(), base_name="roberta-base.safetensors", notes=notes)
+    assert notes[-1] == ("warning: a was made for base 'google-bert/bert-base-uncased' (base_model_name_or_path), "
+                         "the base here is 'roberta-base.safetensors'; merged anyway — check they are the same model")
+    notes = []
+    load_checkpoint(folder, base=bert_base(), notes=notes)
+    assert "made for base 'google-bert/bert-base-uncased'" in notes[-1]
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def _refused(tmp_path, match, cfg=None, tensors=None, base=None, **kw):
+    folder = write_adapter(tmp_path / "bad", cfg or config(), tensors or lora_factors(bert_modules(), 4, seed=6), **kw)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(folder, base=bert_base() if base is None else base)
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (config(peft_type="IA3"), r"adapter type 'IA3' \(peft_type\) is not LoRA"),
+    (config(peft_type=None), r"adapter type None \(peft_type\) is not LoRA"),
+    (config(use_dora=True), r"DoRA \(use_dora\)"),
+    (config(lora_bias=True), r"lora_bias"),
+    (config(layer_replication=[[0, 1]]), r"layer_replication"),
+    (config(r=0), r"r = 0 is not a whole number"),
+    (config(r=True), r"r = True is not a whole number"),
+    (config(lora_alpha=float("nan")), r"lora_alpha = nan is not a finite number"),
+    (config(use_rslora="yes"), r"use_rslora = 'yes' is not true or false"),
+    (config(rank_pattern={"(a+)+": 2}), r"pattern '\(a\+\)\+' nests repetitions"),
+    (config(alpha_pattern={"(xy|x)*": 2}), r"nests repetitions"),
+    (config(alpha_pattern={".*a.*b.*c": 2}), r"more than 2 unbounded repetitions"),
+    (config(rank_pattern={"[": 2}), r"not a valid regular expression"),
+    (config(rank_pattern={"value": 2.5}), r"rank_pattern\['value'\] = 2.5 is not a whole number"),
+    (config(r=3), r"rank 4 \(lora_A \(4, 16\)\) but the config says r = 3"),
+    (config(rank_pattern={"query": 8}), r"attention.self.query: rank 4 .* the config says r = 8"),
+])
+def test_bad_configs_are_refused_naming_the_field(tmp_path, cfg, match):
+    _refused(tmp_path, match, cfg=cfg)
+
+
+def test_shape_target_and_value_problems_are_refused(tmp_path):
+    ok = lora_factors(bert_modules(), 4, seed=6)
+    a = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
+    b = a.replace("lora_A", "lora_B")
+    cases = [
+        ({**ok, a: torch.randn(4, D + 1)}, r"B·A is 16 × 17, the base's bert.encoder.layer.0.attention.self.query"),
+        ({**ok, b: torch.randn(D, 3)}, r"lora_A is \(4, 16\) and lora_B \(16, 3\): their ranks differ"),
+        ({k: v for k, v in ok.items() if k != b}, r"incomplete LoRA factors: bert.encoder.layer.0.attention.self.query "
+                                                  r"\(lora_B missing\)"),
+        ({**ok, a.replace("self.query", "self.qq"): torch.randn(4, D), b.replace("self.query", "self.qq"):
+          torch.randn(D, 4)}, r"target module\(s\) not in the base: bert.encoder.layer.0.attention.self.qq"),
+        ({**ok, a: torch.full((4, D), float("inf"))}, r"non-finite values \(NaN/inf\)"),
+        ({**ok, "base_model.model.bert.pooler.dense.weight": torch.randn(D, D)},
+         r"neither LoRA factors nor in modules_to_save \(none listed\): bert.pooler.dense.weight"),
+        ({**ok, a.replace("lora_A.weight", "lora_magnitude_vector"): torch.randn(D)}, r"DoRA magnitude vector"),
+        ({**ok, a.replace("lora_A", "lora_E"): torch.randn(D)}, r"LoRA tensor this reader does not know"),
+        ({**ok, a.replace("lora_A.weight", "lora_A.other.weight"): torch.randn(4, D),
+          b.replace("lora_B.weight", "lora_B.other.weight"): torch.randn(D, 4)}, r"two lora_A tensors"),
+    ]
+    for tensors, match in cases:
+        _refused(tmp_path, match, tensors=tensors)
+    # a module whose name fits two base keys (both towers carry it) is refused, not guessed
+    two = {**{f"x.{k}": v for k, v in bert_base().items()}, **{f"y.{k}": v for k, v in bert_base().items()}}
+    _refused(tmp_path, r"fits several base keys \(x.bert.encoder.layer.0.attention.self.query.weight, "
+                       r"y.bert.encoder", base=two)
+    # the convolution form and a missing weights file / config
+    _refused(tmp_path, r"LoRA on a convolution layers is not supported",
+             tensors={"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": torch.randn(4, 3, 2, 2),
+                      "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight": torch.randn(D, 4, 1, 1)})
+    folder = write_adapter(tmp_path / "noweights", config(), ok, weights="none")
+    with pytest.raises(CheckpointError, match=r"weights are missing: no adapter_model.safetensors or adapter_model.bin"):
+        load_checkpoint(folder, base=bert_base())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty: not a PEFT adapter — no adapter_config.json"):
+        load_checkpoint(tmp_path / "empty", base=bert_base())
+    with pytest.raises(CheckpointError, match=r"only changes to a base model"):
+        load_checkpoint(write_adapter(tmp_path / "nobase", config(), ok))
+
+
+def test_a_pickle_that_runs_code_is_refused_in_adapter_model_bin(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (eval, ("1+1",))
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(config()))
+    torch.save({"x": Evil()}, folder / "adapter_model.bin")
+    with pytest.raises(CheckpointError, match="refers to builtins.eval|could run code"):
+        load_checkpoint(folder, base=bert_base())
+
+
+# ------------------------------------------------------------------------------------------ hostile zips
+
+
+def _zip(path: Path, members: dict[str, bytes], method=zipfile.ZIP_DEFLATED) -> Path:
+    with zipfile.ZipFile(path, "w", method) as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+    return path
+
+
+def test_hostile_zips_are_refused_before_anything_is_extracted(tmp_path, monkeypatch):
+    extracted = []
+    real = adapters._extract
+    monkeypatch.setattr(adapters, "_extract", lambda *a: (extracted.append(a[1].filename), real(*a)))
+    cfg = json.dumps(config()).encode()
+    cases = [
+        (_zip(tmp_path / "many.zip", {f"f{i}.txt": b"x" for i in range(adapters.MAX_ZIP_MEMBERS + 1)}),
+         r"holds 65 members, more than the 64 .* refused before listing them"),
+        (_zip(tmp_path / "up.zip", {"../adapter_config.json": cfg, "adapter_model.safetensors": b"x"}),
+         r"member names that are paths outside a folder or not plain names: '../adapter_config.json'"),
+        (_zip(tmp_path / "abs.zip", {"/etc/adapter_config.json": cfg}), r"not plain names: '/etc/adapter_config.json'"),
+        (_zip(tmp_path / "win.zip", {"a\\adapter_config.json": cfg}), r"not plain names"),
+        (_zip(tmp_path / "bomb.zip", {"adapter_config.json": cfg,
+                                      "adapter_model.safetensors": bytes(64 * 1024 ** 2)}),
+         r"declares 64 MiB packed into \d+ KiB \(ratio over 200:1, a zip bomb\?\)"),
+        (_zip(tmp_path / "none.zip", {"readme.md": b"hi"}), r"not a PEFT adapter zip — no adapter_config.json"),
+        (_zip(tmp_path / "two.zip", {"a/adapter_config.json": cfg, "b/adapter_config.json": cfg}),
+         r"holds 2 adapters \(a/adapter_config.json, b/adapter_config.json\)"),
+        (_zip(tmp_path / "deep.zip", {"a/b/adapter_config.json": cfg}), r"nested more than one folder deep"),
+        (_zip(tmp_path / "noweights.zip", {"adapter_config.json": cfg}), r"weights are missing"),
+    ]
+    for path, match in cases:
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(path, base=bert_base())
+    assert extracted == []
+    # a weights member over the size limit: refused from its declared size
+    big = _zip(tmp_path / "big.zip", {"adapter_config.json": cfg, "adapter_model.safetensors": bytes(3 * 1024 ** 2)})
+    with pytest.raises(CheckpointError, match=r"declares 3.0 MiB, more than the 2.0 MiB limit; refused before"):
+        load_checkpoint(big, base=bert_base(), max_bytes=2 * 1024 ** 2)
+    assert extracted == []
+    # a refused config: the weights are never extracted; a corrupt zip is refused cleanly
+    bad_cfg = _zip(tmp_path / "ia3.zip", {"adapter_config.json": json.dumps(config(peft_type="IA3")).encode(),
+                                          "adapter_model.safetensors": b"x" * 100})
+    with pytest.raises(CheckpointError, match="is not LoRA"):
+        load_checkpoint(bad_cfg, base=bert_base())
+    assert extracted == ["adapter_config.json"]
+    (tmp_path / "trunc.zip").write_bytes((tmp_path / "ia3.zip").read_bytes()[:-30])
+    with pytest.raises(CheckpointError, match=r"not a zip file|corrupt zip"):
+        load_checkpoint(tmp_path / "trunc.zip", base=bert_base())
