@@ -353,3 +353,109 @@ def test_hostile_zips_are_refused_before_anything_is_extracted(tmp_path, monkeyp
     (tmp_path / "trunc.zip").write_bytes((tmp_path / "ia3.zip").read_bytes()[:-30])
     with pytest.raises(CheckpointError, match=r"not a zip file|corrupt zip"):
         load_checkpoint(tmp_path / "trunc.zip", base=bert_base())
+
+
+# ------------------------------------------------------------------------------------------ peft itself
+
+
+def test_the_dense_task_equals_peft_merge_and_unload(tmp_path):
+    """peft's own merge (where peft is installed; it is not a dependency) gives the same weights."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from open_clip.transformer import VisionTransformer
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=D, num_hidden_layers=L, num_attention_heads=2, intermediate_size=F,
+                                  vocab_size=V, max_position_embeddings=12, num_labels=3)
+    vt = VisionTransformer(image_size=16, patch_size=8, width=D, layers=L, heads=2, mlp_ratio=2, output_dim=8)
+    cases = [
+        (transformers.BertForSequenceClassification(cfg), "", peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense", "word_embeddings"],
+            rank_pattern={"value": 2}, alpha_pattern={"intermediate.dense": 3}, use_rslora=True, task_type="SEQ_CLS")),
+        (vt, "visual.", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["attn", "c_fc", "c_proj"])),
+    ]
+    for i, (model, prefix, lcfg) in enumerate(cases):
+        base = {prefix + k: v.detach().clone() for k, v in model.state_dict().items()}
+        pm = peft.get_peft_model(model, lcfg)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n or "modules_to_save" in n:
+                    p.normal_(0, 0.3)
+        pm.save_pretrained(tmp_path / f"ad{i}")
+        want = {prefix + k: v for k, v in pm.merge_and_unload().state_dict().items()}
+        got = load_checkpoint(tmp_path / f"ad{i}", base=base)
+        assert set(got) == set(base) and set(want) == set(base)
+        changed = [k for k in base if not torch.equal(want[k], base[k])]
+        assert len(changed) >= 6 and (i != 0 or "classifier.weight" in changed)
+        for k in base:
+            assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), k
+
+
+# ------------------------------------------------------------------------------------------ merging
+
+
+def _clip_modules():
+    mods = {}
+    for i in range(L):
+        p = f"transformer.resblocks.{i}"
+        mods.update({f"{p}.attn": (3 * D, D), f"{p}.attn.base_layer.out_proj": (D, D), f"{p}.mlp.c_fc": (2 * D, D),
+                     f"{p}.mlp.c_proj": (D, 2 * D)})
+    return mods
+
+
+def _clip_tasks(tmp_path, r: int = 2):
+    """Two rank-r LoRA tasks on a tiny open_clip tower: ``(base, {task: adapter folder}, {task: dense file})``;
+    the dense files hold base + s·BA computed here, written as plain safetensors checkpoints."""
+    base = clip_base()
+    folders, dense = {}, {}
+    for j, t in enumerate(("cars", "dtd")):
+        tensors = lora_factors(_clip_modules(), r, seed=20 + j)
+        folders[t] = write_adapter(tmp_path / t, config(r=r, lora_alpha=2 * r), tensors)
+        sd = {k: v.clone() for k, v in base.items()}
+        for m in _clip_modules():
+            key = "visual." + (f"{m}.in_proj_weight" if m.endswith(".attn") else f"{m.replace('.base_layer', '')}.weight")
+            A, B = tensors[f"base_model.model.{m}.lora_A.weight"], tensors[f"base_model.model.{m}.lora_B.weight"]
+            sd[key] = base[key] + (B @ A) * 2.0
+        dense[t] = save_safetensors(sd, tmp_path / f"{t}-dense.safetensors")
+    return base, folders, dense
+
+
+def _inputs(base, tasks, n: int = 64):
+    from esm_core import models
+    types = models.layer_types_of(base, "openclip_vit")
+    g = torch.Generator().manual_seed(9)
+    return {t: {k: torch.randn(n, base[k].shape[1], generator=g) for k, ty in types.items() if ty} for t in tasks}
+
+
+def test_a_lora_task_merges_exactly_as_its_dense_checkpoint(tmp_path):
+    from esm_core import merge_updates
+    base, folders, dense = _clip_tasks(tmp_path)
+    lora = {t: load_checkpoint(f, base=base) for t, f in folders.items()}
+    full = {t: load_checkpoint(f, base=base) for t, f in dense.items()}
+    lazy = {t: str(f) for t, f in dense.items()}                    # read key by key from the files
+    inputs = _inputs(base, folders)
+    for method, kw in (("ta", {"alpha": 0.3}), ("ties", {"alpha": 0.5}), ("esm", {"alpha": 1.0, "inputs": inputs})):
+        a = merge_updates(method, base, lora, **kw)
+        b = merge_updates(method, base, full, **kw)
+        c = merge_updates(method, base, lazy, **kw) if method != "esm" else b     # ESM: seconds under load
+        assert set(a) == set(b) == set(c) and len(a) >= 8, method
+        for k in a:
+            assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), (method, k)
+
+
+def test_esmpp_experts_of_a_rank_r_lora_task_are_exact_at_rank_r(tmp_path):
+    """Where W_ESM = W0 on a routed layer (α = 0, or a layer the merge leaves alone), the residual W_t − W_ESM is
+    the LoRA update s·BA itself: the rank-r expert reproduces it, rank r − 1 cannot. (Against an ESM merge at
+    α > 0 the residual is full rank — ESM's update is isotropic, methods §6.5 — so no rank guarantees it.)"""
+    from esm_core.esmpp.experts import build_experts
+    from esm_core.merging.stats import stats_from_inputs
+    r = 2
+    base, folders, _ = _clip_tasks(tmp_path, r=r)
+    tasks = {t: load_checkpoint(f, base=base) for t, f in folders.items()}
+    stats = stats_from_inputs(_inputs(base, tasks))
+    routed = [k for k in base if k.endswith(("attn.in_proj_weight", "mlp.c_fc.weight"))]
+    for rank, exact in ((r, True), (r - 1, False)):
+        ex = build_experts(base, tasks, stats, rank=rank, routed_keys=routed)
+        for t in tasks:
+            for k in routed:
+                res = tasks[t][k] - base[k]
+                assert torch.allclose(ex.delta(k, t), res, atol=1e-5, rtol=0) == exact, (rank, t, k)
