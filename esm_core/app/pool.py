@@ -11,6 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from esm_core.pools.heads import HeadSource, head_warning
 from esm_core.pools.text_data import MissingData
 from esm_core.pools.upload_text import TEXT_EXTS, TOKENIZER_FILES
 
@@ -29,9 +30,16 @@ updates: the score a merge must beat to be worth anything. **Fine-tuned** is eac
 UPLOAD_HELP = ("Give the pre-trained checkpoint, two or more task checkpoints fine-tuned from it "
                "(`.safetensors`, `.pt`, `.pth`, `.bin`, `.ckpt`; read without running any pickled code), and "
                "for each task a zip of class folders named `<task>.zip` (`<class>/<image>.png`). "
-               "Half of each task's images become validation (proxy samples, heads, α), half test. "
+               "A zip with split folders (`val/<class>/…` and `test/<class>/…`, `train/` optional) keeps its "
+               "splits; otherwise half of each class becomes validation (proxy samples, α), half test (seeded). "
                "Tasks named like the demo's keep the demo's images when the checkpoints have "
                "the demo's architecture.\n\n"
+               "**Heads** (each task's frozen classifier), per task, the first that applies: a head you upload with "
+               "the data (`<task>.head.safetensors` or a weights-only `<task>.head.pt`: C × D, its class names in "
+               "the safetensors metadata `class_names` or in `<task>.head.json`); the zero-shot head of the "
+               "class-folder names when the base checkpoint holds its CLIP text tower (prompts: a `templates.txt` "
+               "with one template per line, `{}` = the class name; otherwise generic ones); else the class means "
+               "of the task's own images — then accuracies are *not comparable to the model's own*.\n\n"
                "**Architecture and input normalisation are never guessed.** Upload the model's config "
                "(open_clip model JSON, or Hugging Face `config.json` + `preprocessor_config.json`), or choose: "
                "`demo` (this app's demo architecture), an open_clip model name (its config, CLIP normalisation), "
@@ -52,6 +60,8 @@ TEXT_POOL_HELP = ("**Text pool** (docs/methods.md §8): all-MiniLM-L6-v2, fully 
                   "CPU, a few on a GPU, once; afterwards it loads in seconds. The build needs the registry packages "
                   "listed in the README (PyPI, Debian and npm packages; whatever is missing is listed, all at once, "
                   "with its install commands).")
+HEAD_FILE_TYPES = (".safetensors", ".pt", ".pth", ".bin", ".json", ".txt")   # heads, their class names, templates
+MAX_TEMPLATES_BYTES = 64 * 1024   # templates.txt: prompt templates, one per line
 SENTENCES_PER_TASK = 3            # sample sentences of each task of a text pool
 IMAGES_PER_TASK = 6               # gallery: one row per task, each image of another class where the task has them
 
@@ -80,8 +90,10 @@ def layout(ui) -> None:
                 ui.base_file = gr.File(label="base checkpoint", file_types=CKPT_TYPES, elem_id="up-base")
                 ui.task_files = gr.File(label="task checkpoints", file_count="multiple", file_types=CKPT_TYPES,
                                         elem_id="up-tasks")
-                ui.zip_files = gr.File(label="data: <task>.zip of images, or <task>.csv / .jsonl of labelled text",
-                                       file_count="multiple", file_types=[".zip", *TEXT_EXTS], elem_id="up-zips")
+                ui.zip_files = gr.File(label="data: <task>.zip of images (+ <task>.head.safetensors / .pt / .json, "
+                                             "templates.txt), or <task>.csv / .jsonl of labelled text",
+                                       file_count="multiple", file_types=[".zip", *TEXT_EXTS, *HEAD_FILE_TYPES],
+                                       elem_id="up-zips")
             with gr.Row():
                 ui.names_box = gr.Textbox(label="task names (comma separated, upload order; empty: file names)",
                                           elem_id="up-names")
@@ -128,12 +140,64 @@ def pool_outputs(s) -> tuple:
     md = (f"**Pool:** `{info['name']}` ({info['origin']}) · **model:** `{info['model']}` · "
           f"**{info['parameters']:,} parameters** · {info['blocks']} transformer blocks of width {info['width']} · "
           f"{info['matrices']} weight matrices · {len(info['tasks'])} tasks · device: `{info['device']}`")
+    warning = head_warning(s.pool)
+    if warning:
+        md += f"\n\n**⚠ {html.escape(warning)}.**"
     if info["notes"]:
         md += "\n\n" + "\n".join(f"- {n}" for n in info["notes"])
     texts = studio.sample_texts(s, SENTENCES_PER_TASK)
     images = studio.sample_images(s, IMAGES_PER_TASK)
-    return (md, pd.DataFrame(info["tasks"]), gr.Gallery(value=images, visible=not texts),
+    return (md, pd.DataFrame(task_rows(s.pool, info["tasks"])), gr.Gallery(value=images, visible=not texts),
             gr.Dataframe(value=pd.DataFrame(texts) if texts else None, visible=bool(texts)))
+
+
+def task_rows(pool, rows: list[dict]) -> list[dict]:
+    """The task table's rows with each task's head source and split rule (pools that record them:
+    ``pool.meta["head_sources"]`` / ``["splits"]``, e.g. uploads)."""
+    meta = getattr(pool, "meta", None) or {}
+    sources, splits = meta.get("head_sources") or {}, meta.get("splits") or {}
+    out = []
+    for r in rows:
+        r = dict(r)
+        t = r["task"]
+        if t in sources:
+            r["head"] = sources[t] + (" ⚠ not comparable" if sources[t] == HeadSource.CLASS_MEANS.value else "")
+        if t in splits:
+            sp = splits[t]
+            r["splits"] = sp["rule"] + (f" (train {sp['train']})" if sp.get("train") else "")
+        out.append(r)
+    return out
+
+
+def split_head_files(paths: list[str]) -> tuple[list[str], dict[str, str], dict[str, str], str | None]:
+    """``(data files, {task: head file}, {task: class-names json}, templates text or None)`` of the data box:
+    ``<task>.head.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` are heads, ``<task>.head.json`` their class names,
+    ``templates.txt`` the zero-shot prompt templates (one per line, at most 64 KB)."""
+    data, heads, names, templates = [], {}, {}, None
+    for p in paths:
+        name = Path(p).name
+        low = name.lower()
+        if low == "templates.txt":
+            with open(p, "rb") as f:
+                raw = f.read(MAX_TEMPLATES_BYTES + 1)
+            if len(raw) > MAX_TEMPLATES_BYTES:
+                raise ValueError(f"templates.txt is larger than {MAX_TEMPLATES_BYTES // 1024} KB")
+            try:
+                templates = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError("templates.txt is not UTF-8 text") from None
+        elif ".head." in low and low.endswith(HEAD_FILE_TYPES) and not low.endswith(".txt"):
+            task = name[:low.rindex(".head.")]
+            into = names if low.endswith(".json") else heads
+            if task in into:
+                raise ValueError(f"two head files for task {task!r}: {Path(into[task]).name} and {name}")
+            into[task] = p
+        elif low.endswith(HEAD_FILE_TYPES):
+            raise ValueError(f"{name}: a head file is named <task>.head.safetensors (or .pt, with its class names "
+                             "in <task>.head.json), and prompt templates go in templates.txt")
+        else:
+            data.append(p)
+    return data, heads, names, templates
 
 
 def task_names(names_text: str | None, files: list[str]) -> list[str]:
@@ -214,21 +278,25 @@ def make_handlers(ui):
         if len(files) < 2:
             raise ValueError(f"upload at least two task checkpoints (got {len(files)})")
         names = task_names(names_text, files)
-        data = [file_path(z) for z in (zip_files or [])]
+        given = [file_path(z) for z in (zip_files or [])]
         cfg_paths = [file_path(f) for f in (config_files or [])]
-        used = [file_path(base_file), *files, *data, *cfg_paths]
+        used = [file_path(base_file), *files, *given, *cfg_paths]
         uploads.claim(used)                                                   # used: not an orphan upload
         gone = [Path(u).name for u in used if u and not Path(u).is_file()]
         if gone:
             raise ValueError(f"{', '.join(gone[:5])}: no longer on the server (uploads no session used within "
                              f"{uploads.ORPHAN_S // 60} minutes are deleted, all uploads after an hour): upload "
                              "the file(s) again")
+        data, head_files, head_names, templates = split_head_files(given)
         tok = {Path(p).name: p for p in cfg_paths if Path(p).name in TOKENIZER_FILES}
         config, preprocessor = read_configs([p for p in cfg_paths if Path(p).name not in TOKENIZER_FILES])
         texts = {short_name(p): p for p in data if p.lower().endswith(TEXT_EXTS)}
         if texts:                                       # labelled sentences: a BERT-family text pool
             if len(texts) != len(data):
                 raise ValueError("upload either image zips or labelled text files (.csv / .jsonl), not both")
+            if head_files or head_names or templates is not None:
+                raise ValueError("head files and templates.txt are for image tasks; a text task's head is its "
+                                 "checkpoint's own classifier")
             studio.load_uploaded_text(s, file_path(base_file), dict(zip(names, files)), texts, config=config,
                                       tokenizer_files=tok, progress=progress_fn(progress, s))
             return _done(s, "the uploaded text pool", t0)
@@ -236,7 +304,8 @@ def make_handlers(ui):
         hw = int(head_width) if head_width else None
         studio.load_uploaded(s, file_path(base_file), dict(zip(names, files)), zips, arch=arch, config=config,
                              preprocessor=preprocessor, head_width=hw, normalisation=normalisation or None,
-                             demo_loader=loader, progress=progress_fn(progress, s))
+                             demo_loader=loader, progress=progress_fn(progress, s), heads=head_files,
+                             head_names=head_names, templates=templates)
         return _done(s, "the uploaded pool", t0)
 
     @friendly

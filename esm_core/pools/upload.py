@@ -695,7 +695,7 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
         elif src == H.HeadSource.ZERO_SHOT:
             heads_out[n] = H.zero_shot_head(tower, tokenizer, [H.prompt_name(c) for c in classes], templates, scale)
         else:
-            visual = shell.build_visual(tasks[n])
+            visual = shell.build_model(tasks[n])
             if len(train):
                 x_train = np.empty((len(train), size, size, 3), dtype=np.uint8)
                 _decode_into(plan, size, train, x_train)
