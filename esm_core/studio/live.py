@@ -11,6 +11,7 @@ from ..device import trim_heap
 from ..evaluation import alpha as A
 from ..evaluation.accuracy import accuracies_of, normalised
 from ..merging import METHODS, apply_updates, get_method
+from ..pools.heads import head_warning
 from .inspect import ensure_cache, ensure_stats
 from .session import AFFINE_CACHE, Progress, Session, _need_pool, _noop, trim_caches
 
@@ -141,8 +142,10 @@ def merge_config(s: Session, method: str, params: Mapping[str, Any]) -> dict:
 
 
 def comparison_rows(s: Session) -> list[dict]:
-    """One row per merge of the session: id, method, α, other parameters changed, means, per-task accuracy (%)."""
+    """One row per merge of the session: id, method, α, other parameters changed, means, per-task accuracy (%);
+    on a pool whose heads were built from the user's images, a "heads" column says so in every row."""
     rows = []
+    warning = head_warning(s.pool) if s.pool is not None else None
     for r in s.merges:
         m = get_method(r["method"])
         changed = {p.name: r["params"][p.name] for p in m.params
@@ -153,6 +156,8 @@ def comparison_rows(s: Session) -> list[dict]:
                "mean norm %": round(100 * r["summary"]["mean_norm"], 2)}
         for t, v in r["summary"]["tasks"].items():
             row[f"{t} %"] = round(100 * v["abs"], 1)
+        if warning:
+            row["heads"] = f"⚠ {warning}"
         rows.append(row)
     return rows
 

@@ -567,7 +567,8 @@ def sample_images(s: Session, k: int = 4, size: int = 96) -> list[tuple[np.ndarr
 
 def load_uploaded(s: Session, base_path, task_paths, image_zips=None, *, arch: str = "auto", config=None,
                   preprocessor=None, head_width: int | None = None, normalisation: str | None = None,
-                  demo_loader: Callable[[], Any] | None = None, progress: Progress | None = None) -> dict:
+                  demo_loader: Callable[[], Any] | None = None, progress: Progress | None = None,
+                  heads=None, head_names=None, templates=None) -> dict:
     """Build a pool from uploaded files (:func:`esm_core.pools.upload.pool_from_upload`: the architecture
     and normalisation are read from ``config`` / chosen by ``arch``, never guessed) and make it the session's.
     The previous pool stays loaded when anything is refused, before anything is read when the checkpoint files
@@ -582,7 +583,8 @@ def load_uploaded(s: Session, base_path, task_paths, image_zips=None, *, arch: s
     return _load_upload(s, lambda keep: pool_from_upload(
         base_path, task_paths, image_zips, arch=arch, config=config, preprocessor=preprocessor,
         head_width=head_width, normalisation=normalisation, demo_loader=demo_loader, progress=progress,
-        keep_dir=keep, memory_budget=memory_budget(), working_copies=WORKING_COPIES))
+        keep_dir=keep, memory_budget=memory_budget(), working_copies=WORKING_COPIES, heads=heads,
+        head_names=head_names, templates=templates))
 
 
 def load_uploaded_text(s: Session, base_path, task_paths, text_files, *, config, tokenizer_files,
