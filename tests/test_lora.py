@@ -459,3 +459,38 @@ def test_esmpp_experts_of_a_rank_r_lora_task_are_exact_at_rank_r(tmp_path):
             for k in routed:
                 res = tasks[t][k] - base[k]
                 assert torch.allclose(ex.delta(k, t), res, atol=1e-5, rtol=0) == exact, (rank, t, k)
+
+
+def test_esm_studio_merge_takes_adapter_folders_and_zips(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from esm_core import cli
+    base, folders, dense = _clip_tasks(tmp_path)
+    save_safetensors(base, tmp_path / "base.safetensors")
+    zipped = zip_folder(folders["dtd"], tmp_path / "dtd.zip")
+    runs = {"lora": [f"cars={folders['cars']}/", str(zipped)], "dense": [f"cars={dense['cars']}", f"dtd={dense['dtd']}"]}
+    for kind, tasks in runs.items():
+        args = ["merge", "--base", str(tmp_path / "base.safetensors"), "--method", "ta", "--set", "alpha=0.4",
+                "--out", str(tmp_path / f"{kind}.safetensors"), "--json"]
+        for t in tasks:
+            args += ["--task", t]
+        assert cli.main(args) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert sorted(summary["tasks"]) == ["cars", "dtd"]
+    a, b = load_file(str(tmp_path / "lora.safetensors")), load_file(str(tmp_path / "dense.safetensors"))
+    assert set(a) == set(b) == set(base) and all(torch.equal(a[k], b[k]) for k in a)
+    k = "visual.transformer.resblocks.1.mlp.c_fc.weight"
+    assert not torch.equal(a[k], base[k])
+    # a BERT adapter with a classifier the base lacks: merged without it, the log says so (and names the base)
+    bare = bert_base(classifier=False)
+    save_safetensors(bare, tmp_path / "bert.safetensors")
+    head = {"base_model.model.classifier.weight": torch.randn(3, D), "base_model.model.classifier.bias": torch.zeros(3)}
+    for t in "ab":
+        write_adapter(tmp_path / f"bert-{t}", config(modules_to_save=["classifier"], base_model_name_or_path="bert"),
+                      {**lora_factors(bert_modules(), 4, seed=ord(t)), **head})
+    assert cli.main(["merge", "--base", str(tmp_path / "bert.safetensors"), "--task", str(tmp_path / "bert-a"),
+                     "--task", str(tmp_path / "bert-b"), "--method", "ta", "--out", str(tmp_path / "m.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert "task 'bert-a': left out of the merge (the base has no such keys): classifier." in err
+    assert "bert-a: LoRA adapter, 6 module(s) of rank 4" in err and "made for base 'bert'" not in err
+    assert set(load_file(str(tmp_path / "m.safetensors"))) == set(bare)
