@@ -104,7 +104,14 @@ def run_merge(base_path: str, tasks: dict[str, str], method: str, params: dict, 
             task_sds[name] = lazy
             continue
         log(f"loading task {name!r} from {path}")
-        task_sds[name] = load_checkpoint(path, base=base, max_bytes=None)
+        notes: list[str] = []                     # a LoRA adapter (folder / .zip, methods §1) says what it holds
+        task_sds[name] = load_checkpoint(path, base=base, max_bytes=None, base_name=Path(base_path).name, notes=notes)
+        own = [k for k in task_sds[name] if k not in base]   # its modules_to_save the base lacks: not mergeable
+        for k in own:
+            del task_sds[name][k]
+        for line in notes + ([f"task {name!r}: left out of the merge (the base has no such keys): "
+                              f"{', '.join(own[:4])}{' …' if len(own) > 4 else ''}"] if own else []):
+            log(line)
     log(f"merging {len(task_sds)} task(s) with {method!r} {resolved}")
     ups = merge_updates(method, base, task_sds, device=device, progress=progress,
                         check=any(isinstance(sd, LazyCheckpoint) for sd in task_sds.values()), **resolved)
