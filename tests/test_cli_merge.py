@@ -79,7 +79,7 @@ def test_merge_end_to_end_json(files, method, capsys):
     cfg = read_config(out)
     assert cfg["method"] == method and cfg["params"] == {"alpha": 0.25, "shift": 0.0}
     assert cfg["tasks"] == summary["tasks"] and cfg["base"] == str(d / "zeroshot.pt")
-    assert cfg["esm_studio_version"]
+    assert cfg["esm_studio"] and cfg["versions"]["esm_studio"] == cfg["esm_studio"] and cfg["versions"]["torch"]
 
 
 def test_merge_default_params_and_text_summary(files, method, capsys):
@@ -118,11 +118,11 @@ def _fails(argv, capsys) -> str:
     return errors[0]
 
 
-def test_method_needing_stats_is_refused(files, stats_method, capsys):
+def test_method_needing_stats_without_proxy_data_is_refused(files, stats_method, capsys):
     d, *_ = files
     err = _fails(["merge", "--base", str(d / "zeroshot.pt"), "--task", f"a={d / 'a.safetensors'}",
                   "--method", stats_method, "--out", str(d / "m.safetensors")], capsys)
-    assert "activation statistics" in err and "esm-studio eval --pool" in err
+    assert f"method {stats_method!r} probes each task on its own data: give --proxy TASK=" in err
     assert not (d / "m.safetensors").exists()
 
 
