@@ -1,0 +1,203 @@
+"""HFViTTaskPool: a pool of Hugging Face ViT image classifiers (``ViTForImageClassification``) fine-tuned from
+one base (``ViTModel`` or ``ViTForImageClassification``), each task with its own classifier as its head.
+
+The pool protocol (:mod:`esm_core.pools.taskpool`'s, modality "image"): inputs are normalised images as the
+task's ``preprocessor_config.json`` says (:func:`esm_core.models.hf_vit.check_preprocessor`); the model is
+:func:`esm_core.models.hf_vit.build_model` (features = the ``[CLS]`` token after the final layernorm); the head
+of task t is t's own classifier: ``logits = f @ Wᵀ + b``, so the pool's logits of task t on t's own
+checkpoint are t's Hugging Face logits. The state dicts (``base``, ``tasks``) hold the feature module's keys
+only (the classifiers are the heads; a ``ViTModel``'s pooler is dropped): every task has the base's keys and
+shapes, checked before anything is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..models import hf_vit
+from .heads import HeadSource
+from .taskpool import proxy_ids, subset_pool
+
+SPLITS = ("val", "test", "samples")
+
+
+@dataclass
+class HFViTTaskPool:
+    """Base + fine-tuned ViT feature modules, each task's classifier and (optionally) its images.
+
+    ``model_config``: the checked ``config.json`` (:func:`~esm_core.models.hf_vit.check_config`);
+    ``preprocess``: the checked preprocessor (size, mean, std, rescale, resample); ``heads[task] = {"weight":
+    C×d, "bias": C}``; ``data[task][split] = (uint8 N×S×S×3 at the model's size, labels int64 N)``.
+    """
+    name: str
+    model_config: dict
+    preprocess: dict
+    base: dict[str, torch.Tensor]
+    tasks: dict[str, dict[str, torch.Tensor]]
+    heads: dict[str, dict[str, torch.Tensor]]
+    class_names: dict[str, list[str]]
+    data: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict, repr=False)
+    family: str = hf_vit.NAME
+    modality: str = hf_vit.MODALITY
+
+    def __post_init__(self):
+        for t in self.tasks:
+            if t not in self.heads:
+                raise ValueError(f"pool {self.name!r}: task {t!r} has no classifier")
+            if t not in self.class_names:
+                raise ValueError(f"pool {self.name!r}: task {t!r} has no class names")
+            if self.heads[t]["weight"].shape[0] != len(self.class_names[t]):
+                raise ValueError(f"pool {self.name!r}: the classifier of {t!r} has {self.heads[t]['weight'].shape[0]}"
+                                 f" rows but {len(self.class_names[t])} class names")
+
+    @property
+    def family_module(self):
+        return hf_vit
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    @property
+    def model_name(self) -> str:
+        c = self.model_config
+        return self.meta.get("model") or (f"ViT ({c['num_hidden_layers']} layers, width {c['hidden_size']}, "
+                                          f"{c['image_size']} px / {c['patch_size']})")
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise ValueError(f"pool {self.name!r} has no task {task!r}; tasks: {self.task_names}")
+
+    # -- models ---------------------------------------------------------------
+
+    def build_model(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
+                    share: bool = False) -> torch.nn.Module:
+        """The feature module holding ``state_dict`` (shapes checked against the pool's config first)."""
+        return hf_vit.build_model(state_dict, self.model_config, device=device, share=share)
+
+    def prepare(self, module: torch.nn.Module, task: str | None) -> None:
+        """Nothing to put in: biases are merged (methods §6), each task's classifier is its head."""
+        if task is not None:
+            self._check_task(task)
+
+    # -- data -----------------------------------------------------------------
+
+    def _raw(self, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+        self._check_task(task)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        try:
+            return self.data[task][split]
+        except KeyError:
+            raise ValueError(f"pool {self.name!r} carries no {split!r} images for task {task!r}") from None
+
+    def encode(self, raw, check: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """uint8 images (N×H×W[×3]) → the model's inputs: resized to the model's size when they are not at it,
+        rescaled and normalised as the preprocessor says."""
+        p = self.preprocess
+        a = np.asarray(raw) if not isinstance(raw, (list, tuple)) else None
+        if a is None or a.ndim not in (3, 4) or a.shape[1:3] != (p["size"], p["size"]):
+            a = hf_vit.resize_images(list(raw), p)
+        return hf_vit.normalise_images(a, p["mean"], p["std"], p["rescale"])
+
+    def inputs(self, task: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+        """(x float N×3×S×S, y LongTensor N) of one task's split; cached."""
+        key = ("inputs", task, split)
+        if key not in self.cache:
+            raw, y = self._raw(task, split)
+            self.cache[key] = (self.encode(raw), torch.from_numpy(np.asarray(y, dtype=np.int64)))
+        return self.cache[key]
+
+    def proxy(self, task: str, n: int = hf_vit.PROXY_SAMPLES, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+        """``n`` validation images of ``task`` drawn with ``seed`` (methods §5.1)."""
+        x, _ = self.inputs(task, "val")
+        ids = proxy_ids(len(x), n, seed)
+        return x[ids], ids
+
+    def logits(self, task: str, features: torch.Tensor) -> torch.Tensor:
+        """The task's own classifier: ``f @ Wᵀ + b``."""
+        self._check_task(task)
+        h = self.heads[task]
+        return features @ h["weight"].to(features.device, features.dtype).T + h["bias"].to(features.device,
+                                                                                             features.dtype)
+
+    def samples(self, task: str, k: int = 8) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """A few images for display: (x normalised, y, raw uint8 k×S×S×3)."""
+        self._check_task(task)
+        split = "samples" if "samples" in self.data.get(task, {}) else "test"
+        raw, y = self._raw(task, split)
+        raw, y = raw[:k], np.asarray(y[:k], dtype=np.int64)
+        return self.encode(raw), torch.from_numpy(y), raw
+
+    def subset(self, tasks: list[str]) -> "HFViTTaskPool":
+        return subset_pool(self, tasks)
+
+
+# ---------------------------------------------------------------- building a pool
+
+def _check_images(task: str, split: str, item, size: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise ValueError(f"images of task {task!r} ({split}): expected (images, labels)")
+    x, y = np.asarray(item[0]), np.asarray(item[1])
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (size, size, 3):
+        raise ValueError(f"images of task {task!r} ({split}): expected uint8 N×{size}×{size}×3 (the model's "
+                         f"size), got {x.dtype} {tuple(x.shape)}")
+    if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels of task {task!r} ({split}): expected {x.shape[0]} integers, got {y.dtype} "
+                         f"{tuple(y.shape)}")
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"labels of task {task!r} ({split}) must lie in [0, {n_classes}) (its classifier's "
+                         f"classes), got {int(y.min())} … {int(y.max())}")
+    return x, y.astype(np.int64)
+
+
+def build_hf_vit_pool(name: str, config: Mapping, base: Mapping[str, torch.Tensor],
+                      tasks: Mapping[str, Mapping[str, torch.Tensor]], *,
+                      class_names: Mapping[str, list[str]] | None = None,
+                      data: Mapping[str, Mapping[str, tuple]] | None = None,
+                      preprocessor: Mapping | None = None, meta: Mapping | None = None,
+                      max_params: int | None = None) -> HFViTTaskPool:
+    """A pool from a ``config.json`` dict, the base's and each task's state dicts (any layout
+    :func:`~esm_core.models.hf_vit.convert` reads) and per-task images at the model's size.
+
+    Checked before anything is built: the config (bounded, :func:`~esm_core.models.hf_vit.check_config`), the
+    preprocessor, every checkpoint's keys and shapes against the config (so every task fits the base), each
+    classifier (C×hidden weight, C bias, finite), the class names (one per classifier row; default ``id2label``
+    when it has as many entries, else "0" … "C−1") and the images (uint8 at the model's size, labels in range)."""
+    cfg = hf_vit.check_config(config)
+    pre = hf_vit.check_preprocessor(preprocessor, cfg["image_size"])
+    if not tasks:
+        raise ValueError("a pool needs at least one task checkpoint")
+    base_sd = hf_vit.encoder_state(hf_vit.convert(base, "base"))
+    hf_vit.check_shapes(base_sd, cfg, max_params)
+    task_sds, heads, names = {}, {}, {}
+    for t, sd in tasks.items():
+        label = f"task {t!r}"
+        enc, head = hf_vit.split_head(hf_vit.convert(sd, label), label, cfg["hidden_size"])
+        try:
+            hf_vit.check_shapes(enc, cfg, max_params)
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from None
+        C = head["weight"].shape[0]
+        given = (class_names or {}).get(t)
+        if given is None:
+            lab = cfg.get("id2label") or {}
+            given = [lab.get(str(i), str(i)) for i in range(C)] if len(lab) == C else [str(i) for i in range(C)]
+        if len(given) != C:
+            raise ValueError(f"{label}: its classifier has {C} classes but {len(given)} class names were given "
+                             f"({list(given)[:5]}…)")
+        task_sds[t], heads[t], names[t] = enc, head, [str(c) for c in given]
+    images = {}
+    for t, splits in (data or {}).items():
+        if t not in task_sds:
+            raise ValueError(f"images given for {t!r}, which is not a task of the pool ({list(task_sds)})")
+        images[t] = {s: _check_images(t, s, v, cfg["image_size"], len(names[t])) for s, v in splits.items()
+                     if s in SPLITS}
+    meta = {**dict(meta or {}), "head_sources": {t: HeadSource.OWN.value for t in task_sds}}
+    return HFViTTaskPool(name=name, model_config=cfg, preprocess=pre, base=base_sd, tasks=task_sds, heads=heads,
+                         class_names=names, data=images, meta=meta)
