@@ -1,5 +1,6 @@
 """The text pool's speed fixes give the same numbers: length-sorted evaluation batches cut to their longest
 sentence, one BLAS thread for small eigendecompositions, the ESM++ static accuracies taken from the ESM merge,
+the reference accuracies and Spectra rows shared by the sessions of a pool read from files (studio.shared),
 and the MiniLM-shaped bench pool (``esm-studio bench --text-speed``)."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from esm_core import studio
 from esm_core.evaluation.accuracy import _cut, accuracies_of, text_batches
-from esm_core.merging import decompose as D
+from esm_core.merging import kernels as D
 from esm_core.models import bert
 from esm_core.pools.text_pool import load_text_task_pool
 
@@ -50,8 +51,8 @@ def test_text_batches_cover_every_sentence_once_by_length_within_the_bounds():
 def test_cut_batches_give_the_features_of_the_padded_inputs(tpool):
     """Padding columns change nothing: each sentence's features with its batch cut to the longest sentence equal
     (to float rounding) those computed at the split's padded length, so the predictions are the same."""
-    enc = tpool.build_visual(tpool.tasks["colours"])
-    x, _ = tpool.images("colours", "test")
+    enc = tpool.build_model(tpool.tasks["colours"])
+    x, _ = tpool.inputs("colours", "test")
     with torch.inference_mode():
         full = enc(x)
         for ids in text_batches(x, 256, max_tokens=6 * x.shape[-1]):
@@ -62,10 +63,10 @@ def test_cut_batches_give_the_features_of_the_padded_inputs(tpool):
 def test_accuracies_equal_the_padded_per_sentence_rule(tpool):
     """accuracies_of (sorted, cut batches) = the rule by hand: one padded sentence at a time, task's own biases."""
     state = {k: (tpool.base[k] + tpool.tasks["animals"][k]) / 2 for k in tpool.base}
-    enc = tpool.build_visual(state)
+    enc = tpool.build_model(state)
     got = accuracies_of(tpool, enc, "test", tpool.task_names, 3, None)
     for t in tpool.task_names:
-        x, y = tpool.images(t, "test")
+        x, y = tpool.inputs(t, "test")
         tpool.prepare(enc, t)
         with torch.inference_mode():
             pred = torch.cat([tpool.logits(t, enc(x[i:i + 1])).argmax(-1) for i in range(len(y))])
@@ -137,10 +138,10 @@ def test_bench_pool_is_minilm_shaped_and_loads(tmp_path):
     d = pool.tasks["task0"][q] - pool.base[q]
     assert 0.01 < float(d.norm() / pool.base[q].norm()) < 0.04
     assert [len(pool.class_names[t]) for t in pool.task_names] == list(CLASSES[:2])
-    x, y = pool.images("task0", "val")
+    x, y = pool.inputs("task0", "val")
     assert x.shape == (40, 2, 64) and len(y) == 40                        # long sentences: cut at 64 tokens
     assert len(pool.data["task0"]["proxy_ids"]) == bert.PROXY_SAMPLES
-    assert int(pool.images("task1", "test")[0][:, 1].sum(1).max()) <= 42  # short ones: 8–40 words + 2
+    assert int(pool.inputs("task1", "test")[0][:, 1].sum(1).max()) <= 42  # short ones: 8–40 words + 2
     with pytest.raises(ValueError, match="2 to 16 tasks"):
         write_minilm_pool(tmp_path / "x", tasks=1)
     assert np.isfinite(pool.heads["task0"]["weight"].numpy()).all()
@@ -153,8 +154,145 @@ def test_probe_pool_reusing_one_text_encoder_equals_a_fresh_one_per_task(tpool):
     stats = probe_pool(tpool, n=6, device="cpu")
     for t in tpool.task_names:
         x, ids = tpool.proxy(t, 6, 0)
-        fresh = probe(tpool.build_visual(tpool.tasks[t]), x)
+        fresh = probe(tpool.build_model(tpool.tasks[t]), x)
         assert stats["proxy_ids"][t] == list(ids)
         for k, st in fresh.items():
             got = stats["tasks"][t][k]
             assert got.n == st.n and torch.equal(got.gram, st.gram) and torch.equal(got.mean, st.mean)
+
+
+# ----------------------------------------------------------------------------- results shared across sessions
+def _counted(monkeypatch):
+    """Count the models the live view evaluates (each ``accuracies`` call: one model on some tasks)."""
+    from esm_core.studio import live
+    calls, real = [], live.accuracies
+
+    def accuracies(s, model, split="test", per_task=None, tasks=None, progress=None, own=True):
+        calls.append((split, tuple(tasks) if tasks is not None else None, own))
+        return real(s, model, split, per_task, tasks, progress, own)
+    monkeypatch.setattr(live, "accuracies", accuracies)
+    return calls
+
+
+@pytest.fixture
+def text_copy(tiny_text_pool_dir, tmp_path):
+    """A private copy of the tiny text pool (a folder no other test stamps) and an empty shared cache."""
+    import shutil
+    from esm_core.studio import shared
+    shared.RESULTS.clear()
+    d = tmp_path / "text-pool"
+    shutil.copytree(tiny_text_pool_dir[0], d)
+    yield d
+    shared.RESULTS.clear()
+
+
+def _merged(path, monkeypatch, live_per_task=8):
+    s = studio.new_session("cpu", live_per_task=live_per_task)
+    studio.load_text(s, path)
+    calls = _counted(monkeypatch)
+    rec = studio.merge(s, "ta", {"alpha": 0.4})
+    return s, rec, list(calls)                      # this merge's calls (a later wrapper also reports to this one)
+
+
+def test_second_session_reads_the_first_sessions_references_and_merge(text_copy, monkeypatch):
+    """The first merge of a second session on the same text pool evaluates nothing: the zero-shot and fine-tuned
+    references and the same merge's accuracies come from the first session, equal to the digit; its update is its
+    own (export, alignment); a merge no session made yet is evaluated."""
+    s1, r1, calls1 = _merged(text_copy, monkeypatch)
+    s2, r2, calls2 = _merged(text_copy, monkeypatch)
+    try:
+        T = len(s1.pool.task_names)
+        assert len(calls1) == 1 + T + 1 and calls1[0][2] is False     # zero-shot, T fine-tuned, the merge
+        assert calls2 == []
+        assert s2.refs == s1.refs and r2["accs"] == r1["accs"] and r2["summary"] == r1["summary"]
+        assert s2.current["updates"] is not s1.current["updates"]
+        k = next(iter(s1.current["updates"]))
+        assert torch.equal(s2.current["updates"][k], s1.current["updates"][k])
+        before = len(calls2)
+        calls = _counted(monkeypatch)
+        r3 = studio.merge(s2, "ta", {"alpha": 0.25})
+        assert calls == [("test", None, True)]
+        s2._visual = None
+        fresh = studio.live.accuracies(s2, studio.live.apply_updates(s2.pool.base, s2.current["updates"]), "test", 8)
+        assert fresh == r3["accs"] and before == 0
+        s3 = studio.new_session("cpu", live_per_task=5)                # another subset size: not the same numbers
+        studio.load_text(s3, text_copy)
+        calls3 = _counted(monkeypatch)
+        studio.merge(s3, "ta", {"alpha": 0.4})
+        assert len(calls3) == 1 + T + 1 and calls3[0] == ("test", tuple(s3.pool.task_names), False)
+        studio.close(s3)
+    finally:
+        studio.close(s1)
+        studio.close(s2)
+
+
+def test_a_rewritten_pool_file_is_a_new_pool(text_copy, monkeypatch):
+    """Any file of the pool written again (even with the same bytes) changes its identity: nothing computed on
+    the old files is read for the new ones."""
+    from esm_core.studio import shared
+    s1, _, _ = _merged(text_copy, monkeypatch)
+    before = shared.folder_identity(text_copy)
+    assert before is not None and shared.identity_of(s1.pool) == before
+    f = text_copy / "heads.safetensors"
+    f.write_bytes(f.read_bytes())
+    assert shared.folder_identity(text_copy) != before
+    s2, _, calls = _merged(text_copy, monkeypatch)
+    try:
+        assert len(calls) == 1 + len(s2.pool.task_names) + 1          # computed again
+    finally:
+        studio.close(s1)
+        studio.close(s2)
+
+
+def test_a_pool_changed_while_it_is_read_is_not_stamped(text_copy):
+    from esm_core.studio import shared
+    f = text_copy / "pool.json"
+
+    def load():
+        f.write_bytes(f.read_bytes())                                  # a rebuild writing while we read
+        return load_text_task_pool(text_copy)
+    pool = shared.load_stamped(text_copy, load)
+    assert shared.identity_of(pool) is None and shared.key(pool, "cpu", "x") is None
+
+
+def test_uploaded_and_loader_pools_share_nothing(sess):
+    from esm_core.studio import shared
+    assert shared.identity_of(sess.pool) is None
+    studio.merge(sess, "ta", {"alpha": 0.5})
+    assert len(shared.RESULTS) == 0 or all(k[0] != shared.identity_of(sess.pool) for k in shared.RESULTS._d)
+
+
+def test_spectra_rows_are_shared_and_equal(text_copy, monkeypatch):
+    """The Spectra view of a second session on the same pool shows the first session's rows without probing or
+    decomposing anything."""
+    from esm_core.studio import inspect as I
+    s1 = studio.new_session("cpu")
+    s2 = studio.new_session("cpu")
+    try:
+        studio.load_text(s1, text_copy)
+        rows1 = studio.spectra_at(s1, 0.25)
+        studio.load_text(s2, text_copy)
+
+        def no_probe(*a, **k):
+            raise AssertionError("probed again")
+        monkeypatch.setattr(I, "ensure_stats", no_probe)
+        assert studio.spectra_at(s2, 0.25) == rows1
+        assert s2.stats is None and s2.cache is None
+    finally:
+        studio.close(s1)
+        studio.close(s2)
+
+
+def test_shared_results_are_bounded_least_recently_used_first():
+    from esm_core.studio.shared import SharedResults
+    r = SharedResults(max_entries=3, max_bytes=10_000)
+    for i in range(4):
+        r.put(("id", i), 0.5)
+    assert len(r) == 3 and r.get(("id", 0)) is None and r.get(("id", 1)) == 0.5
+    r.put(("id", 4), 0.25)                          # ("id", 1) was read last: ("id", 2) goes
+    assert r.get(("id", 2)) is None and r.get(("id", 1)) == 0.5
+    assert not r.put(("big",), [0.0] * 1000)        # ≈ 40 KB alone: over the bound, not kept
+    assert r.get(("big",)) is None and r.nbytes <= 10_000
+    r.put(("rows",), [0.0] * 200)                   # ≈ 8 KB: the small ones make room
+    assert r.get(("rows",)) is not None and r.nbytes <= 10_000 and len(r) <= 3
+    assert r.get(None) is None and not r.put(None, 1.0)

@@ -5,6 +5,7 @@ import math
 import shutil
 
 from .. import analysis
+from . import shared
 from ..device import trim_heap
 from ..merging.esm import esm_rank, new_cache
 from ..merging.stats import spill_stats
@@ -56,15 +57,20 @@ def spectra(s: Session, progress: Progress | None = None) -> list[dict]:
     pool = _need_pool(s)
     report = progress or _noop
     with s.lock:
+        keys = esd_keys(s)          # the rows of a pool read from files are shared by its sessions (studio.shared)
+        skey = shared.key(pool, s.device, "spectra", 32, 0, tuple(pool.task_names), tuple(keys))
+        if s.spectra_rows is None:
+            s.spectra_rows = shared.RESULTS.get(skey)
         if s.spectra_rows is None:
             stats = ensure_stats(s, progress=lambda f, d: report(0.3 * f, d))
             cache = ensure_cache(s)
-            rows, keys = [], esd_keys(s)
+            rows = []
             for i, key in enumerate(keys):       # decomposed as ESM does: a later ESM merge reuses every entry
                 rows += analysis.spectra(pool.base, pool.tasks, stats, keys=[key], cache=cache, esm_entries=True)
                 trim_heap()                      # each key's freed working memory, before the next key's
                 report(0.3 + 0.7 * (i + 1) / len(keys), f"decomposing {key}")
             s.spectra_rows = rows
+            shared.RESULTS.put(skey, rows)
             trim_heap()
         return s.spectra_rows
 

@@ -12,6 +12,7 @@ from ..evaluation import alpha as A
 from ..evaluation.accuracy import accuracies_of, normalised
 from ..merging import METHODS, apply_updates, get_method
 from ..pools.heads import head_warning
+from . import shared
 from .inspect import ensure_cache, ensure_stats
 from .session import AFFINE_CACHE, Progress, Session, _need_pool, _noop, trim_caches
 
@@ -50,11 +51,23 @@ def references(s: Session, split: str = "test", progress: Progress | None = None
         if split not in s.refs:
             n = s.live_per_task if split == "test" else s.alpha_per_task
             report = progress or _noop
-            zs = accuracies(s, pool.base, split, n, progress=lambda f, d: report(0.5 * f, f"zero-shot: {d}"), own=False)
+            # per task, shared by the sessions of a pool read from files (studio.shared): the same numbers
+            keys = {(kind, t): shared.key(pool, s.device, "reference", kind, split, n, EVAL_SEED, t)
+                    for kind in ("zeroshot", "finetuned") for t in pool.task_names}
+            have = {k: shared.RESULTS.get(v) for k, v in keys.items()}
+            todo = [t for t in pool.task_names if have[("zeroshot", t)] is None]
+            zs = accuracies(s, pool.base, split, n, tasks=todo, own=False,
+                            progress=lambda f, d: report(0.5 * f, f"zero-shot: {d}")) if todo else {}
             ft = {}
             for i, t in enumerate(pool.task_names):
-                ft[t] = accuracies(s, pool.tasks[t], split, n, [t])[t]
+                if t in zs:
+                    shared.RESULTS.put(keys[("zeroshot", t)], zs[t])
+                ft[t] = have[("finetuned", t)]
+                if ft[t] is None:
+                    ft[t] = accuracies(s, pool.tasks[t], split, n, [t])[t]
+                    shared.RESULTS.put(keys[("finetuned", t)], ft[t])
                 report(0.5 + 0.5 * (i + 1) / len(pool.task_names), f"fine-tuned model of {t}")
+            zs = {t: zs[t] if t in zs else have[("zeroshot", t)] for t in pool.task_names}
             s.refs[split] = {"zeroshot": zs, "finetuned": ft}
         return s.refs[split]
 
@@ -114,8 +127,16 @@ def merge(s: Session, method: str, params: Mapping[str, Any] | None = None, prog
         u0, slope = _affine(s, method, p, (lambda f, d: report(0.1 + 0.8 * f, d)) if progress else None)
         ups = A.UpdatesAt(u0, slope, float(p["alpha"]))      # formed key by key as the merged model is built
         report(0.9, "evaluating the merged model")
-        visual = _visual(s, apply_updates(pool.base, ups))   # the merged state dict is freed once loaded
-        accs = accuracies(s, visual, "test", s.live_per_task, progress=lambda f, d: report(0.9 + 0.09 * f, d))
+        # a pool read from files: the same merge evaluated by another session is read, not evaluated (studio.shared)
+        akey = shared.key(pool, s.device, "merge", method, tuple(sorted(p.items())), "test", s.live_per_task,
+                          EVAL_SEED, tuple(pool.task_names))
+        accs = shared.RESULTS.get(akey)
+        if accs is None:
+            visual = _visual(s, apply_updates(pool.base, ups))   # the merged state dict is freed once loaded
+            accs = accuracies(s, visual, "test", s.live_per_task, progress=lambda f, d: report(0.9 + 0.09 * f, d))
+            shared.RESULTS.put(akey, dict(accs))
+        else:
+            accs = dict(accs)
         summary = normalised(accs, refs["finetuned"])
         report(1.0, f"{m.title}: mean normalised accuracy {100 * summary['mean_norm']:.1f} %")
         # the last progress report (a cancelled merge stops at one) is above: nothing below can stop half-way

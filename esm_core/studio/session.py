@@ -44,10 +44,11 @@ from ..merging import get_method
 from ..models import family_or_vit
 from ..models.roles import MATRIX
 from ..pools import text_build
-from ..pools.demo import load_demo_pool
+from ..pools.demo import DEMO_DIR, load_demo_pool
 from ..pools.text_pool import load_text_task_pool
 from ..pools.upload import pool_from_upload
 from ..pools.upload_text import text_pool_from_upload
+from . import shared
 
 
 LIVE_PER_TASK = 100          # test images per task behind the live accuracy bars
@@ -337,7 +338,10 @@ def load_demo(s: Session, loader: Callable[[], Any] | None = None, progress: Pro
     """Load the built-in demo pool (``loader`` overrides :func:`esm_core.pools.demo.load_demo_pool`)."""
     report = progress or _noop
     report(0.1, "loading the demo pool")
-    pool = (loader or load_demo_pool)()
+    if loader is None:                 # the committed demo: its results are shared by its sessions (studio.shared)
+        pool = shared.load_stamped(DEMO_DIR, load_demo_pool)
+    else:
+        pool = loader()
     report(1.0, "demo pool loaded")
     return load_pool(s, pool, "demo")
 
@@ -361,7 +365,7 @@ def load_text(s: Session, path=None, progress: Progress | None = None) -> dict:
         raise ValueError(f"the text pool is not built yet (no pool.json in {st['path']}): build it first "
                          "(the Pool view's button, or `esm-studio build-pool text`)")
     report(0.1, "loading the text pool")
-    pool = load_text_task_pool(st["path"])
+    pool = shared.load_stamped(st["path"], lambda: load_text_task_pool(st["path"]))   # results shared (studio.shared)
     report(1.0, "text pool loaded")
     return load_pool(s, pool, "text")
 
