@@ -494,3 +494,57 @@ def test_esm_studio_merge_takes_adapter_folders_and_zips(tmp_path, capsys):
     assert "task 'bert-a': left out of the merge (the base has no such keys): classifier." in err
     assert "bert-a: LoRA adapter, 6 module(s) of rank 4" in err and "made for base 'bert'" not in err
     assert set(load_file(str(tmp_path / "m.safetensors"))) == set(bare)
+
+
+# ------------------------------------------------------------------------------------------ uploads
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_a_text_upload_takes_adapter_zips_and_scores_as_the_merged_hugging_face_model(tmp_path, model_type):
+    import numpy as np
+    transformers = pytest.importorskip("transformers")
+    from esm_core.models import bert
+    from esm_core.pools.upload_text import text_pool_from_upload
+    from test_upload_text import CONFIGS, WORDS, _classifier
+    base_m = _classifier(model_type, 2, 0)
+    base = {k: v.detach().clone().contiguous() for k, v in base_m.state_dict().items()}
+    save_safetensors(base, tmp_path / "base.safetensors")
+    p = "roberta." if model_type == "roberta" else "bert."
+    mods = {f"{p}encoder.layer.{i}.{m}": (48 if m == "intermediate.dense" else 32, 32) for i in range(2)    # width 32
+            for m in ("attention.self.query", "attention.self.value", "intermediate.dense")}
+    paths, texts, dense = {}, {}, {}
+    rng = np.random.default_rng(0)
+    for i, (t, C) in enumerate((("colours", 3), ("animals", 2))):
+        head_m = _classifier(model_type, C, 10 + i)
+        head = {f"base_model.model.{k}": v.detach().clone().contiguous() for k, v in head_m.state_dict().items()
+                if k.startswith("classifier.")}
+        tensors = {**lora_factors(mods, 4, seed=30 + i, scale=0.2), **head}
+        folder = write_adapter(tmp_path / t, config(modules_to_save=["classifier"], base_model_name_or_path="other"),
+                               tensors)
+        paths[t] = zip_folder(folder, tmp_path / f"{t}.zip") if i == 0 else folder
+        sd = {k: v.clone() for k, v in base.items() if not k.startswith("classifier.")}
+        for m in mods:
+            A, B = tensors[f"base_model.model.{m}.lora_A.weight"], tensors[f"base_model.model.{m}.lora_B.weight"]
+            sd[f"{m}.weight"] = sd[f"{m}.weight"] + (B @ A) * 2.0
+        dense[t] = {**sd, **{k.removeprefix("base_model.model."): v for k, v in head.items()}}
+        rows = [{"text": " ".join(rng.choice(WORDS[5:], size=rng.integers(2, 8))), "label": int(j % C)}
+                for j in range(16)]
+        texts[t] = tmp_path / f"{t}.jsonl"
+        texts[t].write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    cfg = dict(CONFIGS[model_type])
+    pool, notes = text_pool_from_upload(tmp_path / "base.safetensors", paths, texts, cfg,
+                                        {"vocab.txt": tmp_path / "vocab.txt"})
+    assert any(n.startswith("colours.zip: LoRA adapter, 6 module(s) of rank 4") for n in notes)
+    assert any(n.startswith("warning: animals was made for base 'other'") for n in notes)
+    for t in pool.task_names:
+        hf = transformers.AutoModelForSequenceClassification.from_config(
+            bert.config_of({**cfg, "num_labels": len(pool.class_names[t])}))
+        hf.load_state_dict(dense[t])
+        hf.eval()
+        x, _ = pool.inputs(t, "test")
+        b = bert.unpack(x)
+        with torch.no_grad():
+            want = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            got = pool.logits(t, pool.build_model(pool.tasks[t])(x))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
