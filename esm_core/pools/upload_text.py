@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..progress import Progress, reporter
+from ..adapters import is_adapter_path
 from ..checkpoints import check_compatible, load_checkpoint, save_safetensors
 from ..lazy import LazyCheckpoint
 from ..models import bert
@@ -408,11 +409,13 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
     _check_text_memory(texts_of, base, ml, 0 if keep_dir is not None else len(names), memory_budget,
                        working_copies)
 
-    tasks, heads = {}, {}
+    tasks, heads, lora_notes = {}, {}, []
     for i, t in enumerate(names):
         report(0.15 + 0.4 * i / len(names), f"reading task checkpoint {t}")
         name = Path(task_paths[t]).name
-        raw = load_checkpoint(task_paths[t])
+        adapter = is_adapter_path(task_paths[t])     # a PEFT LoRA folder / .zip: base + s·BA, its head (methods §1)
+        raw = load_checkpoint(task_paths[t], base=base if adapter else None, base_name=Path(base_path).name,
+                              notes=lora_notes)
         if not bert.matches(raw):
             raise ValueError(f"task {t!r}: not a BERT-family checkpoint of the base's layout")
         heads[t] = task_head(raw, t)
@@ -434,7 +437,7 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
     report(0.58, "reading the tokenizer")
     tok = load_tokenizer_files(tokenizer_files, config)
     data, class_names, notes = {}, {}, [f"family: {config['model_type']} (from config.json); features: the first "
-                                        "token's last hidden state; heads: each task's own classifier"]
+                                        "token's last hidden state; heads: each task's own classifier", *lora_notes]
     for t in names:
         texts, y = texts_of[t]
         C = heads[t]["w2"].shape[0]
