@@ -133,7 +133,7 @@ def test_bad_inputs_exit_2_without_output(files, method, capsys, tmp_path):
     torch.save(tiny(3) | {"visual.proj": torch.zeros(5, 3)}, d / "wrong.pt")
     assert "wrong.pt" in _fails(["merge", *common, "--task", f"w={d / 'wrong.pt'}"], capsys)
     assert "missing.pt" in _fails(["merge", *common, "--task", f"m={d / 'missing.pt'}"], capsys)
-    assert "alpha" in _fails(["merge", *common, "--task", str(d / "a.safetensors"), "--set", "alpha=9"], capsys)
+    assert "alpha" in _fails(["merge", *common, "--task", str(d / "a.safetensors"), "--set", "alpha=999"], capsys)
     assert "unknown method" in _fails(["merge", "--base", str(d / "zeroshot.pt"), "--task", str(d / "a.safetensors"),
                                        "--method", "no-such-method", "--out", out], capsys)
     assert ".safetensors" in _fails(["merge", "--base", str(d / "zeroshot.pt"), "--task", str(d / "a.safetensors"),
