@@ -346,3 +346,27 @@ def test_esmpp_oracle_on_the_vit_pool_equals_the_dense_w_esm_plus_b_a_model(pool
     with torch.no_grad():                                           # mode "base": plain W_ESM
         x, _ = pool.inputs("a", "val")
         torch.testing.assert_close(routed(x, mode="base"), pool.build_model(merged)(x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow                                 # the whole pipeline: probe, α-fixed ESM, experts, evaluation
+def test_esmpp_pipeline_on_the_vit_pool_builds_the_section_7_experts_and_routes(pool):
+    from esm_core.evaluation.esmpp import build_esmpp, evaluate_routed
+    routed = build_esmpp(pool, rank=2, alpha=0.3, device="cpu")
+    merged = routed.merged_sd
+    q = "vit.encoder.layer.1.attention.attention.query.weight"
+    v = "vit.encoder.layer.1.attention.attention.value.weight"
+    fc = "vit.encoder.layer.0.intermediate.dense.weight"
+    assert set(routed.experts.keys) == {k for k in pool.base if hf_vit.layer_type(k) in hf_vit.ROUTED_TYPES}
+    for i, t in enumerate(pool.task_names):
+        x, _ = pool.proxy(t, 32)                          # 12 validation images: all of them
+        X = hf_vit.layer_inputs(pool.build_model(pool.tasks[t]), x, [q, v, fc])
+        for key in (q, v, fc):
+            d = (pool.tasks[t][key] - merged[key]).double()          # §7.2: what ESM lost
+            lam, P = torch.linalg.eigh(d @ (X[key].double().T @ X[key].double()) @ d.T)
+            Pk = P[:, lam.argsort(descending=True)[:2]]              # §7.3: top-2 essential directions
+            BA = routed.experts.B[key][i].double() @ routed.experts.A[key][i].double()
+            torch.testing.assert_close(BA, Pk @ Pk.T @ d, atol=1e-4, rtol=1e-4)
+        proto = F.normalize(X[q].double().mean(0), dim=0)            # §7.5: mean over all tokens, unit length
+        torch.testing.assert_close(routed.experts.prototypes[q][i].double(), proto, atol=1e-5, rtol=1e-5)
+    accs, log = evaluate_routed(pool, routed, "test", mode="oracle")
+    assert set(accs) == set(pool.task_names) and (log.chosen == log.true[:, None]).all()
