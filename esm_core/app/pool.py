@@ -28,7 +28,9 @@ fine-tuned weight matrix and the pre-trained one, ΔW, is that task's *update*; 
 updates: the score a merge must beat to be worth anything. **Fine-tuned** is each task's own model, the ceiling."""
 
 UPLOAD_HELP = ("Give the pre-trained checkpoint, two or more task checkpoints fine-tuned from it "
-               "(`.safetensors`, `.pt`, `.pth`, `.bin`, `.ckpt`; read without running any pickled code), and "
+               "(`.safetensors`, `.pt`, `.pth`, `.bin`, `.ckpt`; read without running any pickled code) or PEFT "
+               "LoRA adapters (a `.zip` of the adapter folder: `adapter_config.json` + `adapter_model.safetensors`, "
+               "read as the base plus scale · B·A, its `modules_to_save` classifier as the task's head), and "
                "for each task a zip of class folders named `<task>.zip` (`<class>/<image>.png`). "
                "A zip with split folders (`val/<class>/…` and `test/<class>/…`, `train/` optional) keeps its "
                "splits; otherwise half of each class becomes validation (proxy samples, α), half test (seeded). "
@@ -88,7 +90,8 @@ def layout(ui) -> None:
             gr.Markdown(UPLOAD_HELP)
             with gr.Row():
                 ui.base_file = gr.File(label="base checkpoint", file_types=CKPT_TYPES, elem_id="up-base")
-                ui.task_files = gr.File(label="task checkpoints", file_count="multiple", file_types=CKPT_TYPES,
+                ui.task_files = gr.File(label="task checkpoints (or LoRA adapter .zip)", file_count="multiple",
+                                        file_types=[*CKPT_TYPES, ".zip"],    # .zip: a PEFT LoRA adapter folder
                                         elem_id="up-tasks")
                 ui.zip_files = gr.File(label="data: <task>.zip of images (+ <task>.head.safetensors / .pt / .json, "
                                              "templates.txt), or <task>.csv / .jsonl of labelled text",
