@@ -25,7 +25,8 @@ from typing import Mapping
 import torch
 
 from .device import torch_threads_back
-from .merging.decompose import DecompositionCache, eigh64, fingerprint, gram, scipy_threads
+from .merging.cache import DecompositionCache, ResultKey, fingerprint
+from .merging.kernels import eigh64, gram, scipy_threads
 from .merging.esm import OFFERED_RANK_FRACTION, esm_rank
 from .merging.stats import stats_from_inputs, task_layer_stats
 from .merging.svd import subspace_alignment_ratio
@@ -214,10 +215,10 @@ def spectra(base, tasks, stats, merged_updates=None, keys=None, k=None, cache=No
                                                share=True)
             r = min(d_out, d_in)
             fp = (dfp, st.fingerprint(), int(st.n))
-            svd = cache.get_result(("svd-spectrum", name, key), fp)
+            svd = cache.get_result(ResultKey("svd-spectrum", key, name), fp)
             if svd is None:
                 svd = svd_spectrum(d, st, g, **pre)                   # (σi², output energy of triplet i)
-                cache.put_result(("svd-spectrum", name, key), fp, svd)
+                cache.put_result(ResultKey("svd-spectrum", key, name), fp, svd)
             s2, out_e = svd
             lam = e.lam[:r]
             total = lam.sum()                                         # = tr(ΔW G ΔWᵀ) / (n − 1)

@@ -5,7 +5,7 @@ import torch
 
 import esm_core
 from esm_core import analysis
-from esm_core.merging import decompose
+from esm_core.merging import cache as cache_mod, esd as esd_mod
 from esm_core.merging.esm import new_cache
 
 KEY = "visual.transformer.resblocks.0.mlp.c_fc.weight"
@@ -38,8 +38,8 @@ def test_spectra_rows_are_exact():
         for rr in (1, 2, 4):
             Wr = (U[:, :rr] * S[:rr]) @ Vh[:rr]
             assert math.isclose(r["svd_energy_kept"][rr - 1], float((X @ Wr.T).square().sum() / tot), rel_tol=1e-6)
-            P, _ = decompose.esd(W, X.T @ X, 30)
-            We = decompose.esd_truncate(W, P, rr)
+            P = esd_mod.esd(W, X.T @ X, 30).P
+            We = esd_mod.esd_truncate(W, P, rr)
             assert math.isclose(r["esd_energy_kept"][rr - 1], float((X @ We.T).square().sum() / tot), rel_tol=1e-6)
         # ESD is the best rank-r fit of the output shift: it keeps at least as much energy as SVD
         assert all(e >= s - 1e-12 for e, s in zip(r["esd_energy_kept"], r["svd_energy_kept"]))
@@ -91,8 +91,8 @@ def test_alignment_and_interference_reuse_the_cache(monkeypatch):
     ups = esm_core.merge_updates("esm", base, tasks, inputs=inputs, cache=cache, esd_keys=[KEY],
                                  layer_types={KEY: "mlp.c_fc.weight", OUT: "attn.out_proj.weight"})
     calls = []
-    real = decompose.esd
-    monkeypatch.setattr(decompose, "esd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = cache_mod.esd
+    monkeypatch.setattr(cache_mod, "esd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     res = analysis.interference(base, tasks, inputs, merged_updates=ups, cache=cache)
     analysis.spectra(base, tasks, inputs, cache=cache)
     assert calls == []                                    # every ESD came from the merge's cache
@@ -174,14 +174,14 @@ def test_spectra_and_overlap_decompose_on_one_torch_thread(monkeypatch):
     import threading
     from esm_core import device
     base, tasks, inputs = _case()
-    seen, real = [], decompose.eigh64
+    seen, real = [], esd_mod.eigh64
 
     def spy(*a, **kw):
         seen.append(torch.get_num_threads())
         return real(*a, **kw)
 
     want = analysis.spectra(base, tasks, inputs, k=2)
-    monkeypatch.setattr(decompose, "eigh64", spy)
+    monkeypatch.setattr(esd_mod, "eigh64", spy)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

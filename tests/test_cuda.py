@@ -39,7 +39,7 @@ def test_the_devices_polar_route_equals_the_cpus_gram_route():
     """On CUDA the isotropic factor takes Newton–Schulz products (float64); within 1e-6 of the CPU's Gram route
     on an ill-conditioned matrix (σ from 1 to 1e-5) and, on its row space, a rank-deficient one (which falls
     back to the SVD: its polar factor is not unique off that space)."""
-    from esm_core.merging import decompose
+    from esm_core.merging import polar as polar_mod
     g = torch.Generator().manual_seed(0)
     u = torch.linalg.qr(torch.randn(600, 400, generator=g, dtype=torch.float64))[0]
     v = torch.linalg.qr(torch.randn(400, 400, generator=g, dtype=torch.float64))[0]
@@ -48,14 +48,14 @@ def test_the_devices_polar_route_equals_the_cpus_gram_route():
     deficient[:, 200:] = deficient[:, :200]                       # rank 200 of 400
     rows = torch.linalg.svd(deficient)[2][:200].mT            # its row space: there the polar factor is unique
     for m, on in ((x, torch.eye(400, dtype=torch.float64)), (deficient, rows)):
-        dev = decompose.isotropic(m.to(DEVICE))
-        cpu = decompose.isotropic(m, route="gram")
+        dev = polar_mod.isotropic(m.to(DEVICE))
+        cpu = polar_mod.isotropic(m, route="gram")
         assert dev.device.type == torch.device(DEVICE).type
         assert float(((dev.cpu() - cpu) @ on).norm() / (cpu @ on).norm()) < 1e-6
     if torch.device(DEVICE).type == "cuda":
-        assert decompose.polar_route(DEVICE) == "newton_schulz"
-        assert decompose.polar_newton_schulz(x.to(DEVICE))[2] <= 30
-        assert decompose.polar_newton_schulz(deficient.to(DEVICE)) is None
+        assert polar_mod.polar_route(DEVICE) == "newton_schulz"
+        assert polar_mod.polar_newton_schulz(x.to(DEVICE))[2] <= 30
+        assert polar_mod.polar_newton_schulz(deficient.to(DEVICE)) is None
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from esm_core.merging import decompose
-from esm_core.merging.decompose import DecompositionCache, esd, esd_truncate, fingerprint, polar, polar_and_singular_values, polar_svd
+from esm_core.merging import cache as cache_mod, esd as esd_mod, kernels, polar as polar_mod
+from esm_core.merging.cache import DecompositionCache, EsdKey, ResultKey, fingerprint
+from esm_core.merging.esd import Esd, esd, esd_truncate
+from esm_core.merging.polar import polar, polar_and_singular_values, polar_svd
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):
@@ -59,7 +61,7 @@ def _esd_case(d_out=6, d_in=4, N=20, seed=0):
 @pytest.mark.parametrize("d_out,d_in,N", [(4, 6, 20), (6, 4, 20), (9, 3, 2), (5, 5, 3)])
 def test_esd_eigenvalues_are_output_shift_singular_values(d_out, d_in, N):
     X, W, G = _esd_case(d_out, d_in, N, seed=d_out)
-    P, lam = esd(W, G, N)
+    P, lam, _ = esd(W, G, N)
     s = torch.linalg.svdvals(X @ W.mT)                      # ΔO = X ΔWᵀ
     expect = torch.zeros(d_out, dtype=torch.float64)
     expect[: s.numel()] = s.square() / (N - 1)
@@ -74,9 +76,9 @@ def test_esd_eigenvalues_are_output_shift_singular_values(d_out, d_in, N):
 
 def test_esd_columns_option_returns_leading_columns():
     X, W, G = _esd_case(7, 3, 10)
-    P, lam = esd(W, G, 10)
+    P, lam, _ = esd(W, G, 10)
     for c in (2, 3, 5):
-        Pc, lc = esd(W, G, 10, columns=c)
+        Pc, lc, _ = esd(W, G, 10, columns=c)
         assert Pc.shape == (7, c)
         torch.testing.assert_close(lc, lam)
         torch.testing.assert_close(Pc @ Pc.mT @ W, P[:, :c] @ P[:, :c].mT @ W, rtol=0, atol=1e-10)
@@ -84,7 +86,7 @@ def test_esd_columns_option_returns_leading_columns():
 
 def test_esd_truncation_is_the_best_output_fit():
     X, W, G = _esd_case(8, 6, 30, seed=7)
-    P, _ = esd(W, G, 30)
+    P, _, _ = esd(W, G, 30)
     U, S, Vh = torch.linalg.svd(W)
     for k in (1, 2, 4):
         e_esd = torch.linalg.matrix_norm(X @ (W - esd_truncate(W, P, k)).mT)
@@ -117,13 +119,13 @@ def test_fingerprint_sees_changes():
 
 def test_cache_reuses_and_refreshes(monkeypatch):
     calls = []
-    real = decompose.esd
+    real = cache_mod.esd
 
     def counting(*a, **kw):
         calls.append(kw.get("columns"))
         return real(*a, **kw)
 
-    monkeypatch.setattr(decompose, "esd", counting)
+    monkeypatch.setattr(cache_mod, "esd", counting)
     X, W, G = _esd_case(9, 3, 10)
     c = DecompositionCache()
     e1 = c.esd("a", "w", W, G, 10, k=2)
@@ -146,7 +148,8 @@ def test_cache_reuses_and_refreshes(monkeypatch):
 # Fast routes against the exact ones (issue 13): stated tolerances, ill-conditioned and rank-deficient cases
 # ---------------------------------------------------------------------------
 
-from esm_core.merging.decompose import POLAR_TOL, esd_exact, gram_factor  # noqa: E402
+from esm_core.merging.esd import esd_exact, gram_factor  # noqa: E402
+from esm_core.merging.polar import POLAR_TOL  # noqa: E402
 
 
 def _with_spectrum(m, n, svals, seed):
@@ -192,7 +195,7 @@ def test_fast_esd_equals_exact_route(d_out, d_in, N, form):
     for c in sorted({1, r // 2, r}):
         if c < 1:
             continue
-        P, lam = esd(W, G if form == "gram" else None, N, columns=c, **kw)
+        P, lam, _ = esd(W, G if form == "gram" else None, N, columns=c, **kw)
         Pe, le = esd_exact(W, G, N, columns=c)
         assert P.shape == (d_out, c)
         torch.testing.assert_close(lam, le, rtol=1e-9, atol=1e-9 * float(le[0]))
@@ -210,13 +213,13 @@ def test_fast_esd_ill_conditioned_and_rank_deficient():
     W = _with_spectrum(14, 10, torch.logspace(0, -3, 10).tolist(), seed=23)
     G = X.mT @ X
     for c in (3, 6):
-        P, lam = esd(W, G, 50, columns=c)
+        P, lam, _ = esd(W, G, 50, columns=c)
         Pe, le = esd_exact(W, G, 50, columns=c)
         torch.testing.assert_close(lam, le, rtol=1e-6, atol=1e-12 * float(le[0]))
         assert _subspace_gap(P, Pe) < 1e-6
     # rank-deficient task matrix (rank 3 < d_in): columns beyond the rank fall back to the exact route
     Wd = _rand(14, 3, seed=24) @ _rand(3, 10, seed=25)
-    P, lam = esd(Wd, G, 50, columns=6)
+    P, lam, _ = esd(Wd, G, 50, columns=6)
     Pe, le = esd_exact(Wd, G, 50, columns=6)
     assert P.shape == (14, 6)
     torch.testing.assert_close(P.mT @ P, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-10)
@@ -226,7 +229,7 @@ def test_fast_esd_ill_conditioned_and_rank_deficient():
     Xs = _rand(4, 10, seed=26)
     L = gram_factor(Xs.mT @ Xs)
     torch.testing.assert_close(L @ L.mT, Xs.mT @ Xs, rtol=0, atol=1e-10)
-    P, lam = esd(W, Xs.mT @ Xs, 4, columns=3)
+    P, lam, _ = esd(W, Xs.mT @ Xs, 4, columns=3)
     Pe, le = esd_exact(W, Xs.mT @ Xs, 4, columns=3)
     assert _subspace_gap(P, Pe) < 1e-8
 
@@ -236,7 +239,7 @@ def test_esd_exact_fallback_uses_the_factor_in_hand(form, monkeypatch):
     # the output shift's λ spans 1e12 (real probe statistics: cond(G) 1e10-1e14) and every column is asked, so the
     # Gram route's trailing columns are not trusted: the thin SVD of ΔW·L runs, from the Cholesky factor (dtrmm) or
     # the rows (fewer than inputs), with no eigendecomposition of G (esd_exact's route) — and equals esd_exact
-    import esm_core.merging.decompose as dec
+    dec = esd_mod
     N = 50 if form == "gram" else 8                    # rows: 8 < d_in = 10, the factor is Xᵀ (rank 8)
     X = _with_spectrum(N, 10, torch.logspace(0, -4, min(N, 10)).tolist(), seed=31)
     W = _with_spectrum(14, 10, torch.logspace(0, -3, 10).tolist(), seed=33)
@@ -263,7 +266,7 @@ def test_esd_exact_fallback_uses_the_factor_in_hand(form, monkeypatch):
 @pytest.mark.parametrize("form", ["tall-gram", "tall-rows", "wide-rows"])
 def test_esd_with_shared_products_is_the_same(form):
     # the Spectra view hands esd() the ΔWᵀΔW / ΔW G ΔWᵀ it forms for the SVD spectrum: bit-identical results
-    from esm_core.merging.decompose import gram as gram_of
+    from esm_core.merging.kernels import gram as gram_of
     d_out, d_in, N = {"tall-gram": (14, 6, 30), "tall-rows": (14, 10, 8), "wide-rows": (6, 14, 10)}[form]
     X, W, G = _esd_case(d_out, d_in, N, seed=51)
     kw = {} if form == "tall-gram" else {"factor": X.mT}
@@ -278,7 +281,7 @@ def test_esd_with_shared_products_is_the_same(form):
 
 
 def test_times_l_is_the_product_with_a_lower_triangular_factor():
-    from esm_core.merging.decompose import _times_l, _trmm_ok
+    from esm_core.merging.kernels import times_l as _times_l, trmm_ok as _trmm_ok
     L = torch.linalg.cholesky(_rand(30, 7, seed=41).mT @ _rand(30, 7, seed=41))
     X = _rand(5, 7, seed=42)
     if not _trmm_ok(L, X):
@@ -304,11 +307,11 @@ def test_polar_measured_defect_decides_between_the_routes():
     # a priori estimate above POLAR_TOL: the probed orthogonality defect decides; the result meets POLAR_TOL
     x = _with_spectrum(80, 50, torch.logspace(0, -6, 50).tolist(), seed=31)
     mu = torch.linalg.eigvalsh(x.mT @ x)
-    assert decompose.POLAR_TOL < decompose._gram_route_estimate(mu) <= decompose.POLAR_GIVE_UP
+    assert polar_mod.POLAR_TOL < polar_mod._gram_route_estimate(mu) <= polar_mod.POLAR_GIVE_UP
     f = polar(x)
     ref = polar_svd(x)
     assert float((f - ref).norm() / ref.norm()) < POLAR_TOL
-    assert decompose.orthogonality_defect(polar_svd(x)) < 1e-13 and decompose.orthogonality_defect(x) > 0.1
+    assert polar_mod.orthogonality_defect(polar_svd(x)) < 1e-13 and polar_mod.orthogonality_defect(x) > 0.1
 
 
 # ---------------------------------------------------------------------------
@@ -324,8 +327,8 @@ def test_gram_by_syrk_equals_the_product_and_is_exactly_symmetric(m, n, order):
         x = x.mT.contiguous().mT
     elif order == "strided":
         x = _rand(m, 2 * n, seed=3)[:, ::2]
-    assert n >= decompose.GRAM_SYRK_MIN
-    g = decompose.gram(x)
+    assert n >= kernels.GRAM_SYRK_MIN
+    g = kernels.gram(x)
     ref = x.mT @ x
     assert torch.equal(g, g.mT)
     assert float((g - ref).abs().max()) <= 1e-14 * float(ref.abs().max())
@@ -334,7 +337,7 @@ def test_gram_by_syrk_equals_the_product_and_is_exactly_symmetric(m, n, order):
 @pytest.mark.parametrize("spectrum", ["generic", "ill", "rank_deficient"])
 def test_eigh64_routes_equal_torch(spectrum):
     n = 300                                                     # ≥ EIGH_SCIPY_MIN: LAPACK syevd / syevr
-    assert n >= decompose.EIGH_SCIPY_MIN
+    assert n >= kernels.EIGH_SCIPY_MIN
     if spectrum == "generic":
         a = _rand(n, n, seed=41)
         g = a @ a.mT
@@ -344,14 +347,14 @@ def test_eigh64_routes_equal_torch(spectrum):
     else:
         a = _rand(n, 40, seed=43)
         g = a @ a.mT                                            # rank 40
-    w, v = decompose.eigh64(g)
+    w, v = kernels.eigh64(g)
     w_ref = torch.linalg.eigvalsh(g)
     scale = float(w_ref.abs().max())
     torch.testing.assert_close(w, w_ref, rtol=0, atol=1e-12 * scale)
     torch.testing.assert_close(v.mT @ v, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
     torch.testing.assert_close(g @ v, v * w, rtol=0, atol=1e-12 * scale)
     top = 40
-    wt, vt = decompose.eigh64(g, top=top)                       # only the largest pairs (syevr subset)
+    wt, vt = kernels.eigh64(g, top=top)                       # only the largest pairs (syevr subset)
     assert wt.shape == (top,) and vt.shape == (n, top)
     torch.testing.assert_close(wt, w_ref[-top:], rtol=0, atol=1e-12 * scale)
     torch.testing.assert_close(g @ vt, vt * wt, rtol=0, atol=1e-12 * scale)
@@ -369,11 +372,11 @@ def test_esd_cholesky_dtrmm_route_equals_the_general_products_and_the_exact_rout
     G = X.mT @ X
     c = 20 if case == "rank_deficient" else 150
     used = []
-    real = decompose._lt_s_l
-    monkeypatch.setattr(decompose, "_lt_s_l", lambda *a: (used.append(1), real(*a))[1])
+    real = esd_mod.lt_s_l
+    monkeypatch.setattr(esd_mod, "lt_s_l", lambda *a: (used.append(1), real(*a))[1])
     P1, l1, A1 = esd(W, G, N, columns=c, coords=True)
     assert used == [1]                                          # the dtrmm route ran (Cholesky factor of G)
-    monkeypatch.setattr(decompose, "_trmm_ok", lambda *a: False)
+    monkeypatch.setattr(esd_mod, "trmm_ok", lambda *a: False)
     P0, l0, A0 = esd(W, G, N, columns=c, coords=True)
     torch.testing.assert_close(l1, l0, rtol=0, atol=1e-11 * float(l0[0]))
     for j in (1, c // 2, c):
@@ -403,7 +406,7 @@ def test_top_svd_with_the_leading_eigenpairs_only_equals_the_svd():
 @pytest.mark.parametrize("cond", [1.0, 10.0, 1e3, 1e5, 1e7])
 @pytest.mark.parametrize("shape", [(60, 40), (40, 60), (50, 50)])
 def test_newton_schulz_polar_equals_the_svd_route_when_ill_conditioned(cond, shape):
-    from esm_core.merging.decompose import NS_MAX_ITER, polar_newton_schulz
+    from esm_core.merging.polar import NS_MAX_ITER, polar_newton_schulz
     n = min(shape)
     svals = torch.logspace(0, -float(torch.log10(torch.tensor(cond))), n).tolist()
     x = _with_spectrum(*shape, svals, seed=21) * 7.0
@@ -414,16 +417,16 @@ def test_newton_schulz_polar_equals_the_svd_route_when_ill_conditioned(cond, sha
     assert float(smean) == pytest.approx(float(torch.linalg.svdvals(x).mean()), rel=1e-8)
     assert 1 <= steps <= NS_MAX_ITER
     assert steps <= 12 + 2 * float(torch.log10(torch.tensor(cond))) + 2      # ≈ 12 + log(cond)/log(2.6)
-    iso, gram_iso = decompose.isotropic(x, route="newton_schulz"), decompose.isotropic(x, route="gram")
+    iso, gram_iso = polar_mod.isotropic(x, route="newton_schulz"), polar_mod.isotropic(x, route="gram")
     assert float((iso - gram_iso).norm() / gram_iso.norm()) < POLAR_TOL        # the Gram route's own tolerance
 
 
 def test_newton_schulz_declines_what_it_cannot_do_and_isotropic_takes_the_exact_route():
-    from esm_core.merging.decompose import polar_newton_schulz
+    from esm_core.merging.polar import polar_newton_schulz
     deficient = _with_spectrum(40, 30, [1.0] * 20 + [0.0] * 10, seed=22)      # rank 20 of 30
     assert polar_newton_schulz(deficient) is None
-    torch.testing.assert_close(decompose.isotropic(deficient, route="newton_schulz"),
-                               decompose.isotropic(deficient, route="gram"), rtol=0, atol=0)
+    torch.testing.assert_close(polar_mod.isotropic(deficient, route="newton_schulz"),
+                               polar_mod.isotropic(deficient, route="gram"), rtol=0, atol=0)
     assert polar_newton_schulz(torch.zeros(5, 3, dtype=torch.float64)) is None
     bad = _rand(6, 4, seed=23)
     bad[2, 1] = float("nan")
@@ -434,36 +437,36 @@ def test_newton_schulz_declines_what_it_cannot_do_and_isotropic_takes_the_exact_
     with pytest.raises(ValueError, match="2-D"):
         polar_newton_schulz(torch.ones(3))
     with pytest.raises(ValueError, match="unknown polar route 'qr'"):
-        decompose.isotropic(_rand(4, 3), route="qr")
+        polar_mod.isotropic(_rand(4, 3), route="qr")
 
 
 def test_newton_schulz_float32_input_and_output():
     x = _rand(30, 12, seed=26)
-    iso = decompose.isotropic(x.float(), route="newton_schulz")
+    iso = polar_mod.isotropic(x.float(), route="newton_schulz")
     assert iso.dtype == torch.float32
-    ref = decompose.isotropic(x.float().double(), route="gram")
+    ref = polar_mod.isotropic(x.float().double(), route="gram")
     assert float((iso.double() - ref).norm() / ref.norm()) < 1e-6
 
 
 def test_polar_route_per_device():
-    assert decompose.polar_route("cpu") == "gram"
-    assert decompose.polar_route(torch.device("cuda")) == "newton_schulz"
-    assert decompose.polar_route("cuda:1") == "newton_schulz"
-    assert decompose.polar_route("meta") == "gram"
+    assert polar_mod.polar_route("cpu") == "gram"
+    assert polar_mod.polar_route(torch.device("cuda")) == "newton_schulz"
+    assert polar_mod.polar_route("cuda:1") == "newton_schulz"
+    assert polar_mod.polar_route("meta") == "gram"
 
 
 def test_esd_completion_beyond_the_rank_is_orthonormal_and_reproducible():
     """Columns asked beyond rank(ΔW G ΔWᵀ) (λ = 0) complete P to an orthonormal set without a d × d QR factor."""
-    from esm_core.merging.decompose import _completion
+    from esm_core.merging.esd import completion as _completion
     X = _rand(50, 10, seed=31)
     W = _rand(30, 10, seed=32)
-    P, lam = esd(W, X.mT @ X, 50, columns=18)                 # rank 10: 8 completion columns
+    P, lam, _ = esd(W, X.mT @ X, 50, columns=18)                 # rank 10: 8 completion columns
     assert P.shape == (30, 18)
     torch.testing.assert_close(P.mT @ P, torch.eye(18, dtype=torch.float64), rtol=0, atol=1e-12)
     assert float(lam[10:].abs().max()) == 0.0
     Pe, _ = esd_exact(W, X.mT @ X, 50, columns=10)
     assert _subspace_gap(P[:, :10], Pe) < 1e-10                # the first 10 are the exact ESD's
-    P2, _ = esd(W, X.mT @ X, 50, columns=18)
+    P2, _, _ = esd(W, X.mT @ X, 50, columns=18)
     assert torch.equal(P, P2)                                  # seeded: the same completion every time
     C = _completion(P[:, :10], 20)                             # the whole complement
     torch.testing.assert_close(torch.cat([P[:, :10], C], 1).mT @ torch.cat([P[:, :10], C], 1),
@@ -475,7 +478,7 @@ def test_esd_need_keeps_the_trusted_leading_columns_without_the_svd(form, monkey
     """With ``need``, an ESD whose trailing columns the Gram route cannot give to ~1e-8 returns the leading ones it
     can (at least ``need``, each equal to the exact route's), with no SVD; asking more than it trusts runs the SVD.
     The cache keeps such a shorter entry (not complete) and decomposes again, exactly, for a larger rank."""
-    import esm_core.merging.decompose as dec
+    dec = esd_mod
     N = 50 if form == "gram" else 8
     X = _with_spectrum(N, 10, torch.logspace(0, -4, min(N, 10)).tolist(), seed=31)
     W = _with_spectrum(14, 10, torch.logspace(0, -3, 10).tolist(), seed=33)
@@ -491,7 +494,7 @@ def test_esd_need_keeps_the_trusted_leading_columns_without_the_svd(form, monkey
     assert svds == []
     t = P.shape[1]
     mu = le * (N - 1)
-    assert 2 <= t < r and t == int((mu[:r] > decompose.ESD_GRAM_RCOND * mu[0]).sum())   # the trusted run, no more
+    assert 2 <= t < r and t == int((mu[:r] > esd_mod.ESD_GRAM_RCOND * mu[0]).sum())   # the trusted run, no more
     torch.testing.assert_close(lam, le, rtol=1e-6, atol=1e-13 * float(le[0]))
     torch.testing.assert_close(P.mT @ P, torch.eye(t, dtype=torch.float64), rtol=0, atol=1e-10)
     for j in range(1, t + 1):
@@ -531,7 +534,7 @@ def test_torch_threads_back_restores_the_count_a_section_lowered():
 def test_esd_all_values_false_computes_only_the_leading_pairs(form, monkeypatch):
     """all_values=False (ESM++'s experts): only the leading ``columns`` eigenpairs are computed (eigh64's top), and
     they equal those of the full decomposition — columns, eigenvalues and coordinates."""
-    import esm_core.merging.decompose as dec
+    dec = esd_mod
     N = 400 if form == "gram" else 200                 # rows: 200 < d_in = 260 (the factor is Xᵀ)
     X = _with_spectrum(N, 260, torch.logspace(0, -2, min(N, 260)).tolist(), seed=41)
     W = _with_spectrum(300, 260, torch.logspace(0, -1, 260).tolist(), seed=43)
@@ -548,3 +551,46 @@ def test_esd_all_values_false_computes_only_the_leading_pairs(form, monkeypatch)
     for j in (1, 8, 32):
         assert _subspace_gap(Pt[:, :j], P[:, :j]) < 1e-9, j
     torch.testing.assert_close(At, Pt.mT @ W, rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# Typed results and keys (issue 25)
+# ---------------------------------------------------------------------------
+
+
+def test_esd_returns_one_typed_result_whatever_the_flags():
+    X, W, G = _esd_case(9, 6, 30)
+    plain, with_coords = esd(W, G, 30, columns=3), esd(W, G, 30, columns=3, coords=True)
+    assert isinstance(plain, Esd) and isinstance(with_coords, Esd) and len(plain) == len(with_coords) == 3
+    assert plain.A is None and with_coords.A.shape == (3, 6)
+    assert torch.equal(plain.P, with_coords.P) and torch.equal(plain.lam, with_coords.lam)
+    torch.testing.assert_close(with_coords.A, with_coords.P.mT @ W, rtol=0, atol=1e-12)
+
+
+def test_cache_keys_are_typed_and_hand_built_tuples_are_refused():
+    X, W, G = _esd_case(9, 6, 30)
+    c = DecompositionCache()
+    e = c.esd("a", "w", W, G, 30, k=2)
+    assert list(c.esd_entries) == [EsdKey("a", "w", "esd")] and c.esd_entries[EsdKey("a", "w")] is e
+    assert c.lookup("a", "w", e.fp, 2, source="svd") is None            # another source of directions: a miss
+    c.put_result(ResultKey("tsvm", "w"), ("fp",), 1)
+    assert c.get_result(ResultKey("tsvm", "w"), ("fp",)) == 1 and c.get_result(ResultKey("tsvm", "w"), ("x",)) is None
+    with pytest.raises(TypeError, match="ResultKey"):
+        c.put_result(("tsvm", "w"), ("fp",), 1)
+    with pytest.raises(TypeError, match="ResultKey"):
+        c.get_result(("tsvm", "w"), ("fp",))
+
+
+def test_the_fingerprint_memo_belongs_to_the_cache_and_sees_in_place_changes():
+    t = _rand(4, 5, seed=3)
+    a, b = DecompositionCache(), DecompositionCache()
+    fp = a.tensor_fingerprint(t)
+    assert fp == fingerprint(t) and id(t) in a.tensor_fps and not b.tensor_fps   # one memo per cache
+    assert a.snapshot().tensor_fps is a.tensor_fps                               # shared with its snapshots
+    t[0, 0] += 1.0                                                               # version bumped: fingerprinted again
+    assert a.tensor_fingerprint(t) == fingerprint(t) != fp
+    key = id(t)
+    del t
+    import gc
+    gc.collect()
+    assert key not in a.tensor_fps                                               # dropped with the tensor

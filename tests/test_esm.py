@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import esm_core
-from esm_core.merging import decompose
+from esm_core.merging import cache as cache_mod, polar as polar_mod
 from esm_core.models import openclip_vit as vit
 from esm_core.merging import get_method
 from esm_core.merging.esm import esm_rank, esm_u, esm_v, new_cache
@@ -322,13 +322,13 @@ def test_explicit_esd_keys_and_no_esd():
 
 def test_cache_skips_decompositions_on_re_merge(monkeypatch):
     calls = []
-    real = decompose.esd
+    real = cache_mod.esd
 
     def counting(*a, **kw):
         calls.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(decompose, "esd", counting)
+    monkeypatch.setattr(cache_mod, "esd", counting)
     base, tasks, inputs = _case(T=3)
     cache = new_cache()
     esm_core.merge("esm", base, tasks, inputs=inputs, cache=cache)
@@ -366,7 +366,7 @@ def test_one_shot_merge_keeps_one_keys_decompositions_at_a_time(monkeypatch):
     import esm_core.merging.esm as esm_mod
     held = []
 
-    class Counting(decompose.DecompositionCache):
+    class Counting(cache_mod.DecompositionCache):
         def esd(self, *a, **kw):
             e = super().esd(*a, **kw)
             held.append(len(self.esd_entries))
@@ -550,11 +550,10 @@ def test_v_from_coordinates_equals_the_formula_step_by_step():
 def test_newton_schulz_route_equals_the_reference_route(params, monkeypatch):
     """The CUDA polar route, run here on the CPU, within 1e-5 of fd9a028's route (and 1e-6 of the Gram route)."""
     from esm_core.bench.esm_rows import reference_updates
-    from esm_core.merging import decompose
     base, tasks, inputs = _case(T=3, seed=5)
     stats = stats_from_inputs(inputs)
     gram_route = esm_core.merge_updates("esm", base, tasks, stats=stats, **params)
-    monkeypatch.setattr(decompose, "POLAR_ROUTES", {"cpu": "newton_schulz"})
+    monkeypatch.setattr(polar_mod, "POLAR_ROUTES", {"cpu": "newton_schulz"})
     got = esm_core.merge_updates("esm", base, tasks, stats=stats, **params)
     ref = reference_updates(base, tasks, stats=stats, **params)
     for k in ref:
@@ -565,7 +564,6 @@ def test_newton_schulz_route_equals_the_reference_route(params, monkeypatch):
 def test_output_factor_cache_knows_the_polar_route(monkeypatch):
     """U' cached by one route is not served to a merge that takes the other one."""
     import esm_core.merging.esm as esm_mod
-    from esm_core.merging import decompose
     base, tasks, inputs = _case(T=3, seed=10)
     stats = stats_from_inputs(inputs)
     cache = new_cache()
@@ -573,13 +571,13 @@ def test_output_factor_cache_knows_the_polar_route(monkeypatch):
     routes = []
     real = esm_mod.isotropic
     monkeypatch.setattr(esm_mod, "isotropic", lambda x, dtype, route: (routes.append(route), real(x, dtype, route))[1])
-    monkeypatch.setattr(decompose, "POLAR_ROUTES", {"cpu": "newton_schulz"})
+    monkeypatch.setattr(polar_mod, "POLAR_ROUTES", {"cpu": "newton_schulz"})
     warm = esm_core.merge_updates("esm", base, tasks, stats=stats, cache=cache, p_task=1.0)
     assert routes == ["newton_schulz"] * (2 * len(ESD_KEYS))       # U' and V' of every key, by the new route
     fresh = esm_core.merge_updates("esm", base, tasks, stats=stats, cache=new_cache(), p_task=1.0)
     for k in fresh:
         torch.testing.assert_close(warm[k], fresh[k], rtol=0, atol=0)
     routes.clear()
-    monkeypatch.setattr(decompose, "POLAR_ROUTES", {})              # back to the Gram route, same parameters:
+    monkeypatch.setattr(polar_mod, "POLAR_ROUTES", {})              # back to the Gram route, same parameters:
     esm_core.merge_updates("esm", base, tasks, stats=stats, cache=cache, p_task=1.0)
     assert routes == ["gram"] * (2 * len(ESD_KEYS))                # no update of the other route is served

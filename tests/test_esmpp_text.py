@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from esm_core.checkpoints import CheckpointError, save_safetensors  # noqa: E402
 from esm_core.esmpp import (Experts, RoutedLinear, build_experts, build_routed, load_esmpp, load_routed,  # noqa: E402
                             routed_keys_of, routing_accuracy, save_esmpp)
-from esm_core.merging.decompose import esd_exact, esd_truncate  # noqa: E402
+from esm_core.merging.esd import esd_exact, esd_truncate  # noqa: E402
 from esm_core.merging.stats import stats_from_inputs  # noqa: E402
 from esm_core.models import bert  # noqa: E402
 

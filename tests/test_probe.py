@@ -174,7 +174,7 @@ def test_spilled_statistics_read_back_exactly_and_release_their_memory(tmp_path)
     fingerprint, n and mean stay; an ESD from spilled statistics equals one from held statistics."""
     import pickle
 
-    from esm_core.merging.decompose import esd
+    from esm_core.merging.esd import esd
     from esm_core.merging.stats import spill_stats, stats_nbytes
     g = torch.Generator().manual_seed(5)
     x = {"rows": torch.randn(10, 16, generator=g), "gram": torch.randn(40, 16, generator=g),
@@ -200,8 +200,8 @@ def test_spilled_statistics_read_back_exactly_and_release_their_memory(tmp_path)
         assert (st.factor() is None) == (factor is None)
         if factor is not None:
             assert torch.equal(st.factor(), factor)
-        P0, lam0 = esd(delta, gram, st.n, factor=factor)
-        P1, lam1 = esd(delta, None if st.factor() is not None else st.gram, st.n, factor=st.factor())
+        P0, lam0, _ = esd(delta, gram, st.n, factor=factor)
+        P1, lam1, _ = esd(delta, None if st.factor() is not None else st.gram, st.n, factor=st.factor())
         assert torch.equal(P0, P1) and torch.equal(lam0, lam1)
         again = pickle.loads(pickle.dumps(st))                        # sessions pickle (ZeroGPU)
         assert again.spilled and torch.equal(again.gram, gram)

@@ -19,7 +19,7 @@ ESD since its task matrix differs). Rows:
 * ``polar_gram``, ``polar_ns`` (only when named) — the isotropic factors
   ``polar(x)·mean sv(x)`` of every ESD key's ``U`` and ``V`` (taken from a warm
   cache, float64) by each route: the Gram matrix's eigendecomposition, and
-  Newton–Schulz products (:func:`~esm_core.merging.decompose.polar_newton_schulz`),
+  Newton–Schulz products (:func:`~esm_core.merging.polar.polar_newton_schulz`),
   whose row also prints its largest relative difference from the Gram route,
   its most steps and its fall-backs.
 
@@ -37,7 +37,9 @@ from ..device import resolve_device
 from ..lazy import LazyCheckpoint, as_state
 from ..merging import merge_updates
 from ..merging.api import MergeContext, _inputs
-from ..merging.decompose import esd_exact, isotropic, polar_newton_schulz
+from ..merging.cache import EsdKey
+from ..merging.esd import esd_exact
+from ..merging.polar import isotropic, polar_newton_schulz
 from ..merging.esm import _esd_keys, _stats_of, esm_rank, esm_u, esm_v, esm_v_from_coords, new_cache
 from ..merging.stats import LayerStats, _Accumulator, stats_nbytes, task_layer_stats  # noqa: F401
 from ..merging.svd import tsv_merge_matrix
@@ -195,8 +197,8 @@ def _setup_factors(base, tasks, device):
     state = _setup_warm(base, tasks, device)
     cache, names = state.pop("cache"), list(tasks)
     factors = []
-    for key in dict.fromkeys(k for _, k in cache.esd_entries):
-        es = [cache.esd_entries[(n, key)] for n in names]
+    for key in dict.fromkeys(e.key for e in cache.esd_entries if e.source == "esd"):
+        es = [cache.esd_entries[EsdKey(n, key)] for n in names]
         k = esm_rank(es[0].P.shape[0], len(names))
         lams = [e.lam for e in es]
         factors.append(esm_u([e.P.to(device) for e in es], lams, k, ESM_DEFAULTS["eig_exp"]))

@@ -9,7 +9,8 @@ import torch
 from ..progress import Progress
 from .. import models
 from ..device import resolve_device
-from ..merging.decompose import esd, scipy_threads
+from ..merging.esd import esd
+from ..merging.kernels import scipy_threads
 from ..merging.stats import task_layer_stats
 
 
@@ -137,7 +138,7 @@ def build_experts(merged_sd: Mapping[str, torch.Tensor], tasks: Mapping[str, Map
                 st = task_layer_stats(stats, t, key)
                 delta = wt.to(dev, torch.float64) - w64                          # δWt = Wt − W_ESM
                 del wt
-                P, _ = esd(delta, st.gram.to(dev), st.n, columns=r, all_values=False)   # λ unread: top r pairs
+                P = esd(delta, st.gram.to(dev), st.n, columns=r, all_values=False).P    # λ unread: top r pairs
                 b = P[:, :r]                                                      # top-r essential directions
                 a_t.append(b.mT @ delta)                                          # At = Btᵀ δWt
                 b_t.append(b)

@@ -37,7 +37,7 @@ from .. import models
 from ..device import resolve_device
 from ..esmpp import ESMPP
 from ..merging import get_method
-from ..merging.decompose import esd
+from ..merging.esd import esd
 from ..merging.esm import new_cache
 from ..merging.stats import task_layer_stats
 from ..probe import probe, probe_pool
@@ -369,7 +369,7 @@ def esd_energy(pool, stats, k_of: Callable[[int], int], keys: Sequence[str] | No
             st = task_layer_stats(stats, t, key)
             delta = pool.tasks[t][key].double() - pool.base[key].double()
             factor = st.factor()
-            _, lam = esd(delta, None if factor is not None else st.gram, int(st.n), columns=1, factor=factor)
+            lam = esd(delta, None if factor is not None else st.gram, int(st.n), columns=1, factor=factor).lam
             total = float(lam.sum())
             k = max(1, min(int(k_of(delta.shape[0])), lam.numel()))
             shares.append(float(lam[:k].sum()) / total if total > 0 else 1.0)

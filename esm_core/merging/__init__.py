@@ -5,7 +5,8 @@
 - :mod:`.registry` — each method is one function plus a typed parameter schema;
 - :mod:`.basic` (average, TA, TIES, DARE), :mod:`.svd` (TSV-M, Iso-C, Iso-CTS),
   :mod:`.esm` (ESM) — the methods, registered on import;
-- :mod:`.decompose` (SVD, polar factor, ESD, the decomposition cache) and
+- :mod:`.kernels` (float64 LAPACK / BLAS kernels), :mod:`.polar` (polar factor, isotropic matrix),
+  :mod:`.esd` (Essential Subspace Decomposition), :mod:`.cache` (fingerprints, the decomposition cache) and
   :mod:`.stats` (activation statistics as data).
 
 Add a method: one function ``fn(ctx, alpha, ...) -> {key: update}`` and one

@@ -22,9 +22,9 @@ recombination, one with another task or dimension exponent only the input side
 
 Precision: decompositions and the polar factors run in float64 (on the CPU by
 the Gram matrix's eigen-decomposition, on CUDA by Newton–Schulz products:
-``decompose.POLAR_ROUTES``); the products of well-conditioned factors (``polar(x)·Q``'s product
+``polar.POLAR_ROUTES``); the products of well-conditioned factors (``polar(x)·Q``'s product
 with ``Qᵀ``, ``U'V'``) run in float32 and the cached ``U'``, ``P`` and
-coordinates are float32. Against fd9a028's all-float64 route (kept in
+coordinates are float32. Against an all-float64 route (kept in
 ``esm_core.bench.esm_rows.esm_reference``) the merged updates differ by < 1e-6
 relative (Frobenius) on the benchmark's ViT-B/32 block.
 """
@@ -34,7 +34,9 @@ import torch
 
 from ..models.roles import MATRIX
 from ..schemas import AUTO, DIRECTIONS, MAX_RANK_FRACTION, SPECS  # noqa: F401  (AUTO, DIRECTIONS re-exported)
-from .decompose import DecompositionCache, EsdEntry, _completion, isotropic, polar_route, task_deltas
+from .cache import DecompositionCache, EsdEntry, ResultKey, task_deltas
+from .esd import completion
+from .polar import isotropic, polar_route
 from .stats import stats_from_inputs, task_layer_stats
 from .registry import Method, register
 from .svd import tsv_key
@@ -214,7 +216,7 @@ def _svd_entry(cache, name: str, key: str, dfp_t: tuple, deltas, t: int, k: int,
     λ = its squared singular values (only their ratios matter: §6.2 normalises), A = PᵀΔWt = diag(s)Vᵀ; directions
     beyond the rank of ΔWt are completed with orthonormal ones of λ = 0 (as §5.2 does). Cached per task and key."""
     fp = (dfp_t, "svd")
-    e = cache.lookup(name, ("svd", key), fp, k)
+    e = cache.lookup(name, key, fp, k, source="svd")
     if e is not None and e.A is not None:
         return e
     W = deltas()[t].to(torch.float64)
@@ -224,15 +226,13 @@ def _svd_entry(cache, name: str, key: str, dfp_t: tuple, deltas, t: int, k: int,
     U, A = U[:, :c], s[:c, None] * Vh[:c]
     if U.shape[1] < c:                                             # k above rank(ΔWt): λ = 0 directions
         extra = c - U.shape[1]
-        U = torch.cat([U, _completion(U, extra)], dim=1)
+        U = torch.cat([U, completion(U, extra)], dim=1)
         A = torch.cat([A, A.new_zeros(extra, A.shape[1])])
     lam = torch.zeros(d_out, dtype=torch.float64)
     lam[:s.numel()] = s.square()
-    cache.esd_calls += 1
-    e = EsdEntry(fp=fp, P=U.to(torch.float32).contiguous(), lam=lam, rows=0, complete=(U.shape[1] == d_out),
-                 norm=float(torch.linalg.vector_norm(W)), A=A.to(torch.float32))
-    cache.esd_entries[(name, ("svd", key))] = e
-    return e
+    return cache.store(name, key, EsdEntry(fp=fp, P=U.to(torch.float32).contiguous(), lam=lam, rows=0,
+                                           complete=(U.shape[1] == d_out), norm=float(torch.linalg.vector_norm(W)),
+                                           A=A.to(torch.float32)), source="svd")
 
 
 def _esd_update(ctx, cache, key: str, stats, dfp: tuple, deltas, rank: int, rank_fraction: float, p_task: float,
@@ -252,7 +252,7 @@ def _esd_update(ctx, cache, key: str, stats, dfp: tuple, deltas, rank: int, rank
     ns = (0,) * T if svd else tuple(int(st.n) for st in sts)
     route = polar_route(ctx.device)                                # CPU: Gram eigh; CUDA: Newton–Schulz
     fp = (("esm", rank, rank_fraction, p_task, p_dim, eig_exp, route, directions), k, dfp, gfps, ns)
-    dw = cache.get_result(("esm", key), fp)
+    dw = cache.get_result(ResultKey("esm", key), fp)
     if dw is not None:
         return dw
     entries = []
@@ -270,19 +270,19 @@ def _esd_update(ctx, cache, key: str, stats, dfp: tuple, deltas, rank: int, rank
         entries.append(e)
     lams = [e.lam for e in entries]
     fp_u = (k, eig_exp, route, tuple(e.fp for e in entries))
-    hit = cache.get_result(("esm-U", key), fp_u)                   # U' depends on the bases, k and eig_exp only
+    hit = cache.get_result(ResultKey("esm-U", key), fp_u)        # U' depends on the bases, k and eig_exp only
     if hit is None:
         Ps = [e.P.to(ctx.device) for e in entries]
         U = esm_u(Ps, lams, k, eig_exp)                                                      # §6.2–§6.3
         live = _live_columns(U)
         hit = (_isotropic_on(U, live, 1, route), live)                                       # §6.5
         del U
-        cache.put_result(("esm-U", key), fp_u, hit)
+        cache.put_result(ResultKey("esm-U", key), fp_u, hit)
     Up, live = hit
     V = esm_v_from_coords([e.A.to(ctx.device) for e in entries], lams, [e.norm for e in entries],
                           k, p_task, p_dim, eig_exp)                                         # §6.1–§6.4
     dw = (Up.to(V.device) @ _isotropic_on(V, live, 0, route)).to("cpu")                     # §6.5 U'V'
-    cache.put_result(("esm", key), fp, dw)
+    cache.put_result(ResultKey("esm", key), fp, dw)
     return dw
 
 
@@ -327,10 +327,10 @@ def esm(ctx, alpha: float, rank: int, rank_fraction: float, p_task: float, p_dim
         elif ctx.roles[key] == MATRIX and len(ctx.base[key].shape) == 2:
             dw = tsv_key(cache, key, dfp, deltas)                  # §6 other 2-D keys: TSV-M (§3), shared with it
         else:
-            dw = cache.get_result(("mean", key), dfp)
+            dw = cache.get_result(ResultKey("mean", key), dfp)
             if dw is None:
                 dw = deltas().mean(0).to("cpu")                                         # §6 non-matrix keys: mean
-                cache.put_result(("mean", key), dfp, dw)
+                cache.put_result(ResultKey("mean", key), dfp, dw)
         updates[key] = dw                                          # kept on the CPU (one model's worth)
         if own:
             cache.clear()          # decompositions of this key (ViT-L/14 × 20: 16 GB by mid-model if kept)

@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from .decompose import fingerprint
+from .cache import fingerprint
 
 
 class LayerStats:
@@ -25,7 +25,7 @@ class LayerStats:
     Holds either the Gram matrix or the rows ``X`` (``rows``, n × d_in); ``gram``
     is then computed on access (float64, not stored). :meth:`factor` gives an
     ``L`` with ``L Lᵀ = G`` without forming G when that is cheaper (the rows,
-    when there are no more of them than inputs), for :func:`esm_core.merging.decompose.esd`.
+    when there are no more of them than inputs), for :func:`esm_core.merging.esd.esd`.
 
     :meth:`spill` moves the Gram matrix or rows to a file and releases them: every later access reads them
     back (and does not keep them), the fingerprint, ``n`` and ``mean`` stay in memory. The app spills a pool's

@@ -9,16 +9,18 @@ Top-k singular triplets (:func:`top_svd`) come from the eigendecomposition of
 the small Gram matrix in float64 (``D Dᵀ = U diag(σ²) Uᵀ``, ``Vᵀ = diag(1/σ) Uᵀ D``),
 several times faster than a full float32 SVD on a CPU and at least as accurate
 for the kept triplets; a matrix whose top k includes (near-)zero singular values
-falls back to ``torch.linalg.svd``. Iso-C is :func:`esm_core.merging.decompose.isotropic`
+falls back to ``torch.linalg.svd``. Iso-C is :func:`esm_core.merging.polar.isotropic`
 of the sum (polar factor and singular values from one decomposition).
-Polar factors always come from :func:`esm_core.merging.decompose.polar`.
+Polar factors always come from :func:`esm_core.merging.polar.polar`.
 """
 from __future__ import annotations
 
 import torch
 
 from ..models.roles import MATRIX
-from .decompose import DecompositionCache, eigh64, gram, isotropic, polar, task_deltas
+from .cache import DecompositionCache, ResultKey, task_deltas
+from .kernels import eigh64, gram
+from .polar import isotropic, polar
 from ..schemas import SPECS
 from .registry import Method, register
 
@@ -140,11 +142,11 @@ def tsv_key(cache: DecompositionCache, key: str, dfp: tuple, deltas, store: bool
     """TSV-M's ΔW of one 2-D key (before α; float32, CPU) from ``cache`` when the task updates' fingerprints
     ``dfp`` match, else computed from ``deltas()`` and (``store``) kept. ESM merges its non-ESD 2-D keys the
     TSV-M way and keeps them under the same tag: either method reuses the other's."""
-    dw = cache.get_result(("tsvm", key), dfp)
+    dw = cache.get_result(ResultKey("tsvm", key), dfp)
     if dw is None:
         dw = tsv_merge_matrix(deltas()).to("cpu", torch.float32)
         if store:
-            cache.put_result(("tsvm", key), dfp, dw)
+            cache.put_result(ResultKey("tsvm", key), dfp, dw)
     return dw
 
 
