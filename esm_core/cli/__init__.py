@@ -1,7 +1,7 @@
 """The ``esm-studio`` command line.
 
 Sub-commands: ``methods`` (list methods and their parameters), ``merge``
-(merge checkpoint files), ``eval`` (evaluate a method on a pool), ``bench``
+(merge checkpoint files), ``push`` (upload an export to the Hub), ``eval`` (evaluate a method on a pool), ``bench``
 (speed and memory of every method), ``build-demo`` (rebuild the demo pool),
 ``build-pool text`` (the text pool; ``eval --pool text`` evaluates it), ``app`` (start the web app).
 
@@ -15,9 +15,9 @@ import sys
 
 from .. import settings
 
-from . import app, bench, demo, eval, merge, methods, pools, sweep
+from . import app, bench, demo, eval, merge, methods, pools, push, sweep
 
-SUBCOMMANDS = (methods, merge, eval, sweep, bench, demo, pools, app)     # each module: add_cli(subparsers) + its cmd_*
+SUBCOMMANDS = (methods, merge, push, eval, sweep, bench, demo, pools, app)     # each module: add_cli(subparsers) + its cmd_*
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..checkpoints import CheckpointError, check_compatible, read_config, save_safetensors
-from ..models import bert
+from .. import models
 from .experts import Experts
 from .model import RoutedModel, build_routed
 
@@ -16,12 +16,15 @@ FACTOR_PREFIX = "esmpp."          # tensor names of the factors in a saved ESM++
 
 
 def save_esmpp(path: str | Path, merged_sd: Mapping[str, torch.Tensor], experts: Experts,
-               config: dict | None = None) -> Path:
+               config: dict | None = None, *, model: Mapping | None = None) -> Path:
     """Write merged weights + expert factors + prototypes as one ``.safetensors`` (atomic).
 
     Factor tensors are named ``esmpp.A.<key>``, ``esmpp.B.<key>``,
     ``esmpp.proto.<key>``; the metadata holds ``config`` plus
-    ``config["esmpp"] = {"tasks", "keys", "rank", "base_params"}``.
+    ``config["esmpp"] = {"tasks", "keys", "rank", "base_params"}``. ``model``: what rebuilds the model from
+    the file alone when the routed model's config does not hold it already (an open_clip tower's
+    ``{"family", "model_config", "quick_gelu"}``: :func:`esm_core.package.rebuild_info_of` gives it for a pool),
+    so that :func:`load_routed` needs no ``build_visual=``.
     """
     if merged_sd is None:
         raise ValueError("save_esmpp needs the merged state dict")
@@ -33,7 +36,7 @@ def save_esmpp(path: str | Path, merged_sd: Mapping[str, torch.Tensor], experts:
         tensors[f"{FACTOR_PREFIX}A.{k}"] = experts.A[k]
         tensors[f"{FACTOR_PREFIX}B.{k}"] = experts.B[k]
         tensors[f"{FACTOR_PREFIX}proto.{k}"] = experts.prototypes[k]
-    cfg = dict(config or {})
+    cfg = {**dict(model or {}), **dict(config or {})}
     cfg["esmpp"] = {"tasks": list(experts.tasks), "keys": list(experts.keys), "rank": int(experts.rank),
                     "base_params": experts.base_params}
     return save_safetensors(tensors, path, cfg)
@@ -88,17 +91,22 @@ def load_routed(path: str | Path, build_visual: Callable[[Mapping[str, torch.Ten
                 *, device: str | torch.device = "cpu", base: Mapping[str, torch.Tensor] | None = None) -> RoutedModel:
     """A routed model from a file written by :func:`save_esmpp` (with the config of a :class:`RoutedModel`).
 
-    A text model (``config["family"] == "bert"``, as :func:`build_routed` records it) is rebuilt from
-    ``config["model_config"]`` (a ``config.json`` dict; nothing is downloaded or unpickled); any other model
-    needs ``build_visual(merged_sd) -> module`` (e.g. ``pool.build_visual``)."""
+    A model whose family records how to rebuild it (``config["family"]`` and the family's ``saved_config``
+    entries, as :func:`build_routed` writes them: a text encoder's ``model_config``, a ``config.json`` dict;
+    nothing is downloaded or unpickled) is rebuilt by its family; any other model needs
+    ``build_visual(merged_sd) -> module`` (e.g. ``pool.build_model``)."""
     merged, experts, cfg = load_esmpp(path, base=base)
     if build_visual is None:
-        if cfg.get("family") != bert.NAME or not isinstance(cfg.get("model_config"), Mapping):
-            raise CheckpointError(f"{Path(path).name}: the file does not record a text encoder's family and "
-                                  "model config; pass build_visual= to rebuild its model")
-        model_config = cfg["model_config"]
+        fam = models.FAMILIES.get(cfg.get("family")) if isinstance(cfg.get("family"), str) else None
+        if fam is None:
+            raise CheckpointError(f"{Path(path).name}: the file does not record a model family that rebuilds its "
+                                  "model; pass build_visual= to rebuild its model")
 
         def build_visual(sd):
-            return bert.TextEncoder(bert.build(sd, model_config), cfg.get("pooling", "mean"))
+            try:
+                return fam.rebuild(sd, cfg)
+            except ValueError as e:
+                raise CheckpointError(f"{Path(path).name}: its {fam.NAME} model cannot be rebuilt from the file ({e}); "
+                                      "pass build_visual= to rebuild its model") from None
     cfg = {k: v for k, v in cfg.items() if k != "esmpp"}
     return build_routed(merged, experts, build_visual, device=device, config=cfg)

@@ -16,4 +16,5 @@ from .live import (ALPHA_POINTS, EVAL_SEED, accuracies, alpha_curve, comparison_
                    merge, merge_config, method_choices, references, sample_sizes)
 from . import live  # noqa: F401  (tests patch live.ALPHA_POINTS)
 from .routing import esmpp_model, run_routing  # noqa: F401
-from .export import export_config, export_esmpp, export_merged, read_export_config  # noqa: F401
+from .export import (export_config, export_esmpp, export_folder, export_merged, push_merged,  # noqa: F401
+                     read_export_config)

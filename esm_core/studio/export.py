@@ -4,15 +4,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Mapping
 
-from ..checkpoints import read_config, save_safetensors, strict_json_dumps
+from .. import package
+from ..checkpoints import strict_json_dumps
 from ..esmpp import ESMPP, save_esmpp
 from ..evaluation import sweeps
-from ..merging import apply_updates
-from .live import comparison_rows
+from ..evaluation.esmpp import wilson_interval
+from ..merging import apply_updates, get_method
+from .live import comparison_rows, sample_sizes
 from .routing import esmpp_model
 from .session import Progress, Session, _need_pool
 from . import viz
@@ -22,8 +26,41 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "merge"
 
 
-def export_merged(s: Session) -> Path:
-    """The current merged model as .safetensors, its merge config in the metadata."""
+def _recipe(s: Session, cur: Mapping) -> dict:
+    """The current merge's recipe in the layout every export shares (the command line writes the same keys)."""
+    pool = s.pool
+    return {**cur["config"], "summary": cur["summary"], "base": package.model_name_of(pool), "source": "studio"}
+
+
+def _results(s: Session, cur: Mapping) -> dict:
+    """The model card's accuracy table: the live subset's accuracy per task, its n and 95 % Wilson interval."""
+    sizes = sample_sizes(s, "test")
+    tasks = {}
+    for t, acc in cur["accs"].items():
+        n = int(sizes.get(t, 0))
+        lo, hi = wilson_interval(round(float(acc) * n), n) if n else (None, None)
+        tasks[t] = {"acc": float(acc), "n": n, "low": lo, "high": hi}
+    return {"split": "test", "tasks": tasks, "mean": float(cur["summary"]["mean_abs"]),
+            "note": f"the studio's evaluation subset: at most {s.live_per_task} images per task, seed 0",
+            "interval": "95 % Wilson"}
+
+
+def _command(s: Session, cur: Mapping) -> str:
+    """The command line that re-runs this merge on the same pool (for the built-in pools) or from files."""
+    pool, m = s.pool, get_method(cur["method"])
+    sets = [f"--set {p.name}={cur['params'][p.name]}" for p in m.params
+            if p.name != "alpha" and cur["params"][p.name] != p.default]
+    alpha = f"--alpha {float(cur['params']['alpha']):g}"
+    if s.origin in ("demo", "text"):
+        return " ".join(["esm-studio eval --pool", shlex.quote(str(pool.name)), "--method", cur["method"], alpha,
+                         *sets])
+    tasks = " ".join(f"--task {shlex.quote(str(t))}=<{t} checkpoint>" for t in pool.task_names)
+    return " ".join(["esm-studio merge --base <base checkpoint>", tasks, "--method", cur["method"],
+                     f"--set alpha={float(cur['params']['alpha']):g}", *sets, "--out merged"])
+
+
+def export_merged(s: Session, dtype: str = "float32") -> Path:
+    """The current merged model as one .safetensors, its recipe (and the versions) in the metadata."""
     pool = _need_pool(s)
     if s.current is None:
         raise ValueError("merge first: there is no merged model to export")
@@ -31,7 +68,49 @@ def export_merged(s: Session) -> Path:
         cur = s.current
         sd = apply_updates(pool.base, cur["updates"])
         name = _safe_name(f"{pool.name}-{cur['method']}-alpha{float(cur['params']['alpha']):.2f}-{cur['id']}")
-        return save_safetensors(sd, s.workdir / f"{name}.safetensors", {**cur["config"], "summary": cur["summary"]})
+        return package.write_export(s.workdir / f"{name}.safetensors", sd, base_sd=package.base_of(pool),
+                                    family=package.family_of_pool(pool), model_info=package.model_info_of(pool),
+                                    recipe=_recipe(s, cur), dtype=dtype)
+
+
+def export_folder(s: Session, dtype: str = "float32") -> tuple[Path, Path]:
+    """The current merge as a folder that loads in its ecosystem (a transformers folder for text models, an
+    open_clip folder for image models; heads, recipe and model card inside) and the same folder as a .zip.
+    Returns ``(folder, zip)``."""
+    pool = _need_pool(s)
+    if s.current is None:
+        raise ValueError("merge first: there is no merged model to export")
+    with s.lock:
+        cur = s.current
+        name = _safe_name(f"{pool.name}-{cur['method']}-alpha{float(cur['params']['alpha']):.2f}-{cur['id']}")
+        folder = s.workdir / "exports" / name
+        for old in (folder, folder.parent / f"{folder.name}.zip"):            # an earlier export of this merge: rewritten
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink(missing_ok=True)
+        sd = apply_updates(pool.base, cur["updates"])
+        out = package.write_export(folder, sd, base_sd=package.base_of(pool), family=package.family_of_pool(pool),
+                                   model_info=package.model_info_of(pool), recipe=_recipe(s, cur),
+                                   results=_results(s, cur), dtype=dtype, heads=package.heads_of(pool),
+                                   command=_command(s, cur))
+        del sd
+        return out, package.zip_folder(out)
+
+
+def push_merged(s: Session, repo: str, private: bool = False, *, api=None, token: str | None = None,
+                stored_token: bool = True) -> dict:
+    """The current merge's export folder (:func:`export_folder`) uploaded to the Hub repository ``repo``.
+    The repository id, the token and HF_HUB_OFFLINE are checked before the folder is written. ``stored_token``
+    False (a public server): only ``token``, the visitor's own, is used — never the server's login."""
+    _need_pool(s)
+    if s.current is None:
+        raise ValueError("merge first: there is no merged model to push")
+    if not isinstance(repo, str) or not package._REPO_ID.match(repo.strip()):
+        raise package.PushError(f"the Hub repository must be 'user/name', got {str(repo)[:80]!r}")
+    token = package.hub_token(token, stored=stored_token)
+    folder, _ = export_folder(s)
+    return package.push_export(folder, repo, private=private, token=token, api=api)
 
 
 def export_config(s: Session) -> Path:
@@ -48,11 +127,9 @@ def export_config(s: Session) -> Path:
 
 
 def read_export_config(path: str | Path) -> dict | None:
-    """The recipe stored with an exported file (safetensors metadata, or the JSON file itself)."""
-    p = Path(path)
-    if p.suffix == ".json":
-        return json.loads(p.read_text())
-    return read_config(p)
+    """The recipe stored with an export (an export folder, safetensors metadata, or the JSON file itself); files
+    written before the shared layout read the same way (``versions`` filled from the version they hold)."""
+    return package.read_export(path)
 
 
 def export_esmpp(s: Session, rank: int = ESMPP.default("rank"), progress: Progress | None = None) -> Path:
@@ -62,7 +139,8 @@ def export_esmpp(s: Session, rank: int = ESMPP.default("rank"), progress: Progre
         built = esmpp_model(s, rank, progress)
         m = built["model"]
         name = _safe_name(f"{pool.name}-esmpp-r{built['rank']}-alpha{built['alpha']:.2f}")
-        return save_esmpp(s.workdir / f"{name}.safetensors", m.merged_sd, m.experts, m.config)
+        return save_esmpp(s.workdir / f"{name}.safetensors", m.merged_sd, m.experts, m.config,
+                          model=package.rebuild_info_of(pool))
 
 
 def export_sweep(result: Mapping, folder, stem: str | None = None) -> dict[str, str]:
