@@ -45,18 +45,18 @@ def test_news_groups_coarse_topics(tmp_path):
                    "orbit of the moon": "science"}
 
 
-def test_friends_tolerates_stray_tabs_and_filters(tmp_path):
-    header = ["Season", "Episode", "Season & Episode", "Title", "Author", "Quote"]
-    rows = [["01", "01", "0101", "Pilot", "Monica", "There's nothing to tell, he is just a guy"],
-            ["01", "01", "0101", "Pilot", "Joey", "Come on, you're going out with the guy\tthere's gotta be"],
-            ["01", "01", "0101", "Pilot", "Gunther", "Anything else I can get for you today"],
-            ["01", "01", "0101", "Pilot", "Ross", "Hi."]]
-    _tab(tmp_path / "datasets" / "friends-transcripts.tab", header, ["d"] * 5 + ["string"], [""] * 6, rows)
-    x, y, names = td.read_friends(root=tmp_path)
-    assert names == ["Monica", "Joey"]                              # Gunther not a main character; Ross too short
-    assert dict(zip(x, (names[c] for c in y))) == {
-        "There's nothing to tell, he is just a guy": "Monica",
-        "Come on, you're going out with the guy there's gotta be": "Joey"}
+def test_read_tab_keeps_stray_tabs_in_the_last_field_and_pads_short_rows(tmp_path):
+    header = ["Author", "Quote"]
+    rows = [["Monica", "nothing to tell"], ["Joey", "going out with the guy\tthere's gotta be"], ["Ross"]]
+    _tab(tmp_path / "q.tab", header, ["d", "string"], ["", ""], rows)
+    got_header, got = td._read_tab(tmp_path / "q.tab")
+    assert got_header == header
+    assert got == [["Monica", "nothing to tell"], ["Joey", "going out with the guy\tthere's gotta be"], ["Ross", ""]]
+
+
+def test_the_dead_friends_reader_is_gone():
+    assert "friends" not in td.READERS and "friends" not in td.KINDS and "friends" not in td.SOURCES
+    assert not hasattr(td, "read_friends")
 
 
 def test_tweets_drop_retweets_and_urls(tmp_path):

