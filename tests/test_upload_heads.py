@@ -358,3 +358,41 @@ def test_the_pool_views_data_box_sorts_heads_names_and_templates(tmp_path):
     (tmp_path / "stray.safetensors").write_text("x")
     with pytest.raises(ValueError, match=r"stray.safetensors: a head file is named <task>.head.safetensors"):
         pool_view.split_head_files([str(tmp_path / "stray.safetensors")])
+
+
+# ----------------------------------------------------------------------------- a Hugging Face CLIPModel base
+def test_a_hugging_face_clip_base_with_its_text_tower_gives_the_zero_shot_head(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, vocab_size=49408,
+                max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407)
+    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, image_size=16,
+                  patch_size=8, hidden_act="quick_gelu")
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(tmp_path / "base.safetensors"))
+    for i, t in enumerate("ab"):
+        g = torch.Generator().manual_seed(i + 1)
+        save_file({k: (v + 0.02 * torch.randn(v.shape, generator=g) if k.startswith("vision_model.") else v)
+                   for k, v in sd.items()}, str(tmp_path / f"{t}.safetensors"))
+    x, y = _images(2, 9)
+    zips = {t: _plain_zip(tmp_path / f"{t}.zip", x, y) for t in "ab"}
+    cfg = json.loads(config.to_json_string())
+    pool, notes = _upload(tmp_path, zips, config=cfg, preprocessor={"image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+                          templates=["a photo of a {}.", "a {} in the wild."])
+    assert pool.meta["head_sources"] == {"a": "zero-shot", "b": "zero-shot"}
+    rows = []
+    with torch.no_grad():                           # HF's own text features, tokens from open_clip's bundled BPE
+        for c in ["ankle boot", "cat", "dog"]:
+            ids = open_clip.tokenize([f"a photo of a {c}.", f"a {c} in the wild."])
+            out = model.get_text_features(input_ids=ids)
+            e = getattr(out, "pooler_output", out)
+            e = e / e.norm(dim=-1, keepdim=True)
+            rows.append(e.mean(0) / e.mean(0).norm())
+    want = torch.stack(rows) * model.logit_scale.exp()
+    torch.testing.assert_close(pool.heads["a"], want, rtol=0, atol=1e-5)
+    no_text = {k: v for k, v in cfg.items() if k != "text_config"}
+    pool, notes = _upload(tmp_path, zips, config=no_text, preprocessor={"image_mean": [0.5] * 3,
+                                                                         "image_std": [0.5] * 3})
+    assert pool.meta["head_sources"]["a"] == "class means" and any("no text_config" in n for n in notes)

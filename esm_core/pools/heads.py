@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from open_clip.model import _build_text_tower    # the constructor open_clip's CLIP uses for its text tower
-from open_clip.tokenizer import SimpleTokenizer
 from safetensors import safe_open
 
 from ..checkpoints import load_checkpoint
@@ -56,8 +54,6 @@ MAX_SIDECAR_BYTES = 4 * 1024 ** 2        # a class-name list
 MAX_TEMPLATES = 100
 MAX_TEMPLATE_CHARS = 300
 HEAD_EXTS = (".safetensors", ".pt", ".pth", ".bin")
-BPE_VOCAB = 49408                        # open_clip's bundled BPE tokenizer (every OpenAI-style CLIP text tower)
-TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 
 def source_of(pool, task: str) -> str:
@@ -200,81 +196,7 @@ def match_head(weight: torch.Tensor, names: Sequence[str], folders: Sequence[str
     return [row[name_key(f)] for f in folders]
 
 
-# ---------------------------------------------------------------- zero-shot heads from a CLIP text tower
-
-def text_tower_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The text tower of an open_clip CLIP state dict (top-level ``token_embedding`` … ``text_projection``)."""
-    return {k: v for k, v in sd.items() if k.startswith(TEXT_KEYS)}
-
-
-def has_text_tower(sd: Mapping[str, torch.Tensor]) -> bool:
-    return "token_embedding.weight" in sd and any(k.startswith("transformer.resblocks.") for k in sd)
-
-
-def check_text_config(text_cfg) -> dict:
-    """A plain open_clip text tower config (the BPE tokenizer open_clip ships, no Hugging Face text model), with
-    its sizes bounded; raises ValueError saying why a zero-shot head cannot be built from it."""
-    if not isinstance(text_cfg, Mapping):
-        raise ValueError("the model config has no text_cfg")
-    c = dict(text_cfg)
-    for k in ("hf_model_name", "hf_tokenizer_name"):
-        if c.get(k):
-            raise ValueError(f"its text tower is a Hugging Face model ({k}={c[k]!r}): only open_clip's own text "
-                             "transformer with its bundled BPE tokenizer is built offline")
-    bounds = {"width": (1, 4096), "layers": (1, 64), "heads": (1, 128), "context_length": (2, 512),
-              "vocab_size": (1, 1_000_000)}
-    for k, (lo, hi) in bounds.items():
-        v = c.get(k, {"context_length": 77, "vocab_size": BPE_VOCAB, "width": 512, "heads": 8, "layers": 12}[k])
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise ValueError(f"text_cfg {k}={v!r} is outside [{lo}, {hi}]")
-        c[k] = v
-    if c["width"] % c["heads"]:
-        raise ValueError(f"text_cfg heads={c['heads']} does not divide width={c['width']}")
-    if c["vocab_size"] != BPE_VOCAB:
-        raise ValueError(f"text_cfg vocab_size={c['vocab_size']} is not open_clip's BPE vocabulary ({BPE_VOCAB})")
-    if c.get("pool_type", "argmax") != "argmax" or c.get("embed_cls") or c.get("no_causal_mask"):
-        raise ValueError("only CLIP's text pooling (argmax token, causal mask, no class embedding) is supported")
-    return c
-
-
-def check_text_shapes(cfg: Mapping, text_sd: Mapping[str, torch.Tensor]) -> None:
-    """Refuse a text tower whose tensors do not fit the config's ``text_cfg`` (compared on the meta device: no
-    memory) or hold non-finite values."""
-    text_cfg = check_text_config(cfg.get("text_cfg"))
-    with torch.device("meta"):
-        meta = _build_text_tower(int(cfg.get("embed_dim", 0)), text_cfg, quick_gelu=bool(cfg.get("quick_gelu")))
-    want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in text_sd.items()}
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    wrong = [f"{k} {got[k]} (expected {want[k]})" for k in want if k in got and got[k] != want[k]]
-    if missing or extra or wrong:
-        raise ValueError("the base's text tower does not fit the config's text_cfg: "
-                         + "; ".join(x for x in (f"missing {missing[:4]}" if missing else "",
-                                                  f"unexpected {extra[:4]}" if extra else "",
-                                                  f"other shapes: {wrong[:3]}" if wrong else "") if x))
-    bad = [k for k, v in text_sd.items() if not torch.isfinite(v.float()).all()]
-    if bad:
-        raise ValueError(f"the base's text tower holds non-finite values in {bad[:4]}")
-
-
-def build_text_tower(cfg: Mapping, text_sd: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """open_clip's text transformer for the model config ``cfg`` (``embed_dim``, ``text_cfg``, ``quick_gelu``)
-    with ``text_sd`` loaded, eval mode; the shapes are checked first (:func:`check_text_shapes`)."""
-    check_text_shapes(cfg, text_sd)
-    text_cfg = check_text_config(cfg.get("text_cfg"))
-    tower = _build_text_tower(int(cfg.get("embed_dim", 0)), text_cfg, quick_gelu=bool(cfg.get("quick_gelu")))
-    tower.load_state_dict({k: v.float() for k, v in text_sd.items()}, strict=True)
-    return tower.eval()
-
-
-def text_tower_bytes(cfg: Mapping) -> int:
-    """float32 bytes of the config's text tower (what building it costs), from the config alone."""
-    c = check_text_config(cfg.get("text_cfg"))
-    w, lay = c["width"], c["layers"]
-    ratio = float(c.get("mlp_ratio", 4.0))
-    n = c["vocab_size"] * w + c["context_length"] * w + lay * (4 * w * w + 2 * ratio * w * w + 13 * w)
-    return int(4 * (n + w * int(cfg.get("embed_dim", w))))
-
+# ---------------------------------------------------------------- zero-shot heads (methods §0)
 
 def check_templates(templates: Sequence[str] | None) -> list[str]:
     """The prompt templates, each holding one class-name placeholder (``{}`` or ``{c}``), bounded in number and
@@ -300,11 +222,6 @@ def check_templates(templates: Sequence[str] | None) -> list[str]:
 def prompt_name(folder: str) -> str:
     """A class folder's name as it goes into a prompt: '_' read as a space ("ankle_boot" → "ankle boot")."""
     return folder.replace("_", " ").strip()
-
-
-def tokenizer_for(cfg: Mapping) -> SimpleTokenizer:
-    """open_clip's bundled BPE tokenizer at the config's context length (no download)."""
-    return SimpleTokenizer(context_length=int(check_text_config(cfg.get("text_cfg"))["context_length"]))
 
 
 @torch.inference_mode()

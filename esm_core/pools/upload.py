@@ -20,12 +20,13 @@ import numpy as np
 import open_clip
 import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError, safe_open
 
 from ..progress import Progress, reporter
 from .. import settings
 from ..checkpoints import load_checkpoint, save_safetensors
 from ..lazy import LazyCheckpoint
-from ..models import hf_clip_vision
+from ..models import clip_text, hf_clip_vision
 from ..models import openclip_vit as vit
 from ..models.openclip_vit import CLIP_MEAN, CLIP_STD
 from . import heads as H
@@ -452,8 +453,10 @@ def _read_base(base_path, text: dict | None = None) -> dict:
     if n > (cap := settings.max_model_params()):          # ESM_MAX_MODEL_PARAMS; ViT-L/14's tower fits
         raise ValueError(f"the base checkpoint holds {n / 1e6:.0f} M parameters, more than the "
                          f"{cap / 1e6:.0f} M this server merges")
-    if text is not None and H.has_text_tower(full):
-        tower = H.text_tower_keys(full)
+    if text is not None and not clip_text.has_text_tower(full):
+        full = _hf_text_tower(base_path) or full
+    if text is not None and clip_text.has_text_tower(full):
+        tower = clip_text.text_tower_keys(full)
         n = sum(v.numel() for v in tower.values())
         if n > settings.max_model_params():
             raise ValueError(f"the base checkpoint's text tower holds {n / 1e6:.0f} M parameters, more than the "
@@ -463,6 +466,22 @@ def _read_base(base_path, text: dict | None = None) -> dict:
             text["logit_scale"] = full["logit_scale"]
     del full
     return {k: v.float() for k, v in base.items()}
+
+
+def _hf_text_tower(base_path) -> dict | None:
+    """A Hugging Face CLIPModel base's text tower (``text_model.*``, dropped when the image tower is read) from its
+    safetensors file, in open_clip's layout; None for any other file."""
+    p = Path(base_path)
+    if p.suffix.lower() != ".safetensors":
+        return None
+    try:
+        with safe_open(str(p), "pt") as f:
+            keys = [k for k in f.keys() if clip_text.is_hf_text_key(k)]
+            if not any(k.startswith("text_model.") for k in keys):
+                return None
+            return clip_text.hf_text_to_open_clip({k: f.get_tensor(k) for k in keys}, p.name)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{p.name}: cannot read its text tower ({e})") from None
 
 
 def _file_id(path) -> tuple:
@@ -641,7 +660,7 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     batch = _head_batch(cfg)
     most = max((len(plans[n].members) for n in means), default=0)
     zero_shot = any(v == H.HeadSource.ZERO_SHOT for v in sources.values())
-    head_pass = min(batch, most) * _head_image_bytes(cfg) + (2 * H.text_tower_bytes(text_cfg) if zero_shot else 0)
+    head_pass = min(batch, most) * _head_image_bytes(cfg) + (2 * clip_text.text_tower_bytes(text_cfg) if zero_shot else 0)
     _check_upload_memory(plans, size, demo_bytes, base_bytes, in_memory, budget, copies, head_pass,
                          *(() if memory_budget is None else ("allowed (memory_budget)",)), counts=counts)
     if not zero_shot:
@@ -655,8 +674,8 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     tower = tokenizer = None
     if zero_shot:
         report(0.38, "building the text tower for the zero-shot heads")
-        tower = H.build_text_tower(text_cfg, {k: v for k, v in text.items() if k != "logit_scale"})
-        tokenizer = H.tokenizer_for(text_cfg)
+        tower = clip_text.build_text_tower(text_cfg, {k: v for k, v in text.items() if k != "logit_scale"})
+        tokenizer = clip_text.tokenizer_for(text_cfg)
         scale, read = H.logit_scale_of(text)
         text.clear()
         if not read:
@@ -731,7 +750,15 @@ def _text_config(arch: str, config: Mapping | None, cfg: Mapping, text: Mapping)
     if not text:
         return None, None
     raw = None
-    if config is not None and not hf_clip_vision.is_config(config):
+    if config is not None and hf_clip_vision.is_config(config):
+        if not isinstance(config.get("text_config"), Mapping):
+            return None, ("the base holds a text tower, but its config.json has no text_config: upload the full "
+                          "CLIP config.json to use zero-shot heads")
+        try:
+            raw = clip_text.hf_text_config(config)
+        except ValueError as e:
+            return None, f"no zero-shot heads from the base's text tower: {e}"
+    elif config is not None:
         raw = config.get("text_cfg")
     elif config is None and arch not in ("auto", "infer", "demo") and open_clip.get_model_config(arch) is not None:
         raw = open_clip.get_model_config(arch).get("text_cfg")
@@ -740,8 +767,8 @@ def _text_config(arch: str, config: Mapping | None, cfg: Mapping, text: Mapping)
                       "open_clip model config to use zero-shot heads")
     tcfg = {"embed_dim": cfg["embed_dim"], "quick_gelu": cfg["quick_gelu"], "text_cfg": raw}
     try:
-        H.check_text_config(raw)
+        clip_text.check_text_config(raw)
     except ValueError as e:
         return None, f"no zero-shot heads from the base's text tower: {e}"
-    H.check_text_shapes(tcfg, {k: v for k, v in text.items() if k != "logit_scale"})
+    clip_text.check_text_shapes(tcfg, {k: v for k, v in text.items() if k != "logit_scale"})
     return tcfg, None
