@@ -95,7 +95,7 @@ def private_tmp(tmp_path, monkeypatch):
     t.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(t))
     yield t
-    assert list(t.iterdir()) == []
+    assert list(t.glob("esm-adapter-*")) == []
 
 
 # ------------------------------------------------------------------------------------------ the maths
@@ -499,12 +499,11 @@ def test_esm_studio_merge_takes_adapter_folders_and_zips(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ uploads
 
 
-@pytest.mark.parametrize("model_type", ["bert", "roberta"])
-def test_a_text_upload_takes_adapter_zips_and_scores_as_the_merged_hugging_face_model(tmp_path, model_type):
+def _text_adapters(tmp_path, model_type: str):
+    """A BERT-family base classifier (safetensors), two tasks as LoRA adapters (``colours`` zipped, ``animals`` a
+    folder) with their classifiers in modules_to_save, their labelled sentences, the config and the vocabulary;
+    ``dense``: each task's merged ``*ForSequenceClassification`` state dict, computed here."""
     import numpy as np
-    transformers = pytest.importorskip("transformers")
-    from esm_core.models import bert
-    from esm_core.pools.upload_text import text_pool_from_upload
     from test_upload_text import CONFIGS, WORDS, _classifier
     base_m = _classifier(model_type, 2, 0)
     base = {k: v.detach().clone().contiguous() for k, v in base_m.state_dict().items()}
@@ -532,9 +531,17 @@ def test_a_text_upload_takes_adapter_zips_and_scores_as_the_merged_hugging_face_
         texts[t] = tmp_path / f"{t}.jsonl"
         texts[t].write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-    cfg = dict(CONFIGS[model_type])
-    pool, notes = text_pool_from_upload(tmp_path / "base.safetensors", paths, texts, cfg,
-                                        {"vocab.txt": tmp_path / "vocab.txt"})
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS[model_type]))
+    return paths, texts, dense, dict(CONFIGS[model_type]), tmp_path / "vocab.txt"
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_a_text_upload_takes_adapter_zips_and_scores_as_the_merged_hugging_face_model(tmp_path, model_type):
+    transformers = pytest.importorskip("transformers")
+    from esm_core.models import bert
+    from esm_core.pools.upload_text import text_pool_from_upload
+    paths, texts, dense, cfg, vocab = _text_adapters(tmp_path, model_type)
+    pool, notes = text_pool_from_upload(tmp_path / "base.safetensors", paths, texts, cfg, {"vocab.txt": vocab})
     assert any(n.startswith("colours.zip: LoRA adapter, 6 module(s) of rank 4") for n in notes)
     assert any(n.startswith("warning: animals was made for base 'other'") for n in notes)
     for t in pool.task_names:
@@ -548,3 +555,48 @@ def test_a_text_upload_takes_adapter_zips_and_scores_as_the_merged_hugging_face_
             want = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             got = pool.logits(t, pool.build_model(pool.tasks[t])(x))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_an_image_upload_takes_adapter_zips_as_tasks(tmp_path):
+    from fake_pool import tiny_image_zip
+
+    from esm_core.pools.upload import pool_from_upload
+    base, folders, dense = _clip_tasks(tmp_path)
+    save_safetensors(base, tmp_path / "base.safetensors")
+    paths = {"cars": zip_folder(folders["cars"], tmp_path / "cars.zip"), "dtd": folders["dtd"]}
+    zips = {t: tiny_image_zip(tmp_path / f"{t}-images.zip", size=16) for t in paths}
+    pool, _ = pool_from_upload(tmp_path / "base.safetensors", paths, zips, arch="infer", head_width=8,
+                               normalisation="clip")
+    for t in paths:
+        want = load_checkpoint(dense[t], base=base)
+        assert set(pool.tasks[t]) == set(base) and all(torch.equal(pool.tasks[t][k], want[k]) for k in base), t
+
+
+@pytest.mark.slow
+def test_the_pool_view_takes_adapter_zips_over_http(pool, tmp_path):
+    """The upload form (gradio_client, the real app on a free port): BERT LoRA adapters zipped as task files load
+    as a text pool; a zip that is not an adapter is refused naming what is missing."""
+    import os
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    gradio_client = pytest.importorskip("gradio_client")
+    from fake_pool import launch_app
+    paths, texts, _, _, vocab = _text_adapters(tmp_path, "bert")
+    animals = zip_folder(paths["animals"], tmp_path / "animals.zip")
+    demo, url = launch_app(lambda: pool)
+    try:
+        c = gradio_client.Client(url, verbose=False, download_files=True)
+        c.predict(api_name="/init")
+        h = gradio_client.handle_file
+        rest = ([h(str(texts["colours"])), h(str(texts["animals"]))], "auto",
+                [h(str(tmp_path / "config.json")), h(str(vocab))], 0, "")
+        c.predict(h(str(tmp_path / "base.safetensors")), [h(str(paths["colours"])), h(str(animals))], "", *rest,
+                  api_name="/load_upload")
+        md, table, _, _ = c.predict(api_name="/load_upload_view")
+        assert "(upload)" in md and [r[0] for r in table["data"]] == ["colours", "animals"]
+        assert "LoRA adapter, 6 module(s) of rank 4" in md and "made for base 'other'" in md
+        _zip(tmp_path / "bad.zip", {"readme.md": b"not an adapter"})
+        with pytest.raises(Exception, match="not a PEFT adapter zip — no adapter_config.json"):
+            c.predict(h(str(tmp_path / "base.safetensors")), [h(str(paths["colours"])), h(str(tmp_path / "bad.zip"))],
+                      "colours, animals", *rest, api_name="/load_upload")
+    finally:
+        demo.close()
