@@ -193,11 +193,17 @@ def test_a_config_that_does_not_fit_the_checkpoint_is_refused_before_anything_is
         raise AssertionError("a model was built before the shapes were checked")
     monkeypatch.setattr(transformers, "ViTModel", no_build)
     sd = hf_vit.convert(hf["files"]["a"])
-    with pytest.raises(ValueError, match="missing keys \\['vit.encoder.layer.2"):
+    with pytest.raises(ValueError, match="num_hidden_layers = 128 does not fit the checkpoint: it holds 2 layers"):
         hf_vit.build_model(sd, {**hf["config"], "num_hidden_layers": 128})
-    with pytest.raises(ValueError, match="shape mismatches.*intermediate.dense.weight: checkpoint \\(64, 32\\) "
-                                         "vs config \\(128, 32\\)"):
+    with pytest.raises(ValueError, match="intermediate_size = 128 does not fit the checkpoint: "
+                                         "vit.encoder.layer.0.intermediate.dense.weight has shape \\(64, 32\\)"):
         hf_vit.build_model(sd, {**hf["config"], "intermediate_size": 128})
+    with pytest.raises(ValueError, match="shape mismatches \\['vit.embeddings.position_embeddings: checkpoint "
+                                         "\\(1, 17, 32\\) vs config \\(1, 5, 32\\)"):
+        hf_vit.build_model(sd, {**hf["config"], "image_size": 16})
+    with pytest.raises(ValueError, match="missing keys \\['vit.encoder.layer.1.output.dense.bias'\\]"):
+        hf_vit.build_model({k: v for k, v in sd.items() if k != "vit.encoder.layer.1.output.dense.bias"},
+                           hf["config"])
     with pytest.raises(ValueError, match="about 0 M parameters, more than the 0 M"):
         hf_vit.build_model(sd, hf["config"], max_params=1000)
     bad = dict(sd)
@@ -370,3 +376,77 @@ def test_esmpp_pipeline_on_the_vit_pool_builds_the_section_7_experts_and_routes(
         torch.testing.assert_close(routed.experts.prototypes[q][i].double(), proto, atol=1e-5, rtol=1e-5)
     accs, log = evaluate_routed(pool, routed, "test", mode="oracle")
     assert set(accs) == set(pool.task_names) and (log.chosen == log.true[:, None]).all()
+
+
+# ---------------------------------------------------------------- uploads (the Pool view's files)
+
+def _zip(path, classes: int, per_class: int, seed: int, splits=None):
+    """A zip of class folders of 32 px PNGs (or ``splits``: val/ and test/ folders of them)."""
+    import io
+    import zipfile
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    with zipfile.ZipFile(path, "w") as z:
+        for split in (splits or [None]):
+            for c in range(classes):
+                for j in range(per_class):
+                    buf = io.BytesIO()
+                    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+                    z.writestr(f"{split + '/' if split else ''}class{c}/img{j}.png", buf.getvalue())
+    return path
+
+
+@pytest.fixture(scope="module")
+def upload_files(hf, tmp_path_factory):
+    d = tmp_path_factory.mktemp("vit-upload")
+    root = hf["root"]
+    zips = {t: _zip(d / f"{t}.zip", C, 4, 30 + i, splits=["val", "test"] if t == "c" else None)
+            for i, (t, C) in enumerate(CLASSES.items())}
+    pre = {"do_resize": True, "size": {"height": 32, "width": 32}, "image_mean": [0.5, 0.4, 0.3],
+           "image_std": [0.2, 0.25, 0.3], "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True}
+    return {"base": root / "base" / "model.safetensors", "tasks": {t: root / t / "model.safetensors" for t in CLASSES},
+            "zips": zips, "config": hf["config"], "pre": pre, "dir": d}
+
+
+def test_an_uploaded_vit_pool_scores_each_task_with_its_own_model(hf, upload_files, tmp_path):
+    from esm_core.lazy import LazyCheckpoint
+    from esm_core.pools.hf_vit_pool import hf_vit_pool_from_upload
+    u = upload_files
+    pool, notes = hf_vit_pool_from_upload(u["base"], u["tasks"], u["zips"], u["config"], u["pre"],
+                                          keep_dir=tmp_path / "keep")
+    assert isinstance(pool.tasks["a"], LazyCheckpoint)              # written once, read key by key
+    assert pool.class_names["b"] == ["class0", "class1", "class2", "class3"]
+    assert len(pool.data["a"]["val"][1]) == len(pool.data["a"]["test"][1]) == 6        # 3 classes × 4, half each
+    assert len(pool.data["c"]["val"][1]) == len(pool.data["c"]["test"][1]) == 8        # val/ and test/ as given
+    assert any("val/ and test/ folders as given" in n for n in notes)
+    assert pool.preprocess["mean"] == (0.5, 0.4, 0.3)
+    for t in CLASSES:
+        x, _ = pool.inputs(t, "test")
+        with torch.no_grad():
+            assert torch.equal(pool.logits(t, pool.build_model(pool.tasks[t])(x)),
+                               hf["tuned"][t](pixel_values=x).logits), t
+
+
+def test_a_refused_vit_upload_names_the_problem_and_leaves_nothing_behind(upload_files, tmp_path, monkeypatch):
+    from esm_core.pools import hf_vit_pool as hp
+    u, keep = upload_files, tmp_path / "keep"
+    wrong = _zip(tmp_path / "a.zip", 5, 2, 0)
+    with pytest.raises(ValueError, match="task 'a': its classifier has 3 classes but a.zip has 5 class folders"):
+        hp.hf_vit_pool_from_upload(u["base"], u["tasks"], {**u["zips"], "a": wrong}, u["config"], keep_dir=keep)
+    with pytest.raises(ValueError, match="no images for task\\(s\\) \\['b'\\]"):
+        hp.hf_vit_pool_from_upload(u["base"], u["tasks"], {k: v for k, v in u["zips"].items() if k != "b"},
+                                   u["config"], keep_dir=keep)
+    read = []
+    monkeypatch.setattr(hp, "load_checkpoint", lambda p, **k: read.append(p) or load_file(str(p)))
+    with pytest.raises(ValueError, match="need .* once decoded.*more than the 0.1 MiB"):  # before any task is read
+        hp.hf_vit_pool_from_upload(u["base"], u["tasks"], u["zips"], u["config"], keep_dir=keep,
+                                   memory_budget=100_000)
+    assert read == [u["base"]]
+    with pytest.raises(ValueError, match="intermediate_size = 128"):       # config vs the base: no task read
+        hp.hf_vit_pool_from_upload(u["base"], u["tasks"], u["zips"], {**u["config"], "intermediate_size": 128},
+                                   keep_dir=keep)
+    assert read == [u["base"]] * 2
+    with pytest.raises(ValueError, match="hidden_act = 'bad' is not one of"):   # the config before any file
+        hp.hf_vit_pool_from_upload(u["base"], u["tasks"], u["zips"], {**u["config"], "hidden_act": "bad"})
+    assert read == [u["base"]] * 2
+    assert not keep.exists()

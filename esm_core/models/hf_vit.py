@@ -416,6 +416,24 @@ def expected_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _checkpoint_sizes(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, str]]:
+    """``{config field: (value, what in the checkpoint shows it)}`` read from a checkpoint's own tensors."""
+    out = {}
+    idx = {int(m.group(1)) for k in sd if (m := re.match(r"^vit\.encoder\.layer\.(\d+)\.", k))}
+    if idx:
+        out["num_hidden_layers"] = (len(idx), f"it holds {len(idx)} layers (vit.encoder.layer.{min(idx)} … "
+                                              f"{max(idx)})")
+
+    def shape(key, dim, field, f=lambda n: n):
+        v = sd.get(key)
+        if isinstance(v, torch.Tensor) and v.ndim > dim:
+            out.setdefault(field, (f(int(v.shape[dim])), f"{key} has shape {tuple(v.shape)}"))
+    shape("vit.embeddings.cls_token", 2, "hidden_size")
+    shape("vit.embeddings.patch_embeddings.projection.weight", 2, "patch_size")
+    shape(f"vit.encoder.layer.{min(idx) if idx else 0}.intermediate.dense.weight", 0, "intermediate_size")
+    return out
+
+
 def check_shapes(state_dict: Mapping[str, torch.Tensor], config, max_params: int | None = None) -> dict:
     """The checked config after comparing the checkpoint (pool keys; heads ignored) with it key by key, without
     building anything. Refuses, naming them: a model over ``max_params`` parameters, shape mismatches, missing,
@@ -425,6 +443,9 @@ def check_shapes(state_dict: Mapping[str, torch.Tensor], config, max_params: int
         raise ValueError(f"config.json describes a model of about {param_count(cfg) / 1e6:,.0f} M parameters, "
                          f"more than the {max_params / 1e6:,.0f} M this server builds")
     sd = encoder_state(state_dict)
+    for name, (have, why) in _checkpoint_sizes(sd).items():
+        if cfg[name] != have:
+            raise ValueError(f"config.json: {name} = {cfg[name]:,} does not fit the checkpoint: {why}")
     expected = expected_shapes(cfg)
 
     def few(xs):

@@ -12,12 +12,18 @@ shapes, checked before anything is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
+from .. import settings
+from ..checkpoints import check_compatible, check_finite, load_checkpoint, save_safetensors
+from ..lazy import LazyCheckpoint
 from ..models import hf_vit
+from ..progress import Progress, reporter
+from . import upload, upload_text
 from .heads import HeadSource
 from .taskpool import proxy_ids, subset_pool
 
@@ -201,3 +207,111 @@ def build_hf_vit_pool(name: str, config: Mapping, base: Mapping[str, torch.Tenso
     meta = {**dict(meta or {}), "head_sources": {t: HeadSource.OWN.value for t in task_sds}}
     return HFViTTaskPool(name=name, model_config=cfg, preprocess=pre, base=base_sd, tasks=task_sds, heads=heads,
                          class_names=names, data=images, meta=meta)
+
+
+# ---------------------------------------------------------------- a pool from uploaded files
+
+def is_hf_vit_config(config) -> bool:
+    """True for an uploaded ``config.json`` of this family (what the Pool view asks before choosing the path)."""
+    return isinstance(config, Mapping) and config.get("model_type") == "vit"
+
+
+def hf_vit_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], image_zips: Mapping[str, str | Path],
+                            config: Mapping, preprocessor: Mapping | None = None, *,
+                            progress: Progress | None = None, keep_dir: str | Path | None = None,
+                            memory_budget: int | None = None, working_copies: int = 0
+                            ) -> tuple[HFViTTaskPool, list[str]]:
+    """A pool from uploads: the base (``ViTModel`` or ``ViTForImageClassification`` weights), one
+    ``ViTForImageClassification`` checkpoint per task (its classifier is the task's head), the model's
+    ``config.json``, optionally its ``preprocessor_config.json``, and ``<task>.zip`` of class folders per task
+    (or ``val/`` and ``test/`` split folders, used as given; otherwise a seeded half / half split per class).
+    Returns ``(pool, notes for the user)``.
+
+    Bounded before the work, with :mod:`esm_core.pools.upload`'s readers and bounds: the task names and count,
+    the config and the preprocessor (:func:`~esm_core.models.hf_vit.check_config`; the input size within the
+    upload bounds), every zip listed (not decoded), the base's parameter count (``ESM_MAX_MODEL_PARAMS``) and
+    shapes against the config; then the decoded images, the checkpoints held and ``working_copies`` model-sized
+    copies against ``memory_budget`` (None: the session budget) before any task checkpoint is read or any image
+    decoded. Each task: its keys, shapes and finite values equal to the base's, its classifier's classes equal
+    to its class folders. ``keep_dir``: each checked task is written there (safetensors) and read lazily."""
+    report = reporter(progress)
+    names = list(task_paths)
+    if len(names) > upload_text.MAX_TASKS:
+        raise ValueError(f"{len(names)} task checkpoints: this server merges at most {upload_text.MAX_TASKS} tasks "
+                         "of one upload")
+    upload._check_names(names, image_zips)
+    missing = [t for t in names if t not in image_zips]
+    if missing:
+        raise ValueError(f"no images for task(s) {missing}: upload <task>.zip of class folders per task (a ViT "
+                         "task is scored with its own classifier on its own images)")
+    cfg = hf_vit.check_config(config)
+    pre = hf_vit.check_preprocessor(preprocessor, cfg["image_size"])
+    S = cfg["image_size"]
+    upload._check_image_size(S, cfg["patch_size"], "uploaded ViT")
+    plans = {t: upload.list_image_zip(image_zips[t], t) for t in names}
+    report(0.02, "reading the base checkpoint")
+    raw = load_checkpoint(base_path)
+    base = {k: v.float() if v.is_floating_point() else v
+            for k, v in hf_vit.encoder_state(hf_vit.convert(raw, Path(base_path).name)).items()}
+    del raw
+    cap = settings.max_model_params()
+    n_params = sum(v.numel() for v in base.values())
+    if n_params > cap:
+        raise ValueError(f"the base checkpoint holds {n_params / 1e6:.0f} M parameters, more than the "
+                         f"{cap / 1e6:.0f} M this server merges")
+    hf_vit.check_shapes(base, cfg, cap)
+    check_finite(base, "base")
+    counts = {t: len(p.members) if p.split is None else len(p.ids(upload.VAL)) + len(p.ids(upload.TEST))
+              for t, p in plans.items()}                          # train/ images are not decoded: no class means
+    base_bytes = sum(v.numel() * v.element_size() for v in base.values())
+    upload._check_upload_memory(plans, S, 0, base_bytes, 0 if keep_dir is not None else len(names),
+                                upload.upload_memory_budget() if memory_budget is None else int(memory_budget),
+                                working_copies, counts=counts)
+    tasks, heads = {}, {}
+    for i, t in enumerate(names):
+        report(0.05 + 0.45 * i / len(names), f"reading task checkpoint {t}")
+        label = f"task {t!r}"
+        raw = load_checkpoint(task_paths[t])
+        enc, head = hf_vit.split_head(hf_vit.convert(raw, f"{label} ({Path(task_paths[t]).name})"), label,
+                                      cfg["hidden_size"])
+        del raw
+        check_compatible(base, enc, Path(task_paths[t]).name)     # keys, shapes, float-ness, finite values
+        C, folders = head["weight"].shape[0], plans[t].classes
+        if C != len(folders):
+            raise ValueError(f"{label}: its classifier has {C} classes but {Path(image_zips[t]).name} has "
+                             f"{len(folders)} class folders ({', '.join(folders[:6])}{' …' if len(folders) > 6 else ''})")
+        tasks[t] = {k: enc[k].float() for k in base}
+        del enc
+        heads[t] = head
+        if keep_dir is not None:
+            Path(keep_dir).mkdir(parents=True, exist_ok=True)
+            tasks[t] = LazyCheckpoint(save_safetensors(tasks[t], Path(keep_dir) / f"task-{i}.safetensors"),
+                                      name=label)
+    data, class_names = {}, {}
+    notes = [f"family: Hugging Face ViT ({cfg['num_hidden_layers']} layers, width {cfg['hidden_size']}, "
+             f"{S} px / patch {cfg['patch_size']}; from config.json); features: the [CLS] token after the final "
+             "layernorm; heads: each task's own classifier, its classes = the zip's class folders sorted by name; "
+             f"inputs: resized to {S} px, × {pre['rescale']:.6g}, normalised with mean {list(pre['mean'])} and std "
+             f"{list(pre['std'])}" + ("" if preprocessor is not None else " (no preprocessor_config.json: "
+                                            "ViTImageProcessor's defaults)")]
+    for i, t in enumerate(names):
+        report(0.5 + 0.5 * i / len(names), f"decoding the images of {t}")
+        plan = plans[t]
+        if plan.split is not None:
+            val, test, rule = plan.ids(upload.VAL), plan.ids(upload.TEST), "val/ and test/ folders as given"
+        else:
+            val, test = upload._split_val_test(plan.labels)
+            rule = "split half validation / half test per class (seed 0)"
+        data[t] = {}
+        for split, ids in (("val", val), ("test", test)):
+            x = np.empty((len(ids), S, S, 3), dtype=np.uint8)
+            upload._decode_into(plan, S, np.asarray(ids), x)
+            data[t][split] = (x, plan.labels[ids].astype(np.int64))
+        class_names[t] = list(plan.classes)
+        notes.append(f"{t}: {len(val)} validation / {len(test)} test images, {len(plan.classes)} classes, {rule}")
+    meta = {"model": f"uploaded ViT ({cfg['num_hidden_layers']} layers, width {cfg['hidden_size']})",
+            "head_sources": {t: HeadSource.OWN.value for t in names}}
+    pool = HFViTTaskPool(name="upload", model_config=cfg, preprocess=pre, base=base, tasks=tasks, heads=heads,
+                         class_names=class_names, data=data, meta=meta)
+    report(1.0, "pool ready")
+    return pool, notes
