@@ -493,7 +493,8 @@ def _file_id(path) -> tuple:
     return (st.st_dev, st.st_ino) if st.st_ino else ("path", str(Path(path).resolve()))
 
 
-def _read_tasks(base: dict, task_paths, names, report, keep_dir: Path | None = None) -> dict:
+def _read_tasks(base: dict, task_paths, names, report, keep_dir: Path | None = None, base_name: str | None = None,
+               notes: list[str] | None = None) -> dict:
     """``{task: float32 visual.* tensors}``, each checked against the base. With ``keep_dir``, each task is
     written there as a float32 safetensors file and kept as a :class:`~esm_core.lazy.LazyCheckpoint` over it
     (read key by key when used: the pool's resident memory is the base alone); one task is in memory at a time.
@@ -507,7 +508,8 @@ def _read_tasks(base: dict, task_paths, names, report, keep_dir: Path | None = N
             tasks[t] = LazyCheckpoint(src.path, name=f"task {t!r}") if lazy else dict(src)
             continue
         report(0.05 + 0.3 * i / len(names), f"reading task checkpoint {t}")
-        sd = load_checkpoint(task_paths[t], base=base)          # refuses a mismatch, naming what differs
+        # refuses a mismatch, naming what differs; a LoRA adapter (folder / .zip) is read on the base (methods §1)
+        sd = load_checkpoint(task_paths[t], base=base, base_name=base_name, notes=notes)
         tasks[t] = {k: sd[k].float() for k in base}
         del sd
         if keep_dir is not None:
@@ -667,8 +669,9 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
         text.clear()
     if keep_dir is not None:
         Path(keep_dir).mkdir(parents=True, exist_ok=True)
-    tasks = _read_tasks(base, task_paths, names, report, keep_dir)
-    notes = [note] + ([text_note] if text_note else [])
+    lora_notes: list[str] = []                           # what each LoRA adapter task holds, base-name warnings
+    tasks = _read_tasks(base, task_paths, names, report, keep_dir, Path(base_path).name, lora_notes)
+    notes = [note] + ([text_note] if text_note else []) + lora_notes
     shell = TaskPool(name="upload", model_name=cfg, base=base, tasks={}, heads={}, class_names={},
                      mean=mean, std=std, quick_gelu=cfg["quick_gelu"])
     tower = tokenizer = None
