@@ -565,8 +565,11 @@ def test_an_image_upload_takes_adapter_zips_as_tasks(tmp_path):
     save_safetensors(base, tmp_path / "base.safetensors")
     paths = {"cars": zip_folder(folders["cars"], tmp_path / "cars.zip"), "dtd": folders["dtd"]}
     zips = {t: tiny_image_zip(tmp_path / f"{t}-images.zip", size=16) for t in paths}
-    pool, _ = pool_from_upload(tmp_path / "base.safetensors", paths, zips, arch="infer", head_width=8,
-                               normalisation="clip")
+    pool, notes = pool_from_upload(tmp_path / "base.safetensors", paths, zips, arch="infer", head_width=8,
+                                   normalisation="clip")
+    assert [n for n in notes if "LoRA adapter" in n] == [
+        "cars.zip: LoRA adapter, 8 module(s) of rank 2; 0 whole tensor(s) from modules_to_save / biases",
+        "dtd: LoRA adapter, 8 module(s) of rank 2; 0 whole tensor(s) from modules_to_save / biases"]
     for t in paths:
         want = load_checkpoint(dense[t], base=base)
         assert set(pool.tasks[t]) == set(base) and all(torch.equal(pool.tasks[t][k], want[k]) for k in base), t
