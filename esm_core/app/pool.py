@@ -343,11 +343,12 @@ def missing_md(e: Exception) -> str:
     return out
 
 
-def save_history(s):
-    """The session's merge table for the browser to keep (gr.BrowserState); unchanged when there is none."""
+def save_history(s, stored=None):
+    """The session's merge table for the browser to keep (gr.BrowserState), beside the other pools' tables it keeps
+    (:func:`studio.session.remember`: one per pool, by the pool's content); unchanged when there is none."""
     if not isinstance(s, studio.Session) or s.closed:
         return gr.update()
-    h = studio_session.history(s)
+    h = studio_session.remember(s, stored)
     return gr.update() if h is None else h
 
 
@@ -379,7 +380,7 @@ def wire(ui) -> None:
         restore_history, [ui.state, ui.history], None, api_visibility="private").then(
         ui.after_pool, [ui.state], ui.after_pool_outs, api_visibility="private").then(
         ui.do_merge, ui.merge_inputs, ui.merge_outs, **HEAVY, trigger_mode="always_last", api_visibility="private")
-    ui.cmp_df.change(save_history, [ui.state], [ui.history], api_visibility="private", **LIGHT)
+    ui.cmp_df.change(save_history, [ui.state, ui.history], [ui.history], api_visibility="private", **LIGHT)
     ui.text_build_btn.click(build_text, [ui.state], [ui.text_md], api_name="build_text", **HEAVY)
     for btn, fn, inputs, status, api in (
             (ui.demo_btn, reload_demo, [ui.state], ui.demo_status, "load_demo"),
@@ -389,5 +390,6 @@ def wire(ui) -> None:
              "load_upload")):
         btn.click(fn, inputs, [ui.state, status], api_name=api, **HEAVY).success(
             friendly(show_pool), [ui.state], shown, api_name=f"{api}_view").success(
+            restore_history, [ui.state, ui.history], None, api_visibility="private").then(   # this pool's table
             ui.after_pool, [ui.state], ui.after_pool_outs, api_visibility="private").then(
             ui.do_merge, ui.merge_inputs, ui.merge_outs, api_visibility="private", **HEAVY)

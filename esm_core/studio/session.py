@@ -432,6 +432,7 @@ def model_label(model) -> str:
 HISTORY_MAX = 200            # merges of a session kept in the browser (the most recent ones)
 HISTORY_MAX_TASKS = 64       # tasks of a pool whose history is kept
 HISTORY_MAX_CHARS = 256      # longest string (pool name, task name, parameter value) in a stored history
+HISTORY_POOLS = 4            # pools whose tables the browser keeps at once (the most recently merged on)
 
 
 def _pool_key(s: Session) -> dict:
@@ -452,8 +453,35 @@ def history(s: Session) -> dict | None:
         merges = [{"method": r["method"], "params": dict(r["params"]), "accs": {t: float(a) for t, a in
                                                                                r["accs"].items()},
                    "seconds": float(r.get("seconds", 0.0))} for r in s.merges[-HISTORY_MAX:]]
-        return {"version": 1, "pool": _pool_key(s), "finetuned": {t: float(a) for t, a in ft.items()},
-                "merges": merges}
+        return {"version": 1, "pool": _pool_key(s), "fingerprint": shared.content_fingerprint(s.pool),
+                "finetuned": {t: float(a) for t, a in ft.items()}, "merges": merges}
+
+
+def _stored_tables(stored) -> list:
+    """The tables a browser keeps: ``{"version": 2, "pools": [history, ...]}`` (one per pool), or one history."""
+    if isinstance(stored, dict) and stored.get("version") == 2:
+        pools = stored.get("pools")
+        if not isinstance(pools, list) or len(pools) > HISTORY_POOLS:
+            raise ValueError(f"a stored history keeps a list of at most {HISTORY_POOLS} pools' tables")
+        return pools
+    return [] if stored is None else [stored]
+
+
+def remember(s: Session, stored=None) -> dict | None:
+    """What the browser keeps after a change of the session's table: ``{"version": 2, "pools": [...]}`` with this
+    pool's table (:func:`history`) in place of its earlier one and the other pools' tables as they were (the
+    :data:`HISTORY_POOLS` most recent), so that loading another pool and coming back — or reloading the page —
+    finds each pool's table (matched by :func:`esm_core.studio.shared.content_fingerprint`). None when the
+    session has no table to keep."""
+    h = history(s)
+    if h is None:
+        return None
+    try:
+        others = [x for x in _stored_tables(stored)
+                  if isinstance(x, dict) and x.get("fingerprint") != h["fingerprint"]]
+    except ValueError:
+        others = []                                   # a malformed store is replaced
+    return {"version": 2, "pools": (others + [h])[-HISTORY_POOLS:]}
 
 
 def _unit(x, what: str, hi: float = 1.0) -> float:
@@ -470,8 +498,8 @@ def _check_history(data, s: Session) -> list[dict] | None:
     key, want = data.get("pool"), _pool_key(s)
     if not isinstance(key, dict) or set(key) != {"name", "origin", "tasks"}:
         raise ValueError("the history names no pool")
-    if key != want:
-        return None                                   # another pool's merges: not this table's
+    if key != want or data.get("fingerprint") != shared.content_fingerprint(s.pool):
+        return None                                   # another pool's merges (or the same name, other content)
     tasks = want["tasks"]
     if len(tasks) > HISTORY_MAX_TASKS or any(len(t) > HISTORY_MAX_CHARS for t in tasks):
         raise ValueError("the pool has too many tasks, or too long task names, for a stored history")
@@ -507,14 +535,21 @@ def restore_history(s: Session, data) -> int:
     """Put a stored history (:func:`history`, kept by the browser) back into a session that has no merges yet:
     its merges become the first rows of the comparison table (records without their updates: the tensors are not
     kept, so none of them is the current merge). Another pool's history is ignored. Returns how many rows were
-    restored; ValueError (nothing changed) when the history is malformed."""
+    restored; ValueError (nothing changed) when the history is malformed. ``data`` may also be what
+    :func:`remember` returns (several pools' tables): this pool's is restored."""
     if data is None:
         return 0
     pool = _need_pool(s)
     with s.lock:
         if s.merges:
             return 0
-        recs = _check_history(data, s)
+        tables = _stored_tables(data)
+        fp = shared.content_fingerprint(pool)
+        if len(tables) > 1 or (isinstance(data, dict) and data.get("version") == 2):
+            tables = [x for x in tables if isinstance(x, dict) and x.get("fingerprint") == fp][-1:]
+        if not tables:
+            return 0
+        recs = _check_history(tables[0], s)
         if not recs:
             return 0
         for i, r in enumerate(recs, 1):

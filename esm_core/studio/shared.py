@@ -158,3 +158,102 @@ def key(pool, device, *parts) -> tuple | None:
     if ident is None:
         return None
     return (ident, str(getattr(device, "type", device)), *parts)
+
+
+# ---------------------------------------------------------------- a pool's content, sampled (the merge history's key)
+FINGERPRINT = "content_fingerprint"   # the key of a pool's ``meta`` caching :func:`content_fingerprint`
+SAMPLES = 64                  # values read from every tensor (evenly spaced), chunks read from every task file
+CHUNK = 4096                  # bytes of each chunk of a file
+MAX_ITEMS = 200_000           # strings / list items hashed at most (a pool's sentences and labels fit)
+
+
+def _tensor_bytes(x) -> bytes:
+    import numpy as np
+    import torch
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        flat = x.reshape(-1)
+        n = flat.numel()
+        idx = torch.linspace(0, n - 1, min(n, SAMPLES)).long() if n else torch.zeros(0, dtype=torch.long)
+        vals = flat[idx].cpu()
+        vals = vals.to(torch.float64) if vals.is_floating_point() else vals.to(torch.int64)
+        return f"T{tuple(x.shape)}{x.dtype}".encode() + vals.numpy().tobytes()
+    a = np.asarray(x)
+    flat = a.reshape(-1)
+    idx = np.linspace(0, flat.size - 1, min(flat.size, SAMPLES)).astype(np.int64) if flat.size else np.zeros(0, np.int64)
+    return f"A{a.shape}{a.dtype}".encode() + np.ascontiguousarray(flat[idx]).tobytes()
+
+
+def _file_bytes(path: Path) -> bytes:
+    """A file's size, its first 64 KiB (a safetensors header names every key, dtype and shape) and
+    :data:`SAMPLES` chunks of :data:`CHUNK` bytes spread over it."""
+    size = path.stat().st_size
+    out = [str(size).encode()]
+    with open(path, "rb") as f:
+        out.append(f.read(64 * 1024))
+        for i in range(SAMPLES):
+            f.seek(size * i // SAMPLES)
+            out.append(f.read(CHUNK))
+    return b"".join(out)
+
+
+def content_fingerprint(pool) -> str:
+    """A digest of what a pool holds, sampled so that it costs milliseconds whatever the pool's size: its name, tasks,
+    class names, model config; of every tensor of the base, the tasks and the heads its key, shape, dtype and
+    :data:`SAMPLES` evenly spaced values (a task read lazily from a file: the file's header and chunks); every
+    label and sentence of the evaluation data, and samples of its images. Two pools with the same content get
+    the same fingerprint (a re-upload of the same files, the same pool after a server restart); any real change
+    of a model, head or data gives another one with overwhelming likelihood. Not a security boundary: it keys the
+    user's own merge table, which the browser keeps and could change anyway. Cached in the pool's ``meta``."""
+    import json
+    from collections.abc import Mapping
+    import numpy as np
+    import torch
+
+    meta = getattr(pool, "meta", None)
+    if isinstance(meta, dict) and isinstance(meta.get(FINGERPRINT), str):
+        return meta[FINGERPRINT]
+    h = hashlib.sha256()
+    budget = [MAX_ITEMS]
+
+    def add(x, depth: int = 0) -> None:
+        if depth > 6 or budget[0] <= 0:
+            return
+        budget[0] -= 1
+        if isinstance(x, (torch.Tensor, np.ndarray)):
+            h.update(_tensor_bytes(x))
+        elif hasattr(x, "path") and isinstance(x, Mapping) and Path(getattr(x, "path")).is_file():
+            h.update(b"F" + _file_bytes(Path(x.path)))            # a lazily read checkpoint
+        elif isinstance(x, Mapping):
+            for k in sorted(x, key=str):
+                h.update(b"K" + str(k).encode("utf-8", "surrogatepass"))
+                add(x[k], depth + 1)
+        elif isinstance(x, (list, tuple)):
+            if x and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x[:16]):
+                h.update(_tensor_bytes(np.asarray(x, dtype=np.float64)))
+                return
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                add(v, depth + 1)
+        else:
+            h.update(b"S" + str(x).encode("utf-8", "surrogatepass"))
+
+    h.update(type(pool).__name__.encode())
+    add(str(getattr(pool, "name", "")))
+    add(list(getattr(pool, "task_names", [])))
+    add(getattr(pool, "class_names", {}))
+    cfg = getattr(pool, "model_config", None) or getattr(pool, "model_name", None)
+    add(json.dumps(cfg, sort_keys=True, default=str))
+    for what in ("pooling", "max_length", "mean", "std"):
+        add(str(getattr(pool, what, None)))
+    add(getattr(pool, "base", {}))
+    tasks = getattr(pool, "tasks", {})
+    for t in getattr(pool, "task_names", []):
+        add(t)
+        add(tasks[t])
+    add(getattr(pool, "heads", {}))
+    add(getattr(pool, "data", {}))
+    digest = h.hexdigest()
+    if isinstance(meta, dict):
+        meta[FINGERPRINT] = digest
+    return digest
