@@ -141,3 +141,60 @@ def test_esmpp_bundle_record_reads_as_a_recipe():
     r = parse_recipe({"method": "esm++", "rank": 8, "routed_types": "auto", "alpha": 0.5,
                       "esm_params": {"alpha": 0.5}, "tasks": ["a", "b"], "esmpp": {"tasks": ["a", "b"]}})
     assert r.is_esmpp and r.params["rank"] == 8 and r.params["alpha"] == 0.5 and r.tasks == ["a", "b"]
+
+
+# ---------------------------------------------------------------- the Merge view's "load a recipe"
+
+def _controls():
+    """Every control's default value, in the Merge view's order (as the browser would send them)."""
+    from esm_core.app.common import METHODS
+    values, slices = [], {}
+    for name, m in METHODS.items():
+        lo = len(values)
+        values += [[t for t in str(p.default).split(",") if t] if (name, p.name) == ("esm", "esd_types")
+                   else p.default for p in m.params]
+        slices[name] = (lo, len(values))
+    return tuple(values), slices
+
+
+def test_merge_view_loads_a_recipe_setting_every_control_and_refuses_another_pools(files, tmp_path):
+    pytest.importorskip("gradio")
+    from esm_core.app.merge import recipe_updates
+    from fake_pool import make_fake_pool
+    pool = files["pool"]
+    s = S.new_session("cpu", live_per_task=8)
+    try:
+        S.load_demo(s, loader=lambda: pool)
+        S.merge(s, "esm", {"alpha": 0.6, "p_task": 1.0, "esd_types": "mlp.c_fc.weight"})
+        cfg = tmp_path / "app.json"
+        cfg.write_text(S.export_config(s).read_text())
+        values, slices = _controls()
+        method, ups, note = recipe_updates(s, str(cfg), values, slices)
+        assert method == "esm"
+        lo, hi = slices["esm"]
+        from esm_core.merging import get_method
+        names = [p.name for p in get_method("esm").params]
+        changed = {names[i - lo]: u["value"] for i, u in enumerate(ups[lo:hi], lo) if "value" in u}
+        assert changed == {"alpha": 0.6, "p_task": 1.0, "esd_types": ["mlp.c_fc.weight"]}
+        assert all("value" not in u for i, u in enumerate(ups) if not lo <= i < hi)
+        assert "Recipe loaded: **ESM** with alpha = 0.6" in note and "esd_types = mlp.c_fc.weight" in note
+        # a CLI recipe of the same tasks (it names no pool) loads too; TIES sets TIES's controls
+        ta = tmp_path / "ties.safetensors"
+        run_merge(files["base"], files["tasks"], "ties", {"alpha": 0.9}, out=str(ta), device="cpu")
+        method, ups, note = recipe_updates(s, str(ta), values, slices)
+        lo, hi = slices["ties"]
+        assert method == "ties" and [u.get("value") for u in ups[lo:hi]] == [0.9, None]
+    finally:
+        S.close(s)
+    other = make_fake_pool(tasks=("alpha", "beta"))
+    s = S.new_session("cpu", live_per_task=8)
+    try:
+        S.load_demo(s, loader=lambda: other)
+        with pytest.raises(ValueError, match=r"for another pool: .*not in this pool: \['gamma'\]"):
+            recipe_updates(s, str(cfg), values, slices)
+        bad = tmp_path / "bad.json"
+        bad.write_text('{"method": "ta", "tasks": ["alpha", "beta"], "params": {"alpha": "1e999"}}')
+        with pytest.raises(ValueError, match="'alpha' must be a finite number"):
+            recipe_updates(s, str(bad), values, slices)
+    finally:
+        S.close(s)

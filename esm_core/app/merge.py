@@ -75,6 +75,10 @@ def layout(ui) -> None:
                 ui.full_btn = gr.Button("Evaluate on the full test split", size="sm")
                 ui.cancel_btn = gr.Button("Cancel the running merge / α curve / evaluation", size="sm",
                                           variant="stop", elem_id="cancel-btn")
+                ui.recipe_file = gr.File(label="load a recipe: an exported merge (.safetensors) or its config "
+                                               "(.json) sets the method and every control", height=90,
+                                         file_types=[".safetensors", ".json"], elem_id="recipe-file")
+                ui.recipe_md = gr.Markdown(elem_id="recipe-note")
             with gr.Column(scale=2):
                 ui.acc_plot = gr.Plot(label="per-task accuracy", show_label=False, elem_id="acc-plot")
                 ui.merge_md = gr.Markdown(elem_id="merge-note")
@@ -198,6 +202,46 @@ def controls_back(method: str, values: tuple, cur, slices: dict) -> list:
     return out
 
 
+def recipe_updates(s, path, values: tuple, slices: dict) -> tuple[str, list, str]:
+    """What loading the recipe file ``path`` does to the Merge view: ``(method, updates of every control, note)``.
+
+    The recipe is read as hostile input (:func:`esm_core.evaluation.recipes.read_recipe`: bounded, strict JSON,
+    known keys only, every value through the method's schema) and refused (ValueError naming the difference) when
+    it was made on another pool — other tasks, another pool name, other proxy samples. An ESM++ recipe sets its ESM
+    merge (its rank is named in the note). Only controls that change are updated."""
+    from esm_core.evaluation.recipes import pool_difference, proxy_difference, read_recipe
+    pool = s.pool
+    if pool is None:
+        raise ValueError("load a pool first: a recipe sets the controls of a merge of the pool it was made on")
+    r = read_recipe(path)
+    why = pool_difference(r, getattr(pool, "name", None), list(pool.task_names))
+    if why:
+        raise ValueError(f"this recipe is for another pool: {why}")
+    stats = s.stats or {}
+    why = proxy_difference(r, stats.get("proxy_ids"), stats.get("n", 32), stats.get("seed", 0))
+    if why:
+        raise ValueError(f"this recipe is for other proxy samples: {why}")
+    method = "esm" if r.is_esmpp else r.method
+    m = METHODS[method]
+    params = m.resolve({k: v for k, v in r.params.items() if k in {p.name for p in m.params}})
+    out = [gr.update() for _ in values]
+    lo, _ = slices[method]
+    for i, p in enumerate(m.params):
+        want = params[p.name]
+        if isinstance(values[lo + i], (list, tuple)) or (method == "esm" and p.name == "esd_types"):
+            want = [t for t in str(want).split(",") if t]
+        if values[lo + i] != want:
+            out[lo + i] = gr.update(value=want)
+    set_text = ", ".join(f"{k} = {v}" for k, v in params.items())
+    note = f"Recipe loaded: **{m.title}** with {set_text}."
+    if r.is_esmpp:
+        note += (f" It is an ESM++ recipe: its ESM merge is set here; build ESM++ with rank "
+                 f"{r.params['rank']} in the Routing view.")
+    if r.proxy is not None:
+        note += f" Proxy samples: {r.proxy['n']} per task, seed {r.proxy['seed']} (the same as this session's)."
+    return method, out, note
+
+
 def table_widths(df):
     """The comparison table's column widths for its columns (a change of the table's value sets them; the widths
     alone are no change of value, so this does not run again)."""
@@ -309,7 +353,16 @@ def make_handlers(ui):
                          f"{100 * res['refs']['zeroshot'][t]:.1f} |")
         return s, "\n".join(lines)
 
-    return merge_shown, do_merge, show_method, do_curve, use_best, do_full
+    @friendly
+    def load_recipe(s, path, method_now, *values):
+        """Set the method and every control from a recipe file; the controls' change events merge."""
+        s = need_session(s)
+        if not path:
+            return (gr.update(), *[gr.update() for _ in values], gr.update())
+        method, updates, note = recipe_updates(s, path, values, slices)
+        return (gr.update(value=method) if method != method_now else gr.update(), *updates, note)
+
+    return merge_shown, do_merge, show_method, do_curve, use_best, do_full, load_recipe
 
 
 def do_cancel(s) -> None:
@@ -323,7 +376,8 @@ def register(ui) -> None:
     """Define the merge handler before the other views wire events that chain into it (the pool view)."""
     # ui.do_merge (the pool view chains into it, and the API's "merge"): refusals are errors; ui.do_merge_live (a
     # control moved): also keeps the α curve and the controls equal to the merge on screen
-    ui.do_merge, ui.do_merge_live, ui.show_method, ui.do_curve, ui.use_best, ui.do_full = make_handlers(ui)
+    (ui.do_merge, ui.do_merge_live, ui.show_method, ui.do_curve, ui.use_best, ui.do_full,
+     ui.load_recipe) = make_handlers(ui)
     ui.merge_inputs = [ui.state, ui.method_dd, *ui.controls]
     ui.merge_outs = [ui.state, ui.acc_plot, ui.merge_md, ui.cmp_df]
     ui.merge_live_inputs = [ui.state, ui.method_dd, ui.curve_state, *ui.controls]
@@ -351,6 +405,8 @@ def wire(ui) -> None:
     ui.cmp_df.change(table_widths, [ui.cmp_df], [ui.cmp_df], queue=False, show_progress="hidden",
                      api_visibility="private")
     ui.full_btn.click(ui.do_full, [ui.state], [ui.state, ui.full_md], api_name="full_evaluation", **HEAVY)
+    ui.recipe_file.upload(ui.load_recipe, [ui.state, ui.recipe_file, ui.method_dd, *ui.controls],
+                          [ui.method_dd, *ui.controls, ui.recipe_md], api_name="load_recipe", **LIGHT)
     # its own queue, without a limit: a Cancel never waits behind the heavy work it stops
     ui.cancel_btn.click(do_cancel, [ui.state], None, api_name="cancel", concurrency_id="cancel",
                         concurrency_limit=None)
