@@ -131,7 +131,7 @@ def _accs_close(a: dict, b: dict, sizes: dict | None = None) -> None:
 
 def test_evaluation_and_a_merge_on_the_device_match_the_cpu(demo_pool, demo_stats):
     from esm_core.evaluation import evaluate, merged_state
-    sizes = {t: int(demo_pool.images(t, "test")[1].shape[0]) for t in demo_pool.task_names}
+    sizes = {t: int(demo_pool.inputs(t, "test")[1].shape[0]) for t in demo_pool.task_names}
     _accs_close(evaluate(demo_pool, demo_pool.base, "test", device=DEVICE),
                 evaluate(demo_pool, demo_pool.base, "test", device="cpu"), sizes)
     dev = merged_state(demo_pool, "esm", None, 1.0, stats=demo_stats, device=DEVICE)

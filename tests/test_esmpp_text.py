@@ -345,7 +345,7 @@ def test_tasks_with_different_inputs_route_to_their_own_expert(base_sd):
 # ---------------------------------------------------------------- the pool pipeline dispatches on the module
 
 class FakeTextPool:
-    """The parts of a text TaskPool that build_esmpp uses: build_visual returns a bert.TextEncoder."""
+    """The parts of a text TaskPool that build_esmpp uses: build_model returns a bert.TextEncoder."""
     family = "bert"
 
     def __init__(self, base, tasks):
@@ -355,7 +355,7 @@ class FakeTextPool:
     def task_names(self):
         return list(self.tasks)
 
-    def build_visual(self, sd, device="cpu"):
+    def build_model(self, sd, device="cpu"):
         return encoder(sd).to(device)
 
 

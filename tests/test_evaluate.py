@@ -34,15 +34,16 @@ class FakePool:
                               data={"t": {"val": (raw, np.asarray(labels)), "test": (raw, np.asarray(labels))}})
         self.name, self.base, self.tasks, self.cache = "fake", self._pool.base, self._pool.tasks, {}
         self.task_names = ["t"]
+        self.family_module = self._pool.family_module     # its load_state: the keys without the prefix
         self.builds = 0
 
-    def images(self, task, split):
-        return self._pool.images(task, split)
+    def inputs(self, task, split):
+        return self._pool.inputs(task, split)
 
     def logits(self, task, f):
         return self._pool.logits(task, f)
 
-    def build_visual(self, sd, device="cpu"):
+    def build_model(self, sd, device="cpu"):
         self.builds += 1
         m = ScalarTower()
         m.load_state_dict({k[len("visual."):]: v for k, v in sd.items()})
@@ -60,7 +61,7 @@ def test_evaluate_counts_hits_exactly():
     pool = FakePool(values, [1, 1, 1, 0], task_w=0.3)
     accs = accuracy.evaluate(pool, pool.tasks["t"], "test")
     assert accs == {"t": 0.75}            # 0.1, 0.2 → near (right); 0.6 → far (wrong); 1.9 → far (right)
-    m = pool.build_visual(pool.tasks["t"])
+    m = pool.build_model(pool.tasks["t"])
     assert accuracy.evaluate(pool, m, "test", batch_size=1) == accs
     with pytest.raises(ValueError, match="state dict or an nn.Module"):
         accuracy.evaluate(pool, [1, 2], "test")
@@ -144,7 +145,7 @@ def demo(demo_pool):
 
 
 def test_demo_pool_shapes_and_references(demo):
-    x, y = demo.images("skdigits", "val")
+    x, y = demo.inputs("skdigits", "val")
     assert x.shape[1:] == (3, 28, 28) and len(x) == len(y) > 50
     assert set(demo.base) == set(demo.tasks["cvdigits"]) and all(k.startswith("visual.") for k in demo.base)
     r = accuracy.reference_accuracies(demo, "val")

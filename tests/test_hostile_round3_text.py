@@ -263,7 +263,7 @@ def test_real_bert_tokenizer_json_and_plain_string_splits_are_accepted(up):
     base, paths, texts, cfg, _ = up
     tok = _fast_tokenizer_files(base.parent)
     pool, _ = text_pool_from_upload(base, paths, texts, cfg, tok)
-    x, _ = pool.images("colours", "test")
+    x, _ = pool.inputs("colours", "test")
     assert x.shape[0] == 12 and x.shape[1] == 2
     seq = {"type": "Sequence", "pretokenizers": [{"type": "BertPreTokenizer"}, _split({"String": "x"}, "Removed")]}
     t = load_tokenizer_files(_fast_tokenizer_files(base.parent, lambda j: j.update(pre_tokenizer=seq)),
@@ -319,7 +319,7 @@ def test_an_uploaded_pool_is_tokenised_before_any_merge(up, monkeypatch):
     monkeypatch.setattr(bert, "tokenize", lambda *a, **k: (_ for _ in ()).throw(Built("tokenised during a merge")))
     for t in pool.task_names:
         for split in ("val", "test"):
-            x, y = pool.images(t, split)
+            x, y = pool.inputs(t, split)
             assert len(x) == len(y) == len(pool.texts(t, split)[0])
 
 
@@ -383,7 +383,7 @@ def test_a_subset_of_an_uploaded_pool_keeps_its_tokenised_inputs(up, monkeypatch
     pool, _ = text_pool_from_upload(base, paths, texts, cfg, tok)
     sub = pool.subset(["animals"])
     monkeypatch.setattr(bert, "tokenize", lambda *a, **k: (_ for _ in ()).throw(Built("tokenised again")))
-    assert sub.images("animals", "test")[0] is pool.images("animals", "test")[0]
+    assert sub.inputs("animals", "test")[0] is pool.inputs("animals", "test")[0]
     assert ("inputs", "colours", "test") not in sub.cache
 
 

@@ -32,7 +32,7 @@ def _pool(data=None):
 
 def test_build_visual_loads_the_state_dict():
     pool = _pool()
-    m = pool.build_visual(pool.tasks["a"])
+    m = pool.build_model(pool.tasks["a"])
     assert not m.training
     assert torch.equal(m.state_dict()["conv1.weight"], pool.tasks["a"]["visual.conv1.weight"])
     assert type(m.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
@@ -41,7 +41,7 @@ def test_build_visual_loads_the_state_dict():
     bad = dict(pool.base)
     bad.pop("visual.proj")
     with pytest.raises(ValueError, match="missing"):
-        pool.build_visual(bad)
+        pool.build_model(bad)
 
 
 def test_build_visual_copies_the_state_dict_without_drawing_an_init(monkeypatch):
@@ -71,17 +71,17 @@ def test_build_visual_copies_the_state_dict_without_drawing_an_init(monkeypatch)
 def test_images_are_normalised_and_cached():
     raw = np.array([[[0, 255], [51, 102]]] * 5, np.uint8).repeat(4, 1).repeat(4, 2)   # 5×8×8
     pool = _pool({"a": {"val": (raw, np.arange(5) % 3), "test": (raw[:2], np.array([0, 2]))}})
-    x, y = pool.images("a", "val")
+    x, y = pool.inputs("a", "val")
     assert x.shape == (5, 3, 8, 8) and y.dtype == torch.int64
     assert x[0, :, 0, 0].tolist() == [-1.0, -1.0, -1.0] and x[0, 1, 0, 7].item() == 1.0
     assert x[0, 2, 7, 0].item() == pytest.approx((51 / 255 - 0.5) / 0.5)
-    assert pool.images("a", "val")[0] is x
+    assert pool.inputs("a", "val")[0] is x
     with pytest.raises(ValueError, match="no 'test' images"):
-        pool.images("b", "test")
+        pool.inputs("b", "test")
     with pytest.raises(ValueError, match="no task 'c'"):
-        pool.images("c", "val")
+        pool.inputs("c", "val")
     with pytest.raises(ValueError, match="split"):
-        pool.images("a", "train")
+        pool.inputs("a", "train")
 
 
 def test_normalise_reads_read_only_and_float_images_without_touching_them():
@@ -105,7 +105,7 @@ def test_proxy_is_seeded_sorted_and_distinct():
     x, ids = pool.proxy("a", n=10, seed=3)
     assert ids == sorted(set(ids)) and len(ids) == 10
     assert pool.proxy("a", n=10, seed=3)[1] == ids and pool.proxy("a", n=10, seed=4)[1] != ids
-    assert torch.equal(x, pool.images("a", "val")[0][ids])
+    assert torch.equal(x, pool.inputs("a", "val")[0][ids])
     assert len(pool.proxy("a", n=500)[1]) == 50
 
 
@@ -214,7 +214,7 @@ def test_load_pool_from_local_folders(tmp_path):
     assert torch.allclose(pool.heads["a"], expect, atol=1e-5)
     assert torch.allclose(pool.heads["a"].norm(dim=1), clip.logit_scale.exp().expand(2), atol=1e-4)
     with pytest.raises(ValueError, match="carries no 'test' images"):
-        pool.images("a", "test")
+        pool.inputs("a", "test")
 
 
 def test_zero_shot_head_is_mean_of_normalised_text_embeddings():

@@ -537,10 +537,10 @@ class FakePool:
     def task_names(self):
         return list(self.tasks)
 
-    def build_visual(self, sd, device="cpu"):
+    def build_model(self, sd, device="cpu"):
         return self._build(sd).to(device)
 
-    def images(self, task, split="test"):
+    def inputs(self, task, split="test"):
         return self._x[task], self._y[task]
 
     def logits(self, task, features):
@@ -552,7 +552,7 @@ def test_build_esmpp_and_evaluate_routed_on_a_pool(tmp_path, model_name, base_sd
     from esm_core.probe import probe
     build = make_build_visual(model_name)
     pool = FakePool("fake", base_sd, task_sds(base_sd, rank=3), build)
-    stats = {"tasks": {t: probe(build(pool.tasks[t]), pool.images(t)[0][:4]) for t in TASKS}, "n": 4, "seed": 0,
+    stats = {"tasks": {t: probe(build(pool.tasks[t]), pool.inputs(t)[0][:4]) for t in TASKS}, "n": 4, "seed": 0,
              "proxy_ids": {t: [0, 1, 2, 3] for t in TASKS}}
     from esm_core.merging.cache import DecompositionCache
     cache = DecompositionCache()                    # the second ESM merge below reuses the decompositions

@@ -255,7 +255,7 @@ def test_upload_with_image_zips(files, tmp_path):
         assert info["origin"] == "upload" and [t["task"] for t in info["tasks"]] == list(FAKE_TASKS[:2])
         assert info["tasks"][0]["classes"] == 2 and s.pool.class_names["alpha"] == ["cat", "dog"]
         assert any("inferred" in n and "head width 16" in n and "std (0.5, 0.5, 0.5)" in n for n in info["notes"])
-        x, y = s.pool.images("alpha", "test")
+        x, y = s.pool.inputs("alpha", "test")
         assert x.shape[1:] == (3, 16, 16) and sorted(set(y.tolist())) == [0, 1]
         rec = S.merge(s, "ta", {})
         assert set(rec["accs"]) == set(FAKE_TASKS[:2])
@@ -363,8 +363,8 @@ def test_routing_run_and_export(esm_sess, pool, monkeypatch):
     monkeypatch.setattr(api, "check_finite", lambda *a, **k: checked.append(a[1]))
     from esm_core.pools.taskpool import TaskPool
     built = []                      # the routed tower takes the merged tensors (one copy of the model, not two)
-    real_build = TaskPool.build_visual
-    monkeypatch.setattr(TaskPool, "build_visual", lambda self, sd, device="cpu", share=False: (
+    real_build = TaskPool.build_model
+    monkeypatch.setattr(TaskPool, "build_model", lambda self, sd, device="cpu", share=False: (
         built.append((share, sd)), real_build(self, sd, device=device, share=share))[1])
     import esm_core.evaluation.esmpp as eesmpp
     monkeypatch.setattr(eesmpp, "merged_state", lambda *a, **k: pytest.fail("ESM merged again for ESM++"))

@@ -130,16 +130,16 @@ def _same(row, summary, view):
     assert row["mean_abs"] == summary["mean_abs"] and row["mean_norm"] == summary["mean_norm"]
     for t, v in summary["tasks"].items():
         assert row[f"acc:{t}"] == v["abs"]
-        assert row[f"n:{t}"] == len(view.images(t, "test")[1]) == IMG
+        assert row[f"n:{t}"] == len(view.inputs(t, "test")[1]) == IMG
 
 
 def test_eval_view_shares_weights_and_subsets_inputs(pool):
     view = sweeps.eval_view(pool, ["beta", "gamma"], IMG)
     assert view.task_names == ["beta", "gamma"]
     assert view.tasks["beta"] is pool.tasks["beta"] and view.base is pool.base
-    x, y = pool.images("beta", "test")
+    x, y = pool.inputs("beta", "test")
     ids = torch.from_numpy(np.sort(np.random.default_rng(0).choice(len(y), IMG, replace=False)))
-    vx, vy = view.images("beta", "test")
+    vx, vy = view.inputs("beta", "test")
     assert torch.equal(vx, x[ids]) and torch.equal(vy, y[ids])
     assert sweeps.eval_view(pool) is pool
     with pytest.raises(ValueError, match="max_images must be >= 1"):
@@ -222,7 +222,7 @@ def test_proxy_sweep_in_and_out_of_distribution(pool):
     stats = {"tasks": {}, "n": PROXY, "seed": 0}
     for i, t in enumerate(names):
         x, _ = pool.proxy(names[(i + 1) % len(names)], PROXY, 0)
-        stats["tasks"][t] = probe(pool.build_visual(pool.tasks[t]), x)
+        stats["tasks"][t] = probe(pool.build_model(pool.tasks[t]), x)
     _same(ood, evaluate_method(view, "esm", {}, stats=stats), view)
     with pytest.raises(ValueError, match="a proxy size must be an integer in 1"):
         sweeps.proxy_sweep(pool, [0])

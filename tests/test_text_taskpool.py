@@ -20,14 +20,14 @@ def tpool(tiny_text_pool_dir):
 
 
 def test_inputs_are_packed_tokens_with_mask(tpool):
-    x, y = tpool.images("colours", "test")
+    x, y = tpool.inputs("colours", "test")
     texts, labels = tpool.texts("colours", "test")
     assert x.dtype == torch.int64 and x.shape[:2] == (len(texts), 2) and torch.equal(y, torch.as_tensor(labels))
     assert int(x[:, 1].sum()) == int(bert.token_mask(bert.tokenize(tpool.tokenizer, texts, 16)).sum())
     with pytest.raises(ValueError, match="split"):
         tpool.texts("colours", "train")
     with pytest.raises(ValueError, match="no task"):
-        tpool.images("nope")
+        tpool.inputs("nope")
     with pytest.raises(ValueError, match=r"\(N, 2, L\)"):
         bert.unpack(torch.zeros(3, 16))
 
@@ -48,7 +48,7 @@ def test_own_biases_are_put_in_per_task(tpool):
     got = evaluate(tpool, mixed, "test", ["animals"], device="cpu")["animals"]
     want = evaluate(tpool, tpool.tasks["animals"], "test", ["animals"], device="cpu")["animals"]
     assert got == want
-    enc = tpool.build_visual(tpool.base)
+    enc = tpool.build_model(tpool.base)
     b = "encoder.layer.0.attention.self.query.bias"
     tpool.prepare(enc, "animals")
     assert torch.equal(enc.model.get_parameter(b).detach(), tpool.tasks["animals"][b])
@@ -144,7 +144,7 @@ def test_esmpp_on_the_text_pool(tpool):
 
 
 def test_prepare_none_restores_the_base_biases(tpool):
-    enc = tpool.build_visual(tpool.base)
+    enc = tpool.build_model(tpool.base)
     b = "encoder.layer.1.output.dense.bias"
     tpool.prepare(enc, "colours")
     assert torch.equal(enc.model.get_parameter(b).detach(), tpool.tasks["colours"][b])

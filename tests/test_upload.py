@@ -52,12 +52,12 @@ def test_demo_checkpoints_uploaded_with_their_images_give_the_demo_accuracy(demo
         up = s.pool
         for t in DEMO_TASKS:
             # every uploaded image (val ∪ test halves), the uploaded model, the demo's own head ...
-            xs = [up.images(t, sp) for sp in ("val", "test")]
+            xs = [up.inputs(t, sp) for sp in ("val", "test")]
             x, y = torch.cat([a for a, _ in xs]), torch.cat([b for _, b in xs])
-            got = _acc(up.build_visual(up.tasks[t]), demo_pool.heads[t], x, y)
+            got = _acc(up.build_model(up.tasks[t]), demo_pool.heads[t], x, y)
             # ... against the built-in demo on the same images
-            xd, yd = demo_pool.images(t, "test")
-            want = _acc(demo_pool.build_visual(demo_pool.tasks[t]), demo_pool.heads[t], xd[:N_IMAGES], yd[:N_IMAGES])
+            xd, yd = demo_pool.inputs(t, "test")
+            want = _acc(demo_pool.build_model(demo_pool.tasks[t]), demo_pool.heads[t], xd[:N_IMAGES], yd[:N_IMAGES])
             assert got == pytest.approx(want, abs=1e-9), t
             assert want > 0.7
     finally:

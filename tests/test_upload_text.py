@@ -69,11 +69,11 @@ def test_uploaded_classifiers_score_as_their_own_hugging_face_models(tmp_path, m
         from safetensors.torch import load_file
         hf.load_state_dict(load_file(str(paths[t])))
         hf.eval()
-        x, y = pool.images(t, "test")
+        x, y = pool.inputs(t, "test")
         b = bert.unpack(x)
         with torch.no_grad():
             want_logits = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            enc = pool.build_visual(pool.tasks[t])
+            enc = pool.build_model(pool.tasks[t])
             got_logits = pool.logits(t, enc(x))
         torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
         want = float((want_logits.argmax(-1) == y).float().mean())

@@ -24,22 +24,14 @@ Modes of a :class:`RoutedModel`: ``"route"`` (default), ``"oracle"`` (force
 each sample's true task), ``"base"`` (no experts: plain ESM) and
 ``"fixed:<task>"`` (one expert for everything).
 
-How the open_clip tower is modified (open_clip 3.3): ``ResidualAttentionBlock``
-calls ``self.attn(q_x, k_x, v_x, need_weights=False, attn_mask=mask)[0]`` with
-``k_x = v_x = q_x`` for a ViT, and ``self.mlp(ln_2(x))`` with ``mlp.c_fc`` an
-``nn.Linear``. ``mlp.c_fc`` becomes a :class:`RoutedLinear`;
-``nn.MultiheadAttention`` becomes a :class:`RoutedAttention` that computes
-``qkv`` with a :class:`RoutedLinear` and then scaled dot-product attention
-with the same heads and ``out_proj``. With zero experts both are numerically
-equal to the original modules.
-
-Text encoders (methods §8; ``build_visual`` returns a :class:`esm_core.models.bert.TextEncoder`, inputs are
-packed (N, 2, L) token ids + attention mask): each routed ``nn.Linear`` of the Hugging Face module (Q, K, V,
-``intermediate.dense`` of every layer; DistilBERT's ``q_lin`` / ``k_lin`` / ``v_lin`` / ``ffn.lin1``)
-becomes a :class:`RoutedLinear` at the same path, so its parameters keep the names ``weight`` / ``bias``
-(``bert.load_own`` puts a task's own biases in). x̄ is the mean over the sample's non-padding tokens: the
-routed model hands the batch's attention mask to the router. Q, K and V read the same input: one prototype
-set, one decision and one log entry per input group, named by its first routed key (the query key).
+How the model is modified is its family's business (``route`` of the family protocol,
+:mod:`esm_core.models.protocol`): every routed linear layer becomes a :class:`RoutedLinear` (made here, put in
+place by the family, which wraps it where the weight sits inside a bigger module — open_clip's packed
+attention in_proj becomes a :class:`RoutedAttention` calling it). With zero experts the routed model is
+numerically equal to the original. Layers that read the same input (a text encoder's Q, K and V;
+``routing_groups``) share one prototype set, one decision and one log entry per input group, named by its
+first routed key. x̄ is the mean over the tokens that count (``sample_mask``: a text batch's non-padding
+tokens, methods §8).
 
 Using it (this is how :func:`esm_core.evaluation.runs.evaluate_esmpp` calls it for the
 ``esmpp`` rows; :mod:`esm_core.evaluation.esmpp` holds the pipeline)::
@@ -64,9 +56,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import models
 from ..device import resolve_device
-from ..models import bert
-from ..models import openclip_vit as vit
+from ..models.openclip_vit import RoutedAttention  # noqa: F401  (re-exported: esm_core.esmpp.RoutedAttention)
+from ..models.roles import OWN
 from .experts import Experts
 from .log import DecisionLog
 
@@ -105,7 +98,8 @@ class _Router:
             if tuple(self.mask.shape) != tuple(x.shape[:2]):
                 raise ValueError(f"token mask {tuple(self.mask.shape)} does not fit the layer input "
                                  f"{tuple(x.shape)}")
-            pooled = bert.sample_means(x, self.mask)                         # x̄ over non-padding tokens (§8)
+            m = self.mask.to(x.device, x.dtype).unsqueeze(-1)                # x̄ over non-padding tokens (§8)
+            pooled = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
         cos = F.normalize(pooled.float(), dim=-1) @ prototypes.float().mT    # (B, T); prototypes are unit
         routed = cos.argmax(-1)
         if self.kind == "route":
@@ -164,67 +158,9 @@ class RoutedLinear(nn.Module):
         return out if self.batch_first else out.transpose(0, 1)
 
 
-class RoutedAttention(nn.Module):
-    """Drop-in for open_clip's self-attention ``nn.MultiheadAttention`` with a routed ``in_proj``.
-
-    ``forward(query, key, value, need_weights=False, attn_mask=None)`` returns
-    ``(output, None)`` like the original (attention weights are not computed).
-    ``qkv = in_proj(x)`` (a :class:`RoutedLinear`), heads split as in
-    ``nn.MultiheadAttention``, scaled dot-product attention, ``out_proj``.
-    Self-attention only (key and value must be the query tensor, or None).
-    """
-
-    def __init__(self, mha: nn.MultiheadAttention, in_proj: RoutedLinear):
-        super().__init__()
-        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
-            raise ValueError("routed attention needs a MultiheadAttention with a packed in_proj_weight")
-        if mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("routed attention does not support bias_k/bias_v or add_zero_attn")
-        self.in_proj = in_proj
-        self.out_proj = mha.out_proj
-        self.num_heads = mha.num_heads
-        self.embed_dim = mha.embed_dim
-        self.dropout = mha.dropout
-        self.batch_first = mha.batch_first
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = False,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, None]:
-        if (key is not None and key is not query) or (value is not None and value is not query):
-            raise NotImplementedError("ESM++ routed attention supports self-attention only (key = value = query)")
-        if key_padding_mask is not None:
-            raise NotImplementedError("ESM++ routed attention does not support key_padding_mask")
-        x = query if self.batch_first else query.transpose(0, 1)         # (B, L, D)
-        Bn, L, D = x.shape
-        H = self.num_heads
-        qkv = self.in_proj(x)                                            # (B, L, 3D)
-        q, k, v = (z.reshape(Bn, L, H, D // H).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
-        mask = attn_mask
-        if mask is not None:
-            if mask.dtype == torch.bool:
-                mask = ~mask                                             # MHA: True = masked; SDPA: True = kept
-            if mask.ndim == 3:
-                mask = mask.reshape(Bn, H, L, -1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        o = self.out_proj(o.transpose(1, 2).reshape(Bn, L, D))
-        return (o if self.batch_first else o.transpose(0, 1)), None
-
-
 # ---------------------------------------------------------------------------
 # The routed model
 # ---------------------------------------------------------------------------
-
-
-def _sort_keys(keys: Sequence[str]) -> list[str]:
-    """Routed keys in execution order: by block, then in_proj before c_fc before c_proj."""
-    order = {vit.IN_PROJ: 0, vit.C_FC: 1, vit.C_PROJ: 2}
-    for k in keys:
-        if vit.block_index(k) is None or vit.layer_type(k) not in order:
-            raise ValueError(f"cannot route layer {k!r}: supported are attn.in_proj_weight, mlp.c_fc.weight and "
-                             "mlp.c_proj.weight of open_clip transformer blocks")
-    return sorted(keys, key=lambda k: (vit.block_index(k), order[vit.layer_type(k)]))
 
 
 class RoutedModel(nn.Module):
@@ -250,9 +186,10 @@ class RoutedModel(nn.Module):
     """
 
     def __init__(self, visual: nn.Module, experts: Experts, keys: list[str], router: _Router,
-                 merged_sd: Mapping[str, torch.Tensor] | None = None, config: dict | None = None):
+                 merged_sd: Mapping[str, torch.Tensor] | None = None, config: dict | None = None, family=None):
         super().__init__()
         self.visual = visual
+        self.family = family if family is not None else models.family_of_model(visual)
         self.experts = experts
         self.keys = keys
         self.tasks = list(experts.tasks)
@@ -306,7 +243,7 @@ class RoutedModel(nn.Module):
         r.kind, r.fixed, r.forced = kind, fixed, true
         r.records = [None] * r.n_layers
         r.shared = {}
-        r.mask = bert.unpack(x)["attention_mask"].bool() if isinstance(self.visual, bert.TextEncoder) else None
+        r.mask = self.family.sample_mask(x) if self.family is not None else None
         try:
             out = self.visual(x)
             records = r.records
@@ -361,36 +298,16 @@ class RoutedModel(nn.Module):
             self.mode, self.true_task = old
 
 
-def _route_text(encoder: bert.TextEncoder, merged_sd, experts: Experts, config: dict | None) -> RoutedModel:
-    """Replace every routed ``nn.Linear`` of a text encoder by a :class:`RoutedLinear` at the same path."""
-    hf = encoder.model
-    groups = bert.routing_groups(experts.keys)
-    router = _Router(len(groups))
-    for i, (name, members) in enumerate(groups):
-        P = experts.prototypes[name]                 # one prototype set per input group (Q = K = V input)
-        for key in members:
-            path = bert.module_path(hf, key)
-            old = hf.get_submodule(path)
-            if not isinstance(old, nn.Linear):
-                raise ValueError(f"routed layer {key!r} is a {type(old).__name__}, not an nn.Linear")
-            hf.set_submodule(path, RoutedLinear(old.weight, old.bias, experts.A[key], experts.B[key], P,
-                                                router, i, batch_first=True))
-    cfg = dict(config or {})
-    cfg["family"] = bert.NAME                        # what load_routed needs to rebuild the encoder
-    cfg["model_config"] = hf.config.to_dict()
-    cfg["pooling"] = encoder.pooling
-    return RoutedModel(encoder, experts, [name for name, _ in groups], router, merged_sd=merged_sd, config=cfg)
-
-
-def _shared_with(visual: nn.Module, merged_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _shared_with(visual: nn.Module, merged_sd: Mapping[str, torch.Tensor], fam) -> dict[str, torch.Tensor]:
     """``merged_sd`` with every tensor that ``visual`` holds an exact copy of (same key, shape, dtype, device and
     values) replaced by the module's own: the routed model keeps one copy of the merged weights, not two (a
-    ViT-B/32: 335 MB). Only for modules whose weights nothing writes into (not a text encoder: a text pool
-    loads each task's biases into it)."""
+    ViT-B/32: 335 MB). Only for modules whose weights nothing writes into (not a family with OWN keys: its pool
+    loads each task's own values into the module)."""
     own = visual.state_dict()
     out = {}
     for k, v in merged_sd.items():
-        p = own.get(k[len("visual."):] if k.startswith("visual.") else k)
+        name = fam.module_key(k)
+        p = own.get(name) if name is not None else None
         same = (p is not None and p.shape == v.shape and p.dtype == v.dtype and p.device == v.device
                 and ((p.data_ptr() == v.data_ptr() and p.stride() == v.stride()) or torch.equal(p, v)))
         out[k] = p if same else v
@@ -400,39 +317,34 @@ def _shared_with(visual: nn.Module, merged_sd: Mapping[str, torch.Tensor]) -> di
 def build_routed(merged_sd: Mapping[str, torch.Tensor], experts: Experts,
                  build_visual: Callable[[Mapping[str, torch.Tensor]], nn.Module], *,
                  device: str | torch.device = "cpu", config: dict | None = None) -> RoutedModel:
-    """The routed model: ``build_visual(merged_sd)`` (e.g. ``pool.build_visual``) with every routed layer of
-    ``experts`` replaced. An open_clip VisionTransformer: in_proj → :class:`RoutedAttention`, c_fc / c_proj →
-    :class:`RoutedLinear`. A :class:`~esm_core.models.bert.TextEncoder`: Q / K / V / intermediate (any
-    encoder linear) → :class:`RoutedLinear`, one decision per input group; ``config`` gains ``family`` and
-    ``model_config`` (the Hugging Face config) so that :func:`esm_core.esmpp.io.load_routed` rebuilds it."""
+    """The routed model: ``build_visual(merged_sd)`` (e.g. ``pool.build_model``: a module of a registered model
+    family) with the linear layer of every routed key of ``experts`` replaced by a :class:`RoutedLinear` (the
+    family's ``route`` puts it in place; an open_clip in_proj inside a :class:`RoutedAttention`). Keys that read
+    the same input form one routing decision (the family's ``routing_groups``). ``config`` gains ``family`` and
+    what the family records to rebuild the module without its pool (``saved_config``: a text encoder's
+    ``model_config`` and ``pooling``), so that :func:`esm_core.esmpp.io.load_routed` rebuilds it."""
     visual = build_visual(merged_sd)
-    if isinstance(visual, bert.TextEncoder):
-        return _route_text(visual, merged_sd, experts, config).to(resolve_device(device)).eval()
-    try:
-        blocks = visual.transformer.resblocks
-        batch_first = bool(getattr(visual.transformer, "batch_first", True))
-    except AttributeError:
-        raise ValueError("build_visual must return an open_clip VisionTransformer (visual.transformer.resblocks)") \
-            from None
-    merged_sd = _shared_with(visual, merged_sd)
-    keys = _sort_keys(experts.keys)
-    router = _Router(len(keys))
-    for i, key in enumerate(keys):
-        b, typ = vit.block_index(key), vit.layer_type(key)
-        if b >= len(blocks):
-            raise ValueError(f"routed layer {key!r}: the model has only {len(blocks)} blocks")
-        blk = blocks[b]
-        A, B, P = experts.A[key], experts.B[key], experts.prototypes[key]
-        if typ == vit.IN_PROJ:
-            mha = blk.attn
-            if not isinstance(mha, nn.MultiheadAttention):
-                raise ValueError(f"routed layer {key!r}: block attention is a {type(mha).__name__}, "
-                                 "not nn.MultiheadAttention")
-            lin = RoutedLinear(mha.in_proj_weight, mha.in_proj_bias, A, B, P, router, i, batch_first=True)
-            blk.attn = RoutedAttention(mha, lin)
-        else:
-            name = "c_fc" if typ == vit.C_FC else "c_proj"
-            old = getattr(blk.mlp, name)
-            setattr(blk.mlp, name, RoutedLinear(old.weight, old.bias, A, B, P, router, i, batch_first=batch_first))
-    model = RoutedModel(visual, experts, keys, router, merged_sd=merged_sd, config=config)
+    fam = models.family_of_model(visual)
+    if fam is None:
+        raise ValueError(f"build_visual must return a module of a registered model family "
+                         f"({', '.join(models.FAMILIES)}: e.g. an open_clip VisionTransformer), got a "
+                         f"{type(visual).__name__}")
+    groups = fam.routing_groups(experts.keys)
+    if not any(role == OWN for role in fam.roles_of(merged_sd).values()):
+        merged_sd = _shared_with(visual, merged_sd, fam)
+    router = _Router(len(groups))
+    for i, (name, members) in enumerate(groups):
+        P = experts.prototypes[name]                 # one prototype set per input group
+        for key in members:
+            def make(weight, bias, batch_first, key=key, i=i, P=P):
+                return RoutedLinear(weight, bias, experts.A[key], experts.B[key], P, router, i,
+                                    batch_first=batch_first)
+            fam.route(visual, key, make)
+    cfg = dict(config or {})
+    saved = fam.saved_config(visual)
+    if saved:
+        cfg.update(saved)
+        cfg["family"] = fam.NAME                     # what load_routed needs to rebuild the module
+    model = RoutedModel(visual, experts, [name for name, _ in groups], router, merged_sd=merged_sd,
+                        config=cfg, family=fam)
     return model.to(resolve_device(device)).eval()

@@ -96,7 +96,7 @@ def accuracies_of(pool, visual: torch.nn.Module, split: str, tasks: list[str], b
     for i, t in enumerate(tasks):
         if prepare is not None:
             prepare(visual, t)
-        x, y = pool.images(t, split)
+        x, y = pool.inputs(t, split)
         if per_task:
             ids = subset_ids(len(y), per_task, seed)
             x, y = x[ids], y[ids]
@@ -135,14 +135,14 @@ def evaluate(pool, model, split: str = "test", tasks: list[str] | None = None, *
              ) -> dict[str, float]:
     """Top-1 accuracy in [0, 1] of ``model`` on each task's ``split``, with the task's frozen head.
 
-    ``model``: a state dict with the pool's keys (built with ``pool.build_visual``
+    ``model``: a state dict with the pool's keys (built with ``pool.build_model``
     on ``device``) or an ``nn.Module`` image tower (used where it is). ``own``: see :func:`accuracies_of`.
     """
     tasks = _task_list(pool, tasks)
     if isinstance(model, torch.nn.Module):
         visual = model.eval()
     elif isinstance(model, Mapping):
-        visual = pool.build_visual(model, device=resolve_device(device))
+        visual = pool.build_model(model, device=resolve_device(device))
     else:
         raise ValueError(f"model must be a state dict or an nn.Module, got {type(model).__name__}")
     return accuracies_of(pool, visual, split, tasks, batch_size, progress, own=own)

@@ -46,7 +46,7 @@ def build_esmpp(pool, stats=None, *, rank: int = ESMPP.default("rank"),
                 merged: Mapping[str, torch.Tensor] | None = None) -> RoutedModel:
     """ESM++ for a TaskPool: ESM merge → experts → prototypes → routed model.
 
-    The routed model follows what ``pool.build_visual`` returns: an open_clip image tower, or a
+    The routed model follows what ``pool.build_model`` returns: an open_clip image tower, or a
     ``bert.TextEncoder`` (a text pool: Q, K, V and intermediate routed on non-padding tokens, methods §8).
 
     ``stats``: the pool's ``Stats`` (:func:`esm_core.probe.probe_pool`; probed
@@ -93,7 +93,7 @@ def build_esmpp(pool, stats=None, *, rank: int = ESMPP.default("rank"),
     # an image tower takes the merged tensors themselves (nothing else holds them, nothing writes into its
     # weights): one copy of the model, not two; a text encoder copies (a text pool writes each task's biases in)
     share = {"share": True} if isinstance(pool, TaskPool) else {}
-    routed = build_routed(merged, experts, lambda sd: pool.build_visual(sd, device=dev, **share), device=dev,
+    routed = build_routed(merged, experts, lambda sd: pool.build_model(sd, device=dev, **share), device=dev,
                           config=config)
     report(1.0, "ESM++ ready")
     return routed

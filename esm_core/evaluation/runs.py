@@ -35,7 +35,7 @@ def search_alpha(pool, method: str, params: Mapping[str, Any] | None = None, *, 
 
     def score(alpha: float) -> float:
         sd = A.state_at(pool.base, u0, slope, alpha)
-        visual.load_state_dict({k[len("visual."):] if k.startswith("visual.") else k: v for k, v in sd.items()})
+        pool.family_module.load_state(visual, sd)
         s = normalised(accuracies_of(pool, visual, split, pool.task_names, batch_size, None), ft)["mean_norm"]
         done[0] += 1
         report(min(done[0] / n_total, 1.0), f"{method}: α = {alpha:.3f} → {100 * s:.2f} % normalised ({split})")

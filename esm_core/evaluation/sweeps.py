@@ -143,7 +143,7 @@ def _run(pool, kind: str, params: dict, body: Callable[[_Steps], tuple[list, lis
 
 
 def _input_key(pool, task: str, split: str) -> tuple:
-    return ("inputs" if hasattr(pool, "texts") else "images", task, split)
+    return ("inputs", task, split)
 
 
 def eval_view(pool, tasks: Sequence[str] | None = None, max_images: int | None = None, seed: int = 0):
@@ -160,12 +160,12 @@ def eval_view(pool, tasks: Sequence[str] | None = None, max_images: int | None =
     view = subset_pool(pool, names)
     for t in names:
         for split in ("val", "test"):
-            x, y = pool.images(t, split)
+            x, y = pool.inputs(t, split)
             if max_images is not None and len(y) > int(max_images):
                 ids = torch.from_numpy(subset_ids(len(y), int(max_images), seed))
                 x, y = x[ids], y[ids]
             view.cache[_input_key(view, t, split)] = (x, y)
-            if view.images(t, split)[1] is not y:          # the pool type keeps its inputs elsewhere: say so
+            if view.inputs(t, split)[1] is not y:          # the pool type keeps its inputs elsewhere: say so
                 raise ValueError(f"cannot restrict the evaluation inputs of a {type(pool).__name__}")
     if max_images is None:
         for split in ("val", "test"):
@@ -202,7 +202,7 @@ def point_row(pool, summary: Mapping, split: str = "test") -> dict:
     row: dict[str, Any] = {}
     hw_abs, hw_norm, n_all = [], [], 0
     for t, v in summary["tasks"].items():
-        n = int(len(pool.images(t, split)[1]))
+        n = int(len(pool.inputs(t, split)[1]))
         a = float(v["abs"])
         lo, hi = wilson_interval(int(round(a * n)), n)
         h = binomial_halfwidth(a, n)
@@ -242,7 +242,7 @@ def _probe(pool, n: int, seed: int, device, progress: Progress | None, source: M
         if progress is not None:
             progress(i / len(names), f"probing {t} on {source[t]}'s proxy inputs")
         x, ids = pool.proxy(source[t], n, seed)
-        visual = pool.build_visual(pool.tasks[t], device=dev)
+        visual = pool.build_model(pool.tasks[t], device=dev)
         out["tasks"][t] = probe(visual, x, device=dev)
         out["proxy_ids"][t] = list(ids)
         del visual

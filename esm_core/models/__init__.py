@@ -8,8 +8,8 @@ as plain constants and functions: ``matches(keys)``, ``key_role``/``roles_of``,
 ``layer_type``/``layer_types_of``, ``LAYER_TYPES``/``ESD_TYPES``/``ROUTED_TYPES``,
 ``block_index``, ``short_key``, how to build the module, where the probe hooks
 (``hook_points``) and how raw inputs become model inputs. Nothing above this
-package matches key names. Adding a family = one module here + its tests +
-one line in :data:`FAMILIES`.
+package matches key names (``tests/test_layers.py`` checks it). Adding a family = one module here with the
+names of :data:`~esm_core.models.protocol.REQUIRED` + its tests + one line in :data:`FAMILIES`.
 """
 from __future__ import annotations
 
@@ -18,10 +18,29 @@ from typing import Mapping
 
 import torch
 
-from . import bert, openclip_vit
+from . import bert, hf_vit, openclip_vit
+from .protocol import REQUIRED, RecordPoint, check_family  # noqa: F401  (re-exported)
 from .roles import MATRIX, OWN, SKIP, VECTOR, generic_role, generic_roles  # noqa: F401
 
-FAMILIES: dict[str, ModuleType] = {openclip_vit.NAME: openclip_vit, bert.NAME: bert}
+
+def register(*families: ModuleType) -> dict[str, ModuleType]:
+    """``{NAME: module}`` of the given family modules, each checked against the protocol
+    (:func:`~esm_core.models.protocol.check_family`: ValueError naming what a module lacks)."""
+    out: dict[str, ModuleType] = {}
+    for fam in families:
+        check_family(fam)
+        if fam.NAME in out:
+            raise ValueError(f"two model families are named {fam.NAME!r}")
+        out[fam.NAME] = fam
+    return out
+
+
+# One line per family: the order is the order family_of() tries them in.
+FAMILIES: dict[str, ModuleType] = register(
+    openclip_vit,
+    bert,
+    hf_vit,
+)
 
 
 def get_family(name: str) -> ModuleType:
@@ -51,6 +70,14 @@ def layer_types_of(keys, family: str | None = None) -> dict[str, str]:
     keys = list(keys)
     fam = get_family(family) if family else family_of(keys)
     return fam.layer_types_of(keys) if fam is not None else {}
+
+
+def family_of_model(module: torch.nn.Module) -> ModuleType | None:
+    """The family whose ``build_model`` makes modules like ``module`` (``is_model``), or None."""
+    for fam in FAMILIES.values():
+        if fam.is_model(module):
+            return fam
+    return None
 
 
 def family_or_vit(keys) -> ModuleType:

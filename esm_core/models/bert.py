@@ -48,6 +48,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from .protocol import RecordPoint
 from .roles import MATRIX, OWN, SKIP, VECTOR  # noqa: F401  (re-exported)
 
 FAMILY = NAME = "bert"
@@ -467,9 +468,10 @@ def build(state_dict: Mapping[str, torch.Tensor], config, *, device="cpu") -> to
 
 
 def load_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load another checkpoint of the same shapes into a built model (strict; prefix / heads ignored)."""
+    """Load another checkpoint of the same shapes into a built model or :class:`TextEncoder` (strict; prefix /
+    heads ignored)."""
     sd = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in encoder_state(state_dict).items()}
-    model.load_state_dict(sd, strict=True)
+    _hf(model).load_state_dict(sd, strict=True)
 
 
 def module_path(model: torch.nn.Module, key: str) -> str:
@@ -650,8 +652,9 @@ class TextEncoder(torch.nn.Module):
 def load_own(model: torch.nn.Module, task: Mapping[str, torch.Tensor]) -> None:
     """Put task ``task``'s own values (OWN keys: every bias; heads are not in the encoder) into a built model,
     in place (§8: evaluating task t uses t's biases). Works on a model whose linear layers were replaced by
-    modules that keep the parameter names (``weight``, ``bias``), as ESM++'s routed layers do."""
-    params = dict(model.named_parameters())
+    modules that keep the parameter names (``weight``, ``bias``), as ESM++'s routed layers do. ``model``: the
+    Hugging Face module or its :class:`TextEncoder`."""
+    params = dict(_hf(model).named_parameters())
     with torch.no_grad():
         for k, v in encoder_state(task).items():
             if key_role(k, v) != OWN:
@@ -662,3 +665,81 @@ def load_own(model: torch.nn.Module, task: Mapping[str, torch.Tensor]) -> None:
             if tuple(p.shape) != tuple(v.shape):
                 raise ValueError(f"{k!r}: task value {tuple(v.shape)} does not fit the model's {tuple(p.shape)}")
             p.copy_(v.to(p.device, p.dtype))
+
+
+# ---------------------------------------------------------------- the family protocol (models/protocol.py)
+
+DESCRIPTION = "Hugging Face BERT-family text encoder (BERT, RoBERTa, DistilBERT, MiniLM; methods §8)"
+MODALITY = "text"
+PROBED_TYPES = LAYER_TYPES                                # every encoder linear reads a recordable input
+
+
+def module_key(key: str) -> str | None:
+    """Pool key → the name in a built :class:`TextEncoder`'s ``state_dict()`` (``model.`` + the bare key);
+    None for heads (the encoder does not hold them)."""
+    if is_head(key) and not strip_prefix(key).startswith("pooler."):
+        return None
+    return "model." + strip_prefix(key)
+
+
+def convert(state_dict: Mapping[str, torch.Tensor], name: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The family reads its own layout only: the state dict unchanged."""
+    return dict(state_dict)
+
+
+def is_model(module: torch.nn.Module) -> bool:
+    return isinstance(module, TextEncoder)
+
+
+def _hf(module: torch.nn.Module) -> torch.nn.Module:
+    return module.model if isinstance(module, TextEncoder) else module
+
+
+def model_keys(module: torch.nn.Module) -> list[str]:
+    """The pool keys (bare ``AutoModel`` keys) of a built encoder's state."""
+    return list(_hf(module).state_dict())
+
+
+def build_model(state_dict: Mapping[str, torch.Tensor], config, *, device: str | torch.device = "cpu",
+                share: bool = False, pooling: str = "mean") -> "TextEncoder":
+    """The protocol's builder: a :class:`TextEncoder` over :func:`build` (shapes checked against ``config``, a
+    ``config.json`` dict, before anything is built). ``share`` is accepted and ignored: a text pool writes each
+    task's biases into the module, so it holds copies."""
+    return TextEncoder(build(state_dict, config, device=device), pooling).eval()
+
+
+def saved_config(module: torch.nn.Module) -> dict:
+    """What an ESM++ file records to rebuild the encoder without its pool: the Hugging Face config and pooling."""
+    return {"model_config": _hf(module).config.to_dict(),
+            "pooling": module.pooling if isinstance(module, TextEncoder) else "mean"}
+
+
+def rebuild(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> "TextEncoder":
+    """The encoder from :func:`saved_config`'s entries (a ``config.json`` dict: nothing downloaded)."""
+    if not isinstance(config.get("model_config"), Mapping):
+        raise ValueError("no 'model_config' (the encoder's config.json) recorded")
+    return build_model(state_dict, config["model_config"], pooling=config.get("pooling", "mean"))
+
+
+def sample_mask(x: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool of the real tokens of packed (B, 2, L) inputs."""
+    return unpack(x)["attention_mask"].bool()
+
+
+def record_points(module: torch.nn.Module, keys) -> list:
+    """One :class:`~esm_core.models.protocol.RecordPoint` per input group of ``keys`` (Q, K and V of a layer
+    read the same input: recorded once, under the group's key): the input of that group's ``nn.Linear``."""
+    hf = _hf(module)
+    groups = list(dict.fromkeys(input_group(k) for k in keys))
+    return [RecordPoint(g, module_for_key(hf, g), "input", True) for g in groups]
+
+
+def route(module: torch.nn.Module, key: str, make) -> None:
+    """The ``nn.Linear`` of ``key`` replaced, at the same path, by ``make(weight, bias, True)`` (its parameters
+    keep the names ``weight`` / ``bias``, so :func:`load_own` still finds them)."""
+    hf = _hf(module)
+    path = module_path(hf, key)
+    old = hf.get_submodule(path)
+    if not isinstance(old, torch.nn.Linear):
+        raise ValueError(f"routed layer {key!r} is a {type(old).__name__}, not an nn.Linear")
+    hf.set_submodule(path, make(old.weight, old.bias, True))

@@ -29,7 +29,9 @@ try:  # private helper of open_clip 3.x: builds only the image tower
 except ImportError:  # pragma: no cover
     _build_vision_tower = None
 
+from ..checkpoints import hf_clip_vision_to_open_clip, is_hf_clip_vision
 from ..device import resolve_device
+from .protocol import RecordPoint
 from .roles import MATRIX, SKIP, VECTOR
 
 NAME = "openclip_vit"
@@ -290,3 +292,201 @@ def normalise_images(raw: np.ndarray, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return ((x - m) / sd).contiguous()
+
+
+# ---------------------------------------------------------------- the family protocol (models/protocol.py)
+
+DESCRIPTION = "open_clip ViT image tower (also Hugging Face CLIP vision checkpoints, renamed when read)"
+MODALITY = "image"
+ALPHA_ON_ALL = False          # α scales the merged update of every key the method merges (methods §6)
+PREFIX = "visual."
+
+
+def module_key(key: str) -> str | None:
+    """Pool key → parameter name inside the built tower (the ``visual.`` prefix stripped)."""
+    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
+def state_key(name: str) -> str:
+    """Parameter name inside the built tower → the pool's key (``visual.`` + name)."""
+    return PREFIX + name
+
+
+def convert(state_dict: Mapping[str, torch.Tensor], name: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A checkpoint in a layout this family reads, under the pool's ``visual.*`` names: a Hugging Face CLIP
+    vision state dict is renamed (q/k/v concatenated into ``in_proj``), a bare tower gets the prefix, a full
+    open_clip CLIP model keeps its image tower; the family's own layout comes back unchanged."""
+    sd = dict(state_dict)
+    if is_hf_clip_vision(sd):
+        return hf_clip_vision_to_open_clip(sd, name)
+    if any(k.startswith(PREFIX) for k in sd):
+        return {k: v for k, v in sd.items() if k.startswith(PREFIX)}
+    if "conv1.weight" in sd and any(k.startswith("transformer.resblocks.") for k in sd):
+        return {PREFIX + k: v for k, v in sd.items()}
+    raise ValueError(f"{name}: not an open_clip ViT image tower (no 'visual.conv1.weight' / "
+                     f"'transformer.resblocks.*' keys; found e.g. {sorted(sd)[:4]})")
+
+
+def input_group(key: str) -> str:
+    """Every routed / probed layer of a ViT block reads its own input: each key is its own group."""
+    return key
+
+
+_ORDER = {IN_PROJ: 0, C_FC: 1, C_PROJ: 2}
+
+
+def routing_groups(keys) -> list[tuple[str, list[str]]]:
+    """Routed keys in execution order (by block, then in_proj, c_fc, c_proj), one group each."""
+    keys = list(keys)
+    bad = [k for k in keys if block_index(k) is None or layer_type(k) not in _ORDER]
+    if bad:
+        raise ValueError(f"cannot route layer {bad[0]!r}: supported are {', '.join(_ORDER)} of open_clip "
+                         "transformer blocks")
+    return [(k, [k]) for k in sorted(keys, key=lambda k: (block_index(k), _ORDER[layer_type(k)]))]
+
+
+def is_model(module: torch.nn.Module) -> bool:
+    """True for an open_clip image tower (what :func:`build_model` returns)."""
+    return isinstance(getattr(getattr(module, "transformer", None), "resblocks", None), torch.nn.ModuleList)
+
+
+def _blocks(module: torch.nn.Module):
+    if not is_model(module):
+        raise ValueError("expected an open_clip VisionTransformer (visual.transformer.resblocks), got a "
+                         f"{type(module).__name__}")
+    return module.transformer.resblocks
+
+
+def model_keys(module: torch.nn.Module) -> list[str]:
+    """The pool keys of the tower's parameters and buffers."""
+    return [state_key(k) for k in module.state_dict()]
+
+
+def build_model(state_dict: Mapping[str, torch.Tensor], config, *, device: str | torch.device = "cpu",
+                share: bool = False, quick_gelu: bool | None = None) -> torch.nn.Module:
+    """The protocol's builder: :func:`build_visual_tower` (``config``: an open_clip model name or config dict)."""
+    return build_visual_tower(config, state_dict, quick_gelu=quick_gelu, device=device, share=share)
+
+
+def load_state(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Another checkpoint of the same shapes into a built tower (strict; pool keys)."""
+    module.load_state_dict({module_key(k): v for k, v in state_dict.items()})
+
+
+def load_own(module: torch.nn.Module, task: Mapping[str, torch.Tensor]) -> None:
+    """No OWN keys in this family: nothing to put in."""
+
+
+def saved_config(module: torch.nn.Module) -> dict:
+    """Nothing recorded: an ESM++ file of a tower is rebuilt with the pool's builder (``build_visual=``)."""
+    return {}
+
+
+def rebuild(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> torch.nn.Module:
+    """The tower from the open_clip model config an ESM++ file records (``config["model_config"]``, bounded by
+    :func:`check_config`, and ``quick_gelu``; :func:`esm_core.esmpp.io.save_esmpp`'s ``model=``); a file without
+    it is rebuilt with its pool's builder (``build_visual=``)."""
+    cfg = config.get("model_config") if isinstance(config, Mapping) else None
+    if not isinstance(cfg, Mapping):
+        raise ValueError("the file records no open_clip model config; pass build_visual= (e.g. pool.build_model)")
+    qg = config.get("quick_gelu")
+    return build_visual_tower(check_config(cfg), state_dict, quick_gelu=None if qg is None else bool(qg))
+
+
+def sample_mask(x: torch.Tensor) -> None:
+    """Every token of an image counts."""
+    return None
+
+
+def record_points(module: torch.nn.Module, keys) -> list:
+    """``[RecordPoint]`` of ``keys`` (pool keys of ``in_proj`` / ``c_fc`` / ``c_proj`` weights): in_proj's input
+    is the query input of ``block.attn`` (open_clip calls ``self.attn(q_x, k_x, v_x, ...)``; in a ViT tower
+    ``k_x = v_x = q_x``), the MLP linears' their own input."""
+    blocks = _blocks(module)
+    batch_first = bool(getattr(module.transformer, "batch_first", True))
+    points = []
+    for key in keys:
+        t, b = layer_type(key), block_index(key)
+        if t not in PROBED_TYPES:
+            raise ValueError(f"probe cannot record the input of layer type {t or key!r}; supported: "
+                             f"{list(PROBED_TYPES)}")
+        if b >= len(blocks):
+            raise ValueError(f"{key!r}: the model has only {len(blocks)} blocks")
+        blk = blocks[b]
+        if t == IN_PROJ:
+            points.append(RecordPoint(key, blk.attn, "query", batch_first))
+        else:
+            points.append(RecordPoint(key, blk.mlp.c_fc if t == C_FC else blk.mlp.c_proj, "input", batch_first))
+    return points
+
+
+def route(module: torch.nn.Module, key: str, make) -> None:
+    """Replace the linear layer of weight ``key`` by ``make(weight, bias, batch_first)``: ``mlp.c_fc`` /
+    ``mlp.c_proj`` in place; ``attn.in_proj`` inside a :class:`RoutedAttention` that replaces ``block.attn``."""
+    blocks = _blocks(module)
+    t, b = layer_type(key), block_index(key)
+    if t not in _ORDER:
+        routing_groups([key])                                   # raises, naming the key
+    if b >= len(blocks):
+        raise ValueError(f"routed layer {key!r}: the model has only {len(blocks)} blocks")
+    blk = blocks[b]
+    if t == IN_PROJ:
+        mha = blk.attn
+        if not isinstance(mha, torch.nn.MultiheadAttention):
+            raise ValueError(f"routed layer {key!r}: block attention is a {type(mha).__name__}, "
+                             "not nn.MultiheadAttention")
+        blk.attn = RoutedAttention(mha, make(mha.in_proj_weight, mha.in_proj_bias, True))
+    else:
+        name = "c_fc" if t == C_FC else "c_proj"
+        old = getattr(blk.mlp, name)
+        setattr(blk.mlp, name, make(old.weight, old.bias, bool(getattr(module.transformer, "batch_first", True))))
+
+
+class RoutedAttention(torch.nn.Module):
+    """Drop-in for open_clip's self-attention ``nn.MultiheadAttention`` with its packed ``in_proj`` replaced by
+    a module (``in_proj(x) -> qkv``: ESM++'s routed linear).
+
+    ``forward(query, key, value, need_weights=False, attn_mask=None)`` returns
+    ``(output, None)`` like the original (attention weights are not computed).
+    ``qkv = in_proj(x)``, heads split as in ``nn.MultiheadAttention``, scaled
+    dot-product attention, ``out_proj``. Self-attention only (key and value
+    must be the query tensor, or None).
+    """
+
+    def __init__(self, mha: torch.nn.MultiheadAttention, in_proj: torch.nn.Module):
+        super().__init__()
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            raise ValueError("routed attention needs a MultiheadAttention with a packed in_proj_weight")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("routed attention does not support bias_k/bias_v or add_zero_attn")
+        self.in_proj = in_proj
+        self.out_proj = mha.out_proj
+        self.num_heads = mha.num_heads
+        self.embed_dim = mha.embed_dim
+        self.dropout = mha.dropout
+        self.batch_first = mha.batch_first
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = False,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, None]:
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise NotImplementedError("ESM++ routed attention supports self-attention only (key = value = query)")
+        if key_padding_mask is not None:
+            raise NotImplementedError("ESM++ routed attention does not support key_padding_mask")
+        x = query if self.batch_first else query.transpose(0, 1)         # (B, L, D)
+        Bn, L, D = x.shape
+        H = self.num_heads
+        qkv = self.in_proj(x)                                            # (B, L, 3D)
+        q, k, v = (z.reshape(Bn, L, H, D // H).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+        mask = attn_mask
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                mask = ~mask                                             # MHA: True = masked; SDPA: True = kept
+            if mask.ndim == 3:
+                mask = mask.reshape(Bn, H, L, -1)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0)
+        o = self.out_proj(o.transpose(1, 2).reshape(Bn, L, D))
+        return (o if self.batch_first else o.transpose(0, 1)), None

@@ -18,17 +18,19 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..models.openclip_vit import build_visual_tower, normalise_images
+from .. import models
+from ..models.openclip_vit import normalise_images
 
 
 # ---------------------------------------------------------------- the pool
 
 @dataclass
 class TaskPool:
-    """Base + fine-tuned image towers of one model, with frozen heads and (optionally) evaluation data.
+    """Base + fine-tuned image models of one family, with frozen heads and (optionally) evaluation data.
 
     ``data[task][split] = (images uint8 N×H×W (grey) or N×H×W×3, labels int64 N)``
-    for splits "val", "test" and "samples".
+    for splits "val", "test" and "samples". ``family``: the model family (a name of
+    :data:`esm_core.models.FAMILIES`) that builds the models from ``model_name`` (its config) and a state dict.
     """
     name: str
     model_name: str | dict            # open_clip model name, or its config dict (uploads: never registered)
@@ -42,8 +44,10 @@ class TaskPool:
     quick_gelu: bool | None = None
     meta: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict, repr=False)   # images, reference accuracies, ...
+    family: str = models.openclip_vit.NAME
 
     def __post_init__(self):
+        models.get_family(self.family)                          # an unknown family is refused by name
         for t in self.tasks:
             if t not in self.heads:
                 raise ValueError(f"pool {self.name!r}: task {t!r} has no head")
@@ -61,12 +65,29 @@ class TaskPool:
         if task not in self.tasks:
             raise ValueError(f"pool {self.name!r} has no task {task!r}; tasks: {self.task_names}")
 
-    def build_visual(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
-                     share: bool = False) -> torch.nn.Module:
-        """open_clip image tower with ``state_dict`` (keys ``visual.*``) loaded, eval mode; ``share``: it holds
-        ``state_dict``'s own tensors, not copies (see :func:`~esm_core.models.openclip_vit.build_visual_tower`)."""
-        return build_visual_tower(self.model_name, state_dict, quick_gelu=self.quick_gelu, device=device,
-                                  share=share)
+    @property
+    def family_module(self):
+        """The model family (its module: the protocol of :mod:`esm_core.models.protocol`)."""
+        return models.get_family(self.family)
+
+    @property
+    def modality(self) -> str:
+        return self.family_module.MODALITY
+
+    def build_model(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
+                    share: bool = False) -> torch.nn.Module:
+        """The family's model (``model(x) -> features``) with ``state_dict`` (the pool's keys) loaded, eval mode;
+        ``share``: it holds ``state_dict``'s own tensors, not copies (see the family's ``build_model``)."""
+        options = {} if self.quick_gelu is None else {"quick_gelu": self.quick_gelu}
+        return self.family_module.build_model(state_dict, self.model_name, device=device, share=share, **options)
+
+    def prepare(self, module: torch.nn.Module, task: str | None) -> None:
+        """Before scoring ``task``: its own values (the family's OWN keys, if any) into ``module``; ``None``: the
+        base's."""
+        if task is not None:
+            self._check_task(task)
+        self.family_module.load_own(getattr(module, "visual", module), self.base if task is None
+                                    else self.tasks[task])
 
     def _raw(self, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
         self._check_task(task)
@@ -81,9 +102,13 @@ class TaskPool:
         """uint8 images (N×H×W grey or N×H×W×3) → float N×3×H×W, normalised with the pool's mean/std."""
         return normalise_images(raw, self.mean, self.std)
 
-    def images(self, task: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, raw: np.ndarray, check=None) -> torch.Tensor:
+        """Raw inputs (uint8 images) → the model's inputs (the pool protocol's name for :meth:`normalise`)."""
+        return self.normalise(raw)
+
+    def inputs(self, task: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
         """(x float N×3×H×W normalised, y LongTensor N) of one task's split; cached."""
-        key = ("images", task, split)
+        key = ("inputs", task, split)
         if key not in self.cache:
             raw, y = self._raw(task, split)
             self.cache[key] = (self.normalise(raw), torch.from_numpy(np.asarray(y, dtype=np.int64)))
@@ -91,7 +116,7 @@ class TaskPool:
 
     def proxy(self, task: str, n: int = 32, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
         """``n`` validation images of ``task`` drawn with ``seed`` (sorted ids into the val split)."""
-        x, _ = self.images(task, "val")
+        x, _ = self.inputs(task, "val")
         ids = proxy_ids(len(x), n, seed)
         return x[ids], ids
 

@@ -5,9 +5,8 @@ evaluation, the probe, the α policy, ESM++, the studio and the app run on it
 unchanged:
 
 * inputs are packed token tensors (N, 2, L) — ids and attention mask
-  (:func:`esm_core.models.bert.pack`); :meth:`images` returns them (the name is
-  the protocol's), :meth:`texts` the sentences;
-* :meth:`build_visual` builds a :class:`esm_core.models.bert.TextEncoder`
+  (:func:`esm_core.models.bert.pack`); :meth:`inputs` returns them, :meth:`texts` the sentences;
+* :meth:`build_model` builds the family's model, for BERT a :class:`esm_core.models.bert.TextEncoder`
   (features = mean of the last hidden state over real tokens for the built pool, the first token's for
   uploaded sequence classifiers — ``pooling``);
 * heads: linear with a bias, ``logits = f @ W.T + b`` (the built pool), or an uploaded classifier's own two
@@ -26,6 +25,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from .. import models
 from ..models import bert
 from . import text_build as tb
 from .taskpool import proxy_ids, subset_pool
@@ -78,10 +78,20 @@ class TextTaskPool:
 
     # -- models --------------------------------------------------------------
 
-    def build_visual(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu"
-                     ) -> bert.TextEncoder:
+    @property
+    def family_module(self):
+        """The model family (its module: the protocol of :mod:`esm_core.models.protocol`)."""
+        return models.get_family(self.family)
+
+    @property
+    def modality(self) -> str:
+        return self.family_module.MODALITY
+
+    def build_model(self, state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
+                    share: bool = False) -> torch.nn.Module:
         """The encoder holding ``state_dict`` (shapes checked against the pool's config first), eval mode."""
-        return bert.TextEncoder(bert.build(state_dict, self.model_config, device=device), self.pooling).eval()
+        return self.family_module.build_model(state_dict, self.model_config, device=device, share=share,
+                                              pooling=self.pooling)
 
     def prepare(self, module: torch.nn.Module, task: str | None) -> None:
         """Before scoring ``task``: its own biases into ``module`` (a TextEncoder or a routed one; §8). ``None``
@@ -89,7 +99,7 @@ class TextTaskPool:
         if task is not None:
             self._check_task(task)
         inner = getattr(module, "visual", module)             # ESM++'s RoutedModel wraps the encoder
-        bert.load_own(getattr(inner, "model", inner), self.base if task is None else self.tasks[task])
+        self.family_module.load_own(inner, self.base if task is None else self.tasks[task])
 
     # -- data ----------------------------------------------------------------
 
@@ -107,8 +117,8 @@ class TextTaskPool:
             raise ValueError("no sentences to encode")
         return bert.encode_texts(self.tokenizer, texts, self.max_length, chunk=bert.TOKENIZE_CHUNK, check=check)
 
-    def images(self, task: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
-        """(packed inputs N×2×L, labels) of one task's split; cached (the protocol's name for model inputs)."""
+    def inputs(self, task: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed inputs N×2×L, labels) of one task's split; cached."""
         return self._inputs(task, split)
 
     def _inputs(self, task: str, split: str, check: Callable[[int, int], None] | None = None):
@@ -119,7 +129,7 @@ class TextTaskPool:
         return self.cache[key]
 
     def tokenize_all(self, check: Callable[[str, str, int, int], None] | None = None) -> None:
-        """Tokenise every task's validation and test sentences now (cached, as :meth:`images` does), calling
+        """Tokenise every task's validation and test sentences now (cached, as :meth:`inputs` does), calling
         ``check(task, split, done, total)`` after every :data:`~esm_core.models.bert.TOKENIZE_CHUNK` sentences:
         it may raise to stop (Cancel, a time bound). An uploaded pool does this while it is built, so that no
         later merge tokenises and the work stays where Cancel reaches it."""
@@ -128,12 +138,10 @@ class TextTaskPool:
                 self._inputs(t, split, None if check is None else
                              (lambda done, total, t=t, split=split: check(t, split, done, total)))
 
-    inputs = images
-
     def proxy(self, task: str, n: int = bert.PROXY_SAMPLES, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
         """The proxy sentences of ``task`` (§8: 32 validation sentences): the ids recorded at build time when
         ``n`` and ``seed`` are the defaults, else ``n`` drawn with ``seed``."""
-        x, _ = self.images(task, "val")
+        x, _ = self.inputs(task, "val")
         rec = self.data[task].get("proxy_ids")
         if rec is not None and seed == 0 and n == len(rec):
             ids = [int(i) for i in rec]

@@ -22,12 +22,11 @@ EVAL_SEED = 0
 
 
 def _visual(s: Session, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """The session's image tower with ``state_dict`` loaded (built once)."""
+    """The session's model with ``state_dict`` loaded (built once; the family's ``load_state``)."""
     dev = s.device
     if s._visual is None or next(s._visual.parameters()).device.type != dev.type:
-        s._visual = s.pool.build_visual(s.pool.base, device=dev)
-    s._visual.load_state_dict({k[len("visual."):] if k.startswith("visual.") else k: v
-                               for k, v in state_dict.items()})
+        s._visual = s.pool.build_model(s.pool.base, device=dev)
+    s.pool.family_module.load_state(s._visual, state_dict)
     return s._visual
 
 
@@ -241,4 +240,4 @@ def sample_sizes(s: Session, split: str = "test", per_task: int | None = None) -
     pool = _need_pool(s)
     if per_task is None:
         per_task = s.live_per_task if split == "test" else s.alpha_per_task
-    return {t: min(int(per_task), len(pool.images(t, split)[1])) for t in pool.task_names}
+    return {t: min(int(per_task), len(pool.inputs(t, split)[1])) for t in pool.task_names}

@@ -44,7 +44,7 @@ def esmpp_model(s: Session, rank: int = ESMPP.default("rank"), progress: Progres
             # them) in the same layers (a routed Q, K, V or intermediate layer in base mode is the same F.linear):
             # the merge's live accuracies are the static ("base") ones, bit for bit — not evaluated a second time
             # (a ViT's routed attention computes the same attention another way: evaluated)
-            static = (dict(last["accs"]) if last is not None and pair is not None and hasattr(pool, "encode")
+            static = (dict(last["accs"]) if last is not None and pair is not None and pool.modality == "text"
                       else None)
             del merged, pair
             s.esmpp = {"recipe": recipe, "model": model, "rank": int(rank), "alpha": alpha,
@@ -60,7 +60,7 @@ def _image_to_input(pool, image) -> torch.Tensor:
         raise ValueError(f"the uploaded image has an unexpected shape {arr.shape}")
     if arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
-    x_ref, _ = pool.images(pool.task_names[0], "val")
+    x_ref, _ = pool.inputs(pool.task_names[0], "val")
     size = int(x_ref.shape[-1])
     grey = pool.data[pool.task_names[0]]["val"][0].ndim == 3      # the pool's own images are grey
     im = Image.fromarray(arr).convert("L" if grey else "RGB").resize((size, size), Image.BILINEAR)
@@ -89,7 +89,7 @@ MAX_SENTENCE_CHARS = 2000     # a typed sentence longer than this is refused (th
 
 def _sentence_to_input(pool, text: str) -> torch.Tensor:
     """A typed sentence → one packed input of a text pool (tokenised as the pool's own sentences)."""
-    if not hasattr(pool, "encode"):
+    if pool.modality != "text":
         raise ValueError("this pool's model reads images: upload an image to route, not a sentence")
     text = str(text).strip()
     if len(text) > MAX_SENTENCE_CHARS:
@@ -124,7 +124,7 @@ def run_routing(s: Session, rank: int = ESMPP.default("rank"), per_task: int = 6
             xs.append((_sentence_to_input(pool, text), None))
             labels.append(yours := "your sentence")
         elif image is not None:
-            if hasattr(pool, "encode"):
+            if pool.modality == "text":
                 raise ValueError("this pool's model reads sentences: type a sentence to route, not an image")
             xs.append((_image_to_input(pool, image), None))
             labels.append(yours := "your image")

@@ -395,10 +395,9 @@ def pool_info(s: Session) -> dict:
     n_params = int(sum(v.numel() for v in base.values()))
     fam = family_or_vit(list(base))
     blocks = sorted({fam.block_index(k) for k in base if fam.block_index(k) is not None})
-    width = int(base["visual.conv1.weight"].shape[0]) if "visual.conv1.weight" in base else None
-    if hasattr(pool, "model_config"):
-        width = pool.model_config.get("hidden_size", width)
-    unit = "sentences" if hasattr(pool, "encode") else "images"
+    layers = sorted(fam.layer_types_of(base), key=lambda k: fam.block_index(k))
+    width = int(base[layers[0]].shape[1]) if layers else None        # a block's input width: the model's width
+    unit = "sentences" if pool.modality == "text" else "images"
     tasks = []
     for t in pool.task_names:
         sizes = {split: int(len(pool.data[t][split][1])) for split in ("val", "test")
@@ -566,7 +565,7 @@ def sample_texts(s: Session, k: int = 3, max_chars: int = 240) -> list[dict]:
     sentences allow: ``[{"task", "class", "sentence"}]`` (cut to ``max_chars`` for display: the model reads
     its first tokens only); empty for an image pool."""
     pool = _need_pool(s)
-    if not hasattr(pool, "texts"):
+    if pool.modality != "text":
         return []
     out = []
     for t in pool.task_names:
@@ -584,7 +583,7 @@ def sample_images(s: Session, k: int = 4, size: int = 96) -> list[tuple[np.ndarr
     """``k`` images of every task for display, of as many different classes as the task's samples have,
     upscaled (nearest) to about ``size`` pixels, captioned with the task and class (empty for a text pool)."""
     pool = _need_pool(s)
-    if hasattr(pool, "encode"):
+    if pool.modality == "text":
         return []
     out = []
     for t in pool.task_names:
