@@ -10,7 +10,7 @@
 * an **open_clip folder**: ``open_clip_config.json`` + ``open_clip_model.safetensors`` (the merged image
   tower and the base's text tower) that ``open_clip.create_model_and_transforms("local-dir:" + folder)``
   loads (a registered model name also loads it with ``pretrained=<folder>/open_clip_model.safetensors``);
-  when the base had no text tower, the image tower alone as ``open_clip_visual.safetensors``;
+  when the base had no text tower, the image tower alone as ``open_clip_image_tower.safetensors``;
   ``heads/<task>.safetensors`` (C × D zero-shot / frozen heads, class names in the metadata), the recipe
   and the card.
 
@@ -28,13 +28,15 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from huggingface_hub import HfApi, get_token
 
-from . import __version__
+from . import __version__, settings
 from .checkpoints import CheckpointError, read_config, save_safetensors, strict_json_dumps
 from .models import bert, family_of, openclip_vit
 
@@ -45,7 +47,7 @@ DIR_MODE = 0o755
 RECIPE_FILE = "merge_recipe.json"
 CARD_FILE = "README.md"
 OPEN_CLIP_FULL = "open_clip_model.safetensors"
-OPEN_CLIP_VISUAL = "open_clip_visual.safetensors"
+OPEN_CLIP_VISUAL = "open_clip_image_tower.safetensors"
 MAX_TOKENIZER_BYTES = 64 * 1024 ** 2       # all tokenizer files of one export together
 DISK_MARGIN = 64 * 1024 ** 2               # free space kept beyond the export's own size
 # family → the library a folder export of it loads in (the card's ``library_name``) and its folder format
@@ -592,10 +594,18 @@ def files_to_push(path: str | os.PathLike) -> list[str]:
     raise PushError(f"{p}: no such export folder or .safetensors file")
 
 
+def _stored_token() -> str | None:
+    """huggingface_hub's stored login (``hf auth login``), or None."""
+    return get_token()
+
+
+def _hf_api(token: str):
+    return HfApi(token=token)
+
+
 def hub_token(token: str | None = None, *, stored: bool = True) -> str:
     """The token a push uses: ``token``, else (``stored``) ``HF_TOKEN``, else huggingface_hub's stored login;
     refuses at once without one, or when ``HF_HUB_OFFLINE`` is set."""
-    from . import settings
     if settings.hub_offline():
         raise PushError("HF_HUB_OFFLINE is set: this machine does not reach the Hugging Face Hub; unset it to push")
     token = (token or "").strip() or None
@@ -607,8 +617,7 @@ def hub_token(token: str | None = None, *, stored: bool = True) -> str:
                         "lend its own")
     token = token or settings.hf_token()
     if not token:
-        from huggingface_hub import get_token
-        token = get_token()
+        token = _stored_token()
     if not token:
         raise PushError("no Hugging Face token: set HF_TOKEN (a token with write access, "
                         "https://huggingface.co/settings/tokens) or log in once with `hf auth login`")
@@ -617,7 +626,6 @@ def hub_token(token: str | None = None, *, stored: bool = True) -> str:
 
 def _within(seconds: float, fn: Callable[[], Any], what: str) -> Any:
     """``fn()`` in a daemon thread, waited for at most ``seconds`` (the Hub client has no timeout of its own)."""
-    import threading
     box: dict[str, Any] = {}
 
     def run():
@@ -651,8 +659,7 @@ def push_export(path: str | os.PathLike, repo: str, *, private: bool = False, to
     files = files_to_push(p)
     token = hub_token(token)
     if api is None:
-        from huggingface_hub import HfApi
-        api = HfApi(token=token)
+        api = _hf_api(token)
     try:
         _within(check_seconds, lambda: api.whoami(token=token), "checking the token")
         api.create_repo(repo, private=bool(private), exist_ok=True, repo_type="model", token=token)

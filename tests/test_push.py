@@ -7,7 +7,6 @@ import threading
 
 import pytest
 
-import huggingface_hub
 from esm_core import cli, package
 from esm_core import studio as S
 from esm_core.package import PushError
@@ -46,7 +45,7 @@ def env(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("SPACE_ID", raising=False)
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(package, "_stored_token", lambda: None)
     return monkeypatch
 
 
@@ -128,7 +127,7 @@ def test_no_token_refused_at_once(export, env):
 
 
 def test_the_stored_login_is_used_without_hf_token(export, env):
-    env.setattr(huggingface_hub, "get_token", lambda: "hf_stored")
+    env.setattr(package, "_stored_token", lambda: "hf_stored")
     api = FakeApi()
     package.push_export(export, "user/merge", api=api)
     assert api.calls[0] == ("whoami", {"token": "hf_stored"})
@@ -165,7 +164,7 @@ def test_cli_push_exits_2_with_the_reason(export, env, capsys):
 def test_cli_push_uploads_through_the_api(export, env, capsys):
     api = FakeApi()
     env.setenv("HF_TOKEN", "hf_env")
-    env.setattr(huggingface_hub, "HfApi", lambda token=None: api)
+    env.setattr(package, "_hf_api", lambda token: api)
     assert cli.main(["push", str(export), "--repo", "user/merge", "--private"]) == 0
     n = sum(1 for p in export.rglob("*") if p.is_file())
     assert capsys.readouterr().out.strip() == f"pushed {n} file(s) to https://huggingface.co/user/merge"
