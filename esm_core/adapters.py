@@ -431,10 +431,9 @@ def dense_from_adapter(base: Mapping[str, torch.Tensor], config: Mapping, weight
     for key, A, B, scale, transpose, _ in plan:
         W = base[key]
         ct = torch.promote_types(W.dtype, torch.float32)
-        delta = B.to(ct) @ A.to(ct)
-        if transpose:
-            delta = delta.T
-        w = W.detach().to("cpu", ct) + delta * scale
+        delta = (B.to(ct) @ A.to(ct)).mul_(scale)       # (B A) · s, then Wt = W0 + it: one layer-sized temporary
+        w = W.detach().to("cpu", ct, copy=True).add_(delta.T if transpose else delta)
+        del delta
         if not all_finite(w):
             raise CheckpointError(f"{name}: W0 + s·BA of {key} overflows (non-finite values in float32)")
         changed[key] = w.contiguous()
