@@ -38,7 +38,7 @@ from huggingface_hub import HfApi, get_token
 
 from . import __version__, settings
 from .checkpoints import CheckpointError, read_config, save_safetensors, strict_json_dumps
-from .models import bert, family_of, openclip_vit
+from .models import bert, family_of, hf_vit, openclip_vit
 
 FORMATS = ("safetensors", "transformers", "open_clip")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,8 +51,8 @@ OPEN_CLIP_VISUAL = "open_clip_image_tower.safetensors"
 MAX_TOKENIZER_BYTES = 64 * 1024 ** 2       # all tokenizer files of one export together
 DISK_MARGIN = 64 * 1024 ** 2               # free space kept beyond the export's own size
 # family → the library a folder export of it loads in (the card's ``library_name``) and its folder format
-LIBRARY = {bert.NAME: "transformers", openclip_vit.NAME: "open_clip"}
-FOLDER_FORMAT = {bert.NAME: "transformers", openclip_vit.NAME: "open_clip"}
+LIBRARY = {bert.NAME: "transformers", hf_vit.NAME: "transformers", openclip_vit.NAME: "open_clip"}
+FOLDER_FORMAT = {bert.NAME: "transformers", hf_vit.NAME: "transformers", openclip_vit.NAME: "open_clip"}
 _AUTO_MODEL = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
                "camembert": "CamembertModel", "distilbert": "DistilBertModel"}
 
@@ -112,6 +112,8 @@ def rebuild_info_of(pool) -> dict:
 def model_info_of(pool) -> dict:
     """What :func:`write_export` needs to know about a pool's model (duck-typed: any pool of this library)."""
     family = family_of_pool(pool)
+    if family == hf_vit.NAME:
+        return {"model_config": dict(pool.model_config), "preprocess": dict(pool.preprocess), "name": pool.model_name}
     if family == bert.NAME:
         return {"model_config": dict(pool.model_config), "tokenizer": pool.tokenizer,
                 "pooling": getattr(pool, "pooling", "mean"), "max_length": int(getattr(pool, "max_length", 64)),
@@ -263,7 +265,17 @@ def model_card(recipe: Mapping, *, family: str, model_info: Mapping, results: Ma
         lines += ["Not evaluated when it was written (the command line merges checkpoint files without data; "
                   "`esm-studio eval` measures a pool's accuracy).", ""]
     lines += ["## Use", ""]
-    if fmt == "transformers":
+    if fmt == "transformers" and family == hf_vit.NAME:
+        lines += ["```python", "from transformers import AutoImageProcessor, AutoModel",
+                  "model = AutoModel.from_pretrained(\"<this folder>\")",
+                  "processor = AutoImageProcessor.from_pretrained(\"<this folder>\")",
+                  "features = model(**processor(images=image, return_tensors=\"pt\")).last_hidden_state[:, 0]",
+                  "```", "",
+                  "Features are the first ([CLS]) token of the last hidden state, what a "
+                  "`ViTForImageClassification` head reads. `heads/<task>.safetensors` holds each task's own "
+                  "classifier (`weight`, `bias`; class names in the metadata): logits = features @ weight.T + bias.",
+                  ""]
+    elif fmt == "transformers":
         pooling = model_info.get("pooling", "mean")
         lines += ["```python", "from transformers import AutoModel, AutoTokenizer",
                   "model = AutoModel.from_pretrained(\"<this folder>\")",
@@ -378,6 +390,30 @@ def _write_transformers(folder: Path, merged_sd, base_sd, model_info: Mapping, c
     return sorted(p.name for p in folder.iterdir())
 
 
+def _write_vit(folder: Path, merged_sd, base_sd, model_info: Mapping, config: dict,
+               dtype: torch.dtype) -> list[str]:
+    """A Hugging Face ``ViTModel`` folder: ``AutoModel.from_pretrained(folder)`` builds it; the features are its
+    last hidden state's first token (what a ``ViTForImageClassification`` head reads)."""
+    if not isinstance(model_info.get("model_config"), Mapping):
+        raise ValueError("a ViT export needs the model's config.json (model_info['model_config'])")
+    cfg = hf_vit.check_config(model_info["model_config"])
+    hf_vit.check_shapes(merged_sd, cfg)                          # the weights fit the config before writing
+    vc = hf_vit.vit_config(cfg)
+    vc.architectures = ["ViTModel"]
+    sd = {hf_vit.strip_prefix(k): v for k, v in hf_vit.encoder_state(merged_sd).items()}
+    save_safetensors(_cast(sd, dtype), folder / "model.safetensors", config)
+    vc.to_json_file(str(folder / "config.json"))
+    pre = model_info.get("preprocess")
+    if isinstance(pre, Mapping):
+        size = int(pre["size"])
+        _write_text(folder / "preprocessor_config.json", strict_json_dumps({
+            "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+            "resample": int(pre.get("resample", 2)), "do_rescale": True, "rescale_factor": float(pre["rescale"]),
+            "do_normalize": True, "image_mean": list(pre["mean"]), "image_std": list(pre["std"])},
+            "preprocessor config", indent=2) + "\n")
+    return sorted(p.name for p in folder.iterdir())
+
+
 def _clip_keys(cfg: Mapping) -> set[str]:
     """The state dict keys of the full open_clip CLIP of ``cfg`` (built on the meta device: nothing drawn)."""
     import open_clip.model as ocm
@@ -413,8 +449,10 @@ def _write_open_clip(folder: Path, merged_sd, base_sd, model_info: Mapping, conf
     return sorted(p.name for p in folder.iterdir())
 
 
-WRITERS: dict[str, Callable[..., list[str]]] = {"transformers": _write_transformers, "open_clip": _write_open_clip}
-# Hook for more families: FOLDER_FORMAT[family] = format, LIBRARY[family] = library, WRITERS[format] = writer.
+# family → its folder writer. Hook for more families: FOLDER_FORMAT[family] = format, LIBRARY[family] = library,
+# WRITERS[family] = writer(folder, merged_sd, base_sd, model_info, config, dtype) -> [file names].
+WRITERS: dict[str, Callable[..., list[str]]] = {bert.NAME: _write_transformers, hf_vit.NAME: _write_vit,
+                                                openclip_vit.NAME: _write_open_clip}
 
 
 # ---------------------------------------------------------------- the one writer
@@ -449,7 +487,7 @@ def write_export(out: str | os.PathLike, merged_sd: Mapping[str, torch.Tensor], 
         raise ValueError(f"{out}: already exists; give a new folder name")
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
     try:
-        files = WRITERS[fmt](tmp, merged_sd, base_sd, model_info, config, dt)
+        files = WRITERS[family](tmp, merged_sd, base_sd, model_info, config, dt)
         _write_heads(tmp, heads, class_names, dt)
         _write_text(tmp / RECIPE_FILE, strict_json_dumps(config, "merge recipe", indent=2, default=str) + "\n")
         _write_text(tmp / CARD_FILE, model_card(config, family=family, model_info=model_info, results=results,

@@ -10,6 +10,7 @@ import stat
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -384,3 +385,47 @@ def test_image_esmpp_bundle_loads_from_the_file_alone(sess, pool):
     q = save_esmpp(p.with_name("old.safetensors"), merged, experts, old)
     with pytest.raises(CheckpointError, match="build_visual="):
         load_routed(q)
+
+
+# ---------------------------------------------------------------- Hugging Face ViT
+
+def test_hf_vit_pool_exports_a_vitmodel_folder(tmp_path):
+    from transformers import AutoImageProcessor, ViTConfig, ViTForImageClassification, ViTModel
+    from safetensors.torch import load_file
+    from esm_core.pools.hf_vit_pool import build_hf_vit_pool
+    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+               patch_size=8)
+    torch.manual_seed(0)
+    base = ViTModel(ViTConfig(**cfg)).eval()
+    base.save_pretrained(tmp_path / "base")
+    own = {k: v for k, v in base.state_dict().items() if not k.startswith("pooler.")}
+    files, g = {}, torch.Generator().manual_seed(1)
+    for i, (t, c) in enumerate((("a", 3), ("b", 2))):
+        m = ViTForImageClassification(ViTConfig(**cfg, num_labels=c)).eval()
+        m.vit.load_state_dict(own)
+        with torch.no_grad():
+            for p in m.vit.parameters():
+                p.add_(0.03 * (i + 1) * torch.randn(p.shape, generator=g))
+        m.save_pretrained(tmp_path / t)
+        files[t] = load_file(str(tmp_path / t / "model.safetensors"))
+    pool = build_hf_vit_pool("tiny-vit", json.loads((tmp_path / "base" / "config.json").read_text()),
+                             load_file(str(tmp_path / "base" / "model.safetensors")), files,
+                             class_names={"a": ["x", "y", "z"], "b": ["u", "v"]})
+    merged = esm_core.merge("ta", pool.base, pool.tasks, alpha=0.4)
+    out = package.write_export(tmp_path / "vit", merged, base_sd=pool.base, family=package.family_of_pool(pool),
+                               model_info=package.model_info_of(pool), heads=package.heads_of(pool),
+                               recipe={"method": "ta", "params": {"alpha": 0.4}, "tasks": list(pool.task_names),
+                                       "base": "tiny-vit", "source": "test"})
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "heads"} <= {p.name for p in out.iterdir()}
+    model = transformers.AutoModel.from_pretrained(str(out)).eval()
+    assert type(model).__name__ == "ViTModel"
+    raw = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    x = pool.encode(raw)
+    studio_model = pool.build_model(merged)
+    got = model(pixel_values=x).last_hidden_state[:, 0]
+    torch.testing.assert_close(got, studio_model(x), rtol=0, atol=1e-5)
+    proc = AutoImageProcessor.from_pretrained(str(out))                        # the same preprocessing
+    torch.testing.assert_close(proc(images=list(raw), return_tensors="pt")["pixel_values"], x, rtol=0, atol=1e-5)
+    h = load_file(str(out / "heads" / "b.safetensors"))
+    torch.testing.assert_close(got @ h["weight"].T + h["bias"], pool.logits("b", studio_model(x)), rtol=0, atol=1e-5)
+    assert package.front_matter((out / "README.md").read_text())["library_name"] == "transformers"
