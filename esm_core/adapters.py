@@ -79,7 +79,15 @@ _UNSUPPORTED = {
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) applies only after its invocation "
                                "tokens; it is not a weight update and is not supported",
     "megatron_config": "Megatron-parallel LoRA (megatron_config) is not supported",
+    "kasa_config": "KaSA (kasa_config) truncates the base weight and scales BA by learned singular values; not "
+                   "supported",
+    "monteclora_config": "MonteCLoRA (monteclora_config) samples its update; not supported",
+    "arrow_config": "Arrow routing (arrow_config) mixes several adapters per input; not supported",
+    "loftq_config": "LoftQ (loftq_config) trains against a quantised base, not this one; not supported",
 }
+# Initialisations that change W0 itself (the saved A, B are relative to W0 − B₀A₀): PEFT converts such an adapter
+# to a plain LoRA on the original base when saved with path_initial_model_for_weight_conversion.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "astra", "lora_ga")
 _PEFT_PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight\Z")
 _LORA_EMB = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?\Z")
@@ -208,6 +216,11 @@ def check_adapter_config(cfg, name: str = "adapter") -> dict:
     for field, why in _UNSUPPORTED.items():
         if cfg.get(field) not in (None, False, [], {}, ""):
             raise CheckpointError(f"{name}: {why} — refused")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise CheckpointError(f"{name}: init_lora_weights = {init!r} changes the base weights themselves, so this "
+                              "adapter's B·A is relative to a modified base — convert it to a plain LoRA with peft "
+                              "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and give that")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not (_is_int(r) and 1 <= r <= MAX_RANK):
         raise CheckpointError(f"{name}: adapter_config.json: r = {r!r} is not a whole number in 1..{MAX_RANK}")
