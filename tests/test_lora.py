@@ -606,3 +606,24 @@ def test_the_pool_view_takes_adapter_zips_over_http(pool, tmp_path):
                       "colours, animals", *rest, api_name="/load_upload")
     finally:
         demo.close()
+
+
+def test_hostile_configs_and_links_are_refused(tmp_path):
+    ok = lora_factors(bert_modules(), 4, seed=6)
+    folder = write_adapter(tmp_path / "deep", config(), ok)
+    (folder / "adapter_config.json").write_text("[" * 200_000)                 # nesting the parser cannot follow
+    with pytest.raises(CheckpointError, match="adapter_config.json is not valid JSON"):
+        load_checkpoint(folder, base=bert_base())
+    (folder / "adapter_config.json").write_text(json.dumps({**config(), "pad": "x" * adapters.MAX_ADAPTER_CONFIG_BYTES}))
+    with pytest.raises(CheckpointError, match=r"adapter_config.json is 1.0 MiB, more than the 1 MiB"):
+        load_checkpoint(folder, base=bert_base())
+    (folder / "adapter_config.json").write_text(json.dumps(config(rank_pattern={f"p{i}": 2 for i in range(5000)})))
+    with pytest.raises(CheckpointError, match=r"rank_pattern has 5,000 entries, more than 4,096"):
+        load_checkpoint(folder, base=bert_base())
+    link = zipfile.ZipInfo("adapter_config.json")
+    link.external_attr = 0o120777 << 16                                        # a symbolic link to /etc/passwd
+    with zipfile.ZipFile(tmp_path / "link.zip", "w") as z:
+        z.writestr(link, "/etc/passwd")
+        z.writestr("adapter_model.safetensors", b"x")
+    with pytest.raises(CheckpointError, match="'adapter_config.json' is a symbolic link; refused"):
+        load_checkpoint(tmp_path / "link.zip", base=bert_base())
