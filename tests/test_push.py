@@ -184,3 +184,37 @@ def test_session_push_checks_before_writing_the_folder(sess, env):
     out = S.push_merged(sess, "user/merge", token="hf_visitor", api=api, stored_token=False)
     assert "README.md" in out["files"] and api.calls[0] == ("whoami", {"token": "hf_visitor"})
     assert api.calls[2][1]["folder_path"] == str(S.export_folder(sess)[0])
+
+
+def test_the_export_view_over_http(pool, env, tmp_path):
+    """The Export view's folder button answers a .zip of the folder; its push button refuses without a token,
+    naming why, and never lends the server's login on a public Space."""
+    gradio_client = pytest.importorskip("gradio_client")
+    import os
+    import zipfile
+    from esm_core.merging import METHODS
+    from fake_pool import launch_app
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    demo, url = launch_app(lambda: pool)
+    try:
+        c = gradio_client.Client(url, verbose=False, download_files=str(tmp_path))
+        c.predict(api_name="/init")
+        with pytest.raises(Exception, match="merge first"):
+            c.predict(api_name="/export_folder")
+        vals = [[t for t in p.default.split(",") if t]            # the app's multi-select takes a list
+                if m.name == "esm" and p.name == "esd_types" and isinstance(p.default, str) else p.default
+                for m in METHODS.values() for p in m.params]      # every method's parameters, schema order
+        c.predict("ta", *vals, api_name="/merge")
+        path, note, shown = c.predict(api_name="/export_folder")
+        assert path.endswith(".zip") and "Model folder of merge #1" in note and shown["format"] == "open_clip"
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        assert any(n.endswith("/README.md") for n in names) and any(n.endswith("/merge_recipe.json") for n in names)
+        with pytest.raises(Exception, match="no Hugging Face token"):
+            c.predict("user/merge", "", True, api_name="/export_push")
+        env.setenv("SPACE_ID", "someone/esm-studio")
+        env.setenv("HF_TOKEN", "hf_the_servers")
+        with pytest.raises(Exception, match="paste your own"):
+            c.predict("user/merge", "", True, api_name="/export_push")
+    finally:
+        demo.close()
