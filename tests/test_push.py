@@ -186,6 +186,7 @@ def test_session_push_checks_before_writing_the_folder(sess, env):
     assert api.calls[2][1]["folder_path"] == str(S.export_folder(sess)[0])
 
 
+@pytest.mark.slow                    # launches the app: ~25 s on the shared machine
 def test_the_export_view_over_http(pool, env, tmp_path):
     """The Export view's folder button answers a .zip of the folder; its push button refuses without a token,
     naming why, and never lends the server's login on a public Space."""
