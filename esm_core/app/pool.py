@@ -12,6 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from esm_core.pools.heads import HeadSource, head_warning
+from esm_core.pools.hf_vit_pool import is_hf_vit_config
 from esm_core.pools.text_data import MissingData
 from esm_core.pools.upload_text import TEXT_EXTS, TOKENIZER_FILES
 
@@ -304,6 +305,14 @@ def make_handlers(ui):
                                       tokenizer_files=tok, progress=progress_fn(progress, s))
             return _done(s, "the uploaded text pool", t0)
         zips = {short_name(p): p for p in data}
+        if is_hf_vit_config(config):                    # Hugging Face ViT classifiers: each task's own classifier
+            if head_files or head_names or templates is not None:
+                raise ValueError("head files and templates.txt are not read for a ViT classifier upload: each "
+                                 "task's head is its checkpoint's own classifier")
+            studio.session.load_uploaded_hf_vit(s, file_path(base_file), dict(zip(names, files)), zips,
+                                                config=config, preprocessor=preprocessor,
+                                                progress=progress_fn(progress, s))
+            return _done(s, "the uploaded ViT classifier pool", t0)
         hw = int(head_width) if head_width else None
         studio.load_uploaded(s, file_path(base_file), dict(zip(names, files)), zips, arch=arch, config=config,
                              preprocessor=preprocessor, head_width=hw, normalisation=normalisation or None,

@@ -45,6 +45,7 @@ from ..models import family_or_vit
 from ..models.roles import MATRIX
 from ..pools import text_build
 from ..pools.demo import DEMO_DIR, load_demo_pool
+from ..pools.hf_vit_pool import hf_vit_pool_from_upload
 from ..pools.text_pool import load_text_task_pool
 from ..pools.upload import pool_from_upload
 from ..pools.upload_text import text_pool_from_upload
@@ -639,6 +640,20 @@ def load_uploaded_text(s: Session, base_path, task_paths, text_files, *, config,
     check_memory(sum(sizes), base_size, f"this upload ({len(sizes)} files)")
     return _load_upload(s, lambda keep: text_pool_from_upload(
         base_path, task_paths, text_files, config, tokenizer_files, progress=progress, keep_dir=keep,
+        memory_budget=memory_budget(), working_copies=WORKING_COPIES))
+
+
+def load_uploaded_hf_vit(s: Session, base_path, task_paths, image_zips, *, config, preprocessor=None,
+                         progress: Progress | None = None) -> dict:
+    """A pool of Hugging Face ViT image classifiers from uploads
+    (:func:`esm_core.pools.hf_vit_pool.hf_vit_pool_from_upload`) made the session's pool; refused as image
+    uploads are (the previous pool stays, nothing left behind)."""
+    paths = list(task_paths.values()) if isinstance(task_paths, dict) else list(task_paths or [])
+    sizes = [Path(p).stat().st_size for p in [base_path, *paths] if p is not None and Path(p).is_file()]
+    base_size = Path(base_path).stat().st_size if base_path is not None and Path(base_path).is_file() else 0
+    check_memory(sum(sizes), base_size, f"this upload ({len(sizes)} checkpoint files)")
+    return _load_upload(s, lambda keep: hf_vit_pool_from_upload(
+        base_path, task_paths, image_zips, config, preprocessor, progress=progress, keep_dir=keep,
         memory_budget=memory_budget(), working_copies=WORKING_COPIES))
 
 
