@@ -450,3 +450,16 @@ def test_a_refused_vit_upload_names_the_problem_and_leaves_nothing_behind(upload
         hp.hf_vit_pool_from_upload(u["base"], u["tasks"], u["zips"], {**u["config"], "hidden_act": "bad"})
     assert read == [u["base"]] * 2
     assert not keep.exists()
+
+
+def test_an_esmpp_file_of_the_vit_pool_rebuilds_its_model_without_the_pool(pool, tmp_path):
+    from esm_core.esmpp import load_routed, save_esmpp
+    merged = esm_core.merge("ta", pool.base, pool.tasks, alpha=0.3, device="cpu")
+    routed = build_routed(merged, _random_experts(pool, seed=3), pool.build_model)
+    assert routed.config["family"] == "hf_vit" and routed.config["model_config"]["hidden_size"] == 32
+    path = save_esmpp(tmp_path / "vit-esmpp.safetensors", routed.merged_sd, routed.experts, routed.config)
+    back = load_routed(path)                                      # the family rebuilds it from the file alone
+    x, _ = pool.inputs("b", "test")
+    with torch.no_grad():
+        for mode in ("route", "oracle"):
+            assert torch.equal(back(x, true_task="b", mode=mode), routed(x, true_task="b", mode=mode)), mode
