@@ -396,3 +396,34 @@ def test_a_hugging_face_clip_base_with_its_text_tower_gives_the_zero_shot_head(t
     pool, notes = _upload(tmp_path, zips, config=no_text, preprocessor={"image_mean": [0.5] * 3,
                                                                          "image_std": [0.5] * 3})
     assert pool.meta["head_sources"]["a"] == "class means" and any("no text_config" in n for n in notes)
+
+
+# ----------------------------------------------------------------------------- the Pool view over HTTP
+def test_the_pool_view_takes_heads_and_templates_with_the_data_and_lists_each_tasks_head(tiny_clip, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio_client
+    from fake_pool import launch_app, make_fake_pool
+    d, _, cfg = tiny_clip
+    x, y = _images(2, 13)
+    files = [_plain_zip(tmp_path / f"{t}.zip", x, y) for t in "ab"]
+    files.append(_head_file(tmp_path / "a.head.safetensors", torch.randn(3, 16), CLASSES))
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\n")
+    files.append(tmp_path / "templates.txt")
+    (tmp_path / "model.json").write_text(json.dumps(cfg))
+    fake = make_fake_pool()
+    demo, url = launch_app(lambda: fake)
+    try:
+        c = gradio_client.Client(url, verbose=False)
+        h = gradio_client.handle_file
+        c.predict(api_name="/init")
+        c.predict(h(str(d / "base.safetensors")), [h(str(d / "a.safetensors")), h(str(d / "b.safetensors"))], "",
+                  [h(str(f)) for f in files], "auto", [h(str(tmp_path / "model.json"))], 0, "",
+                  api_name="/load_upload")
+        md, table, _, _ = c.predict(api_name="/load_upload_view")
+        cols = table["headers"]
+        rows = {r[0]: dict(zip(cols, r)) for r in table["data"]}
+        assert rows["a"]["head"] == "uploaded" and rows["b"]["head"] == "zero-shot"
+        assert rows["a"]["splits"].startswith("seeded 50 / 50 per class") and "not comparable" not in md
+    finally:
+        demo.close()
