@@ -198,3 +198,78 @@ def test_the_numerical_contract_is_cited_inside_the_repository():
              for line in p.read_text().splitlines() if "methods §" in line}
     headings = {line[4] for line in (repo / "docs" / "methods.md").read_text().splitlines() if line.startswith("## §")}
     assert cited and cited <= headings            # every cited section exists in docs/methods.md
+
+
+# ---------------------------------------------------------------- model families stay below esm_core.models
+#
+# Everything that depends on the kind of model lives in esm_core/models/ (one module per family, the protocol of
+# esm_core/models/protocol.py); code above it reaches a model through that protocol only. So no string literal
+# above models/ may hold a family's key names (docstrings and comments may mention them).
+FAMILY_KEY_STRINGS = ("visual.", "resblocks", "encoder.layer", "transformer.layer", "in_proj", "c_fc", "c_proj",
+                      "out_proj", "conv1", "attention.self", "vision_model", "q_lin", "q_proj", "intermediate.dense",
+                      "layernorm_before", "pre_classifier")
+# The layers below esm_core.models (they cannot call a family; checkpoints reads files of any family).
+BELOW_MODELS = ("esm_core", "esm_core.settings", "esm_core.progress", "esm_core.errors", "esm_core.device",
+                "esm_core.pickled", "esm_core.lazy", "esm_core.checkpoints", "esm_core.adapters", "esm_core.schemas")
+# Places that still name a family's keys above models/, each with the reason it cannot go through the protocol yet.
+KEY_STRING_EXCEPTIONS: dict[str, str] = {}
+
+
+def _string_literals(tree: ast.AST) -> list[tuple[int, str]]:
+    """``[(line, text)]`` of the string constants of ``tree`` (f-string parts included), docstrings left out."""
+    docs = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docs.add(id(first.value))
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def _family_key_strings(mods: dict[str, Path]) -> list[str]:
+    out = []
+    for mod, path in sorted(mods.items()):
+        if mod == "esm_core.models" or mod.startswith("esm_core.models.") or mod in BELOW_MODELS \
+                or mod.startswith("esm_core.adapters.") or mod in KEY_STRING_EXCEPTIONS:
+            continue
+        for line, text in _string_literals(ast.parse(path.read_text())):
+            hits = [s for s in FAMILY_KEY_STRINGS if s in text]
+            if hits:
+                where = path.relative_to(ROOT.parent) if path.is_relative_to(ROOT.parent) else path.name
+                out.append(f"{where}:{line} {hits[0]!r} in {text[:60]!r}")
+    return out
+
+
+def test_the_key_string_check_finds_a_planted_key(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text('"""Docstrings may say visual.transformer.resblocks."""\n'
+                       'def f(sd):\n    """nor here: mlp.c_fc"""\n    return sd["visual.conv1.weight"], f"{sd}.c_fc"\n')
+    found = _family_key_strings({"esm_core.studio.planted": planted})
+    assert [f.split(" ", 1)[1][:10] for f in found] == ["'visual.' ", "'c_fc' in "]
+    assert all(":4 " in f for f in found)
+
+
+def test_no_family_key_names_above_the_models_package():
+    """A new model family is one module in esm_core/models/ plus one line in models.FAMILIES: nothing above
+    models/ may know a family's key names (it calls the family protocol instead)."""
+    assert _family_key_strings(MODS) == []
+    stale = [m for m in KEY_STRING_EXCEPTIONS if m not in MODS]
+    assert stale == []                                   # an exception for a module that no longer exists
+
+
+def test_every_registered_family_provides_the_protocol():
+    from esm_core import models
+    from esm_core.models.protocol import REQUIRED, check_family
+    assert set(models.FAMILIES) >= {"openclip_vit", "bert"}
+    for name, fam in models.FAMILIES.items():
+        assert check_family(fam) is fam and fam.NAME == name
+        assert isinstance(fam.DESCRIPTION, str) and fam.DESCRIPTION and "\n" not in fam.DESCRIPTION
+        assert set(fam.ESD_TYPES) <= set(fam.LAYER_TYPES) and set(fam.ROUTED_TYPES) <= set(fam.LAYER_TYPES)
+        assert set(fam.PROBED_TYPES) <= set(fam.LAYER_TYPES)
+    import types
+    lacking = types.ModuleType("lacking")
+    lacking.NAME = "lacking"
+    with pytest.raises(ValueError, match="lacks .*'matches'"):
+        check_family(lacking)
+    assert {"build_model", "record_points", "route", "sample_mask", "convert", "module_key"} <= set(REQUIRED)

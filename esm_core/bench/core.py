@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 
 from ..device import resolve_device, trim_heap
 from ..merging import METHODS, merge_updates
+from ..models import openclip_vit as vit
 from .esm_rows import esm_jobs
 from .jobs import FULL_BLOCKS, HEADS, IMAGE, MLP, OUT_DIM, PATCH, TOKENS, WIDTH, Job  # noqa: F401
 
@@ -70,28 +71,7 @@ def vit_shapes(model: str = "ViT-B-32", blocks: int | None = None) -> dict[str, 
     blocks = cfg["blocks"] if blocks is None else blocks
     if blocks < 0:
         raise ValueError(f"blocks must be >= 0, got {blocks}")
-    w, patch, mlp = cfg["width"], cfg["patch"], cfg["mlp"]
-    tokens = (cfg["image"] // patch) ** 2 + 1
-    shapes: dict[str, tuple[int, ...]] = {
-        "visual.class_embedding": (w,),
-        "visual.positional_embedding": (tokens, w),
-        "visual.proj": (w, cfg["out_dim"]),
-        "visual.conv1.weight": (w, 3, patch, patch),
-        "visual.ln_pre.weight": (w,),
-        "visual.ln_pre.bias": (w,),
-    }
-    for i in range(blocks):
-        p = f"visual.transformer.resblocks.{i}."
-        shapes.update({
-            p + "ln_1.weight": (w,), p + "ln_1.bias": (w,),
-            p + "attn.in_proj_weight": (3 * w, w), p + "attn.in_proj_bias": (3 * w,),
-            p + "attn.out_proj.weight": (w, w), p + "attn.out_proj.bias": (w,),
-            p + "ln_2.weight": (w,), p + "ln_2.bias": (w,),
-            p + "mlp.c_fc.weight": (mlp, w), p + "mlp.c_fc.bias": (mlp,),
-            p + "mlp.c_proj.weight": (w, mlp), p + "mlp.c_proj.bias": (w,),
-        })
-    shapes.update({"visual.ln_post.weight": (w,), "visual.ln_post.bias": (w,)})
-    return shapes
+    return vit.tower_shapes(cfg["width"], cfg["patch"], cfg["mlp"], cfg["image"], cfg["out_dim"], blocks)
 
 
 def vit_b32_shapes(blocks: int = FULL_BLOCKS) -> dict[str, tuple[int, ...]]:

@@ -99,7 +99,7 @@ def run_merge(base_path: str, tasks: dict[str, str], method: str, params: dict, 
     if visual:
         base = visual_only(base)
         if not base:
-            raise ValueError(f"--visual-only: base {base_path} has no visual.* keys")
+            raise ValueError(f"--visual-only: base {base_path} has no image-tower keys")
     task_sds = {}
     for name, path in tasks.items():
         lazy = _lazy(path) if not visual else None
@@ -368,7 +368,7 @@ def add_cli(subparsers) -> None:
                    help="for a folder: the open_clip model name or config .json (image models), or the "
                         "config.json of a text model (default: the one next to --base, with its tokenizer files)")
     p.add_argument("--visual-only", action="store_true",
-                   help="merge and save only the visual.* tower (drops the text tower of full CLIP checkpoints)")
+                   help="merge and save only the image tower (drops the text tower of full CLIP checkpoints)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stderr")
     p.set_defaults(func=cmd_merge)

@@ -110,9 +110,9 @@ def build_experts(merged_sd: Mapping[str, torch.Tensor], tasks: Mapping[str, Map
         raise ValueError("no task checkpoints given: ESM++ needs at least one task")
     keys = list(routed_keys) if routed_keys is not None else routed_keys_of(merged_sd)
     if not keys:
-        raise ValueError("no routed layers: the merged state dict has none of its family's routed layer types "
-                         "(open_clip ViT: attn.in_proj_weight / mlp.c_fc.weight; BERT family: Q, K, V, "
-                         "intermediate) — pass routed_keys= for other models")
+        kinds = "; ".join(f"{f.NAME}: {', '.join(f.ROUTED_TYPES)}" for f in models.FAMILIES.values())
+        raise ValueError(f"no routed layers: the merged state dict has none of its family's routed layer types "
+                         f"({kinds}) — pass routed_keys= for other models")
     dev = resolve_device(device)
     A, B, protos = {}, {}, {}
     with scipy_threads(dev):          # SciPy's eigh / products carry the threads (-13 % on 2 cores)

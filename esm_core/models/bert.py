@@ -667,6 +667,31 @@ def load_own(model: torch.nn.Module, task: Mapping[str, torch.Tensor]) -> None:
             p.copy_(v.to(p.device, p.dtype))
 
 
+# ---------------------------------------------------------------- sequence-classification heads
+
+# (first layer, second layer, activation) of each family's sequence-classification head, without the prefix
+SEQUENCE_HEADS = (("pooler.dense", "classifier", "tanh"),                        # BERT, MiniLM
+         ("classifier.dense", "classifier.out_proj", "tanh"),           # RoBERTa
+         ("pre_classifier", "classifier", "relu"))                      # DistilBERT
+
+
+def sequence_head(sd: Mapping[str, torch.Tensor], task: str) -> dict:
+    """The task's own classification head (two layers and their activation) from its checkpoint."""
+    bare = {strip_prefix(k): v for k, v in sd.items()}
+    for first, second, act in SEQUENCE_HEADS:
+        keys = [f"{first}.weight", f"{first}.bias", f"{second}.weight", f"{second}.bias"]
+        if all(k in bare for k in keys):
+            w1, b1, w2, b2 = (bare[k].float() for k in keys)
+            if w1.ndim != 2 or w2.ndim != 2 or w2.shape[1] != w1.shape[0] or b1.shape != (w1.shape[0],) \
+                    or b2.shape != (w2.shape[0],):
+                raise ValueError(f"task {task!r}: its classification head has inconsistent shapes "
+                                 f"({first}: {tuple(w1.shape)}, {second}: {tuple(w2.shape)})")
+            return {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "act": act}
+    raise ValueError(f"task {task!r}: its checkpoint has no sequence-classification head (BERT: pooler.dense + "
+                     "classifier, RoBERTa: classifier.dense + classifier.out_proj, DistilBERT: pre_classifier + "
+                     "classifier) — upload the *ForSequenceClassification checkpoint of each task")
+
+
 # ---------------------------------------------------------------- the family protocol (models/protocol.py)
 
 DESCRIPTION = "Hugging Face BERT-family text encoder (BERT, RoBERTa, DistilBERT, MiniLM; methods §8)"

@@ -15,6 +15,7 @@ explicitly to :func:`esm_core.merge`.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -292,6 +293,76 @@ def normalise_images(raw: np.ndarray, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return ((x - m) / sd).contiguous()
+
+
+# ---------------------------------------------------------------- reading a tower's shapes (uploads)
+
+def infer_config(sd: Mapping[str, torch.Tensor], head_width: int) -> dict:
+    """An open_clip model config whose image tower fits the ``visual.*`` state dict ``sd``.
+
+    Width, patch size, image size, depth, MLP ratio and output dimension are read
+    from the shapes; the attention head width cannot be, so it must be given.
+    """
+    try:
+        conv = sd["visual.conv1.weight"]
+        pos = sd["visual.positional_embedding"]
+    except KeyError as e:
+        raise ValueError(f"cannot infer the architecture: the checkpoint has no {e.args[0]!r}") from None
+    if conv.ndim != 4 or pos.ndim != 2:
+        raise ValueError("cannot infer the architecture: conv1.weight must be 4-D and positional_embedding 2-D")
+    width, patch = int(conv.shape[0]), int(conv.shape[-1])
+    grid = int(round(math.sqrt(max(pos.shape[0] - 1, 0))))
+    if grid < 1 or grid * grid != pos.shape[0] - 1:
+        raise ValueError(f"cannot infer the image size: {pos.shape[0]} positional embeddings is not 1 + a square")
+    layers = len({block_index(k) for k in sd if block_index(k) is not None})
+    if layers == 0:
+        raise ValueError("cannot infer the architecture: no transformer blocks (visual.transformer.resblocks.*)")
+    if head_width < 1 or width % head_width:
+        raise ValueError(f"attention head width {head_width} does not divide the width {width}")
+    fc = sd.get("visual.transformer.resblocks.0.mlp.c_fc.weight")
+    mlp_ratio = float(fc.shape[0]) / width if fc is not None and width else 4.0
+    embed = int(sd["visual.proj"].shape[1]) if "visual.proj" in sd and sd["visual.proj"].ndim == 2 else width
+    return {"embed_dim": embed, "quick_gelu": True,
+            "vision_cfg": {"image_size": grid * patch, "layers": layers, "width": width, "patch_size": patch,
+                           "head_width": int(head_width), "mlp_ratio": mlp_ratio}}
+
+
+def feature_width(sd: Mapping[str, torch.Tensor]) -> int:
+    """The width of the tower's features (what a head reads): ``visual.proj``'s output, else the tower's width."""
+    proj = sd.get("visual.proj")
+    return int(proj.shape[1]) if proj is not None and proj.ndim == 2 else int(sd["visual.conv1.weight"].shape[0])
+
+
+def tower_state(visual: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A built tower's state under the pool's ``visual.*`` keys (detached CPU copies)."""
+    return {state_key(k): v.detach().cpu().clone() for k, v in visual.state_dict().items()}
+
+
+def tower_shapes(width: int, patch: int, mlp: int, image: int, out_dim: int, blocks: int) -> dict[str, tuple[int, ...]]:
+    """Key → shape of an open_clip image tower (open_clip's key order) with ``blocks`` blocks, written out (no
+    open_clip call: the benchmark's synthetic checkpoints)."""
+    w = width
+    tokens = (image // patch) ** 2 + 1
+    shapes: dict[str, tuple[int, ...]] = {
+        "visual.class_embedding": (w,),
+        "visual.positional_embedding": (tokens, w),
+        "visual.proj": (w, out_dim),
+        "visual.conv1.weight": (w, 3, patch, patch),
+        "visual.ln_pre.weight": (w,),
+        "visual.ln_pre.bias": (w,),
+    }
+    for i in range(blocks):
+        p = f"visual.transformer.resblocks.{i}."
+        shapes.update({
+            p + "ln_1.weight": (w,), p + "ln_1.bias": (w,),
+            p + "attn.in_proj_weight": (3 * w, w), p + "attn.in_proj_bias": (3 * w,),
+            p + "attn.out_proj.weight": (w, w), p + "attn.out_proj.bias": (w,),
+            p + "ln_2.weight": (w,), p + "ln_2.bias": (w,),
+            p + "mlp.c_fc.weight": (mlp, w), p + "mlp.c_fc.bias": (mlp,),
+            p + "mlp.c_proj.weight": (w, mlp), p + "mlp.c_proj.bias": (w,),
+        })
+    shapes.update({"visual.ln_post.weight": (w,), "visual.ln_post.bias": (w,)})
+    return shapes
 
 
 # ---------------------------------------------------------------- the family protocol (models/protocol.py)

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from ..progress import Progress
 from .. import settings
 from ..checkpoints import save_safetensors
-from ..models.openclip_vit import build_visual_tower, normalise_images, register_model_config
+from ..models.openclip_vit import build_visual_tower, normalise_images, register_model_config, tower_state
 from . import image_data as D
 from .taskpool import TaskPool, cosine_head
 
@@ -273,7 +273,7 @@ def _accuracy(visual, head: torch.Tensor, x_u8: np.ndarray, y: np.ndarray, devic
 
 
 def _sd(visual) -> dict[str, torch.Tensor]:
-    return {f"visual.{k}": v.detach().cpu().clone() for k, v in visual.state_dict().items()}
+    return tower_state(visual)
 
 
 def _package_info(dist: str) -> tuple[str, str]:

@@ -20,6 +20,7 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from ..progress import Progress, reporter
 from .. import settings
 from ..checkpoints import load_checkpoint
+from ..models import openclip_vit as vit
 from .taskpool import TaskPool
 
 
@@ -293,10 +294,10 @@ def load_pool(path_or_spec: str | os.PathLike | PoolSpec, *, device: str | torch
                                    **({"force_quick_gelu": True} if spec.quick_gelu else {}))
     full = load_checkpoint(base_file, max_bytes=None)
     missing, unexpected = model.load_state_dict(full, strict=False)
-    if [k for k in missing if k.startswith("visual.")]:
+    if [k for k in missing if vit.module_key(k) != k]:                   # keys of the image tower
         raise PoolFileError(f"base weights {base_file.name} lack image-tower keys: {missing[:5]}")
     model = model.to(device).eval()
-    base = {f"visual.{k}": v.detach().cpu().float().clone() for k, v in model.visual.state_dict().items()}
+    base = {k: v.float() for k, v in vit.tower_state(model.visual).items()}
     tokenizer = open_clip.get_tokenizer(spec.model)
     tasks, heads = {}, {}
     for i, t in enumerate(spec.tasks):

@@ -71,43 +71,11 @@ def _check_image_size(image_size, patch_size: int | None = None, label: str = "u
 
 
 def _visual_keys(sd: dict, name: str) -> dict:
-    """The ``visual.*`` image tower of a checkpoint (bare VisionTransformer dicts get the prefix)."""
-    if any(k.startswith("visual.") for k in sd):
-        return {k: v for k, v in sd.items() if k.startswith("visual.")}
-    if "conv1.weight" in sd and any(k.startswith("transformer.resblocks.") for k in sd):
-        return {f"visual.{k}": v for k, v in sd.items()}
-    raise ValueError(f"{name}: not an open_clip ViT image tower (no 'visual.conv1.weight' / "
-                     f"'transformer.resblocks.*' keys; found e.g. {sorted(sd)[:4]})")
+    """The image tower of a checkpoint under the pool's keys (the open_clip family's ``convert``)."""
+    return vit.convert(sd, name)
 
 
-def infer_vit_config(sd: Mapping[str, torch.Tensor], head_width: int) -> dict:
-    """An open_clip model config whose image tower fits the ``visual.*`` state dict ``sd``.
-
-    Width, patch size, image size, depth, MLP ratio and output dimension are read
-    from the shapes; the attention head width cannot be, so it must be given.
-    """
-    try:
-        conv = sd["visual.conv1.weight"]
-        pos = sd["visual.positional_embedding"]
-    except KeyError as e:
-        raise ValueError(f"cannot infer the architecture: the checkpoint has no {e.args[0]!r}") from None
-    if conv.ndim != 4 or pos.ndim != 2:
-        raise ValueError("cannot infer the architecture: conv1.weight must be 4-D and positional_embedding 2-D")
-    width, patch = int(conv.shape[0]), int(conv.shape[-1])
-    grid = int(round(math.sqrt(max(pos.shape[0] - 1, 0))))
-    if grid < 1 or grid * grid != pos.shape[0] - 1:
-        raise ValueError(f"cannot infer the image size: {pos.shape[0]} positional embeddings is not 1 + a square")
-    layers = len({vit.block_index(k) for k in sd if vit.block_index(k) is not None})
-    if layers == 0:
-        raise ValueError("cannot infer the architecture: no transformer blocks (visual.transformer.resblocks.*)")
-    if head_width < 1 or width % head_width:
-        raise ValueError(f"attention head width {head_width} does not divide the width {width}")
-    fc = sd.get("visual.transformer.resblocks.0.mlp.c_fc.weight")
-    mlp_ratio = float(fc.shape[0]) / width if fc is not None and width else 4.0
-    embed = int(sd["visual.proj"].shape[1]) if "visual.proj" in sd and sd["visual.proj"].ndim == 2 else width
-    return {"embed_dim": embed, "quick_gelu": True,
-            "vision_cfg": {"image_size": grid * patch, "layers": layers, "width": width, "patch_size": patch,
-                           "head_width": int(head_width), "mlp_ratio": mlp_ratio}}
+infer_vit_config = vit.infer_config     # an open_clip config read from a tower's shapes (the family knows its keys)
 
 
 def _same_shapes(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
@@ -636,8 +604,7 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     # every zip is listed (nothing inflated) and every uploaded head read and checked, then the whole upload's
     # memory checked, before any task checkpoint is read or any image decoded
     plans = {n: list_image_zip(image_zips[n], n) for n in names if n in image_zips}
-    width = (int(base["visual.proj"].shape[1]) if base.get("visual.proj") is not None and base["visual.proj"].ndim == 2
-             else int(base["visual.conv1.weight"].shape[0]))
+    width = vit.feature_width(base)
     text_cfg, text_note = _text_config(arch, config, cfg, text)
     sources, uploaded = {}, {}
     for n in names:

@@ -75,10 +75,8 @@ TOKENIZER_CLASSES = {"BertTokenizer", "BertTokenizerFast", "DistilBertTokenizer"
                      "CamembertTokenizer", "CamembertTokenizerFast", "MPNetTokenizer", "MPNetTokenizerFast",
                      "PreTrainedTokenizerFast", "TokenizersBackend"}
 
-# (first layer, second layer, activation) of each family's sequence-classification head, without the prefix
-HEADS = (("pooler.dense", "classifier", "tanh"),                        # BERT, MiniLM
-         ("classifier.dense", "classifier.out_proj", "tanh"),           # RoBERTa
-         ("pre_classifier", "classifier", "relu"))                      # DistilBERT
+HEADS = bert.SEQUENCE_HEADS          # the family's sequence-classification head layouts
+task_head = bert.sequence_head      # a task's own head from its checkpoint
 
 
 def _bounded_read(path, limit: int, what: str) -> bytes:
@@ -183,23 +181,6 @@ def read_labelled_text(path, task: str) -> tuple[list[str], np.ndarray]:
 
 def _refuse_constant(name: str):
     raise ValueError(f"non-finite number {name}")
-
-
-def task_head(sd: Mapping[str, torch.Tensor], task: str) -> dict:
-    """The task's own classification head (two layers and their activation) from its checkpoint."""
-    bare = {bert.strip_prefix(k): v for k, v in sd.items()}
-    for first, second, act in HEADS:
-        keys = [f"{first}.weight", f"{first}.bias", f"{second}.weight", f"{second}.bias"]
-        if all(k in bare for k in keys):
-            w1, b1, w2, b2 = (bare[k].float() for k in keys)
-            if w1.ndim != 2 or w2.ndim != 2 or w2.shape[1] != w1.shape[0] or b1.shape != (w1.shape[0],) \
-                    or b2.shape != (w2.shape[0],):
-                raise ValueError(f"task {task!r}: its classification head has inconsistent shapes "
-                                 f"({first}: {tuple(w1.shape)}, {second}: {tuple(w2.shape)})")
-            return {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "act": act}
-    raise ValueError(f"task {task!r}: its checkpoint has no sequence-classification head (BERT: pooler.dense + "
-                     "classifier, RoBERTa: classifier.dense + classifier.out_proj, DistilBERT: pre_classifier + "
-                     "classifier) — upload the *ForSequenceClassification checkpoint of each task")
 
 
 def _check_component(field: str, comp, path: str) -> None:
