@@ -427,3 +427,11 @@ def test_the_pool_view_takes_heads_and_templates_with_the_data_and_lists_each_ta
         assert rows["a"]["splits"].startswith("seeded 50 / 50 per class") and "not comparable" not in md
     finally:
         demo.close()
+
+
+def test_the_text_towers_memory_is_known_from_the_config_before_it_is_built(tiny_clip):
+    from esm_core.models import clip_text
+    _, model, cfg = tiny_clip
+    for c in (cfg, {**cfg, "text_cfg": {**cfg["text_cfg"], "layers": 3, "mlp_ratio": 2.0}}):
+        tower = open_clip.model._build_text_tower(c["embed_dim"], c["text_cfg"], quick_gelu=True)
+        assert clip_text.text_tower_bytes(c) == 4 * sum(p.numel() for p in tower.parameters())

@@ -90,9 +90,10 @@ def text_tower_bytes(cfg: Mapping) -> int:
     """float32 bytes of the config's text tower (what building it costs), from the config alone."""
     c = check_text_config(cfg.get("text_cfg"))
     w, lay = c["width"], c["layers"]
-    ratio = float(c.get("mlp_ratio", 4.0))
-    n = c["vocab_size"] * w + c["context_length"] * w + lay * (4 * w * w + 2 * ratio * w * w + 13 * w)
-    return int(4 * (n + w * int(cfg.get("embed_dim", w))))
+    hidden = int(w * float(c.get("mlp_ratio", 4.0)))
+    block = 4 * w * w + 4 * w + 4 * w + 2 * w * hidden + hidden + w     # attention (in + out), 2 LayerNorms, MLP
+    n = c["vocab_size"] * w + c["context_length"] * w + lay * block + 2 * w + w * int(cfg.get("embed_dim", w))
+    return int(4 * n)
 
 
 def tokenizer_for(cfg: Mapping) -> SimpleTokenizer:
