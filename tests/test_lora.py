@@ -604,6 +604,18 @@ def test_the_pool_view_takes_adapter_zips_over_http(pool, tmp_path):
         with pytest.raises(Exception, match="not a PEFT adapter zip — no adapter_config.json"):
             c.predict(h(str(tmp_path / "base.safetensors")), [h(str(paths["colours"])), h(str(tmp_path / "bad.zip"))],
                       "colours, animals", *rest, api_name="/load_upload")
+        # an image pool: open_clip LoRA adapters zipped, beside each task's zip of class folders
+        from fake_pool import tiny_image_zip
+        img = tmp_path / "img"
+        base, folders, _ = _clip_tasks(img)
+        save_safetensors(base, img / "clip.safetensors")
+        (img / "adapters").mkdir()
+        (img / "images").mkdir()
+        ads = [h(str(zip_folder(folders[t], img / "adapters" / f"{t}.zip"))) for t in ("cars", "dtd")]
+        ims = [h(str(tiny_image_zip(img / "images" / f"{t}.zip", size=16))) for t in ("cars", "dtd")]
+        c.predict(h(str(img / "clip.safetensors")), ads, "", ims, "infer", [], 8, "clip", api_name="/load_upload")
+        md, table, _, _ = c.predict(api_name="/load_upload_view")
+        assert [r[0] for r in table["data"]] == ["cars", "dtd"] and "cars.zip: LoRA adapter, 8 module(s)" in md
     finally:
         demo.close()
 
