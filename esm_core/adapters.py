@@ -95,9 +95,11 @@ _SAVED = re.compile(r"\.modules_to_save(?:\.default)?(?=\.)")
 
 
 def is_adapter_path(path: str | os.PathLike) -> bool:
-    """True for what :func:`load_adapter` reads: a folder (an adapter folder) or a ``.zip`` file."""
+    """True for what :func:`load_adapter` reads: a folder (an adapter folder) or a ``.zip`` file — and a missing
+    path without an extension or ending in ``/``, so that it is refused as a missing adapter folder."""
     p = Path(path)
-    return p.is_dir() or p.suffix.lower() == ".zip"
+    missing_folder = not p.exists() and (p.suffix == "" or str(path).endswith(("/", os.sep)))
+    return p.is_dir() or p.suffix.lower() == ".zip" or missing_folder
 
 
 # ---------------------------------------------------------------------------------------------- the config
@@ -626,13 +628,15 @@ def load_adapter(path: str | os.PathLike, base: Mapping[str, torch.Tensor] | Non
     reader); ``max_bytes`` bounds the zip and the weights it declares. Raises :class:`CheckpointError`."""
     p = Path(path)
     name = p.name or str(p)
+    if not p.exists():
+        raise CheckpointError(f"{name}: no such adapter folder or .zip ({p})")
     if base is None:
         raise CheckpointError(f"{name}: a LoRA adapter holds only changes to a base model; it is read together "
                               "with the base checkpoint (give the base)")
     if p.is_dir():
         return _read_folder(p, name, base, read_weights, base_name, notes)
     if not p.is_file():
-        raise CheckpointError(f"{name}: no such file or folder ({p})")
+        raise CheckpointError(f"{name}: not a file or a folder ({p})")
     size = p.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise CheckpointError(f"{name}: file is {_size(size)}, larger than the {_size(max_bytes)} limit")

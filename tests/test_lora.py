@@ -293,6 +293,9 @@ def test_shape_target_and_value_problems_are_refused(tmp_path):
         load_checkpoint(tmp_path / "empty", base=bert_base())
     with pytest.raises(CheckpointError, match=r"only changes to a base model"):
         load_checkpoint(write_adapter(tmp_path / "nobase", config(), ok))
+    for missing in (tmp_path / "gone", f"{tmp_path / 'gone'}/", tmp_path / "gone.zip"):
+        with pytest.raises(CheckpointError, match=r"gone(.zip)?: no such adapter folder or .zip"):
+            load_checkpoint(missing, base=bert_base())
 
 
 def test_a_pickle_that_runs_code_is_refused_in_adapter_model_bin(tmp_path):
