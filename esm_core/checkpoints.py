@@ -9,6 +9,8 @@ with open_clip key names, whatever it was written as:
 - ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt``: ``torch.load(weights_only=True)``.
   Containers such as ``{"state_dict": …}`` are unwrapped and non-tensor entries
   (a ``model_name`` string, an epoch counter) dropped.
+- a folder or a ``.zip``: a PEFT LoRA adapter (:mod:`esm_core.adapters`), read on ``base=`` as the dense
+  task ``W0 + s·BA`` (methods §1).
 - task_vectors-style files that pickle a whole module (``src.modeling.ImageEncoder``
   holding an open_clip CLIP): every class the pickle names is replaced by an
   inert stub, the pickle is read with the weights-only unpickler, and the
