@@ -82,3 +82,62 @@ def test_extension_never_passes_the_library_bound(monkeypatch):
     info = {}
     best, curve = A.search(lambda a: a, "tsv_m", info=info)
     assert best == pytest.approx(ALPHA_LIMIT) and max(a for a, _ in curve) <= ALPHA_LIMIT and info["at_edge"]
+
+
+# ---------------------------------------------------------------- the public API, end to end
+
+def test_public_api_names_load_without_torch_until_used():
+    import subprocess
+    import sys
+    code = ("import sys, esm_core; assert 'torch' not in sys.modules; "
+            "assert {'probe_pool', 'merge_pool', 'task_model', 'build_esmpp', 'evaluate_routed', "
+            "'routing_accuracy', 'load_text_pool', 'proxy_pool'} <= set(esm_core.__all__); "
+            "esm_core.merge_pool; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_public_api_walks_probe_merge_esmpp_evaluate_on_a_tiny_pool(tmp_path):
+    import esm_core as esm
+    from fake_pool import make_fake_pool
+    pool = make_fake_pool()
+    stats = esm.probe_pool(pool, n=16, seed=0, device="cpu")
+    assert set(stats["tasks"]) == set(pool.task_names) and stats["n"] == 16
+    merged = esm.merge_pool(pool, "esm", {"alpha": 0.8}, stats=stats, device="cpu")
+    direct = esm.merge("esm", pool.base, pool.tasks, stats=stats, alpha=0.8, device="cpu")
+    assert set(merged) == set(direct) == set(pool.base)
+    for k in merged:                        # the app's route (U0 + α·slope) and a direct merge agree
+        torch.testing.assert_close(merged[k], direct[k], rtol=1e-5, atol=1e-6)
+    accs = esm.evaluate(pool, merged, device="cpu")
+    assert list(accs) == pool.task_names and all(0.0 <= a <= 1.0 for a in accs.values())
+    own = esm.task_model(merged, pool.tasks["alpha"])             # an image tower has no own keys
+    assert all(own[k] is merged[k] for k in merged)
+    routed = esm.build_esmpp(pool, stats, rank=4, alpha=0.8, device="cpu")
+    r_accs, log = esm.evaluate_routed(pool, routed)
+    per_layer = esm.routing_accuracy(log)
+    assert list(r_accs) == pool.task_names and per_layer.shape == (len(routed.keys),)
+    assert bool(((per_layer >= 0) & (per_layer <= 1)).all())
+    path = esm.save_esmpp(tmp_path / "b.safetensors", routed.merged_sd, routed.experts, routed.config)
+    again = esm.load_routed(path, lambda sd: pool.build_model(sd, device="cpu"))
+    x, _ = pool.inputs(pool.task_names[0], "test")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x[:4]), routed(x[:4]))
+
+
+def test_task_model_puts_the_tasks_own_biases_back_on_a_text_merge():
+    transformers = pytest.importorskip("transformers")
+    import esm_core as esm
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16)
+    base = {k: v.detach().clone() for k, v in transformers.BertModel(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    tasks = {t: {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+                 for k, v in base.items()} for t in ("a", "b")}
+    merged = esm.merge("ta", base, tasks, alpha=0.5, device="cpu")
+    bias = "encoder.layer.0.attention.self.query.bias"
+    weight = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(merged[bias], base[bias])                  # what the merged dict silently holds
+    own = esm.task_model(merged, tasks["b"])
+    assert torch.equal(own[bias], tasks["b"][bias]) and own[weight] is merged[weight]
+    with pytest.raises(ValueError, match="lacks its own keys"):
+        esm.task_model(merged, {k: v for k, v in tasks["b"].items() if k != bias})

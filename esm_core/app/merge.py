@@ -6,6 +6,7 @@ import html
 import gradio as gr
 import pandas as pd
 
+from esm_core.evaluation.recipes import pool_difference, proxy_difference, read_recipe
 from esm_core.models import openclip_vit as vit
 
 from .common import (HEAVY, LIGHT, METHODS, TOAST_S, friendly, gpu, need_session, progress_fn, stoppable, studio,
@@ -209,7 +210,6 @@ def recipe_updates(s, path, values: tuple, slices: dict) -> tuple[str, list, str
     known keys only, every value through the method's schema) and refused (ValueError naming the difference) when
     it was made on another pool — other tasks, another pool name, other proxy samples. An ESM++ recipe sets its ESM
     merge (its rank is named in the note). Only controls that change are updated."""
-    from esm_core.evaluation.recipes import pool_difference, proxy_difference, read_recipe
     pool = s.pool
     if pool is None:
         raise ValueError("load a pool first: a recipe sets the controls of a merge of the pool it was made on")

@@ -18,7 +18,7 @@ What ``esm-studio merge --method esm --proxy <task>=<data>`` runs, and the libra
 
 2. :func:`probe_proxy` probes each task inside its own fine-tuned model (:func:`esm_core.probe.probe_pool`,
    the app's probe) and records which samples it used.
-3. :func:`merge_proxy` merges the way the app does: the update at α = 0 and its slope in α
+3. :func:`merge_pool` merges the way the app does: the update at α = 0 and its slope in α
    (:func:`esm_core.evaluation.alpha.affine_updates`), then ``θ0 + U0 + α · slope``. The same pool, proxy
    samples and parameters therefore give the app's merge tensor for tensor.
 
@@ -39,10 +39,13 @@ from PIL import Image, UnidentifiedImageError
 
 from ..progress import Progress, reporter
 from .. import settings
+from .. import models
 from ..merging import apply_updates, get_method
+from ..models.roles import OWN
 from ..merging.esm import new_cache
 from ..pools import upload as U
 from ..pools.taskpool import TaskPool, proxy_ids
+from ..pools.upload_text import text_pool_from_upload
 from ..probe import probe_pool
 from . import alpha as A
 
@@ -225,7 +228,6 @@ def proxy_pool(base_path, task_paths: Mapping[str, str | Path], proxy: Mapping[s
 
 
 def _text_proxy_pool(base_path, task_paths, sources, n, seed, config, tokenizer_files, report):
-    from ..pools.upload_text import text_pool_from_upload
     if config is None or not tokenizer_files:
         raise ValueError("sentences as proxy data need the base's config.json and its tokenizer files "
                          "(--config, --tokenizer)")
@@ -255,14 +257,15 @@ def probe_proxy(pool, *, n: int | None = None, seed: int | None = None, device: 
     return stats
 
 
-def merge_proxy(pool, method: str, params: Mapping[str, Any] | None = None, *, stats=None, cache=None,
+def merge_pool(pool, method: str, params: Mapping[str, Any] | None = None, *, stats=None, cache=None,
                 device: str | torch.device = "auto", progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """The merged state dict of ``pool`` with ``method`` (parameters resolved by its schema; ``stats`` from
     :func:`probe_proxy` for the ESM family), computed as the app computes it: the update at α = 0 and its slope
     (:func:`esm_core.evaluation.alpha.affine_updates`), then ``θ0 + U0 + α · slope``.
 
     For a text pool this is the shared encoder (every merged key) with the *base's* biases and heads in their
-    place: scoring task t needs its own (methods §8) — :func:`esm_core.task_model` gives task t's state."""
+    place: scoring task t needs its own (methods §8) — :func:`task_model` gives task t's state. Any pool works
+    (the demo, the text pool, an upload, :func:`proxy_pool`)."""
     report = reporter(progress)
     m = get_method(method)
     p = m.resolve(dict(params or {}))
@@ -274,3 +277,20 @@ def merge_proxy(pool, method: str, params: Mapping[str, Any] | None = None, *, s
     merged = apply_updates(pool.base, A.UpdatesAt(u0, slope, float(p["alpha"])))
     report(1.0, "merged")
     return merged
+
+
+def task_model(merged: Mapping[str, torch.Tensor], task: Mapping[str, torch.Tensor], *,
+               family: str | None = None) -> dict[str, torch.Tensor]:
+    """Task t's model after a merge: ``merged`` with task t's own values on its OWN keys.
+
+    A merge leaves the keys no method merges (role OWN) at the *base's* values. For BERT-family text encoders
+    those are every bias (methods §8: each task keeps its own biases and its own classifier head), so the merged
+    dict alone is the shared encoder with the base's biases — not what task t is scored with. ``task``: task t's
+    fine-tuned state dict (``pool.tasks[t]``); its head stays in ``pool.heads[t]``. For image towers no key is
+    OWN and this is ``merged`` itself (a new dict, no tensor copied). ``family``: a name of
+    :data:`esm_core.models.FAMILIES` (default: found from the keys)."""
+    roles = models.roles_of(merged, family)
+    missing = [k for k, r in roles.items() if r == OWN and k not in task]
+    if missing:
+        raise ValueError(f"the task's state dict lacks its own keys {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    return {k: (task[k] if roles.get(k) == OWN else v) for k, v in merged.items()}
