@@ -463,3 +463,38 @@ def test_an_esmpp_file_of_the_vit_pool_rebuilds_its_model_without_the_pool(pool,
     with torch.no_grad():
         for mode in ("route", "oracle"):
             assert torch.equal(back(x, true_task="b", mode=mode), routed(x, true_task="b", mode=mode)), mode
+
+
+def test_a_lora_vit_task_equals_the_same_task_given_dense(hf, upload_files, tmp_path):
+    """A PEFT LoRA adapter (made offline with peft on the tiny ViT: q/v/fc1 targets, the classifier in
+    modules_to_save) uploaded as task 'a' gives the pool the dense task W0 + (lora_alpha / r)·BA and its classifier:
+    equal to the adapter merged by peft and uploaded as a dense file."""
+    peft = pytest.importorskip("peft")
+    from esm_core.pools.hf_vit_pool import hf_vit_pool_from_upload
+    u = upload_files
+    torch.manual_seed(5)
+    m = ViTForImageClassification(ViTConfig(**CFG, num_labels=CLASSES["a"])).eval()
+    m.vit.load_state_dict({k: v for k, v in hf["base"].state_dict().items() if not k.startswith("pooler.")})
+    targets = ["q_proj", "v_proj", "fc1"] if hf_vit._native_layout() else ["query", "value", "intermediate.dense"]
+    lm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    lm.save_pretrained(tmp_path / "adapter")
+    dense = lm.merge_and_unload().eval()
+    dense.save_pretrained(tmp_path / "dense")
+    pa, notes_a = hf_vit_pool_from_upload(u["base"], {**u["tasks"], "a": tmp_path / "adapter"}, u["zips"],
+                                          u["config"], u["pre"])
+    pd_, _ = hf_vit_pool_from_upload(u["base"], {**u["tasks"], "a": tmp_path / "dense" / "model.safetensors"},
+                                     u["zips"], u["config"], u["pre"])
+    assert any("LoRA adapter, 6 module(s) of rank 4" in n for n in notes_a)
+    for k, v in pd_.tasks["a"].items():
+        torch.testing.assert_close(pa.tasks["a"][k], v, atol=1e-6, rtol=0)
+    for k in ("weight", "bias"):
+        assert torch.equal(pa.heads["a"][k], pd_.heads["a"][k])
+    x, _ = pa.inputs("a", "test")
+    with torch.no_grad():
+        torch.testing.assert_close(pa.logits("a", pa.build_model(pa.tasks["a"])(x)), dense(pixel_values=x).logits,
+                                   atol=1e-5, rtol=1e-5)

@@ -277,6 +277,13 @@ def _inner_name(key: str) -> str | None:
     return name
 
 
+def installed_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A pool state dict under the names the installed transformers' ``ViTForImageClassification`` gives its
+    modules (``vit.layers.N.attention.q_proj.weight`` with transformers ≥ 5, the pool's own names before): the
+    names a PEFT adapter made with it targets. :func:`convert` maps them back."""
+    return {(PREFIX + n if (n := _inner_name(k)) is not None else k): v for k, v in state_dict.items()}
+
+
 def module_key(key: str) -> str | None:
     """Pool key → parameter name inside the built feature module (:class:`ViTFeatures`: ``model.`` + the
     ``ViTModel``'s own name); None for the heads it does not hold."""

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from .. import settings
+from ..adapters import is_adapter_path
 from ..checkpoints import check_compatible, check_finite, load_checkpoint, save_safetensors
+from ..errors import CheckpointError
 from ..lazy import LazyCheckpoint
 from ..models import hf_vit
 from ..progress import Progress, reporter
@@ -211,6 +213,21 @@ def build_hf_vit_pool(name: str, config: Mapping, base: Mapping[str, torch.Tenso
 
 # ---------------------------------------------------------------- a pool from uploaded files
 
+def _read_task(path, base: Mapping[str, torch.Tensor], base_name: str, notes: list[str]) -> dict:
+    """A task checkpoint: a file (any layout :func:`~esm_core.models.hf_vit.convert` reads), or a PEFT LoRA
+    adapter (folder or .zip: ``W0 + s·BA`` on the base, its ``modules_to_save`` — the classifier — as the task's
+    own tensors). An adapter names the modules as the transformers that made it did: the installed version's
+    names are tried first, then the Hub file layout's (transformers 4)."""
+    if not is_adapter_path(path):
+        return load_checkpoint(path)
+    try:
+        return load_checkpoint(path, base=hf_vit.installed_names(base), base_name=base_name, notes=notes)
+    except CheckpointError as e:
+        if "not in the base" not in str(e) or hf_vit.installed_names(base).keys() == base.keys():
+            raise
+    return load_checkpoint(path, base=base, base_name=base_name, notes=notes)
+
+
 def is_hf_vit_config(config) -> bool:
     """True for an uploaded ``config.json`` of this family (what the Pool view asks before choosing the path)."""
     return isinstance(config, Mapping) and config.get("model_type") == "vit"
@@ -267,11 +284,11 @@ def hf_vit_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], ima
     upload._check_upload_memory(plans, S, 0, base_bytes, 0 if keep_dir is not None else len(names),
                                 upload.upload_memory_budget() if memory_budget is None else int(memory_budget),
                                 working_copies, counts=counts)
-    tasks, heads = {}, {}
+    tasks, heads, notes = {}, {}, []
     for i, t in enumerate(names):
         report(0.05 + 0.45 * i / len(names), f"reading task checkpoint {t}")
         label = f"task {t!r}"
-        raw = load_checkpoint(task_paths[t])
+        raw = _read_task(task_paths[t], base, Path(base_path).name, notes)
         enc, head = hf_vit.split_head(hf_vit.convert(raw, f"{label} ({Path(task_paths[t]).name})"), label,
                                       cfg["hidden_size"])
         del raw
@@ -288,7 +305,7 @@ def hf_vit_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], ima
             tasks[t] = LazyCheckpoint(save_safetensors(tasks[t], Path(keep_dir) / f"task-{i}.safetensors"),
                                       name=label)
     data, class_names = {}, {}
-    notes = [f"family: Hugging Face ViT ({cfg['num_hidden_layers']} layers, width {cfg['hidden_size']}, "
+    notes[:0] = [f"family: Hugging Face ViT ({cfg['num_hidden_layers']} layers, width {cfg['hidden_size']}, "
              f"{S} px / patch {cfg['patch_size']}; from config.json); features: the [CLS] token after the final "
              "layernorm; heads: each task's own classifier, its classes = the zip's class folders sorted by name; "
              f"inputs: resized to {S} px, × {pre['rescale']:.6g}, normalised with mean {list(pre['mean'])} and std "
