@@ -378,6 +378,16 @@ def test_the_dense_task_equals_peft_merge_and_unload(tmp_path):
             r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense", "word_embeddings"],
             rank_pattern={"value": 2}, alpha_pattern={"intermediate.dense": 3}, use_rslora=True, task_type="SEQ_CLS")),
         (vt, "visual.", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["attn", "c_fc", "c_proj"])),
+        # the Llama layout (grouped-query attention: K / V narrower than Q) with its score head, and HF ViT
+        (transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+            hidden_size=D, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=F,
+            vocab_size=V, num_labels=3, pad_token_id=0)), "", peft.LoraConfig(
+            r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"], task_type="SEQ_CLS")),
+        (transformers.ViTForImageClassification(transformers.ViTConfig(
+            hidden_size=D, num_hidden_layers=L, num_attention_heads=2, intermediate_size=F, image_size=16,
+            patch_size=8, num_labels=3)), "", peft.LoraConfig(
+            r=2, lora_alpha=2, target_modules=["q_proj", "v_proj", "o_proj", "fc1", "fc2"], modules_to_save=["classifier"])),
     ]
     for i, (model, prefix, lcfg) in enumerate(cases):
         base = {prefix + k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -391,7 +401,7 @@ def test_the_dense_task_equals_peft_merge_and_unload(tmp_path):
         got = load_checkpoint(tmp_path / f"ad{i}", base=base)
         assert set(got) == set(base) and set(want) == set(base)
         changed = [k for k in base if not torch.equal(want[k], base[k])]
-        assert len(changed) >= 6 and (i != 0 or "classifier.weight" in changed)
+        assert len(changed) >= 6 and (i != 0 or "classifier.weight" in changed) and (i != 2 or "score.weight" in changed)
         for k in base:
             assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), k
 
