@@ -150,3 +150,32 @@ def test_listing_is_bounded_before_anything_is_decoded(tmp_path, monkeypatch):
         zf.writestr("a/0.png", b"\0" * 1000)                     # a small bomb: 1000 bytes declared
     with pytest.raises(ValueError, match="declares more than"):
         P.list_proxy(z, "t")
+
+
+def test_text_proxy_merge_equals_the_apps_merge_of_the_same_upload(tmp_path):
+    """Text (BERT family): labelled sentences as proxy data, read as the Pool view reads a text upload; the CLI's
+    ESM merge equals the app's merge of the same upload, tensor for tensor."""
+    from test_upload_text import _upload
+    paths, texts, cfg, tok = _upload(tmp_path, "bert")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    s = S.new_session("cpu", live_per_task=8)
+    try:
+        S.load_uploaded_text(s, tmp_path / "base.safetensors", paths, texts, config=cfg, tokenizer_files=tok)
+        S.merge(s, "esm", {"alpha": 0.7})
+        app = apply_updates(s.pool.base, s.current["updates"])
+        app_ids = {t: list(v) for t, v in s.stats["proxy_ids"].items()}
+    finally:
+        S.close(s)
+    out = tmp_path / "text-esm.safetensors"
+    summary = run_proxy_merge(str(tmp_path / "base.safetensors"), {t: str(p) for t, p in paths.items()}, "esm",
+                              {"alpha": 0.7}, {t: str(p) for t, p in texts.items()}, out=str(out),
+                              config=str(tmp_path / "config.json"), device="cpu")
+    assert summary["proxy"]["ids"] == app_ids
+    got = load_file(out)
+    assert set(got) == set(app)
+    for k, v in app.items():
+        assert torch.equal(got[k], v), k
+    again = tmp_path / "again.safetensors"                     # and its recipe repeats it bit for bit
+    assert main(["merge", "--recipe", str(out), "--out", str(again), "--device", "cpu", "--quiet"]) == 0
+    b = load_file(again)
+    assert all(torch.equal(got[k], b[k]) for k in got)
