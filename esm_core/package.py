@@ -102,11 +102,14 @@ def base_of(pool) -> dict:
 def rebuild_info_of(pool) -> dict:
     """What an ESM++ file of ``pool`` records so that its model is rebuilt from the file alone
     (:func:`esm_core.esmpp.io.save_esmpp`'s ``model=``): an open_clip tower's model config (the full dict, also
-    for a registered name) and QuickGELU; text families record theirs when the routed model is built."""
+    for a registered name), QuickGELU and the image normalisation (``preprocess``: mean, std); text families
+    record theirs when the routed model is built."""
     if family_of_pool(pool) != openclip_vit.NAME:
         return {}
     cfg = {k: v for k, v in openclip_vit.model_config(pool.model_name).items() if not k.startswith("_")}
-    return {"family": openclip_vit.NAME, "model_config": cfg, "quick_gelu": getattr(pool, "quick_gelu", None)}
+    return {"family": openclip_vit.NAME, "model_config": cfg, "quick_gelu": getattr(pool, "quick_gelu", None),
+            "preprocess": {"mean": list(getattr(pool, "mean", openclip_vit.CLIP_MEAN)),
+                           "std": list(getattr(pool, "std", openclip_vit.CLIP_STD))}}
 
 
 def model_info_of(pool) -> dict:

@@ -373,15 +373,24 @@ def test_model_card_front_matter_and_accuracy_table(clip_sess):
 def test_image_esmpp_bundle_loads_from_the_file_alone(sess, pool):
     p = S.export_esmpp(sess, rank=4)
     routed = load_routed(p)                               # no build_visual=: the file records the model
-    x = pool.samples("alpha", 4)[0] if hasattr(pool, "samples") else None
+    x = pool.samples("alpha", 4)[0]
     in_session = S.esmpp_model(sess, 4)["model"]
     torch.testing.assert_close(routed(x), in_session(x), rtol=0, atol=1e-6)
     cfg = read_config(p)
     assert cfg["family"] == "openclip_vit" and cfg["model_config"]["vision_cfg"]["width"] == 32
+    # the README's five lines: load a bundle, route one input
+    from esm_core.models.openclip_vit import normalise_images
+    model = load_routed(p)
+    one = normalise_images(pool.data["beta"]["test"][0][:1], **model.config["preprocess"])
+    features = model(one)
+    routed_to = model.tasks[model.last_log.chosen[0, -1]]
+    assert routed_to in pool.task_names and features.shape == (1, FAKE_CONFIG["embed_dim"])
+    torch.testing.assert_close(one, pool.normalise(pool.data["beta"]["test"][0][:1]), rtol=0, atol=0)
+    torch.testing.assert_close(features, in_session(one), rtol=0, atol=1e-6)
     # an older bundle without it still gets the clear error
     from esm_core.esmpp.io import load_esmpp, save_esmpp
     merged, experts, old = load_esmpp(p)
-    old = {k: v for k, v in old.items() if k not in ("family", "model_config", "quick_gelu", "esmpp")}
+    old = {k: v for k, v in old.items() if k not in ("family", "model_config", "quick_gelu", "preprocess", "esmpp")}
     q = save_esmpp(p.with_name("old.safetensors"), merged, experts, old)
     with pytest.raises(CheckpointError, match="build_visual="):
         load_routed(q)
