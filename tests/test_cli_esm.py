@@ -108,6 +108,12 @@ def test_esmpp_bundle_from_the_command_line(files, tmp_path):
     ref = load_file(esm)
     for k, v in ref.items():                                   # its static part is the ESM merge at that α
         torch.testing.assert_close(merged[k].float(), v, rtol=1e-5, atol=1e-6)
+    from esm_core.esmpp import load_routed                     # and it loads from the file alone
+    pool = files["pool"]
+    routed = load_routed(out)
+    x, _ = pool.inputs(pool.task_names[0], "test")
+    with torch.no_grad():
+        assert routed(x[:4]).shape == (4, 16)
 
 
 def test_refusals_name_what_is_wrong_before_the_work(files, tmp_path, capsys):

@@ -247,7 +247,8 @@ def run_proxy_merge(base_path: str, tasks: dict[str, str], method: str, params: 
                              alpha=resolved["alpha"], esm_params=resolved, device=device, cache=cache, check=False,
                              progress=lambda f, d: report(0.5 + 0.5 * f, d))
         recipe["params"] = {**resolved, **own}
-        save_esmpp(out, routed.merged_sd, routed.experts, {**routed.config, "recipe": recipe})
+        save_esmpp(out, routed.merged_sd, routed.experts, {**routed.config, "recipe": recipe},
+                   model=package.rebuild_info_of(pool))          # load_routed rebuilds it from the file alone
         keys = len(routed.keys)
         merged = routed.merged_sd
     else:
