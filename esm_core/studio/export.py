@@ -55,8 +55,10 @@ def _command(s: Session, cur: Mapping) -> str:
         return " ".join(["esm-studio eval --pool", shlex.quote(str(pool.name)), "--method", cur["method"], alpha,
                          *sets])
     tasks = " ".join(f"--task {shlex.quote(str(t))}=<{t} checkpoint>" for t in pool.task_names)
-    return " ".join(["esm-studio merge --base <base checkpoint>", tasks, "--method", cur["method"],
-                     f"--set alpha={float(cur['params']['alpha']):g}", *sets, "--out merged"])
+    proxy = (" ".join(f"--proxy {shlex.quote(str(t))}=<{t} validation data>" for t in pool.task_names)
+             if get_method(cur["method"]).needs_stats else "")
+    return " ".join(x for x in ["esm-studio merge --recipe <this folder> --base <base checkpoint>", tasks, proxy,
+                                "--out merged"] if x)
 
 
 def export_merged(s: Session, dtype: str = "float32") -> Path:
