@@ -296,3 +296,16 @@ def test_shared_results_are_bounded_least_recently_used_first():
     r.put(("rows",), [0.0] * 200)                   # ≈ 8 KB: the small ones make room
     assert r.get(("rows",)) is not None and r.nbytes <= 10_000 and len(r) <= 3
     assert r.get(None) is None and not r.put(None, 1.0)
+
+
+def test_bench_table_shows_the_first_session_and_the_later_ones():
+    from esm_core.bench.text_speed import format_table
+    cfg = {"model": "m", "tasks": 8, "val": 150, "test": 300, "max_length": 64, "threads": 2, "repeat": 2}
+    rows = [{"step": "merge ta", "seconds": 40.0, "cpu_seconds": 80.5, "later_seconds": 2.25, "later_cpu_seconds": 3.5,
+             "runs": [40.0, 2.25]},
+            {"step": "load", "seconds": 1.0, "cpu_seconds": 2.0, "later_seconds": None, "later_cpu_seconds": None,
+             "runs": [1.0]}]
+    lines = format_table({"config": cfg, "rows": rows}).splitlines()
+    assert lines[1].split() == ["step", "first", "s", "CPU", "s", "later", "s", "CPU", "s", "runs", "(s)"]
+    assert lines[2].split() == ["merge", "ta", "40.00", "80.50", "2.25", "3.50", "40.00,", "2.25"]
+    assert lines[3].split() == ["load", "1.00", "2.00", "–", "–", "1.00"]

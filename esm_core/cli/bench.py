@@ -85,7 +85,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--text-speed", action="store_true",
                    help="instead: time the app's steps (load, Spectra, TA merge and re-merge, ESM merge, ESM++ routing "
                         "of a sentence) on a text pool shaped like the built one (all-MiniLM-L6-v2, --tasks tasks, "
-                        "the recipe's sentence counts); best of --repeat runs, each in a fresh session")
+                        "the recipe's sentence counts); --repeat sessions, one after the other: the first's seconds and "
+                        "the best of the later ones' (they read what the first computed)")
     p.add_argument("--text-speed-folder", default=None,
                    help="folder for --text-speed's pool (kept and reused; default: a temporary folder)")
     p.set_defaults(func=cmd_bench)
