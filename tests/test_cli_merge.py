@@ -13,6 +13,7 @@ from esm_core import cli
 from esm_core.checkpoints import load_checkpoint, read_config, save_safetensors
 from esm_core.cli.merge import parse_tasks, progress_bar
 from esm_core.merging import METHODS, Method, Param, alpha_param, register
+from esm_core.schemas import MethodSpec
 
 
 def tiny(seed: int) -> dict[str, torch.Tensor]:
@@ -35,7 +36,8 @@ def _scaled_sum(ctx, alpha, shift):
 @pytest.fixture
 def method():
     name = f"_cli_test_{uuid.uuid4().hex[:8]}"
-    register(Method(name, "test", _scaled_sum, (alpha_param(0.5, 2.0), Param("shift", float, 0.0, "added")), "test"))
+    register(Method(MethodSpec(name, "test", (alpha_param(0.5, 2.0), Param("shift", float, 0.0, "added")), "test"),
+                    _scaled_sum))
     yield name
     METHODS.pop(name, None)
 
@@ -43,8 +45,8 @@ def method():
 @pytest.fixture
 def stats_method():
     name = f"_cli_test_stats_{uuid.uuid4().hex[:8]}"
-    register(Method(name, "needs stats", lambda ctx, alpha: _scaled_sum(ctx, alpha, 0.0), (alpha_param(0.5, 2.0),),
-                    "test", needs_stats=True))
+    register(Method(MethodSpec(name, "needs stats", (alpha_param(0.5, 2.0),), "test", needs_stats=True),
+                    lambda ctx, alpha: _scaled_sum(ctx, alpha, 0.0)))
     yield name
     METHODS.pop(name, None)
 

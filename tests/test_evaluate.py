@@ -6,6 +6,7 @@ from esm_core.evaluation import accuracy, runs
 from esm_core.evaluation import alpha as A
 from esm_core.merging import merge
 from esm_core.merging import METHODS, Method, alpha_param
+from esm_core.schemas import MethodSpec
 from esm_core.pools.taskpool import TaskPool
 
 
@@ -92,7 +93,7 @@ def test_reference_accuracies_cached():
 def fake_ta(monkeypatch):
     def fn(ctx, alpha):
         return {k: alpha * ctx.deltas(k).sum(0) for k in ctx.keys}
-    m = Method("fake_ta", "fake", fn, (alpha_param(0.3, 2.0),), "test method", alpha_grid=(0.0, 2.0, 21))
+    m = Method(MethodSpec("fake_ta", "fake", (alpha_param(0.3, 2.0),), "test method", alpha_grid=(0.0, 2.0, 21)), fn)
     monkeypatch.setitem(METHODS, "fake_ta", m)
     return m
 

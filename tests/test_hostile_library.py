@@ -18,6 +18,7 @@ import torch
 
 from esm_core import cli
 from esm_core.merging import METHODS, Method, Param, alpha_param, get_method, register
+from esm_core.schemas import MethodSpec
 from esm_core.merging import registry
 
 
@@ -114,7 +115,7 @@ def test_merge_accepts_an_alias():
 
 
 def _throwaway(name, aliases):
-    return Method(name, "t", lambda ctx, alpha: {}, (alpha_param(1.0, 2.0),), "t", aliases=aliases)
+    return Method(MethodSpec(name, "t", (alpha_param(1.0, 2.0),), "t", aliases=aliases), lambda ctx, alpha: {})
 
 
 @pytest.mark.parametrize("name,aliases", [("_hostile_x", ("ta",)),                # alias = a method's name

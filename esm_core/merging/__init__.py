@@ -9,8 +9,9 @@
   :mod:`.esd` (Essential Subspace Decomposition), :mod:`.cache` (fingerprints, the decomposition cache) and
   :mod:`.stats` (activation statistics as data).
 
-Add a method: one function ``fn(ctx, alpha, ...) -> {key: update}`` and one
-``register(Method(...))`` call in a module here (imported below).
+Add a method: its :class:`~esm_core.schemas.MethodSpec` in :mod:`esm_core.schemas`, one function
+``fn(ctx, alpha, ...) -> {key: update}`` taking exactly its parameters, and one
+``register(Method(spec, fn))`` call in a module here (imported below).
 """
 from .registry import METHODS, Method, Param, alpha_param, get_method, register  # noqa: F401
 from . import basic, esm, svd  # noqa: F401,E402  (registration side effect)

@@ -207,4 +207,4 @@ def dare_ties(ctx, alpha: float, p: float, seed: int, k: float) -> dict[str, tor
 
 for _name, _fn in (("average", average), ("ta", task_arithmetic), ("ties", ties), ("dare_ta", dare_ta),
                   ("dare_ties", dare_ties)):
-    register(Method.of(SPECS[_name], _fn))
+    register(Method(SPECS[_name], _fn))

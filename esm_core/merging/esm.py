@@ -348,4 +348,4 @@ def esm(ctx, alpha: float, rank: int, rank_fraction: float, p_task: float, p_dim
     return out
 
 
-register(Method.of(SPECS["esm"], esm))
+register(Method(SPECS["esm"], esm))

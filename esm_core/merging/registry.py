@@ -8,48 +8,47 @@ the parameter and the allowed values.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
-from ..schemas import (ALPHA_HELP, INT_LIMIT, MethodSpec, Param, Schema, alpha_param,  # noqa: F401  (re-exported)
-                       resolve_params)
+from ..schemas import ALPHA_HELP, INT_LIMIT, MethodSpec, Param, Schema, alpha_param  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
 class Method:
-    """A merging method.
+    """A merging method: its :class:`~esm_core.schemas.MethodSpec` (name, title, help, typed parameters, α search
+    grid — declared once, in :mod:`esm_core.schemas`) and the function that computes it.
 
     ``fn(ctx, **params) -> dict[key, update]`` returns, for every merged key, the
     update to add to the base (already multiplied by whatever coefficients the
     method applies, ``alpha`` included), as float32 tensors on any device.
-    Keys absent from the result are copied from the base.
+    Keys absent from the result are copied from the base. The spec's fields read
+    through the method (``method.name``, ``method.params``, …).
     """
-    name: str
-    title: str
+    spec: MethodSpec
     fn: Callable
-    params: tuple[Param, ...]
-    help: str
-    alpha_grid: tuple[float, float, int] = (0.0, 1.0, 31)   # linspace(lo, hi, n)[1:] for the α search (methods §0)
-    needs_stats: bool = False                                 # needs activation statistics (ESM family)
-    # the update is α times one fixed update on every key (U(0) = 0): one merge at α = 1 gives every α
-    alpha_linear: bool = False
-    extra: dict = field(default_factory=dict)
-    aliases: tuple[str, ...] = ()     # other names it is known by (mergekit, FusionBench); get_method accepts them
+
+    def __post_init__(self):
+        if not isinstance(self.spec, MethodSpec):
+            raise TypeError(f"Method(spec, fn) needs a MethodSpec, got {type(self.spec).__name__}")
+        if not callable(self.fn):
+            raise TypeError(f"method {self.spec.name!r}: fn must be callable, got {type(self.fn).__name__}")
+
+    name = property(lambda self: self.spec.name)
+    title = property(lambda self: self.spec.title)
+    params = property(lambda self: self.spec.params)
+    help = property(lambda self: self.spec.help)
+    alpha_grid = property(lambda self: self.spec.alpha_grid)     # linspace(lo, hi, n)[1:] for the α search (methods §0)
+    needs_stats = property(lambda self: self.spec.needs_stats)   # needs activation statistics (ESM family)
+    alpha_linear = property(lambda self: self.spec.alpha_linear)  # α × one fixed update: one merge gives every α
+    aliases = property(lambda self: self.spec.aliases)           # other names get_method accepts (mergekit, FusionBench)
 
     def resolve(self, params: dict) -> dict:
         """Defaults filled in, every value checked; unknown names refused."""
-        return resolve_params(self.params, params, f"method {self.name!r}")
+        return self.spec.resolve(params)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "title": self.title, "help": self.help, "aliases": list(self.aliases),
-                "params": [p.to_dict() for p in self.params]}
-
-
-    @classmethod
-    def of(cls, spec: MethodSpec, fn: Callable, **extra) -> "Method":
-        """The method ``spec`` (esm_core.schemas) computed by ``fn``."""
-        return cls(spec.name, spec.title, fn, spec.params, spec.help, alpha_grid=spec.alpha_grid,
-                   needs_stats=spec.needs_stats, alpha_linear=spec.alpha_linear, aliases=spec.aliases, extra=extra)
+        return self.spec.to_dict()
 
 
 def check_signature(method: Method) -> None:

@@ -226,4 +226,4 @@ def subspace_alignment_ratio(delta_t: torch.Tensor, merged: torch.Tensor, energy
 # ---------------------------------------------------------------------------
 
 for _name, _fn in (("tsv_m", tsv_m), ("iso_c", iso_c), ("iso_cts", iso_cts)):
-    register(Method.of(SPECS[_name], _fn))
+    register(Method(SPECS[_name], _fn))
