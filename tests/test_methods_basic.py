@@ -211,3 +211,33 @@ def test_dare_mean_over_seeds_approaches_task_arithmetic():
     # and a single draw is far from it (the test above is not trivially true)
     one = merge_updates("dare_ta", base, tasks, alpha=1.0, p=0.5, seed=0)
     assert ((one["l.weight"] - ta["l.weight"]).norm() / ta["l.weight"].norm()).item() > 0.5
+
+
+# ---------------------------------------------------------------------------
+# One key walk with progress for every method's loop (issue 25)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,label,start", [("ta", "task arithmetic", 0.0), ("average", "average", 0.0),
+                                                ("ties", "TIES", 0.3), ("tsv_m", "TSV-M", 0.0),
+                                                ("iso_c", "Iso-C", 0.0), ("iso_cts", "Iso-CTS", 0.0)])
+def test_every_key_loop_reports_after_each_key(method, label, start):
+    base, tasks, _, _ = two_tasks()
+    seen = []
+    merge_updates(method, base, tasks, roles={W: "matrix", B: "vector"}, layer_types={W: "mlp.c_fc.weight"},
+                  device="cpu", progress=lambda f, d: seen.append((round(f, 6), d)))
+    walk = [s for s in seen if not s[1].startswith("TIES: trim")]
+    assert walk == [(round(start + (1 - start) * 0.5, 6), f"{label}: {W}"), (1.0, f"{label}: {B}")]
+
+
+def test_a_raising_progress_stops_the_walk_between_two_keys():
+    base, tasks, _, _ = two_tasks()
+    seen = []
+
+    def stop(frac, desc):
+        seen.append(desc)
+        raise KeyboardInterrupt("stop")
+
+    with pytest.raises(KeyboardInterrupt):
+        merge_updates("ta", base, tasks, roles={W: "matrix", B: "vector"}, layer_types={}, device="cpu", progress=stop)
+    assert seen == [f"task arithmetic: {W}"]                     # the second key was never started

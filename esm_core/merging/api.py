@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -66,6 +66,17 @@ class MergeContext:
     def report(self, frac: float, desc: str) -> None:
         if self.progress is not None:
             self.progress(min(max(frac, 0.0), 1.0), desc)
+
+    def walk(self, label: str, keys: Iterable[str] | None = None, start: float = 0.0, end: float = 1.0
+             ) -> Iterator[str]:
+        """The merged keys (or ``keys``) one by one; once the caller is done with key i of n, progress
+        ``start + (end − start)·i/n`` is reported as ``"{label}: {key}"`` — the one key walk every method's loop
+        uses (a progress function that raises stops the merge between two keys)."""
+        keys = self.keys if keys is None else list(keys)
+        n = len(keys)
+        for i, key in enumerate(keys):
+            yield key
+            self.report(start + (end - start) * (i + 1) / n, f"{label}: {key}")
 
 
 def _inputs(base, tasks):

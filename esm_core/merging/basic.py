@@ -74,13 +74,11 @@ def _cpu(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_or_mean(ctx, alpha: float, reduce: str, dare: dict | None, label: str) -> dict[str, torch.Tensor]:
-    keys = ctx.keys
     out = {}
-    for i, key in enumerate(keys):
+    for key in ctx.walk(label):
         d = _deltas(ctx, key, dare)
         red = d.mean(0) if reduce == "mean" else d.sum(0)
         out[key] = _cpu(alpha * red)
-        ctx.report((i + 1) / len(keys), f"{label}: {key}")
     return out
 
 
@@ -173,13 +171,12 @@ def _ties(ctx, alpha: float, k: float, dare: dict | None, label: str) -> dict[st
     keys = ctx.keys
     thr = torch.tensor(ties_thresholds(ctx, keys, k, dare), dtype=torch.float32, device=ctx.device)
     out, fixes, sign_sum = {}, {}, 0
-    for i, key in enumerate(keys):
+    for key in ctx.walk(label, keys, start=0.3):
         merged, s, idx, pm, nm = ties_merge_key(_deltas(ctx, key, dare), thr)
         sign_sum += s
         out[key] = _cpu(merged)
         if idx.numel():
             fixes[key] = (_cpu(idx).long(), _cpu(pm), _cpu(nm))
-        ctx.report(0.3 + 0.7 * (i + 1) / len(keys), f"{label}: {key}")
     majority = (sign_sum > 0) - (sign_sum < 0)
     for key, (idx, pm, nm) in fixes.items():
         flat = out[key].view(-1)

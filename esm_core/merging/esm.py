@@ -308,7 +308,6 @@ def esm(ctx, alpha: float, rank: int, rank_fraction: float, p_task: float, p_dim
     ``directions="svd"``: each task's directions are the left singular vectors of ΔWt instead (no statistics)."""
     if directions not in DIRECTIONS:
         raise ValueError(f"directions must be one of {list(DIRECTIONS)}, got {directions!r}")
-    keys = ctx.keys
     esd_keys = _esd_keys(ctx, esd_types)
     esd_set = set(esd_keys)
     stats = _stats_of(ctx, esd_keys) if directions == "esd" else None
@@ -318,7 +317,7 @@ def esm(ctx, alpha: float, rank: int, rank_fraction: float, p_task: float, p_dim
         raise ValueError(f"cache must come from esm_core.merging.esm.new_cache(), got {type(cache).__name__}")
     updates: dict[str, torch.Tensor] = {}
     pre: dict[str, float] = {}                                     # per-key factor not yet applied to updates[key]
-    for i, key in enumerate(keys):
+    for key in ctx.walk("ESM"):
         dfp, deltas = task_deltas(ctx, cache, key)                 # fingerprints; the updates formed on demand
         if key in esd_set:
             dw = _esd_update(ctx, cache, key, stats, dfp, deltas, rank, rank_fraction, p_task, p_dim, eig_exp,
@@ -333,8 +332,7 @@ def esm(ctx, alpha: float, rank: int, rank_fraction: float, p_task: float, p_dim
                 cache.put_result(ResultKey("mean", key), dfp, dw)
         updates[key] = dw                                          # kept on the CPU (one model's worth)
         if own:
-            cache.clear()          # decompositions of this key (ViT-L/14 × 20: 16 GB by mid-model if kept)
-        ctx.report((i + 1) / len(keys), f"ESM: {key}")
+            cache.clear()          # decompositions of this key (a large model's would fill the memory if kept)
 
     betas = _inter_layer_betas(ctx, updates, pre, p_layer)
     out = {}

@@ -128,13 +128,11 @@ def iso_cts_matrix(D: torch.Tensor, f: float = 0.8) -> torch.Tensor:
 
 
 def _per_key(ctx, alpha: float, matrix_fn, label: str) -> dict[str, torch.Tensor]:
-    keys = ctx.keys
     out = {}
-    for i, key in enumerate(keys):
+    for key in ctx.walk(label):
         D = ctx.deltas(key)
         dw = matrix_fn(D) if ctx.roles[key] == MATRIX and D.ndim == 3 else D.mean(0)
         out[key] = (alpha * dw).to("cpu", torch.float32)
-        ctx.report((i + 1) / len(keys), f"{label}: {key}")
     return out
 
 
@@ -158,15 +156,14 @@ def tsv_m(ctx, alpha: float) -> dict[str, torch.Tensor]:
     family's ESD layer types are left out (a model-sized copy nobody else reads)."""
     if not isinstance(ctx.cache, DecompositionCache):
         return _per_key(ctx, alpha, tsv_merge_matrix, "TSV-M")
-    keys, out, esd_types = ctx.keys, {}, set(ctx.family_esd_types)
-    for i, key in enumerate(keys):
+    out, esd_types = {}, set(ctx.family_esd_types)
+    for key in ctx.walk("TSV-M"):
         dfp, deltas = task_deltas(ctx, ctx.cache, key)
         if ctx.roles[key] == MATRIX and len(ctx.base[key].shape) == 2:
             dw = tsv_key(ctx.cache, key, dfp, deltas, store=ctx.layer_types.get(key) not in esd_types)
         else:
             dw = deltas().mean(0)
         out[key] = (alpha * dw).to("cpu", torch.float32)
-        ctx.report((i + 1) / len(keys), f"TSV-M: {key}")
     return out
 
 
