@@ -336,9 +336,11 @@ def test_cli_open_clip_folder_needs_the_model(pool, tmp_path, capsys):
     rc = cli.main([*argv, "--out", str(tmp_path / "f")])
     assert rc == 2 and "--model" in capsys.readouterr().err and not (tmp_path / "f").exists()
     (tmp_path / "cfg.json").write_text(json.dumps(FAKE_CONFIG))           # an unregistered config file works too
-    for i, model in enumerate((FAKE_MODEL, str(tmp_path / "cfg.json"))):
+    for i, (opt, model) in enumerate((("--model", FAKE_MODEL), ("--model", str(tmp_path / "cfg.json")),
+                                      ("--config", str(tmp_path / "cfg.json")))):
         out = tmp_path / f"g{i}"
-        assert cli.main([*argv, "--out", str(out), "--model", model]) == 0, capsys.readouterr().err
+        assert cli.main([*argv, "--out", str(out), opt, model]) == 0, capsys.readouterr().err
+        assert f"{opt} {model}" in (out / "README.md").read_text()
         assert (out / package.OPEN_CLIP_VISUAL).is_file()
         assert package.front_matter((out / "README.md").read_text())["library_name"] == "open_clip"
 

@@ -139,7 +139,7 @@ def _command(args) -> str:
     import shlex
     parts = ["esm-studio", "merge", "--base", args.base, *[x for t in args.task for x in ("--task", t)],
              "--method", args.method, *[x for kv in args.set or [] for x in ("--set", kv)], "--out", args.out]
-    for opt in ("format", "dtype", "model"):
+    for opt in ("format", "dtype", "model", "config"):
         val = getattr(args, opt, None)
         if val and val not in ("auto", "float32"):
             parts += [f"--{opt}", val]
@@ -366,7 +366,7 @@ def cmd_merge(args) -> int:
         return _print_summary(args, summary)
     summary = run_merge(args.base, parse_tasks(args.task), args.method, parse_sets(args.set), out=args.out,
                         device=args.device, visual=args.visual_only, format=args.format, dtype=args.dtype,
-                        model=args.model, command=_command(args),
+                        model=args.model or args.config, command=_command(args),
                         progress=None if args.quiet else progress_bar(sys.stderr),
                         log=None if quiet else (lambda msg: print(msg, file=sys.stderr)))
     return _print_summary(args, summary)
@@ -420,7 +420,8 @@ def add_cli(subparsers) -> None:
                    help="floating-point type of the written weights (default float32)")
     p.add_argument("--model", default=None,
                    help="for a folder: the open_clip model name or config .json (image models), or the "
-                        "config.json of a text model (default: the one next to --base, with its tokenizer files)")
+                        "config.json of a text model (default: --config, else the config.json next to --base, "
+                        "with its tokenizer files)")
     p.add_argument("--visual-only", action="store_true",
                    help="merge and save only the image tower (drops the text tower of full CLIP checkpoints)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
