@@ -531,6 +531,7 @@ def zip_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None) 
     renamed; mode 0644."""
     folder = Path(folder)
     out = Path(out) if out is not None else folder.parent / f"{folder.name}.zip"
+    _check_space(out.parent, sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()), out.name)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
     os.close(fd)
     try:

@@ -368,6 +368,9 @@ def test_model_card_front_matter_and_accuracy_table(clip_sess):
     assert recipe["method"] == "ta" and recipe["tasks"] == list(pool.task_names) and recipe["source"] == "studio"
     with pytest.raises(ValueError, match="no front matter"):
         package.front_matter("# title")
+    S.merge(s, "ties", {"alpha": 0.5})                     # a second export replaces the first on disk
+    folder2, zp2 = S.export_folder(s)
+    assert sorted(p.name for p in folder2.parent.iterdir()) == sorted([folder2.name, zp2.name])
 
 
 # ---------------------------------------------------------------- ESM++ image bundles from the file alone

@@ -86,11 +86,7 @@ def export_folder(s: Session, dtype: str = "float32") -> tuple[Path, Path]:
         cur = s.current
         name = _safe_name(f"{pool.name}-{cur['method']}-alpha{float(cur['params']['alpha']):.2f}-{cur['id']}")
         folder = s.workdir / "exports" / name
-        for old in (folder, folder.parent / f"{folder.name}.zip"):            # an earlier export of this merge: rewritten
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink(missing_ok=True)
+        shutil.rmtree(folder.parent, ignore_errors=True)   # the session keeps its latest model folder only (disk)
         sd = apply_updates(pool.base, cur["updates"])
         out = package.write_export(folder, sd, base_sd=package.base_of(pool), family=package.family_of_pool(pool),
                                    model_info=package.model_info_of(pool), recipe=_recipe(s, cur),
