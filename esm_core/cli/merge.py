@@ -100,6 +100,9 @@ def run_merge(base_path: str, tasks: dict[str, str], method: str, params: dict, 
         base = visual_only(base)
         if not base:
             raise ValueError(f"--visual-only: base {base_path} has no image-tower keys")
+    family = package.family_for_keys(base)            # the output's format and model files, before any task is read
+    fmt = package.export_format(out, family, format)
+    info = {} if fmt == "safetensors" else package.model_info_from_files(family, base_path, model)
     task_sds = {}
     for name, path in tasks.items():
         lazy = _lazy(path) if not visual else None
@@ -124,9 +127,6 @@ def run_merge(base_path: str, tasks: dict[str, str], method: str, params: dict, 
     merged = apply_updates(base, ups)
     config = {"method": method, "params": resolved, "tasks": dict(tasks), "base": str(base_path),
               "visual_only": bool(visual), "source": "cli"}
-    family = package.family_for_keys(merged)
-    fmt = package.export_format(out, family, format)
-    info = {} if fmt == "safetensors" else package.model_info_from_files(family, base_path, model)
     package.write_export(out, merged, base_sd=base, family=family, model_info=info, recipe=config, format=fmt,
                          dtype=dtype, command=command)
     log(f"wrote {out}")
