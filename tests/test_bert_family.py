@@ -50,7 +50,7 @@ def test_roles_and_layer_types(family):
             assert bert.block_index(k) == i
             assert bert.short_key(k) == f"{i} · {t}"
             assert roles[k[: -len("weight")] + "bias"] == bert.OWN          # §8: biases stay each task's own
-    assert roles["embeddings.word_embeddings.weight"] == bert.VECTOR     # lookup tables are averaged, not SVD-merged
+    assert roles["embeddings.word_embeddings.weight"] == bert.VECTOR     # averaged by the baselines (ESM: TSV-M, §8)
     assert roles["embeddings.LayerNorm.weight"] == bert.VECTOR
     assert roles["embeddings.LayerNorm.bias"] == bert.OWN
     if family != "distilbert":
@@ -228,6 +228,10 @@ def test_merges_run_with_adapter_roles(tmp_path):
     merged = apply_updates(base, bert.scale_updates(ups, 0.5))
     for k_ in ups:
         assert torch.allclose(merged[k_], base[k_] + 0.5 * ups[k_], atol=1e-6)
-    emb = "embeddings.word_embeddings.weight"                              # a VECTOR key: mean of task vectors × α
-    assert torch.allclose(merged[emb], base[emb] + 0.5 * torch.stack([t[emb] - base[emb] for t in tasks.values()]).mean(0),
+    from esm_core.merging.svd import tsv_merge_matrix
+    emb = "embeddings.word_embeddings.weight"                              # a 2-D table: TSV-M (k ≥ 1) × α (§8)
+    D = torch.stack([t[emb] - base[emb] for t in tasks.values()])
+    assert torch.allclose(merged[emb], base[emb] + 0.5 * tsv_merge_matrix(D, 1), atol=1e-6)
+    ln = "embeddings.LayerNorm.weight"                                     # LayerNorm: mean of task vectors × α
+    assert torch.allclose(merged[ln], base[ln] + 0.5 * torch.stack([t[ln] - base[ln] for t in tasks.values()]).mean(0),
                           atol=1e-6)

@@ -386,7 +386,7 @@ def test_tsv_m_and_esm_share_their_tsv_m_keys(monkeypatch):
     import esm_core.merging.svd as svd
     calls = []
     real = svd.tsv_merge_matrix
-    monkeypatch.setattr(svd, "tsv_merge_matrix", lambda D: calls.append(1) or real(D))
+    monkeypatch.setattr(svd, "tsv_merge_matrix", lambda D, *a: calls.append(1) or real(D, *a))
     base, tasks, inputs = _case(T=3)
     plain = esm_core.merge("tsv_m", base, tasks)                   # no cache: every 2-D key
     n_matrix = len(calls)

@@ -70,7 +70,7 @@ def test_tsv_m_after_esm_reuses_its_tsv_m_keys_and_merges_once(sess, monkeypatch
     S.merge(sess, "esm", {"alpha": 0.8})
     calls = []
     real = svd.tsv_merge_matrix
-    monkeypatch.setattr(svd, "tsv_merge_matrix", lambda D: calls.append(1) or real(D))
+    monkeypatch.setattr(svd, "tsv_merge_matrix", lambda D, *a: calls.append(1) or real(D, *a))
     S.merge(sess, "tsv_m", {"alpha": 0.5})
     assert len(calls) == len(S.esd_keys(sess))
     direct = esm_core.merge_updates("tsv_m", sess.pool.base, sess.pool.tasks, alpha=0.5)

@@ -41,6 +41,8 @@ class MergeContext:
     esd_keys: list[str] | None = None   # explicit ESD keys (non-open_clip models)
     family_esd_types: tuple = ()        # the model family's default ESD layer types (ESM's esd_types="auto")
     alpha_all: bool = False             # α scales every merged key (text encoders, methods §8), not ESM's ESD keys only
+    tsv_every_2d: bool = False          # ESM merges every non-ESD 2-D key by TSV-M, VECTOR ones too (methods §8)
+    tsv_min_rank: int = 0               # TSV-M keeps max(tsv_min_rank, ⌊min(m, n) / T⌋) triplets per task (§3, §8)
     info: dict = field(default_factory=dict)   # methods may report diagnostics here
 
     @property
@@ -117,7 +119,9 @@ def merge_updates(method: str, base, tasks, *, device="auto", family=None, roles
     auto_esd = tuple(fam.ESD_TYPES) if fam is not None else tuple(sorted(set(types.values())))
     ctx = MergeContext(base=base, tasks=tasks, roles=roles, layer_types=types, device=resolve_device(device),
                        progress=progress, stats=stats, inputs=inputs, cache=cache, esd_keys=esd_keys,
-                       family_esd_types=auto_esd, alpha_all=bool(getattr(fam, "ALPHA_ON_ALL", False)))
+                       family_esd_types=auto_esd, alpha_all=bool(getattr(fam, "ALPHA_ON_ALL", False)),
+                       tsv_every_2d=bool(getattr(fam, "TSV_EVERY_2D", False)),
+                       tsv_min_rank=int(getattr(fam, "TSV_MIN_RANK", 0)))
     ups = m.fn(ctx, **p)
     if info is not None:
         info.update(ctx.info)

@@ -5,8 +5,9 @@ Per ESD layer (default ``attn.in_proj_weight``, ``mlp.c_fc.weight``,
 its essential output directions; the top-k coordinates of every task are
 rescaled by three polarised scalings (task norm, eigenvalue weight, input
 column norm), concatenated, orthogonalised by polar factors and recombined into
-an update with a flat spectrum. Other 2-D keys go the TSV-M way, other float
-keys are averaged; finally each transformer linear layer is rescaled by its
+an update with a flat spectrum. Other 2-D keys go the TSV-M way (in the text
+family every 2-D key, embedding tables included, with at least one triplet per
+task: methods §8), other float keys are averaged; finally each transformer linear layer is rescaled by its
 norm relative to the layers of the same type (inter-layer scaling) and α
 multiplies the ESD keys only.
 
@@ -323,8 +324,9 @@ def esm(ctx, alpha: float, rank: int, rank_fraction: float, p_task: float, p_dim
             dw = _esd_update(ctx, cache, key, stats, dfp, deltas, rank, rank_fraction, p_task, p_dim, eig_exp,
                              directions)
             pre[key] = ortho_factor                                # §6.5 ΔW = f · U'V'
-        elif ctx.roles[key] == MATRIX and len(ctx.base[key].shape) == 2:
-            dw = tsv_key(cache, key, dfp, deltas)                  # §6 other 2-D keys: TSV-M (§3), shared with it
+        elif len(ctx.base[key].shape) == 2 and (ctx.roles[key] == MATRIX or ctx.tsv_every_2d):
+            # §6 other 2-D keys: TSV-M (§3), shared with it; §8: every 2-D key (embedding tables too), k ≥ 1
+            dw = tsv_key(cache, key, dfp, deltas, min_rank=ctx.tsv_min_rank)
         else:
             dw = cache.get_result(ResultKey("mean", key), dfp)
             if dw is None:

@@ -66,18 +66,19 @@ def top_svd(D: torch.Tensor, k: int, rel_tol: float = 1e-5) -> tuple[torch.Tenso
     return U, S, Vh
 
 
-def tsv_rank(m: int, n: int, T: int) -> int:
-    """Triplets kept per task by TSV-M: ``int(min(m, n) / T)``."""
-    return int(min(m, n) / T)
+def tsv_rank(m: int, n: int, T: int, min_rank: int = 0) -> int:
+    """Triplets kept per task by TSV-M: ``max(min_rank, ⌊min(m, n) / T⌋)`` (methods §3; the text family's
+    ``min_rank`` is 1, methods §8), never more than ``min(m, n)``."""
+    return min(max(int(min_rank), int(min(m, n) / T)), min(m, n))
 
 
-def tsv_merge_matrix(D: torch.Tensor) -> torch.Tensor:
+def tsv_merge_matrix(D: torch.Tensor, min_rank: int = 0) -> torch.Tensor:
     """TSV-M on one key: top-k SVD triplets of every task, blocks concatenated, factors orthogonalised.
 
-    ``ΔW = polar(U_cat) · diag(s_cat) · polar(V_catᵀ)`` with ``k = int(min(m, n) / T)``.
+    ``ΔW = polar(U_cat) · diag(s_cat) · polar(V_catᵀ)`` with ``k = tsv_rank(m, n, T, min_rank)``.
     """
     T, m, n = D.shape
-    k = tsv_rank(m, n, T)
+    k = tsv_rank(m, n, T, min_rank)
     if k == 0:
         return torch.zeros(m, n, dtype=D.dtype, device=D.device)
     U, S, Vh = top_svd(D, k)                                     # T×m×k, T×k, T×k×n
@@ -136,15 +137,17 @@ def _per_key(ctx, alpha: float, matrix_fn, label: str) -> dict[str, torch.Tensor
     return out
 
 
-def tsv_key(cache: DecompositionCache, key: str, dfp: tuple, deltas, store: bool = True) -> torch.Tensor:
+def tsv_key(cache: DecompositionCache, key: str, dfp: tuple, deltas, store: bool = True,
+            min_rank: int = 0) -> torch.Tensor:
     """TSV-M's ΔW of one 2-D key (before α; float32, CPU) from ``cache`` when the task updates' fingerprints
-    ``dfp`` match, else computed from ``deltas()`` and (``store``) kept. ESM merges its non-ESD 2-D keys the
-    TSV-M way and keeps them under the same tag: either method reuses the other's."""
-    dw = cache.get_result(ResultKey("tsvm", key), dfp)
+    ``dfp`` (and ``min_rank``) match, else computed from ``deltas()`` and (``store``) kept. ESM merges its
+    non-ESD 2-D keys the TSV-M way and keeps them under the same tag: either method reuses the other's."""
+    fp = (dfp, int(min_rank))
+    dw = cache.get_result(ResultKey("tsvm", key), fp)
     if dw is None:
-        dw = tsv_merge_matrix(deltas()).to("cpu", torch.float32)
+        dw = tsv_merge_matrix(deltas(), min_rank).to("cpu", torch.float32)
         if store:
-            cache.put_result(ResultKey("tsvm", key), dfp, dw)
+            cache.put_result(ResultKey("tsvm", key), fp, dw)
     return dw
 
 
@@ -155,12 +158,13 @@ def tsv_m(ctx, alpha: float) -> dict[str, torch.Tensor]:
     non-ESD keys' TSV-M updates in it) and the keys ESM would not merge by ESD are stored for it: the model
     family's ESD layer types are left out (a model-sized copy nobody else reads)."""
     if not isinstance(ctx.cache, DecompositionCache):
-        return _per_key(ctx, alpha, tsv_merge_matrix, "TSV-M")
+        return _per_key(ctx, alpha, lambda D: tsv_merge_matrix(D, ctx.tsv_min_rank), "TSV-M")
     out, esd_types = {}, set(ctx.family_esd_types)
     for key in ctx.walk("TSV-M"):
         dfp, deltas = task_deltas(ctx, ctx.cache, key)
         if ctx.roles[key] == MATRIX and len(ctx.base[key].shape) == 2:
-            dw = tsv_key(ctx.cache, key, dfp, deltas, store=ctx.layer_types.get(key) not in esd_types)
+            dw = tsv_key(ctx.cache, key, dfp, deltas, store=ctx.layer_types.get(key) not in esd_types,
+                         min_rank=ctx.tsv_min_rank)
         else:
             dw = deltas().mean(0)
         out[key] = (alpha * dw).to("cpu", torch.float32)

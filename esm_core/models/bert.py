@@ -12,9 +12,11 @@ come from each task's own model"):
 * ``MATRIX`` — the six linear weights of every encoder layer (Q, K, V,
   attention output, intermediate, output). SVD / ESD methods act on them.
 * ``VECTOR`` — LayerNorm weights and the embedding tables (word, position,
-  token type). The embeddings are lookup tables, not linear maps: a low-rank
-  merge of a 30k-row vocabulary has no meaning, so they are averaged / added
-  like every non-matrix key.
+  token type). The baselines average / add them like every non-matrix key;
+  ESM follows the reference's RoBERTa code (:data:`TSV_EVERY_2D`): every 2-D
+  key it does not decompose — the embedding tables included — goes the TSV-M
+  way with ``k = max(1, ⌊min(m, n) / T⌋)`` triplets per task
+  (:data:`TSV_MIN_RANK`); LayerNorm weights get the mean of the task vectors.
 * ``OWN`` — every bias (linear and LayerNorm) and every head (``pooler``,
   ``classifier``, ``pre_classifier``, ``lm_head``, ``cls``): never merged;
   evaluating task t uses task t's own values (:func:`with_own`). A single
@@ -64,6 +66,8 @@ ESD_TYPES = LAYER_TYPES                                   # §8: ESD on all six 
 ROUTED_TYPES = (QUERY, KEY, VALUE, INTERMEDIATE)          # layers reading a block's hidden state (see above)
 ALPHA_ON_EVERY_KEY = ALPHA_ON_ALL = True                  # §8: α scales every merged key, not only ESD keys
 PROXY_SAMPLES = 32                                        # §8: 32 validation sentences per task
+TSV_EVERY_2D = True             # §8: ESM merges every 2-D key it does not decompose (embedding tables too) by TSV-M
+TSV_MIN_RANK = 1                # §8: TSV-M keeps max(1, ⌊min(m, n) / T⌋) triplets per task (the reference's max)
 
 PREFIXES = ("bert.", "roberta.", "distilbert.")
 # family spelling of each linear layer → canonical type
