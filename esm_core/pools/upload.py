@@ -629,7 +629,8 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     batch = _head_batch(cfg)
     most = max((len(plans[n].members) for n in means), default=0)
     zero_shot = any(v == H.HeadSource.ZERO_SHOT for v in sources.values())
-    head_pass = min(batch, most) * _head_image_bytes(cfg) + (2 * clip_text.text_tower_bytes(text_cfg) if zero_shot else 0)
+    head_pass = (min(batch, most) * _head_image_bytes(cfg) + (2 * clip_text.text_tower_bytes(text_cfg) if zero_shot else 0)
+                 + sum(w.numel() * w.element_size() for w, _, _ in uploaded.values()))   # the heads the pool keeps
     _check_upload_memory(plans, size, demo_bytes, base_bytes, in_memory, budget, copies, head_pass,
                          *(() if memory_budget is None else ("allowed (memory_budget)",)), counts=counts)
     if not zero_shot:
