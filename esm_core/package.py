@@ -439,7 +439,12 @@ def _write_open_clip(folder: Path, merged_sd, base_sd, model_info: Mapping, conf
         raise ValueError(f"an open_clip export needs the image tower's keys ({pre}*) in the merged state dict")
     full = {**{k: v for k, v in (base_sd or {}).items() if not k.startswith(pre)},
             **{k: v for k, v in merged_sd.items() if not k.startswith(pre)}, **visual}
-    want = _clip_keys(cfg) if "text_cfg" in cfg else set()
+    text = cfg.get("text_cfg")
+    sized = isinstance(text, Mapping) and all(isinstance(text.get(f, 0), int) and 0 <= text.get(f, 0) <= hi
+                                              for f, hi in (("layers", 64), ("width", 8192), ("heads", 1024),
+                                                            ("context_length", 4096), ("vocab_size", 1_048_576)))
+    has_text = len(full) > len(visual)                           # the base kept a text tower
+    want = _clip_keys(cfg) if sized and has_text else set()     # a config's text tower is built (meta) only bounded
     if want and want <= set(full):
         name, sd = OPEN_CLIP_FULL, {k: full[k] for k in sorted(want)}
     else:
