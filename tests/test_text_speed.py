@@ -5,6 +5,7 @@ and the MiniLM-shaped bench pool (``esm-studio bench --text-speed``)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -309,3 +310,77 @@ def test_bench_table_shows_the_first_session_and_the_later_ones():
     assert lines[1].split() == ["step", "first", "s", "CPU", "s", "later", "s", "CPU", "s", "runs", "(s)"]
     assert lines[2].split() == ["merge", "ta", "40.00", "80.50", "2.25", "3.50", "40.00,", "2.25"]
     assert lines[3].split() == ["load", "1.00", "2.00", "–", "–", "1.00"]
+
+
+@pytest.fixture
+def cached_copy(tiny_text_pool_dir, tmp_path, monkeypatch):
+    """The tiny text pool copied into an app cache folder of its own (ESM_STUDIO_CACHE), an empty shared cache."""
+    import shutil
+    from esm_core.studio import shared
+    monkeypatch.setenv("ESM_STUDIO_CACHE", str(tmp_path / "cache"))
+    shared.RESULTS.clear()
+    d = tmp_path / "cache" / "text-pool"
+    shutil.copytree(tiny_text_pool_dir[0], d)
+    yield d
+    shared.flush()
+    shared.RESULTS.clear()
+    shared._PERSIST.clear()
+
+
+def test_results_of_a_pool_in_the_cache_folder_survive_a_restart(cached_copy, monkeypatch):
+    """The built text pool lives in the app's cache folder: its results are written there as JSON, so after a
+    restart (the in-memory results gone) the first session's first merge and Spectra view compute nothing."""
+    from esm_core.studio import inspect as I
+    from esm_core.studio import shared
+    s1, r1, calls1 = _merged(cached_copy, monkeypatch)
+    rows1 = studio.spectra_at(s1, 0.25)
+    written = shared.flush()
+    ident = shared.identity_of(s1.pool)
+    assert written == [shared.results_dir() / f"{ident}.json"] and written[0].parent.parent == cached_copy.parent
+    text = written[0].read_text()
+    assert "pickle" not in text and json_loads(text)["identity"] == ident
+    shared.RESULTS.clear()                                          # the app restarts
+    monkeypatch.setattr(I, "ensure_stats", lambda *a, **k: (_ for _ in ()).throw(AssertionError("probed")))
+    s2, r2, calls2 = _merged(cached_copy, monkeypatch)
+    try:
+        assert calls2 == [] and r2["accs"] == r1["accs"] and s2.refs == s1.refs
+        assert studio.spectra_at(s2, 0.25) == rows1
+    finally:
+        studio.close(s1)
+        studio.close(s2)
+
+
+def test_a_damaged_results_file_is_ignored_and_deleted(cached_copy, monkeypatch):
+    from esm_core.studio import shared
+    ident = shared.folder_identity(cached_copy)
+    f = shared.results_dir() / f"{ident}.json"
+    f.parent.mkdir(parents=True)
+    for bad in ('{"version": 1, "identity": "%s", "entries": [[["other", "cpu"], 0.5]]}' % ident,
+                '{"version": 1, "identity": "%s", "entries": [[["%s"], {"a": [1, {"b": [[[[[1]]]]]}]}]]}' % (ident, ident),
+                "[" * 100_000, "not json"):
+        f.write_text(bad)
+        assert shared.read_disk(ident) == 0 and not f.exists()
+    s, rec, calls = _merged(cached_copy, monkeypatch)               # computed as if there were no file
+    studio.close(s)
+    assert len(calls) == 1 + 2 + 1
+
+
+def test_results_files_are_bounded_in_number(tmp_path, monkeypatch):
+    from esm_core.studio import shared
+    monkeypatch.setenv("ESM_STUDIO_CACHE", str(tmp_path))
+    monkeypatch.setattr(shared, "MAX_DISK_FILES", 3)
+    idents = [f"{i:064x}" for i in range(5)]
+    try:
+        for n, i in enumerate(idents):
+            shared.RESULTS.put((i, "cpu", "reference"), 0.5, persist=False)
+            f = shared.write_disk(i)
+            os.utime(f, ns=((n + 1) * 10 ** 9,) * 2)                  # written in this order (not within one tick)
+        assert sorted(p.stem for p in shared.results_dir().glob("*.json")) == idents[2:]
+        assert shared.write_disk("../../etc/passwd") is None          # only a digest names a file
+    finally:
+        shared.RESULTS.clear()
+
+
+def json_loads(text):
+    import json
+    return json.loads(text)

@@ -11,15 +11,28 @@ merge and Spectra view read the numbers the first session computed: the same num
 
 Bounded: at most :data:`MAX_BYTES` of estimated Python memory (a float in a list ≈ 32 bytes) and
 :data:`MAX_ENTRIES` results, least recently used dropped first; a result larger than the bound alone is not kept.
+
+A pool folder inside the app's cache folder (``ESM_STUDIO_CACHE``: the built text pool) also keeps its results on
+disk, as JSON (never pickle), in ``<cache>/results/<identity>.json``: written a moment after the last new result
+(:data:`WRITE_DELAY_S`), read back when a session loads the same files — so the first visitor after a restart of
+the app finds them too. At most :data:`MAX_DISK_FILES` such files (the oldest go) of :data:`MAX_DISK_BYTES` each.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import math
 import os
+import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Hashable
+
+from .. import settings
+
+log = logging.getLogger("esm_core.studio.shared")
 
 MAX_FILES = 10_000            # a pool folder with more files than this is not stamped (nothing shared)
 MAX_ENTRIES = 4096            # results kept at once (a reference accuracy is one)
@@ -60,11 +73,15 @@ def folder_identity(path) -> str | None:
 
 def load_stamped(path, load):
     """``load()`` (which reads the pool in ``path``) with the pool stamped with the folder's identity — when the
-    identity is the same before and after reading (no file changed while it was read); else unstamped."""
+    identity is the same before and after reading (no file changed while it was read); else unstamped. A folder
+    inside the app's cache folder keeps its results on disk too: those written earlier are read back now."""
     before = folder_identity(path)
     pool = load()
     if before is not None and folder_identity(path) == before:
         stamp(pool, before)
+        if _in_cache(path):
+            _PERSIST.add(before)
+            read_disk(before)
     return pool
 
 
@@ -115,8 +132,9 @@ class SharedResults:
             self._d.move_to_end(key)
             return hit[0]
 
-    def put(self, key: Hashable | None, value: Any) -> bool:
-        """Keep ``value`` (never mutated afterwards: readers share it); False when it alone exceeds the bound."""
+    def put(self, key: Hashable | None, value: Any, persist: bool = True) -> bool:
+        """Keep ``value`` (never mutated afterwards: readers share it); False when it alone exceeds the bound.
+        A result of a pool kept on disk (:func:`load_stamped`) is written there soon (``persist``)."""
         if key is None:
             return False
         cost = _cost(value)
@@ -131,7 +149,14 @@ class SharedResults:
             while len(self._d) > self.max_entries or self._bytes > self.max_bytes:
                 _, (_, c) = self._d.popitem(last=False)
                 self._bytes -= c
+        if persist and isinstance(key, tuple) and key and key[0] in _PERSIST:
+            _schedule_write(key[0])
         return True
+
+    def items_of(self, identity: str) -> list:
+        """The (key, value) pairs of one pool identity, least recently used first."""
+        with self._lock:
+            return [(k, v[0]) for k, v in self._d.items() if isinstance(k, tuple) and k and k[0] == identity]
 
     def clear(self) -> None:
         with self._lock:
@@ -149,6 +174,138 @@ class SharedResults:
 
 
 RESULTS = SharedResults()
+
+
+# ---------------------------------------------------------------- on disk, for pools in the app's cache folder
+WRITE_DELAY_S = 2.0           # a pool's file is written this long after its last new result
+MAX_DISK_FILES = 8            # result files kept (the least recently written go first)
+MAX_DISK_BYTES = 32 * 2 ** 20  # a larger result file is neither written nor read
+_PERSIST: set[str] = set()    # identities of pools whose results go to disk
+_TIMERS: dict[str, threading.Timer] = {}
+_TIMERS_LOCK = threading.Lock()
+
+
+def results_dir() -> Path:
+    return settings.cache_dir() / "results"
+
+
+def _in_cache(path) -> bool:
+    try:
+        return Path(path).expanduser().resolve().is_relative_to(settings.cache_dir().resolve())
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def _disk_file(identity: str) -> Path | None:
+    if not (isinstance(identity, str) and len(identity) == 64 and all(c in "0123456789abcdef" for c in identity)):
+        return None
+    return results_dir() / f"{identity}.json"
+
+
+def _schedule_write(identity: str) -> None:
+    with _TIMERS_LOCK:
+        old = _TIMERS.pop(identity, None)
+        if old is not None:
+            old.cancel()
+        timer = threading.Timer(WRITE_DELAY_S, write_disk, args=(identity,))
+        timer.daemon = True
+        _TIMERS[identity] = timer
+        timer.start()
+
+
+def flush() -> list[Path]:
+    """Write every pending result file now (what the timers would do a moment later)."""
+    with _TIMERS_LOCK:
+        pending = list(_TIMERS)
+        for ident in pending:
+            _TIMERS.pop(ident).cancel()
+    return [p for p in (write_disk(i) for i in pending) if p is not None]
+
+
+def _plain(x):
+    """Tuples as lists, recursively (JSON has no tuples); :func:`_tuples` undoes it for keys."""
+    return [_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def write_disk(identity: str) -> Path | None:
+    """Write the identity's results to its file now (atomically: a temporary file renamed); the oldest files beyond
+    :data:`MAX_DISK_FILES` are deleted. None when nothing was written (nothing to write, too large, no space)."""
+    with _TIMERS_LOCK:
+        _TIMERS.pop(identity, None)
+    path = _disk_file(identity)
+    items = RESULTS.items_of(identity)
+    if path is None or not items:
+        return None
+    try:
+        text = json.dumps({"version": 1, "identity": identity, "entries": [[_plain(k), v] for k, v in items]})
+        if len(text) > MAX_DISK_BYTES:
+            log.warning("results of pool %s not written: %d bytes", identity[:12], len(text))
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        files = sorted((p for p in path.parent.glob("*.json") if p != path), key=lambda p: p.stat().st_mtime_ns)
+        for old in files[:len(files) - (MAX_DISK_FILES - 1)]:     # the oldest others; this one stays
+            old.unlink(missing_ok=True)
+        return path
+    except (OSError, TypeError, ValueError) as e:
+        log.warning("results of pool %s not written: %s", identity[:12], e)
+        return None
+
+
+def _valid_value(v, depth: int = 0) -> bool:
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return True
+    if isinstance(v, float):
+        return True
+    if depth > 4:
+        return False
+    if isinstance(v, list):
+        return all(_valid_value(x, depth + 1) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _valid_value(x, depth + 1) for k, x in v.items())
+    return False
+
+
+def read_disk(identity: str) -> int:
+    """Read the identity's result file back into :data:`RESULTS` (plain JSON, checked: every key names this
+    identity; a malformed or oversized file is ignored and deleted). Returns how many results were read."""
+    path = _disk_file(identity)
+    if path is None or not path.is_file():
+        return 0
+    try:
+        if path.stat().st_size > MAX_DISK_BYTES:
+            raise ValueError("too large")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = data["entries"] if isinstance(data, dict) and data.get("identity") == identity else None
+        if not isinstance(entries, list):
+            raise ValueError("no entries")
+        good = []
+        for e in entries:
+            if not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], list) and e[0][:1] == [identity]
+                    and _valid_value(e[1])):
+                raise ValueError("a malformed entry")
+            if isinstance(e[1], float) and not math.isfinite(e[1]):
+                raise ValueError("a non-finite accuracy")
+            good.append((_tuples(e[0]), e[1]))
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        log.warning("results file %s ignored: %s", path.name, e)
+        path.unlink(missing_ok=True)
+        return 0
+    for k, v in good:
+        if RESULTS.get(k) is None:
+            RESULTS.put(k, v, persist=False)
+    return len(good)
 
 
 def key(pool, device, *parts) -> tuple | None:
