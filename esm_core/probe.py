@@ -31,9 +31,7 @@ from .merging.stats import (LayerStats, _Accumulator, stats_from_inputs, stats_n
 
 def _batches(fam, inputs, batch_size: int) -> Iterable[torch.Tensor]:
     if isinstance(inputs, torch.Tensor):
-        if fam.MODALITY == "image" and inputs.ndim != 4:
-            raise ValueError(f"images must be a N×C×H×W tensor, got shape {tuple(inputs.shape)}")
-        fam.sample_mask(inputs[:1])                           # checks a text family's packed layout
+        fam.sample_mask(inputs[:1])                           # the family checks its inputs' layout
         for i in range(0, inputs.shape[0], batch_size):
             yield inputs[i:i + batch_size]
     elif fam.MODALITY == "text":

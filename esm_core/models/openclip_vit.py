@@ -465,7 +465,9 @@ def rebuild(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> torch.nn
 
 
 def sample_mask(x: torch.Tensor) -> None:
-    """Every token of an image counts."""
+    """Every token of an image counts (None); ``x`` must be a batch of images."""
+    if x.ndim != 4:
+        raise ValueError(f"images must be a N×C×H×W tensor, got shape {tuple(x.shape)}")
     return None
 
 
