@@ -198,3 +198,35 @@ def test_merge_view_loads_a_recipe_setting_every_control_and_refuses_another_poo
             recipe_updates(s, str(bad), values, slices)
     finally:
         S.close(s)
+
+
+def test_load_recipe_over_http_sets_the_controls_and_says_what_it_set(tmp_path):
+    """The wiring: the Merge view's file input posts to /load_recipe; the reply sets the method and the controls."""
+    gradio_client = pytest.importorskip("gradio_client")
+    import os
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from esm_core.merging import METHODS
+    from fake_pool import FAKE_TASKS, launch_app, make_fake_pool
+    pool = make_fake_pool()
+    demo, url = launch_app(lambda: pool)
+    try:
+        c = gradio_client.Client(url, verbose=False)
+        c.predict(api_name="/init")
+        values, slices = _controls()
+        rec = tmp_path / "ties.json"
+        rec.write_text(json.dumps({"method": "ties", "params": {"alpha": 0.9, "k": 30.0}, "tasks": list(FAKE_TASKS),
+                                   "pool": "fake", "esm_studio": "0.1.0"}))
+        out = c.predict(gradio_client.handle_file(str(rec)), "ta", *values, api_name="/load_recipe")
+        got = [v.get("value") if isinstance(v, dict) and v.get("__type__") == "update" else v for v in out]
+        method, controls, note = got[0], got[1:-1], got[-1]
+        lo, hi = slices["ties"]
+        assert method == "ties" and list(controls[lo:hi]) == [0.9, 30.0]
+        assert all(v is None for i, v in enumerate(controls) if not lo <= i < hi)     # nothing else changed
+        assert "Recipe loaded: **TIES-Merging** with alpha = 0.9, k = 30.0" in note
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps({"method": "ta", "tasks": ["cars", "dtd"]}))
+        with pytest.raises(Exception, match=r"this recipe is for another pool: the recipe.{1,6}s tasks are .*cars.*dtd.*not in this pool"):
+            c.predict(gradio_client.handle_file(str(other)), "ta", *values, api_name="/load_recipe")
+        assert len(METHODS) == len(slices)
+    finally:
+        demo.close()
