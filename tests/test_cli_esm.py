@@ -126,6 +126,8 @@ def test_refusals_name_what_is_wrong_before_the_work(files, tmp_path, capsys):
         run_proxy_merge(files["base"], files["tasks"], "esm", {}, files["proxy"], n=0, **kw)
     with pytest.raises(ValueError, match="parameter 'alpha' must be a finite number"):
         run_proxy_merge(files["base"], files["tasks"], "esm", {"alpha": "nan"}, files["proxy"], **kw)
+    with pytest.raises(ValueError, match=r"cannot be read from the weights alone\. Choose: .*'infer'"):
+        run_proxy_merge(files["base"], files["tasks"], "esm", {}, files["proxy"], out=out, device="cpu")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match=r"proxy data of task 'alpha': no images in"):
