@@ -80,7 +80,7 @@ def test_tsv_m_after_esm_reuses_its_tsv_m_keys_and_merges_once(sess, monkeypatch
 
 def test_bad_parameters_refused(sess):
     with pytest.raises(ValueError, match="alpha"):
-        S.merge(sess, "ta", {"alpha": 99})
+        S.merge(sess, "ta", {"alpha": 999})          # past the library's bound (the slider's range is no limit)
     with pytest.raises(ValueError, match="unknown method"):
         S.merge(sess, "nope", {})
     with pytest.raises(ValueError, match="merge first"):
