@@ -173,7 +173,7 @@ def esm_v_from_coords(coords, lams, norms, k: int, p_task: float, p_dim: float, 
     if mean_norm > 0:
         r = r / float(mean_norm.pow(p_task))                       # §6.1 ÷ mean_t(nt)^p → factor (nt / mean nt)^p
     V.mul_(r.to(V.device)[:, None])                                # one pass: row i × e_i (nt / mean n)^p
-    col = V.square().sum(0).sqrt_()       # §6.4 ‖V[:, j]‖ (vector_norm(V, dim=0): 6× slower, a strided reduction)
+    col = V.square().sum(0).sqrt_()       # §6.4 ‖V[:, j]‖ (vector_norm(V, dim=0) is slower: a strided reduction)
     cm = col.mean()
     if cm > 0:
         V.mul_((col / cm).pow(p_dim))                              # §6.4 column j × (cj / mean c)^p
