@@ -27,6 +27,7 @@ import math
 import shutil
 import tempfile
 import threading
+import types
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -242,8 +243,9 @@ def tensor_bytes(*objs, seen: set | None = None) -> int:
     storages = set() if seen is None else seen
     while stack:
         obj, depth = stack.pop()
-        if obj is None or isinstance(obj, (str, bytes, int, float, bool)) or id(obj) in seen_ids or depth > 16:
-            continue
+        if obj is None or isinstance(obj, (str, bytes, int, float, bool, types.ModuleType, type)) \
+                or id(obj) in seen_ids or depth > 16:
+            continue                          # a module or class (a model family's module) holds no session tensor
         seen_ids.add(id(obj))
         if isinstance(obj, torch.Tensor):
             if obj.device.type == "meta":
