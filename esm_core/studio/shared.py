@@ -27,8 +27,12 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Hashable
+
+import numpy as np
+import torch
 
 from .. import settings
 
@@ -325,8 +329,6 @@ MAX_ITEMS = 200_000           # strings / list items hashed at most (a pool's se
 
 
 def _tensor_bytes(x) -> bytes:
-    import numpy as np
-    import torch
     if isinstance(x, torch.Tensor):
         x = x.detach()
         flat = x.reshape(-1)
@@ -362,11 +364,6 @@ def content_fingerprint(pool) -> str:
     the same fingerprint (a re-upload of the same files, the same pool after a server restart); any real change
     of a model, head or data gives another one with overwhelming likelihood. Not a security boundary: it keys the
     user's own merge table, which the browser keeps and could change anyway. Cached in the pool's ``meta``."""
-    import json
-    from collections.abc import Mapping
-    import numpy as np
-    import torch
-
     meta = getattr(pool, "meta", None)
     if isinstance(meta, dict) and isinstance(meta.get(FINGERPRINT), str):
         return meta[FINGERPRINT]
