@@ -132,10 +132,10 @@ def capped_app(pool):
     from esm_core.app import pool as pool_view
     saved, real_save = [], pool_view.save_history
 
-    def save_history(s):                                    # records how many merges each save handed the browser
-        out = real_save(s)
-        if isinstance(out, dict):
-            saved.append(len(out["merges"]))
+    def save_history(s, stored=None):                       # records how many merges each save handed the browser
+        out = real_save(s, stored)
+        if isinstance(out, dict):                           # {"version": 2, "pools": [..., this pool's table]}
+            saved.append(len(out["pools"][-1]["merges"]))
         return out
     mp.setattr(pool_view, "save_history", save_history)
     demo, url = launch_app(lambda: pool)
