@@ -122,6 +122,7 @@ def model_info_of(pool) -> dict:
                 "pooling": getattr(pool, "pooling", "mean"), "max_length": int(getattr(pool, "max_length", 64)),
                 "name": pool.model_name}
     return {"model": pool.model_name, "quick_gelu": getattr(pool, "quick_gelu", None),
+            "text_cfg": (getattr(pool, "meta", None) or {}).get("text_cfg"),       # an upload's CLIP text tower
             "mean": list(getattr(pool, "mean", openclip_vit.CLIP_MEAN)),
             "std": list(getattr(pool, "std", openclip_vit.CLIP_STD))}
 
@@ -433,6 +434,8 @@ def _write_open_clip(folder: Path, merged_sd, base_sd, model_info: Mapping, conf
            if not k.startswith("_") and k != "preprocess_cfg"}            # an upload's label and normalisation
     if model_info.get("quick_gelu") is not None:
         cfg["quick_gelu"] = bool(model_info["quick_gelu"])
+    if "text_cfg" not in cfg and isinstance(model_info.get("text_cfg"), Mapping):
+        cfg["text_cfg"] = dict(model_info["text_cfg"])          # an uploaded base's text tower, read for its heads
     pre = openclip_vit.PREFIX                                    # the image tower's keys
     visual = {k: v for k, v in merged_sd.items() if k.startswith(pre)}
     if not visual:

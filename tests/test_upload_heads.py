@@ -435,3 +435,28 @@ def test_the_text_towers_memory_is_known_from_the_config_before_it_is_built(tiny
     for c in (cfg, {**cfg, "text_cfg": {**cfg["text_cfg"], "layers": 3, "mlp_ratio": 2.0}}):
         tower = open_clip.model._build_text_tower(c["embed_dim"], c["text_cfg"], quick_gelu=True)
         assert clip_text.text_tower_bytes(c) == 4 * sum(p.numel() for p in tower.parameters())
+
+
+def test_an_uploaded_clip_base_keeps_its_text_tower_for_a_full_open_clip_export(tiny_clip, tmp_path):
+    """Zero-shot heads read the base's text tower; the pool keeps it, so an open_clip export of the upload is the
+    whole CLIP model (merged image tower + the base's text tower) that open_clip loads."""
+    from esm_core import package
+    d, model, cfg = tiny_clip
+    x, y = _images(3, 0)
+    pool, _ = _upload(d, {t: _plain_zip(tmp_path / f"{t}.zip", x, y) for t in "ab"}, config=cfg)
+    want = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
+    assert set(pool.meta["text_tower"]) == set(want)
+    out = package.write_export(tmp_path / "export", pool.base, base_sd=package.base_of(pool), family="openclip_vit",
+                               model_info=package.model_info_of(pool), recipe={"method": "none", "params": {},
+                                                                               "tasks": ["a", "b"], "base": "base"})
+    loaded, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    for k, v in want.items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    xi, _ = pool.inputs("a", "test")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().encode_image(xi), pool.build_model(pool.base)(xi), rtol=0, atol=1e-6)
+    # without zero-shot heads (an uploaded head for every task) the tower is not read, and not kept
+    w = torch.randn(3, 16)
+    pool2, _ = _upload(d, {t: _plain_zip(tmp_path / f"{t}2.zip", x, y) for t in "ab"}, config=cfg,
+                       heads={t: _head_file(tmp_path / f"{t}.head.safetensors", w, CLASSES) for t in "ab"})
+    assert "text_tower" not in pool2.meta

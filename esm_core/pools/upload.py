@@ -642,12 +642,13 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     notes = [note] + ([text_note] if text_note else []) + lora_notes
     shell = TaskPool(name="upload", model_name=cfg, base=base, tasks={}, heads={}, class_names={},
                      mean=mean, std=std, quick_gelu=cfg["quick_gelu"])
-    tower = tokenizer = None
+    tower = tokenizer = text_tower = None
     if zero_shot:
         report(0.38, "building the text tower for the zero-shot heads")
         tower = clip_text.build_text_tower(text_cfg, {k: v for k, v in text.items() if k != "logit_scale"})
         tokenizer = clip_text.tokenizer_for(text_cfg)
         scale, read = H.logit_scale_of(text)
+        text_tower = dict(text)             # kept (counted in the check above): an open_clip export holds full CLIP
         text.clear()
         if not read:
             notes.append("the base has no logit_scale: zero-shot heads scaled by 100 (CLIP's; top-1 is unaffected)")
@@ -704,6 +705,8 @@ def pool_from_upload(base_path: str | Path, task_paths: Mapping[str, str | Path]
     del tower
     meta = {"head_sources": {n: sources[n].value for n in names}, "splits": splits,
             "templates": templates if zero_shot else None}
+    if text_tower:                                       # the base's CLIP text tower, for a full open_clip export
+        meta["text_tower"], meta["text_cfg"] = text_tower, dict(text_cfg["text_cfg"])
     pool = TaskPool(name="upload", model_name=cfg, base=base, tasks=tasks, heads=heads_out,
                     class_names=class_names, data=data, mean=mean, std=std, quick_gelu=cfg["quick_gelu"], meta=meta)
     warning = H.head_warning(pool)
