@@ -9,7 +9,6 @@ normalised accuracy without a word.
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 import numpy as np

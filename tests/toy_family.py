@@ -4,7 +4,6 @@ line) and runs the probe, ESM++'s surgery and an ESM++ file's rebuild on it, wit
 from __future__ import annotations
 
 import re
-from typing import Mapping
 
 import torch
 

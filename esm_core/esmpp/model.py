@@ -50,7 +50,7 @@ features``), so ``esm_core.evaluation.evaluate(pool, routed, ...)`` works as is
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F

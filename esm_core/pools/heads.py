@@ -247,5 +247,5 @@ def logit_scale_of(sd: Mapping[str, torch.Tensor]) -> tuple[float, bool]:
 
 
 __all__ = ["HeadSource", "CLASS_MEANS_WARNING", "DEFAULT_TEMPLATES", "read_head_file", "match_head",
-           "zero_shot_head", "build_text_tower", "check_templates", "head_warning", "class_means_tasks",
+           "zero_shot_head", "check_templates", "head_warning", "class_means_tasks",
            "source_of"]
