@@ -245,6 +245,16 @@ def test_a_rewritten_pool_file_is_a_new_pool(text_copy, monkeypatch):
         studio.close(s2)
 
 
+def test_other_code_is_another_identity(text_copy, monkeypatch):
+    """Results kept on disk by another version of the library (whose methods may compute other numbers) are not
+    read back: the code's digest is part of every pool identity."""
+    from esm_core.studio import shared
+    before = shared.folder_identity(text_copy)
+    assert before == shared.folder_identity(text_copy) and len(shared.code_digest()) == 64
+    monkeypatch.setattr(shared, "_CODE_DIGEST", ["0" * 64])
+    assert shared.folder_identity(text_copy) != before
+
+
 def test_a_pool_changed_while_it_is_read_is_not_stamped(text_copy):
     from esm_core.studio import shared
     f = text_copy / "pool.json"

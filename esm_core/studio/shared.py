@@ -3,7 +3,7 @@
 A pool read from a folder — the built-in demo, the built text pool — is stamped when a session loads it with the
 identity of that folder's files (:func:`folder_identity`: every file's relative path, size, modification and change
 times, inode and device; a rebuilt, edited or replaced pool gets another identity, since the kernel sets a file's
-change time on every write). Work whose result depends only on that content and on fixed settings the key names —
+change time on every write) and of this library's code (:func:`code_digest`: an upgrade computes afresh). Work whose result depends only on that content and on fixed settings the key names —
 the zero-shot and fine-tuned reference accuracies on the live subsets (same split, subset size, seed, device type),
 the Spectra view's rows (same probe size and seed) — is kept here under that identity, so a second session's first
 merge and Spectra view read the numbers the first session computed: the same numbers it would compute itself
@@ -70,9 +70,26 @@ def folder_identity(path) -> str | None:
             if len(entries) > MAX_FILES:
                 return None
     h = hashlib.sha256(str(root).encode("utf-8", "surrogatepass"))
+    h.update(code_digest().encode())          # results computed by other code (an upgrade) are never read back
     for e in entries:
         h.update(b"\n" + e.encode("utf-8", "surrogatepass"))
     return h.hexdigest()
+
+
+_CODE_DIGEST: list[str] = []
+
+
+def code_digest() -> str:
+    """A digest of this library's source files (every ``esm_core/**/*.py``, read once per process, a few ms):
+    part of every pool identity, so that results kept on disk by an earlier version of the code — whose
+    methods may compute other numbers — are not served after an upgrade."""
+    if not _CODE_DIGEST:
+        root = Path(__file__).resolve().parent.parent
+        h = hashlib.sha256()
+        for p in sorted(root.rglob("*.py")):
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+        _CODE_DIGEST.append(h.hexdigest())
+    return _CODE_DIGEST[0]
 
 
 def load_stamped(path, load):
