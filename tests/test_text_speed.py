@@ -394,3 +394,35 @@ def test_results_files_are_bounded_in_number(tmp_path, monkeypatch):
 def json_loads(text):
     import json
     return json.loads(text)
+
+
+def test_a_warmed_pool_gives_the_first_visitor_its_first_merge_and_spectra_without_work(text_copy, monkeypatch):
+    """`esm-studio build-pool text` warms the built pool: a later session's load, references, first merge (the
+    Merge view's defaults) and Spectra view compute nothing, and give the numbers a cold session computes."""
+    from esm_core.studio import inspect as inspect_view
+    from esm_core.studio import shared
+    from esm_core.studio.warm import warm_text_pool
+    seen = []
+    seconds = warm_text_pool(text_copy, progress=lambda f, d: seen.append(f))
+    assert list(seconds) == ["load", "references", "first merge", "spectra"]
+    assert seen and all(0.0 <= f <= 1.0 for f in seen) and seen == sorted(seen)
+    s = studio.new_session()
+    try:
+        studio.load_text(s, text_copy)
+        calls = _counted(monkeypatch)
+        monkeypatch.setattr(inspect_view.analysis, "spectra",
+                            lambda *a, **k: pytest.fail("the Spectra rows were decomposed again"))
+        rec = studio.merge(s, "ta")
+        rows = studio.spectra(s)
+        assert calls == [] and rows
+    finally:
+        studio.close(s)
+    warm_refs, warm_accs = s.refs, rec["accs"]
+    shared.RESULTS.clear()                                         # a cold session computes the same numbers
+    monkeypatch.undo()
+    cold = studio.new_session()
+    try:
+        studio.load_text(cold, text_copy)
+        assert studio.merge(cold, "ta")["accs"] == warm_accs and cold.refs == warm_refs
+    finally:
+        studio.close(cold)
