@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch
 
-from . import bert, hf_vit, openclip_vit
+from . import bert, hf_vit, llama, openclip_vit
 from .protocol import REQUIRED, RecordPoint, check_family  # noqa: F401  (re-exported)
 from .roles import MATRIX, OWN, SKIP, VECTOR, generic_role, generic_roles  # noqa: F401
 
@@ -40,6 +40,7 @@ FAMILIES: dict[str, ModuleType] = register(
     openclip_vit,
     bert,
     hf_vit,
+    llama,
 )
 
 
