@@ -250,3 +250,31 @@ def test_esm_with_probed_statistics_equals_the_formula_for_the_q_proj_keys():
         err = float((got[key].double() - base[key].double() - want).norm() / want.norm())
         assert err < 1e-5, (key, err)
     assert torch.equal(got["score.weight"], base["score.weight"])           # OWN: the base's value
+
+
+def test_esmpp_fixed_experts_equal_the_dense_model_and_the_file_rebuilds_it(tmp_path):
+    import torch.nn.functional as F
+    from esm_core.esmpp import Experts, build_routed, load_routed, save_esmpp
+    base, _ = _tasks()
+    cfg = _config(_hf(0))
+    keys = llama.routed_keys(base)
+    g = torch.Generator().manual_seed(7)
+    r, names = 4, ["a", "b"]
+    ex = Experts(tasks=names, keys=keys, rank=r,
+                 A={k: 0.1 * torch.randn(2, r, base[k].shape[1], generator=g) for k in keys},
+                 B={k: 0.1 * torch.randn(2, base[k].shape[0], r, generator=g) for k in keys},
+                 prototypes={k: P for P, (_, ms) in ((F.normalize(torch.randn(2, 32, generator=g), dim=-1), grp)
+                                                      for grp in llama.routing_groups(keys)) for k in ms},
+                 base_params=sum(v.numel() for v in base.values()))
+    routed = build_routed(base, ex, lambda s: llama.build_model(s, cfg))
+    assert routed.config["family"] == "llama" and routed.config["pooling"] == "last"
+    assert len(llama.routing_groups(keys)) == 4           # per layer: Q/K/V one decision, gate/up one decision
+    x = llama.pack(dict(zip(("input_ids", "attention_mask"), _batch(True))))
+    with torch.no_grad():
+        for t, name in enumerate(names):                   # a fixed expert = the dense model W + B_t A_t
+            dense = {k: (v + ex.B[k][t] @ ex.A[k][t] if k in keys else v) for k, v in base.items()}
+            torch.testing.assert_close(routed(x, mode=f"fixed:{name}"), llama.build_model(dense, cfg)(x),
+                                       rtol=1e-5, atol=1e-5)
+        path = save_esmpp(tmp_path / "llama.safetensors", routed.merged_sd, ex, routed.config)
+        again = load_routed(path)                          # rebuilt from the file's config alone
+        assert torch.equal(again(x), routed(x))
