@@ -278,3 +278,28 @@ def test_esmpp_fixed_experts_equal_the_dense_model_and_the_file_rebuilds_it(tmp_
         path = save_esmpp(tmp_path / "llama.safetensors", routed.merged_sd, ex, routed.config)
         again = load_routed(path)                          # rebuilt from the file's config alone
         assert torch.equal(again(x), routed(x))
+
+
+def test_mistral_with_a_sliding_window_gives_its_logits():
+    from transformers import MistralConfig, MistralForSequenceClassification
+    hf = _hf(cls=MistralForSequenceClassification, config=MistralConfig, sliding_window=4)
+    sd = hf.state_dict()
+    assert models.family_of(sd) is llama
+    ids, mask = _batch(True)
+    with torch.no_grad():
+        got = llama.logits(llama.build_model(sd, _config(hf))(llama.pack({"input_ids": ids, "attention_mask": mask})),
+                           {"weight": sd["score.weight"]})
+        assert torch.equal(got, hf(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_without_a_pad_token_the_last_real_token_of_the_mask_is_read():
+    hf = _hf(pad_token_id=None)
+    sd = hf.state_dict()
+    model = llama.build_model(sd, _config(hf))
+    ids, mask = _batch(False)                       # right padding: causal attention leaves real tokens unchanged
+    with torch.no_grad():
+        got = llama.logits(model(llama.pack({"input_ids": ids, "attention_mask": mask})), {"weight": sd["score.weight"]})
+        for i in range(ids.shape[0]):               # each sentence alone, unpadded (transformers' batch of one)
+            n = int(mask[i].sum())
+            one = hf(input_ids=ids[i:i + 1, :n]).logits
+            torch.testing.assert_close(got[i:i + 1], one, rtol=1e-5, atol=1e-6)
