@@ -303,3 +303,28 @@ def test_without_a_pad_token_the_last_real_token_of_the_mask_is_read():
             n = int(mask[i].sum())
             one = hf(input_ids=ids[i:i + 1, :n]).logits
             torch.testing.assert_close(got[i:i + 1], one, rtol=1e-5, atol=1e-6)
+
+
+def test_esmpp_end_to_end_on_probed_tasks_oracle_equals_the_dense_experts():
+    from esm_core.esmpp import build_experts, build_routed
+    base, tasks = _tasks()
+    cfg = _config(_hf(0))
+    stats, xs = {}, {}
+    for n, (name, sd) in enumerate(tasks.items()):
+        ids, mask = _batch(n % 2 == 0, seed=20 + n)
+        xs[name] = llama.pack({"input_ids": ids, "attention_mask": mask})
+        stats[name] = probe(llama.build_model(sd, cfg), xs[name])
+    merged = esm_core.merge("esm", base, tasks, stats=stats, alpha=0.5)
+    ex = build_experts(merged, tasks, stats, rank=4)
+    assert sorted(ex.keys) == sorted(llama.routed_keys(base))
+    # the prototypes of a group are one: Q/K/V (and gate/up) share one decision
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(ex.prototypes[q], ex.prototypes[k])
+    routed = build_routed(merged, ex, lambda s: llama.build_model(s, cfg))
+    with torch.no_grad():
+        for t, name in enumerate(tasks):
+            dense = {key: (v + ex.B[key][t] @ ex.A[key][t] if key in ex.keys else v) for key, v in merged.items()}
+            torch.testing.assert_close(routed(xs[name], mode=f"fixed:{name}"), llama.build_model(dense, cfg)(xs[name]),
+                                       rtol=1e-5, atol=1e-5)
+        routed(xs["t0"])                                    # routed mode runs; every decision names a task
+        assert routed.last_log.chosen.shape[0] == xs["t0"].shape[0]
