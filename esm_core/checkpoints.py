@@ -266,7 +266,7 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # Hugging Face CLIPVisionModel → open_clip names
 
 _HF_LAYER = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.(.+)\Z")   # \Z: "$" matches before a final "\n"
-_HF_LAYER_MAP = {
+HF_CLIP_LAYER_MAP = {      # one block of either Hugging Face CLIP tower (vision or text) → open_clip's names
     "self_attn.out_proj.weight": "attn.out_proj.weight",
     "self_attn.out_proj.bias": "attn.out_proj.bias",
     "layer_norm1.weight": "ln_1.weight", "layer_norm1.bias": "ln_1.bias",
@@ -311,23 +311,41 @@ def hf_clip_vision_to_open_clip(sd: Mapping[str, torch.Tensor], name: str = "che
             out["visual.proj"] = v.t().contiguous()
         elif (m := _HF_LAYER.match(k)) is not None:
             i, rest = int(m.group(1)), m.group(2)
-            pre = f"visual.transformer.resblocks.{i}."
-            if rest in _HF_LAYER_MAP:
-                out[pre + _HF_LAYER_MAP[rest]] = v
-            elif (q := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)) is not None:
-                qkv.setdefault((i, q.group(2)), {})[q.group(1)] = v
-            else:
+            if not hf_clip_block_key(rest, v, i, "visual.transformer.resblocks.", out, qkv):
                 unknown.append(k)
         else:
             unknown.append(k)
     if unknown:
         raise CheckpointError(f"{name}: Hugging Face CLIP checkpoint with keys this converter does not know: "
                               f"{_fmt_keys(unknown)}")
+    for i, kind, parts in join_hf_qkv(qkv, "visual.transformer.resblocks.", out):
+        raise CheckpointError(f"{name}: layer {i} has only {sorted(parts)} of the q/k/v projection {kind}s")
+    return out
+
+
+def hf_clip_block_key(rest: str, v: torch.Tensor, i: int, prefix: str, out: dict, qkv: dict) -> bool:
+    """One key of block ``i`` of a Hugging Face CLIP tower (``rest``: the name after ``encoder.layers.i.``) into
+    ``out`` under open_clip's ``{prefix}{i}.`` names, or its q/k/v part into ``qkv`` (joined by
+    :func:`join_hf_qkv`); False for a key this mapping does not know."""
+    if rest in HF_CLIP_LAYER_MAP:
+        out[f"{prefix}{i}.{HF_CLIP_LAYER_MAP[rest]}"] = v
+    elif (q := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)) is not None:
+        qkv.setdefault((i, q.group(2)), {})[q.group(1)] = v
+    else:
+        return False
+    return True
+
+
+def join_hf_qkv(qkv: dict, prefix: str, out: dict) -> list[tuple[int, str, dict]]:
+    """Each block's q, k, v projections concatenated (q, k, v order) into open_clip's ``attn.in_proj_*`` in
+    ``out``; returns the incomplete groups ``(block, "weight" | "bias", parts)`` for the caller to refuse."""
+    missing = []
     for (i, kind), parts in sorted(qkv.items()):
         if set(parts) != {"q", "k", "v"}:
-            raise CheckpointError(f"{name}: layer {i} has only {sorted(parts)} of the q/k/v projection {kind}s")
-        out[f"visual.transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
-    return out
+            missing.append((i, kind, parts))
+        else:
+            out[f"{prefix}{i}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+    return missing
 
 
 # ---------------------------------------------------------------------------

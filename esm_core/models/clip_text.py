@@ -17,6 +17,8 @@ import torch
 from open_clip.model import _build_text_tower    # the constructor open_clip's CLIP uses for its text tower
 from open_clip.tokenizer import SimpleTokenizer
 
+from ..checkpoints import hf_clip_block_key, join_hf_qkv
+
 BPE_VOCAB = 49408                        # open_clip's bundled BPE tokenizer (every OpenAI-style CLIP text tower)
 TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
@@ -104,13 +106,6 @@ def tokenizer_for(cfg: Mapping) -> SimpleTokenizer:
 # ---------------------------------------------------------------- Hugging Face CLIPModel's text tower
 
 _HF_TEXT_LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)\Z")
-_HF_TEXT_LAYER_MAP = {
-    "self_attn.out_proj.weight": "attn.out_proj.weight", "self_attn.out_proj.bias": "attn.out_proj.bias",
-    "layer_norm1.weight": "ln_1.weight", "layer_norm1.bias": "ln_1.bias",
-    "layer_norm2.weight": "ln_2.weight", "layer_norm2.bias": "ln_2.bias",
-    "mlp.fc1.weight": "mlp.c_fc.weight", "mlp.fc1.bias": "mlp.c_fc.bias",
-    "mlp.fc2.weight": "mlp.c_proj.weight", "mlp.fc2.bias": "mlp.c_proj.bias",
-}
 _HF_TEXT_TOP = {
     "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
     "text_model.embeddings.position_embedding.weight": "positional_embedding",
@@ -140,21 +135,14 @@ def hf_text_to_open_clip(sd: Mapping[str, torch.Tensor], name: str = "checkpoint
         elif k == "logit_scale":
             out["logit_scale"] = v
         elif (m := _HF_TEXT_LAYER.match(k)) is not None:
-            i, rest = int(m.group(1)), m.group(2)
-            if rest in _HF_TEXT_LAYER_MAP:
-                out[f"transformer.resblocks.{i}.{_HF_TEXT_LAYER_MAP[rest]}"] = v
-            elif (q := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)) is not None:
-                qkv.setdefault((i, q.group(2)), {})[q.group(1)] = v
-            else:
+            if not hf_clip_block_key(m.group(2), v, int(m.group(1)), "transformer.resblocks.", out, qkv):
                 unknown.append(k)
         else:
             unknown.append(k)
     if unknown:
         raise ValueError(f"{name}: unknown Hugging Face CLIP text keys {sorted(unknown)[:4]}")
-    for (i, kind), parts in sorted(qkv.items()):
-        if set(parts) != {"q", "k", "v"}:
-            raise ValueError(f"{name}: text layer {i} lacks {sorted({'q', 'k', 'v'} - set(parts))} projection {kind}")
-        out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    for i, kind, parts in join_hf_qkv(qkv, "transformer.resblocks.", out):
+        raise ValueError(f"{name}: text layer {i} lacks {sorted({'q', 'k', 'v'} - set(parts))} projection {kind}")
     return out
 
 
