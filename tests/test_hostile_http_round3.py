@@ -29,19 +29,12 @@ from esm_core.pools import upload as U  # noqa: E402
 from esm_core.pools import upload_text as UT  # noqa: E402
 from fake_pool import launch_app  # noqa: E402
 from test_app_http import _client, _values  # noqa: E402
+from test_hostile_http import _rss_mib  # noqa: E402
 from test_hostile_round3_images import _png_zip, _tower, _write_header  # noqa: E402
 from test_hostile_round3_text import _fast_tokenizer_files, _split  # noqa: E402
 from test_upload_text import _upload as _text_files  # noqa: E402
 
 h = gradio_client.handle_file
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 @pytest.fixture(scope="module")
