@@ -716,6 +716,23 @@ def convert(state_dict: Mapping[str, torch.Tensor], name: str = "checkpoint") ->
     return dict(state_dict)
 
 
+# ---------------------------------------------------------------- uploads (pools/upload_text: the optional text names)
+
+SEQUENCE_POOLING = "cls"                                  # what the sequence-classification heads read
+
+
+def max_tokens(config) -> int:
+    """The most tokens one input may have: ``max_position_embeddings`` less 2 (RoBERTa's position offset)."""
+    return int(config_of(config).max_position_embeddings) - 2
+
+
+def prepare_tokenizer(tokenizer, config) -> list[str]:
+    """Nothing to change: BERT-family tokenizers carry their pad token (notes for the user: none)."""
+    if tokenizer.pad_token is None:
+        raise ValueError("the uploaded tokenizer has no pad token: sentences of different lengths cannot be batched")
+    return []
+
+
 def is_model(module: torch.nn.Module) -> bool:
     return isinstance(module, TextEncoder)
 

@@ -500,3 +500,61 @@ def logits(features: torch.Tensor, head: Mapping[str, torch.Tensor]) -> torch.Te
     b = head.get("bias")
     return out if b is None else out + b.to(features.dtype)
 
+
+
+# ---------------------------------------------------------------- uploads (pools/upload_text: the optional text names)
+
+SEQUENCE_POOLING = "last"                            # what ``score`` reads (build_model's only pooling)
+DEFAULT_POSITIONS = 2048                             # transformers' LlamaConfig default max_position_embeddings
+
+
+def sequence_head(sd: Mapping[str, torch.Tensor], task: str) -> dict:
+    """The task's own ``score`` head from its checkpoint: ``{"weight": C×d}`` and ``"bias"`` when it has one."""
+    w, b = sd.get("score.weight"), sd.get("score.bias")
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"task {task!r}: its checkpoint has no 'score' head — upload the "
+                         "*ForSequenceClassification checkpoint of each task (LlamaForSequenceClassification, ...)")
+    if w.ndim != 2 or not w.is_floating_point() or (b is not None and (b.ndim != 1 or b.shape[0] != w.shape[0])):
+        raise ValueError(f"task {task!r}: its score head has the shapes {tuple(w.shape)}"
+                         f"{'' if b is None else f' / bias {tuple(b.shape)}'}; expected C × hidden (and C)")
+    head = {"weight": w.float()}
+    if b is not None:
+        head["bias"] = b.float()
+    return head
+
+
+def max_tokens(config: Mapping) -> int:
+    """The most tokens one input may have: the config's ``max_position_embeddings`` (checked config)."""
+    return int(config.get("max_position_embeddings") or DEFAULT_POSITIONS)
+
+
+def prepare_tokenizer(tokenizer, config: Mapping) -> list[str]:
+    """Make an uploaded tokenizer pad as the task's own classifier expects, in place; notes for the user.
+
+    * Right padding, whatever its config says: with causal attention a right-padded sentence's tokens see
+      exactly what they would alone (left padding shifts the rotary positions, so a sentence's score would
+      depend on the longest sentence of its batch).
+    * The pad token is ``config.pad_token_id``'s token when the config names one (``score`` reads the last
+      token that is not it); else the tokenizer's own; else its end-of-sequence token (the last real token is
+      then found from the attention mask). A tokenizer with none of these is refused."""
+    notes = []
+    if getattr(tokenizer, "padding_side", "right") != "right":
+        notes.append(f"tokenizer: padding_side {tokenizer.padding_side!r} → 'right' (causal attention: a sentence's "
+                     "features then do not depend on its batch)")
+    tokenizer.padding_side = "right"
+    pad = config.get("pad_token_id")
+    if pad is not None:
+        if not 0 <= int(pad) < len(tokenizer):
+            raise ValueError(f"config.json: pad_token_id = {pad} is not a token of the uploaded tokenizer "
+                             f"({len(tokenizer):,} tokens)")
+        if tokenizer.pad_token_id != pad:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad))
+            notes.append(f"tokenizer: pad token = config.json's pad_token_id {pad} ({tokenizer.pad_token!r})")
+    elif tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the uploaded tokenizer has no pad token and no end-of-sequence token, and config.json "
+                             "no pad_token_id: sentences of different lengths cannot be batched")
+        tokenizer.pad_token = tokenizer.eos_token
+        notes.append(f"tokenizer: no pad token; padding with its end-of-sequence token {tokenizer.eos_token!r} "
+                     "(the last real token is read from the attention mask)")
+    return notes

@@ -54,6 +54,22 @@ REQUIRED: dict[str, str] = {
     "route": "route(module, key, make): the linear of `key` replaced by make(weight, bias, batch_first)",
 }
 
+# optional names, read with a default where they are missing: name → what it is
+OPTIONAL: dict[str, str] = {
+    "TSV_EVERY_2D": "True: ESM merges every 2-D key it does not decompose the TSV-M way (methods §8); default False",
+    "TSV_MIN_RANK": "the least rank of that TSV-M merge (k = max(TSV_MIN_RANK, ⌊min(m, n) / T⌋)); default 0",
+}
+
+# what a text family needs besides REQUIRED for uploads of its sequence classifiers (pools/upload_text)
+TEXT_UPLOAD: dict[str, str] = {
+    "SEQUENCE_POOLING": "build_model's pooling that gives what the task's classifier head reads",
+    "sequence_head": "sequence_head(sd, task) -> the task's own head ({'weight', 'bias'} or two layers)",
+    "encoder_state": "encoder_state(sd) -> the feature module's keys of a checkpoint (heads dropped)",
+    "check_shapes": "check_shapes(sd, config, max_params) -> checks config.json against the checkpoint, or raises",
+    "max_tokens": "max_tokens(config) -> the most tokens one input may have",
+    "prepare_tokenizer": "prepare_tokenizer(tokenizer, config) -> [notes]: pad token and side as the head expects",
+}
+
 
 class RecordPoint(NamedTuple):
     """Where the probe reads a weight's input."""

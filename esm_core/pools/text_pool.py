@@ -1,4 +1,4 @@
-"""TextTaskPool: the TaskPool of a BERT-family text encoder (the built ``text`` pool, methods §8).
+"""TextTaskPool: the TaskPool of a text family (the built ``text`` pool, uploaded encoders and decoders; methods §8).
 
 It answers the same questions as :class:`esm_core.pools.taskpool.TaskPool`, so
 evaluation, the probe, the α policy, ESM++, the studio and the app run on it
@@ -8,7 +8,8 @@ unchanged:
   (:func:`esm_core.models.bert.pack`); :meth:`inputs` returns them, :meth:`texts` the sentences;
 * :meth:`build_model` builds the family's model, for BERT a :class:`esm_core.models.bert.TextEncoder`
   (features = mean of the last hidden state over real tokens for the built pool, the first token's for
-  uploaded sequence classifiers — ``pooling``);
+  uploaded sequence classifiers — ``pooling``), for a Llama-style decoder a
+  :class:`esm_core.models.llama.DecoderFeatures` (the last real token's, ``pooling="last"``);
 * heads: linear with a bias, ``logits = f @ W.T + b`` (the built pool), or an uploaded classifier's own two
   layers (:mod:`esm_core.pools.upload_text`);
 * §8: biases are each task's own. :meth:`prepare` puts task t's biases into a
@@ -34,7 +35,7 @@ from .taskpool import proxy_ids, subset_pool
 
 @dataclass
 class TextTaskPool:
-    """Base + fine-tuned BERT-family encoders with frozen linear heads and labelled sentences.
+    """Base + fine-tuned text models (a text family: ``family``) with frozen heads and labelled sentences.
 
     ``heads[task] = {"weight": C×d, "bias": C}``; ``data[task] = {"val": (texts, labels), "test": (texts,
     labels), "proxy_ids": ids into val}``.
@@ -51,7 +52,7 @@ class TextTaskPool:
     meta: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict, repr=False)
     family: str = bert.NAME
-    pooling: str = "mean"             # features: "mean" over real tokens (the built pool) or "cls" (first token)
+    pooling: str = "mean"             # features: "mean" over real tokens (the built pool), "cls" (first token), "last"
 
     def __post_init__(self):
         for t in self.tasks:
@@ -150,8 +151,9 @@ class TextTaskPool:
         return x[ids], ids
 
     def logits(self, task: str, features: torch.Tensor) -> torch.Tensor:
-        """The task's frozen head: linear ``f @ W.T + b`` (``{"weight", "bias"}``), or an uploaded classifier's
-        two layers ``act(f @ W1.T + b1) @ W2.T + b2`` (``{"w1", "b1", "w2", "b2", "act"}``)."""
+        """The task's frozen head: linear ``f @ W.T + b`` (``{"weight", "bias"}``; a decoder's ``score`` may have
+        no bias), or an uploaded encoder classifier's two layers ``act(f @ W1.T + b1) @ W2.T + b2``
+        (``{"w1", "b1", "w2", "b2", "act"}``)."""
         self._check_task(task)
         h = {k: (v.to(features.device, features.dtype) if isinstance(v, torch.Tensor) else v)
              for k, v in self.heads[task].items()}
@@ -159,7 +161,8 @@ class TextTaskPool:
             z = features @ h["w1"].T + h["b1"]
             z = torch.tanh(z) if h["act"] == "tanh" else torch.relu(z)
             return z @ h["w2"].T + h["b2"]
-        return features @ h["weight"].T + h["bias"]
+        out = features @ h["weight"].T
+        return out + h["bias"] if "bias" in h else out
 
     def samples(self, task: str, k: int = 8) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """A few test sentences for display: (packed inputs, labels, the sentences)."""

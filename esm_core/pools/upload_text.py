@@ -1,16 +1,20 @@
-"""Uploaded text pools: BERT-family sequence classifiers + labelled sentences → a :class:`TextTaskPool`.
+"""Uploaded text pools: sequence classifiers of a text family + labelled sentences → a :class:`TextTaskPool`.
 
-What comes from where — nothing is guessed:
+Text families: BERT-family encoders (BERT, RoBERTa, DistilBERT, MiniLM) and Llama-style decoders (Llama, Qwen2,
+Mistral). What comes from where — nothing is guessed:
 
-* the family and key layout from the checkpoints' key names (:func:`esm_core.models.bert.matches`);
+* the family and key layout from the checkpoints' key names (:func:`text_family`; a family provides
+  :data:`esm_core.models.protocol.TEXT_UPLOAD`);
 * the architecture from the uploaded Hugging Face ``config.json`` (required; every shape of every
   checkpoint is checked against it before a model is built);
 * the tokenizer from the uploaded tokenizer files (``tokenizer.json``, or ``vocab.txt`` / ``vocab.json`` +
-  ``merges.txt``, with ``tokenizer_config.json``); never downloaded, no remote code;
+  ``merges.txt``, with ``tokenizer_config.json``); never downloaded, no remote code, no regular expression of
+  the upload's own (a known tokenizer's pre-tokenizer pattern is accepted verbatim); a decoder's tokenizer pads
+  on the right with the pad token its ``score`` expects (:func:`esm_core.models.llama.prepare_tokenizer`);
 * each task's classifier from its own checkpoint (§8: heads are each task's own): BERT's pooler +
   ``classifier``, RoBERTa's ``classifier.dense`` + ``classifier.out_proj``, DistilBERT's
-  ``pre_classifier`` + ``classifier``; features = the last hidden state of the first token, as these
-  heads read it;
+  ``pre_classifier`` + ``classifier`` (features: the first token's last hidden state, as these heads read
+  it); a decoder's ``score`` (features: the final hidden state of the last real token);
 * labelled text per task: ``<task>.csv`` (a header with ``text`` and ``label``) or ``<task>.jsonl``
   (one ``{"text": ..., "label": ...}`` per line); labels are class indices (integers, or strings of
   digits) of the task's classifier. Half of each class becomes validation (proxy sentences, α), half test.
@@ -34,7 +38,9 @@ from ..progress import Progress, reporter
 from ..adapters import is_adapter_path
 from ..checkpoints import check_compatible, load_checkpoint, save_safetensors
 from ..lazy import LazyCheckpoint
+from .. import models
 from ..models import bert
+from ..models.protocol import TEXT_UPLOAD
 from .text_pool import TextTaskPool
 from .. import settings
 from .upload import NAME_OK, _split_val_test, upload_memory_budget
@@ -73,10 +79,42 @@ _SEQUENCE_OF = {"normalizer": "normalizers", "pre_tokenizer": "pretokenizers", "
 TOKENIZER_CLASSES = {"BertTokenizer", "BertTokenizerFast", "DistilBertTokenizer", "DistilBertTokenizerFast",
                      "RobertaTokenizer", "RobertaTokenizerFast", "XLMRobertaTokenizer", "XLMRobertaTokenizerFast",
                      "CamembertTokenizer", "CamembertTokenizerFast", "MPNetTokenizer", "MPNetTokenizerFast",
-                     "PreTrainedTokenizerFast", "TokenizersBackend"}
+                     "PreTrainedTokenizerFast", "TokenizersBackend",
+                     # Llama-style decoders: Llama 2 / Mistral (sentencepiece BPE in tokenizer.json), Qwen2, GPT-2-style
+                     "LlamaTokenizer", "LlamaTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast", "GPT2Tokenizer",
+                     "GPT2TokenizerFast"}
+# The pre-tokenizer patterns of known tokenizers, accepted verbatim in a ``Split`` (any other regular expression is
+# refused): these ship in every Llama 3 / Qwen2 / GPT-2-style tokenizer.json and run in linear time.
+KNOWN_SPLIT_PATTERNS = {
+    "Llama 3": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    "Qwen2": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    "GPT-2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+}
 
-HEADS = bert.SEQUENCE_HEADS          # the family's sequence-classification head layouts
-task_head = bert.sequence_head      # a task's own head from its checkpoint
+HEADS = bert.SEQUENCE_HEADS          # the BERT family's sequence-classification head layouts
+task_head = bert.sequence_head      # a BERT-family task's own head from its checkpoint
+
+
+def text_family(state_dict, config: Mapping, name: str):
+    """The text family of an uploaded base checkpoint, found from its key names (BERT-family encoders,
+    Llama-style decoders): its module, which provides :data:`esm_core.models.protocol.TEXT_UPLOAD`. Refuses a
+    checkpoint of no text family, or one the family cannot take as an upload."""
+    fam = models.family_of(state_dict)
+    if fam is None or fam.MODALITY != "text":
+        shown = "an image model's" if fam is not None else "no text model's"
+        raise ValueError(f"{name}: {shown} layout — a text pool takes BERT-family encoders (BERT, RoBERTa, "
+                         "DistilBERT, MiniLM) or Llama-style decoders (Llama, Qwen2, Mistral) as "
+                         f"*ForSequenceClassification checkpoints; found e.g. {sorted(state_dict)[:4]}")
+    missing = [n for n in TEXT_UPLOAD if not hasattr(fam, n)]
+    if missing:
+        raise ValueError(f"{name}: {fam.DESCRIPTION} cannot be uploaded as a text pool yet (the family lacks "
+                         f"{missing})")
+    return fam
+
+
+def head_classes(head: Mapping) -> int:
+    """The number of classes of a task's head (``w2`` of a two-layer head, else ``weight``)."""
+    return int((head["w2"] if "w2" in head else head["weight"]).shape[0])
 
 
 def _bounded_read(path, limit: int, what: str) -> bytes:
@@ -201,11 +239,19 @@ def _check_component(field: str, comp, path: str) -> None:
             _check_component(field, c, f"{path}.{key}[{i}]")
     if kind in ("Split", "Replace"):
         pattern = comp.get("pattern")
+        if kind == "Split" and _known_regex(pattern):
+            return
         if not (isinstance(pattern, dict) and set(pattern) == {"String"} and isinstance(pattern["String"], str)):
             shown = str(pattern.get("Regex") if isinstance(pattern, dict) and "Regex" in pattern else pattern)[:60]
             raise ValueError(f"tokenizer.json: {path} ({kind}) has the pattern {shown!r}, a regular expression: "
                              "this server runs no regular expression of an upload (a plain String pattern is "
                              "accepted) — upload the model's own BERT-family tokenizer")
+
+
+def _known_regex(pattern) -> bool:
+    """True for ``{"Regex": p}`` with ``p`` one of :data:`KNOWN_SPLIT_PATTERNS`, character for character."""
+    return (isinstance(pattern, dict) and set(pattern) == {"Regex"}
+            and pattern["Regex"] in KNOWN_SPLIT_PATTERNS.values())
 
 
 def check_tokenizer_json(obj: Mapping) -> None:
@@ -224,6 +270,8 @@ def check_tokenizer_json(obj: Mapping) -> None:
         while stack:                                         # belt and braces: no "Regex" anywhere in them
             path, v = stack.pop()
             if isinstance(v, dict):
+                if v.get("type") == "Split" and _known_regex(v.get("pattern")):
+                    continue                                 # a known tokenizer's own pattern (checked above)
                 if "Regex" in v:
                     raise ValueError(f"tokenizer.json: {path} holds a regular expression "
                                      f"({str(v['Regex'])[:60]!r}): this server runs no regular expression of an "
@@ -265,7 +313,7 @@ def load_tokenizer_files(paths: Mapping[str, str | Path], config: Mapping | None
                 if cls is not None and cls not in TOKENIZER_CLASSES:
                     raise ValueError(f"tokenizer_config.json: tokenizer_class {str(cls)[:60]!r} is not a BERT-family "
                                      f"tokenizer this server runs (accepted: {', '.join(sorted(TOKENIZER_CLASSES))})")
-                for k in [k for k in obj if k == "auto_map" or k.endswith(("_file", "_files"))]:
+                for k in [k for k in obj if k in ("auto_map", "chat_template") or k.endswith(("_file", "_files"))]:
                     obj.pop(k)
                 (tmp / name).write_text(json.dumps(obj))
         if config is not None:
@@ -338,7 +386,7 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
     encoder is written there (safetensors) and read lazily, key by key; without it every task is held.
 
     Bounded before the work: at most :data:`MAX_TASKS` tasks; every config field checked against the base
-    checkpoint before a model is built (:func:`esm_core.models.bert.check_shapes`); the memory of the tokenised
+    checkpoint before a model is built (the family's ``check_shapes``); the memory of the tokenised
     sentences, the checkpoints held and the session's model-sized working copies checked against
     ``memory_budget`` (None: ``ESM_SESSION_MEMORY_MB`` or 8 GiB; ``working_copies`` model-sized copies counted
     besides, as for image uploads) before any task
@@ -373,20 +421,19 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
         texts_of[t] = read_labelled_text(text_files[t], t)
     report(0.1, "reading the base checkpoint")
     base_raw = load_checkpoint(base_path)
-    if not bert.matches(base_raw):
-        raise ValueError(f"{Path(base_path).name}: not a BERT-family encoder (BERT, RoBERTa, DistilBERT, MiniLM): "
-                         f"found e.g. {sorted(base_raw)[:4]}")
+    fam = text_family(base_raw, config, Path(base_path).name)
     n_params = sum(v.numel() for v in base_raw.values())
     if n_params > (cap := settings.max_model_params()):   # ESM_MAX_MODEL_PARAMS
         raise ValueError(f"the base checkpoint holds {n_params / 1e6:.0f} M parameters, more than the "
                          f"{cap / 1e6:.0f} M this server merges")
-    base = {k: v.float() if v.is_floating_point() else v for k, v in bert.encoder_state(base_raw).items()}
+    base_raw = fam.convert(base_raw, Path(base_path).name)
+    base = {k: v.float() if v.is_floating_point() else v for k, v in fam.encoder_state(base_raw).items()}
     del base_raw
-    bert.check_shapes(base, config, cap)        # config fields vs the checkpoint, before anything is built
-    positions = int(bert.config_of(config).max_position_embeddings)
-    ml = int(max_length or min(DEFAULT_MAX_LENGTH, positions - 2))
-    if not 1 <= ml <= positions:
-        raise ValueError(f"config.json: max_position_embeddings = {positions} leaves no room for a sentence")
+    fam.check_shapes(base, config, cap)         # config fields vs the checkpoint, before anything is built
+    room = fam.max_tokens(config)
+    ml = int(max_length or min(DEFAULT_MAX_LENGTH, room))
+    if not 1 <= ml <= room:
+        raise ValueError(f"config.json: max_position_embeddings leaves room for {room} tokens, not {ml}")
     _check_text_memory(texts_of, base, ml, 0 if keep_dir is not None else len(names), memory_budget,
                        working_copies)
 
@@ -397,13 +444,14 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
         adapter = is_adapter_path(task_paths[t])     # a PEFT LoRA folder / .zip: base + s·BA, its head (methods §1)
         raw = load_checkpoint(task_paths[t], base=base if adapter else None, base_name=Path(base_path).name,
                               notes=lora_notes)
-        if not bert.matches(raw):
-            raise ValueError(f"task {t!r}: not a BERT-family checkpoint of the base's layout")
-        heads[t] = task_head(raw, t)
-        enc = bert.encoder_state(raw)
+        if not fam.matches(raw):
+            raise ValueError(f"task {t!r}: not a checkpoint of the base's layout ({fam.DESCRIPTION})")
+        raw = fam.convert(raw, name)
+        heads[t] = fam.sequence_head(raw, t)
+        enc = fam.encoder_state(raw)
         del raw
         check_compatible(base, enc, name)                   # keys, shapes, float-ness, finite values: as for images
-        C = heads[t]["w2"].shape[0]
+        C = head_classes(heads[t])
         if C > MAX_CLASSES:
             raise ValueError(f"task {t!r}: its classifier has {C:,} outputs, more than the {MAX_CLASSES:,} classes "
                              "this server evaluates")
@@ -417,11 +465,19 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
             tasks[t] = LazyCheckpoint(save_safetensors(tasks[t], Path(keep_dir) / f"task-{i}.safetensors"))
     report(0.58, "reading the tokenizer")
     tok = load_tokenizer_files(tokenizer_files, config)
-    data, class_names, notes = {}, {}, [f"family: {config['model_type']} (from config.json); features: the first "
-                                        "token's last hidden state; heads: each task's own classifier", *lora_notes]
+    tok_notes = fam.prepare_tokenizer(tok, config)
+    vocab = config.get("vocab_size")                         # checked against the embedding table above
+    if isinstance(vocab, int) and len(tok) > vocab:
+        raise ValueError(f"the uploaded tokenizer has {len(tok):,} tokens but config.json's vocab_size is "
+                         f"{vocab:,}: it is another model's tokenizer")
+    reads = "the last real token's final hidden state" if fam.SEQUENCE_POOLING == "last" else \
+        "the first token's last hidden state"
+    data, class_names, notes = {}, {}, [f"family: {config['model_type']} (from config.json; {fam.DESCRIPTION}); "
+                                        f"features: {reads}; heads: each task's own classifier",
+                                        *tok_notes, *lora_notes]
     for t in names:
         texts, y = texts_of[t]
-        C = heads[t]["w2"].shape[0]
+        C = head_classes(heads[t])
         val, test = _split_val_test(y)
         proxy = val[np.sort(np.random.default_rng(0).choice(len(val), min(bert.PROXY_SAMPLES, len(val)),
                                                             replace=False))]
@@ -430,7 +486,8 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
         class_names[t] = [f"class {c}" for c in range(C)]
         notes.append(f"{t}: {len(y)} sentences, {C} classes, split half validation / half test")
     pool = TextTaskPool(name="upload", model_config=dict(config), base=base, tasks=tasks, heads=heads,
-                        class_names=class_names, data=data, tokenizer=tok, max_length=ml, pooling="cls",
+                        class_names=class_names, data=data, tokenizer=tok, max_length=ml,
+                        pooling=fam.SEQUENCE_POOLING, family=fam.NAME,
                         meta={"model": f"uploaded {config['model_type']}"})
     _tokenize_upload(pool, {t: len(texts_of[t][0]) for t in names}, report)
     report(1.0, "pool ready")
