@@ -398,8 +398,11 @@ def pool_info(s: Session) -> dict:
     n_params = int(sum(v.numel() for v in base.values()))
     fam = family_or_vit(list(base))
     blocks = sorted({fam.block_index(k) for k in base if fam.block_index(k) is not None})
-    layers = sorted(fam.layer_types_of(base), key=lambda k: fam.block_index(k))
-    width = int(base[layers[0]].shape[1]) if layers else None        # a block's input width: the model's width
+    layers = [k for k in fam.layer_types_of(base) if fam.block_index(k) == (blocks[0] if blocks else None)]
+    # the model's width: the input width most of the first block's matrices share (the residual stream's; a
+    # decoder's keys sort mlp.down_proj, whose input is the MLP's width, first)
+    widths = [int(base[k].shape[1]) for k in layers]
+    width = max(widths, key=widths.count) if widths else None
     unit = "sentences" if pool.modality == "text" else "images"
     tasks = []
     for t in pool.task_names:
