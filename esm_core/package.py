@@ -3,10 +3,11 @@
 :func:`write_export` writes, by the target's name and the model family:
 
 * ``*.safetensors`` — the plain merged state dict (the historical format), its recipe in the metadata;
-* a **transformers folder** (BERT-family text encoders): ``config.json``, ``model.safetensors``, the
-  tokenizer files, ``heads/<task>.safetensors`` (each task's classifier and its own biases, methods §8),
-  ``merge_recipe.json`` and a model card ``README.md`` — ``transformers.AutoModel.from_pretrained(folder)``
-  loads it;
+* a **transformers folder** (BERT-family text encoders, Llama-style decoders, Hugging Face ViTs):
+  ``config.json``, ``model.safetensors`` (the bare ``*Model`` layout: ``BertModel``, ``LlamaModel`` /
+  ``Qwen2Model`` / ``MistralModel``, ``ViTModel``), the tokenizer files, ``heads/<task>.safetensors`` (each
+  task's classifier and its own biases, methods §8), ``merge_recipe.json`` and a model card ``README.md`` —
+  ``transformers.AutoModel.from_pretrained(folder)`` loads it;
 * an **open_clip folder**: ``open_clip_config.json`` + ``open_clip_model.safetensors`` (the merged image
   tower and the base's text tower) that ``open_clip.create_model_and_transforms("local-dir:" + folder)``
   loads (a registered model name also loads it with ``pretrained=<folder>/open_clip_model.safetensors``);
@@ -38,7 +39,7 @@ from huggingface_hub import HfApi, get_token
 
 from . import __version__, settings
 from .checkpoints import CheckpointError, read_config, save_safetensors, strict_json_dumps
-from .models import bert, family_of, hf_vit, openclip_vit
+from .models import FAMILIES, OWN, bert, family_of, hf_vit, llama, openclip_vit
 
 FORMATS = ("safetensors", "transformers", "open_clip")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,8 +52,10 @@ OPEN_CLIP_VISUAL = "open_clip_image_tower.safetensors"
 MAX_TOKENIZER_BYTES = 64 * 1024 ** 2       # all tokenizer files of one export together
 DISK_MARGIN = 64 * 1024 ** 2               # free space kept beyond the export's own size
 # family → the library a folder export of it loads in (the card's ``library_name``) and its folder format
-LIBRARY = {bert.NAME: "transformers", hf_vit.NAME: "transformers", openclip_vit.NAME: "open_clip"}
-FOLDER_FORMAT = {bert.NAME: "transformers", hf_vit.NAME: "transformers", openclip_vit.NAME: "open_clip"}
+LIBRARY = {bert.NAME: "transformers", hf_vit.NAME: "transformers", llama.NAME: "transformers",
+           openclip_vit.NAME: "open_clip"}
+FOLDER_FORMAT = {bert.NAME: "transformers", hf_vit.NAME: "transformers", llama.NAME: "transformers",
+                 openclip_vit.NAME: "open_clip"}
 _AUTO_MODEL = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
                "camembert": "CamembertModel", "distilbert": "DistilBertModel"}
 
@@ -112,12 +115,18 @@ def rebuild_info_of(pool) -> dict:
                            "std": list(getattr(pool, "std", openclip_vit.CLIP_STD))}}
 
 
+def text_family(family: str):
+    """The family module of a text family (``MODALITY == "text"``: BERT, Llama-style decoders, ...), else None."""
+    fam = FAMILIES.get(family)
+    return fam if fam is not None and getattr(fam, "MODALITY", None) == "text" else None
+
+
 def model_info_of(pool) -> dict:
     """What :func:`write_export` needs to know about a pool's model (duck-typed: any pool of this library)."""
     family = family_of_pool(pool)
     if family == hf_vit.NAME:
         return {"model_config": dict(pool.model_config), "preprocess": dict(pool.preprocess), "name": pool.model_name}
-    if family == bert.NAME:
+    if text_family(family) is not None:
         return {"model_config": dict(pool.model_config), "tokenizer": pool.tokenizer,
                 "pooling": getattr(pool, "pooling", "mean"), "max_length": int(getattr(pool, "max_length", 64)),
                 "name": pool.model_name}
@@ -129,8 +138,11 @@ def model_info_of(pool) -> dict:
 
 def heads_of(pool) -> dict[str, dict]:
     """Each task's head file content: the head's tensors, its class names and (text families, methods §8)
-    the task's own biases under ``encoder.<key>``, which turn the merged encoder into that task's model."""
-    family = family_of_pool(pool)
+    the task's own biases under ``encoder.<key>`` — ``<key>`` the exported model's own name (the bare
+    ``AutoModel``'s, the family's ``strip_prefix``), so ``model.load_state_dict(own, strict=False)`` turns the
+    merged model into that task's model."""
+    fam = text_family(family_of_pool(pool))
+    bare = getattr(fam, "strip_prefix", lambda k: k)
     out = {}
     for t in pool.task_names:
         h = pool.heads[t]
@@ -139,10 +151,10 @@ def heads_of(pool) -> dict[str, dict]:
             entry["weight"] = h
         else:
             entry.update(h)
-        if family == bert.NAME:
-            for k, v in bert.encoder_state(pool.tasks[t]).items():
-                if bert.key_role(k, v) == "own":
-                    entry[f"encoder.{k}"] = v
+        if fam is not None:
+            for k, v in fam.encoder_state(pool.tasks[t]).items():
+                if fam.key_role(k, v) == OWN:
+                    entry[f"encoder.{bare(k)}"] = v
         out[t] = entry
     return out
 
@@ -279,6 +291,22 @@ def model_card(recipe: Mapping, *, family: str, model_info: Mapping, results: Ma
                   "`ViTForImageClassification` head reads. `heads/<task>.safetensors` holds each task's own "
                   "classifier (`weight`, `bias`; class names in the metadata): logits = features @ weight.T + bias.",
                   ""]
+    elif fmt == "transformers" and model_info.get("pooling") == "last":          # a decoder's sequence classifier
+        lines += ["```python", "import torch", "from transformers import AutoModel, AutoTokenizer",
+                  "model = AutoModel.from_pretrained(\"<this folder>\")",
+                  "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")",
+                  "batch = tokenizer([\"a sentence\"], return_tensors=\"pt\", padding=True)",
+                  "hidden = model(**batch).last_hidden_state",
+                  "ids, pad = batch[\"input_ids\"], model.config.pad_token_id",
+                  "real = (ids != pad) if pad is not None else batch[\"attention_mask\"].bool()",
+                  "last = (torch.arange(ids.shape[1]) * real).argmax(1)",
+                  "features = hidden[torch.arange(ids.shape[0]), last]", "```", "",
+                  "Features are the last hidden state at the rightmost token that is not padding, what a "
+                  "`*ForSequenceClassification` `score` head reads (the tokenizer pads on the right). "
+                  "`heads/<task>.safetensors` holds each task's `score` (`weight`, and `bias` when it has one; "
+                  "logits = features @ weight.T (+ bias); class names in the metadata) and (keys `encoder.*`) its "
+                  "own biases: loading those into the model (`strict=False`) gives that task's model (methods §8).",
+                  ""]
     elif fmt == "transformers":
         pooling = model_info.get("pooling", "mean")
         lines += ["```python", "from transformers import AutoModel, AutoTokenizer",
@@ -379,6 +407,35 @@ def _write_transformers(folder: Path, merged_sd, base_sd, model_info: Mapping, c
     sd = _cast(bert.encoder_state(merged_sd), dtype)
     save_safetensors(sd, folder / "model.safetensors", config)   # metadata "format": "pt", as transformers wants
     cfg.to_json_file(str(folder / "config.json"))
+    _write_tokenizer(folder, model_info)
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _write_decoder(folder: Path, merged_sd, base_sd, model_info: Mapping, config: dict,
+                   dtype: torch.dtype) -> list[str]:
+    """A transformers folder of a Llama-style decoder (the family ``config["family"]``): the bare ``LlamaModel`` /
+    ``Qwen2Model`` / ``MistralModel`` that ``AutoModel.from_pretrained(folder)`` builds, in ``dtype`` (the config
+    says it: transformers loads a folder in its config's dtype), and the tokenizer. Features: its last hidden state
+    at the rightmost non-padding token, what the task's ``score`` (its head file) reads."""
+    import transformers
+    fam = FAMILIES[config["family"]]
+    if not isinstance(model_info.get("model_config"), Mapping):
+        raise ValueError("a transformers export needs the model's config.json (model_info['model_config'])")
+    sd = fam.convert(merged_sd, "the merged model")              # the pool's key layout (a CLI base may be bare)
+    cfg, tcfg = fam.check_shapes(sd, model_info["model_config"])  # the weights fit the config before writing
+    names = transformers.models.auto.modeling_auto.MODEL_MAPPING_NAMES     # model_type → its bare *Model
+    tcfg.architectures = [names.get(cfg["model_type"], "AutoModel")]
+    tcfg.dtype = {v: k for k, v in DTYPES.items()}[dtype]
+    bare = {fam.strip_prefix(k): v for k, v in fam.encoder_state(sd).items()}
+    save_safetensors(_cast(bare, dtype), folder / "model.safetensors", config)
+    tcfg.to_json_file(str(folder / "config.json"))
+    _write_tokenizer(folder, model_info)
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _write_tokenizer(folder: Path, model_info: Mapping) -> None:
+    """The tokenizer beside the model: a pool's tokenizer (``save_pretrained``) or the CLI's tokenizer files
+    (copied; bounded in size)."""
     tok, files = model_info.get("tokenizer"), model_info.get("tokenizer_files")
     if tok is not None:
         tok.save_pretrained(str(folder))
@@ -391,7 +448,6 @@ def _write_transformers(folder: Path, merged_sd, base_sd, model_info: Mapping, c
             if Path(name).name != name or name in ("config.json", "model.safetensors", CARD_FILE, RECIPE_FILE):
                 raise ValueError(f"tokenizer file name {name!r} is not a plain tokenizer file name")
             shutil.copyfile(p, folder / name)
-    return sorted(p.name for p in folder.iterdir())
 
 
 def _write_vit(folder: Path, merged_sd, base_sd, model_info: Mapping, config: dict,
@@ -463,7 +519,7 @@ def _write_open_clip(folder: Path, merged_sd, base_sd, model_info: Mapping, conf
 # family → its folder writer. Hook for more families: FOLDER_FORMAT[family] = format, LIBRARY[family] = library,
 # WRITERS[family] = writer(folder, merged_sd, base_sd, model_info, config, dtype) -> [file names].
 WRITERS: dict[str, Callable[..., list[str]]] = {bert.NAME: _write_transformers, hf_vit.NAME: _write_vit,
-                                                openclip_vit.NAME: _write_open_clip}
+                                                llama.NAME: _write_decoder, openclip_vit.NAME: _write_open_clip}
 
 
 # ---------------------------------------------------------------- the one writer
@@ -582,7 +638,8 @@ def model_info_from_files(family: str, base_path: str | os.PathLike, model: str 
     """The model info of a folder export from files: a text model's ``config.json`` (``model``, or the one next to
     the base checkpoint) and the tokenizer files next to that config; an open_clip model's registered name or
     config file (``model``: a name, an ``open_clip_config.json`` or a model config ``.json``)."""
-    if family == bert.NAME:
+    fam = text_family(family)
+    if fam is not None:
         cfg_path = Path(model) if model else Path(base_path).parent / "config.json"
         if cfg_path.is_dir():
             cfg_path = cfg_path / "config.json"
@@ -591,10 +648,23 @@ def model_info_from_files(family: str, base_path: str | os.PathLike, model: str 
                              "(give --model <config.json>, or write a .safetensors file)")
         if cfg_path.stat().st_size > 1024 ** 2:
             raise ValueError(f"{cfg_path}: more than 1 MiB, not a model config.json")
-        config = json.loads(cfg_path.read_text())
-        bert.check_config_values(config, str(cfg_path))
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg_path}: not a JSON model config ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{cfg_path}: must be a JSON object, got {type(config).__name__}")
         files = {n: cfg_path.parent / n for n in TOKENIZER_NAMES if (cfg_path.parent / n).is_file()}
-        return {"model_config": config, "tokenizer_files": files, "name": config.get("_name_or_path") or None}
+        info = {"model_config": config, "tokenizer_files": files, "name": config.get("_name_or_path") or None}
+        if fam is bert:
+            bert.check_config_values(config, str(cfg_path))
+            return info
+        try:
+            checked = fam.check_config(config)                    # the family's own bounds, before any weight is read
+        except ValueError as e:
+            msg = str(e).removeprefix("config.json: ")
+            raise ValueError(f"{cfg_path}: {msg}") from None
+        return {**info, "model_config": checked, "pooling": getattr(fam, "SEQUENCE_POOLING", None)}
     if family == openclip_vit.NAME:
         if not model:
             raise ValueError("an open_clip folder needs the model: give --model <open_clip model name or config "
