@@ -719,6 +719,10 @@ def convert(state_dict: Mapping[str, torch.Tensor], name: str = "checkpoint") ->
 # ---------------------------------------------------------------- uploads (pools/upload_text: the optional text names)
 
 SEQUENCE_POOLING = "cls"                                  # what the sequence-classification heads read
+TOKENIZER_KIND = "BERT-family"
+TOKENIZER_CLASSES = {"BertTokenizer", "BertTokenizerFast", "DistilBertTokenizer", "DistilBertTokenizerFast",
+                     "RobertaTokenizer", "RobertaTokenizerFast", "XLMRobertaTokenizer", "XLMRobertaTokenizerFast",
+                     "CamembertTokenizer", "CamembertTokenizerFast", "MPNetTokenizer", "MPNetTokenizerFast"}
 
 
 def max_tokens(config) -> int:

@@ -505,6 +505,10 @@ def logits(features: torch.Tensor, head: Mapping[str, torch.Tensor]) -> torch.Te
 # ---------------------------------------------------------------- uploads (pools/upload_text: the optional text names)
 
 SEQUENCE_POOLING = "last"                            # what ``score`` reads (build_model's only pooling)
+TOKENIZER_KIND = "Llama-style decoder"
+# Llama 2 / Mistral (sentencepiece BPE written out in tokenizer.json), Llama 3 and Qwen2 (byte-level BPE), GPT-2-style
+TOKENIZER_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast", "GPT2Tokenizer",
+                     "GPT2TokenizerFast"}
 DEFAULT_POSITIONS = 2048                             # transformers' LlamaConfig default max_position_embeddings
 
 

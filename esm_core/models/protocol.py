@@ -63,6 +63,9 @@ OPTIONAL: dict[str, str] = {
 # what a text family needs besides REQUIRED for uploads of its sequence classifiers (pools/upload_text)
 TEXT_UPLOAD: dict[str, str] = {
     "SEQUENCE_POOLING": "build_model's pooling that gives what the task's classifier head reads",
+    "SUPPORTED_TYPES": "the config.json model_type values of the family",
+    "TOKENIZER_KIND": "a few words naming the family's tokenizers in messages ('BERT-family')",
+    "TOKENIZER_CLASSES": "the tokenizer_class values its tokenizer_config.json may name (besides the generic ones)",
     "sequence_head": "sequence_head(sd, task) -> the task's own head ({'weight', 'bias'} or two layers)",
     "encoder_state": "encoder_state(sd) -> the feature module's keys of a checkpoint (heads dropped)",
     "check_shapes": "check_shapes(sd, config, max_params) -> checks config.json against the checkpoint, or raises",

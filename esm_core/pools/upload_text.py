@@ -75,14 +75,9 @@ TOKENIZER_TYPES = {
 }
 _SEQUENCE_OF = {"normalizer": "normalizers", "pre_tokenizer": "pretokenizers", "post_processor": "processors",
                 "decoder": "decoders"}
-# tokenizer classes tokenizer_config.json may name: BERT-family ones and the plain tokenizer.json reader
-TOKENIZER_CLASSES = {"BertTokenizer", "BertTokenizerFast", "DistilBertTokenizer", "DistilBertTokenizerFast",
-                     "RobertaTokenizer", "RobertaTokenizerFast", "XLMRobertaTokenizer", "XLMRobertaTokenizerFast",
-                     "CamembertTokenizer", "CamembertTokenizerFast", "MPNetTokenizer", "MPNetTokenizerFast",
-                     "PreTrainedTokenizerFast", "TokenizersBackend",
-                     # Llama-style decoders: Llama 2 / Mistral (sentencepiece BPE in tokenizer.json), Qwen2, GPT-2-style
-                     "LlamaTokenizer", "LlamaTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast", "GPT2Tokenizer",
-                     "GPT2TokenizerFast"}
+# tokenizer classes tokenizer_config.json may name: the plain tokenizer.json readers, and each text family's own
+# (``TOKENIZER_CLASSES`` of the family whose SUPPORTED_TYPES hold the config's model_type)
+GENERIC_TOKENIZER_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
 # The pre-tokenizer patterns of known tokenizers, accepted verbatim in a ``Split`` (any other regular expression is
 # refused): these ship in every Llama 3 / Qwen2 / GPT-2-style tokenizer.json and run in linear time.
 KNOWN_SPLIT_PATTERNS = {
@@ -281,6 +276,17 @@ def check_tokenizer_json(obj: Mapping) -> None:
                 stack += [(f"{path}[{i}]", x) for i, x in enumerate(v)]
 
 
+def tokenizer_classes(config: Mapping | None) -> tuple[str, set[str]]:
+    """(what kind, the tokenizer classes accepted) for a model of ``config``'s ``model_type``: the text family's
+    own classes and the plain tokenizer.json readers; every text family's for an unknown or absent type."""
+    fams = [f for f in models.FAMILIES.values() if f.MODALITY == "text" and hasattr(f, "TOKENIZER_CLASSES")]
+    mt = config.get("model_type") if isinstance(config, Mapping) else None
+    mine = [f for f in fams if mt in getattr(f, "SUPPORTED_TYPES", ())]
+    fams = mine or fams
+    return (" or ".join(f.TOKENIZER_KIND for f in fams),
+            set(GENERIC_TOKENIZER_CLASSES).union(*(f.TOKENIZER_CLASSES for f in fams)))
+
+
 def load_tokenizer_files(paths: Mapping[str, str | Path], config: Mapping | None = None):
     """A fast tokenizer from uploaded files (names from :data:`TOKENIZER_FILES` only; each bounded; local, no
     remote code). ``paths``: ``{file name: path}``; ``config``: the model's config.json (its ``model_type``
@@ -310,9 +316,10 @@ def load_tokenizer_files(paths: Mapping[str, str | Path], config: Mapping | None
                 check_tokenizer_json(obj)                                    # no regular expression of the upload
             elif name == "tokenizer_config.json":                            # no code to fetch, no other files
                 cls = obj.get("tokenizer_class")
-                if cls is not None and cls not in TOKENIZER_CLASSES:
-                    raise ValueError(f"tokenizer_config.json: tokenizer_class {str(cls)[:60]!r} is not a BERT-family "
-                                     f"tokenizer this server runs (accepted: {', '.join(sorted(TOKENIZER_CLASSES))})")
+                kind, accepted = tokenizer_classes(config)
+                if cls is not None and cls not in accepted:
+                    raise ValueError(f"tokenizer_config.json: tokenizer_class {str(cls)[:60]!r} is not a {kind} "
+                                     f"tokenizer this server runs (accepted: {', '.join(sorted(accepted))})")
                 for k in [k for k in obj if k in ("auto_map", "chat_template") or k.endswith(("_file", "_files"))]:
                     obj.pop(k)
                 (tmp / name).write_text(json.dumps(obj))
