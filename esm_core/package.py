@@ -433,12 +433,34 @@ def _write_decoder(folder: Path, merged_sd, base_sd, model_info: Mapping, config
     return sorted(p.name for p in folder.iterdir())
 
 
+# sentences a written tokenizer is checked on: words, digits, punctuation, accents, other scripts, runs of spaces
+TOKENIZER_PROBE = ("The quick brown fox jumps over the lazy dog.", "a purple zebra! 0123456789 (x, y) = [1; 2]",
+                   "Ünïcödé straße — café ½ 日本語のテキスト 😀", "  two  spaces\tand a tab\nand a new line  ")
+
+
+def _check_tokenizer_reloads(folder: Path, tok) -> None:
+    """What ``AutoTokenizer.from_pretrained(folder)`` reads back (config.json already written: transformers may pick
+    the tokenizer class from its ``model_type``, e.g. a Qwen2 one) must tokenise as ``tok`` and pad as it does;
+    ValueError naming both classes otherwise (the folder is then not written)."""
+    from transformers import AutoTokenizer
+    back = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    same = (back.pad_token_id == tok.pad_token_id
+            and getattr(back, "padding_side", "right") == getattr(tok, "padding_side", "right")
+            and all(back(s)["input_ids"] == tok(s)["input_ids"] for s in TOKENIZER_PROBE))
+    if not same:
+        raise ValueError(f"the tokenizer written ({type(tok).__name__}) reads back through transformers' "
+                         f"AutoTokenizer as a {type(back).__name__} that tokenises or pads differently (the config's "
+                         "model_type chooses the class): the export would not reproduce the pool's inputs; nothing "
+                         "was written")
+
+
 def _write_tokenizer(folder: Path, model_info: Mapping) -> None:
     """The tokenizer beside the model: a pool's tokenizer (``save_pretrained``) or the CLI's tokenizer files
     (copied; bounded in size)."""
     tok, files = model_info.get("tokenizer"), model_info.get("tokenizer_files")
     if tok is not None:
         tok.save_pretrained(str(folder))
+        _check_tokenizer_reloads(folder, tok)
     elif files:
         total = sum(Path(p).stat().st_size for p in files.values())
         if total > MAX_TOKENIZER_BYTES:

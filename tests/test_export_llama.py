@@ -185,6 +185,32 @@ def test_a_config_that_does_not_fit_the_weights_is_refused_before_writing(tmp_pa
     assert list(exports.iterdir()) == []                          # nothing written, no temporary folder left
 
 
+def _word_level():
+    """A word-level tokenizer (not a byte-level BPE): transformers reads it back as what it was written, except
+    under a model_type whose tokenizer class transformers imposes (Qwen2's rebuilds a byte-level pipeline)."""
+    words = ["<pad>", "<unk>", "<eos>", "the", "red", "cat", "a", "very", "happy", "blue", "dog", "is", "sad"]
+    tok = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+                                   padding_side="right")
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_tokenizer_that_would_not_read_back_the_same_is_refused(kind, tmp_path):
+    pool = _pool(kind, tmp_path)
+    pool.tokenizer = _word_level()
+    merged = esm_core.merge("ta", pool.base, pool.tasks, alpha=0.4)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    if kind == "llama":                                          # read back as written
+        out = _export(pool, exports / "ok", merged)
+        assert AutoTokenizer.from_pretrained(str(out))(TEXTS)["input_ids"] == pool.tokenizer(TEXTS)["input_ids"]
+        return
+    with pytest.raises(ValueError, match="reads back through transformers' AutoTokenizer as a Qwen2Tokenizer"):
+        _export(pool, exports / "bad", merged)
+    assert list(exports.iterdir()) == []
+
+
 def test_a_failed_decoder_export_leaves_nothing(tmp_path, monkeypatch):
     pool = _pool("qwen2", tmp_path)
     merged = esm_core.merge("ta", pool.base, pool.tasks, alpha=0.4)
