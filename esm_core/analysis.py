@@ -27,7 +27,8 @@ import torch
 from .device import torch_threads_back
 from .merging.cache import DecompositionCache, ResultKey, fingerprint
 from .merging.kernels import eigh64, gram, scipy_threads
-from .merging.esm import OFFERED_RANK_FRACTION, esm_rank
+from .merging.esm import esm_rank
+from .schemas import MAX_RANK_FRACTION
 from .merging.stats import stats_from_inputs, task_layer_stats
 from .merging.svd import subspace_alignment_ratio
 from .models import family_of_key, family_or_vit, roles_of
@@ -128,7 +129,7 @@ def _esd_entry(cache: DecompositionCache, base, tasks, stats, name: str, key: st
     if esm_like:
         d_out, T = int(d.shape[0]), len(tasks)
         k = max(k, esm_rank(d_out, T))       # ESM's default rank (it can exceed min(d_in, n) on small layers)
-        kw = {"keep": max(k, esm_rank(d_out, T, rank_fraction=OFFERED_RANK_FRACTION)), "coords": True}
+        kw = {"keep": max(k, esm_rank(d_out, T, rank_fraction=MAX_RANK_FRACTION)), "coords": True}
     # the same fingerprint and factor ESM uses (shared entries)
     e = cache.lookup(name, key, (dfp, st.fingerprint(), int(st.n)), k)
     if e is not None and (e.A is not None or not esm_like):

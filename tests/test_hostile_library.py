@@ -480,3 +480,17 @@ def test_apply_updates_consume_hands_each_update_back_once_added():
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert list(ups) == ["x"] and gone() is None                   # w's update freed once added
     assert got["n"].data_ptr() != base["n"].data_ptr()
+
+
+def test_eval_cli_prints_where_the_alpha_search_went_past_its_grid(monkeypatch, capsys):
+    import esm_core.evaluation as EV
+    _fake_eval_pool(monkeypatch)
+
+    def past_the_grid(pool, method, params=None, **kw):          # a summary as evaluate_method gives it
+        return {**EV.summarize(pool, {"cars": 0.7, "dtd": 0.3}, "test"), "method": method, "alpha": 1.2,
+                "alpha_extended": [1.1, 1.2], "alpha_note": "the best α was the grid's upper end (1)"}
+    monkeypatch.setattr(EV, "evaluate_method", past_the_grid)
+    assert cli.main(["eval", "--method", "ta", "--quiet"]) == 0
+    assert "note (ta): the best α was the grid's upper end (1)" in capsys.readouterr().out
+    assert cli.main(["eval", "--method", "ta", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"]["ta"]["alpha_note"].startswith("the best α")

@@ -33,7 +33,7 @@ def load_pool_arg(spec: str):
 
 def _row(summary: dict) -> dict:
     return {"tasks": summary["tasks"], "mean_abs": summary["mean_abs"], "mean_norm": summary["mean_norm"],
-            **{k: summary[k] for k in ("alpha", "params", "val_curve", "routing_accuracy", "storage")
+            **{k: summary[k] for k in ("alpha", "params", "val_curve", "routing_accuracy", "storage", "alpha_note")
                if k in summary}}
 
 
@@ -119,6 +119,9 @@ def cmd_eval(args) -> int:
         print(table(pool, rows, args.split))
         for w in warnings:                # they qualify the table's normalised numbers: printed with it
             print(f"warning: {w}")
+        for name, r in rows.items():      # the α search went past its grid: how far, and why
+            if r.get("alpha_note"):
+                print(f"note ({name}): {r['alpha_note']}")
     return 0
 
 

@@ -44,10 +44,6 @@ from .svd import tsv_key
 
 
 
-# The largest rank_fraction the method offers (its Param's max): ESD entries keep the columns this can use.
-OFFERED_RANK_FRACTION = MAX_RANK_FRACTION
-
-
 def new_cache(max_columns: int | None = None) -> DecompositionCache:
     """A fresh decomposition cache to pass as ``cache=`` to repeated ESM merges (and to the analysis)."""
     return DecompositionCache(max_columns=max_columns)
@@ -246,7 +242,7 @@ def _esd_update(ctx, cache, key: str, stats, dfp: tuple, deltas, rank: int, rank
         raise ValueError(f"ESD key {key!r} is not a 2-D matrix")
     d_out = shape[0]
     k = esm_rank(d_out, T, rank, rank_fraction, ctx.info)          # a clamp is noted in ctx.info
-    keep = max(k, esm_rank(d_out, T, rank_fraction=OFFERED_RANK_FRACTION))
+    keep = max(k, esm_rank(d_out, T, rank_fraction=MAX_RANK_FRACTION))   # the columns any offered rank uses
     svd = directions == "svd"                                      # no activation statistics read
     sts = None if svd else [task_layer_stats(stats, name, key) for name in names]
     gfps = ("svd",) * T if svd else tuple(_stats_fp(st) for st in sts)
