@@ -283,6 +283,7 @@ def _proxy_command(args) -> str:
         val = getattr(args, opt, None)
         if val is not None and val not in ("auto", "float32"):
             parts += [f"--{opt.replace('_', '-')}", str(val)]
+    parts += [x for f in getattr(args, "tokenizer", None) or [] for x in ("--tokenizer", f)]   # maybe not beside it
     return shlex.join(parts)
 
 
@@ -394,7 +395,9 @@ def add_cli(subparsers) -> None:
                         "--proxy given here replace the recipe's files")
     p.add_argument("--proxy", action="append", metavar="NAME=PATH",
                    help="a task's proxy data for ESM / ESM++ (and any method): a folder or .zip of images (class "
-                        "folders or flat), or .csv / .jsonl labelled sentences (text models); repeat per task")
+                        "folders or flat), or .csv / .jsonl labelled sentences (text classifiers: BERT family, "
+                        "Llama, Qwen2, Mistral; needed by every method when the tasks' heads differ in size); "
+                        "repeat per task")
     p.add_argument("--proxy-samples", type=int, default=32, help="proxy samples per task (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the proxy samples' draw (default 0)")
     p.add_argument("--arch", default="auto",
@@ -402,13 +405,15 @@ def add_cli(subparsers) -> None:
                         "and --normalisation); default: read from --config")
     p.add_argument("--config", default=None,
                    help="the base's config: an open_clip model config .json, a Hugging Face CLIP config.json, or "
-                        "a text model's config.json (its tokenizer files are read from beside it)")
+                        "a text model's config.json (BERT family, Llama, Qwen2, Mistral; its tokenizer files are "
+                        "read from beside it unless --tokenizer names them)")
     p.add_argument("--preprocessor", default=None, help="Hugging Face preprocessor_config.json (image mean / std)")
     p.add_argument("--head-width", type=int, default=None, help="attention head width (with --arch infer)")
     p.add_argument("--normalisation", default=None, choices=("clip", "half"),
                    help="image mean / std: OpenAI CLIP's or 0.5 / 0.5")
     p.add_argument("--tokenizer", action="append", metavar="FILE",
-                   help="a tokenizer file of a text model (default: those beside --config)")
+                   help="a tokenizer file of a text model: tokenizer.json, tokenizer_config.json, ...; repeat per "
+                        "file (default: those beside --config)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method parameter, e.g. alpha=0.3")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:i]")
     p.add_argument("--out", required=True,
