@@ -48,7 +48,8 @@ UPLOAD_HELP = ("Give the pre-trained checkpoint, two or more task checkpoints fi
                "`demo` (this app's demo architecture), an open_clip model name (its config, CLIP normalisation), "
                "or `infer` (shapes from the weights, plus the attention head width and normalisation you give: "
                "CLIP models use head width 64 and 'clip'). With `auto` and no config the app lists the choices.\n\n"
-               "**Text models** (BERT, RoBERTa, DistilBERT, MiniLM): upload each task's "
+               "**Text models** — BERT-family encoders (BERT, RoBERTa, DistilBERT, MiniLM) or Llama-style "
+               "decoders (Llama, Qwen2, Mistral; read at the last real token): upload each task's "
                "`*ForSequenceClassification` checkpoint (its classifier is the task's head), the model's "
                "`config.json` and tokenizer files (`tokenizer.json`, or `vocab.txt` / `vocab.json` + `merges.txt`, "
                "with `tokenizer_config.json`), and per task `<task>.csv` (columns `text`, `label` = class index) "
@@ -86,8 +87,8 @@ def layout(ui) -> None:
             with gr.Row():
                 ui.text_btn = gr.Button("Load the text pool", variant="primary", size="sm", elem_id="text-load")
                 ui.text_build_btn = gr.Button("Build the text pool", size="sm", elem_id="text-build")
-        with gr.Accordion("Upload your own pool (open_clip ViT image towers, or BERT-family text classifiers)",
-                          open=False):
+        with gr.Accordion("Upload your own pool (ViT image models, or text classifiers: BERT family, Llama, Qwen2, "
+                          "Mistral)", open=False):
             gr.Markdown(UPLOAD_HELP)
             with gr.Row():
                 ui.base_file = gr.File(label="base checkpoint", file_types=CKPT_TYPES, elem_id="up-base")
@@ -295,7 +296,7 @@ def make_handlers(ui):
         tok = {Path(p).name: p for p in cfg_paths if Path(p).name in TOKENIZER_FILES}
         config, preprocessor = read_configs([p for p in cfg_paths if Path(p).name not in TOKENIZER_FILES])
         texts = {short_name(p): p for p in data if p.lower().endswith(TEXT_EXTS)}
-        if texts:                                       # labelled sentences: a BERT-family text pool
+        if texts:                                       # labelled sentences: a text pool (encoder or decoder)
             if len(texts) != len(data):
                 raise ValueError("upload either image zips or labelled text files (.csv / .jsonl), not both")
             if head_files or head_names or templates is not None:
