@@ -150,3 +150,26 @@ def test_a_lora_task_equals_the_same_task_given_dense(tmp_path):
     from esm_core.probe import probe_pool
     res = evaluate_method(a, "esm", alpha=0.5, device="cpu", stats=probe_pool(a, n=8, device="cpu"))
     assert set(res["tasks"]) == {"colours", "animals"}             # scored end to end, each task with its head
+
+
+def test_esmpp_routes_an_uploaded_decoder_pool_and_oracle_routing_equals_each_tasks_dense_expert(tmp_path):
+    import esm_core as esm
+    from esm_core.evaluation.proxy import task_model
+    base, paths, texts, config, tok = decoder_upload(tmp_path, "qwen2")     # Qwen2: its Q / K / V biases are own
+    pool, _ = text_pool_from_upload(base, paths, texts, config, tok)
+    stats = esm.probe_pool(pool, n=8, seed=0, device="cpu")
+    routed = esm.build_esmpp(pool, stats, rank=4, alpha=0.5, device="cpu")
+    accs, log = esm.evaluate_routed(pool, routed)
+    per_layer = esm.routing_accuracy(log)                  # one share per routed layer: 2 groups (QKV, gate/up) × 2
+    assert set(accs) == {"colours", "animals"} and per_layer.shape == (4,) and ((per_layer >= 0) & (per_layer <= 1)).all()
+    # oracle: task t's sentences through W_ESM + B_t A_t on every routed layer, with t's own biases (Qwen2's
+    # Q / K / V), are task t's dense model
+    ex, t = routed.experts, "animals"
+    i = ex.task_index(t)
+    x, _ = pool.inputs(t, "test")
+    dense = {k: (v + ex.B[k][i] @ ex.A[k][i] if k in ex.keys else v) for k, v in routed.merged_sd.items()}
+    with torch.no_grad():
+        want = pool.logits(t, pool.build_model(task_model(dense, pool.tasks[t], family="llama"))(x))
+        pool.prepare(routed, t)
+        got = pool.logits(t, routed(x, true_task=[t] * len(x), mode="oracle"))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
