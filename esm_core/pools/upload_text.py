@@ -240,7 +240,8 @@ def _check_component(field: str, comp, path: str) -> None:
             shown = str(pattern.get("Regex") if isinstance(pattern, dict) and "Regex" in pattern else pattern)[:60]
             raise ValueError(f"tokenizer.json: {path} ({kind}) has the pattern {shown!r}, a regular expression: "
                              "this server runs no regular expression of an upload (a plain String pattern is "
-                             "accepted) — upload the model's own BERT-family tokenizer")
+                             "accepted, and the Llama 3 / Qwen2 / GPT-2 split patterns verbatim) — upload the "
+                             "model's own tokenizer")
 
 
 def _known_regex(pattern) -> bool:
