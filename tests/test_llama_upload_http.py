@@ -1,21 +1,26 @@
 """Llama-style decoder classifiers (Llama, Qwen2 with grouped-query attention) uploaded through the Pool view over
 HTTP (gradio_client): base + task ``*ForSequenceClassification`` safetensors + config.json + tokenizer.json +
-tokenizer_config.json + ``<task>.jsonl`` load as a text pool named after its family; TA and ESM merges through the
-Merge view give the accuracies the library's ``evaluate_method`` gives on the same files; refused uploads (a config
-that does not fit the weights, a tokenizer holding a foreign regular expression, a task of another family) name the
-problem, keep the previous pool (it still merges) and leave no ``pool-*`` folder in the session's workdir."""
+tokenizer_config.json + ``<task>.jsonl`` / ``.csv`` load as a text pool named after its family; TA and ESM merges
+through the Merge view give the accuracies the library's ``evaluate_method`` gives on the same files (the exported
+merge is ``merge_pool``'s, tensor for tensor; a typed sentence is routed); refused uploads (a config that does not
+fit the weights, a tokenizer holding a foreign regular expression, a task of another family) name the problem, keep
+the previous pool (it still merges) and leave no ``pool-*`` folder in the session's workdir."""
+import csv
 import html
 import json
 import os
 import re
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("transformers")
 import gradio_client  # noqa: E402
 
 from esm_core.evaluation import evaluate_method  # noqa: E402
+from esm_core.evaluation.proxy import merge_pool  # noqa: E402
 from esm_core.pools.upload_text import text_pool_from_upload  # noqa: E402
 from esm_core.probe import probe_pool  # noqa: E402
 from fake_pool import launch_app  # noqa: E402
@@ -48,11 +53,15 @@ def _args(d, base, tasks: dict, texts: dict, config: dict, tok: dict):
             [h(str(d / "config.json")), *[h(str(p)) for p in tok.values()]], 0, ""]
 
 
-def _library(base, tasks, texts, config, tok, method: str, params: dict, alpha: float) -> dict:
-    """``evaluate_method`` on the pool the library builds from the same files (the app's proxy draw: 32, seed 0)."""
+def _library(base, tasks, texts, config, tok, method: str, params: dict, alpha: float, merged: bool = False):
+    """``evaluate_method`` on the pool the library builds from the same files (the app's proxy draw: 32, seed 0);
+    with ``merged``, also ``merge_pool``'s merged state dict."""
     pool, _ = text_pool_from_upload(base, tasks, texts, config, tok)
     stats = probe_pool(pool, n=32, seed=0, device="cpu") if method == "esm" else None
-    return evaluate_method(pool, method, params, alpha=alpha, stats=stats, device="cpu")
+    res = evaluate_method(pool, method, params, alpha=alpha, stats=stats, device="cpu")
+    if not merged:
+        return res
+    return res, merge_pool(pool, method, {**params, "alpha": alpha}, stats=stats, device="cpu")
 
 
 def _app_accs(c, method: str, alpha: float) -> list[float]:
@@ -87,8 +96,14 @@ def test_a_llama_pool_uploads_merges_as_the_library_and_refusals_keep_it(served,
     for method, alpha in (("ta", 0.3), ("esm", 1.0)):
         x, y = _app_accs(c, method, alpha)
         assert x == [*names, "mean"]
-        want = _want(_library(base, tasks, texts, cfg, tok, method, {}, alpha), names)
-        assert y == pytest.approx(want, abs=1e-9), method
+        res, merged = _library(base, tasks, texts, cfg, tok, method, {}, alpha, merged=True)
+        assert y == pytest.approx(_want(res, names), abs=1e-9), method
+    path, _, shown = c.predict(api_name="/export_model")               # the ESM merge on screen, as a file
+    got = load_file(path)
+    assert shown["method"] == "esm" and set(got) == set(merged)
+    assert all(torch.equal(got[k], v) for k, v in merged.items())        # the library's merge, tensor for tensor
+    summary = c.predict(4, "my sentence", 2, None, False, "the red cat is very happy", api_name="/route")[0]
+    assert "Your sentence** went to the **" in summary                  # ESM++ routes a typed sentence
 
     s = _session_of(demo, c.session_hash)
     pool_before, folders = s.pool, _pool_folders(s)
@@ -123,6 +138,11 @@ def test_a_qwen2_pool_with_grouped_query_attention_uploads_and_merges_as_the_lib
     demo, url = served
     base, tasks, texts, cfg, tok = decoder_upload(tmp_path, "qwen2", classes=(3, 2, 4))
     assert cfg["num_key_value_heads"] < cfg["num_attention_heads"]    # grouped-query attention
+    rows = [json.loads(line) for line in texts["sizes"].read_text().splitlines()]
+    texts["sizes"] = tmp_path / "sizes.csv"                            # one task's sentences as a .csv
+    with open(texts["sizes"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerows([("text", "label"), *[(r["text"], r["label"]) for r in rows]])
     c = _client(url)
     c.predict(*_args(tmp_path, base, tasks, texts, cfg, tok), api_name="/load_upload")
     md, table, _, _ = c.predict(api_name="/load_upload_view")
