@@ -71,7 +71,7 @@ class TextTaskPool:
 
     @property
     def model_name(self) -> str:
-        return self.meta.get("model", f"{self.model_config.get('model_type', 'bert')} encoder")
+        return self.meta.get("model", f"{self.model_config.get('model_type', self.family)} model")
 
     def _check_task(self, task: str) -> None:
         if task not in self.tasks:
