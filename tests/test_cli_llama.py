@@ -1,15 +1,17 @@
 """A tiny Llama-style decoder classifier pool merged from the command line (esm-studio merge, in-process): ESM with
 ``--config`` / ``--tokenizer`` / ``--proxy <task>.jsonl`` writes exactly the library's ``proxy_pool`` + ``probe_proxy``
-+ ``merge_pool`` of the same files, and its recipe repeats it bit for bit; TA without proxy data merges checkpoints
-alone when the heads agree, and is refused, naming the head, when they do not."""
++ ``merge_pool`` of the same files, and its recipe (tokenizer files included) repeats it bit for bit; TA without
+proxy data merges checkpoints alone when the heads agree, and is refused, naming the head, when they do not."""
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from esm_core import package
 from esm_core.cli import main
 from esm_core.evaluation import proxy as P
+from esm_core.evaluation.recipes import read_recipe
 from esm_core.pools.upload_text import read_labelled_text
 from tiny_decoder import decoder_upload
 
@@ -54,11 +56,18 @@ def test_cli_esm_on_a_llama_pool_equals_the_librarys_proxy_merge_and_its_recipe_
     changed = [k for k in want if not torch.equal(want[k], pool.base[k])]
     assert summary["keys_merged"] == len(changed) > 0
 
-    again = tmp_path / "again.safetensors"                            # the recipe names config.json; the tokenizer
-    assert main(["merge", "--recipe", str(out), "--out", str(again), "--device", "cpu", "--quiet",  # files again
-                 *[x for p in files["tok"].values() for x in ("--tokenizer", p)]]) == 0
+    again = tmp_path / "again.safetensors"          # the recipe names config.json and the tokenizer files (not beside
+    assert main(["merge", "--recipe", str(out), "--out", str(again), "--device", "cpu", "--quiet"]) == 0   # it)
     b = load_file(again)
     assert all(torch.equal(got[k], b[k]) for k in got)
+    recipe = read_recipe(out)
+    assert recipe.model_args == {"config": files["config"], "tokenizer": list(files["tok"].values())}
+    raw = package.read_export(out)                                   # a recipe's tokenizer entry is checked
+    for bad, says in (("tok.json", "must be a list of 1 to 8 tokenizer files"), ([""], "must be a non-empty string")):
+        f = tmp_path / "bad.json"
+        f.write_text(json.dumps({**raw, "model_args": {**raw["model_args"], "tokenizer": bad}}))
+        with pytest.raises(ValueError, match=says):
+            read_recipe(f)
 
 
 def test_cli_ta_with_proxy_equals_the_library_and_finds_the_tokenizer_beside_config(files, tmp_path):

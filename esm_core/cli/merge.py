@@ -239,7 +239,8 @@ def run_proxy_merge(base_path: str, tasks: dict[str, str], method: str, params: 
     recipe = {"method": method, "params": resolved, "tasks": dict(tasks), "base": str(base_path),
               "visual_only": False, "source": "cli", "proxy": proxy_rec,
               "model_args": {k: v for k, v in (("arch", arch), ("config", config), ("preprocessor", preprocessor),
-                                                ("head_width", head_width), ("normalisation", normalisation))
+                                                ("head_width", head_width), ("normalisation", normalisation),
+                                                ("tokenizer", [str(f) for f in tokenizer] if tokenizer else None))
                              if v is not None and v != "auto"}}
     if method == "esmpp":
         cache = new_cache()
@@ -334,7 +335,8 @@ def cmd_recipe(args) -> int:
             arch=args.arch if args.arch != "auto" else ma.get("arch", "auto"),
             config=args.config or ma.get("config"), preprocessor=args.preprocessor or ma.get("preprocessor"),
             head_width=args.head_width or ma.get("head_width"),
-            normalisation=args.normalisation or ma.get("normalisation"), tokenizer=args.tokenizer,
+            normalisation=args.normalisation or ma.get("normalisation"),
+            tokenizer=args.tokenizer or ma.get("tokenizer"),
             device=args.device, format=args.format, dtype=args.dtype, model=args.model,
             command=f"esm-studio merge --recipe {args.recipe} --out {args.out}", expect_ids=r.proxy["ids"],
             progress=progress, log=log)

@@ -149,11 +149,18 @@ def _proxy(v, tasks: list[str]) -> dict | None:
 def _model_args(v) -> dict:
     if v is None:
         return {}
-    if not isinstance(v, dict) or not set(v) <= {"arch", "config", "preprocessor", "head_width", "normalisation"}:
-        raise ValueError("recipe: 'model_args' may hold arch, config, preprocessor, head_width, normalisation only")
-    out = {k: _text(x, f"recipe: model_args {k!r}") for k, x in v.items() if k != "head_width"}
+    if not isinstance(v, dict) or not set(v) <= {"arch", "config", "preprocessor", "head_width", "normalisation",
+                                                 "tokenizer"}:
+        raise ValueError("recipe: 'model_args' may hold arch, config, preprocessor, head_width, normalisation, "
+                         "tokenizer only")
+    out = {k: _text(x, f"recipe: model_args {k!r}") for k, x in v.items() if k not in ("head_width", "tokenizer")}
     if "head_width" in v:
         out["head_width"] = _int(v["head_width"], "recipe: model_args 'head_width'", 1, 65_536)
+    if "tokenizer" in v:                  # a text model's tokenizer files (esm-studio merge --tokenizer), in order
+        files = v["tokenizer"]
+        if not isinstance(files, list) or not 1 <= len(files) <= 8:
+            raise ValueError("recipe: model_args 'tokenizer' must be a list of 1 to 8 tokenizer files")
+        out["tokenizer"] = [_text(x, "recipe: a model_args tokenizer file") for x in files]
     return out
 
 
