@@ -35,6 +35,9 @@ def test_each_task_scores_as_its_own_classifier_on_each_sentence_alone(tmp_path,
     pool, notes = text_pool_from_upload(base, paths, texts, config, tok)
     assert (pool.family, pool.pooling, pool.task_names) == ("llama", "last", ["colours", "animals"])
     assert any("last real token" in n and model_type in n for n in notes)
+    from esm_core.app.pool import task_rows                 # the Pool view's table: head source and split rule
+    rows = task_rows(pool, [{"task": t} for t in pool.task_names])
+    assert rows[0] == {"task": "colours", "head": "own classifier", "splits": "seeded half / half per class"}
     for t in pool.task_names:
         hf = _own_model(config, paths[t], len(pool.class_names[t]))
         x, y = pool.inputs(t, "test")

@@ -41,6 +41,7 @@ from ..lazy import LazyCheckpoint
 from .. import models
 from ..models import bert
 from ..models.protocol import TEXT_UPLOAD
+from .heads import HeadSource
 from .text_pool import TextTaskPool
 from .. import settings
 from .upload import NAME_OK, _split_val_test, upload_memory_budget
@@ -496,7 +497,10 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
     pool = TextTaskPool(name="upload", model_config=dict(config), base=base, tasks=tasks, heads=heads,
                         class_names=class_names, data=data, tokenizer=tok, max_length=ml,
                         pooling=fam.SEQUENCE_POOLING, family=fam.NAME,
-                        meta={"model": f"uploaded {config['model_type']}"})
+                        meta={"model": f"uploaded {config['model_type']}",
+                              "head_sources": {t: HeadSource.OWN.value for t in names},       # the Pool view's table
+                              "splits": {t: {"rule": "seeded half / half per class", "val": len(data[t]["val"][1]),
+                                             "test": len(data[t]["test"][1])} for t in names}})
     _tokenize_upload(pool, {t: len(texts_of[t][0]) for t in names}, report)
     report(1.0, "pool ready")
     return pool, notes
