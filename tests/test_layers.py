@@ -207,7 +207,8 @@ def test_the_numerical_contract_is_cited_inside_the_repository():
 # above models/ may hold a family's key names (docstrings and comments may mention them).
 FAMILY_KEY_STRINGS = ("visual.", "resblocks", "encoder.layer", "transformer.layer", "in_proj", "c_fc", "c_proj",
                       "out_proj", "conv1", "attention.self", "vision_model", "q_lin", "q_proj", "intermediate.dense",
-                      "layernorm_before", "pre_classifier")
+                      "layernorm_before", "pre_classifier", "embed_tokens", "self_attn", "gate_proj", "down_proj",
+                      "model.layers", "input_layernorm")
 # The layers below esm_core.models (they cannot call a family; checkpoints reads files of any family).
 BELOW_MODELS = ("esm_core", "esm_core.settings", "esm_core.progress", "esm_core.errors", "esm_core.device",
                 "esm_core.pickled", "esm_core.lazy", "esm_core.checkpoints", "esm_core.adapters", "esm_core.schemas")
