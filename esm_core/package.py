@@ -39,7 +39,7 @@ from huggingface_hub import HfApi, get_token
 
 from . import __version__, settings
 from .checkpoints import CheckpointError, read_config, save_safetensors, strict_json_dumps
-from .models import FAMILIES, OWN, bert, family_of, hf_vit, llama, openclip_vit
+from .models import FAMILIES, OWN, bert, family_of, hf_vit, openclip_vit
 
 FORMATS = ("safetensors", "transformers", "open_clip")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,11 +51,17 @@ OPEN_CLIP_FULL = "open_clip_model.safetensors"
 OPEN_CLIP_VISUAL = "open_clip_image_tower.safetensors"
 MAX_TOKENIZER_BYTES = 64 * 1024 ** 2       # all tokenizer files of one export together
 DISK_MARGIN = 64 * 1024 ** 2               # free space kept beyond the export's own size
-# family → the library a folder export of it loads in (the card's ``library_name``) and its folder format
-LIBRARY = {bert.NAME: "transformers", hf_vit.NAME: "transformers", llama.NAME: "transformers",
-           openclip_vit.NAME: "open_clip"}
-FOLDER_FORMAT = {bert.NAME: "transformers", hf_vit.NAME: "transformers", llama.NAME: "transformers",
-                 openclip_vit.NAME: "open_clip"}
+
+
+def folder_format(family: str) -> str | None:
+    """The folder format of a family's exports — also the library that loads them (the card's ``library_name``):
+    its ``FOLDER_FORMAT`` (``"transformers"``, ``"open_clip"``), None for a family that writes only a file."""
+    fam = FAMILIES.get(family)
+    return getattr(fam, "FOLDER_FORMAT", None) if fam is not None and hasattr(fam, "FOLDER_WRITER") else None
+
+
+def _folder_formats() -> dict[str, str]:
+    return {n: f for n in FAMILIES if (f := folder_format(n))}
 _AUTO_MODEL = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
                "camembert": "CamembertModel", "distilbert": "DistilBertModel"}
 
@@ -208,16 +214,16 @@ def export_format(out: str | os.PathLike, family: str, format: str = "auto") -> 
         raise ValueError(f"format must be 'auto' or one of {', '.join(FORMATS)}, got {format!r}")
     is_file = Path(out).suffix.lower() == ".safetensors"
     if format == "auto":
-        format = "safetensors" if is_file else FOLDER_FORMAT.get(family, "")
+        format = "safetensors" if is_file else (folder_format(family) or "")
         if not format:
-            raise ValueError(f"no folder format for model family {family!r}; known: {sorted(FOLDER_FORMAT)} "
+            raise ValueError(f"no folder format for model family {family!r}; known: {sorted(_folder_formats())} "
                              "(write a .safetensors file instead)")
     if (format == "safetensors") != is_file:
         raise ValueError(f"{Path(out).name}: format {format!r} writes "
                          f"{'a .safetensors file' if format == 'safetensors' else 'a folder'}; name the target so")
-    if format != "safetensors" and FOLDER_FORMAT.get(family) != format:
+    if format != "safetensors" and folder_format(family) != format:
         raise ValueError(f"format {format!r} does not fit model family {family!r} "
-                         f"(it writes {FOLDER_FORMAT.get(family, 'only a .safetensors file')})")
+                         f"(it writes {folder_format(family) or 'only a .safetensors file'})")
     return format
 
 
@@ -239,7 +245,7 @@ def model_card(recipe: Mapping, *, family: str, model_info: Mapping, results: Ma
     """The export's ``README.md``: YAML front matter (``base_model``, ``tags``, ``library_name``) and a body
     with the recipe, per-task accuracies (with n and intervals when known) and the reproducing command."""
     method = str(recipe.get("method", "merge"))
-    lib = LIBRARY.get(family, "safetensors")
+    lib = folder_format(family) or "safetensors"
     base = _base_name(recipe, model_info)
     lines = ["---", f"base_model: {_yaml_str(base)}", "tags:", "- merge", f"- {_yaml_str(method)}",
              "- esm-studio", f"library_name: {lib}", "---", "",
@@ -538,10 +544,12 @@ def _write_open_clip(folder: Path, merged_sd, base_sd, model_info: Mapping, conf
     return sorted(p.name for p in folder.iterdir())
 
 
-# family → its folder writer. Hook for more families: FOLDER_FORMAT[family] = format, LIBRARY[family] = library,
-# WRITERS[family] = writer(folder, merged_sd, base_sd, model_info, config, dtype) -> [file names].
-WRITERS: dict[str, Callable[..., list[str]]] = {bert.NAME: _write_transformers, hf_vit.NAME: _write_vit,
-                                                llama.NAME: _write_decoder, openclip_vit.NAME: _write_open_clip}
+# a family's FOLDER_WRITER → the writer(folder, merged_sd, base_sd, model_info, config, dtype) -> [file names]. A new
+# family names one of these (and its FOLDER_FORMAT) in its module; a new kind of folder adds a writer here.
+WRITERS: dict[str, Callable[..., list[str]]] = {"transformers-encoder": _write_transformers,
+                                                "transformers-vit": _write_vit,
+                                                "transformers-decoder": _write_decoder,
+                                                "open_clip": _write_open_clip}
 
 
 # ---------------------------------------------------------------- the one writer
@@ -576,7 +584,7 @@ def write_export(out: str | os.PathLike, merged_sd: Mapping[str, torch.Tensor], 
         raise ValueError(f"{out}: already exists; give a new folder name")
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
     try:
-        files = WRITERS[family](tmp, merged_sd, base_sd, model_info, config, dt)
+        files = WRITERS[FAMILIES[family].FOLDER_WRITER](tmp, merged_sd, base_sd, model_info, config, dt)
         _write_heads(tmp, heads, class_names, dt)
         _write_text(tmp / RECIPE_FILE, strict_json_dumps(config, "merge recipe", indent=2, default=str) + "\n")
         _write_text(tmp / CARD_FILE, model_card(config, family=family, model_info=model_info, results=results,

@@ -700,6 +700,8 @@ def sequence_head(sd: Mapping[str, torch.Tensor], task: str) -> dict:
 
 DESCRIPTION = "Hugging Face BERT-family text encoder (BERT, RoBERTa, DistilBERT, MiniLM; methods §8)"
 MODALITY = "text"
+FOLDER_FORMAT = "transformers"  # exports: the folder format, also the library that loads it
+FOLDER_WRITER = "transformers-encoder"  # its writer in esm_core.package.WRITERS
 PROBED_TYPES = LAYER_TYPES                                # every encoder linear reads a recordable input
 
 

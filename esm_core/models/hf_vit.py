@@ -46,6 +46,8 @@ from .roles import MATRIX, OWN, SKIP, VECTOR
 NAME = "hf_vit"
 DESCRIPTION = "Hugging Face ViT image classifier (ViTForImageClassification, google/vit-* layout)"
 MODALITY = "image"
+FOLDER_FORMAT = "transformers"  # exports: the folder format, also the library that loads it
+FOLDER_WRITER = "transformers-vit"  # its writer in esm_core.package.WRITERS
 
 QUERY = "attn.query"
 KEY = "attn.key"

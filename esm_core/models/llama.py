@@ -36,6 +36,8 @@ from .roles import MATRIX, OWN, SKIP, VECTOR
 NAME = "llama"
 DESCRIPTION = "Llama-style decoder sequence classifier (Llama, Qwen2, Mistral; last-token pooling, methods §8)"
 MODALITY = "text"
+FOLDER_FORMAT = "transformers"  # exports: the folder format, also the library that loads it
+FOLDER_WRITER = "transformers-decoder"  # its writer in esm_core.package.WRITERS
 
 QUERY = "attn.query"
 KEY = "attn.key"

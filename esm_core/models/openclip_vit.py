@@ -369,6 +369,8 @@ def tower_shapes(width: int, patch: int, mlp: int, image: int, out_dim: int, blo
 
 DESCRIPTION = "open_clip ViT image tower (also Hugging Face CLIP vision checkpoints, renamed when read)"
 MODALITY = "image"
+FOLDER_FORMAT = "open_clip"  # exports: the folder format, also the library that loads it
+FOLDER_WRITER = "open_clip"  # its writer in esm_core.package.WRITERS
 ALPHA_ON_ALL = False          # α scales the merged update of every key the method merges (methods §6)
 PREFIX = "visual."
 

@@ -58,6 +58,9 @@ REQUIRED: dict[str, str] = {
 OPTIONAL: dict[str, str] = {
     "TSV_EVERY_2D": "True: ESM merges every 2-D key it does not decompose the TSV-M way (methods §8); default False",
     "TSV_MIN_RANK": "the least rank of that TSV-M merge (k = max(TSV_MIN_RANK, ⌊min(m, n) / T⌋)); default 0",
+    "FOLDER_FORMAT": "the folder format of its exports, also the library that loads them ('transformers', "
+                     "'open_clip'); without it (or FOLDER_WRITER) exports are a .safetensors file only",
+    "FOLDER_WRITER": "the writer of that folder, a key of esm_core.package.WRITERS ('transformers-decoder', ...)",
 }
 
 # what a text family needs besides REQUIRED for uploads of its sequence classifiers (pools/upload_text)
