@@ -101,7 +101,7 @@ def test_cli_ta_without_proxy_refuses_heads_of_other_sizes_naming_them(files, tm
     out = tmp_path / "x.safetensors"
     assert main(_argv(files, "ta", out, proxy=False)) == 2
     err = capsys.readouterr().err
-    assert "shape mismatch: score.weight: (3, 32) vs base (2, 32)" in err
+    assert "its own head has another size than the base's (score.weight: (3, 32) vs base (2, 32))" in err and "--proxy" in err
     assert not out.exists()
 
 

@@ -25,7 +25,7 @@ def layout(ui) -> None:
                 ui.r_per_task = gr.Slider(1, 16, value=6, step=1, label="samples per task")
                 ui.r_image = gr.Image(label="an image of your own (image pools)", type="numpy", height=160,
                                       elem_id="route-image")
-                ui.r_text = gr.Textbox(label="a sentence of your own (the text pool)", lines=2, max_length=MAX_SENTENCE_CHARS,
+                ui.r_text = gr.Textbox(label="a sentence of your own (text pools)", lines=2, max_length=MAX_SENTENCE_CHARS,
                                        placeholder="e.g. The striker scored twice in the second half.",
                                        elem_id="route-text")
                 ui.r_umap = gr.Checkbox(False, label="map with UMAP instead of PCA",

@@ -119,6 +119,7 @@ def run_merge(base_path: str, tasks: dict[str, str], method: str, params: dict, 
         for line in notes + ([f"task {name!r}: left out of the merge (the base has no such keys): "
                               f"{', '.join(own[:4])}{' …' if len(own) > 4 else ''}"] if own else []):
             log(line)
+    _check_heads(base, task_sds, family)
     log(f"merging {len(task_sds)} task(s) with {method!r} {resolved}")
     ups = merge_updates(method, base, task_sds, device=device, progress=progress,
                         check=any(isinstance(sd, LazyCheckpoint) for sd in task_sds.values()), **resolved)
@@ -132,6 +133,26 @@ def run_merge(base_path: str, tasks: dict[str, str], method: str, params: dict, 
     log(f"wrote {out}")
     return {"method": method, "params": resolved, "tasks": dict(tasks), "base": str(base_path), "out": str(out),
             "seconds": round(time.perf_counter() - t0, 3), "keys_merged": len(ups), "keys_total": len(merged)}
+
+
+def _check_heads(base, task_sds, family: str) -> None:
+    """Refuse, pointing to --proxy, tasks whose own keys (classifier heads: methods §8) differ in shape from the
+    base's: merging checkpoints alone keeps the base's head, which cannot hold a head of another size."""
+    from .. import models
+    from ..lazy import is_lazy
+    fam = models.FAMILIES.get(family)
+    if fam is None:
+        return
+    roles = fam.roles_of(base)
+    for name, sd in task_sds.items():
+        bad = [f"{k}: {tuple(sd.shape(k) if is_lazy(sd) else sd[k].shape)} vs base {tuple(base[k].shape)}"
+               for k in base if roles.get(k) == models.OWN and k in sd
+               and tuple(sd.shape(k) if is_lazy(sd) else sd[k].shape) != tuple(base[k].shape)]
+        if bad:
+            raise ValueError(f"task {name!r}: its own head has another size than the base's ({'; '.join(bad[:3])}); "
+                             "merging checkpoints alone keeps the base's head. Give every task's labelled data with "
+                             "--proxy TASK=<folder | zip | csv | jsonl> (with --config): each task is then scored "
+                             "with its own head")
 
 
 def _command(args) -> str:

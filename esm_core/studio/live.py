@@ -155,7 +155,8 @@ def merge_config(s: Session, method: str, params: Mapping[str, Any]) -> dict:
     pool = s.pool
     cfg = {"esm_studio": __version__, "method": method, "params": dict(params), "pool": pool.name,
            "origin": s.origin, "model": getattr(pool, "model_name", None), "tasks": list(pool.task_names),
-           "evaluation": {"split": "test", "images_per_task": s.live_per_task, "subset_seed": EVAL_SEED}}
+           "evaluation": {"split": "test", f"{'sentences' if pool.modality == 'text' else 'images'}_per_task":
+                          s.live_per_task, "subset_seed": EVAL_SEED}}
     if get_method(method).needs_stats and s.stats is not None:
         cfg["proxy"] = {"n": s.stats.get("n"), "seed": s.stats.get("seed"), "ids": s.stats.get("proxy_ids")}
     return cfg
