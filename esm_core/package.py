@@ -51,6 +51,8 @@ OPEN_CLIP_FULL = "open_clip_model.safetensors"
 OPEN_CLIP_VISUAL = "open_clip_image_tower.safetensors"
 MAX_TOKENIZER_BYTES = 64 * 1024 ** 2       # all tokenizer files of one export together
 DISK_MARGIN = 64 * 1024 ** 2               # free space kept beyond the export's own size
+_AUTO_MODEL = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
+               "camembert": "CamembertModel", "distilbert": "DistilBertModel"}
 
 
 def folder_format(family: str) -> str | None:
@@ -62,8 +64,6 @@ def folder_format(family: str) -> str | None:
 
 def _folder_formats() -> dict[str, str]:
     return {n: f for n in FAMILIES if (f := folder_format(n))}
-_AUTO_MODEL = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
-               "camembert": "CamembertModel", "distilbert": "DistilBertModel"}
 
 
 # ---------------------------------------------------------------- what is recorded

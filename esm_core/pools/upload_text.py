@@ -91,7 +91,7 @@ HEADS = bert.SEQUENCE_HEADS          # the BERT family's sequence-classification
 task_head = bert.sequence_head      # a BERT-family task's own head from its checkpoint
 
 
-def text_family(state_dict, config: Mapping, name: str):
+def text_family(state_dict, name: str):
     """The text family of an uploaded base checkpoint, found from its key names (BERT-family encoders,
     Llama-style decoders): its module, which provides :data:`esm_core.models.protocol.TEXT_UPLOAD`. Refuses a
     checkpoint of no text family, or one the family cannot take as an upload."""
@@ -430,7 +430,7 @@ def text_pool_from_upload(base_path, task_paths: Mapping[str, str | Path], text_
         texts_of[t] = read_labelled_text(text_files[t], t)
     report(0.1, "reading the base checkpoint")
     base_raw = load_checkpoint(base_path)
-    fam = text_family(base_raw, config, Path(base_path).name)
+    fam = text_family(base_raw, Path(base_path).name)
     n_params = sum(v.numel() for v in base_raw.values())
     if n_params > (cap := settings.max_model_params()):   # ESM_MAX_MODEL_PARAMS
         raise ValueError(f"the base checkpoint holds {n_params / 1e6:.0f} M parameters, more than the "
