@@ -88,7 +88,7 @@ def test_a_llama_pool_uploads_merges_as_the_library_and_refusals_keep_it(served,
     md, table, gallery, sentences = c.predict(api_name="/load_upload_view")
     assert "(upload)" in md and "`uploaded llama`" in md and "family: llama (from config.json" in md
     assert "2 transformer blocks of width 32" in md                   # the residual width, not the MLP's 64
-    assert "padding with its end-of-sequence token" in md             # no pad token: the note says which
+    assert "padding with its end-of-sequence token '&lt;/s&gt;'" in md     # no pad token: the note says which (escaped)
     assert [r[0] for r in table["data"]] == ["colours", "animals"]
     assert sentences["visible"] is True and gallery["visible"] is False
 

@@ -149,7 +149,7 @@ def pool_outputs(s) -> tuple:
     if warning:
         md += f"\n\n**⚠ {html.escape(warning)}.**"
     if info["notes"]:
-        md += "\n\n" + "\n".join(f"- {n}" for n in info["notes"])
+        md += "\n\n" + "\n".join(f"- {html.escape(n, quote=False)}" for n in info["notes"])   # '</s>' shows
     texts = studio.sample_texts(s, SENTENCES_PER_TASK)
     images = studio.sample_images(s, IMAGES_PER_TASK)
     return (md, pd.DataFrame(task_rows(s.pool, info["tasks"])), gr.Gallery(value=images, visible=not texts),
