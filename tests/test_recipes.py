@@ -169,8 +169,8 @@ def test_merge_view_loads_a_recipe_setting_every_control_and_refuses_another_poo
         cfg = tmp_path / "app.json"
         cfg.write_text(S.export_config(s).read_text())
         values, slices = _controls()
-        method, ups, note = recipe_updates(s, str(cfg), values, slices)
-        assert method == "esm"
+        method, ups, note, rank = recipe_updates(s, str(cfg), values, slices)
+        assert method == "esm" and rank is None
         lo, hi = slices["esm"]
         from esm_core.merging import get_method
         names = [p.name for p in get_method("esm").params]
@@ -181,9 +181,18 @@ def test_merge_view_loads_a_recipe_setting_every_control_and_refuses_another_poo
         # a CLI recipe of the same tasks (it names no pool) loads too; TIES sets TIES's controls
         ta = tmp_path / "ties.safetensors"
         run_merge(files["base"], files["tasks"], "ties", {"alpha": 0.9}, out=str(ta), device="cpu")
-        method, ups, note = recipe_updates(s, str(ta), values, slices)
+        method, ups, note, _ = recipe_updates(s, str(ta), values, slices)
         lo, hi = slices["ties"]
         assert method == "ties" and [u.get("value") for u in ups[lo:hi]] == [0.9, None]
+        # an ESM++ recipe: its ESM merge here, its rank in the Routing view when that view's slider holds it
+        for rank, want in ((8, 8), (5, None), (128, None)):
+            pp = tmp_path / f"esmpp{rank}.json"
+            pp.write_text(json.dumps({"method": "esm++", "rank": rank, "routed_types": "auto", "alpha": 0.5,
+                                      "esm_params": {"alpha": 0.5},
+                                      "tasks": list(pool.task_names), "esmpp": {"tasks": list(pool.task_names)}}))
+            method, ups, note, got = recipe_updates(s, str(pp), values, slices)
+            assert method == "esm" and got == want, rank
+            assert ("the Routing view's rank to 8" in note) if want else (f"its rank {rank} is outside" in note)
     finally:
         S.close(s)
     other = make_fake_pool(tasks=("alpha", "beta"))
@@ -218,7 +227,8 @@ def test_load_recipe_over_http_sets_the_controls_and_says_what_it_set(tmp_path):
                                    "pool": "fake", "esm_studio": "0.1.0"}))
         out = c.predict(gradio_client.handle_file(str(rec)), "ta", *values, api_name="/load_recipe")
         got = [v.get("value") if isinstance(v, dict) and v.get("__type__") == "update" else v for v in out]
-        method, controls, note = got[0], got[1:-1], got[-1]
+        method, controls, note, rank = got[0], got[1:-2], got[-2], got[-1]
+        assert rank is None                                           # a TIES recipe leaves the Routing view
         lo, hi = slices["ties"]
         assert method == "ties" and list(controls[lo:hi]) == [0.9, 30.0]
         assert all(v is None for i, v in enumerate(controls) if not lo <= i < hi)     # nothing else changed

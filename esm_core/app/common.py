@@ -39,6 +39,7 @@ DELETE_CACHE = (15 * 60, 60 * 60)  # every 15 min, delete uploads / outputs olde
 MAX_TEXT_CHARS = 4096             # longest text input (task names box); longer is refused, never echoed
 MAX_ARCH_CHARS = 128              # longest architecture name
 TOAST_S = 15                      # seconds an error message stays on screen
+ROUTING_RANKS = (2, 64, 2)        # the Routing view's expert-rank slider: min, max, step
 CONCURRENCY = 4                   # events running at once (across all sessions)
 HEAVY_CONCURRENCY = 2             # merges / decompositions / routing running at once
 HEAVY = {"concurrency_id": "heavy", "concurrency_limit": HEAVY_CONCURRENCY}

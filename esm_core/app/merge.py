@@ -9,8 +9,8 @@ import pandas as pd
 from esm_core.evaluation.recipes import pool_difference, proxy_difference, read_recipe
 from esm_core.models import openclip_vit as vit
 
-from .common import (HEAVY, LIGHT, METHODS, TOAST_S, friendly, gpu, need_session, progress_fn, stoppable, studio,
-                     viz)
+from .common import (HEAVY, LIGHT, METHODS, ROUTING_RANKS, TOAST_S, friendly, gpu, need_session, progress_fn,
+                     stoppable, studio, viz)
 
 TEXT = """Pick a method and move its knobs: the model is re-merged from cached decompositions and re-evaluated at once.
 ESM ends with a **flat spectrum** — every direction of the merged update gets the same strength — so the large
@@ -203,13 +203,15 @@ def controls_back(method: str, values: tuple, cur, slices: dict) -> list:
     return out
 
 
-def recipe_updates(s, path, values: tuple, slices: dict) -> tuple[str, list, str]:
-    """What loading the recipe file ``path`` does to the Merge view: ``(method, updates of every control, note)``.
+def recipe_updates(s, path, values: tuple, slices: dict) -> tuple[str, list, str, int | None]:
+    """What loading the recipe file ``path`` does: ``(method, updates of every Merge-view control, note, the
+    Routing view's expert rank or None)``.
 
     The recipe is read as hostile input (:func:`esm_core.evaluation.recipes.read_recipe`: bounded, strict JSON,
     known keys only, every value through the method's schema) and refused (ValueError naming the difference) when
     it was made on another pool — other tasks, another pool name, other proxy samples. An ESM++ recipe sets its ESM
-    merge (its rank is named in the note). Only controls that change are updated."""
+    merge here and its rank in the Routing view (when the rank fits that view's slider; the note says so). Only
+    controls that change are updated."""
     pool = s.pool
     if pool is None:
         raise ValueError("load a pool first: a recipe sets the controls of a merge of the pool it was made on")
@@ -234,12 +236,19 @@ def recipe_updates(s, path, values: tuple, slices: dict) -> tuple[str, list, str
             out[lo + i] = gr.update(value=want)
     set_text = ", ".join(f"{k} = {v}" for k, v in params.items())
     note = f"Recipe loaded: **{m.title}** with {set_text}."
+    rank = None
     if r.is_esmpp:
-        note += (f" It is an ESM++ recipe: its ESM merge is set here; build ESM++ with rank "
-                 f"{r.params['rank']} in the Routing view.")
+        rank = int(r.params["rank"])
+        lo_r, hi_r, step = ROUTING_RANKS
+        if lo_r <= rank <= hi_r and (rank - lo_r) % step == 0:
+            note += f" It is an ESM++ recipe: its ESM merge is set here, and the Routing view's rank to {rank}."
+        else:
+            note += (f" It is an ESM++ recipe: its ESM merge is set here; its rank {rank} is outside the Routing "
+                     f"view's {lo_r}–{hi_r} (build it with `esm-studio merge --recipe`).")
+            rank = None
     if r.proxy is not None:
         note += f" Proxy samples: {r.proxy['n']} per task, seed {r.proxy['seed']} (the same as this session's)."
-    return method, out, note
+    return method, out, note, rank
 
 
 def table_widths(df):
@@ -358,9 +367,10 @@ def make_handlers(ui):
         """Set the method and every control from a recipe file; the controls' change events merge."""
         s = need_session(s)
         if not path:
-            return (gr.update(), *[gr.update() for _ in values], gr.update())
-        method, updates, note = recipe_updates(s, path, values, slices)
-        return (gr.update(value=method) if method != method_now else gr.update(), *updates, note)
+            return (gr.update(), *[gr.update() for _ in values], gr.update(), gr.update())
+        method, updates, note, rank = recipe_updates(s, path, values, slices)
+        return (gr.update(value=method) if method != method_now else gr.update(), *updates, note,
+                gr.update() if rank is None else gr.update(value=rank))
 
     return merge_shown, do_merge, show_method, do_curve, use_best, do_full, load_recipe
 
@@ -406,7 +416,7 @@ def wire(ui) -> None:
                      api_visibility="private")
     ui.full_btn.click(ui.do_full, [ui.state], [ui.state, ui.full_md], api_name="full_evaluation", **HEAVY)
     ui.recipe_file.upload(ui.load_recipe, [ui.state, ui.recipe_file, ui.method_dd, *ui.controls],
-                          [ui.method_dd, *ui.controls, ui.recipe_md], api_name="load_recipe", **LIGHT)
+                          [ui.method_dd, *ui.controls, ui.recipe_md, ui.r_rank], api_name="load_recipe", **LIGHT)
     # its own queue, without a limit: a Cancel never waits behind the heavy work it stops
     ui.cancel_btn.click(do_cancel, [ui.state], None, api_name="cancel", concurrency_id="cancel",
                         concurrency_limit=None)

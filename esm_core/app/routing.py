@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import (HEAVY, LIGHT, bounded_text, finite_number, friendly, gpu, need_session, progress_fn, stoppable,
-                     studio, viz)
+from .common import (HEAVY, LIGHT, ROUTING_RANKS, bounded_text, finite_number, friendly, gpu, need_session,
+                     progress_fn, stoppable, studio, viz)
 
 TEXT = """ESM++ keeps the static ESM merge and adds one small low-rank **expert** per task in some layers. For each input
 and layer, a **routing decision** compares the input's mean hidden state with every task's *prototype* (the mean hidden
@@ -19,7 +19,8 @@ def layout(ui) -> None:
         gr.Markdown(TEXT, elem_classes="esm-intro")
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                ui.r_rank = gr.Slider(2, 64, value=32, step=2, label="expert rank r", elem_id="route-rank",
+                ui.r_rank = gr.Slider(*ROUTING_RANKS[:2], value=32, step=ROUTING_RANKS[2], label="expert rank r",
+                                      elem_id="route-rank",
                                       info="rank of each task's low-rank expert (reference: 32, also 8)")
                 ui.r_source = gr.Radio(SOURCES, value=SOURCES[0], label="inputs")
                 ui.r_per_task = gr.Slider(1, 16, value=6, step=1, label="samples per task")
