@@ -109,10 +109,36 @@ def test_alpha_curve(sess, monkeypatch):
     alphas = [a for a, _ in curve]
     assert set(np.round(grid[5::6], 9)) <= set(np.round(alphas, 9)) and alphas == sorted(alphas)
     assert best == max(curve, key=lambda e: e[1])[0]
-    assert all(0 <= a <= 2 for a in alphas)
-    # the optimum is interior, or at a bound of α (it cannot be extended further)
+    assert all(0 <= a <= esm_core.get_method("ta").params[0].bounds[1] for a in alphas)
+    # the optimum is interior, at a bound of α, or where the extension's budget stopped
     i = alphas.index(best)
-    assert 0 < i < len(curve) - 1 or best in (0.0, 2.0)
+    assert 0 < i < len(curve) - 1 or best == 0.0 or len(alphas) == 5 + S.live.ALPHA_EXTRA
+
+
+def test_alpha_curve_goes_past_the_sliders_end_and_use_best_widens_the_slider(sess, monkeypatch):
+    """The best α above the slider's maximum (TA: 2.0): the curve goes on past it (α's library bound is 100), and
+    the Merge view's "use the best α" sets the slider to it, widening the slider."""
+    monkeypatch.setattr(S.live, "ALPHA_POINTS", 5)
+    monkeypatch.setattr(S.live.A, "state_at", lambda base, u0, slope, a: {"alpha": a})
+    monkeypatch.setattr(S.live, "accuracies", lambda s, sd, *a, **k: {t: min(1.0, 0.2 + sd.get("alpha", 8) / 10)
+                                                                     for t in s.pool.task_names})
+    best, curve = S.alpha_curve(sess, "ta", {})
+    slider_max = esm_core.get_method("ta").params[0].max
+    assert slider_max == 2.0 and best == max(a for a, _ in curve) > slider_max      # rising: its last point
+    assert len(curve) == 5 + S.live.ALPHA_EXTRA                                   # the extension's budget
+    gr = pytest.importorskip("gradio")
+    from types import SimpleNamespace
+    from esm_core.app import merge as M
+    ui = SimpleNamespace(controls=[gr.Slider() for m in M.METHODS.values() for _ in m.params], slices={})
+    i = 0
+    for name, m in M.METHODS.items():
+        ui.slices[name] = (i, i + len(m.params))
+        i += len(m.params)
+    use_best = M.make_handlers(ui)[4]
+    out = use_best("ta", ("ta", best, curve, "title", None, "alpha = 1"))
+    lo, _ = ui.slices["ta"]
+    assert out[lo]["value"] == best and out[lo]["maximum"] == best
+    assert all("value" not in u for j, u in enumerate(out[:-1]) if j != lo)
 
 
 def test_alpha_grid_extends_until_the_optimum_is_interior():

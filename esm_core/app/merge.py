@@ -344,7 +344,9 @@ def make_handlers(ui):
             return [*out, gr.update()]
         lo, hi = slices[method]
         names = [p.name for p in METHODS[method].params]
-        out[lo + names.index("alpha")] = gr.update(value=data[1])
+        a_param = METHODS[method].params[names.index("alpha")]
+        wider = {"maximum": data[1]} if data[1] > a_param.max else {}     # the curve went past the slider's end
+        out[lo + names.index("alpha")] = gr.update(value=data[1], **wider)
         return [*out, curve_figure(data, data[1])]
 
     @gpu

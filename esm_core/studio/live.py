@@ -203,8 +203,9 @@ def full_evaluation(s: Session, progress: Progress | None = None) -> dict:
 def alpha_curve(s: Session, method: str, params: Mapping[str, Any] | None = None,
                 progress: Progress | None = None) -> tuple[float, list[tuple[float, float]]]:
     """Mean normalised accuracy on the validation subset over the method's α grid (≤ ALPHA_POINTS values),
-    extended below / above while the best α is the grid's first / last point (within α's bounds), so that the
-    optimum is interior or at a bound of α (:func:`esm_core.evaluation.alpha.extend_curve`).
+    extended below / above while the best α is the grid's first / last point (at most ALPHA_EXTRA points, within
+    α's library bounds — past the slider's range, which the Merge view then widens), so that the optimum is
+    interior or at a bound of α (:func:`esm_core.evaluation.alpha.extend_curve`).
 
     Returns ``(best α, [(α, mean normalised accuracy)])`` sorted by α.
     """
@@ -227,8 +228,8 @@ def alpha_curve(s: Session, method: str, params: Mapping[str, Any] | None = None
         for i, a in enumerate(grid):
             curve.append((float(a), score(float(a))))
             report(0.3 + 0.6 * (i + 1) / len(grid), f"α = {a:.2f}: {100 * curve[-1][1]:.1f} % normalised (val)")
-        a_param = A.alpha_param(method)
-        for a in A.extend_curve(curve, score, a_param.min, a_param.max, ALPHA_EXTRA):
+        lo, hi = A.alpha_param(method).bounds         # α's library bounds, not the slider's range (the app widens it)
+        for a in A.extend_curve(curve, score, lo, hi, ALPHA_EXTRA):
             report(0.95, f"α = {a:.2f}: extending the grid (the best α was at its end)")
         best = max(curve, key=lambda e: e[1])[0]
         s.curves[(method, _frozen(p))] = (best, curve)
