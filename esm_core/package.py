@@ -173,6 +173,11 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The config.json name of an export's dtype (``"float32"``, ...): transformers 5 loads a folder in it."""
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
 def _cast(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
@@ -410,6 +415,7 @@ def _write_transformers(folder: Path, merged_sd, base_sd, model_info: Mapping, c
     cfg = bert.config_of(model_info["model_config"])
     bert.check_shapes(merged_sd, cfg)                           # the weights fit the config before writing
     cfg.architectures = [_AUTO_MODEL.get(cfg.model_type, "AutoModel")]
+    cfg.dtype = _dtype_name(dtype)                               # transformers loads a folder in its config's dtype
     sd = _cast(bert.encoder_state(merged_sd), dtype)
     save_safetensors(sd, folder / "model.safetensors", config)   # metadata "format": "pt", as transformers wants
     cfg.to_json_file(str(folder / "config.json"))
@@ -431,7 +437,7 @@ def _write_decoder(folder: Path, merged_sd, base_sd, model_info: Mapping, config
     cfg, tcfg = fam.check_shapes(sd, model_info["model_config"])  # the weights fit the config before writing
     names = transformers.models.auto.modeling_auto.MODEL_MAPPING_NAMES     # model_type → its bare *Model
     tcfg.architectures = [names.get(cfg["model_type"], "AutoModel")]
-    tcfg.dtype = {v: k for k, v in DTYPES.items()}[dtype]
+    tcfg.dtype = _dtype_name(dtype)
     bare = {fam.strip_prefix(k): v for k, v in fam.encoder_state(sd).items()}
     save_safetensors(_cast(bare, dtype), folder / "model.safetensors", config)
     tcfg.to_json_file(str(folder / "config.json"))
@@ -488,6 +494,7 @@ def _write_vit(folder: Path, merged_sd, base_sd, model_info: Mapping, config: di
     hf_vit.check_shapes(merged_sd, cfg)                          # the weights fit the config before writing
     vc = hf_vit.vit_config(cfg)
     vc.architectures = ["ViTModel"]
+    vc.dtype = _dtype_name(dtype)
     sd = {hf_vit.strip_prefix(k): v for k, v in hf_vit.encoder_state(merged_sd).items()}
     save_safetensors(_cast(sd, dtype), folder / "model.safetensors", config)
     vc.to_json_file(str(folder / "config.json"))

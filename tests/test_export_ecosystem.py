@@ -217,6 +217,16 @@ def test_text_pool_export_holds_each_tasks_head_and_own_biases(text_files, tmp_p
     feats, batch = _features(model, tok, ["the red cat is happy"])
     packed = bert.pack({k: batch[k] for k in ("input_ids", "attention_mask")})
     torch.testing.assert_close(feats, enc(packed), rtol=0, atol=1e-5)
+    # the folder loads in the dtype it was written in, whatever the uploaded config said (transformers 5 reads
+    # config.json's dtype): float32 over a config naming float16, bfloat16 when asked for
+    pool.model_config = {**CFG, "torch_dtype": "float16"}
+    for dtype in ("float32", "bfloat16"):
+        out = package.write_export(tmp_path / f"txt-{dtype}", merged, base_sd=base, family="bert",
+                                   model_info=package.model_info_of(pool), dtype=dtype,
+                                   recipe={"method": "ta", "params": {"alpha": 0.4}, "tasks": list(tasks),
+                                           "base": "tiny", "source": "test"})
+        loaded = transformers.AutoModel.from_pretrained(str(out))
+        assert {p.dtype for p in loaded.parameters()} == {getattr(torch, dtype)}, dtype
 
 
 def test_transformers_folder_needs_a_config(text_files, tmp_path):
