@@ -141,6 +141,9 @@ def test_esmpp_bundle_record_reads_as_a_recipe():
     r = parse_recipe({"method": "esm++", "rank": 8, "routed_types": "auto", "alpha": 0.5,
                       "esm_params": {"alpha": 0.5}, "tasks": ["a", "b"], "esmpp": {"tasks": ["a", "b"]}})
     assert r.is_esmpp and r.params["rank"] == 8 and r.params["alpha"] == 0.5 and r.tasks == ["a", "b"]
+    # a record without routed_types takes ESM++'s default (it was refused as "not a plain value")
+    r = parse_recipe({"method": "esm++", "rank": 8, "esm_params": {"alpha": 0.5}, "tasks": ["a", "b"]})
+    assert r.params["routed_types"] == "auto" and r.params["rank"] == 8
 
 
 # ---------------------------------------------------------------- the Merge view's "load a recipe"

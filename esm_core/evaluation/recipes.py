@@ -176,7 +176,8 @@ def _from_esmpp(obj: dict) -> dict:
     esm = obj.get("esm_params")
     if not isinstance(esm, dict):
         raise ValueError("recipe: the ESM++ bundle records no ESM parameters")
-    return {"method": "esmpp", "params": {**esm, "rank": obj.get("rank"), "routed_types": obj.get("routed_types")},
+    own = {k: obj[k] for k in ("rank", "routed_types") if obj.get(k) is not None}     # absent: ESM++'s defaults
+    return {"method": "esmpp", "params": {**esm, **own},
             **{k: obj[k] for k in ("tasks", "pool", "proxy") if k in obj and obj[k] is not None}}
 
 
