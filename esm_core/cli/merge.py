@@ -143,11 +143,10 @@ def _check_heads(base, task_sds, family: str) -> None:
     fam = models.FAMILIES.get(family)
     if fam is None:
         return
-    roles = fam.roles_of(base)
+    own = [k for k, role in fam.roles_of(base).items() if role == models.OWN]
     for name, sd in task_sds.items():
-        bad = [f"{k}: {tuple(sd.shape(k) if is_lazy(sd) else sd[k].shape)} vs base {tuple(base[k].shape)}"
-               for k in base if roles.get(k) == models.OWN and k in sd
-               and tuple(sd.shape(k) if is_lazy(sd) else sd[k].shape) != tuple(base[k].shape)]
+        shapes = {k: tuple(sd.shape(k) if is_lazy(sd) else sd[k].shape) for k in own if k in sd}   # headers only
+        bad = [f"{k}: {s} vs base {tuple(base[k].shape)}" for k, s in shapes.items() if s != tuple(base[k].shape)]
         if bad:
             raise ValueError(f"task {name!r}: its own head has another size than the base's ({'; '.join(bad[:3])}); "
                              "merging checkpoints alone keeps the base's head. Give every task's labelled data with "
